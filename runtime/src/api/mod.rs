@@ -1,0 +1,242 @@
+//! The control API: HTTP/1.1 + JSON on the Unix socket (and optionally TCP), like the Docker
+//! daemon's, so `curl --unix-socket` works.
+//!
+//! Owns routing, caller authentication and per-request metrics. On the Unix socket the caller is
+//! its `SO_PEERCRED` credentials; on TCP a bearer token. Either way the policy maps it to an
+//! [`Identity`] before any handler runs; unknown callers get 403 (401 on TCP) and nothing else.
+//! Handlers see only the shared [`DaemonState`] and the identity.
+
+mod error;
+mod routes;
+pub mod types;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use self::error::ApiError;
+use crate::policy::{Caller, Identity, Role};
+use crate::state::DaemonState;
+
+/// Header an operator sets to act for a tenant (`accelctl --tenant NAME`).
+pub const ACT_FOR_TENANT_HEADER: &str = "x-accel-tenant";
+
+/// Credentials of a Unix-socket peer, captured when the connection is accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for PeerCred {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => PeerCred {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid(),
+            },
+            // Without credentials we cannot tell who this is: map it to nobody, who is refused
+            // unless the policy deliberately serves uid 65534.
+            Err(e) => {
+                tracing::warn!(error = %e, "SO_PEERCRED failed; treating the peer as nobody");
+                PeerCred {
+                    uid: 65534,
+                    gid: 65534,
+                    pid: None,
+                }
+            }
+        }
+    }
+}
+
+/// Who made a request, as established by the authentication middleware.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub peer: Option<PeerCred>,
+    pub identity: Identity,
+    pub acting_for_tenant: bool,
+}
+
+/// Which listener a router serves; decides how callers are identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    Unix,
+    Tcp,
+}
+
+/// The full API for a listener.
+pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
+    let body_limit = usize::try_from(state.config.max_request_body.bytes()).unwrap_or(usize::MAX);
+    let authenticated = Router::new()
+        .route("/v1/status", get(routes::status))
+        .route("/v1/whoami", get(routes::whoami))
+        .route("/v1/tenants", get(routes::tenants))
+        .route("/v1/tenants/{name}", get(routes::tenant))
+        .route("/v1/policy/reload", post(routes::reload_policy))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state((state.clone(), kind), authenticate));
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .merge(authenticated)
+        .fallback(routes::unknown_route)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .with_state(state)
+}
+
+/// The metrics-only listener for Prometheus: `/metrics` and `/healthz`, no authentication.
+pub fn metrics_router(state: Arc<DaemonState>) -> Router {
+    Router::new()
+        .route("/metrics", get(routes::metrics_unauthenticated))
+        .route("/healthz", get(routes::healthz))
+        .fallback(routes::unknown_route)
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .with_state(state)
+}
+
+async fn record_metrics(State(state): State<Arc<DaemonState>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let metrics = &state.metrics;
+    metrics.api_in_flight.inc();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    metrics.api_in_flight.dec();
+    let status = response.status().as_u16().to_string();
+    let labels = [route.as_str(), method.as_str(), status.as_str()];
+    metrics.api_requests.with_label_values(&labels).inc();
+    metrics
+        .api_request_duration
+        .with_label_values(&labels)
+        .observe(start.elapsed().as_secs_f64());
+    response
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+async fn authenticate(
+    State((state, kind)): State<(Arc<DaemonState>, ListenerKind)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match identify(&state, kind, &request) {
+        Ok(auth) => {
+            request.extensions_mut().insert(auth);
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn identify(state: &DaemonState, kind: ListenerKind, request: &Request) -> Result<Authenticated, ApiError> {
+    let policy = state.policy();
+    let (peer, mut identity) = match kind {
+        ListenerKind::Unix => {
+            let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<PeerCred>>().copied() else {
+                return Err(ApiError::internal("peer credentials missing on a Unix-socket request"));
+            };
+            let caller = Caller {
+                uid: peer.uid,
+                gid: peer.gid,
+                pid: peer.pid,
+                groups: peer.pid.map(crate::sys::supplementary_groups).unwrap_or_default(),
+            };
+            let identity = policy.identify(&caller, state.user_db.as_ref()).ok_or_else(|| {
+                ApiError::forbidden(format!(
+                    "uid {} (gid {}) is not mapped to any tenant by the policy in force; ask an operator to add it to a tenant's `match` rules",
+                    peer.uid, peer.gid
+                ))
+            })?;
+            (Some(peer), identity)
+        }
+        ListenerKind::Tcp => {
+            let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+            let token = bearer_token(request.headers())
+                .ok_or_else(|| unauthorized("send `Authorization: Bearer TOKEN`; tokens are configured per tenant in the policy"))?;
+            let identity = policy
+                .identify_token(token)
+                .ok_or_else(|| unauthorized("the bearer token is not known to the policy in force"))?;
+            (None, identity)
+        }
+    };
+
+    let mut acting_for_tenant = false;
+    if let Some(value) = request.headers().get(ACT_FOR_TENANT_HEADER) {
+        let name = value
+            .to_str()
+            .map_err(|_| ApiError::bad_request(format!("header {ACT_FOR_TENANT_HEADER} is not valid text")))?;
+        match identity.role {
+            Role::Operator => {
+                if policy.tenant(name).is_none() {
+                    return Err(ApiError::not_found(format!("no tenant named {name:?} in the policy in force; see `accelctl tenants list`")));
+                }
+                tracing::info!(
+                    uid = peer.map(|p| p.uid),
+                    pid = peer.and_then(|p| p.pid),
+                    tenant = name,
+                    path = %request.uri().path(),
+                    "operator acting for tenant"
+                );
+                identity.tenant = Some(name.to_owned());
+                acting_for_tenant = true;
+            }
+            Role::Tenant if identity.tenant.as_deref() == Some(name) => {}
+            Role::Tenant => {
+                return Err(ApiError::forbidden(format!("only operators may act for another tenant ({ACT_FOR_TENANT_HEADER}: {name})")));
+            }
+        }
+    }
+    Ok(Authenticated {
+        peer,
+        identity,
+        acting_for_tenant,
+    })
+}
+
+/// Serves `router` on a Unix listener until `shutdown` resolves, then drains.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<PeerCred>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves `router` on a TCP listener until `shutdown` resolves, then drains.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Answers 404 as JSON for anything unrouted.
+pub(crate) fn unknown_route_error(path: &str) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {path}; see the API section of the README"))
+}

@@ -1,0 +1,172 @@
+//! Handlers of the control API. Each one checks what the caller may see or do; none of them
+//! touches a kernel interface.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+
+use super::error::{json_body, ApiError};
+use super::types::{ApiStatus, BackendStatus, Health, PolicyStatus, ReloadRequest, ReloadResponse, Status, TenantList, WhoAmI};
+use super::{unknown_route_error, Authenticated};
+use crate::config::BackendChoice;
+use crate::policy::Role;
+use crate::state::DaemonState;
+
+type Shared = State<Arc<DaemonState>>;
+
+pub(super) async fn healthz(State(state): Shared) -> Response {
+    if state.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "draining".into() })).into_response()
+    } else {
+        Json(Health { status: "ok".into() }).into_response()
+    }
+}
+
+pub(super) async fn whoami(Extension(auth): Extension<Authenticated>) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        uid: auth.peer.map(|p| p.uid),
+        gid: auth.peer.map(|p| p.gid),
+        pid: auth.peer.and_then(|p| p.pid),
+        role: auth.identity.role,
+        tenant: auth.identity.tenant,
+        acting_for_tenant: auth.acting_for_tenant,
+        matched_by: auth.identity.matched_by,
+    })
+}
+
+fn backend_name(choice: BackendChoice) -> &'static str {
+    match choice {
+        BackendChoice::Auto => "auto",
+        BackendChoice::Cpu => "cpu",
+        BackendChoice::Cuda => "cuda",
+    }
+}
+
+pub(super) async fn status(State(state): Shared) -> Json<Status> {
+    let policy = state.policy();
+    let (generation, loaded_at) = state.policy_generation();
+    let config = &state.config;
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        started_at: state
+            .started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+        state: if state.draining() { "draining" } else { "serving" }.into(),
+        backend: BackendStatus {
+            configured: backend_name(config.backend).into(),
+            // Only the CPU backend exists so far; `auto` resolves to it.
+            active: "cpu".into(),
+        },
+        policy: PolicyStatus {
+            generation,
+            loaded_at,
+            sources: policy.sources.clone(),
+            tenants: policy.tenants.len(),
+        },
+        api: ApiStatus {
+            socket: config.socket.display().to_string(),
+            tcp_listen: config.tcp_listen.map(|a| a.to_string()),
+            metrics_listen: config.metrics_listen.map(|a| a.to_string()),
+            requests_in_flight: state.metrics.api_in_flight.get(),
+        },
+    })
+}
+
+/// Operators see every tenant; a tenant (or an operator acting for one) sees only itself.
+pub(super) async fn tenants(State(state): Shared, Extension(auth): Extension<Authenticated>) -> Json<TenantList> {
+    let policy = state.policy();
+    let visible = policy
+        .tenants
+        .iter()
+        .filter(|t| match (&auth.identity.role, &auth.identity.tenant) {
+            (Role::Operator, None) => true,
+            (_, Some(own)) => *own == t.name,
+            (Role::Tenant, None) => false,
+        })
+        .cloned()
+        .collect();
+    Json(TenantList { tenants: visible })
+}
+
+pub(super) async fn tenant(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let policy = state.policy();
+    let may_see = match (&auth.identity.role, &auth.identity.tenant) {
+        (Role::Operator, None) => true,
+        (_, Some(own)) => *own == name,
+        (Role::Tenant, None) => false,
+    };
+    // A tenant asking about another gets the same answer as for a tenant that does not exist,
+    // so tenant names do not leak.
+    match policy.tenant(&name).filter(|_| may_see) {
+        Some(t) => Ok(Json(t.clone()).into_response()),
+        None => Err(ApiError::not_found(format!("no tenant named {name:?} is visible to you; see `accelctl tenants list`"))),
+    }
+}
+
+pub(super) async fn reload_policy(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReloadResponse>, ApiError> {
+    if auth.identity.role != Role::Operator {
+        return Err(ApiError::operators_only("reloading the policy"));
+    }
+    let request: ReloadRequest = json_body(body)?;
+    tracing::info!(uid = auth.peer.map(|p| p.uid), dry_run = request.dry_run, "policy reload requested over the API");
+    match state.reload_policy(request.dry_run).await {
+        Ok(reloaded) => Ok(Json(ReloadResponse {
+            applied: reloaded.applied,
+            generation: reloaded.generation,
+            tenants: reloaded.policy.tenants.len(),
+            sources: reloaded.policy.sources.clone(),
+        })),
+        Err(problems) => {
+            let mut error = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_policy",
+                format!("the new policy was rejected and the one in force is unchanged: {problems}"),
+            );
+            error.problems = problems.0;
+            Err(error)
+        }
+    }
+}
+
+pub(super) async fn metrics(State(state): Shared, Extension(auth): Extension<Authenticated>) -> Result<Response, ApiError> {
+    if auth.identity.role != Role::Operator {
+        return Err(ApiError::operators_only("/metrics on the control socket"));
+    }
+    metrics_unauthenticated(State(state)).await
+}
+
+pub(super) async fn metrics_unauthenticated(State(state): Shared) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .render()
+        .map_err(|e| ApiError::internal(format!("cannot encode metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+pub(super) async fn unknown_route(uri: Uri) -> ApiError {
+    unknown_route_error(uri.path())
+}
+
+pub(super) async fn method_not_allowed(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not accept this method; see the API section of the README", uri.path()),
+    )
+}

@@ -1,0 +1,116 @@
+//! Request and response bodies of the control API, shared by the daemon and `accelctl`.
+//!
+//! These are the wire contract: fields are only added, never renamed, and every response type
+//! deserializes what older daemons sent (new fields have defaults).
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Role, Tenant};
+use crate::yaml::Problem;
+
+/// The JSON error envelope: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `forbidden`, `invalid_policy`.
+    pub code: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    /// For `invalid_policy`: every problem found.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok`, or `draining` during shutdown (with HTTP 503).
+    pub status: String,
+}
+
+/// `GET /v1/whoami`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// The caller's uid, gid and pid (absent on the TCP listener).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub pid: Option<i32>,
+    pub role: Role,
+    /// The tenant the caller is, or acts for.
+    pub tenant: Option<String>,
+    /// True when an operator is acting for `tenant`.
+    #[serde(default)]
+    pub acting_for_tenant: bool,
+    /// The policy rule that matched.
+    pub matched_by: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    /// Unix time the daemon started.
+    pub started_at: u64,
+    pub uptime_seconds: f64,
+    /// `serving`, or `draining` during shutdown.
+    pub state: String,
+    pub backend: BackendStatus,
+    pub policy: PolicyStatus,
+    pub api: ApiStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// What the config asks for: `auto`, `cpu` or `cuda`.
+    pub configured: String,
+    /// What is serving now.
+    pub active: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// Increments on every policy that takes effect; 1 at start.
+    pub generation: u64,
+    /// Unix time the policy in force was loaded.
+    pub loaded_at: u64,
+    pub sources: Vec<String>,
+    pub tenants: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiStatus {
+    pub socket: String,
+    pub tcp_listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub requests_in_flight: i64,
+}
+
+/// `GET /v1/tenants`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantList {
+    pub tenants: Vec<Tenant>,
+}
+
+/// `POST /v1/policy/reload` request; an empty body means the defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadRequest {
+    /// Validate the policy on disk without putting it in force.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `POST /v1/policy/reload` response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadResponse {
+    /// Whether the policy was put in force (false for a dry run).
+    pub applied: bool,
+    pub generation: u64,
+    pub tenants: usize,
+    pub sources: Vec<String>,
+}

@@ -1,0 +1,250 @@
+//! The daemon's own configuration (`/etc/accel/acceld.yaml`): where it listens, where it keeps
+//! state, where its policy lives, how it logs.
+//!
+//! Every field has a default, so no file is needed: a missing file at the default path means
+//! "all defaults"; a missing file named explicitly is an error. Tenant policy is not here (see
+//! `policy`); this file changes only with a restart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::PolicyPaths;
+use crate::units::ByteSize;
+use crate::yaml::{Document, PathProblem, Problem, Problems};
+
+/// Where the daemon looks for its config when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/accel/acceld.yaml";
+/// Largest request body the API accepts, at most.
+pub const MAX_REQUEST_BODY_LIMIT: u64 = 1 << 30;
+
+/// Daemon configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Path of the control socket.
+    pub socket: PathBuf,
+    /// Group owning the socket; callers need it (or root) to connect. `null`: the daemon's group.
+    pub socket_group: Option<String>,
+    /// Permission bits of the socket, octal.
+    pub socket_mode: String,
+    /// Optional TCP listener for the same API, authenticated by bearer tokens (e.g. `127.0.0.1:8470`).
+    pub tcp_listen: Option<SocketAddr>,
+    /// Optional TCP listener serving only `/metrics` for Prometheus (e.g. `127.0.0.1:9400`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Durable state: the lock file, journals.
+    pub state_dir: PathBuf,
+    /// Base tenant policy; `null` uses the default policy embedded in the binary.
+    pub policy_file: Option<PathBuf>,
+    /// Directory of extra policy files (`*.yaml`), merged after the base; may be absent.
+    pub policy_dir: Option<PathBuf>,
+    pub log: LogConfig,
+    /// Compute backend: `auto` (CUDA when present, else CPU), `cpu` or `cuda`.
+    pub backend: BackendChoice,
+    /// Largest request body accepted on the API; larger ones get 413.
+    pub max_request_body: ByteSize,
+    /// How long SIGTERM waits for in-flight requests before closing them.
+    #[serde(with = "crate::units::duration_str")]
+    pub drain_timeout: Duration,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter: `info`, `debug`, `accel_runtime=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line (for journald/ELK pipelines).
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/accel/acceld.sock"),
+            socket_group: Some("accel".into()),
+            socket_mode: "0660".into(),
+            tcp_listen: None,
+            metrics_listen: None,
+            state_dir: PathBuf::from("/var/lib/accel"),
+            policy_file: None,
+            policy_dir: Some(PathBuf::from("/etc/accel/policies.d")),
+            log: LogConfig::default(),
+            backend: BackendChoice::Auto,
+            max_request_body: ByteSize(1 << 20),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Loads the config at `path`, or the defaults when `path` is the default path and absent.
+    pub fn load(path: Option<&Path>) -> Result<Self, Problems> {
+        let (path, explicit) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
+            Err(e) => {
+                return Err(Problems(vec![Problem {
+                    file: path.display().to_string(),
+                    path: String::new(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read config file: {e}"),
+                }]))
+            }
+        };
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(file: &str, text: &str) -> Result<Self, Problems> {
+        let doc = Document::<DaemonConfig>::parse(file, text).map_err(|p| Problems(vec![p]))?;
+        let problems = doc.value.validate();
+        if problems.is_empty() {
+            Ok(doc.value)
+        } else {
+            Err(Problems(doc.locate_all(problems)))
+        }
+    }
+
+    /// Every problem with the values, by YAML path.
+    pub fn validate(&self) -> Vec<PathProblem> {
+        let mut out = Vec::new();
+        for (field, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
+            if !path.is_absolute() {
+                out.push(PathProblem::new(field, format!("{} is not an absolute path", path.display())));
+            }
+        }
+        for (field, path) in [("policy_file", &self.policy_file), ("policy_dir", &self.policy_dir)] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_absolute()) {
+                out.push(PathProblem::new(field, format!("{} is not an absolute path", path.display())));
+            }
+        }
+        if let Err(message) = self.socket_mode_bits() {
+            out.push(PathProblem::new("socket_mode", message));
+        }
+        if let Some(group) = self.socket_group.as_ref().filter(|g| g.trim().is_empty()) {
+            out.push(PathProblem::new("socket_group", format!("{group:?} is empty; use null for the daemon's group")));
+        }
+        if self.tcp_listen.is_some() && self.tcp_listen == self.metrics_listen {
+            out.push(PathProblem::new("metrics_listen", "is the same address as tcp_listen; the API listener already serves /metrics"));
+        }
+        let body = self.max_request_body.bytes();
+        if !(1024..=MAX_REQUEST_BODY_LIMIT).contains(&body) {
+            out.push(PathProblem::new(
+                "max_request_body",
+                format!("{} is out of range: use 1KiB to {}", self.max_request_body, ByteSize(MAX_REQUEST_BODY_LIMIT)),
+            ));
+        }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            out.push(PathProblem::new("drain_timeout", "is longer than 1h; systemd would kill the daemon first"));
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            out.push(PathProblem::new("log.level", format!("{:?} is not a valid filter: {e}", self.log.level)));
+        }
+        out
+    }
+
+    /// The socket permission bits, parsed from the octal string.
+    pub fn socket_mode_bits(&self) -> Result<u32, String> {
+        let text = self.socket_mode.trim();
+        match u32::from_str_radix(text.strip_prefix("0o").unwrap_or(text), 8) {
+            Ok(bits) if bits <= 0o777 => Ok(bits),
+            _ => Err(format!("{:?} is not an octal permission mode like \"0660\"", self.socket_mode)),
+        }
+    }
+
+    /// Where the tenant policy is read from.
+    pub fn policy_paths(&self) -> PolicyPaths {
+        PolicyPaths {
+            base: self.policy_file.clone(),
+            dir: self.policy_dir.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(DaemonConfig::parse("c.yaml", "").unwrap(), DaemonConfig::default());
+        assert_eq!(DaemonConfig::default().socket_mode_bits(), Ok(0o660));
+    }
+
+    #[test]
+    fn fields_override_defaults() {
+        let config = DaemonConfig::parse(
+            "c.yaml",
+            "socket: /tmp/x.sock\nsocket_mode: \"0600\"\nmetrics_listen: 127.0.0.1:9400\nlog: {format: json}\ndrain_timeout: 5s\nmax_request_body: 64KiB\n",
+        )
+        .unwrap();
+        assert_eq!(config.socket, Path::new("/tmp/x.sock"));
+        assert_eq!(config.socket_mode_bits(), Ok(0o600));
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.log.level, "info");
+        assert_eq!(config.drain_timeout, Duration::from_secs(5));
+        assert_eq!(config.max_request_body.bytes(), 65536);
+        assert_eq!(config.metrics_listen, Some("127.0.0.1:9400".parse().unwrap()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let err = DaemonConfig::parse(
+            "c.yaml",
+            "socket: relative.sock\nsocket_mode: \"999\"\nmax_request_body: 10\nstate_dir: /var/lib/accel\n",
+        )
+        .unwrap_err();
+        let found: Vec<(&str, u64)> = err.0.iter().map(|p| (p.path.as_str(), p.line)).collect();
+        assert_eq!(found, [("socket", 1), ("socket_mode", 2), ("max_request_body", 3)]);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_errors() {
+        let err = DaemonConfig::parse("c.yaml", "sockett: /x\n").unwrap_err();
+        assert!(err.0[0].message.contains("sockett"), "{err}");
+        let err = DaemonConfig::parse("c.yaml", "\nbackend: tpu\n").unwrap_err();
+        assert_eq!(err.0[0].line, 2, "{err}");
+        let err = DaemonConfig::parse("c.yaml", "max_request_body: 10XB\n").unwrap_err();
+        assert!(err.0[0].message.contains("10XB"), "{err}");
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_missing_named_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = DaemonConfig::load(Some(&dir.path().join("none.yaml"))).unwrap_err();
+        assert!(err.to_string().contains("cannot read config file"), "{err}");
+    }
+}

@@ -1,0 +1,155 @@
+//! The daemon's lifecycle: take the state-dir lock, load the policy, bind the listeners, tell
+//! systemd we are ready, reload on SIGHUP, drain and stop on SIGTERM/SIGINT.
+//!
+//! Order matters and is deliberate: the lock is taken before the socket is touched, so a second
+//! daemon can never remove the socket of a live one; the policy is validated before anything is
+//! bound, so a bad policy fails the start loudly; READY=1 is sent only once every listener
+//! accepts connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::api::{self, ListenerKind};
+use crate::config::DaemonConfig;
+use crate::metrics::{Metrics, MetricsError};
+use crate::state::DaemonState;
+use crate::sys::{self, StateLock, SysError, SystemUserDb};
+use crate::yaml::Problems;
+
+/// Why the daemon could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("the policy is invalid, fix it and start again: {0}")]
+    Policy(Problems),
+    #[error(transparent)]
+    AlreadyRunning(SysError),
+    #[error(transparent)]
+    Sys(SysError),
+    #[error("failed to listen on {what} {address}: {source}")]
+    Listen {
+        what: &'static str,
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("failed to install the {0} signal handler: {1}")]
+    Signal(&'static str, #[source] std::io::Error),
+}
+
+impl From<SysError> for DaemonError {
+    fn from(e: SysError) -> Self {
+        match e {
+            SysError::Locked { .. } | SysError::SocketInUse { .. } => DaemonError::AlreadyRunning(e),
+            other => DaemonError::Sys(other),
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then drains in-flight requests.
+pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    tracing::info!(state_dir = %config.state_dir.display(), "state directory locked");
+
+    let policy = config.policy_paths().load().map_err(DaemonError::Policy)?;
+    tracing::info!(tenants = policy.tenants.len(), sources = ?policy.sources, "policy loaded");
+    let state = Arc::new(DaemonState::new(config.clone(), policy, Metrics::new()?, Box::new(SystemUserDb)));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+
+    sys::clear_stale_socket(&config.socket)?;
+    let unix = tokio::net::UnixListener::bind(&config.socket).map_err(|source| DaemonError::Listen {
+        what: "socket",
+        address: config.socket.display().to_string(),
+        source,
+    })?;
+    let gid = match &config.socket_group {
+        None => None,
+        Some(group) => match sys::group_gid(group) {
+            Ok(gid) => Some(gid),
+            Err(e) => {
+                tracing::warn!(error = %e, "socket keeps the daemon's group; only root and that group can connect");
+                None
+            }
+        },
+    };
+    let mode = config.socket_mode_bits().unwrap_or(0o660);
+    sys::set_socket_access(&config.socket, gid, mode)?;
+    servers.spawn(api::serve_unix(unix, api::router(state.clone(), ListenerKind::Unix), stopped()));
+    tracing::info!(socket = %config.socket.display(), mode = format!("{mode:04o}"), "control API listening");
+
+    for (what, address) in [("api", config.tcp_listen), ("metrics", config.metrics_listen)] {
+        let Some(address) = address else { continue };
+        let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| DaemonError::Listen {
+            what: if what == "api" { "tcp_listen" } else { "metrics_listen" },
+            address: address.to_string(),
+            source,
+        })?;
+        let router = if what == "api" {
+            api::router(state.clone(), ListenerKind::Tcp)
+        } else {
+            api::metrics_router(state.clone())
+        };
+        servers.spawn(api::serve_tcp(listener, router, stopped()));
+        tracing::info!(%address, listener = what, "TCP listener up");
+    }
+
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+
+    sys::notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
+    tracing::info!(pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), "acceld ready");
+
+    let reason = loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading policy");
+                sys::notify_systemd(&[sd_notify::NotifyState::Reloading]);
+                // A rejected policy is logged by reload_policy; the old one stays in force.
+                let _ = state.reload_policy(false).await;
+                sys::notify_systemd(&[sd_notify::NotifyState::Ready]);
+            }
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            Some(result) = servers.join_next() => {
+                // A listener ended on its own: that is a failure, stop the rest.
+                tracing::error!(?result, "a listener stopped unexpectedly; shutting down");
+                break "listener failure";
+            }
+        }
+    };
+
+    let drain = config.drain_timeout;
+    tracing::info!(reason, in_flight = state.metrics.api_in_flight.get(), drain_timeout = ?drain, "stopping: no new connections, draining in-flight requests");
+    sys::notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    state.start_draining();
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(drain, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(in_flight = state.metrics.api_in_flight.get(), "drain timeout reached; closing remaining connections");
+        servers.abort_all();
+    }
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        tracing::warn!(socket = %config.socket.display(), error = %e, "could not remove socket on exit");
+    }
+    tracing::info!("acceld stopped");
+    Ok(())
+}
+
+/// Grace period a stopping daemon gives itself beyond `drain_timeout` (systemd's TimeoutStopSec should exceed both).
+pub const STOP_MARGIN: Duration = Duration::from_secs(5);

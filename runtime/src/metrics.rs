@@ -1,0 +1,135 @@
+//! Prometheus metrics: one registry per daemon, every family named `accel_*` in base units.
+//!
+//! Owns metric definitions and the text exposition. Other modules record through the typed
+//! fields of [`Metrics`]; nothing else registers families, so names and labels stay consistent.
+
+use prometheus::{Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Latency buckets for control-API requests, in seconds (100µs to 30s).
+const API_LATENCY_BUCKETS: &[f64] = &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+
+/// Errors while setting up metrics: a bug in a family's definition, not a runtime condition.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to register metric family: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+/// The daemon's metric families.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub api_requests: IntCounterVec,
+    pub api_request_duration: HistogramVec,
+    pub api_in_flight: IntGauge,
+    pub policy_reloads: IntCounterVec,
+    pub policy_last_reload_success: IntGauge,
+    pub tenants_configured: IntGauge,
+    pub tenant_weight: IntGaugeVec,
+    pub policy_load_duration: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+
+        let build_info = IntGaugeVec::new(
+            Opts::new("accel_build_info", "Build of the running acceld; always 1."),
+            &["version", "rustc_target"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), std::env::consts::ARCH])
+            .set(1);
+        registry.register(Box::new(build_info))?;
+
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+
+        let api_requests = IntCounterVec::new(
+            Opts::new("accel_api_requests_total", "Control-API requests answered, by route, method and HTTP status."),
+            &["route", "method", "status"],
+        )?;
+        let api_request_duration = HistogramVec::new(
+            HistogramOpts::new("accel_api_request_duration_seconds", "Control-API request latency, from request to response head.")
+                .buckets(API_LATENCY_BUCKETS.to_vec()),
+            &["route", "method", "status"],
+        )?;
+        let api_in_flight = IntGauge::new("accel_api_requests_in_flight", "Control-API requests being handled now.")?;
+        let policy_reloads = IntCounterVec::new(
+            Opts::new("accel_policy_reloads_total", "Policy reloads attempted, by result (success or failure)."),
+            &["result"],
+        )?;
+        let policy_last_reload_success = IntGauge::new(
+            "accel_policy_last_reload_success_timestamp_seconds",
+            "Unix time of the last policy load that took effect.",
+        )?;
+        let tenants_configured = IntGauge::new("accel_tenants_configured", "Tenants in the policy in force.")?;
+        let tenant_weight = IntGaugeVec::new(
+            Opts::new("accel_tenant_weight", "Fair-share weight of each tenant in the policy in force."),
+            &["tenant"],
+        )?;
+        let policy_load_duration = Histogram::with_opts(
+            HistogramOpts::new("accel_policy_load_duration_seconds", "Time to read and validate the policy.")
+                .buckets(API_LATENCY_BUCKETS.to_vec()),
+        )?;
+        // Both outcomes exist from the start so rate() and alerts see zeros, not absent series.
+        for result in ["success", "failure"] {
+            policy_reloads.with_label_values(&[result]);
+        }
+
+        registry.register(Box::new(api_requests.clone()))?;
+        registry.register(Box::new(api_request_duration.clone()))?;
+        registry.register(Box::new(api_in_flight.clone()))?;
+        registry.register(Box::new(policy_reloads.clone()))?;
+        registry.register(Box::new(policy_last_reload_success.clone()))?;
+        registry.register(Box::new(tenants_configured.clone()))?;
+        registry.register(Box::new(tenant_weight.clone()))?;
+        registry.register(Box::new(policy_load_duration.clone()))?;
+
+        Ok(Self {
+            registry,
+            api_requests,
+            api_request_duration,
+            api_in_flight,
+            policy_reloads,
+            policy_last_reload_success,
+            tenants_configured,
+            tenant_weight,
+            policy_load_duration,
+        })
+    }
+
+    /// Records what the policy now in force looks like.
+    pub fn set_policy(&self, policy: &crate::policy::Policy) {
+        self.tenants_configured.set(policy.tenants.len() as i64);
+        self.tenant_weight.reset();
+        for tenant in &policy.tenants {
+            self.tenant_weight.with_label_values(&[tenant.name.as_str()]).set(i64::from(tenant.weight));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.policy_last_reload_success.set(now);
+    }
+
+    /// The text exposition format (version 0.0.4).
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        String::from_utf8(buffer).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_build_info_and_counts_requests() {
+        let metrics = Metrics::new().unwrap();
+        metrics.api_requests.with_label_values(&["/healthz", "GET", "200"]).inc();
+        let text = metrics.render().unwrap();
+        assert!(text.contains(&format!("accel_build_info{{rustc_target=\"{}\",version=\"{}\"}} 1", std::env::consts::ARCH, env!("CARGO_PKG_VERSION"))), "{text}");
+        assert!(text.contains("accel_api_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 1"), "{text}");
+        assert!(text.contains("accel_policy_reloads_total{result=\"failure\"} 0"), "{text}");
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+}

@@ -1,0 +1,221 @@
+//! Raw host interfaces the daemon uses, in one place: user and group lookups, peer groups from
+//! procfs, the state-directory lock, the socket file's ownership and mode, systemd notification.
+//!
+//! Callers above this module deal in typed errors and plain values; everything that touches a
+//! kernel interface or libc is here, so a test can see what the daemon asks of the host.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Seek as _, Write as _};
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::policy::UserDb;
+
+/// A host operation that failed: what was attempted, on what, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another acceld (pid {pid}) holds {path}; stop it first or give this one another state_dir")]
+    Locked { path: PathBuf, pid: String },
+    #[error("{path} is in use by a live daemon that does not hold our state dir; stop it or choose another socket path")]
+    SocketInUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; refusing to remove it")]
+    NotASocket { path: PathBuf },
+    #[error("socket group {group:?} does not exist; create it (groupadd {group}) or set socket_group: null")]
+    NoSuchGroup { group: String },
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SysError + 'a {
+    move |source| SysError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// User and group names from the system's databases (NSS).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemUserDb;
+
+impl UserDb for SystemUserDb {
+    fn user_name(&self, uid: u32) -> Option<String> {
+        User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+    }
+    fn group_name(&self, gid: u32) -> Option<String> {
+        Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name)
+    }
+}
+
+/// The gid of a group name.
+pub fn group_gid(name: &str) -> Result<u32, SysError> {
+    match Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        _ => Err(SysError::NoSuchGroup { group: name.to_owned() }),
+    }
+}
+
+/// Supplementary groups of a live process, from `/proc/PID/status`; empty if it is gone.
+///
+/// `SO_PEERCRED` gives only the primary gid; the kernel's view of the peer's groups is here.
+pub fn supplementary_groups(pid: i32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    parse_groups_line(&status)
+}
+
+fn parse_groups_line(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// An exclusive lock on the state directory, held for the daemon's lifetime.
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: Flock<File>,
+    pub path: PathBuf,
+}
+
+impl StateLock {
+    /// Creates the state directory if needed and takes `acceld.lock` in it, recording our pid.
+    pub fn acquire(state_dir: &Path) -> Result<Self, SysError> {
+        std::fs::create_dir_all(state_dir).map_err(io("create state directory", state_dir))?;
+        let path = state_dir.join("acceld.lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(io("open lock file", &path))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(SysError::Locked {
+                    path,
+                    pid: if pid.is_empty() { "unknown".into() } else { pid.to_owned() },
+                });
+            }
+            Err((_, errno)) => return Err(io("lock", &path)(errno.into())),
+        };
+        lock.set_len(0).map_err(io("truncate lock file", &path))?;
+        lock.rewind().map_err(io("rewind lock file", &path))?;
+        writeln!(lock, "{}", std::process::id()).map_err(io("write pid to", &path))?;
+        Ok(Self { _lock: lock, path })
+    }
+}
+
+/// Makes way for a new socket at `path`: creates its directory and removes a stale socket left
+/// by a daemon that died, but never a live daemon's socket or a file that is not a socket.
+pub fn clear_stale_socket(path: &Path) -> Result<(), SysError> {
+    if let Some(parent) = path.parent() {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent).map_err(io("create socket directory", parent))?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .map_err(io("set permissions of", parent))?;
+        }
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("inspect", path)(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SysError::NotASocket { path: path.to_owned() });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(SysError::SocketInUse { path: path.to_owned() }),
+        Err(_) => {
+            tracing::info!(socket = %path.display(), "removing stale socket left by a previous daemon");
+            std::fs::remove_file(path).map_err(io("remove stale socket", path))
+        }
+    }
+}
+
+/// Sets the socket's group (when given) and permission bits.
+pub fn set_socket_access(path: &Path, gid: Option<u32>, mode: u32) -> Result<(), SysError> {
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io("change group of", path))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("set mode of", path))
+}
+
+/// Tells systemd (when it started us with `Type=notify`) about our state; a no-op otherwise.
+pub fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!(error = %e, "failed to notify systemd");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_line_from_proc_status() {
+        let status = "Name:\tcat\nUid:\t0 0 0 0\nGroups:\t4 24 27 1000 \nVmPeak:\t1 kB\n";
+        assert_eq!(parse_groups_line(status), [4, 24, 27, 1000]);
+        assert!(parse_groups_line("Groups:\n").is_empty());
+        assert!(parse_groups_line("").is_empty());
+    }
+
+    #[test]
+    fn own_process_groups_are_readable() {
+        // Whatever our groups are, procfs and getgroups(2) agree.
+        let mut mine: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
+        let mut seen = supplementary_groups(std::process::id() as i32);
+        mine.sort();
+        seen.sort();
+        assert_eq!(seen, mine);
+    }
+
+    #[test]
+    fn state_lock_is_exclusive_and_records_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = StateLock::acquire(dir.path()).unwrap();
+        let text = std::fs::read_to_string(&lock.path).unwrap();
+        assert_eq!(text.trim(), std::process::id().to_string());
+        // flock locks belong to the open file description, so a second open in the same
+        // process conflicts just like another process would.
+        match StateLock::acquire(dir.path()) {
+            Err(SysError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(lock);
+        StateLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn stale_socket_is_removed_but_live_one_and_plain_files_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/acceld.sock");
+        clear_stale_socket(&path).unwrap();
+        assert!(path.parent().unwrap().is_dir());
+
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(matches!(clear_stale_socket(&path), Err(SysError::SocketInUse { .. })));
+        drop(listener);
+        clear_stale_socket(&path).unwrap();
+        assert!(!path.exists());
+
+        std::fs::write(&path, "data").unwrap();
+        assert!(matches!(clear_stale_socket(&path), Err(SysError::NotASocket { .. })));
+        assert!(path.exists());
+    }
+}

@@ -1,0 +1,412 @@
+//! YAML documents with positions: parsing into typed structs and reporting problems by file,
+//! YAML path and line.
+//!
+//! Every config and policy file goes through [`Document::parse`]. Syntax and type errors come
+//! from the YAML crate with their line and column; semantic problems found later by a
+//! `validate()` carry a YAML path (`tenants[2].limits.memory`), which [`Document::locate`] turns
+//! into a line and column using a position tree built from the same text. Pure: no I/O.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// Largest YAML file we accept; policies are small, this guards the daemon's memory.
+pub const MAX_YAML_BYTES: usize = 4 << 20;
+
+/// One thing wrong with a config or policy file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    /// The file (or `<embedded default>`), when known.
+    pub file: String,
+    /// The YAML path, e.g. `tenants[1].limits.memory`; empty for the whole document.
+    pub path: String,
+    /// 1-based line; 0 when unknown.
+    pub line: u64,
+    /// 1-based column; 0 when unknown.
+    pub column: u64,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in one or more files; never empty when returned as an error.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(transparent)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(f, "{n} problem{}", if n == 1 { "" } else { "s" })?;
+        for problem in &self.0 {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// A problem found by a `validate()`: a YAML path and a message, located later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathProblem {
+    pub path: String,
+    pub message: String,
+}
+
+impl PathProblem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed YAML file: its typed value and the position of every node.
+#[derive(Debug)]
+pub struct Document<T> {
+    pub file: String,
+    pub value: T,
+    positions: Node,
+}
+
+impl<T: DeserializeOwned> Document<T> {
+    /// Parses `text` (named `file` in messages) into `T`.
+    pub fn parse(file: &str, text: &str) -> Result<Self, Problem> {
+        let problem = |line, column, message: String| Problem {
+            file: file.to_owned(),
+            path: String::new(),
+            line,
+            column,
+            message,
+        };
+        if text.len() > MAX_YAML_BYTES {
+            return Err(problem(
+                0,
+                0,
+                format!("file is {} bytes, more than the {MAX_YAML_BYTES} accepted; split it into several files", text.len()),
+            ));
+        }
+        let options = serde_saphyr::options! { with_snippet: false };
+        // An empty file is an empty mapping, not an error: every field has a default.
+        let text = if text.trim().is_empty() { "{}" } else { text };
+        let value: T = serde_saphyr::from_str_with_options(text, options.clone()).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            problem(line, column, plain_message(&e))
+        })?;
+        let positions = serde_saphyr::from_str_with_options::<Spanned<Node>>(text, options)
+            .map(Node::from)
+            .unwrap_or(Node::Scalar(Pos::default()));
+        Ok(Self {
+            file: file.to_owned(),
+            value,
+            positions,
+        })
+    }
+
+    /// Turns problems found by a `validate()` into located problems.
+    pub fn locate_all(&self, problems: Vec<PathProblem>) -> Vec<Problem> {
+        problems
+            .into_iter()
+            .map(|p| {
+                let pos = self.locate(&p.path);
+                Problem {
+                    file: self.file.clone(),
+                    path: p.path,
+                    line: pos.line,
+                    column: pos.column,
+                    message: p.message,
+                }
+            })
+            .collect()
+    }
+
+    /// The position of the node at `path` (`a.b[2].c`), or of its nearest existing ancestor.
+    pub fn locate(&self, path: &str) -> Pos {
+        let mut node = &self.positions;
+        let mut pos = node.pos();
+        for segment in path_segments(path) {
+            let next = match (node, segment) {
+                (Node::Map(_, entries), Segment::Key(key)) => {
+                    entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+                }
+                (Node::Seq(_, items), Segment::Index(i)) => items.get(i),
+                _ => None,
+            };
+            match next {
+                Some(child) => {
+                    node = child;
+                    pos = node.pos();
+                }
+                None => break,
+            }
+        }
+        pos
+    }
+}
+
+/// The error text without the location suffix, which `Problem` prints itself.
+fn plain_message(error: &serde_saphyr::Error) -> String {
+    let text = error.to_string();
+    let text = text.lines().next().unwrap_or_default().trim();
+    // The crate appends " at line L, column C"; drop it so locations are printed once.
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+/// A 1-based line and column; 0 means unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pos {
+    pub line: u64,
+    pub column: u64,
+}
+
+/// The shape of a YAML document with the position of every node.
+#[derive(Debug)]
+enum Node {
+    Map(Pos, Vec<(String, Node)>),
+    Seq(Pos, Vec<Node>),
+    Scalar(Pos),
+}
+
+/// Raw shape before positions are attached by `Spanned`.
+enum Shape {
+    Map(Vec<(String, Spanned<Shape>)>),
+    Seq(Vec<Spanned<Shape>>),
+    Scalar,
+}
+
+impl From<Spanned<Shape>> for Node {
+    fn from(spanned: Spanned<Shape>) -> Self {
+        let pos = Pos {
+            line: spanned.referenced.line(),
+            column: spanned.referenced.column(),
+        };
+        match spanned.value {
+            Shape::Map(entries) => Node::Map(pos, entries.into_iter().map(|(k, v)| (k, v.into())).collect()),
+            Shape::Seq(items) => Node::Seq(pos, items.into_iter().map(Node::from).collect()),
+            Shape::Scalar => Node::Scalar(pos),
+        }
+    }
+}
+
+impl From<Spanned<Node>> for Node {
+    fn from(spanned: Spanned<Node>) -> Self {
+        spanned.value
+    }
+}
+
+impl Node {
+    fn pos(&self) -> Pos {
+        match self {
+            Node::Map(p, _) | Node::Seq(p, _) | Node::Scalar(p) => *p,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The top-level node's own position comes from the caller's `Spanned`; children carry theirs.
+        let shape = Shape::deserialize(d)?;
+        Ok(Node::from(Spanned::new(
+            shape,
+            serde_saphyr::Location::UNKNOWN,
+            serde_saphyr::Location::UNKNOWN,
+        )))
+    }
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML node")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<KeyText>()? {
+            entries.push((key.0, map.next_value::<Spanned<Shape>>()?));
+        }
+        Ok(Shape::Map(entries))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Spanned<Shape>>()? {
+            items.push(item);
+        }
+        Ok(Shape::Seq(items))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        Shape::deserialize(d)
+    }
+}
+
+/// A mapping key as text, whatever scalar type YAML gave it.
+struct KeyText(String);
+
+impl<'de> Deserialize<'de> for KeyText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = KeyText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a scalar key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<KeyText, E> {
+                Ok(KeyText("null".into()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+enum Segment<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// Splits `tenants[2].limits.memory` into keys and indices.
+fn path_segments(path: &str) -> Vec<Segment<'_>> {
+    let mut out = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if !key.is_empty() {
+            out.push(Segment::Key(key));
+        }
+        while let Some((index, tail)) = rest.split_once(']') {
+            if let Ok(i) = index.parse() {
+                out.push(Segment::Index(i));
+            }
+            rest = tail.strip_prefix('[').unwrap_or(tail);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        #[serde(default)]
+        items: Vec<Item>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Item {
+        name: String,
+        #[serde(default)]
+        size: Option<crate::units::ByteSize>,
+    }
+
+    const TEXT: &str = "items:\n  - name: a\n  - name: b\n    size: 4GiB\n";
+
+    #[test]
+    fn locates_nested_paths() {
+        let doc = Document::<Doc>::parse("t.yaml", TEXT).unwrap();
+        assert_eq!(doc.value.items.len(), 2);
+        assert_eq!(doc.value.items[1].name, "b");
+        assert_eq!(doc.value.items[1].size.map(|s| s.bytes()), Some(4 << 30));
+        assert_eq!(doc.locate("items[1].size").line, 4);
+        assert_eq!(doc.locate("items[1].name").line, 3);
+        assert_eq!(doc.locate("items[0]").line, 2);
+        // A path that does not exist resolves to its nearest ancestor.
+        assert_eq!(doc.locate("items[1].missing").line, 3);
+    }
+
+    #[test]
+    fn syntax_errors_have_line_and_column() {
+        let err = Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n   bad: [\n").unwrap_err();
+        assert!(err.line >= 2, "{err}");
+        assert!(err.column > 0, "{err}");
+        assert_eq!(err.file, "t.yaml");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_sizes_are_located() {
+        let err = Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    colour: red\n").unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.message.contains("colour"), "{err}");
+        let err = Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    size: 10XB\n").unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.message.contains("10XB"), "{err}");
+    }
+
+    #[test]
+    fn empty_text_is_an_empty_document() {
+        let doc = Document::<Doc>::parse("t.yaml", "  \n").unwrap();
+        assert!(doc.value.items.is_empty());
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let err = Document::<Doc>::parse("t.yaml", "items: []\nitems: []\n").unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
+    }
+}
