@@ -1,1 +1,120 @@
-fn main(){}
+//! `accelctl`: the admin command line of acceld. It only talks to the daemon (and validates
+//! policy files locally); exit codes are decided here.
+
+mod client;
+mod cmd;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hyper::StatusCode;
+
+use crate::client::{Client, CtlError};
+use crate::cmd::policy::PolicyCommand;
+use crate::cmd::tenants::TenantsCommand;
+
+/// Control and inspect the accel daemon (acceld).
+#[derive(Debug, Parser)]
+#[command(name = "accelctl", version)]
+struct Cli {
+    /// Path of the daemon's control socket.
+    #[arg(long, global = true, env = "ACCEL_SOCKET", default_value = "/run/accel/acceld.sock")]
+    socket: PathBuf,
+    /// Act for this tenant (operators only).
+    #[arg(long, global = true, value_name = "NAME")]
+    tenant: Option<String>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the daemon's version, state, backend, policy and listeners.
+    Status,
+    /// Show how the daemon identifies you: operator or which tenant, and by which rule.
+    Whoami,
+    /// List or show tenants.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+    /// Check policy files or reload the daemon's policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Print the daemon's Prometheus metrics (operators only).
+    Metrics,
+}
+
+/// Exit codes: scripts can tell "daemon down" from "not allowed" from "bad input".
+mod exit {
+    /// The daemon answered with an error not covered below.
+    pub const FAILURE: u8 = 1;
+    /// The daemon is not running or not reachable.
+    pub const UNREACHABLE: u8 = 3;
+    /// Not allowed: socket permissions, unknown caller, operators-only command.
+    pub const DENIED: u8 = 4;
+    /// Invalid input: a bad policy, a malformed or oversized request.
+    pub const INVALID: u8 = 5;
+    /// No such tenant or endpoint.
+    pub const NOT_FOUND: u8 = 6;
+}
+
+fn exit_code(error: &CtlError) -> u8 {
+    match error {
+        CtlError::NotRunning { .. } => exit::UNREACHABLE,
+        CtlError::SocketDenied { .. } => exit::DENIED,
+        CtlError::InvalidPolicy(_) => exit::INVALID,
+        CtlError::Api { status, .. } => match *status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => exit::DENIED,
+            StatusCode::NOT_FOUND => exit::NOT_FOUND,
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNPROCESSABLE_ENTITY => exit::INVALID,
+            _ => exit::FAILURE,
+        },
+        CtlError::Other(_) => exit::FAILURE,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("accelctl: cannot start: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let client = Client {
+        socket: cli.socket.clone(),
+        tenant: cli.tenant.clone(),
+    };
+    let json = cli.json;
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Status => cmd::status::run(&client, json).await,
+            Command::Whoami => cmd::whoami::run(&client, json).await,
+            Command::Tenants(command) => cmd::tenants::run(&client, command, json).await,
+            Command::Policy(command) => cmd::policy::run(&client, command, json).await,
+            Command::Metrics => cmd::metrics::run(&client, json).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("accelctl: {error}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,306 @@
+//! Helpers for end-to-end tests: start the real `acceld` on a temporary socket and state
+//! directory, run the real `accelctl` (as root or as another uid), speak raw HTTP to the socket.
+//!
+//! The binaries are the ones cargo built for this workspace (`cargo build --workspace --bins`,
+//! which the test command runs first); `ACCEL_BIN_DIR` points elsewhere if needed.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("ACCEL_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            // target/<profile>/deps/<test-binary> -> target/<profile>
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --workspace --bins` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// Whether we may switch uids, change socket owners and so on.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Skips a root-only test with a printed reason (CI runs as root, so it runs there).
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipped: this test needs root (it switches uids); CI runs it as root");
+            return;
+        }
+    };
+}
+
+/// A world-traversable temporary directory, so callers running as other uids can reach the socket.
+pub fn shared_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("accel-test-").tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod tempdir");
+    dir
+}
+
+/// A running `acceld` with its own socket, state dir and policy.
+#[derive(Debug)]
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub policy: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Options for [`Daemon::start_with`].
+#[derive(Debug, Default)]
+pub struct DaemonOptions<'a> {
+    /// Base policy text; `None` uses the embedded default.
+    pub policy: Option<&'a str>,
+    /// Extra config lines (YAML).
+    pub extra_config: &'a str,
+    /// Use this state dir instead of a fresh one.
+    pub state_dir: Option<&'a Path>,
+}
+
+impl Daemon {
+    /// Starts acceld with `policy` as its base policy and an open (0666) socket.
+    pub fn start(policy: Option<&str>) -> Daemon {
+        Self::start_with(DaemonOptions { policy, ..Default::default() })
+    }
+
+    pub fn start_with(options: DaemonOptions<'_>) -> Daemon {
+        let mut daemon = Self::prepare(options);
+        daemon.spawn();
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Writes config and policy but does not start the daemon.
+    pub fn prepare(options: DaemonOptions<'_>) -> Daemon {
+        let dir = shared_tempdir();
+        let socket = dir.path().join("run/acceld.sock");
+        let state = options.state_dir.map_or_else(|| dir.path().join("state"), Path::to_owned);
+        let policy = dir.path().join("policy.yaml");
+        let policy_line = match options.policy {
+            Some(text) => {
+                std::fs::write(&policy, text).expect("write policy");
+                format!("policy_file: {}\n", policy.display())
+            }
+            None => "policy_file: null\n".to_owned(),
+        };
+        let config = dir.path().join("acceld.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "socket: {}\nsocket_mode: \"0666\"\nsocket_group: null\nstate_dir: {}\n{policy_line}policy_dir: {}\ndrain_timeout: 5s\n{}",
+                socket.display(),
+                state.display(),
+                dir.path().join("policies.d").display(),
+                options.extra_config
+            ),
+        )
+        .expect("write config");
+        let log = dir.path().join("acceld.log");
+        Daemon {
+            dir,
+            socket,
+            config,
+            policy,
+            log,
+            child: None,
+        }
+    }
+
+    /// Starts the process (use after [`Daemon::prepare`]).
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("create log");
+        let child = Command::new(bin("acceld"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn acceld");
+        self.child = Some(child);
+    }
+
+    /// Waits until `/healthz` answers; panics with the daemon's log if it exits or stalls.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+                panic!("acceld exited early with {status}; log:\n{}", self.log_text());
+            }
+            if let Ok((200, _)) = self.try_request("GET", "/healthz", None) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "acceld not ready after 20s; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("daemon running")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).expect("kill");
+    }
+
+    /// The exit code if the process has exited (`Some(None)` for death by signal).
+    pub fn stop_if_exited(&mut self) -> Option<Option<i32>> {
+        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
+        self.child = None;
+        Some(status.code())
+    }
+
+    /// Sends SIGTERM and waits for the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("acceld did not stop within 20s of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs accelctl as the current user against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("accelctl"))
+            .args(args)
+            .env("ACCEL_SOCKET", &self.socket)
+            .output()
+            .expect("run accelctl")
+    }
+
+    /// Runs accelctl as another uid and gid (root only): a copy of the binary in our
+    /// world-readable temp dir, since the build tree may not be reachable by that uid.
+    pub fn ctl_as(&self, uid: u32, gid: u32, args: &[&str]) -> Output {
+        let copy = self.dir.path().join("accelctl");
+        if !copy.exists() {
+            std::fs::copy(bin("accelctl"), &copy).expect("copy accelctl");
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod accelctl");
+        }
+        Command::new(&copy)
+            .args(args)
+            .env("ACCEL_SOCKET", &self.socket)
+            .env_remove("HOME")
+            .current_dir("/")
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .expect("run accelctl as another uid")
+    }
+
+    /// One HTTP/1.1 request over the socket; returns status and body.
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
+        self.try_request(method, path, body).expect("HTTP request to acceld")
+    }
+
+    pub fn try_request(&self, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<(u16, String)> {
+        let stream = std::os::unix::net::UnixStream::connect(&self.socket)?;
+        http_exchange(stream, method, path, body, &[])
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes one request with `Connection: close` and reads the whole answer.
+pub fn http_exchange<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
+    let body = body.unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    // The daemon may answer 413 before reading a large body; a broken pipe then is expected.
+    if let Err(e) = stream.write_all(body) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset {
+            return Err(e);
+        }
+    }
+    let mut answer = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut answer) {
+        if answer.is_empty() {
+            return Err(e);
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Parses accelctl's stdout as JSON, with its stderr in the panic message.
+pub fn json_of(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "accelctl failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("accelctl printed invalid JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+/// A TCP port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}

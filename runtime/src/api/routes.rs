@@ -136,7 +136,10 @@ pub(super) async fn reload_policy(
             let mut error = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_policy",
-                format!("the new policy was rejected and the one in force is unchanged: {problems}"),
+                format!(
+                    "the new policy was rejected and the one in force is unchanged; fix the {} listed in `problems` and reload again",
+                    if problems.0.len() == 1 { "problem".to_owned() } else { format!("{} problems", problems.0.len()) }
+                ),
             );
             error.problems = problems.0;
             Err(error)

@@ -1,0 +1,153 @@
+//! The HTTP client side of the control API: one request per connection over the Unix socket.
+//!
+//! Turns transport failures into the few cases an operator acts on differently: the daemon is
+//! not running, the socket is not ours to use, or the daemon answered with an error.
+
+use std::path::{Path, PathBuf};
+
+use accel_runtime::api::types::{ErrorBody, ErrorDetail};
+use accel_runtime::api::ACT_FOR_TENANT_HEADER;
+use accel_runtime::yaml::Problems;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// Why a command failed; `main` maps each to an exit code.
+#[derive(Debug)]
+pub enum CtlError {
+    /// No daemon listens on the socket.
+    NotRunning { socket: PathBuf, reason: String },
+    /// The socket exists but we may not connect (group or mode).
+    SocketDenied { socket: PathBuf },
+    /// The daemon answered with an error.
+    Api { status: StatusCode, detail: ErrorDetail },
+    /// A policy file is invalid (`policy check`).
+    InvalidPolicy(Problems),
+    /// Anything else: a broken connection, an unexpected answer.
+    Other(String),
+}
+
+impl std::fmt::Display for CtlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CtlError::NotRunning { socket, reason } => write!(
+                f,
+                "cannot reach acceld at {} ({reason}); is it running? Start it with `systemctl start acceld` or `acceld`, or point --socket / ACCEL_SOCKET at its socket",
+                socket.display()
+            ),
+            CtlError::SocketDenied { socket } => write!(
+                f,
+                "permission denied on {}; run as root or as a member of the socket's group",
+                socket.display()
+            ),
+            CtlError::Api { status, detail } => {
+                write!(f, "{} ({}): {}", detail.code, status.as_u16(), detail.message)?;
+                for problem in &detail.problems {
+                    write!(f, "\n  {problem}")?;
+                }
+                Ok(())
+            }
+            CtlError::InvalidPolicy(problems) => write!(f, "invalid policy: {problems}"),
+            CtlError::Other(message) => f.write_str(message),
+        }
+    }
+}
+
+/// A connection target and the identity options every request carries.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub socket: PathBuf,
+    /// Act for this tenant (operators only).
+    pub tenant: Option<String>,
+}
+
+impl Client {
+    /// Sends one request and returns the status and body.
+    pub async fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes), CtlError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| connect_error(&self.socket, e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| CtlError::Other(format!("HTTP handshake with acceld failed: {e}")))?;
+        tokio::spawn(connection);
+
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::USER_AGENT, concat!("accelctl/", env!("CARGO_PKG_VERSION")));
+        if let Some(tenant) = &self.tenant {
+            builder = builder.header(ACT_FOR_TENANT_HEADER, tenant);
+        }
+        if body.is_some() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| CtlError::Other(format!("cannot build request for {path}: {e}")))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| CtlError::Other(format!("request {path} failed: {e}")))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
+            .to_bytes();
+        if status.is_success() {
+            Ok((status, bytes))
+        } else {
+            Err(api_error(status, &bytes))
+        }
+    }
+
+    /// GETs `path` and decodes the JSON answer.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<(T, serde_json::Value), CtlError> {
+        let (_, bytes) = self.request(Method::GET, path, None).await?;
+        decode(path, &bytes)
+    }
+
+    /// POSTs a JSON body to `path` and decodes the JSON answer.
+    pub async fn post_json<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<(T, serde_json::Value), CtlError> {
+        let body = serde_json::to_vec(body).map_err(|e| CtlError::Other(format!("cannot encode request: {e}")))?;
+        let (_, bytes) = self.request(Method::POST, path, Some(body)).await?;
+        decode(path, &bytes)
+    }
+}
+
+/// Decodes a JSON answer into both its typed form and a raw value (for `--json`).
+fn decode<T: serde::de::DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<(T, serde_json::Value), CtlError> {
+    let raw: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| CtlError::Other(format!("acceld sent invalid JSON for {path}: {e}")))?;
+    let typed = serde_json::from_value(raw.clone())
+        .map_err(|e| CtlError::Other(format!("unexpected answer for {path} (daemon and accelctl versions differ?): {e}")))?;
+    Ok((typed, raw))
+}
+
+fn connect_error(socket: &Path, e: std::io::Error) -> CtlError {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => CtlError::SocketDenied { socket: socket.to_owned() },
+        _ => CtlError::NotRunning {
+            socket: socket.to_owned(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn api_error(status: StatusCode, bytes: &[u8]) -> CtlError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => CtlError::Api { status, detail: body.error },
+        Err(_) => CtlError::Api {
+            status,
+            detail: ErrorDetail {
+                code: "http_error".into(),
+                message: String::from_utf8_lossy(bytes).trim().to_owned(),
+                problems: Vec::new(),
+            },
+        },
+    }
+}

@@ -1,0 +1,100 @@
+//! `accelctl tenants list|show`: tenants in the policy in force (a tenant sees only itself).
+
+use accel_runtime::api::types::TenantList;
+use accel_runtime::policy::{PriorityClass, Tenant};
+use clap::Subcommand;
+
+use crate::client::{Client, CtlError};
+use crate::output;
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// List tenants with their weights and limits.
+    List,
+    /// Show one tenant in full: mapping rules, limits, models, devices.
+    Show {
+        /// Tenant name.
+        name: String,
+    },
+}
+
+fn class(c: PriorityClass) -> &'static str {
+    match c {
+        PriorityClass::Interactive => "interactive",
+        PriorityClass::Batch => "batch",
+    }
+}
+
+pub async fn run(client: &Client, command: &TenantsCommand, json: bool) -> Result<(), CtlError> {
+    match command {
+        TenantsCommand::List => {
+            let (list, raw): (TenantList, _) = client.get_json("/v1/tenants").await?;
+            if json {
+                println!("{}", output::json(&raw));
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = list
+                .tenants
+                .iter()
+                .map(|t| {
+                    let l = &t.limits;
+                    vec![
+                        t.name.clone(),
+                        t.weight.to_string(),
+                        class(t.class).into(),
+                        output::limit(l.max_concurrent_requests),
+                        output::limit(l.tokens_per_minute),
+                        output::limit(l.kv_blocks),
+                        output::limit(l.memory),
+                        output::limit(l.cpu),
+                        output::limit(l.pids),
+                        t.models.join(","),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                output::table(&["NAME", "WEIGHT", "CLASS", "CONCURRENT", "TOKENS/MIN", "KV-BLOCKS", "MEMORY", "CPU", "PIDS", "MODELS"], &rows)
+            );
+        }
+        TenantsCommand::Show { name } => {
+            let (t, raw): (Tenant, _) = client.get_json(&format!("/v1/tenants/{name}")).await?;
+            if json {
+                println!("{}", output::json(&raw));
+                return Ok(());
+            }
+            let ids = |v: &[accel_runtime::policy::IdRangeSpec]| {
+                v.iter()
+                    .map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let m = &t.matches;
+            let l = &t.limits;
+            println!(
+                "{}",
+                output::fields(&[
+                    ("name", t.name.clone()),
+                    ("defined at", t.defined_at.clone()),
+                    ("weight", t.weight.to_string()),
+                    ("class", class(t.class).into()),
+                    ("match uids", ids(&m.uids)),
+                    ("match users", m.users.join(", ")),
+                    ("match gids", ids(&m.gids)),
+                    ("match groups", m.groups.join(", ")),
+                    ("match tokens", m.tokens.to_string()),
+                    ("default tenant", m.default.to_string()),
+                    ("max concurrent", output::limit(l.max_concurrent_requests)),
+                    ("tokens/minute", output::limit(l.tokens_per_minute)),
+                    ("kv blocks", output::limit(l.kv_blocks)),
+                    ("memory", output::limit(l.memory)),
+                    ("cpu", output::limit(l.cpu)),
+                    ("pids", output::limit(l.pids)),
+                    ("models", t.models.join(", ")),
+                    ("devices", t.devices.join(", ")),
+                ])
+            );
+        }
+    }
+    Ok(())
+}
