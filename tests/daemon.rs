@@ -2,9 +2,14 @@
 //! processes), policy reload, lifecycle (lock, stale socket, SIGTERM), bad HTTP input,
 //! the TCP listener, and promtool on the live metrics.
 
+// Tests unwrap freely: a failure is a test failure, not an operator's input.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
-use accel_tests::{eventually, free_port, http_exchange, json_of, require_root, Daemon, DaemonOptions};
+use accel_tests::{
+    eventually, free_port, http_exchange, json_of, require_root, Daemon, DaemonOptions,
+};
 use nix::sys::signal::Signal;
 
 const TEAMS: &str = "\
@@ -52,11 +57,20 @@ fn callers_are_mapped_by_uid_and_gid_or_refused() {
     // No default tenant in this policy: an unknown uid is refused and told its uid.
     let stranger = daemon.ctl_as(61009, 61009, &["whoami"]);
     assert_eq!(stranger.status.code(), Some(4), "{}", stderr(&stranger));
-    assert!(stderr(&stranger).contains("uid 61009"), "{}", stderr(&stranger));
+    assert!(
+        stderr(&stranger).contains("uid 61009"),
+        "{}",
+        stderr(&stranger)
+    );
 
     // A tenant sees only itself; another tenant's name is "not found", not "forbidden".
     let list = json_of(&daemon.ctl_as(61001, 61001, &["tenants", "list", "--json"]));
-    let names: Vec<&str> = list["tenants"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["alpha"]);
     let peek = daemon.ctl_as(61001, 61001, &["tenants", "show", "beta"]);
     assert_eq!(peek.status.code(), Some(6), "{}", stderr(&peek));
@@ -79,7 +93,11 @@ fn callers_are_mapped_by_uid_and_gid_or_refused() {
     assert_eq!(acting["acting_for_tenant"], true);
     let as_beta = json_of(&daemon.ctl(&["--tenant", "beta", "tenants", "list", "--json"]));
     assert_eq!(as_beta["tenants"].as_array().unwrap().len(), 1);
-    assert!(daemon.log_text().contains("operator acting for tenant"), "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("operator acting for tenant"),
+        "{}",
+        daemon.log_text()
+    );
     let unknown = daemon.ctl(&["--tenant", "gamma", "whoami"]);
     assert_eq!(unknown.status.code(), Some(6), "{}", stderr(&unknown));
 }
@@ -106,7 +124,10 @@ fn invalid_policy_is_rejected_on_reload_and_valid_change_applies_without_restart
     let reload = daemon.ctl(&["policy", "reload"]);
     assert_eq!(reload.status.code(), Some(5), "{}", stderr(&reload));
     let err = stderr(&reload);
-    assert!(err.contains("duplicate tenant \"alpha\"") && err.contains("policy.yaml:14"), "{err}");
+    assert!(
+        err.contains("duplicate tenant \"alpha\"") && err.contains("policy.yaml:14"),
+        "{err}"
+    );
     assert!(err.contains("unchanged"), "{err}");
 
     // The old policy still answers.
@@ -116,14 +137,28 @@ fn invalid_policy_is_rejected_on_reload_and_valid_change_applies_without_restart
     assert_eq!(status["policy"]["generation"], 1);
 
     // Rejected on SIGHUP too, and the old policy stays.
-    std::fs::write(&daemon.policy, format!("{TEAMS}    limits: {{memory: 10XB}}\n")).unwrap();
+    std::fs::write(
+        &daemon.policy,
+        format!("{TEAMS}    limits: {{memory: 10XB}}\n"),
+    )
+    .unwrap();
     daemon.signal(Signal::SIGHUP);
-    assert!(eventually(Duration::from_secs(10), || daemon.log_text().contains("10XB")), "{}", daemon.log_text());
+    assert!(
+        eventually(Duration::from_secs(10), || daemon
+            .log_text()
+            .contains("10XB")),
+        "{}",
+        daemon.log_text()
+    );
     let status = json_of(&daemon.ctl(&["status", "--json"]));
     assert_eq!(status["policy"]["generation"], 1);
 
     // A valid change takes effect on SIGHUP without a restart.
-    std::fs::write(&daemon.policy, format!("{TEAMS}  - name: gamma\n    match: {{uids: [61003]}}\n")).unwrap();
+    std::fs::write(
+        &daemon.policy,
+        format!("{TEAMS}  - name: gamma\n    match: {{uids: [61003]}}\n"),
+    )
+    .unwrap();
     daemon.signal(Signal::SIGHUP);
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -137,16 +172,34 @@ fn invalid_policy_is_rejected_on_reload_and_valid_change_applies_without_restart
     std::fs::write(&daemon.policy, TEAMS).unwrap();
     let dry = json_of(&daemon.ctl(&["policy", "reload", "--dry-run", "--json"]));
     assert_eq!(dry["applied"], false);
-    assert_eq!(json_of(&daemon.ctl(&["tenants", "list", "--json"]))["tenants"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        json_of(&daemon.ctl(&["tenants", "list", "--json"]))["tenants"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     let applied = json_of(&daemon.ctl(&["policy", "reload", "--json"]));
     assert_eq!(applied["applied"], true);
     assert_eq!(applied["generation"], 3);
-    assert_eq!(json_of(&daemon.ctl(&["tenants", "list", "--json"]))["tenants"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        json_of(&daemon.ctl(&["tenants", "list", "--json"]))["tenants"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     assert_eq!(daemon.pid(), pid);
 
     let (_, metrics) = daemon.request("GET", "/metrics", None);
-    assert!(metrics.contains("accel_policy_reloads_total{result=\"failure\"} 2"), "{metrics}");
-    assert!(metrics.contains("accel_policy_reloads_total{result=\"success\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("accel_policy_reloads_total{result=\"failure\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("accel_policy_reloads_total{result=\"success\"} 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("accel_tenants_configured 2"), "{metrics}");
 }
 
@@ -164,13 +217,22 @@ fn second_daemon_on_the_same_state_dir_refuses_to_start() {
         if let Some(code) = second.stop_if_exited() {
             break code;
         }
-        assert!(std::time::Instant::now() < deadline, "second daemon did not exit");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second daemon did not exit"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(code, Some(69), "{}", second.log_text());
     let log = second.log_text();
-    assert!(log.contains(&format!("another acceld (pid {})", first.pid())), "{log}");
-    assert!(!second.socket.exists(), "the refused daemon must not create its socket");
+    assert!(
+        log.contains(&format!("another acceld (pid {})", first.pid())),
+        "{log}"
+    );
+    assert!(
+        !second.socket.exists(),
+        "the refused daemon must not create its socket"
+    );
     // The first one is unaffected.
     assert_eq!(first.request("GET", "/healthz", None).0, 200);
 }
@@ -184,12 +246,22 @@ fn stale_socket_is_removed_and_sigterm_stops_cleanly() {
     assert!(daemon.socket.exists());
     daemon.spawn();
     daemon.wait_ready();
-    assert!(daemon.log_text().contains("removing stale socket"), "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("removing stale socket"),
+        "{}",
+        daemon.log_text()
+    );
 
     assert_eq!(daemon.stop(), Some(0));
-    assert!(!daemon.socket.exists(), "socket must be removed on a clean stop");
+    assert!(
+        !daemon.socket.exists(),
+        "socket must be removed on a clean stop"
+    );
     let log = daemon.log_text();
-    assert!(log.contains("SIGTERM") && log.contains("acceld stopped"), "{log}");
+    assert!(
+        log.contains("SIGTERM") && log.contains("acceld stopped"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -197,10 +269,17 @@ fn sigterm_waits_for_an_in_flight_request() {
     let mut daemon = Daemon::start(None);
     // Open a connection and send only part of a request: the daemon is now serving it.
     let mut slow = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
-    std::io::Write::write_all(&mut slow, b"GET /v1/whoami HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    std::io::Write::write_all(&mut slow, b"GET /v1/whoami HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     daemon.signal(Signal::SIGTERM);
-    assert!(eventually(Duration::from_secs(5), || daemon.log_text().contains("draining")), "{}", daemon.log_text());
+    assert!(
+        eventually(Duration::from_secs(5), || daemon
+            .log_text()
+            .contains("draining")),
+        "{}",
+        daemon.log_text()
+    );
     // Finish the request: it is still answered during the drain.
     std::io::Write::write_all(&mut slow, b"Connection: close\r\n\r\n").unwrap();
     let mut answer = String::new();
@@ -218,7 +297,13 @@ fn bad_http_input_gets_clear_json_errors() {
     assert_eq!(status, 400, "{body}");
     let error: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["error"]["code"], "invalid_json");
-    assert!(error["error"]["message"].as_str().unwrap().contains("line 1 column"), "{body}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 1 column"),
+        "{body}"
+    );
 
     let (status, body) = daemon.request("POST", "/v1/policy/reload", Some(b"{\"dry_rnu\": true}"));
     assert_eq!(status, 400, "{body}");
@@ -231,14 +316,20 @@ fn bad_http_input_gets_clear_json_errors() {
 
     let (status, body) = daemon.request("GET", "/v1/nothing-here", None);
     assert_eq!(status, 404, "{body}");
-    assert!(body.contains("no such endpoint: /v1/nothing-here"), "{body}");
+    assert!(
+        body.contains("no such endpoint: /v1/nothing-here"),
+        "{body}"
+    );
 
     let (status, body) = daemon.request("DELETE", "/v1/status", None);
     assert_eq!(status, 405, "{body}");
     assert!(body.contains("method_not_allowed"), "{body}");
 
     // After all that, the daemon still serves.
-    assert_eq!(daemon.request("GET", "/healthz", None), (200, "{\"status\":\"ok\"}".to_owned()));
+    assert_eq!(
+        daemon.request("GET", "/healthz", None),
+        (200, "{\"status\":\"ok\"}".to_owned())
+    );
 }
 
 #[test]
@@ -260,7 +351,12 @@ tenants:
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("sha256sum");
-        child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(token.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         String::from_utf8(out.stdout).unwrap()[..64].to_owned()
     };
@@ -276,15 +372,34 @@ tenants:
     let (status, body) = http_exchange(tcp(), "GET", "/v1/whoami", None, &[]).unwrap();
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("Bearer"), "{body}");
-    let (status, _) = http_exchange(tcp(), "GET", "/v1/whoami", None, &[("Authorization", "Bearer wrong")]).unwrap();
+    let (status, _) = http_exchange(
+        tcp(),
+        "GET",
+        "/v1/whoami",
+        None,
+        &[("Authorization", "Bearer wrong")],
+    )
+    .unwrap();
     assert_eq!(status, 401);
-    let (status, body) = http_exchange(tcp(), "GET", "/v1/whoami", None, &[("Authorization", "Bearer tenant-token")]).unwrap();
+    let (status, body) = http_exchange(
+        tcp(),
+        "GET",
+        "/v1/whoami",
+        None,
+        &[("Authorization", "Bearer tenant-token")],
+    )
+    .unwrap();
     assert_eq!(status, 200, "{body}");
     let me: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(me["tenant"], "remote");
     assert_eq!(me["uid"], serde_json::Value::Null);
     // Health is open on every listener.
-    assert_eq!(http_exchange(tcp(), "GET", "/healthz", None, &[]).unwrap().0, 200);
+    assert_eq!(
+        http_exchange(tcp(), "GET", "/healthz", None, &[])
+            .unwrap()
+            .0,
+        200
+    );
     // The Unix socket still works alongside.
     assert_eq!(daemon.request("GET", "/healthz", None).0, 200);
 }
@@ -302,8 +417,14 @@ fn promtool_accepts_the_live_metrics() {
     let _ = daemon.request("GET", "/v1/missing", None);
     let (status, socket_text) = daemon.request("GET", "/metrics", None);
     assert_eq!(status, 200);
-    let (status, tcp_text) =
-        http_exchange(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(), "GET", "/metrics", None, &[]).unwrap();
+    let (status, tcp_text) = http_exchange(
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        "GET",
+        "/metrics",
+        None,
+        &[],
+    )
+    .unwrap();
     assert_eq!(status, 200);
     for text in [&socket_text, &tcp_text] {
         for family in [
@@ -321,9 +442,13 @@ fn promtool_accepts_the_live_metrics() {
 
     let promtool = match which("promtool") {
         Some(path) => path,
-        None if std::env::var_os("CI").is_some() => panic!("promtool is missing in CI: the test command installs the `prometheus` package"),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("promtool is missing in CI: the test command installs the `prometheus` package")
+        }
         None => {
-            eprintln!("skipped the promtool check: promtool not installed (apt-get install prometheus)");
+            eprintln!(
+                "skipped the promtool check: promtool not installed (apt-get install prometheus)"
+            );
             return;
         }
     };
@@ -336,20 +461,34 @@ fn promtool_accepts_the_live_metrics() {
         .expect("run promtool");
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), tcp_text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && report.trim().is_empty(), "promtool reported:\n{report}");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool reported:\n{report}"
+    );
 }
 
 #[test]
 fn accelctl_says_when_the_daemon_is_not_running() {
     let dir = accel_tests::shared_tempdir();
     let out = std::process::Command::new(accel_tests::bin("accelctl"))
-        .args(["--socket", dir.path().join("none.sock").to_str().unwrap(), "status"])
+        .args([
+            "--socket",
+            dir.path().join("none.sock").to_str().unwrap(),
+            "status",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let err = stderr(&out);
-    assert!(err.contains("cannot reach acceld") && err.contains("is it running?"), "{err}");
+    assert!(
+        err.contains("cannot reach acceld") && err.contains("is it running?"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -367,14 +506,31 @@ fn check_config_prints_every_policy_problem() {
     assert_eq!(out.status.code(), Some(78));
     let err = stderr(&out);
     assert!(err.contains("3 problems"), "{err}");
-    assert!(err.contains("policy.yaml:3:") && err.contains("tenants[0].weight"), "{err}");
-    assert!(err.contains("policy.yaml:4:") && err.contains("duplicate tenant"), "{err}");
-    assert!(err.contains("policy.yaml:5:") && err.contains("tenants[1].limits.cpu"), "{err}");
+    assert!(
+        err.contains("policy.yaml:3:") && err.contains("tenants[0].weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("policy.yaml:4:") && err.contains("duplicate tenant"),
+        "{err}"
+    );
+    assert!(
+        err.contains("policy.yaml:5:") && err.contains("tenants[1].limits.cpu"),
+        "{err}"
+    );
 
     // And a daemon with that policy refuses to start, with the same message.
-    let out = std::process::Command::new(accel_tests::bin("acceld")).arg("--config").arg(&daemon.config).output().unwrap();
+    let out = std::process::Command::new(accel_tests::bin("acceld"))
+        .arg("--config")
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
-    assert!(stderr(&out).contains("duplicate tenant"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("duplicate tenant"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn which(name: &str) -> Option<std::path::PathBuf> {

@@ -1,6 +1,9 @@
 //! The policies shipped in `cgroup-policies/`: each one loads, and means what its comments say.
 //! Also `accelctl policy check` on good and bad files.
 
+// Tests unwrap freely: a failure is a test failure, not an operator's input.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use accel_runtime::policy::{check_file, Caller, PriorityClass, Role, UserDb};
@@ -59,17 +62,33 @@ fn production_example_refuses_strangers_and_ranks_search_highest() {
     assert_eq!(research.tenant.as_deref(), Some("research"));
     let weights: Vec<u32> = policy.tenants.iter().map(|t| t.weight).collect();
     assert_eq!(weights, [4, 2, 1]);
-    assert_eq!(policy.tenant("eval-batch").unwrap().class, PriorityClass::Batch);
-    assert!(!policy.tenant("search").unwrap().allows_model("some-other-model"));
+    assert_eq!(
+        policy.tenant("eval-batch").unwrap().class,
+        PriorityClass::Batch
+    );
+    assert!(!policy
+        .tenant("search")
+        .unwrap()
+        .allows_model("some-other-model"));
     assert!(policy.tenant("research").unwrap().allows_model("anything"));
 }
 
 #[test]
 fn kiosk_example_serves_one_uid_and_one_model() {
     let policy = check_file(&policies_dir().join("examples/single-model-kiosk.yaml")).unwrap();
-    assert_eq!(policy.identify(&caller(5000, 5000), &NoNames).unwrap().tenant.as_deref(), Some("kiosk"));
+    assert_eq!(
+        policy
+            .identify(&caller(5000, 5000), &NoNames)
+            .unwrap()
+            .tenant
+            .as_deref(),
+        Some("kiosk")
+    );
     assert_eq!(policy.identify(&caller(5001, 5001), &NoNames), None);
-    assert_eq!(policy.identify(&caller(0, 0), &NoNames).unwrap().role, Role::Operator);
+    assert_eq!(
+        policy.identify(&caller(0, 0), &NoNames).unwrap().role,
+        Role::Operator
+    );
     let kiosk = policy.tenant("kiosk").unwrap();
     assert_eq!(kiosk.models, ["smollm2-135m-instruct"]);
     assert_eq!(kiosk.devices, ["cpu"]);
@@ -79,19 +98,37 @@ fn kiosk_example_serves_one_uid_and_one_model() {
 fn accelctl_policy_check_reports_line_and_column() {
     let dir = accel_tests::shared_tempdir();
     let good = policies_dir().join("examples/production.yaml");
-    let out = std::process::Command::new(accel_tests::bin("accelctl")).args(["policy", "check"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(accel_tests::bin("accelctl"))
+        .args(["policy", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 3 tenant(s)"));
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "tenants:\n  - name: a\n    match: {uids: [1, 2\n").unwrap();
-    let out = std::process::Command::new(accel_tests::bin("accelctl")).args(["policy", "check"]).arg(&bad).output().unwrap();
+    let out = std::process::Command::new(accel_tests::bin("accelctl"))
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8_lossy(&out.stderr);
     let located = format!("{}:", bad.display());
-    let rest = err.split(&located).nth(1).unwrap_or_else(|| panic!("no location in {err}"));
+    let rest = err
+        .split(&located)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no location in {err}"));
     let mut numbers = rest.split(':').take(2).map(|n| n.parse::<u32>());
-    assert!(matches!((numbers.next(), numbers.next()), (Some(Ok(l)), Some(Ok(c))) if l >= 3 && c > 0), "{err}");
+    assert!(
+        matches!((numbers.next(), numbers.next()), (Some(Ok(l)), Some(Ok(c))) if l >= 3 && c > 0),
+        "{err}"
+    );
 
     // Files checked together, as the daemon merges them: the duplicate spans two files.
     let other = dir.path().join("other.yaml");
@@ -106,5 +143,8 @@ fn accelctl_policy_check_reports_line_and_column() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["valid"], false);
     assert_eq!(report["problems"][0]["line"], 2);
-    assert!(report["problems"][0]["message"].as_str().unwrap().contains("duplicate tenant \"search\""));
+    assert!(report["problems"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate tenant \"search\""));
 }

@@ -21,7 +21,10 @@ pub enum CtlError {
     /// The socket exists but we may not connect (group or mode).
     SocketDenied { socket: PathBuf },
     /// The daemon answered with an error.
-    Api { status: StatusCode, detail: ErrorDetail },
+    Api {
+        status: StatusCode,
+        detail: ErrorDetail,
+    },
     /// A policy file is invalid (`policy check`).
     InvalidPolicy(Problems),
     /// Anything else: a broken connection, an unexpected answer.
@@ -64,7 +67,12 @@ pub struct Client {
 
 impl Client {
     /// Sends one request and returns the status and body.
-    pub async fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes), CtlError> {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), CtlError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| connect_error(&self.socket, e))?;
@@ -77,7 +85,10 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::USER_AGENT, concat!("accelctl/", env!("CARGO_PKG_VERSION")));
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("accelctl/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(tenant) = &self.tenant {
             builder = builder.header(ACT_FOR_TENANT_HEADER, tenant);
         }
@@ -106,31 +117,47 @@ impl Client {
     }
 
     /// GETs `path` and decodes the JSON answer.
-    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<(T, serde_json::Value), CtlError> {
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(T, serde_json::Value), CtlError> {
         let (_, bytes) = self.request(Method::GET, path, None).await?;
         decode(path, &bytes)
     }
 
     /// POSTs a JSON body to `path` and decodes the JSON answer.
-    pub async fn post_json<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<(T, serde_json::Value), CtlError> {
-        let body = serde_json::to_vec(body).map_err(|e| CtlError::Other(format!("cannot encode request: {e}")))?;
+    pub async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<(T, serde_json::Value), CtlError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| CtlError::Other(format!("cannot encode request: {e}")))?;
         let (_, bytes) = self.request(Method::POST, path, Some(body)).await?;
         decode(path, &bytes)
     }
 }
 
 /// Decodes a JSON answer into both its typed form and a raw value (for `--json`).
-fn decode<T: serde::de::DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<(T, serde_json::Value), CtlError> {
-    let raw: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| CtlError::Other(format!("acceld sent invalid JSON for {path}: {e}")))?;
-    let typed = serde_json::from_value(raw.clone())
-        .map_err(|e| CtlError::Other(format!("unexpected answer for {path} (daemon and accelctl versions differ?): {e}")))?;
+fn decode<T: serde::de::DeserializeOwned>(
+    path: &str,
+    bytes: &[u8],
+) -> Result<(T, serde_json::Value), CtlError> {
+    let raw: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| CtlError::Other(format!("acceld sent invalid JSON for {path}: {e}")))?;
+    let typed = serde_json::from_value(raw.clone()).map_err(|e| {
+        CtlError::Other(format!(
+            "unexpected answer for {path} (daemon and accelctl versions differ?): {e}"
+        ))
+    })?;
     Ok((typed, raw))
 }
 
 fn connect_error(socket: &Path, e: std::io::Error) -> CtlError {
     match e.kind() {
-        std::io::ErrorKind::PermissionDenied => CtlError::SocketDenied { socket: socket.to_owned() },
+        std::io::ErrorKind::PermissionDenied => CtlError::SocketDenied {
+            socket: socket.to_owned(),
+        },
         _ => CtlError::NotRunning {
             socket: socket.to_owned(),
             reason: e.to_string(),
@@ -140,7 +167,10 @@ fn connect_error(socket: &Path, e: std::io::Error) -> CtlError {
 
 fn api_error(status: StatusCode, bytes: &[u8]) -> CtlError {
     match serde_json::from_slice::<ErrorBody>(bytes) {
-        Ok(body) => CtlError::Api { status, detail: body.error },
+        Ok(body) => CtlError::Api {
+            status,
+            detail: body.error,
+        },
         Err(_) => CtlError::Api {
             status,
             detail: ErrorDetail {

@@ -3,6 +3,8 @@
 
 mod client;
 mod cmd;
+#[cfg(test)]
+mod docgen;
 mod output;
 
 use std::path::PathBuf;
@@ -20,7 +22,12 @@ use crate::cmd::tenants::TenantsCommand;
 #[command(name = "accelctl", version)]
 struct Cli {
     /// Path of the daemon's control socket.
-    #[arg(long, global = true, env = "ACCEL_SOCKET", default_value = "/run/accel/acceld.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "ACCEL_SOCKET",
+        default_value = "/run/accel/acceld.sock"
+    )]
     socket: PathBuf,
     /// Act for this tenant (operators only).
     #[arg(long, global = true, value_name = "NAME")]
@@ -70,7 +77,9 @@ fn exit_code(error: &CtlError) -> u8 {
         CtlError::Api { status, .. } => match *status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => exit::DENIED,
             StatusCode::NOT_FOUND => exit::NOT_FOUND,
-            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNPROCESSABLE_ENTITY => exit::INVALID,
+            StatusCode::BAD_REQUEST
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNPROCESSABLE_ENTITY => exit::INVALID,
             _ => exit::FAILURE,
         },
         CtlError::Other(_) => exit::FAILURE,
@@ -79,7 +88,10 @@ fn exit_code(error: &CtlError) -> u8 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("accelctl: cannot start: {e}");

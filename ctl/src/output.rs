@@ -53,12 +53,21 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let text = table(&["NAME", "WEIGHT"], &[vec!["default".into(), "1".into()], vec!["a".into(), "10".into()]]);
+        let text = table(
+            &["NAME", "WEIGHT"],
+            &[
+                vec!["default".into(), "1".into()],
+                vec!["a".into(), "10".into()],
+            ],
+        );
         assert_eq!(text, "NAME     WEIGHT\ndefault  1\na        10");
     }
 
     #[test]
     fn fields_align_values() {
-        assert_eq!(fields(&[("a", "1".into()), ("long", "2".into())]), "a:    1\nlong: 2");
+        assert_eq!(
+            fields(&[("a", "1".into()), ("long", "2".into())]),
+            "a:    1\nlong: 2"
+        );
     }
 }

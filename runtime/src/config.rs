@@ -113,7 +113,9 @@ impl DaemonConfig {
         };
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Self::default())
+            }
             Err(e) => {
                 return Err(Problems(vec![Problem {
                     file: path.display().to_string(),
@@ -143,35 +145,60 @@ impl DaemonConfig {
         let mut out = Vec::new();
         for (field, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
             if !path.is_absolute() {
-                out.push(PathProblem::new(field, format!("{} is not an absolute path", path.display())));
+                out.push(PathProblem::new(
+                    field,
+                    format!("{} is not an absolute path", path.display()),
+                ));
             }
         }
-        for (field, path) in [("policy_file", &self.policy_file), ("policy_dir", &self.policy_dir)] {
+        for (field, path) in [
+            ("policy_file", &self.policy_file),
+            ("policy_dir", &self.policy_dir),
+        ] {
             if let Some(path) = path.as_ref().filter(|p| !p.is_absolute()) {
-                out.push(PathProblem::new(field, format!("{} is not an absolute path", path.display())));
+                out.push(PathProblem::new(
+                    field,
+                    format!("{} is not an absolute path", path.display()),
+                ));
             }
         }
         if let Err(message) = self.socket_mode_bits() {
             out.push(PathProblem::new("socket_mode", message));
         }
         if let Some(group) = self.socket_group.as_ref().filter(|g| g.trim().is_empty()) {
-            out.push(PathProblem::new("socket_group", format!("{group:?} is empty; use null for the daemon's group")));
+            out.push(PathProblem::new(
+                "socket_group",
+                format!("{group:?} is empty; use null for the daemon's group"),
+            ));
         }
         if self.tcp_listen.is_some() && self.tcp_listen == self.metrics_listen {
-            out.push(PathProblem::new("metrics_listen", "is the same address as tcp_listen; the API listener already serves /metrics"));
+            out.push(PathProblem::new(
+                "metrics_listen",
+                "is the same address as tcp_listen; the API listener already serves /metrics",
+            ));
         }
         let body = self.max_request_body.bytes();
         if !(1024..=MAX_REQUEST_BODY_LIMIT).contains(&body) {
             out.push(PathProblem::new(
                 "max_request_body",
-                format!("{} is out of range: use 1KiB to {}", self.max_request_body, ByteSize(MAX_REQUEST_BODY_LIMIT)),
+                format!(
+                    "{} is out of range: use 1KiB to {}",
+                    self.max_request_body,
+                    ByteSize(MAX_REQUEST_BODY_LIMIT)
+                ),
             ));
         }
         if self.drain_timeout > Duration::from_secs(3600) {
-            out.push(PathProblem::new("drain_timeout", "is longer than 1h; systemd would kill the daemon first"));
+            out.push(PathProblem::new(
+                "drain_timeout",
+                "is longer than 1h; systemd would kill the daemon first",
+            ));
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
-            out.push(PathProblem::new("log.level", format!("{:?} is not a valid filter: {e}", self.log.level)));
+            out.push(PathProblem::new(
+                "log.level",
+                format!("{:?} is not a valid filter: {e}", self.log.level),
+            ));
         }
         out
     }
@@ -181,7 +208,10 @@ impl DaemonConfig {
         let text = self.socket_mode.trim();
         match u32::from_str_radix(text.strip_prefix("0o").unwrap_or(text), 8) {
             Ok(bits) if bits <= 0o777 => Ok(bits),
-            _ => Err(format!("{:?} is not an octal permission mode like \"0660\"", self.socket_mode)),
+            _ => Err(format!(
+                "{:?} is not an octal permission mode like \"0660\"",
+                self.socket_mode
+            )),
         }
     }
 
@@ -198,9 +228,33 @@ impl DaemonConfig {
 mod tests {
     use super::*;
 
+    const SHIPPED: &str = include_str!("../dist/acceld.yaml");
+
+    #[test]
+    fn shipped_config_file_is_the_defaults_and_names_every_field() {
+        use crate::yaml::doc_check::{key_paths, readme_yaml};
+        let shipped = DaemonConfig::parse("acceld.yaml", SHIPPED).unwrap();
+        assert_eq!(shipped, DaemonConfig::default());
+        let written: serde_json::Value = serde_saphyr::from_str(SHIPPED).unwrap();
+        let code = serde_json::to_value(DaemonConfig::default()).unwrap();
+        assert_eq!(
+            key_paths(&written),
+            key_paths(&code),
+            "runtime/dist/acceld.yaml must list every config field"
+        );
+        assert_eq!(
+            readme_yaml("config-reference"),
+            SHIPPED,
+            "README's config reference must equal runtime/dist/acceld.yaml"
+        );
+    }
+
     #[test]
     fn empty_file_is_all_defaults() {
-        assert_eq!(DaemonConfig::parse("c.yaml", "").unwrap(), DaemonConfig::default());
+        assert_eq!(
+            DaemonConfig::parse("c.yaml", "").unwrap(),
+            DaemonConfig::default()
+        );
         assert_eq!(DaemonConfig::default().socket_mode_bits(), Ok(0o660));
     }
 
@@ -217,7 +271,10 @@ mod tests {
         assert_eq!(config.log.level, "info");
         assert_eq!(config.drain_timeout, Duration::from_secs(5));
         assert_eq!(config.max_request_body.bytes(), 65536);
-        assert_eq!(config.metrics_listen, Some("127.0.0.1:9400".parse().unwrap()));
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9400".parse().unwrap())
+        );
     }
 
     #[test]
@@ -228,7 +285,10 @@ mod tests {
         )
         .unwrap_err();
         let found: Vec<(&str, u64)> = err.0.iter().map(|p| (p.path.as_str(), p.line)).collect();
-        assert_eq!(found, [("socket", 1), ("socket_mode", 2), ("max_request_body", 3)]);
+        assert_eq!(
+            found,
+            [("socket", 1), ("socket_mode", 2), ("max_request_body", 3)]
+        );
     }
 
     #[test]

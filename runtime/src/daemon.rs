@@ -44,7 +44,9 @@ pub enum DaemonError {
 impl From<SysError> for DaemonError {
     fn from(e: SysError) -> Self {
         match e {
-            SysError::Locked { .. } | SysError::SocketInUse { .. } => DaemonError::AlreadyRunning(e),
+            SysError::Locked { .. } | SysError::SocketInUse { .. } => {
+                DaemonError::AlreadyRunning(e)
+            }
             other => DaemonError::Sys(other),
         }
     }
@@ -57,7 +59,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 
     let policy = config.policy_paths().load().map_err(DaemonError::Policy)?;
     tracing::info!(tenants = policy.tenants.len(), sources = ?policy.sources, "policy loaded");
-    let state = Arc::new(DaemonState::new(config.clone(), policy, Metrics::new()?, Box::new(SystemUserDb)));
+    let state = Arc::new(DaemonState::new(
+        config.clone(),
+        policy,
+        Metrics::new()?,
+        Box::new(SystemUserDb),
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -69,11 +76,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let mut servers = tokio::task::JoinSet::new();
 
     sys::clear_stale_socket(&config.socket)?;
-    let unix = tokio::net::UnixListener::bind(&config.socket).map_err(|source| DaemonError::Listen {
-        what: "socket",
-        address: config.socket.display().to_string(),
-        source,
-    })?;
+    let unix =
+        tokio::net::UnixListener::bind(&config.socket).map_err(|source| DaemonError::Listen {
+            what: "socket",
+            address: config.socket.display().to_string(),
+            source,
+        })?;
     let gid = match &config.socket_group {
         None => None,
         Some(group) => match sys::group_gid(group) {
@@ -86,16 +94,29 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     let mode = config.socket_mode_bits().unwrap_or(0o660);
     sys::set_socket_access(&config.socket, gid, mode)?;
-    servers.spawn(api::serve_unix(unix, api::router(state.clone(), ListenerKind::Unix), stopped()));
+    servers.spawn(api::serve_unix(
+        unix,
+        api::router(state.clone(), ListenerKind::Unix),
+        stopped(),
+    ));
     tracing::info!(socket = %config.socket.display(), mode = format!("{mode:04o}"), "control API listening");
 
-    for (what, address) in [("api", config.tcp_listen), ("metrics", config.metrics_listen)] {
+    for (what, address) in [
+        ("api", config.tcp_listen),
+        ("metrics", config.metrics_listen),
+    ] {
         let Some(address) = address else { continue };
-        let listener = tokio::net::TcpListener::bind(address).await.map_err(|source| DaemonError::Listen {
-            what: if what == "api" { "tcp_listen" } else { "metrics_listen" },
-            address: address.to_string(),
-            source,
-        })?;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                what: if what == "api" {
+                    "tcp_listen"
+                } else {
+                    "metrics_listen"
+                },
+                address: address.to_string(),
+                source,
+            })?;
         let router = if what == "api" {
             api::router(state.clone(), ListenerKind::Tcp)
         } else {
@@ -106,11 +127,20 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
 
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Signal("SIGHUP", e))?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| DaemonError::Signal("SIGINT", e))?;
 
-    sys::notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
-    tracing::info!(pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), "acceld ready");
+    sys::notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    tracing::info!(
+        pid = std::process::id(),
+        version = env!("CARGO_PKG_VERSION"),
+        "acceld ready"
+    );
 
     let reason = loop {
         tokio::select! {
@@ -141,7 +171,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(in_flight = state.metrics.api_in_flight.get(), "drain timeout reached; closing remaining connections");
+        tracing::warn!(
+            in_flight = state.metrics.api_in_flight.get(),
+            "drain timeout reached; closing remaining connections"
+        );
         servers.abort_all();
     }
     if let Err(e) = std::fs::remove_file(&config.socket) {

@@ -3,10 +3,15 @@
 //! Owns metric definitions and the text exposition. Other modules record through the typed
 //! fields of [`Metrics`]; nothing else registers families, so names and labels stay consistent.
 
-use prometheus::{Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
 
 /// Latency buckets for control-API requests, in seconds (100µs to 30s).
-const API_LATENCY_BUCKETS: &[f64] = &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+const API_LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+];
 
 /// Errors while setting up metrics: a bug in a family's definition, not a runtime condition.
 #[derive(Debug, thiserror::Error)]
@@ -41,34 +46,57 @@ impl Metrics {
         registry.register(Box::new(build_info))?;
 
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         let api_requests = IntCounterVec::new(
-            Opts::new("accel_api_requests_total", "Control-API requests answered, by route, method and HTTP status."),
+            Opts::new(
+                "accel_api_requests_total",
+                "Control-API requests answered, by route, method and HTTP status.",
+            ),
             &["route", "method", "status"],
         )?;
         let api_request_duration = HistogramVec::new(
-            HistogramOpts::new("accel_api_request_duration_seconds", "Control-API request latency, from request to response head.")
-                .buckets(API_LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "accel_api_request_duration_seconds",
+                "Control-API request latency, from request to response head.",
+            )
+            .buckets(API_LATENCY_BUCKETS.to_vec()),
             &["route", "method", "status"],
         )?;
-        let api_in_flight = IntGauge::new("accel_api_requests_in_flight", "Control-API requests being handled now.")?;
+        let api_in_flight = IntGauge::new(
+            "accel_api_requests_in_flight",
+            "Control-API requests being handled now.",
+        )?;
         let policy_reloads = IntCounterVec::new(
-            Opts::new("accel_policy_reloads_total", "Policy reloads attempted, by result (success or failure)."),
+            Opts::new(
+                "accel_policy_reloads_total",
+                "Policy reloads attempted, by result (success or failure).",
+            ),
             &["result"],
         )?;
         let policy_last_reload_success = IntGauge::new(
             "accel_policy_last_reload_success_timestamp_seconds",
             "Unix time of the last policy load that took effect.",
         )?;
-        let tenants_configured = IntGauge::new("accel_tenants_configured", "Tenants in the policy in force.")?;
+        let tenants_configured = IntGauge::new(
+            "accel_tenants_configured",
+            "Tenants in the policy in force.",
+        )?;
         let tenant_weight = IntGaugeVec::new(
-            Opts::new("accel_tenant_weight", "Fair-share weight of each tenant in the policy in force."),
+            Opts::new(
+                "accel_tenant_weight",
+                "Fair-share weight of each tenant in the policy in force.",
+            ),
             &["tenant"],
         )?;
         let policy_load_duration = Histogram::with_opts(
-            HistogramOpts::new("accel_policy_load_duration_seconds", "Time to read and validate the policy.")
-                .buckets(API_LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "accel_policy_load_duration_seconds",
+                "Time to read and validate the policy.",
+            )
+            .buckets(API_LATENCY_BUCKETS.to_vec()),
         )?;
         // Both outcomes exist from the start so rate() and alerts see zeros, not absent series.
         for result in ["success", "failure"] {
@@ -102,7 +130,9 @@ impl Metrics {
         self.tenants_configured.set(policy.tenants.len() as i64);
         self.tenant_weight.reset();
         for tenant in &policy.tenants {
-            self.tenant_weight.with_label_values(&[tenant.name.as_str()]).set(i64::from(tenant.weight));
+            self.tenant_weight
+                .with_label_values(&[tenant.name.as_str()])
+                .set(i64::from(tenant.weight));
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -125,11 +155,29 @@ mod tests {
     #[test]
     fn exposition_has_build_info_and_counts_requests() {
         let metrics = Metrics::new().unwrap();
-        metrics.api_requests.with_label_values(&["/healthz", "GET", "200"]).inc();
+        metrics
+            .api_requests
+            .with_label_values(&["/healthz", "GET", "200"])
+            .inc();
         let text = metrics.render().unwrap();
-        assert!(text.contains(&format!("accel_build_info{{rustc_target=\"{}\",version=\"{}\"}} 1", std::env::consts::ARCH, env!("CARGO_PKG_VERSION"))), "{text}");
-        assert!(text.contains("accel_api_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 1"), "{text}");
-        assert!(text.contains("accel_policy_reloads_total{result=\"failure\"} 0"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "accel_build_info{{rustc_target=\"{}\",version=\"{}\"}} 1",
+                std::env::consts::ARCH,
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "accel_api_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("accel_policy_reloads_total{result=\"failure\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

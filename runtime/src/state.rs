@@ -44,11 +44,18 @@ impl std::fmt::Debug for DaemonState {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl DaemonState {
-    pub fn new(config: DaemonConfig, policy: Policy, metrics: Metrics, user_db: Box<dyn UserDb + Send + Sync>) -> Self {
+    pub fn new(
+        config: DaemonConfig,
+        policy: Policy,
+        metrics: Metrics,
+        user_db: Box<dyn UserDb + Send + Sync>,
+    ) -> Self {
         metrics.set_policy(&policy);
         Self {
             config,
@@ -88,19 +95,24 @@ impl DaemonState {
         let timer = self.metrics.policy_load_duration.start_timer();
         let loaded = tokio::task::spawn_blocking(move || paths.load())
             .await
-            .unwrap_or_else(|e| Err(Problems(vec![crate::yaml::Problem {
-                file: String::new(),
-                path: String::new(),
-                line: 0,
-                column: 0,
-                message: format!("policy loader failed: {e}"),
-            }])));
+            .unwrap_or_else(|e| {
+                Err(Problems(vec![crate::yaml::Problem {
+                    file: String::new(),
+                    path: String::new(),
+                    line: 0,
+                    column: 0,
+                    message: format!("policy loader failed: {e}"),
+                }]))
+            });
         timer.observe_duration();
         let result = if dry_run { "dry_run" } else { "apply" };
         match loaded {
             Err(problems) => {
                 if !dry_run {
-                    self.metrics.policy_reloads.with_label_values(&["failure"]).inc();
+                    self.metrics
+                        .policy_reloads
+                        .with_label_values(&["failure"])
+                        .inc();
                 }
                 tracing::warn!(%problems, mode = result, "new policy rejected; the policy in force is unchanged");
                 Err(problems)
@@ -121,7 +133,10 @@ impl DaemonState {
                     *guard = (policy.clone(), generation, unix_now());
                 }
                 self.metrics.set_policy(&policy);
-                self.metrics.policy_reloads.with_label_values(&["success"]).inc();
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["success"])
+                    .inc();
                 tracing::info!(generation, tenants = policy.tenants.len(), sources = ?policy.sources, "policy reloaded");
                 Ok(Reloaded {
                     applied: true,

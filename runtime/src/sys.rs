@@ -24,7 +24,9 @@ pub enum SysError {
         #[source]
         source: std::io::Error,
     },
-    #[error("another acceld (pid {pid}) holds {path}; stop it first or give this one another state_dir")]
+    #[error(
+        "another acceld (pid {pid}) holds {path}; stop it first or give this one another state_dir"
+    )]
     Locked { path: PathBuf, pid: String },
     #[error("{path} is in use by a live daemon that does not hold our state dir; stop it or choose another socket path")]
     SocketInUse { path: PathBuf },
@@ -48,10 +50,16 @@ pub struct SystemUserDb;
 
 impl UserDb for SystemUserDb {
     fn user_name(&self, uid: u32) -> Option<String> {
-        User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+        User::from_uid(Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
     }
     fn group_name(&self, gid: u32) -> Option<String> {
-        Group::from_gid(Gid::from_raw(gid)).ok().flatten().map(|g| g.name)
+        Group::from_gid(Gid::from_raw(gid))
+            .ok()
+            .flatten()
+            .map(|g| g.name)
     }
 }
 
@@ -59,7 +67,9 @@ impl UserDb for SystemUserDb {
 pub fn group_gid(name: &str) -> Result<u32, SysError> {
     match Group::from_name(name) {
         Ok(Some(group)) => Ok(group.gid.as_raw()),
-        _ => Err(SysError::NoSuchGroup { group: name.to_owned() }),
+        _ => Err(SysError::NoSuchGroup {
+            group: name.to_owned(),
+        }),
     }
 }
 
@@ -77,7 +87,11 @@ fn parse_groups_line(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -109,7 +123,11 @@ impl StateLock {
                 let pid = pid.trim();
                 return Err(SysError::Locked {
                     path,
-                    pid: if pid.is_empty() { "unknown".into() } else { pid.to_owned() },
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.to_owned()
+                    },
                 });
             }
             Err((_, errno)) => return Err(io("lock", &path)(errno.into())),
@@ -137,10 +155,14 @@ pub fn clear_stale_socket(path: &Path) -> Result<(), SysError> {
         Err(e) => return Err(io("inspect", path)(e)),
     };
     if !meta.file_type().is_socket() {
-        return Err(SysError::NotASocket { path: path.to_owned() });
+        return Err(SysError::NotASocket {
+            path: path.to_owned(),
+        });
     }
     match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(SysError::SocketInUse { path: path.to_owned() }),
+        Ok(_) => Err(SysError::SocketInUse {
+            path: path.to_owned(),
+        }),
         Err(_) => {
             tracing::info!(socket = %path.display(), "removing stale socket left by a previous daemon");
             std::fs::remove_file(path).map_err(io("remove stale socket", path))
@@ -153,7 +175,8 @@ pub fn set_socket_access(path: &Path, gid: Option<u32>, mode: u32) -> Result<(),
     if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(io("change group of", path))?;
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("set mode of", path))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io("set mode of", path))
 }
 
 /// Tells systemd (when it started us with `Type=notify`) about our state; a no-op otherwise.
@@ -178,7 +201,11 @@ mod tests {
     #[test]
     fn own_process_groups_are_readable() {
         // Whatever our groups are, procfs and getgroups(2) agree.
-        let mut mine: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
+        let mut mine: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_raw())
+            .collect();
         let mut seen = supplementary_groups(std::process::id() as i32);
         mine.sort();
         seen.sort();
@@ -209,13 +236,19 @@ mod tests {
         assert!(path.parent().unwrap().is_dir());
 
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(matches!(clear_stale_socket(&path), Err(SysError::SocketInUse { .. })));
+        assert!(matches!(
+            clear_stale_socket(&path),
+            Err(SysError::SocketInUse { .. })
+        ));
         drop(listener);
         clear_stale_socket(&path).unwrap();
         assert!(!path.exists());
 
         std::fs::write(&path, "data").unwrap();
-        assert!(matches!(clear_stale_socket(&path), Err(SysError::NotASocket { .. })));
+        assert!(matches!(
+            clear_stale_socket(&path),
+            Err(SysError::NotASocket { .. })
+        ));
         assert!(path.exists());
     }
 }

@@ -61,7 +61,9 @@ impl ByteSize {
         let trimmed = input.trim();
         let (number, suffix) = split_number(trimmed);
         if number.is_empty() {
-            return Err(err("expected a number followed by an optional unit, e.g. 512MiB".into()));
+            return Err(err(
+                "expected a number followed by an optional unit, e.g. 512MiB".into(),
+            ));
         }
         let Some(&(_, multiplier)) = SIZE_SUFFIXES.iter().find(|(s, _)| *s == suffix) else {
             return Err(err(format!(
@@ -91,8 +93,13 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     /// Prints the largest binary unit that divides the size exactly, so values round-trip.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (suffix, multiplier) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 >= multiplier && self.0 % multiplier == 0 {
+        for (suffix, multiplier) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= multiplier && self.0.is_multiple_of(multiplier) {
                 return write!(f, "{}{}", self.0 / multiplier, suffix);
             }
         }
@@ -174,11 +181,17 @@ mod tests {
     #[test]
     fn unparsable_sizes_name_the_input_and_the_units() {
         let e = ByteSize::parse("10XB").unwrap_err().to_string();
-        assert!(e.contains("\"10XB\"") && e.contains("unknown unit \"XB\"") && e.contains("Gi,"), "{e}");
+        assert!(
+            e.contains("\"10XB\"") && e.contains("unknown unit \"XB\"") && e.contains("Gi,"),
+            "{e}"
+        );
         assert!(ByteSize::parse("").is_err());
         assert!(ByteSize::parse("G").is_err());
         assert!(ByteSize::parse("1.2.3G").is_err());
-        assert!(ByteSize::parse("99999999999TiB").unwrap_err().to_string().contains("64 bits"));
+        assert!(ByteSize::parse("99999999999TiB")
+            .unwrap_err()
+            .to_string()
+            .contains("64 bits"));
     }
 
     #[test]

@@ -199,7 +199,10 @@ impl From<Spanned<Shape>> for Node {
             column: spanned.referenced.column(),
         };
         match spanned.value {
-            Shape::Map(entries) => Node::Map(pos, entries.into_iter().map(|(k, v)| (k, v.into())).collect()),
+            Shape::Map(entries) => Node::Map(
+                pos,
+                entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            ),
             Shape::Seq(items) => Node::Seq(pos, items.into_iter().map(Node::from).collect()),
             Shape::Scalar => Node::Scalar(pos),
         }
@@ -346,6 +349,60 @@ fn path_segments(path: &str) -> Vec<Segment<'_>> {
     out
 }
 
+/// Test helpers shared by the modules whose file formats the README documents.
+#[cfg(test)]
+pub(crate) mod doc_check {
+    use std::collections::BTreeSet;
+
+    /// Every key path in a value: `a.b`, with `[]` for list items (all items merged).
+    pub fn key_paths(value: &serde_json::Value) -> BTreeSet<String> {
+        fn walk(value: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let path = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        out.insert(path.clone());
+                        walk(v, &path, out);
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for item in items {
+                        walk(item, &format!("{prefix}[]"), out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(value, "", &mut out);
+        out
+    }
+
+    /// The fenced YAML block between `<!-- NAME:start -->` and `<!-- NAME:end -->` in README.md.
+    pub fn readme_yaml(name: &str) -> String {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        let start = format!("<!-- {name}:start -->");
+        let end = format!("<!-- {name}:end -->");
+        let section = readme
+            .split_once(&start)
+            .and_then(|(_, rest)| rest.split_once(&end))
+            .map(|(inside, _)| inside)
+            .unwrap_or_else(|| panic!("README.md lacks {start} ... {end}"));
+        section
+            .trim()
+            .strip_prefix("```yaml")
+            .and_then(|s| s.strip_suffix("```"))
+            .unwrap_or_else(|| panic!("{name} section is not one ```yaml block"))
+            .trim_start_matches('\n')
+            .to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,10 +447,12 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_sizes_are_located() {
-        let err = Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    colour: red\n").unwrap_err();
+        let err =
+            Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    colour: red\n").unwrap_err();
         assert_eq!(err.line, 3, "{err}");
         assert!(err.message.contains("colour"), "{err}");
-        let err = Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    size: 10XB\n").unwrap_err();
+        let err =
+            Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    size: 10XB\n").unwrap_err();
         assert_eq!(err.line, 3, "{err}");
         assert!(err.message.contains("10XB"), "{err}");
     }

@@ -17,7 +17,10 @@ pub fn bin(name: &str) -> PathBuf {
         None => {
             // target/<profile>/deps/<test-binary> -> target/<profile>
             let exe = std::env::current_exe().expect("current_exe");
-            exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_owned()
         }
     };
     let path = dir.join(name);
@@ -47,8 +50,12 @@ macro_rules! require_root {
 
 /// A world-traversable temporary directory, so callers running as other uids can reach the socket.
 pub fn shared_tempdir() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix("accel-test-").tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("accel-test-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod tempdir");
     dir
 }
 
@@ -77,7 +84,10 @@ pub struct DaemonOptions<'a> {
 impl Daemon {
     /// Starts acceld with `policy` as its base policy and an open (0666) socket.
     pub fn start(policy: Option<&str>) -> Daemon {
-        Self::start_with(DaemonOptions { policy, ..Default::default() })
+        Self::start_with(DaemonOptions {
+            policy,
+            ..Default::default()
+        })
     }
 
     pub fn start_with(options: DaemonOptions<'_>) -> Daemon {
@@ -91,7 +101,9 @@ impl Daemon {
     pub fn prepare(options: DaemonOptions<'_>) -> Daemon {
         let dir = shared_tempdir();
         let socket = dir.path().join("run/acceld.sock");
-        let state = options.state_dir.map_or_else(|| dir.path().join("state"), Path::to_owned);
+        let state = options
+            .state_dir
+            .map_or_else(|| dir.path().join("state"), Path::to_owned);
         let policy = dir.path().join("policy.yaml");
         let policy_line = match options.policy {
             Some(text) => {
@@ -141,19 +153,33 @@ impl Daemon {
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
-                panic!("acceld exited early with {status}; log:\n{}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"))
+            {
+                panic!(
+                    "acceld exited early with {status}; log:\n{}",
+                    self.log_text()
+                );
             }
             if let Ok((200, _)) = self.try_request("GET", "/healthz", None) {
                 return;
             }
-            assert!(Instant::now() < deadline, "acceld not ready after 20s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "acceld not ready after 20s; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).expect("daemon running")
+        self.child
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .expect("daemon running")
     }
 
     pub fn log_text(&self) -> String {
@@ -175,7 +201,10 @@ impl Daemon {
     /// Sends SIGTERM and waits for the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
@@ -183,7 +212,10 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("acceld did not stop within 20s of SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "acceld did not stop within 20s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -204,7 +236,8 @@ impl Daemon {
         let copy = self.dir.path().join("accelctl");
         if !copy.exists() {
             std::fs::copy(bin("accelctl"), &copy).expect("copy accelctl");
-            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod accelctl");
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod accelctl");
         }
         Command::new(&copy)
             .args(args)
@@ -219,10 +252,16 @@ impl Daemon {
 
     /// One HTTP/1.1 request over the socket; returns status and body.
     pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
-        self.try_request(method, path, body).expect("HTTP request to acceld")
+        self.try_request(method, path, body)
+            .expect("HTTP request to acceld")
     }
 
-    pub fn try_request(&self, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<(u16, String)> {
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<(u16, String)> {
         let stream = std::os::unix::net::UnixStream::connect(&self.socket)?;
         http_exchange(stream, method, path, body, &[])
     }
@@ -254,7 +293,9 @@ pub fn http_exchange<S: std::io::Read + std::io::Write>(
     stream.write_all(head.as_bytes())?;
     // The daemon may answer 413 before reading a large body; a broken pipe then is expected.
     if let Err(e) = stream.write_all(body) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset {
+        if e.kind() != std::io::ErrorKind::BrokenPipe
+            && e.kind() != std::io::ErrorKind::ConnectionReset
+        {
             return Err(e);
         }
     }
@@ -270,7 +311,10 @@ pub fn http_exchange<S: std::io::Read + std::io::Write>(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -282,7 +326,12 @@ pub fn json_of(output: &Output) -> serde_json::Value {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("accelctl printed invalid JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "accelctl printed invalid JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }
 
 /// A TCP port free right now on 127.0.0.1.

@@ -30,14 +30,23 @@ pub async fn run(client: &Client, command: &PolicyCommand, json: bool) -> Result
     match command {
         PolicyCommand::Check { files } => check(files, json),
         PolicyCommand::Reload { dry_run } => {
-            let (answer, raw): (ReloadResponse, _) =
-                client.post_json("/v1/policy/reload", &ReloadRequest { dry_run: *dry_run }).await?;
+            let (answer, raw): (ReloadResponse, _) = client
+                .post_json("/v1/policy/reload", &ReloadRequest { dry_run: *dry_run })
+                .await?;
             if json {
                 println!("{}", output::json(&raw));
             } else if answer.applied {
-                println!("policy reloaded: generation {}, {} tenant(s) from {}", answer.generation, answer.tenants, answer.sources.join(", "));
+                println!(
+                    "policy reloaded: generation {}, {} tenant(s) from {}",
+                    answer.generation,
+                    answer.tenants,
+                    answer.sources.join(", ")
+                );
             } else {
-                println!("policy on disk is valid ({} tenant(s)); nothing changed (dry run)", answer.tenants);
+                println!(
+                    "policy on disk is valid ({} tenant(s)); nothing changed (dry run)",
+                    answer.tenants
+                );
             }
             Ok(())
         }
@@ -73,7 +82,11 @@ fn check(files: &[PathBuf], json: bool) -> Result<(), CtlError> {
                 let value = serde_json::json!({"valid": true, "tenants": policy.tenants.len(), "files": policy.sources});
                 println!("{}", output::json(&value));
             } else {
-                println!("ok: {} tenant(s) in {}", policy.tenants.len(), policy.sources.join(", "));
+                println!(
+                    "ok: {} tenant(s) in {}",
+                    policy.tenants.len(),
+                    policy.sources.join(", ")
+                );
             }
             Ok(())
         }

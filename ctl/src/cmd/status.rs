@@ -18,13 +18,34 @@ pub async fn run(client: &Client, json: bool) -> Result<(), CtlError> {
             ("pid", status.pid.to_string()),
             ("state", status.state),
             ("uptime", format!("{:.0}s", status.uptime_seconds)),
-            ("backend", format!("{} (configured: {})", status.backend.active, status.backend.configured)),
-            ("policy", format!("generation {}, {} tenant(s)", status.policy.generation, status.policy.tenants)),
+            (
+                "backend",
+                format!(
+                    "{} (configured: {})",
+                    status.backend.active, status.backend.configured
+                )
+            ),
+            (
+                "policy",
+                format!(
+                    "generation {}, {} tenant(s)",
+                    status.policy.generation, status.policy.tenants
+                )
+            ),
             ("policy sources", status.policy.sources.join(", ")),
             ("socket", status.api.socket),
-            ("tcp listener", status.api.tcp_listen.unwrap_or_else(|| "off".into())),
-            ("metrics listener", status.api.metrics_listen.unwrap_or_else(|| "off".into())),
-            ("requests in flight", status.api.requests_in_flight.to_string()),
+            (
+                "tcp listener",
+                status.api.tcp_listen.unwrap_or_else(|| "off".into())
+            ),
+            (
+                "metrics listener",
+                status.api.metrics_listen.unwrap_or_else(|| "off".into())
+            ),
+            (
+                "requests in flight",
+                status.api.requests_in_flight.to_string()
+            ),
         ])
     );
     Ok(())

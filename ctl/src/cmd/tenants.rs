@@ -54,7 +54,21 @@ pub async fn run(client: &Client, command: &TenantsCommand, json: bool) -> Resul
                 .collect();
             println!(
                 "{}",
-                output::table(&["NAME", "WEIGHT", "CLASS", "CONCURRENT", "TOKENS/MIN", "KV-BLOCKS", "MEMORY", "CPU", "PIDS", "MODELS"], &rows)
+                output::table(
+                    &[
+                        "NAME",
+                        "WEIGHT",
+                        "CLASS",
+                        "CONCURRENT",
+                        "TOKENS/MIN",
+                        "KV-BLOCKS",
+                        "MEMORY",
+                        "CPU",
+                        "PIDS",
+                        "MODELS"
+                    ],
+                    &rows
+                )
             );
         }
         TenantsCommand::Show { name } => {
@@ -65,7 +79,13 @@ pub async fn run(client: &Client, command: &TenantsCommand, json: bool) -> Resul
             }
             let ids = |v: &[accel_runtime::policy::IdRangeSpec]| {
                 v.iter()
-                    .map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) })
+                    .map(|r| {
+                        if r.first == r.last {
+                            r.first.to_string()
+                        } else {
+                            format!("{}-{}", r.first, r.last)
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             };

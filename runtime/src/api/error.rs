@@ -43,7 +43,9 @@ impl ApiError {
     }
 
     pub fn operators_only(what: &str) -> Self {
-        Self::forbidden(format!("{what} is for operators: run it as root or as a member of an operator group"))
+        Self::forbidden(format!(
+            "{what} is for operators: run it as root or as a member of an operator group"
+        ))
     }
 }
 
@@ -62,21 +64,36 @@ impl IntoResponse for ApiError {
 
 /// Parses an optional JSON body: empty means `T::default()`; a body over the size limit is 413;
 /// malformed JSON is 400 with serde's description (field, line, column).
-pub fn json_body<T>(body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>) -> Result<T, ApiError>
+pub fn json_body<T>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError>
 where
     T: serde::de::DeserializeOwned + Default,
 {
     let bytes = body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, "payload_too_large", "request body is larger than the daemon's max_request_body; send less")
+            ApiError::new(
+                status,
+                "payload_too_large",
+                "request body is larger than the daemon's max_request_body; send less",
+            )
         } else {
-            ApiError::new(status, "bad_request", format!("cannot read request body: {rejection}"))
+            ApiError::new(
+                status,
+                "bad_request",
+                format!("cannot read request body: {rejection}"),
+            )
         }
     })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid JSON for this endpoint: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON for this endpoint: {e}"),
+        )
+    })
 }

@@ -84,14 +84,20 @@ pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
         .route("/v1/tenants/{name}", get(routes::tenant))
         .route("/v1/policy/reload", post(routes::reload_policy))
         .route("/metrics", get(routes::metrics))
-        .route_layer(middleware::from_fn_with_state((state.clone(), kind), authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            (state.clone(), kind),
+            authenticate,
+        ));
     Router::new()
         .route("/healthz", get(routes::healthz))
         .merge(authenticated)
         .fallback(routes::unknown_route)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .with_state(state)
 }
 
@@ -101,11 +107,18 @@ pub fn metrics_router(state: Arc<DaemonState>) -> Router {
         .route("/metrics", get(routes::metrics_unauthenticated))
         .route("/healthz", get(routes::healthz))
         .fallback(routes::unknown_route)
-        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .with_state(state)
 }
 
-async fn record_metrics(State(state): State<Arc<DaemonState>>, request: Request, next: Next) -> Response {
+async fn record_metrics(
+    State(state): State<Arc<DaemonState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -149,18 +162,29 @@ async fn authenticate(
     }
 }
 
-fn identify(state: &DaemonState, kind: ListenerKind, request: &Request) -> Result<Authenticated, ApiError> {
+fn identify(
+    state: &DaemonState,
+    kind: ListenerKind,
+    request: &Request,
+) -> Result<Authenticated, ApiError> {
     let policy = state.policy();
     let (peer, mut identity) = match kind {
         ListenerKind::Unix => {
-            let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<PeerCred>>().copied() else {
-                return Err(ApiError::internal("peer credentials missing on a Unix-socket request"));
+            let Some(ConnectInfo(peer)) =
+                request.extensions().get::<ConnectInfo<PeerCred>>().copied()
+            else {
+                return Err(ApiError::internal(
+                    "peer credentials missing on a Unix-socket request",
+                ));
             };
             let caller = Caller {
                 uid: peer.uid,
                 gid: peer.gid,
                 pid: peer.pid,
-                groups: peer.pid.map(crate::sys::supplementary_groups).unwrap_or_default(),
+                groups: peer
+                    .pid
+                    .map(crate::sys::supplementary_groups)
+                    .unwrap_or_default(),
             };
             let identity = policy.identify(&caller, state.user_db.as_ref()).ok_or_else(|| {
                 ApiError::forbidden(format!(
@@ -171,21 +195,22 @@ fn identify(state: &DaemonState, kind: ListenerKind, request: &Request) -> Resul
             (Some(peer), identity)
         }
         ListenerKind::Tcp => {
-            let unauthorized = |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+            let unauthorized =
+                |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
             let token = bearer_token(request.headers())
                 .ok_or_else(|| unauthorized("send `Authorization: Bearer TOKEN`; tokens are configured per tenant in the policy"))?;
-            let identity = policy
-                .identify_token(token)
-                .ok_or_else(|| unauthorized("the bearer token is not known to the policy in force"))?;
+            let identity = policy.identify_token(token).ok_or_else(|| {
+                unauthorized("the bearer token is not known to the policy in force")
+            })?;
             (None, identity)
         }
     };
 
     let mut acting_for_tenant = false;
     if let Some(value) = request.headers().get(ACT_FOR_TENANT_HEADER) {
-        let name = value
-            .to_str()
-            .map_err(|_| ApiError::bad_request(format!("header {ACT_FOR_TENANT_HEADER} is not valid text")))?;
+        let name = value.to_str().map_err(|_| {
+            ApiError::bad_request(format!("header {ACT_FOR_TENANT_HEADER} is not valid text"))
+        })?;
         match identity.role {
             Role::Operator => {
                 if policy.tenant(name).is_none() {
@@ -203,7 +228,9 @@ fn identify(state: &DaemonState, kind: ListenerKind, request: &Request) -> Resul
             }
             Role::Tenant if identity.tenant.as_deref() == Some(name) => {}
             Role::Tenant => {
-                return Err(ApiError::forbidden(format!("only operators may act for another tenant ({ACT_FOR_TENANT_HEADER}: {name})")));
+                return Err(ApiError::forbidden(format!(
+                    "only operators may act for another tenant ({ACT_FOR_TENANT_HEADER}: {name})"
+                )));
             }
         }
     }
@@ -220,9 +247,12 @@ pub async fn serve_unix(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<PeerCred>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<PeerCred>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Serves `router` on a TCP listener until `shutdown` resolves, then drains.
@@ -231,12 +261,17 @@ pub async fn serve_tcp(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Answers 404 as JSON for anything unrouted.
 pub(crate) fn unknown_route_error(path: &str) -> ApiError {
-    ApiError::not_found(format!("no such endpoint: {path}; see the API section of the README"))
+    ApiError::not_found(format!(
+        "no such endpoint: {path}; see the API section of the README"
+    ))
 }

@@ -11,7 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
 use super::error::{json_body, ApiError};
-use super::types::{ApiStatus, BackendStatus, Health, PolicyStatus, ReloadRequest, ReloadResponse, Status, TenantList, WhoAmI};
+use super::types::{
+    ApiStatus, BackendStatus, Health, PolicyStatus, ReloadRequest, ReloadResponse, Status,
+    TenantList, WhoAmI,
+};
 use super::{unknown_route_error, Authenticated};
 use crate::config::BackendChoice;
 use crate::policy::Role;
@@ -21,9 +24,18 @@ type Shared = State<Arc<DaemonState>>;
 
 pub(super) async fn healthz(State(state): Shared) -> Response {
     if state.draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "draining".into() })).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "draining".into(),
+            }),
+        )
+            .into_response()
     } else {
-        Json(Health { status: "ok".into() }).into_response()
+        Json(Health {
+            status: "ok".into(),
+        })
+        .into_response()
     }
 }
 
@@ -59,7 +71,12 @@ pub(super) async fn status(State(state): Shared) -> Json<Status> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         uptime_seconds: state.started.elapsed().as_secs_f64(),
-        state: if state.draining() { "draining" } else { "serving" }.into(),
+        state: if state.draining() {
+            "draining"
+        } else {
+            "serving"
+        }
+        .into(),
         backend: BackendStatus {
             configured: backend_name(config.backend).into(),
             // Only the CPU backend exists so far; `auto` resolves to it.
@@ -81,7 +98,10 @@ pub(super) async fn status(State(state): Shared) -> Json<Status> {
 }
 
 /// Operators see every tenant; a tenant (or an operator acting for one) sees only itself.
-pub(super) async fn tenants(State(state): Shared, Extension(auth): Extension<Authenticated>) -> Json<TenantList> {
+pub(super) async fn tenants(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Json<TenantList> {
     let policy = state.policy();
     let visible = policy
         .tenants
@@ -111,7 +131,9 @@ pub(super) async fn tenant(
     // so tenant names do not leak.
     match policy.tenant(&name).filter(|_| may_see) {
         Some(t) => Ok(Json(t.clone()).into_response()),
-        None => Err(ApiError::not_found(format!("no tenant named {name:?} is visible to you; see `accelctl tenants list`"))),
+        None => Err(ApiError::not_found(format!(
+            "no tenant named {name:?} is visible to you; see `accelctl tenants list`"
+        ))),
     }
 }
 
@@ -124,7 +146,11 @@ pub(super) async fn reload_policy(
         return Err(ApiError::operators_only("reloading the policy"));
     }
     let request: ReloadRequest = json_body(body)?;
-    tracing::info!(uid = auth.peer.map(|p| p.uid), dry_run = request.dry_run, "policy reload requested over the API");
+    tracing::info!(
+        uid = auth.peer.map(|p| p.uid),
+        dry_run = request.dry_run,
+        "policy reload requested over the API"
+    );
     match state.reload_policy(request.dry_run).await {
         Ok(reloaded) => Ok(Json(ReloadResponse {
             applied: reloaded.applied,
@@ -147,7 +173,10 @@ pub(super) async fn reload_policy(
     }
 }
 
-pub(super) async fn metrics(State(state): Shared, Extension(auth): Extension<Authenticated>) -> Result<Response, ApiError> {
+pub(super) async fn metrics(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Result<Response, ApiError> {
     if auth.identity.role != Role::Operator {
         return Err(ApiError::operators_only("/metrics on the control socket"));
     }
@@ -159,7 +188,14 @@ pub(super) async fn metrics_unauthenticated(State(state): Shared) -> Result<Resp
         .metrics
         .render()
         .map_err(|e| ApiError::internal(format!("cannot encode metrics: {e}")))?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 pub(super) async fn unknown_route(uri: Uri) -> ApiError {
@@ -170,6 +206,9 @@ pub(super) async fn method_not_allowed(uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{} does not accept this method; see the API section of the README", uri.path()),
+        format!(
+            "{} does not accept this method; see the API section of the README",
+            uri.path()
+        ),
     )
 }

@@ -102,7 +102,11 @@ impl Policy {
             }
         }
         for (gid, name) in gids.iter().zip(&group_names) {
-            if let Some(t) = self.tenants.iter().find(|t| in_ranges(&t.matches.gids, *gid)) {
+            if let Some(t) = self
+                .tenants
+                .iter()
+                .find(|t| in_ranges(&t.matches.gids, *gid))
+            {
                 return Some(tenant(t, format!("gid {gid}")));
             }
             if let Some(n) = name {

@@ -60,11 +60,16 @@ impl PolicyPaths {
         if let Some(dir) = &self.dir {
             match std::fs::read_dir(dir) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(file_problem(dir, format!("cannot read policy directory: {e}"))),
+                Err(e) => problems.push(file_problem(
+                    dir,
+                    format!("cannot read policy directory: {e}"),
+                )),
                 Ok(entries) => {
                     let mut paths: Vec<PathBuf> = entries
                         .filter_map(|entry| entry.ok().map(|e| e.path()))
-                        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                        .filter(|p| {
+                            matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                        })
                         .collect();
                     paths.sort();
                     for path in paths {
@@ -106,7 +111,10 @@ fn read_source(path: &Path) -> Result<PolicySource, Problem> {
     if len > crate::yaml::MAX_YAML_BYTES as u64 {
         return Err(file_problem(
             path,
-            format!("file is {len} bytes, more than the {} accepted", crate::yaml::MAX_YAML_BYTES),
+            format!(
+                "file is {len} bytes, more than the {} accepted",
+                crate::yaml::MAX_YAML_BYTES
+            ),
         ));
     }
     let text = std::fs::read_to_string(path)

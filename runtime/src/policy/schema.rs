@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::units::ByteSize;
 
 /// One policy file. Several files (the base policy plus a policy directory) make a policy.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     /// Who may administer the daemon, besides root (always an operator).
@@ -20,7 +20,7 @@ pub struct PolicyFile {
 }
 
 /// Callers who are operators.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorsSpec {
     #[serde(default)]
@@ -38,7 +38,7 @@ pub struct OperatorsSpec {
 }
 
 /// A tenant: a team or service with its share of the node.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     pub name: String,
@@ -61,7 +61,7 @@ pub struct TenantSpec {
 }
 
 /// Caller-to-tenant mapping rules.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
     #[serde(default)]
@@ -140,7 +140,10 @@ impl<'de> Deserialize<'de> for IdRangeSpec {
         }
         let parse = |s: &str| -> Option<u32> { s.trim().parse().ok() };
         match Raw::deserialize(d)? {
-            Raw::One(id) => Ok(IdRangeSpec { first: id, last: id }),
+            Raw::One(id) => Ok(IdRangeSpec {
+                first: id,
+                last: id,
+            }),
             Raw::Text(text) => {
                 let (first, last) = match text.split_once('-') {
                     Some((a, b)) => (parse(a), parse(b)),

@@ -85,7 +85,10 @@ fn callers_map_by_uid_user_gid_group_and_operator_group() {
     db.groups.insert(900, "admins".into());
 
     let who = |uid, gid, groups: &[u32]| policy.identify(&caller(uid, gid, groups), &db);
-    assert_eq!(who(1001, 1001, &[]).unwrap().tenant.as_deref(), Some("alpha"));
+    assert_eq!(
+        who(1001, 1001, &[]).unwrap().tenant.as_deref(),
+        Some("alpha")
+    );
     assert_eq!(who(2050, 1, &[]).unwrap().matched_by, "uid 2050");
     assert_eq!(who(1500, 1, &[]).unwrap().tenant.as_deref(), Some("beta"));
     assert_eq!(who(3000, 700, &[]).unwrap().tenant.as_deref(), Some("beta"));
@@ -94,7 +97,10 @@ fn callers_map_by_uid_user_gid_group_and_operator_group() {
     assert_eq!(by_group.tenant.as_deref(), Some("alpha"));
     assert_eq!(by_group.matched_by, "group \"ml\"");
     // A uid rule beats a group rule of another tenant.
-    assert_eq!(who(1001, 700, &[]).unwrap().tenant.as_deref(), Some("alpha"));
+    assert_eq!(
+        who(1001, 700, &[]).unwrap().tenant.as_deref(),
+        Some("alpha")
+    );
     // The operator group makes anyone an operator.
     assert_eq!(who(1001, 1001, &[900]).unwrap().role, Role::Operator);
     // No default tenant: an unknown caller is refused.
@@ -103,10 +109,16 @@ fn callers_map_by_uid_user_gid_group_and_operator_group() {
 
 #[test]
 fn bearer_tokens_map_by_hash() {
-    let hash: String = validate::token_sha256("s3cret").iter().map(|b| format!("{b:02x}")).collect();
+    let hash: String = validate::token_sha256("s3cret")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let text = format!("tenants:\n  - name: api\n    match:\n      tokens_sha256: [\"{hash}\"]\n");
     let policy = load(&text).unwrap();
-    assert_eq!(policy.identify_token("s3cret").unwrap().tenant.as_deref(), Some("api"));
+    assert_eq!(
+        policy.identify_token("s3cret").unwrap().tenant.as_deref(),
+        Some("api")
+    );
     assert_eq!(policy.identify_token("wrong"), None);
 }
 
@@ -139,7 +151,11 @@ fn duplicate_tenant_names_both_places() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].path, "tenants[2].name");
     assert_eq!(found[0].line, 4);
-    assert!(found[0].message.contains("already defined at p.yaml:2"), "{}", found[0]);
+    assert!(
+        found[0].message.contains("already defined at p.yaml:2"),
+        "{}",
+        found[0]
+    );
 }
 
 #[test]
@@ -164,7 +180,13 @@ fn overlapping_uid_mappings_name_both_tenants() {
     assert_eq!(found[0].path, "tenants[1].match.uids[1]");
     assert_eq!(found[0].line, 7);
     let msg = &found[0].message;
-    assert!(msg.contains("uid 1500") && msg.contains("\"a\"") && msg.contains("\"b\"") && msg.contains("p.yaml:4"), "{msg}");
+    assert!(
+        msg.contains("uid 1500")
+            && msg.contains("\"a\"")
+            && msg.contains("\"b\"")
+            && msg.contains("p.yaml:4"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -207,7 +229,10 @@ tenants:
     ] {
         assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
     }
-    let weight = found.iter().find(|p| p.path == "tenants[0].weight").unwrap();
+    let weight = found
+        .iter()
+        .find(|p| p.path == "tenants[0].weight")
+        .unwrap();
     assert_eq!(weight.line, 3);
     assert!(found.iter().all(|p| p.line > 0), "{found:?}");
 }
@@ -233,4 +258,55 @@ fn unreadable_files_are_problems_and_missing_dir_is_empty() {
     let policy = paths.load().unwrap();
     let names: Vec<&str> = policy.tenants.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["default", "a", "b"]);
+}
+
+#[test]
+fn readme_policy_reference_is_valid_and_names_every_field() {
+    use crate::yaml::doc_check::{key_paths, readme_yaml};
+    use schema::*;
+    let text = readme_yaml("policy-reference");
+    load(&text).unwrap_or_else(|p| panic!("README policy reference is invalid: {p}"));
+    let written: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+
+    // Every field spelled out, without `..Default::default()`, so a new field fails to compile here.
+    let ids = vec![IdRangeSpec { first: 1, last: 1 }];
+    let names = vec!["x".to_owned()];
+    let full = PolicyFile {
+        operators: OperatorsSpec {
+            uids: ids.clone(),
+            users: names.clone(),
+            gids: ids.clone(),
+            groups: names.clone(),
+            tokens_sha256: names.clone(),
+        },
+        tenants: vec![TenantSpec {
+            name: "x".into(),
+            matches: MatchSpec {
+                uids: ids.clone(),
+                users: names.clone(),
+                gids: ids,
+                groups: names.clone(),
+                tokens_sha256: names.clone(),
+                default: false,
+            },
+            weight: 1,
+            class: PriorityClass::Interactive,
+            limits: LimitsSpec {
+                max_concurrent_requests: Some(1),
+                tokens_per_minute: Some(1),
+                kv_blocks: Some(1),
+                memory: Some(crate::units::ByteSize(1)),
+                cpu: Some(1.0),
+                pids: Some(1),
+            },
+            models: names.clone(),
+            devices: names,
+        }],
+    };
+    let code = serde_json::to_value(full).unwrap();
+    assert_eq!(
+        key_paths(&written),
+        key_paths(&code),
+        "README's policy reference must show every policy field"
+    );
 }

@@ -42,10 +42,14 @@ pub(super) fn build(sources: &[PolicySource]) -> Result<Policy, Problems> {
         for (i, spec) in doc.value.tenants.iter().enumerate() {
             let pos = doc.locate(&format!("tenants[{i}]"));
             let tenant = check_tenant(spec, &format!("tenants[{i}]"), out);
-            tenants.push((d, i, Tenant {
-                defined_at: format!("{}:{}", doc.file, pos.line),
-                ..tenant
-            }));
+            tenants.push((
+                d,
+                i,
+                Tenant {
+                    defined_at: format!("{}:{}", doc.file, pos.line),
+                    ..tenant
+                },
+            ));
         }
     }
 
@@ -69,7 +73,10 @@ fn check_ranges(ranges: &[IdRangeSpec], path: &str, out: &mut Vec<PathProblem>) 
         if r.first > r.last {
             out.push(PathProblem::new(
                 format!("{path}[{j}]"),
-                format!("range {}-{} is reversed; write {}-{}", r.first, r.last, r.last, r.first),
+                format!(
+                    "range {}-{} is reversed; write {}-{}",
+                    r.first, r.last, r.last, r.first
+                ),
             ));
         }
     }
@@ -78,7 +85,10 @@ fn check_ranges(ranges: &[IdRangeSpec], path: &str, out: &mut Vec<PathProblem>) 
 fn check_names(names: &[String], what: &str, path: &str, out: &mut Vec<PathProblem>) {
     for (j, name) in names.iter().enumerate() {
         if name.trim().is_empty() || name.contains(char::is_whitespace) {
-            out.push(PathProblem::new(format!("{path}[{j}]"), format!("{what} name {name:?} is empty or contains spaces")));
+            out.push(PathProblem::new(
+                format!("{path}[{j}]"),
+                format!("{what} name {name:?} is empty or contains spaces"),
+            ));
         }
     }
 }
@@ -148,7 +158,10 @@ fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Te
     if spec.weight == 0 || spec.weight > MAX_WEIGHT {
         out.push(PathProblem::new(
             format!("{path}.weight"),
-            format!("weight {} is out of range: use 1 to {MAX_WEIGHT}", spec.weight),
+            format!(
+                "weight {} is out of range: use 1 to {MAX_WEIGHT}",
+                spec.weight
+            ),
         ));
     }
     let limits = &spec.limits;
@@ -167,22 +180,39 @@ fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Te
     }
     if let Some(cpu) = limits.cpu {
         if !(cpu.is_finite() && cpu >= 0.01) {
-            out.push(PathProblem::new(format!("{lpath}.cpu"), format!("cpu {cpu} is not a positive number of cores (at least 0.01)")));
+            out.push(PathProblem::new(
+                format!("{lpath}.cpu"),
+                format!("cpu {cpu} is not a positive number of cores (at least 0.01)"),
+            ));
         }
     }
     if let Some(memory) = limits.memory {
         if memory.bytes() < 16 << 20 {
-            out.push(PathProblem::new(format!("{lpath}.memory"), format!("memory {memory} is below the 16MiB a worker needs to start")));
+            out.push(PathProblem::new(
+                format!("{lpath}.memory"),
+                format!("memory {memory} is below the 16MiB a worker needs to start"),
+            ));
         }
     }
     if limits.pids == Some(0) {
-        out.push(PathProblem::new(format!("{lpath}.pids"), "0 would stop the tenant's worker from starting"));
+        out.push(PathProblem::new(
+            format!("{lpath}.pids"),
+            "0 would stop the tenant's worker from starting",
+        ));
     }
     for (field, list) in [("models", &spec.models), ("devices", &spec.devices)] {
         if list.is_empty() {
-            out.push(PathProblem::new(format!("{path}.{field}"), format!("an empty list allows no {field}; use [\"*\"] for all")));
+            out.push(PathProblem::new(
+                format!("{path}.{field}"),
+                format!("an empty list allows no {field}; use [\"*\"] for all"),
+            ));
         }
-        check_names(list, field.trim_end_matches('s'), &format!("{path}.{field}"), out);
+        check_names(
+            list,
+            field.trim_end_matches('s'),
+            &format!("{path}.{field}"),
+            out,
+        );
     }
     Tenant {
         name: spec.name.clone(),
@@ -238,19 +268,34 @@ fn cross_checks(
     // Duplicate names.
     for (k, (d, i, t)) in tenants.iter().enumerate() {
         if let Some((d0, i0, _)) = tenants[..k].iter().find(|(_, _, t0)| t0.name == t.name) {
-            let first = Claim { tenant: &t.name, doc: *d0, path: format!("tenants[{i0}].name") };
+            let first = Claim {
+                tenant: &t.name,
+                doc: *d0,
+                path: format!("tenants[{i0}].name"),
+            };
             per_doc[*d].push(PathProblem::new(
                 format!("tenants[{i}].name"),
-                format!("duplicate tenant {:?}: already defined at {}; rename one or merge them", t.name, place(&first)),
+                format!(
+                    "duplicate tenant {:?}: already defined at {}; rename one or merge them",
+                    t.name,
+                    place(&first)
+                ),
             ));
         }
     }
 
     // At most one default tenant.
-    let defaults: Vec<_> = tenants.iter().filter(|(_, _, t)| t.matches.default).collect();
+    let defaults: Vec<_> = tenants
+        .iter()
+        .filter(|(_, _, t)| t.matches.default)
+        .collect();
     for (d, i, t) in defaults.iter().skip(1) {
         let (d0, i0, t0) = defaults[0];
-        let first = Claim { tenant: &t0.name, doc: *d0, path: format!("tenants[{i0}].match.default") };
+        let first = Claim {
+            tenant: &t0.name,
+            doc: *d0,
+            path: format!("tenants[{i0}].match.default"),
+        };
         per_doc[*d].push(PathProblem::new(
             format!("tenants[{i}].match.default"),
             format!(
@@ -272,7 +317,10 @@ fn cross_checks(
         for (d, i, t) in tenants {
             for (j, r) in ranges_of(&t.matches).iter().enumerate() {
                 let path = format!("tenants[{i}].match.{field}[{j}]");
-                if let Some((r0, c0)) = seen.iter().find(|(r0, c0)| c0.tenant != t.name && overlaps(r0, r)) {
+                if let Some((r0, c0)) = seen
+                    .iter()
+                    .find(|(r0, c0)| c0.tenant != t.name && overlaps(r0, r))
+                {
                     per_doc[*d].push(PathProblem::new(
                         path.clone(),
                         format!(
@@ -286,7 +334,14 @@ fn cross_checks(
                         ),
                     ));
                 }
-                seen.push((*r, Claim { tenant: &t.name, doc: *d, path }));
+                seen.push((
+                    *r,
+                    Claim {
+                        tenant: &t.name,
+                        doc: *d,
+                        path,
+                    },
+                ));
             }
         }
     }
@@ -299,7 +354,10 @@ fn cross_checks(
         for (d, i, t) in tenants {
             for (j, name) in names_of(&t.matches).iter().enumerate() {
                 let path = format!("tenants[{i}].match.{field}[{j}]");
-                if let Some((_, c0)) = seen.iter().find(|(n0, c0)| *n0 == name && c0.tenant != t.name) {
+                if let Some((_, c0)) = seen
+                    .iter()
+                    .find(|(n0, c0)| *n0 == name && c0.tenant != t.name)
+                {
                     per_doc[*d].push(PathProblem::new(
                         path.clone(),
                         format!(
@@ -311,7 +369,14 @@ fn cross_checks(
                         ),
                     ));
                 }
-                seen.push((name, Claim { tenant: &t.name, doc: *d, path }));
+                seen.push((
+                    name,
+                    Claim {
+                        tenant: &t.name,
+                        doc: *d,
+                        path,
+                    },
+                ));
             }
         }
     }
@@ -319,13 +384,27 @@ fn cross_checks(
     for (d, i, t) in tenants {
         for (j, hash) in t.matches.tokens_sha256.iter().enumerate() {
             let path = format!("tenants[{i}].match.tokens_sha256[{j}]");
-            if let Some((_, c0)) = seen_tokens.iter().find(|(h0, c0)| h0 == hash && c0.tenant != t.name) {
+            if let Some((_, c0)) = seen_tokens
+                .iter()
+                .find(|(h0, c0)| h0 == hash && c0.tenant != t.name)
+            {
                 per_doc[*d].push(PathProblem::new(
                     path.clone(),
-                    format!("this token also maps to tenant {:?} ({}); issue each tenant its own token", c0.tenant, place(c0)),
+                    format!(
+                        "this token also maps to tenant {:?} ({}); issue each tenant its own token",
+                        c0.tenant,
+                        place(c0)
+                    ),
                 ));
             }
-            seen_tokens.push((*hash, Claim { tenant: &t.name, doc: *d, path }));
+            seen_tokens.push((
+                *hash,
+                Claim {
+                    tenant: &t.name,
+                    doc: *d,
+                    path,
+                },
+            ));
         }
     }
 }
@@ -348,7 +427,10 @@ mod tests {
     fn sha256_hex() {
         let hash = token_sha256("secret");
         let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b");
+        assert_eq!(
+            hex,
+            "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+        );
         assert_eq!(decode_sha256(&hex), Some(hash));
         assert_eq!(decode_sha256("abc"), None);
         assert_eq!(decode_sha256(&"zz".repeat(32)), None);

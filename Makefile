@@ -1,0 +1,53 @@
+# accel: build, run, test and install.
+#
+#   make run       start acceld in the foreground with its embedded defaults (as root)
+#   make test      install test dependencies, build everything, run the whole suite
+#   make install   install binaries, systemd unit, config and policies (as root)
+
+CARGO ?= cargo
+export CARGO_TARGET_DIR ?= /var/tmp/accel-target
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR := $(DESTDIR)$(PREFIX)/bin
+SHAREDIR := $(DESTDIR)$(PREFIX)/share/accel
+ETCDIR := $(DESTDIR)/etc/accel
+UNITDIR := $(DESTDIR)/etc/systemd/system
+
+.PHONY: all build run test deps lint install uninstall
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins --release --locked
+
+run:
+	$(CARGO) run --release --locked --bin acceld -- $(ARGS)
+
+deps:
+	bash .ci/deps.sh
+
+# The end-to-end tests run the real binaries, so those are built first.
+test: deps
+	$(CARGO) build --workspace --bins --locked
+	$(CARGO) test --workspace --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+install: build
+	install -d $(BINDIR) $(SHAREDIR)/policies/examples $(ETCDIR)/policies.d $(UNITDIR)
+	install -m 0755 $(CARGO_TARGET_DIR)/release/acceld $(CARGO_TARGET_DIR)/release/accelctl $(BINDIR)/
+	install -m 0644 cgroup-policies/default.yaml $(SHAREDIR)/policies/
+	install -m 0644 cgroup-policies/examples/*.yaml $(SHAREDIR)/policies/examples/
+	test -e $(ETCDIR)/acceld.yaml || install -m 0644 runtime/dist/acceld.yaml $(ETCDIR)/acceld.yaml
+	sed 's|@BINDIR@|$(PREFIX)/bin|g' runtime/dist/acceld.service > $(UNITDIR)/acceld.service
+	chmod 0644 $(UNITDIR)/acceld.service
+	getent group accel >/dev/null || groupadd --system accel
+	getent group accel-admin >/dev/null || groupadd --system accel-admin
+	@echo "installed; now: systemctl daemon-reload && systemctl enable --now acceld"
+
+uninstall:
+	rm -f $(BINDIR)/acceld $(BINDIR)/accelctl $(UNITDIR)/acceld.service
+	rm -rf $(SHAREDIR)
+	@echo "kept $(ETCDIR) and /var/lib/accel; remove them by hand if you want them gone"
