@@ -20,8 +20,9 @@ all: build
 build:
 	$(CARGO) build --workspace --bins --release --locked
 
-run:
-	$(CARGO) run --release --locked --bin acceld -- $(ARGS)
+# Builds accelctl too, so it is at hand in $(CARGO_TARGET_DIR)/release while the daemon runs.
+run: build
+	$(CARGO_TARGET_DIR)/release/acceld $(ARGS)
 
 deps:
 	bash .ci/deps.sh
