@@ -540,3 +540,81 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
         .map(|dir| std::path::Path::new(dir).join(name))
         .find(|p| p.is_file())
 }
+
+#[test]
+fn tells_systemd_ready_and_stopping_and_logs_json_when_asked() {
+    let notify_dir = accel_tests::shared_tempdir();
+    let notify_path = notify_dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let notify_env = notify_path.to_str().unwrap();
+    let mut daemon = Daemon::start_with(DaemonOptions {
+        extra_config: "log: {format: json}\n",
+        env: &[("NOTIFY_SOCKET", notify_env)],
+        ..Default::default()
+    });
+
+    let next_message = || {
+        let mut buffer = [0u8; 4096];
+        let n = notify.recv(&mut buffer).unwrap();
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let ready = next_message();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // READY=1 comes only once the socket accepts connections.
+    assert_eq!(daemon.request("GET", "/healthz", None).0, 200);
+
+    daemon.signal(Signal::SIGHUP);
+    let reloading = next_message();
+    assert!(reloading.contains("RELOADING=1"), "{reloading:?}");
+    let ready_again = next_message();
+    assert!(ready_again.contains("READY=1"), "{ready_again:?}");
+
+    assert_eq!(daemon.stop(), Some(0));
+    let stopping = next_message();
+    assert!(stopping.contains("STOPPING=1"), "{stopping:?}");
+
+    // Every log line is a JSON object with a level and a message.
+    let log = daemon.log_text();
+    assert!(log.lines().count() >= 3, "{log}");
+    for line in log.lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            entry["level"].is_string() && entry["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn drain_timeout_bounds_how_long_a_stuck_request_delays_shutdown() {
+    let mut daemon = Daemon::start_with(DaemonOptions {
+        extra_config: "drain_timeout: 1s\n",
+        ..Default::default()
+    });
+    // A client that starts a request and never finishes it.
+    let mut stuck = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    std::io::Write::write_all(
+        &mut stuck,
+        b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    assert_eq!(daemon.stop(), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "stopped after {took:?}, before the drain timeout"
+    );
+    assert!(took < Duration::from_secs(10), "stopped after {took:?}");
+    assert!(
+        daemon.log_text().contains("drain timeout reached"),
+        "{}",
+        daemon.log_text()
+    );
+    drop(stuck);
+}

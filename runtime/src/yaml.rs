@@ -164,8 +164,13 @@ fn plain_message(error: &serde_saphyr::Error) -> String {
     let text = error.to_string();
     let text = text.lines().next().unwrap_or_default().trim();
     // The crate appends " at line L, column C"; drop it so locations are printed once.
-    match text.rfind(" at line ") {
-        Some(i) => text[..i].to_owned(),
+    let text = match text.rfind(" at line ") {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    // Its duplicate-key advice is for programmers; say what an operator should do.
+    match text.split_once(", set DuplicateKeyPolicy") {
+        Some((head, _)) => format!("{head}; a key may appear only once in a mapping, remove one"),
         None => text.to_owned(),
     }
 }
@@ -467,5 +472,10 @@ mod tests {
     fn duplicate_keys_are_rejected() {
         let err = Document::<Doc>::parse("t.yaml", "items: []\nitems: []\n").unwrap_err();
         assert_eq!(err.line, 2, "{err}");
+        assert!(
+            err.message
+                .contains("duplicate mapping key: items; a key may appear only once"),
+            "{err}"
+        );
     }
 }

@@ -67,6 +67,7 @@ pub struct Daemon {
     pub config: PathBuf,
     pub policy: PathBuf,
     pub log: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -79,6 +80,8 @@ pub struct DaemonOptions<'a> {
     pub extra_config: &'a str,
     /// Use this state dir instead of a fresh one.
     pub state_dir: Option<&'a Path>,
+    /// Extra environment for the daemon process (e.g. `NOTIFY_SOCKET`).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Daemon {
@@ -116,10 +119,11 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "socket: {}\nsocket_mode: \"0666\"\nsocket_group: null\nstate_dir: {}\n{policy_line}policy_dir: {}\ndrain_timeout: 5s\n{}",
+                "socket: {}\nsocket_mode: \"0666\"\nsocket_group: null\nstate_dir: {}\n{policy_line}policy_dir: {}\n{}{}",
                 socket.display(),
                 state.display(),
                 dir.path().join("policies.d").display(),
+                if options.extra_config.contains("drain_timeout:") { "" } else { "drain_timeout: 5s\n" },
                 options.extra_config
             ),
         )
@@ -131,6 +135,11 @@ impl Daemon {
             config,
             policy,
             log,
+            env: options
+                .env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
         }
     }
@@ -142,6 +151,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
