@@ -1,0 +1,53 @@
+//! Shared pieces of accel's benchmarks: every figure is reported next to a bound measured in
+//! the same run (a memory-bandwidth sweep, a bare socket round trip, a peer implementation),
+//! because the hosts are shared and noisy and absolute numbers do not compare across runs.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Mean time per iteration of each benchmark, collected while criterion runs them.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    runs: Mutex<BTreeMap<String, (Duration, u64)>>,
+}
+
+impl Ledger {
+    /// Adds `iterations` iterations that took `elapsed` in total to `name`.
+    pub fn record(&self, name: &str, elapsed: Duration, iterations: u64) {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = runs.entry(name.to_owned()).or_default();
+        entry.0 += elapsed;
+        entry.1 += iterations;
+    }
+
+    /// Mean time per iteration of `name`, if it ran.
+    pub fn mean(&self, name: &str) -> Option<Duration> {
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, n) = runs.get(name)?;
+        (*n > 0).then(|| *total / u32::try_from(*n).unwrap_or(u32::MAX))
+    }
+
+    /// A table of every benchmark's mean time and its ratio to `bound` (time / bound time).
+    pub fn ratio_table(&self, bound: &str) -> String {
+        let Some(bound_time) = self.mean(bound) else {
+            return format!("bound {bound} did not run; no ratios");
+        };
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = format!(
+            "{:<32} {:>12} {:>10}\n",
+            "benchmark",
+            "mean",
+            format!("x {bound}")
+        );
+        for (name, (total, n)) in runs.iter() {
+            let mean = total.as_secs_f64() / (*n).max(1) as f64;
+            out.push_str(&format!(
+                "{name:<32} {:>10.2}µs {:>10.2}\n",
+                mean * 1e6,
+                mean / bound_time.as_secs_f64()
+            ));
+        }
+        out
+    }
+}
