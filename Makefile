@@ -44,8 +44,8 @@ install: build
 	test -e $(ETCDIR)/acceld.yaml || install -m 0644 runtime/dist/acceld.yaml $(ETCDIR)/acceld.yaml
 	sed 's|@BINDIR@|$(PREFIX)/bin|g' runtime/dist/acceld.service > $(UNITDIR)/acceld.service
 	chmod 0644 $(UNITDIR)/acceld.service
-	getent group accel >/dev/null || groupadd --system accel
-	getent group accel-admin >/dev/null || groupadd --system accel-admin
+	[ -n "$(DESTDIR)" ] || getent group accel >/dev/null || groupadd --system accel
+	[ -n "$(DESTDIR)" ] || getent group accel-admin >/dev/null || groupadd --system accel-admin
 	@echo "installed; now: systemctl daemon-reload && systemctl enable --now acceld"
 
 uninstall:
