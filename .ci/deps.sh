@@ -16,8 +16,8 @@ if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then
     sudo="sudo"
   else
-    echo "deps: need ${need[*]} but am not root and have no sudo; install them and rerun" >&2
-    exit 1
+    echo "deps: would install ${need[*]} but am neither root nor able to sudo; the tests that need them will say so" >&2
+    exit 0
   fi
 fi
 echo "deps: installing ${need[*]}" >&2

@@ -101,10 +101,13 @@ fn api_server(path: &Path) {
         runtime.block_on(async move {
             let listener = tokio::net::UnixListener::bind(&path).expect("bind api socket");
             let _ = ready_tx.send(());
-            let _ = api::serve_unix(
+            // The daemon's accept loop and router; the stop signal never comes during a bench.
+            let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            api::server::serve(
                 listener,
                 api::router(state, ListenerKind::Unix),
-                std::future::pending(),
+                stop_rx,
+                std::time::Duration::from_secs(1),
             )
             .await;
         });

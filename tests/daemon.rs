@@ -103,6 +103,37 @@ fn callers_are_mapped_by_uid_and_gid_or_refused() {
 }
 
 #[test]
+fn supplementary_groups_from_the_socket_decide_operator_and_tenant() {
+    require_root!();
+    let policy = "\
+operators:
+  gids: [64000]
+tenants:
+  - name: primary
+    match:
+      gids: [64200]
+  - name: extra
+    match:
+      gids: [64100]
+";
+    let daemon = Daemon::start(Some(policy));
+    let by_group =
+        json_of(&daemon.ctl_with_groups(61020, 61020, &[5, 64100], &["whoami", "--json"]));
+    assert_eq!(by_group["tenant"], "extra");
+    assert_eq!(by_group["matched_by"], "gid 64100");
+    let operator = json_of(&daemon.ctl_with_groups(61021, 61021, &[64000], &["whoami", "--json"]));
+    assert_eq!(operator["role"], "operator");
+    assert_eq!(operator["matched_by"], "operator gid 64000");
+    // The primary group is considered before the supplementary ones.
+    let primary_first =
+        json_of(&daemon.ctl_with_groups(61022, 64200, &[64100], &["whoami", "--json"]));
+    assert_eq!(primary_first["tenant"], "primary");
+    // Without the group, the same uid is nobody to this policy.
+    let without = daemon.ctl_with_groups(61020, 61020, &[], &["whoami"]);
+    assert_eq!(without.status.code(), Some(4), "{}", stderr(&without));
+}
+
+#[test]
 fn embedded_default_policy_serves_any_local_user_as_default_tenant() {
     require_root!();
     let daemon = Daemon::start(None);
@@ -238,6 +269,40 @@ fn second_daemon_on_the_same_state_dir_refuses_to_start() {
 }
 
 #[test]
+fn a_live_daemons_socket_is_never_taken_over() {
+    let first = Daemon::start(None);
+    // Another state dir (so the lock does not stop it) but the same socket path.
+    let extra = format!("socket: {}\n", first.socket.display());
+    let mut second = Daemon::prepare(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    // `socket` appears twice now; keep only the override.
+    let config = std::fs::read_to_string(&second.config).unwrap();
+    let own = config.lines().next().unwrap().to_owned();
+    std::fs::write(&second.config, config.replacen(&format!("{own}\n"), "", 1)).unwrap();
+    second.spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(code) = second.stop_if_exited() {
+            break code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second daemon did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(69), "{}", second.log_text());
+    assert!(
+        second.log_text().contains("in use by a live daemon"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(first.request("GET", "/healthz", None).0, 200);
+}
+
+#[test]
 fn stale_socket_is_removed_and_sigterm_stops_cleanly() {
     let mut daemon = Daemon::prepare(DaemonOptions::default());
     // A socket file left by a daemon that died: bound, never removed, nobody listening.
@@ -332,75 +397,80 @@ fn bad_http_input_gets_clear_json_errors() {
     );
 }
 
+fn sha256_hex(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
 #[test]
 fn tcp_listener_authenticates_by_bearer_token() {
     let port = free_port();
-    // sha256("tenant-token") and sha256("operator-token").
-    let policy = "\
-operators:
-  tokens_sha256: [\"9b2f5a7a9b40b8c6a27f5d4d0fe0c1e5d2ee8b0e2fe8e3e8bfa9d1e4b2f5a7a9\"]
-tenants:
-  - name: remote
-    match:
-      tokens_sha256: [\"TENANT_HASH\"]
-";
-    let hash = |token: &str| -> String {
-        use std::io::Write as _;
-        let mut child = std::process::Command::new("sha256sum")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("sha256sum");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(token.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-    };
-    let policy = policy.replace("TENANT_HASH", &hash("tenant-token"));
+    // Hashes from coreutils' sha256sum, independent of the daemon's own hashing.
+    let policy = format!(
+        "operators:\n  tokens_sha256: [\"{}\"]\ntenants:\n  - name: remote\n    match:\n      tokens_sha256: [\"{}\"]\n  - name: other\n",
+        sha256_hex("operator-token"),
+        sha256_hex("tenant-token")
+    );
     let extra = format!("tcp_listen: 127.0.0.1:{port}\n");
     let daemon = Daemon::start_with(DaemonOptions {
         policy: Some(&policy),
         extra_config: &extra,
         ..Default::default()
     });
-    let tcp = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        http_exchange(tcp, "GET", path, None, headers).unwrap()
+    };
+    let post = |path: &str, headers: &[(&str, &str)]| {
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        http_exchange(tcp, "POST", path, None, headers).unwrap()
+    };
+    let tenant = [("Authorization", "Bearer tenant-token")];
+    let operator = [("Authorization", "Bearer operator-token")];
 
-    let (status, body) = http_exchange(tcp(), "GET", "/v1/whoami", None, &[]).unwrap();
+    let (status, body) = get("/v1/whoami", &[]);
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("Bearer"), "{body}");
-    let (status, _) = http_exchange(
-        tcp(),
-        "GET",
-        "/v1/whoami",
-        None,
-        &[("Authorization", "Bearer wrong")],
-    )
-    .unwrap();
-    assert_eq!(status, 401);
-    let (status, body) = http_exchange(
-        tcp(),
-        "GET",
-        "/v1/whoami",
-        None,
-        &[("Authorization", "Bearer tenant-token")],
-    )
-    .unwrap();
+    assert_eq!(
+        get("/v1/whoami", &[("Authorization", "Bearer wrong")]).0,
+        401
+    );
+
+    let (status, body) = get("/v1/whoami", &tenant);
     assert_eq!(status, 200, "{body}");
     let me: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(me["tenant"], "remote");
     assert_eq!(me["uid"], serde_json::Value::Null);
-    // Health is open on every listener.
-    assert_eq!(
-        http_exchange(tcp(), "GET", "/healthz", None, &[])
-            .unwrap()
-            .0,
-        200
-    );
-    // The Unix socket still works alongside.
+    // A tenant token may not reload the policy or act for another tenant.
+    assert_eq!(post("/v1/policy/reload", &tenant).0, 403);
+    let sneak = [tenant[0], ("X-Accel-Tenant", "other")];
+    assert_eq!(get("/v1/whoami", &sneak).0, 403);
+
+    let (status, body) = get("/v1/whoami", &operator);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"operator\""), "{body}");
+    let acting = [operator[0], ("X-Accel-Tenant", "other")];
+    let (status, body) = get("/v1/tenants", &acting);
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["tenants"].as_array().unwrap().len(), 1);
+    assert_eq!(list["tenants"][0]["name"], "other");
+    assert_eq!(post("/v1/policy/reload", &operator).0, 200);
+
+    // Health is open on every listener; the Unix socket still works alongside.
+    assert_eq!(get("/healthz", &[]).0, 200);
     assert_eq!(daemon.request("GET", "/healthz", None).0, 200);
 }
 
@@ -415,6 +485,8 @@ fn promtool_accepts_the_live_metrics() {
     // Traffic so that request counters and histograms have samples.
     let _ = daemon.ctl(&["status"]);
     let _ = daemon.request("GET", "/v1/missing", None);
+    // An invented method is counted as "other", not as a new label value.
+    let _ = daemon.request("BREW", "/v1/status", None);
     let (status, socket_text) = daemon.request("GET", "/metrics", None);
     assert_eq!(status, 200);
     let (status, tcp_text) = http_exchange(
@@ -431,6 +503,7 @@ fn promtool_accepts_the_live_metrics() {
             "accel_build_info{",
             "accel_api_requests_total{method=\"GET\",route=\"/v1/status\",status=\"200\"}",
             "accel_api_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"}",
+            "accel_api_requests_total{method=\"other\",route=\"/v1/status\",status=\"405\"}",
             "accel_api_request_duration_seconds_bucket{",
             "accel_policy_reloads_total{result=\"success\"} 0",
             "accel_tenants_configured 1",

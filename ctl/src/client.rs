@@ -27,6 +27,8 @@ pub enum CtlError {
     },
     /// A policy file is invalid (`policy check`).
     InvalidPolicy(Problems),
+    /// The command line asks for something impossible.
+    Usage(String),
     /// Anything else: a broken connection, an unexpected answer.
     Other(String),
 }
@@ -52,7 +54,7 @@ impl std::fmt::Display for CtlError {
                 Ok(())
             }
             CtlError::InvalidPolicy(problems) => write!(f, "invalid policy: {problems}"),
-            CtlError::Other(message) => f.write_str(message),
+            CtlError::Usage(message) | CtlError::Other(message) => f.write_str(message),
         }
     }
 }

@@ -59,6 +59,8 @@ enum Command {
 mod exit {
     /// The daemon answered with an error not covered below.
     pub const FAILURE: u8 = 1;
+    /// The command line is wrong (clap uses the same code for parse errors).
+    pub const USAGE: u8 = 2;
     /// The daemon is not running or not reachable.
     pub const UNREACHABLE: u8 = 3;
     /// Not allowed: socket permissions, unknown caller, operators-only command.
@@ -82,6 +84,7 @@ fn exit_code(error: &CtlError) -> u8 {
             | StatusCode::UNPROCESSABLE_ENTITY => exit::INVALID,
             _ => exit::FAILURE,
         },
+        CtlError::Usage(_) => exit::USAGE,
         CtlError::Other(_) => exit::FAILURE,
     }
 }

@@ -220,6 +220,7 @@ impl DaemonConfig {
         PolicyPaths {
             base: self.policy_file.clone(),
             dir: self.policy_dir.clone(),
+            trusted: true,
         }
     }
 }

@@ -7,12 +7,11 @@
 //! accepts connections.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::api::{self, ListenerKind};
+use crate::api::{self, server, ListenerKind};
 use crate::config::DaemonConfig;
 use crate::metrics::{Metrics, MetricsError};
 use crate::state::DaemonState;
@@ -37,6 +36,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("a listener stopped unexpectedly; see the log above")]
+    ListenerFailed,
     #[error("failed to install the {0} signal handler: {1}")]
     Signal(&'static str, #[source] std::io::Error),
 }
@@ -54,6 +55,8 @@ impl From<SysError> for DaemonError {
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains in-flight requests.
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    // Everything we create (state, lock, the socket before its chmod) starts private.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _lock = StateLock::acquire(&config.state_dir)?;
     tracing::info!(state_dir = %config.state_dir.display(), "state directory locked");
 
@@ -67,12 +70,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    let drain = config.drain_timeout;
     let mut servers = tokio::task::JoinSet::new();
 
     sys::clear_stale_socket(&config.socket)?;
@@ -94,35 +92,35 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     let mode = config.socket_mode_bits().unwrap_or(0o660);
     sys::set_socket_access(&config.socket, gid, mode)?;
-    servers.spawn(api::serve_unix(
+    servers.spawn(server::serve(
         unix,
         api::router(state.clone(), ListenerKind::Unix),
-        stopped(),
+        stop_rx.clone(),
+        drain,
     ));
     tracing::info!(socket = %config.socket.display(), mode = format!("{mode:04o}"), "control API listening");
 
     for (what, address) in [
-        ("api", config.tcp_listen),
-        ("metrics", config.metrics_listen),
+        ("tcp_listen", config.tcp_listen),
+        ("metrics_listen", config.metrics_listen),
     ] {
         let Some(address) = address else { continue };
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .map_err(|source| DaemonError::Listen {
-                what: if what == "api" {
-                    "tcp_listen"
-                } else {
-                    "metrics_listen"
-                },
+                what,
                 address: address.to_string(),
                 source,
             })?;
-        let router = if what == "api" {
+        let router = if what == "tcp_listen" {
+            if !address.ip().is_loopback() {
+                tracing::warn!(%address, "the TCP API listens beyond loopback over plain HTTP: bearer tokens cross the network in clear; put a TLS proxy in front");
+            }
             api::router(state.clone(), ListenerKind::Tcp)
         } else {
             api::metrics_router(state.clone())
         };
-        servers.spawn(api::serve_tcp(listener, router, stopped()));
+        servers.spawn(server::serve(listener, router, stop_rx.clone(), drain));
         tracing::info!(%address, listener = what, "TCP listener up");
     }
 
@@ -142,7 +140,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         "acceld ready"
     );
 
-    let reason = loop {
+    let (reason, failed) = loop {
         tokio::select! {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading policy");
@@ -151,38 +149,36 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 let _ = state.reload_policy(false).await;
                 sys::notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
-            _ = terminate.recv() => break "SIGTERM",
-            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break ("SIGTERM", false),
+            _ = interrupt.recv() => break ("SIGINT", false),
             Some(result) = servers.join_next() => {
-                // A listener ended on its own: that is a failure, stop the rest.
+                // A listener's accept loop ended without being asked to: stop everything.
                 tracing::error!(?result, "a listener stopped unexpectedly; shutting down");
-                break "listener failure";
+                break ("listener failure", true);
             }
         }
     };
 
-    let drain = config.drain_timeout;
     tracing::info!(reason, in_flight = state.metrics.api_in_flight.get(), drain_timeout = ?drain, "stopping: no new connections, draining in-flight requests");
     sys::notify_systemd(&[sd_notify::NotifyState::Stopping]);
     state.start_draining();
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(drain, async {
-        while servers.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    let mut drained = true;
+    while let Some(result) = servers.join_next().await {
+        drained &= result.unwrap_or(false);
+    }
+    if !drained {
         tracing::warn!(
             in_flight = state.metrics.api_in_flight.get(),
-            "drain timeout reached; closing remaining connections"
+            "drain timeout reached; closed the remaining connections"
         );
-        servers.abort_all();
     }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(socket = %config.socket.display(), error = %e, "could not remove socket on exit");
     }
     tracing::info!("acceld stopped");
+    if failed {
+        return Err(DaemonError::ListenerFailed);
+    }
     Ok(())
 }
-
-/// Grace period a stopping daemon gives itself beyond `drain_timeout` (systemd's TimeoutStopSec should exceed both).
-pub const STOP_MARGIN: Duration = Duration::from_secs(5);

@@ -93,7 +93,9 @@ fn main() -> ExitCode {
                 DaemonError::Policy(_) => exit::CONFIG,
                 DaemonError::AlreadyRunning(_) => exit::UNAVAILABLE,
                 DaemonError::Sys(_) | DaemonError::Signal(..) => exit::OSERR,
-                DaemonError::Listen { .. } | DaemonError::Metrics(_) => exit::SOFTWARE,
+                DaemonError::Listen { .. }
+                | DaemonError::Metrics(_)
+                | DaemonError::ListenerFailed => exit::SOFTWARE,
             })
         }
     }

@@ -38,7 +38,7 @@ impl Metrics {
 
         let build_info = IntGaugeVec::new(
             Opts::new("accel_build_info", "Build of the running acceld; always 1."),
-            &["version", "rustc_target"],
+            &["version", "arch"],
         )?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), std::env::consts::ARCH])
@@ -162,7 +162,7 @@ mod tests {
         let text = metrics.render().unwrap();
         assert!(
             text.contains(&format!(
-                "accel_build_info{{rustc_target=\"{}\",version=\"{}\"}} 1",
+                "accel_build_info{{arch=\"{}\",version=\"{}\"}} 1",
                 std::env::consts::ARCH,
                 env!("CARGO_PKG_VERSION")
             )),

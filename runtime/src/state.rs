@@ -4,7 +4,7 @@
 //! Invariant: the policy is replaced whole (an `Arc` swap under a short lock) and only after the
 //! new one validated; reloads are serialized so two cannot interleave.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,9 +16,28 @@ use crate::yaml::Problems;
 /// The outcome of a successful reload.
 #[derive(Debug, Clone)]
 pub struct Reloaded {
+    /// False for a dry run.
     pub applied: bool,
+    /// The generation in force afterwards.
     pub generation: u64,
-    pub policy: Arc<Policy>,
+    pub tenants: usize,
+    pub sources: Vec<String>,
+}
+
+/// The policy in force with its generation (1 at start, +1 per reload that took effect) and
+/// the Unix time it was loaded; replaced whole on reload.
+#[derive(Debug)]
+pub struct PolicySnapshot {
+    pub policy: Policy,
+    pub generation: u64,
+    pub loaded_at: u64,
+}
+
+impl std::ops::Deref for PolicySnapshot {
+    type Target = Policy;
+    fn deref(&self) -> &Policy {
+        &self.policy
+    }
 }
 
 /// Shared daemon state.
@@ -28,16 +47,15 @@ pub struct DaemonState {
     pub user_db: Box<dyn UserDb + Send + Sync>,
     pub started_at: SystemTime,
     pub started: Instant,
-    policy: RwLock<(Arc<Policy>, u64, u64)>,
+    policy: RwLock<Arc<PolicySnapshot>>,
     reload_lock: tokio::sync::Mutex<()>,
     draining: AtomicBool,
-    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for DaemonState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DaemonState")
-            .field("generation", &self.generation)
+            .field("generation", &self.policy().generation)
             .field("draining", &self.draining)
             .finish_non_exhaustive()
     }
@@ -63,28 +81,22 @@ impl DaemonState {
             user_db,
             started_at: SystemTime::now(),
             started: Instant::now(),
-            policy: RwLock::new((Arc::new(policy), 1, unix_now())),
+            policy: RwLock::new(Arc::new(PolicySnapshot {
+                policy,
+                generation: 1,
+                loaded_at: unix_now(),
+            })),
             reload_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
-            generation: AtomicU64::new(1),
         }
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> Arc<Policy> {
+    /// The policy in force, with its generation.
+    pub fn policy(&self) -> Arc<PolicySnapshot> {
         match self.policy.read() {
-            Ok(guard) => guard.0.clone(),
-            Err(poisoned) => poisoned.into_inner().0.clone(),
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
-    }
-
-    /// The policy generation and when it was loaded (Unix seconds).
-    pub fn policy_generation(&self) -> (u64, u64) {
-        let guard = match self.policy.read() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        (guard.1, guard.2)
     }
 
     /// Rereads and validates the policy files; puts the result in force unless `dry_run`.
@@ -119,29 +131,33 @@ impl DaemonState {
             }
             Ok(policy) if dry_run => Ok(Reloaded {
                 applied: false,
-                generation: self.policy_generation().0,
-                policy: Arc::new(policy),
+                generation: self.policy().generation,
+                tenants: policy.tenants.len(),
+                sources: policy.sources.clone(),
             }),
             Ok(policy) => {
-                let policy = Arc::new(policy);
-                let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-                {
-                    let mut guard = match self.policy.write() {
-                        Ok(guard) => guard,
-                        Err(poisoned) => poisoned.into_inner(),
-                    };
-                    *guard = (policy.clone(), generation, unix_now());
-                }
-                self.metrics.set_policy(&policy);
+                // Serialized by reload_lock, so read-then-write cannot lose a generation.
+                let generation = self.policy().generation + 1;
+                let snapshot = Arc::new(PolicySnapshot {
+                    policy,
+                    generation,
+                    loaded_at: unix_now(),
+                });
+                *match self.policy.write() {
+                    Ok(guard) => guard,
+                    Err(poisoned) => poisoned.into_inner(),
+                } = snapshot.clone();
+                self.metrics.set_policy(&snapshot);
                 self.metrics
                     .policy_reloads
                     .with_label_values(&["success"])
                     .inc();
-                tracing::info!(generation, tenants = policy.tenants.len(), sources = ?policy.sources, "policy reloaded");
+                tracing::info!(generation, tenants = snapshot.tenants.len(), sources = ?snapshot.sources, "policy reloaded");
                 Ok(Reloaded {
                     applied: true,
                     generation,
-                    policy,
+                    tenants: snapshot.tenants.len(),
+                    sources: snapshot.sources.clone(),
                 })
             }
         }

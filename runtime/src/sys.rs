@@ -73,26 +73,63 @@ pub fn group_gid(name: &str) -> Result<u32, SysError> {
     }
 }
 
-/// Supplementary groups of a live process, from `/proc/PID/status`; empty if it is gone.
-///
-/// `SO_PEERCRED` gives only the primary gid; the kernel's view of the peer's groups is here.
-pub fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    parse_groups_line(&status)
+/// `SO_PEERGROUPS` (Linux 4.13+): the supplementary groups of a Unix-socket peer, as the
+/// kernel recorded them when it connected. Not exported by the libc crate; 59 on every
+/// architecture we build for.
+const SO_PEERGROUPS: nix::libc::c_int = 59;
+
+/// The supplementary groups of the process at the other end of a Unix socket.
+pub fn peer_groups(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u32>> {
+    use nix::libc;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+            .map_err(|_| std::io::Error::other("too many groups"))?;
+        // SAFETY: the buffer is valid for `len` bytes and outlives the call; the kernel writes at
+        // most `len` bytes and stores the size it needs (or wrote) back into `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() && needed <= 1 << 16
+        {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(error);
+    }
 }
 
-fn parse_groups_line(status: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|g| g.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+/// Refuses a file or directory that someone other than root (or the daemon's own user) could
+/// have written: the daemon runs as root and the policy decides who is an operator, so a
+/// group- or world-writable policy file would be a way to become one (as sshd's StrictModes).
+pub fn check_trusted(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot inspect: {e}"))?;
+    let owner = meta.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner != 0 && owner != me {
+        return Err(format!("is owned by uid {owner}; only root (or the daemon's user) may own policy files: chown root {}", path.display()));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "is writable by group or others (mode {:04o}); fix with chmod go-w {}",
+            meta.mode() & 0o7777,
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// An exclusive lock on the state directory, held for the daemon's lifetime.
@@ -191,25 +228,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn groups_line_from_proc_status() {
-        let status = "Name:\tcat\nUid:\t0 0 0 0\nGroups:\t4 24 27 1000 \nVmPeak:\t1 kB\n";
-        assert_eq!(parse_groups_line(status), [4, 24, 27, 1000]);
-        assert!(parse_groups_line("Groups:\n").is_empty());
-        assert!(parse_groups_line("").is_empty());
-    }
-
-    #[test]
-    fn own_process_groups_are_readable() {
-        // Whatever our groups are, procfs and getgroups(2) agree.
+    fn peer_groups_are_the_connecting_process_groups() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut mine: Vec<u32> = nix::unistd::getgroups()
             .unwrap()
             .iter()
             .map(|g| g.as_raw())
             .collect();
-        let mut seen = supplementary_groups(std::process::id() as i32);
+        let mut seen = peer_groups(&a).unwrap();
         mine.sort();
         seen.sort();
         assert_eq!(seen, mine);
+    }
+
+    #[test]
+    fn untrusted_policy_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_trusted(&file).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let err = check_trusted(&file).unwrap_err();
+        assert!(
+            err.contains("writable by group or others (mode 0664)"),
+            "{err}"
+        );
     }
 
     #[test]

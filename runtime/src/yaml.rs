@@ -102,8 +102,13 @@ impl<T: DeserializeOwned> Document<T> {
             ));
         }
         let options = serde_saphyr::options! { with_snippet: false };
-        // An empty file is an empty mapping, not an error: every field has a default.
-        let text = if text.trim().is_empty() { "{}" } else { text };
+        // A file with nothing but comments and blank lines (a commented-out policy) is an empty
+        // mapping, not an error: every field has a default.
+        let only_comments = text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+        });
+        let text = if only_comments { "{}" } else { text };
         let value: T = serde_saphyr::from_str_with_options(text, options.clone()).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             problem(line, column, plain_message(&e))
@@ -463,9 +468,17 @@ mod tests {
     }
 
     #[test]
-    fn empty_text_is_an_empty_document() {
-        let doc = Document::<Doc>::parse("t.yaml", "  \n").unwrap();
-        assert!(doc.value.items.is_empty());
+    fn empty_or_comment_only_text_is_an_empty_document() {
+        for text in [
+            "",
+            "  \n",
+            "# all commented out\n# items:\n#  - name: a\n",
+            "---\n# nothing\n",
+        ] {
+            let doc =
+                Document::<Doc>::parse("t.yaml", text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(doc.value.items.is_empty());
+        }
     }
 
     #[test]

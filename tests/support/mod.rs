@@ -260,6 +260,44 @@ impl Daemon {
             .expect("run accelctl as another uid")
     }
 
+    /// Runs accelctl as `uid` with primary group `gid` and supplementary `groups` (root only).
+    pub fn ctl_with_groups(&self, uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> Output {
+        let copy = self.accelctl_copy();
+        let groups: Vec<nix::libc::gid_t> = groups.to_vec();
+        let mut command = Command::new(&copy);
+        command
+            .args(args)
+            .env("ACCEL_SOCKET", &self.socket)
+            .env_remove("HOME")
+            .current_dir("/");
+        // SAFETY: the closure runs in the forked child before exec and makes only the three
+        // async-signal-safe system calls below on memory prepared before the fork. Groups and
+        // gid must be set while still root, so std's uid()/gid() (which run first and drop the
+        // supplementary groups) are not used.
+        unsafe {
+            command.pre_exec(move || {
+                if nix::libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || nix::libc::setgid(gid) != 0
+                    || nix::libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.output().expect("run accelctl with groups")
+    }
+
+    fn accelctl_copy(&self) -> PathBuf {
+        let copy = self.dir.path().join("accelctl");
+        if !copy.exists() {
+            std::fs::copy(bin("accelctl"), &copy).expect("copy accelctl");
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod accelctl");
+        }
+        copy
+    }
+
     /// One HTTP/1.1 request over the socket; returns status and body.
     pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
         self.try_request(method, path, body)

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use accel_runtime::api::types::{ReloadRequest, ReloadResponse};
-use accel_runtime::policy::{Policy, PolicySource};
+use accel_runtime::policy::{Policy, PolicySource, EMBEDDED_DEFAULT, EMBEDDED_NAME};
 use accel_runtime::yaml::{Problem, Problems};
 use clap::Subcommand;
 
@@ -17,6 +17,9 @@ pub enum PolicyCommand {
         /// Policy YAML files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Check the files on top of the embedded default policy, as a daemon without `policy_file` merges them.
+        #[arg(long)]
+        with_default: bool,
     },
     /// Make the daemon reread its policy files; a policy with problems is rejected and the old one stays.
     Reload {
@@ -28,7 +31,10 @@ pub enum PolicyCommand {
 
 pub async fn run(client: &Client, command: &PolicyCommand, json: bool) -> Result<(), CtlError> {
     match command {
-        PolicyCommand::Check { files } => check(files, json),
+        PolicyCommand::Check {
+            files,
+            with_default,
+        } => check(files, *with_default, json),
         PolicyCommand::Reload { dry_run } => {
             let (answer, raw): (ReloadResponse, _) = client
                 .post_json("/v1/policy/reload", &ReloadRequest { dry_run: *dry_run })
@@ -53,8 +59,14 @@ pub async fn run(client: &Client, command: &PolicyCommand, json: bool) -> Result
     }
 }
 
-fn check(files: &[PathBuf], json: bool) -> Result<(), CtlError> {
+fn check(files: &[PathBuf], with_default: bool, json: bool) -> Result<(), CtlError> {
     let mut sources = Vec::new();
+    if with_default {
+        sources.push(PolicySource {
+            name: EMBEDDED_NAME.to_owned(),
+            text: EMBEDDED_DEFAULT.to_owned(),
+        });
+    }
     let mut unreadable = Vec::new();
     for file in files {
         match std::fs::read_to_string(file) {

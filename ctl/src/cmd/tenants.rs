@@ -72,6 +72,14 @@ pub async fn run(client: &Client, command: &TenantsCommand, json: bool) -> Resul
             );
         }
         TenantsCommand::Show { name } => {
+            // Tenant names are [a-z0-9_-]; anything else cannot exist and must not reach the URL.
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            {
+                return Err(CtlError::Usage(format!("{name:?} is not a tenant name: names are lowercase letters, digits, '-' and '_'")));
+            }
             let (t, raw): (Tenant, _) = client.get_json(&format!("/v1/tenants/{name}")).await?;
             if json {
                 println!("{}", output::json(&raw));

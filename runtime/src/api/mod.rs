@@ -8,14 +8,13 @@
 
 mod error;
 mod routes;
+pub mod server;
 pub mod types;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,46 +24,63 @@ use axum::Router;
 pub use self::error::ApiError;
 use crate::policy::{Caller, Identity, Role};
 use crate::state::DaemonState;
+use crate::state::PolicySnapshot;
 
 /// Header an operator sets to act for a tenant (`accelctl --tenant NAME`).
 pub const ACT_FOR_TENANT_HEADER: &str = "x-accel-tenant";
 
-/// Credentials of a Unix-socket peer, captured when the connection is accepted.
-#[derive(Debug, Clone, Copy)]
+/// Credentials of a Unix-socket peer, read from the socket when the connection is accepted
+/// (`SO_PEERCRED` and `SO_PEERGROUPS`), so they describe the process that connected, not
+/// whatever later holds its pid.
+#[derive(Debug, Clone)]
 pub struct PeerCred {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// Supplementary groups.
+    pub groups: Arc<[u32]>,
 }
 
-impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for PeerCred {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl PeerCred {
+    /// Reads the peer's credentials; a peer we cannot identify is `nobody`, whom the policy
+    /// refuses unless it deliberately serves uid 65534.
+    pub fn of(stream: &tokio::net::UnixStream) -> Self {
+        let groups: Arc<[u32]> = match crate::sys::peer_groups(stream) {
+            Ok(groups) => groups.into(),
+            Err(e) => {
+                tracing::warn!(error = %e, "SO_PEERGROUPS failed; the peer's supplementary groups are ignored");
+                Arc::from([])
+            }
+        };
+        match stream.peer_cred() {
             Ok(cred) => PeerCred {
                 uid: cred.uid(),
                 gid: cred.gid(),
                 pid: cred.pid(),
+                groups,
             },
-            // Without credentials we cannot tell who this is: map it to nobody, who is refused
-            // unless the policy deliberately serves uid 65534.
             Err(e) => {
                 tracing::warn!(error = %e, "SO_PEERCRED failed; treating the peer as nobody");
                 PeerCred {
                     uid: 65534,
                     gid: 65534,
                     pid: None,
+                    groups: Arc::from([]),
                 }
             }
         }
     }
 }
 
-/// Who made a request, as established by the authentication middleware.
+/// Who made a request, as established by the authentication middleware, together with the
+/// policy that decided it: handlers answer from this same policy, so one request never mixes
+/// two policy generations.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
     pub peer: Option<PeerCred>,
     pub identity: Identity,
     pub acting_for_tenant: bool,
+    pub policy: Arc<PolicySnapshot>,
 }
 
 /// Which listener a router serves; decides how callers are identified.
@@ -114,23 +130,58 @@ pub fn metrics_router(state: Arc<DaemonState>) -> Router {
         .with_state(state)
 }
 
+/// Keeps the in-flight gauge right even when a request future is dropped midway
+/// (client gone, drain timeout).
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The method as a metric label: the standard ones by name, anything else as `other`, so a
+/// client cannot create unbounded series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 async fn record_metrics(
     State(state): State<Arc<DaemonState>>,
     request: Request,
     next: Next,
 ) -> Response {
+    // Routes are the router's templates (`/v1/tenants/{name}`), never raw paths: bounded labels.
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let metrics = &state.metrics;
-    metrics.api_in_flight.inc();
     let start = Instant::now();
-    let response = next.run(request).await;
-    metrics.api_in_flight.dec();
+    let response = {
+        let _in_flight = InFlight::enter(&metrics.api_in_flight);
+        next.run(request).await
+    };
     let status = response.status().as_u16().to_string();
-    let labels = [route.as_str(), method.as_str(), status.as_str()];
+    let labels = [route.as_str(), method, status.as_str()];
     metrics.api_requests.with_label_values(&labels).inc();
     metrics
         .api_request_duration
@@ -170,9 +221,7 @@ fn identify(
     let policy = state.policy();
     let (peer, mut identity) = match kind {
         ListenerKind::Unix => {
-            let Some(ConnectInfo(peer)) =
-                request.extensions().get::<ConnectInfo<PeerCred>>().copied()
-            else {
+            let Some(peer) = request.extensions().get::<PeerCred>().cloned() else {
                 return Err(ApiError::internal(
                     "peer credentials missing on a Unix-socket request",
                 ));
@@ -181,10 +230,7 @@ fn identify(
                 uid: peer.uid,
                 gid: peer.gid,
                 pid: peer.pid,
-                groups: peer
-                    .pid
-                    .map(crate::sys::supplementary_groups)
-                    .unwrap_or_default(),
+                groups: peer.groups.to_vec(),
             };
             let identity = policy.identify(&caller, state.user_db.as_ref()).ok_or_else(|| {
                 ApiError::forbidden(format!(
@@ -217,8 +263,8 @@ fn identify(
                     return Err(ApiError::not_found(format!("no tenant named {name:?} in the policy in force; see `accelctl tenants list`")));
                 }
                 tracing::info!(
-                    uid = peer.map(|p| p.uid),
-                    pid = peer.and_then(|p| p.pid),
+                    uid = peer.as_ref().map(|p| p.uid),
+                    pid = peer.as_ref().and_then(|p| p.pid),
                     tenant = name,
                     path = %request.uri().path(),
                     "operator acting for tenant"
@@ -238,35 +284,8 @@ fn identify(
         peer,
         identity,
         acting_for_tenant,
+        policy,
     })
-}
-
-/// Serves `router` on a Unix listener until `shutdown` resolves, then drains.
-pub async fn serve_unix(
-    listener: tokio::net::UnixListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<PeerCred>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-}
-
-/// Serves `router` on a TCP listener until `shutdown` resolves, then drains.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
 }
 
 /// Answers 404 as JSON for anything unrouted.

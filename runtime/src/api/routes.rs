@@ -41,9 +41,9 @@ pub(super) async fn healthz(State(state): Shared) -> Response {
 
 pub(super) async fn whoami(Extension(auth): Extension<Authenticated>) -> Json<WhoAmI> {
     Json(WhoAmI {
-        uid: auth.peer.map(|p| p.uid),
-        gid: auth.peer.map(|p| p.gid),
-        pid: auth.peer.and_then(|p| p.pid),
+        uid: auth.peer.as_ref().map(|p| p.uid),
+        gid: auth.peer.as_ref().map(|p| p.gid),
+        pid: auth.peer.as_ref().and_then(|p| p.pid),
         role: auth.identity.role,
         tenant: auth.identity.tenant,
         acting_for_tenant: auth.acting_for_tenant,
@@ -59,9 +59,11 @@ fn backend_name(choice: BackendChoice) -> &'static str {
     }
 }
 
-pub(super) async fn status(State(state): Shared) -> Json<Status> {
-    let policy = state.policy();
-    let (generation, loaded_at) = state.policy_generation();
+pub(super) async fn status(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Json<Status> {
+    let policy = &auth.policy;
     let config = &state.config;
     Json(Status {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -83,8 +85,8 @@ pub(super) async fn status(State(state): Shared) -> Json<Status> {
             active: "cpu".into(),
         },
         policy: PolicyStatus {
-            generation,
-            loaded_at,
+            generation: policy.generation,
+            loaded_at: policy.loaded_at,
             sources: policy.sources.clone(),
             tenants: policy.tenants.len(),
         },
@@ -98,12 +100,9 @@ pub(super) async fn status(State(state): Shared) -> Json<Status> {
 }
 
 /// Operators see every tenant; a tenant (or an operator acting for one) sees only itself.
-pub(super) async fn tenants(
-    State(state): Shared,
-    Extension(auth): Extension<Authenticated>,
-) -> Json<TenantList> {
-    let policy = state.policy();
-    let visible = policy
+pub(super) async fn tenants(Extension(auth): Extension<Authenticated>) -> Json<TenantList> {
+    let visible = auth
+        .policy
         .tenants
         .iter()
         .filter(|t| match (&auth.identity.role, &auth.identity.tenant) {
@@ -117,11 +116,10 @@ pub(super) async fn tenants(
 }
 
 pub(super) async fn tenant(
-    State(state): Shared,
     Extension(auth): Extension<Authenticated>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let policy = state.policy();
+    let policy = &auth.policy;
     let may_see = match (&auth.identity.role, &auth.identity.tenant) {
         (Role::Operator, None) => true,
         (_, Some(own)) => *own == name,
@@ -147,7 +145,7 @@ pub(super) async fn reload_policy(
     }
     let request: ReloadRequest = json_body(body)?;
     tracing::info!(
-        uid = auth.peer.map(|p| p.uid),
+        uid = auth.peer.as_ref().map(|p| p.uid),
         dry_run = request.dry_run,
         "policy reload requested over the API"
     );
@@ -155,8 +153,8 @@ pub(super) async fn reload_policy(
         Ok(reloaded) => Ok(Json(ReloadResponse {
             applied: reloaded.applied,
             generation: reloaded.generation,
-            tenants: reloaded.policy.tenants.len(),
-            sources: reloaded.policy.sources.clone(),
+            tenants: reloaded.tenants,
+            sources: reloaded.sources,
         })),
         Err(problems) => {
             let mut error = ApiError::new(

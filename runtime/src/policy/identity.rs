@@ -57,10 +57,6 @@ fn in_ranges(ranges: &[IdRangeSpec], id: u32) -> bool {
 impl Policy {
     /// Maps a local caller to operator or tenant; `None` when no rule matches.
     pub fn identify(&self, caller: &Caller, db: &dyn UserDb) -> Option<Identity> {
-        let user = db.user_name(caller.uid);
-        let mut gids = vec![caller.gid];
-        gids.extend(caller.groups.iter().copied().filter(|g| *g != caller.gid));
-        let group_names: Vec<Option<String>> = gids.iter().map(|g| db.group_name(*g)).collect();
         let operator = |matched_by: String| Identity {
             role: Role::Operator,
             tenant: None,
@@ -71,11 +67,33 @@ impl Policy {
             tenant: Some(t.name.clone()),
             matched_by,
         };
-
-        let ops = &self.operators;
         if caller.uid == 0 {
             return Some(operator("uid 0".into()));
         }
+        // Name lookups may go to NSS (LDAP, sssd): do them only if some rule names users or groups.
+        let names_users = !self.operators.users.is_empty()
+            || self.tenants.iter().any(|t| !t.matches.users.is_empty());
+        let names_groups = !self.operators.groups.is_empty()
+            || self.tenants.iter().any(|t| !t.matches.groups.is_empty());
+        let user = if names_users {
+            db.user_name(caller.uid)
+        } else {
+            None
+        };
+        let mut gids = vec![caller.gid];
+        gids.extend(caller.groups.iter().copied().filter(|g| *g != caller.gid));
+        let group_names: Vec<Option<String>> = gids
+            .iter()
+            .map(|g| {
+                if names_groups {
+                    db.group_name(*g)
+                } else {
+                    None
+                }
+            })
+            .collect();
+
+        let ops = &self.operators;
         if in_ranges(&ops.uids, caller.uid) {
             return Some(operator(format!("operator uid {}", caller.uid)));
         }

@@ -40,6 +40,9 @@ pub struct PolicyPaths {
     pub base: Option<PathBuf>,
     /// A directory of extra policy files; a missing directory contributes nothing.
     pub dir: Option<PathBuf>,
+    /// Refuse files and directories others than root (or our user) could write. The daemon
+    /// sets this; `accelctl policy check` does not (it only reads what it is shown).
+    pub trusted: bool,
 }
 
 impl PolicyPaths {
@@ -52,14 +55,22 @@ impl PolicyPaths {
                 name: EMBEDDED_NAME.to_owned(),
                 text: EMBEDDED_DEFAULT.to_owned(),
             }),
-            Some(path) => match read_source(path) {
+            Some(path) => match read_source(path, self.trusted) {
                 Ok(source) => sources.push(source),
                 Err(problem) => problems.push(problem),
             },
         }
         if let Some(dir) = &self.dir {
+            let untrusted = match self.trusted && dir.exists() {
+                true => crate::sys::check_trusted(dir).err(),
+                false => None,
+            };
             match std::fs::read_dir(dir) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                _ if untrusted.is_some() => {
+                    let reason = untrusted.unwrap_or_default();
+                    problems.push(file_problem(dir, format!("policy directory {reason}")));
+                }
                 Err(e) => problems.push(file_problem(
                     dir,
                     format!("cannot read policy directory: {e}"),
@@ -70,10 +81,16 @@ impl PolicyPaths {
                         .filter(|p| {
                             matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
                         })
+                        // Editor backups and lock files (.#x.yaml, .x.yaml) are not policy.
+                        .filter(|p| {
+                            !p.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.starts_with('.'))
+                        })
                         .collect();
                     paths.sort();
                     for path in paths {
-                        match read_source(&path) {
+                        match read_source(&path, self.trusted) {
                             Ok(source) => sources.push(source),
                             Err(problem) => problems.push(problem),
                         }
@@ -104,7 +121,11 @@ fn file_problem(path: &Path, message: String) -> Problem {
     }
 }
 
-fn read_source(path: &Path) -> Result<PolicySource, Problem> {
+fn read_source(path: &Path, trusted: bool) -> Result<PolicySource, Problem> {
+    if trusted {
+        crate::sys::check_trusted(path)
+            .map_err(|reason| file_problem(path, format!("policy file {reason}")))?;
+    }
     let len = std::fs::metadata(path)
         .map_err(|e| file_problem(path, format!("cannot read policy file: {e}")))?
         .len();
@@ -127,7 +148,7 @@ fn read_source(path: &Path) -> Result<PolicySource, Problem> {
 
 /// Validates one policy file on its own, as `accelctl policy check FILE` does.
 pub fn check_file(path: &Path) -> Result<Policy, Problems> {
-    let source = read_source(path).map_err(|p| Problems(vec![p]))?;
+    let source = read_source(path, false).map_err(|p| Problems(vec![p]))?;
     Policy::from_sources(&[source])
 }
 

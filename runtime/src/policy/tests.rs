@@ -210,6 +210,7 @@ tenants:
       cpu: -1
       memory: 1MiB
       max_concurrent_requests: 0
+      kv_blocks: 0
     match:
       uids: [\"20-10\"]
       tokens_sha256: [nothex]
@@ -223,6 +224,7 @@ tenants:
         "tenants[0].limits.cpu",
         "tenants[0].limits.memory",
         "tenants[0].limits.max_concurrent_requests",
+        "tenants[0].limits.kv_blocks",
         "tenants[0].match.uids[0]",
         "tenants[0].match.tokens_sha256[0]",
         "tenants[0].models",
@@ -243,6 +245,7 @@ fn unreadable_files_are_problems_and_missing_dir_is_empty() {
     let paths = PolicyPaths {
         base: Some(dir.path().join("absent.yaml")),
         dir: Some(dir.path().join("no-such-dir")),
+        trusted: true,
     };
     let err = paths.load().unwrap_err();
     assert_eq!(err.0.len(), 1);
@@ -251,9 +254,11 @@ fn unreadable_files_are_problems_and_missing_dir_is_empty() {
     std::fs::write(dir.path().join("b.yaml"), "tenants:\n  - name: b\n").unwrap();
     std::fs::write(dir.path().join("a.yml"), "tenants:\n  - name: a\n").unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not policy").unwrap();
+    std::fs::write(dir.path().join(".#b.yaml"), "not: [valid").unwrap();
     let paths = PolicyPaths {
         base: None,
         dir: Some(dir.path().to_owned()),
+        trusted: true,
     };
     let policy = paths.load().unwrap();
     let names: Vec<&str> = policy.tenants.iter().map(|t| t.name.as_str()).collect();
@@ -309,4 +314,26 @@ fn readme_policy_reference_is_valid_and_names_every_field() {
         key_paths(&code),
         "README's policy reference must show every policy field"
     );
+}
+
+#[test]
+fn a_token_may_not_be_both_an_operators_and_a_tenants() {
+    let hash: String = validate::token_sha256("t")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let found = problems(&format!(
+        "operators:\n  tokens_sha256: [\"{hash}\"]\ntenants:\n  - name: a\n    match:\n      tokens_sha256: [\"{hash}\"]\n"
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "operators.tokens_sha256[0]");
+    assert_eq!(found[0].line, 2);
+}
+
+#[test]
+fn bad_device_selector_is_located() {
+    let found = problems("tenants:\n  - name: a\n    devices: [cpu, cuda0]\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "tenants[0].devices[1]");
+    assert_eq!(found[0].line, 3);
 }

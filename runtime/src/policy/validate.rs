@@ -110,7 +110,7 @@ fn check_tokens(tokens: &[String], path: &str, out: &mut Vec<PathProblem>) -> Ve
 /// Parses 64 hex digits into 32 bytes.
 pub(crate) fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
-    if hex.len() != 64 || !hex.is_ascii() {
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -136,6 +136,19 @@ fn merge_operators(into: &mut Operators, spec: &OperatorsSpec, out: &mut Vec<Pat
     into.users.extend(spec.users.iter().cloned());
     into.groups.extend(spec.groups.iter().cloned());
     into.tokens_sha256.extend(tokens);
+}
+
+/// `*`, `cpu`, `cuda:N`, or an NVIDIA GPU UUID as `nvidia-smi -L` prints it.
+fn valid_device_selector(selector: &str) -> bool {
+    match selector {
+        "*" | "cpu" => true,
+        s if s.starts_with("cuda:") => s["cuda:".len()..].parse::<u32>().is_ok(),
+        s if s.starts_with("GPU-") => {
+            let rest = &s["GPU-".len()..];
+            !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        }
+        _ => false,
+    }
 }
 
 fn valid_tenant_name(name: &str) -> bool {
@@ -194,6 +207,12 @@ fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Te
             ));
         }
     }
+    if limits.kv_blocks == Some(0) {
+        out.push(PathProblem::new(
+            format!("{lpath}.kv_blocks"),
+            "0 would refuse every request; raise it or leave it out for no limit",
+        ));
+    }
     if limits.pids == Some(0) {
         out.push(PathProblem::new(
             format!("{lpath}.pids"),
@@ -213,6 +232,14 @@ fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Te
             &format!("{path}.{field}"),
             out,
         );
+    }
+    for (j, device) in spec.devices.iter().enumerate() {
+        if !valid_device_selector(device) {
+            out.push(PathProblem::new(
+                format!("{path}.devices[{j}]"),
+                format!("{device:?} is not a device selector: use \"*\", \"cpu\", \"cuda:N\" or a GPU UUID (GPU-...)"),
+            ));
+        }
     }
     Tenant {
         name: spec.name.clone(),
@@ -380,6 +407,23 @@ fn cross_checks(
             }
         }
     }
+    // A token is either an operator's or one tenant's: an operator token would silently win.
+    for (d, doc) in docs.iter().enumerate() {
+        for (j, hex) in doc.value.operators.tokens_sha256.iter().enumerate() {
+            let Some(hash) = decode_sha256(hex) else {
+                continue;
+            };
+            if let Some((_, _, t)) = tenants
+                .iter()
+                .find(|(_, _, t)| t.matches.tokens_sha256.contains(&hash))
+            {
+                per_doc[d].push(PathProblem::new(
+                    format!("operators.tokens_sha256[{j}]"),
+                    format!("this token also maps to tenant {:?}; issue operators and tenants different tokens", t.name),
+                ));
+            }
+        }
+    }
     let mut seen_tokens: Vec<([u8; 32], Claim)> = Vec::new();
     for (d, i, t) in tenants {
         for (j, hash) in t.matches.tokens_sha256.iter().enumerate() {
@@ -424,6 +468,22 @@ mod tests {
     }
 
     #[test]
+    fn device_selectors() {
+        for ok in [
+            "*",
+            "cpu",
+            "cuda:0",
+            "cuda:12",
+            "GPU-8f6c1a2e-1b2c-4d5e-9f00-0123456789ab",
+        ] {
+            assert!(valid_device_selector(ok), "{ok}");
+        }
+        for bad in ["cuda0", "cuda:", "cuda:x", "gpu", "GPU-", "GPU-xyz", ""] {
+            assert!(!valid_device_selector(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn sha256_hex() {
         let hash = token_sha256("secret");
         let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
@@ -434,5 +494,7 @@ mod tests {
         assert_eq!(decode_sha256(&hex), Some(hash));
         assert_eq!(decode_sha256("abc"), None);
         assert_eq!(decode_sha256(&"zz".repeat(32)), None);
+        // from_str_radix alone would accept a sign.
+        assert_eq!(decode_sha256(&format!("+1{}", "0".repeat(62))), None);
     }
 }
