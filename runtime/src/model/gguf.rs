@@ -100,12 +100,19 @@ impl<'a> Reader<'a> {
     fn truncated(&self, what: &str) -> ModelError {
         ModelError::Format {
             file: self.file.to_owned(),
-            message: format!("file ends at byte {} while reading {what}; it is truncated or not GGUF", self.bytes.len()),
+            message: format!(
+                "file ends at byte {} while reading {what}; it is truncated or not GGUF",
+                self.bytes.len()
+            ),
         }
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ModelError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| self.truncated(what))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| self.truncated(what))?;
         let out = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -152,7 +159,9 @@ impl<'a> Reader<'a> {
                 let len = self.u64(key)?;
                 // Every item takes at least one byte: a length beyond the file is corrupt.
                 if len > MAX_ARRAY_LEN || len > (self.bytes.len() - self.pos) as u64 {
-                    return Err(self.bad(format!("metadata {key:?} claims an array of {len} items, more than the file holds")));
+                    return Err(self.bad(format!(
+                        "metadata {key:?} claims an array of {len} items, more than the file holds"
+                    )));
                 }
                 let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
@@ -163,7 +172,9 @@ impl<'a> Reader<'a> {
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
             12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
-            other => return Err(self.bad(format!("metadata {key:?} has unknown value type {other}"))),
+            other => {
+                return Err(self.bad(format!("metadata {key:?} has unknown value type {other}")))
+            }
         })
     }
 
@@ -225,19 +236,29 @@ pub fn open(path: &Path) -> Result<GgufFile, ModelError> {
 /// Parses GGUF bytes (already mapped or read).
 pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<GgufFile, ModelError> {
     let bytes = backing.bytes();
-    let mut r = Reader { bytes, pos: 0, file: path };
+    let mut r = Reader {
+        bytes,
+        pos: 0,
+        file: path,
+    };
     let magic = r.take(4, "the magic number")?;
     if magic != MAGIC {
-        return Err(r.bad(format!("starts with {magic:02x?}, not the GGUF magic; is this a GGUF file?")));
+        return Err(r.bad(format!(
+            "starts with {magic:02x?}, not the GGUF magic; is this a GGUF file?"
+        )));
     }
     let version = r.u32("the version")?;
     if !(2..=3).contains(&version) {
-        return Err(r.bad(format!("GGUF version {version} is not supported (2 and 3 are)")));
+        return Err(r.bad(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        )));
     }
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
     if tensor_count > MAX_ARRAY_LEN || kv_count > MAX_ARRAY_LEN {
-        return Err(r.bad(format!("claims {tensor_count} tensors and {kv_count} metadata entries; the header is corrupt")));
+        return Err(r.bad(format!(
+            "claims {tensor_count} tensors and {kv_count} metadata entries; the header is corrupt"
+        )));
     }
 
     let mut metadata = BTreeMap::new();
@@ -259,7 +280,9 @@ pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<GgufFile, ModelError>
         let name = r.string("a tensor name")?;
         let n_dims = r.u32(&name)?;
         if n_dims == 0 || n_dims > 4 {
-            return Err(r.bad(format!("tensor {name:?} has {n_dims} dimensions (1 to 4 expected)")));
+            return Err(r.bad(format!(
+                "tensor {name:?} has {n_dims} dimensions (1 to 4 expected)"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -267,12 +290,21 @@ pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<GgufFile, ModelError>
         }
         let kind = r.u32(&name)?;
         let offset = r.u64(&name)?;
-        infos.push(Info { name, dims, kind, offset });
+        infos.push(Info {
+            name,
+            dims,
+            kind,
+            offset,
+        });
     }
 
     let alignment = match metadata.get("general.alignment").and_then(Value::as_u64) {
         Some(a) if a.is_power_of_two() && a <= 1 << 16 => a as usize,
-        Some(a) => return Err(r.bad(format!("general.alignment {a} is not a power of two up to 65536"))),
+        Some(a) => {
+            return Err(r.bad(format!(
+                "general.alignment {a} is not a power of two up to 65536"
+            )))
+        }
         None => DEFAULT_ALIGNMENT,
     };
     let data_start = r.pos.div_ceil(alignment) * alignment;
@@ -297,8 +329,11 @@ pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<GgufFile, ModelError>
             .ok_or_else(|| tensor_error(format!("has impossible dimensions {:?}", info.dims)))?;
         let elems = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         let cols = dims[0];
-        if cols % dtype.block_elems() != 0 {
-            return Err(tensor_error(format!("rows of {cols} elements are not whole {dtype} blocks of {}", dtype.block_elems())));
+        if !cols.is_multiple_of(dtype.block_elems()) {
+            return Err(tensor_error(format!(
+                "rows of {cols} elements are not whole {dtype} blocks of {}",
+                dtype.block_elems()
+            )));
         }
         let len = elems
             .and_then(|e| dtype.bytes_for(e))
@@ -316,7 +351,14 @@ pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<GgufFile, ModelError>
         }
         // Row-major shape: outermost first.
         let shape: Vec<usize> = dims.iter().rev().copied().collect();
-        tensors.push(WeightTensor::new(info.name, dtype, shape, backing.clone(), start, len));
+        tensors.push(WeightTensor::new(
+            info.name,
+            dtype,
+            shape,
+            backing.clone(),
+            start,
+            len,
+        ));
     }
     Ok(GgufFile {
         version,
@@ -333,6 +375,144 @@ impl GgufFile {
     pub fn tensor(&self, name: &str) -> Option<&WeightTensor> {
         self.tensors.iter().find(|t| t.name == name)
     }
+}
+
+/// Loads a GGUF model: config from metadata, weights by llama.cpp's tensor names, tokenizer
+/// and chat template from metadata.
+pub fn load(path: &Path) -> Result<super::LoadedModel, ModelError> {
+    use super::{Arch, LayerWeights, ModelConfig, ModelWeights, RopeStyle, TensorCheck};
+
+    let gguf = open(path)?;
+    let arch_name = gguf
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_owned();
+    let (arch, rope_style) = match arch_name.as_str() {
+        // llama.cpp permutes Q/K rows of llama models for its interleaved RoPE; qwen2 keeps
+        // Hugging Face's layout (NEOX-style RoPE).
+        "llama" => (Arch::Llama, RopeStyle::Interleaved),
+        "qwen2" => (Arch::Qwen2, RopeStyle::Halves),
+        _ => {
+            return Err(ModelError::Architecture {
+                file: path.to_owned(),
+                arch: arch_name,
+            })
+        }
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let bad = |message: String| ModelError::Config {
+        file: path.to_owned(),
+        message,
+    };
+    let uint = |k: &str| -> Result<usize, ModelError> {
+        gguf.get(&key(k))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| bad(format!("metadata {} is missing", key(k))))
+    };
+    let hidden_size = uint("embedding_length")?;
+    let num_heads = uint("attention.head_count")?;
+    let num_kv_heads = uint("attention.head_count_kv").unwrap_or(num_heads);
+    let head_dim = uint("attention.key_length")
+        .or_else(|_| uint("rope.dimension_count"))
+        .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
+    let tokens = gguf
+        .get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .map_or(0, <[Value]>::len);
+    let vocab_size = uint("vocab_size").unwrap_or(tokens);
+    let rope_freq_factors = gguf.tensor("rope_freqs.weight").map(WeightTensor::to_f32);
+    let config = ModelConfig {
+        arch,
+        vocab_size,
+        hidden_size,
+        intermediate_size: uint("feed_forward_length")?,
+        num_layers: uint("block_count")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: gguf
+            .get(&key("attention.layer_norm_rms_epsilon"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-5) as f32,
+        rope_theta: gguf
+            .get(&key("rope.freq_base"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0) as f32,
+        rope_scaling: None,
+        rope_style,
+        max_position_embeddings: uint("context_length")?,
+        tie_word_embeddings: gguf.tensor("output.weight").is_none(),
+        rope_freq_factors,
+    };
+    config.validate(path)?;
+    if let Some(factors) = &config.rope_freq_factors {
+        if factors.len() != config.head_dim / 2 {
+            return Err(bad(format!(
+                "rope_freqs has {} entries, expected {}",
+                factors.len(),
+                config.head_dim / 2
+            )));
+        }
+    }
+
+    let check = TensorCheck { file: path };
+    let (h, i, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let q_out = config.num_heads * config.head_dim;
+    let kv_out = config.num_kv_heads * config.head_dim;
+    let get = |name: &str, shape: &[usize]| check.expect(gguf.tensor(name), name, shape);
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for l in 0..config.num_layers {
+        let p = format!("blk.{l}.");
+        let bias = |name: &str, n: usize| -> Result<Option<WeightTensor>, ModelError> {
+            match arch {
+                Arch::Qwen2 => get(&format!("{p}{name}.bias"), &[n]).map(Some),
+                Arch::Llama => Ok(None),
+            }
+        };
+        layers.push(LayerWeights {
+            attn_norm: get(&format!("{p}attn_norm.weight"), &[h])?,
+            q: get(&format!("{p}attn_q.weight"), &[q_out, h])?,
+            k: get(&format!("{p}attn_k.weight"), &[kv_out, h])?,
+            v: get(&format!("{p}attn_v.weight"), &[kv_out, h])?,
+            q_bias: bias("attn_q", q_out)?,
+            k_bias: bias("attn_k", kv_out)?,
+            v_bias: bias("attn_v", kv_out)?,
+            o: get(&format!("{p}attn_output.weight"), &[h, q_out])?,
+            mlp_norm: get(&format!("{p}ffn_norm.weight"), &[h])?,
+            gate: get(&format!("{p}ffn_gate.weight"), &[i, h])?,
+            up: get(&format!("{p}ffn_up.weight"), &[i, h])?,
+            down: get(&format!("{p}ffn_down.weight"), &[h, i])?,
+        });
+    }
+    let embed = get("token_embd.weight", &[v, h])?;
+    let lm_head = match gguf.tensor("output.weight") {
+        Some(_) => get("output.weight", &[v, h])?,
+        None => embed.clone(),
+    };
+    let weights = ModelWeights {
+        embed,
+        layers,
+        final_norm: get("output_norm.weight", &[h])?,
+        lm_head,
+    };
+    let tokenizer = crate::tokenizer::Tokenizer::from_gguf(path, &gguf)?;
+    Ok(super::LoadedModel {
+        chat_template: gguf
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        config,
+        weights,
+        tokenizer,
+        source: path.to_owned(),
+        format: "gguf",
+    })
 }
 
 #[cfg(test)]
@@ -383,8 +563,14 @@ mod tests {
     fn parses_metadata_and_tensors() {
         let file = parse_bytes(tiny_gguf(0)).unwrap();
         assert_eq!(file.version, 3);
-        assert_eq!(file.get("general.architecture").and_then(Value::as_str), Some("llama"));
-        let tokens = file.get("tokenizer.ggml.tokens").and_then(Value::as_array).unwrap();
+        assert_eq!(
+            file.get("general.architecture").and_then(Value::as_str),
+            Some("llama")
+        );
+        let tokens = file
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .unwrap();
         assert_eq!(tokens.len(), 2);
         let w = file.tensor("w").unwrap();
         assert_eq!(w.shape, [2, 3]);
@@ -396,8 +582,12 @@ mod tests {
         let full = tiny_gguf(0).len();
         for cut in 1..full {
             match parse_bytes(tiny_gguf(cut)) {
-                Err(ModelError::Format { message, .. }) => assert!(message.contains("truncated"), "cut {cut}: {message}"),
-                Err(ModelError::Tensor { tensor, message, .. }) => {
+                Err(ModelError::Format { message, .. }) => {
+                    assert!(message.contains("truncated"), "cut {cut}: {message}")
+                }
+                Err(ModelError::Tensor {
+                    tensor, message, ..
+                }) => {
                     assert_eq!(tensor, "w");
                     assert!(message.contains("truncated"), "cut {cut}: {message}");
                 }
@@ -420,7 +610,9 @@ mod tests {
 
     #[test]
     fn wrong_magic_is_named() {
-        let err = parse_bytes(b"PK\x03\x04xxxxxxxxxxxxxxxxxxxxxxx".to_vec()).unwrap_err().to_string();
+        let err = parse_bytes(b"PK\x03\x04xxxxxxxxxxxxxxxxxxxxxxx".to_vec())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not the GGUF magic"), "{err}");
     }
 }

@@ -43,7 +43,9 @@ impl DType {
 
     /// Bytes of `elems` elements, or `None` if `elems` is not a whole number of blocks.
     pub fn bytes_for(self, elems: usize) -> Option<usize> {
-        (elems % self.block_elems() == 0).then(|| elems / self.block_elems() * self.block_bytes())
+        elems
+            .is_multiple_of(self.block_elems())
+            .then(|| elems / self.block_elems() * self.block_bytes())
     }
 
     pub fn is_quantized(self) -> bool {
@@ -94,7 +96,14 @@ pub struct WeightTensor {
 
 impl WeightTensor {
     /// A view of `len` bytes at `offset`; the caller has checked that they fit the shape.
-    pub(crate) fn new(name: String, dtype: DType, shape: Vec<usize>, backing: Arc<Backing>, offset: usize, len: usize) -> Self {
+    pub(crate) fn new(
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        backing: Arc<Backing>,
+        offset: usize,
+        len: usize,
+    ) -> Self {
         Self {
             name,
             dtype,
@@ -109,7 +118,14 @@ impl WeightTensor {
     pub fn from_f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         let len = bytes.len();
-        Self::new(name.to_owned(), DType::F32, shape, Arc::new(Backing::Owned(bytes)), 0, len)
+        Self::new(
+            name.to_owned(),
+            DType::F32,
+            shape,
+            Arc::new(Backing::Owned(bytes)),
+            0,
+            len,
+        )
     }
 
     /// The raw bytes, in the file's layout.
@@ -126,7 +142,10 @@ impl WeightTensor {
         match self.shape.as_slice() {
             [n] => (1, *n),
             [rows, cols] => (*rows, *cols),
-            _ => (self.shape.first().copied().unwrap_or(0), self.shape.iter().skip(1).product()),
+            _ => (
+                self.shape.first().copied().unwrap_or(0),
+                self.shape.iter().skip(1).product(),
+            ),
         }
     }
 

@@ -1,0 +1,426 @@
+//! The CPU backend: the default on a node without a GPU and the reference the CUDA backend is
+//! checked against. Weights are read where they are mapped; activations and the KV cache are
+//! plain f32 vectors. The only file of this backend that touches KV memory.
+
+pub mod kernels;
+
+use super::{Backend, BackendError, Heads, KvLayout, StepLayout};
+use crate::model::{DType, RopeStyle, WeightTensor};
+
+/// Row-major f32 activations.
+#[derive(Debug, Clone)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// A weight: the mapped tensor, plus an f32 copy for small vectors (norms, biases).
+#[derive(Debug)]
+pub struct CpuWeight {
+    tensor: WeightTensor,
+    vector: Option<Vec<f32>>,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+/// Keys and values of every layer: `[layer][slot][kv_head][head_dim]`.
+#[derive(Debug)]
+pub struct CpuKv {
+    layout: KvLayout,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// The CPU backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+fn shape_error(op: &'static str, detail: String) -> BackendError {
+    BackendError::Shape { op, detail }
+}
+
+fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>, BackendError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| BackendError::OutOfMemory {
+            memory: "host",
+            what: what.to_owned(),
+            bytes: len * 4,
+        })?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&self, weight: &WeightTensor) -> Result<CpuWeight, BackendError> {
+        let (rows, cols) = weight.rows_cols();
+        let vector = (rows == 1).then(|| weight.to_f32());
+        Ok(CpuWeight {
+            row_bytes: weight.row_bytes(),
+            tensor: weight.clone(),
+            vector,
+            rows,
+            cols,
+        })
+    }
+
+    fn alloc(&self, rows: usize, cols: usize) -> Result<CpuTensor, BackendError> {
+        Ok(CpuTensor {
+            rows,
+            cols,
+            data: try_zeroed(rows * cols, "activations")?,
+        })
+    }
+
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKv, BackendError> {
+        let per_layer =
+            layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim;
+        let mut k = Vec::with_capacity(layout.num_layers);
+        let mut v = Vec::with_capacity(layout.num_layers);
+        for _ in 0..layout.num_layers {
+            k.push(try_zeroed(per_layer, "the KV cache")?);
+            v.push(try_zeroed(per_layer, "the KV cache")?);
+        }
+        Ok(CpuKv {
+            layout: *layout,
+            k,
+            v,
+        })
+    }
+
+    fn embed(
+        &self,
+        table: &CpuWeight,
+        tokens: &[u32],
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        if out.rows != tokens.len() || out.cols != table.cols {
+            return Err(shape_error(
+                "embed",
+                format!("{} tokens into {}x{}", tokens.len(), out.rows, out.cols),
+            ));
+        }
+        let bytes = table.tensor.bytes();
+        for (r, &token) in tokens.iter().enumerate() {
+            let t = token as usize;
+            if t >= table.rows {
+                return Err(shape_error(
+                    "embed",
+                    format!("token {t} outside a vocabulary of {}", table.rows),
+                ));
+            }
+            let row = &bytes[t * table.row_bytes..(t + 1) * table.row_bytes];
+            kernels::dequantize_row(
+                table.tensor.dtype,
+                row,
+                &mut out.data[r * out.cols..(r + 1) * out.cols],
+            );
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuWeight,
+        eps: f32,
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        let w = weight
+            .vector
+            .as_deref()
+            .ok_or_else(|| shape_error("rms_norm", "weight is not a vector".into()))?;
+        if w.len() != x.cols || out.cols != x.cols || out.rows != x.rows {
+            return Err(shape_error(
+                "rms_norm",
+                format!("{}x{} with weight {}", x.rows, x.cols, w.len()),
+            ));
+        }
+        for r in 0..x.rows {
+            let row = x.row(r);
+            let mean_square = kernels::dot_f32(row, row) / x.cols as f32;
+            let scale = 1.0 / (mean_square + eps).sqrt();
+            for ((o, v), g) in out.data[r * x.cols..(r + 1) * x.cols]
+                .iter_mut()
+                .zip(row)
+                .zip(w)
+            {
+                *o = v * scale * g;
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuWeight,
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        if x.cols != weight.cols || out.rows != x.rows || out.cols != weight.rows {
+            return Err(shape_error(
+                "matmul",
+                format!(
+                    "{}x{} by weight {}x{} into {}x{}",
+                    x.rows, x.cols, weight.rows, weight.cols, out.rows, out.cols
+                ),
+            ));
+        }
+        let bytes = weight.tensor.bytes();
+        let dtype = weight.tensor.dtype;
+        // Weight rows outermost: each is read once per step however many rows the batch has.
+        for j in 0..weight.rows {
+            let row = &bytes[j * weight.row_bytes..(j + 1) * weight.row_bytes];
+            for r in 0..x.rows {
+                out.data[r * out.cols + j] = kernels::dot(dtype, row, x.row(r));
+            }
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut CpuTensor, bias: &CpuWeight) -> Result<(), BackendError> {
+        let b = bias
+            .vector
+            .as_deref()
+            .ok_or_else(|| shape_error("add_bias", "bias is not a vector".into()))?;
+        if b.len() != x.cols {
+            return Err(shape_error(
+                "add_bias",
+                format!("bias {} for {} columns", b.len(), x.cols),
+            ));
+        }
+        for row in x.data.chunks_exact_mut(x.cols) {
+            for (v, b) in row.iter_mut().zip(b) {
+                *v += b;
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+        style: RopeStyle,
+        positions: &[u32],
+    ) -> Result<(), BackendError> {
+        if x.cols != heads * head_dim || positions.len() != x.rows || inv_freq.len() != head_dim / 2
+        {
+            return Err(shape_error(
+                "rope",
+                format!("{}x{} for {heads} heads of {head_dim}", x.rows, x.cols),
+            ));
+        }
+        let half = head_dim / 2;
+        let mut cos = vec![0.0f32; half];
+        let mut sin = vec![0.0f32; half];
+        for (r, &pos) in positions.iter().enumerate() {
+            for i in 0..half {
+                // f32 throughout, as the reference computes `position * inv_freq` then cos/sin.
+                let angle = pos as f32 * inv_freq[i];
+                cos[i] = angle.cos();
+                sin[i] = angle.sin();
+            }
+            for h in 0..heads {
+                let head = &mut x.data[r * x.cols + h * head_dim..r * x.cols + (h + 1) * head_dim];
+                for i in 0..half {
+                    let (a, b) = match style {
+                        RopeStyle::Halves => (i, i + half),
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x1 * cos[i] + x0 * sin[i];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_kv(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        slots: &[u32],
+    ) -> Result<(), BackendError> {
+        let width = kv.layout.num_kv_heads * kv.layout.head_dim;
+        let capacity = kv.layout.num_blocks * kv.layout.block_size;
+        if k.cols != width
+            || v.cols != width
+            || k.rows != slots.len()
+            || v.rows != slots.len()
+            || layer >= kv.layout.num_layers
+        {
+            return Err(shape_error(
+                "write_kv",
+                format!("{}x{} keys for width {width}", k.rows, k.cols),
+            ));
+        }
+        for (r, &slot) in slots.iter().enumerate() {
+            let slot = slot as usize;
+            if slot >= capacity {
+                return Err(shape_error(
+                    "write_kv",
+                    format!("slot {slot} beyond {capacity}"),
+                ));
+            }
+            kv.k[layer][slot * width..(slot + 1) * width].copy_from_slice(k.row(r));
+            kv.v[layer][slot * width..(slot + 1) * width].copy_from_slice(v.row(r));
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        kv: &CpuKv,
+        layer: usize,
+        step: &StepLayout<'_>,
+        heads: Heads,
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        let Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = heads;
+        let width = num_kv_heads * head_dim;
+        if q.cols != num_heads * head_dim
+            || out.cols != q.cols
+            || out.rows != q.rows
+            || width != kv.layout.num_kv_heads * kv.layout.head_dim
+        {
+            return Err(shape_error(
+                "attention",
+                format!(
+                    "q {}x{} for {num_heads} heads of {head_dim}",
+                    q.rows, q.cols
+                ),
+            ));
+        }
+        let group = num_heads / num_kv_heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let (keys, values) = (&kv.k[layer], &kv.v[layer]);
+        let bs = step.block_size;
+        let mut scores = Vec::new();
+        for seq in step.seqs {
+            for t in seq.first_token..seq.first_token + seq.num_tokens {
+                // Causal: a token sees every position up to its own.
+                let visible = step.positions[t] as usize + 1;
+                if visible > seq.context_len || visible.div_ceil(bs) > seq.block_table.len() {
+                    return Err(shape_error(
+                        "attention",
+                        format!(
+                            "position {} beyond the sequence's {} cached tokens",
+                            visible - 1,
+                            seq.context_len
+                        ),
+                    ));
+                }
+                let slot = |p: usize| seq.block_table[p / bs] as usize * bs + p % bs;
+                for h in 0..num_heads {
+                    let kv_head = h / group;
+                    let query = &q.data[t * q.cols + h * head_dim..t * q.cols + (h + 1) * head_dim];
+                    scores.clear();
+                    let mut max = f32::NEG_INFINITY;
+                    for p in 0..visible {
+                        let base = slot(p) * width + kv_head * head_dim;
+                        let s = kernels::dot_f32(query, &keys[base..base + head_dim]) * scale;
+                        max = max.max(s);
+                        scores.push(s);
+                    }
+                    let mut total = 0.0f32;
+                    for s in &mut scores {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    let o = &mut out.data
+                        [t * out.cols + h * head_dim..t * out.cols + (h + 1) * head_dim];
+                    o.fill(0.0);
+                    for (p, s) in scores.iter().enumerate() {
+                        let base = slot(p) * width + kv_head * head_dim;
+                        let weight = s / total;
+                        for (o, v) in o.iter_mut().zip(&values[base..base + head_dim]) {
+                            *o += weight * v;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<(), BackendError> {
+        if gate.data.len() != up.data.len() {
+            return Err(shape_error(
+                "silu_mul",
+                format!("{} and {} elements", gate.data.len(), up.data.len()),
+            ));
+        }
+        for (g, u) in gate.data.iter_mut().zip(&up.data) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        Ok(())
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<(), BackendError> {
+        if x.data.len() != y.data.len() {
+            return Err(shape_error(
+                "add",
+                format!("{} and {} elements", x.data.len(), y.data.len()),
+            ));
+        }
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        x: &CpuTensor,
+        rows: &[usize],
+        out: &mut CpuTensor,
+    ) -> Result<(), BackendError> {
+        if out.rows != rows.len() || out.cols != x.cols || rows.iter().any(|&r| r >= x.rows) {
+            return Err(shape_error(
+                "gather_rows",
+                format!("{} rows of {}", rows.len(), x.rows),
+            ));
+        }
+        for (i, &r) in rows.iter().enumerate() {
+            out.data[i * x.cols..(i + 1) * x.cols].copy_from_slice(x.row(r));
+        }
+        Ok(())
+    }
+
+    fn read(&self, x: &CpuTensor) -> Result<Vec<f32>, BackendError> {
+        Ok(x.data.clone())
+    }
+}
+
+impl CpuWeight {
+    pub fn dtype(&self) -> DType {
+        self.tensor.dtype
+    }
+}

@@ -1,0 +1,151 @@
+//! The op interface every compute backend implements: exactly the operations the decoder's
+//! forward pass needs, on backend-owned activations, weights and KV memory.
+//!
+//! The model code (`engine`) is written once against [`Backend`]; the CPU backend is the
+//! reference and the default, and a CUDA backend implements the same trait. Host-side step
+//! metadata (positions, KV slots, block tables) is passed as plain slices in [`StepLayout`];
+//! a device backend copies it over once per step. Activations are f32 whatever the weights.
+
+pub mod cpu;
+
+use crate::model::{RopeStyle, WeightTensor};
+
+/// A backend failure, per request where possible (out of memory is not fatal to the daemon).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("out of {memory} memory allocating {bytes} bytes for {what}")]
+    OutOfMemory {
+        memory: &'static str,
+        what: String,
+        bytes: usize,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+}
+
+/// Shape of the paged KV cache a backend allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One sequence's share of a step: a run of consecutive flattened tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqSlice<'a> {
+    /// Index of its first token in the step's flattened tokens.
+    pub first_token: usize,
+    pub num_tokens: usize,
+    /// Tokens in its context once this step's tokens are written (the last token's position + 1).
+    pub context_len: usize,
+    /// Its KV blocks, in order; covers `context_len` tokens.
+    pub block_table: &'a [u32],
+}
+
+/// Host-side description of one step: which tokens, where they sit, where their K/V go.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLayout<'a> {
+    /// Position of each flattened token in its sequence.
+    pub positions: &'a [u32],
+    /// KV pool slot of each flattened token (`block * block_size + offset`).
+    pub slots: &'a [u32],
+    pub seqs: &'a [SeqSlice<'a>],
+    pub block_size: usize,
+}
+
+/// Attention head geometry.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The operations of a Llama-family forward pass.
+pub trait Backend: Send + Sync + 'static {
+    /// Activations: a row-major f32 matrix.
+    type Tensor: Send;
+    /// A weight as the backend keeps it (mapped, uploaded, or converted).
+    type Weight: Send + Sync;
+    /// The KV cache of every layer.
+    type Kv: Send;
+
+    /// A short name for logs and metrics: `cpu`, `cuda:0`.
+    fn name(&self) -> String;
+    fn upload(&self, weight: &WeightTensor) -> Result<Self::Weight, BackendError>;
+    fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor, BackendError>;
+    fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::Kv, BackendError>;
+
+    /// `out[r] = table[tokens[r]]`.
+    fn embed(
+        &self,
+        table: &Self::Weight,
+        tokens: &[u32],
+        out: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+    /// `out[r] = x[r] / rms(x[r]) * weight`.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+    /// `out[r][j] = dot(weight[j], x[r])`: a linear layer, weights `[out, in]`.
+    fn matmul(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        out: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+    /// `x[r] += bias`.
+    fn add_bias(&self, x: &mut Self::Tensor, bias: &Self::Weight) -> Result<(), BackendError>;
+    /// Rotates each head of each row by its token's position.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+        style: RopeStyle,
+        positions: &[u32],
+    ) -> Result<(), BackendError>;
+    /// Stores each row's keys and values at its slot in `layer`'s cache.
+    fn write_kv(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        slots: &[u32],
+    ) -> Result<(), BackendError>;
+    /// Causal attention of each query row over its sequence's cached keys and values, read
+    /// through the block table; `out` has one row per query, `num_heads * head_dim` wide.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        kv: &Self::Kv,
+        layer: usize,
+        step: &StepLayout<'_>,
+        heads: Heads,
+        out: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+    /// `gate = silu(gate) * up`.
+    fn silu_mul(&self, gate: &mut Self::Tensor, up: &Self::Tensor) -> Result<(), BackendError>;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
+    /// `out[i] = x[rows[i]]`.
+    fn gather_rows(
+        &self,
+        x: &Self::Tensor,
+        rows: &[usize],
+        out: &mut Self::Tensor,
+    ) -> Result<(), BackendError>;
+    /// Copies a tensor to host memory, row-major.
+    fn read(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+}

