@@ -89,6 +89,7 @@ fn api_server(path: &Path) {
         policy,
         Metrics::new().expect("metrics"),
         Box::new(SystemUserDb),
+        Vec::new(),
     ));
     let path = path.to_owned();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

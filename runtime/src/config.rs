@@ -48,6 +48,63 @@ pub struct DaemonConfig {
     /// How long SIGTERM waits for in-flight requests before closing them.
     #[serde(with = "crate::units::duration_str")]
     pub drain_timeout: Duration,
+    /// Where downloaded models live (the default model is fetched here by `make model`).
+    pub model_cache: PathBuf,
+    /// Models to serve. The default is SmolLM2-135M-Instruct from the model cache; if that file
+    /// is missing the daemon says so and serves a small generated model instead.
+    pub models: Vec<ModelSpec>,
+}
+
+/// One model to load at start.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The name clients ask for (`model` in requests); `[a-z0-9._-]`.
+    pub name: String,
+    /// A Hugging Face folder or a `.gguf` file. A relative path is taken in `model_cache`.
+    pub path: PathBuf,
+    /// Overrides the daemon's `backend` for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendChoice>,
+    /// KV-cache blocks of 16 tokens for this model's sequences.
+    #[serde(default = "default_kv_blocks")]
+    pub kv_blocks: usize,
+    /// Most sequences in one batched step.
+    #[serde(default = "default_max_sequences")]
+    pub max_sequences: usize,
+    /// Most tokens in one batched step (prefill chunks plus decode tokens).
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+}
+
+/// The default model's name and file.
+pub const DEFAULT_MODEL_NAME: &str = "smollm2-135m-instruct";
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn default_kv_blocks() -> usize {
+    1024
+}
+
+fn default_max_sequences() -> usize {
+    32
+}
+
+fn default_max_batch_tokens() -> usize {
+    512
+}
+
+impl ModelSpec {
+    /// The built-in default: SmolLM2-135M-Instruct (Q4_1 GGUF) from the model cache.
+    pub fn default_model() -> Self {
+        Self {
+            name: DEFAULT_MODEL_NAME.into(),
+            path: PathBuf::from(DEFAULT_MODEL_FILE),
+            backend: None,
+            kv_blocks: default_kv_blocks(),
+            max_sequences: default_max_sequences(),
+            max_batch_tokens: default_max_batch_tokens(),
+        }
+    }
 }
 
 /// Logging.
@@ -91,6 +148,8 @@ impl Default for DaemonConfig {
             backend: BackendChoice::Auto,
             max_request_body: ByteSize(1 << 20),
             drain_timeout: Duration::from_secs(30),
+            model_cache: PathBuf::from("/var/cache/accel/models"),
+            models: vec![ModelSpec::default_model()],
         }
     }
 }
@@ -194,6 +253,33 @@ impl DaemonConfig {
                 "is longer than 1h; systemd would kill the daemon first",
             ));
         }
+        if !self.model_cache.is_absolute() {
+            out.push(PathProblem::new("model_cache", format!("{} is not an absolute path", self.model_cache.display())));
+        }
+        for (i, model) in self.models.iter().enumerate() {
+            let path = format!("models[{i}]");
+            let valid = !model.name.is_empty()
+                && model.name.len() <= 64
+                && model.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                out.push(PathProblem::new(
+                    format!("{path}.name"),
+                    format!("{:?} is not a model name: use 1-64 of a-z, 0-9, '.', '_', '-' (it becomes a metric label)", model.name),
+                ));
+            }
+            if self.models[..i].iter().any(|m| m.name == model.name) {
+                out.push(PathProblem::new(format!("{path}.name"), format!("model {:?} is listed twice", model.name)));
+            }
+            for (field, value, max) in [
+                ("kv_blocks", model.kv_blocks, 1 << 24),
+                ("max_sequences", model.max_sequences, 4096),
+                ("max_batch_tokens", model.max_batch_tokens, 1 << 20),
+            ] {
+                if value == 0 || value > max {
+                    out.push(PathProblem::new(format!("{path}.{field}"), format!("{value} is out of range: use 1 to {max}")));
+                }
+            }
+        }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             out.push(PathProblem::new(
                 "log.level",
@@ -212,6 +298,15 @@ impl DaemonConfig {
                 "{:?} is not an octal permission mode like \"0660\"",
                 self.socket_mode
             )),
+        }
+    }
+
+    /// The file or folder of a model: absolute as given, relative within `model_cache`.
+    pub fn model_path(&self, spec: &ModelSpec) -> PathBuf {
+        if spec.path.is_absolute() {
+            spec.path.clone()
+        } else {
+            self.model_cache.join(&spec.path)
         }
     }
 

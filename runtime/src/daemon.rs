@@ -62,11 +62,16 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 
     let policy = config.policy_paths().load().map_err(DaemonError::Policy)?;
     tracing::info!(tenants = policy.tenants.len(), sources = ?policy.sources, "policy loaded");
+    let models = crate::runner::start_models(&config);
+    if models.is_empty() {
+        tracing::warn!("no model could be loaded; inference requests will get 404 until one is configured");
+    }
     let state = Arc::new(DaemonState::new(
         config.clone(),
         policy,
         Metrics::new()?,
         Box::new(SystemUserDb),
+        models,
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);

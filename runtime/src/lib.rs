@@ -26,6 +26,7 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod runner;
 pub mod state;
 pub mod sys;
 pub mod tokenizer;

@@ -5,12 +5,14 @@
 //! new one validated; reloads are serialized so two cannot interleave.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, UserDb};
+use crate::runner::ModelHandle;
 use crate::yaml::Problems;
 
 /// The outcome of a successful reload.
@@ -43,6 +45,9 @@ impl std::ops::Deref for PolicySnapshot {
 /// Shared daemon state.
 pub struct DaemonState {
     pub config: DaemonConfig,
+    /// Models served, loaded at start.
+    pub models: Vec<ModelHandle>,
+    tenant_in_flight: Mutex<HashMap<String, usize>>,
     pub metrics: Metrics,
     pub user_db: Box<dyn UserDb + Send + Sync>,
     pub started_at: SystemTime,
@@ -73,10 +78,19 @@ impl DaemonState {
         policy: Policy,
         metrics: Metrics,
         user_db: Box<dyn UserDb + Send + Sync>,
+        models: Vec<ModelHandle>,
     ) -> Self {
         metrics.set_policy(&policy);
+        for m in &models {
+            metrics
+                .models_loaded
+                .with_label_values(&[m.info.name.as_str(), m.info.format.as_str(), m.info.backend.as_str()])
+                .set(1);
+        }
         Self {
             config,
+            models,
+            tenant_in_flight: Mutex::new(HashMap::new()),
             metrics,
             user_db,
             started_at: SystemTime::now(),
@@ -163,11 +177,59 @@ impl DaemonState {
         }
     }
 
+    /// The served model named `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelHandle> {
+        self.models.iter().find(|m| m.info.name == name)
+    }
+
+    /// Takes one of `tenant`'s request slots, or returns how many it already has in flight.
+    pub fn enter_tenant(self: &Arc<Self>, tenant: &str, limit: Option<u32>) -> Result<TenantSlot, usize> {
+        let mut counts = self.tenant_in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(tenant.to_owned()).or_insert(0);
+        if limit.is_some_and(|l| *count >= l as usize) {
+            return Err(*count);
+        }
+        *count += 1;
+        self.metrics.tenant_requests_in_flight.with_label_values(&[tenant]).set(*count as i64);
+        Ok(TenantSlot {
+            state: self.clone(),
+            tenant: tenant.to_owned(),
+        })
+    }
+
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One in-flight request of a tenant; the slot frees itself when dropped (the response sent,
+/// the stream finished, or the client gone).
+#[derive(Debug)]
+pub struct TenantSlot {
+    state: Arc<DaemonState>,
+    tenant: String,
+}
+
+impl TenantSlot {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut counts = self.state.tenant_in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+            self.state
+                .metrics
+                .tenant_requests_in_flight
+                .with_label_values(&[self.tenant.as_str()])
+                .set(*count as i64);
+        }
     }
 }

@@ -21,6 +21,22 @@ pub struct Tokenizer {
     add_bos: bool,
 }
 
+/// GPT-2's reversible map from bytes to printable characters, used by byte-level BPE.
+fn byte_to_char() -> [char; 256] {
+    let mut map = ['\0'; 256];
+    let mut extra = 0u32;
+    for b in 0..=255u8 {
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        map[b as usize] = if printable {
+            char::from(b)
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).unwrap_or('?')
+        };
+    }
+    map
+}
+
 /// A tokenization failure (never expected on valid UTF-8, but never a panic either).
 #[derive(Debug, thiserror::Error)]
 #[error("tokenizer failed: {0}")]
@@ -157,6 +173,40 @@ impl Tokenizer {
         })
     }
 
+    /// A byte-level tokenizer with one token per byte (GPT-2's byte-to-character map) and the
+    /// given special tokens after them; for the generated stand-in model.
+    pub fn byte_level(specials: &[&str]) -> Result<Self, TokenizerError> {
+        let mut vocab = serde_json::Map::new();
+        for (id, c) in byte_to_char().iter().enumerate() {
+            vocab.insert(c.to_string(), json!(id));
+        }
+        let added: Vec<Value> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                vocab.insert((*s).to_owned(), json!(256 + i));
+                json!({"id": 256 + i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": []},
+        });
+        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e: tokenizers::Error| TokenizerError(e.to_string()))?;
+        let eos = specials.iter().position(|s| *s == "<|im_end|>").map(|i| 256 + i as u32);
+        Ok(Self {
+            inner,
+            eos: eos.into_iter().collect(),
+            bos: None,
+            add_bos: false,
+        })
+    }
+
     /// Token ids of `text`, with the model's BOS first when it wants one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self
@@ -197,5 +247,22 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_tokenizer_round_trips_any_text() {
+        let t = Tokenizer::byte_level(&["<|im_start|>", "<|im_end|>"]).unwrap();
+        for text in ["hello", "naïve 東京 🙂", " two  spaces\n", ""] {
+            let ids = t.encode(text).unwrap();
+            assert_eq!(ids.len(), text.len(), "one token per byte: {text:?}");
+            assert_eq!(t.decode(&ids, false).unwrap(), text);
+        }
+        assert_eq!(t.encode("<|im_start|>hi<|im_end|>").unwrap(), [256, b'h' as u32, b'i' as u32, 257]);
+        assert_eq!(t.eos_ids(), [257]);
     }
 }

@@ -7,6 +7,8 @@
 //! Handlers see only the shared [`DaemonState`] and the identity.
 
 mod error;
+mod openai;
+pub mod openai_types;
 mod routes;
 pub mod server;
 pub mod types;
@@ -99,6 +101,9 @@ pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
         .route("/v1/tenants", get(routes::tenants))
         .route("/v1/tenants/{name}", get(routes::tenant))
         .route("/v1/policy/reload", post(routes::reload_policy))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/metrics", get(routes::metrics))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), kind),

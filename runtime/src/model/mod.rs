@@ -6,6 +6,7 @@
 //! in the file mapping in their stored dtype. Every shape is checked at load, so the forward
 //! pass can trust them.
 
+pub mod generated;
 pub mod gguf;
 pub mod hf;
 pub mod tensor;

@@ -47,16 +47,28 @@ fn shape_error(op: &'static str, detail: String) -> BackendError {
     BackendError::Shape { op, detail }
 }
 
+/// A zeroed vector whose pages the kernel provides lazily (a large KV cache costs nothing until
+/// used), with allocation failure as an error rather than an abort.
 fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>, BackendError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| BackendError::OutOfMemory {
-            memory: "host",
-            what: what.to_owned(),
-            bytes: len * 4,
-        })?;
-    v.resize(len, 0.0);
-    Ok(v)
+    let oom = || BackendError::OutOfMemory {
+        memory: "host",
+        what: what.to_owned(),
+        bytes: len.saturating_mul(4),
+    };
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(len).map_err(|_| oom())?;
+    // SAFETY: the layout has a non-zero size (len > 0). alloc_zeroed returns memory aligned for
+    // f32 and zero-filled, which is a valid f32 (0.0) in every element; on success the Vec takes
+    // ownership with exactly this capacity and layout, so it frees it with the same layout.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<f32>();
+        if ptr.is_null() {
+            return Err(oom());
+        }
+        Ok(Vec::from_raw_parts(ptr, len, len))
+    }
 }
 
 impl Backend for CpuBackend {

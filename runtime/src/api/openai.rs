@@ -1,0 +1,541 @@
+//! OpenAI-compatible inference endpoints: `/v1/models`, `/v1/completions` and
+//! `/v1/chat/completions`, whole or streamed as server-sent events.
+//!
+//! Each request is checked against the caller's tenant (allowed models, concurrent requests)
+//! before it is tokenized and handed to the model's runner; the response is built from the
+//! runner's events. Per-tenant, per-model token counts and latencies go to the metrics.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::openai_types::*;
+use super::Authenticated;
+use crate::chat::Message;
+use crate::engine::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
+use crate::policy::Role;
+use crate::runner::{Event, FinishReason, GenerateRequest, ModelHandle, SubmitError};
+use crate::state::{DaemonState, TenantSlot};
+
+type Shared = State<Arc<DaemonState>>;
+
+/// Default `max_tokens` of `/v1/completions` (OpenAI's).
+const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
+/// Cap on the default `max_tokens` of chat completions (otherwise: the rest of the context).
+const CHAT_DEFAULT_MAX_TOKENS: usize = 2048;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:x}{:06x}", unix_now(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(status, "payload_too_large", "request body is larger than the daemon's max_request_body; send less")
+        } else {
+            ApiError::new(status, "bad_request", format!("cannot read request body: {rejection}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid for this endpoint: {e}")))
+}
+
+/// The tenant a request is accounted to: its tenant, or `operator` for an operator acting for none.
+fn tenant_label(auth: &Authenticated) -> String {
+    auth.identity.tenant.clone().unwrap_or_else(|| "operator".to_owned())
+}
+
+pub(super) async fn list_models(State(state): Shared, Extension(auth): Extension<Authenticated>) -> Json<ModelList> {
+    let tenant = auth.identity.tenant.as_deref().and_then(|t| auth.policy.tenant(t));
+    let data = state
+        .models
+        .iter()
+        .filter(|m| tenant.is_none_or(|t| t.allows_model(&m.info.name)))
+        .map(|m| ModelEntry {
+            id: m.info.name.clone(),
+            object: "model".into(),
+            created: m.info.created,
+            owned_by: "accel".into(),
+            format: m.info.format.clone(),
+            backend: m.info.backend.clone(),
+            context_length: m.info.context_length,
+        })
+        .collect();
+    Json(ModelList { object: "list".into(), data })
+}
+
+/// Finds the model and checks the tenant may use it and has a free request slot.
+fn admit(state: &Arc<DaemonState>, auth: &Authenticated, model: &str) -> Result<(ModelHandle, TenantSlot), ApiError> {
+    let handle = state.model(model).ok_or_else(|| {
+        let names: Vec<&str> = state.models.iter().map(|m| m.info.name.as_str()).collect();
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model {model:?} is not served here; available: {}", names.join(", ")),
+        )
+    })?;
+    let tenant = auth.identity.tenant.as_deref().and_then(|t| auth.policy.tenant(t));
+    if let Some(t) = tenant {
+        if !t.allows_model(model) {
+            return Err(ApiError::forbidden(format!(
+                "tenant {:?} may not use model {model:?}; its policy allows: {}",
+                t.name,
+                t.models.join(", ")
+            )));
+        }
+    }
+    let limit = match (auth.identity.role, tenant) {
+        (Role::Operator, None) => None,
+        (_, t) => t.and_then(|t| t.limits.max_concurrent_requests),
+    };
+    let slot = state.enter_tenant(&tenant_label(auth), limit).map_err(|in_flight| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "concurrency_limit",
+            format!(
+                "tenant {:?} already has {in_flight} requests in flight, its limit (limits.max_concurrent_requests); wait for one to finish or ask an operator to raise it",
+                tenant_label(auth)
+            ),
+        )
+    })?;
+    Ok((handle.clone(), slot))
+}
+
+fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
+    if common.n.unwrap_or(1) != 1 || common.best_of.unwrap_or(1) != 1 {
+        return Err(ApiError::bad_request("n and best_of other than 1 are not supported; send separate requests"));
+    }
+    let defaults = SamplingParams::default();
+    let params = SamplingParams {
+        temperature: common.temperature.unwrap_or(defaults.temperature),
+        top_k: common.top_k.unwrap_or(0),
+        top_p: common.top_p.unwrap_or(1.0),
+        min_p: common.min_p.unwrap_or(0.0),
+        repetition_penalty: common.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: common.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: common.frequency_penalty.unwrap_or(0.0),
+        seed: common.seed,
+        top_logprobs,
+    };
+    let problems = params.validate();
+    if problems.is_empty() {
+        Ok(params)
+    } else {
+        Err(ApiError::bad_request(problems.join("; ")))
+    }
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string()),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
+    }
+}
+
+/// Everything a generation needs after validation.
+struct Job {
+    id: String,
+    model: ModelHandle,
+    slot: TenantSlot,
+    events: mpsc::UnboundedReceiver<Event>,
+    stream: bool,
+    include_usage: bool,
+    top_logprobs: Option<usize>,
+    chat: bool,
+    started: Instant,
+}
+
+pub(super) async fn completions(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse(body)?;
+    if request.echo {
+        return Err(ApiError::bad_request("echo is not supported"));
+    }
+    let top = request.logprobs;
+    if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::bad_request(format!("logprobs is {}; at most {MAX_TOP_LOGPROBS}", top.unwrap_or(0))));
+    }
+    let params = sampling(&request.common, top.unwrap_or(0))?;
+    let (model, slot) = admit(&state, &auth, &request.common.model)?;
+    let prompt = match request.prompt {
+        PromptInput::Text(text) => model.tokenizer().encode(&text).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        PromptInput::Texts(texts) if texts.len() == 1 => model.tokenizer().encode(&texts[0]).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        PromptInput::Texts(texts) => return Err(ApiError::bad_request(format!("prompt holds {} strings; send one per request", texts.len()))),
+        PromptInput::Tokens(ids) => {
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= model.info.vocab_size) {
+                return Err(ApiError::bad_request(format!("prompt token {bad} is outside the model's vocabulary of {}", model.info.vocab_size)));
+            }
+            ids
+        }
+    };
+    let max_tokens = request.common.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS);
+    start(state, auth, model, slot, prompt, params, max_tokens, request.common, top, false).await
+}
+
+pub(super) async fn chat_completions(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse(body)?;
+    if request.messages.is_empty() {
+        return Err(ApiError::bad_request("messages is empty; send at least one message"));
+    }
+    let top = match (request.logprobs, request.top_logprobs) {
+        (false, Some(_)) => return Err(ApiError::bad_request("top_logprobs needs logprobs: true")),
+        (false, None) => None,
+        (true, n) => Some(n.unwrap_or(0)),
+    };
+    if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::bad_request(format!("top_logprobs is at most {MAX_TOP_LOGPROBS}")));
+    }
+    let params = sampling(&request.common, top.unwrap_or(0))?;
+    let (model, slot) = admit(&state, &auth, &request.common.model)?;
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for (i, m) in request.messages.into_iter().enumerate() {
+        let content = match m.content {
+            ContentInput::Text(text) => text,
+            ContentInput::Parts(parts) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => return Err(ApiError::bad_request(format!("messages[{i}].content: parts of type {kind:?} are not supported; send text"))),
+                    }
+                }
+                text
+            }
+        };
+        messages.push(Message { role: m.role, content });
+    }
+    let template = model
+        .chat_template()
+        .ok_or_else(|| ApiError::bad_request(format!("model {:?} has no chat template; use /v1/completions", model.info.name)))?;
+    let tokenizer = model.tokenizer();
+    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+    let eos = token_text(tokenizer.eos_ids().first().copied());
+    let text = template
+        .render(&messages, true, &token_text(tokenizer.bos_id()), &eos)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let prompt = tokenizer.encode(&text).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let remaining = model.info.context_length.saturating_sub(prompt.len()).max(1);
+    let max_tokens = request
+        .max_completion_tokens
+        .or(request.common.max_tokens)
+        .unwrap_or(remaining.min(CHAT_DEFAULT_MAX_TOKENS));
+    start(state, auth, model, slot, prompt, params, max_tokens, request.common, top, true).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    state: Arc<DaemonState>,
+    auth: Authenticated,
+    model: ModelHandle,
+    slot: TenantSlot,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    max_tokens: usize,
+    common: CommonFields,
+    top_logprobs: Option<usize>,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    if max_tokens == 0 {
+        return Err(ApiError::bad_request("max_tokens is 0; ask for at least one token"));
+    }
+    let prompt_tokens = prompt.len();
+    let events = model
+        .submit(GenerateRequest {
+            prompt,
+            params,
+            max_tokens,
+            stop: common.stop.into_vec(),
+            stop_token_ids: common.stop_token_ids,
+            ignore_eos: common.ignore_eos,
+        })
+        .map_err(submit_error)?;
+    tracing::debug!(tenant = %tenant_label(&auth), model = %model.info.name, prompt_tokens, max_tokens, "generation queued");
+    let job = Job {
+        id: request_id(if chat { "chatcmpl" } else { "cmpl" }),
+        model,
+        slot,
+        events,
+        stream: common.stream,
+        include_usage: common.stream_options.is_some_and(|o| o.include_usage),
+        top_logprobs,
+        chat,
+        started: Instant::now(),
+    };
+    if job.stream {
+        Ok(stream(state, job).into_response())
+    } else {
+        whole(state, job).await
+    }
+}
+
+/// Per-request bookkeeping for metrics.
+struct Timing {
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Timing {
+    fn token(&mut self, state: &DaemonState, job: &Job) {
+        let now = Instant::now();
+        let labels = [job.slot.tenant(), job.model.info.name.as_str()];
+        match self.last_token {
+            None => state
+                .metrics
+                .time_to_first_token
+                .with_label_values(&labels)
+                .observe(now.duration_since(job.started).as_secs_f64()),
+            Some(last) => state.metrics.inter_token_latency.with_label_values(&labels).observe(now.duration_since(last).as_secs_f64()),
+        }
+        self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+    }
+
+    fn done(&self, state: &DaemonState, job: &Job, reason: &str, prompt: usize, completion: usize) {
+        let labels = [job.slot.tenant(), job.model.info.name.as_str()];
+        let m = &state.metrics;
+        m.prompt_tokens.with_label_values(&labels).inc_by(prompt as u64);
+        m.generation_tokens.with_label_values(&labels).inc_by(completion as u64);
+        m.request_duration.with_label_values(&labels).observe(job.started.elapsed().as_secs_f64());
+        m.inference_requests
+            .with_label_values(&[job.slot.tenant(), job.model.info.name.as_str(), reason])
+            .inc();
+    }
+}
+
+fn reason_str(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn token_string(model: &ModelHandle, id: u32) -> String {
+    model.tokenizer().decode(&[id], false).unwrap_or_default()
+}
+
+fn chat_logprob(model: &ModelHandle, token: u32, logprob: f32, top: &[(u32, f32)]) -> TokenLogprob {
+    let text = token_string(model, token);
+    TokenLogprob {
+        bytes: text.as_bytes().to_vec(),
+        token: text,
+        logprob,
+        top_logprobs: top
+            .iter()
+            .map(|&(id, lp)| {
+                let t = token_string(model, id);
+                TopLogprob {
+                    bytes: t.as_bytes().to_vec(),
+                    token: t,
+                    logprob: lp,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Waits for the whole generation and answers once.
+async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut timing = Timing { first_token: None, last_token: None };
+    let mut legacy = CompletionLogprobs::default();
+    let mut chat_lp = ChatLogprobs::default();
+    loop {
+        match job.events.recv().await {
+            Some(Event::Token { text: delta, token, logprob, top }) => {
+                timing.token(&state, &job);
+                if job.top_logprobs.is_some() {
+                    if job.chat {
+                        chat_lp.content.push(chat_logprob(&job.model, token, logprob, &top));
+                    } else {
+                        legacy.text_offset.push(text.len());
+                        legacy.tokens.push(token_string(&job.model, token));
+                        legacy.token_logprobs.push(logprob);
+                        legacy.top_logprobs.push(top.iter().map(|&(id, lp)| (token_string(&job.model, id), lp)).collect::<BTreeMap<_, _>>());
+                    }
+                }
+                text.push_str(&delta);
+            }
+            Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
+                let reason = reason_str(reason);
+                timing.done(&state, &job, reason, prompt_tokens, completion_tokens);
+                let usage = Some(Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                });
+                let created = unix_now();
+                let body = if job.chat {
+                    serde_json::to_value(ChatResponse {
+                        id: job.id,
+                        object: "chat.completion".into(),
+                        created,
+                        model: job.model.info.name.clone(),
+                        choices: vec![ChatChoice {
+                            index: 0,
+                            message: Some(ChatMessageOut {
+                                role: Some("assistant".into()),
+                                content: Some(text),
+                            }),
+                            delta: None,
+                            logprobs: job.top_logprobs.map(|_| chat_lp),
+                            finish_reason: Some(reason.into()),
+                        }],
+                        usage,
+                    })
+                } else {
+                    serde_json::to_value(CompletionResponse {
+                        id: job.id,
+                        object: "text_completion".into(),
+                        created,
+                        model: job.model.info.name.clone(),
+                        choices: vec![CompletionChoice {
+                            index: 0,
+                            text,
+                            logprobs: job.top_logprobs.map(|_| legacy),
+                            finish_reason: Some(reason.into()),
+                        }],
+                        usage,
+                    })
+                };
+                return body
+                    .map(|v| Json(v).into_response())
+                    .map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")));
+            }
+            Some(Event::Error { message }) => {
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "generation_failed", format!("generation failed: {message}")));
+            }
+            None => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", "the model's runner stopped mid-request; see the daemon log")),
+        }
+    }
+}
+
+/// Streams the generation as server-sent events, OpenAI style, ending with `[DONE]`.
+fn stream(state: Arc<DaemonState>, job: Job) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    struct Streaming {
+        state: Arc<DaemonState>,
+        job: Job,
+        timing: Timing,
+        sent_role: bool,
+        finished: bool,
+        done_sent: bool,
+    }
+    let init = Streaming {
+        state,
+        job,
+        timing: Timing { first_token: None, last_token: None },
+        sent_role: false,
+        finished: false,
+        done_sent: false,
+    };
+    let events = futures_util::stream::unfold(init, |mut s| async move {
+        if s.done_sent {
+            return None;
+        }
+        if s.finished {
+            s.done_sent = true;
+            return Some((Ok(SseEvent::default().data("[DONE]")), s));
+        }
+        let chunk = |s: &Streaming, text: Option<String>, logprobs: Option<(u32, f32, Vec<(u32, f32)>)>, reason: Option<&str>, usage: Option<Usage>| {
+            let job = &s.job;
+            let created = unix_now();
+            if job.chat {
+                let delta = ChatMessageOut {
+                    role: (!s.sent_role).then(|| "assistant".to_owned()),
+                    content: text,
+                };
+                serde_json::to_string(&ChatResponse {
+                    id: job.id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created,
+                    model: job.model.info.name.clone(),
+                    choices: vec![ChatChoice {
+                        index: 0,
+                        message: None,
+                        delta: Some(delta),
+                        logprobs: logprobs.map(|(t, lp, top)| ChatLogprobs {
+                            content: vec![chat_logprob(&job.model, t, lp, &top)],
+                        }),
+                        finish_reason: reason.map(str::to_owned),
+                    }],
+                    usage,
+                })
+            } else {
+                serde_json::to_string(&CompletionResponse {
+                    id: job.id.clone(),
+                    object: "text_completion".into(),
+                    created,
+                    model: job.model.info.name.clone(),
+                    choices: vec![CompletionChoice {
+                        index: 0,
+                        text: text.unwrap_or_default(),
+                        logprobs: logprobs.map(|(t, lp, top)| CompletionLogprobs {
+                            tokens: vec![token_string(&job.model, t)],
+                            token_logprobs: vec![lp],
+                            top_logprobs: vec![top.iter().map(|&(id, v)| (token_string(&job.model, id), v)).collect()],
+                            text_offset: Vec::new(),
+                        }),
+                        finish_reason: reason.map(str::to_owned),
+                    }],
+                    usage,
+                })
+            }
+            .unwrap_or_else(|e| format!("{{\"error\":{{\"code\":\"internal\",\"message\":\"cannot encode chunk: {e}\"}}}}"))
+        };
+        let event = match s.job.events.recv().await {
+            Some(Event::Token { text, token, logprob, top }) => {
+                s.timing.token(&s.state, &s.job);
+                let logprobs = s.job.top_logprobs.map(|_| (token, logprob, top));
+                let data = chunk(&s, Some(text), logprobs, None, None);
+                s.sent_role = true;
+                data
+            }
+            Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
+                let reason = reason_str(reason);
+                s.timing.done(&s.state, &s.job, reason, prompt_tokens, completion_tokens);
+                s.finished = true;
+                let usage = s.job.include_usage.then_some(Usage {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                });
+                chunk(&s, None, None, Some(reason), usage)
+            }
+            Some(Event::Error { message }) => {
+                s.finished = true;
+                serde_json::json!({"error": {"code": "generation_failed", "message": format!("generation failed: {message}")}}).to_string()
+            }
+            None => {
+                s.finished = true;
+                serde_json::json!({"error": {"code": "model_unavailable", "message": "the model's runner stopped mid-request; see the daemon log"}}).to_string()
+            }
+        };
+        Some((Ok(SseEvent::default().data(event)), s))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}

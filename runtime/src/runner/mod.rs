@@ -1,0 +1,450 @@
+//! One model's engine on a thread of its own, fed by a simple continuous-batching loop:
+//! requests in over a channel, events out per request.
+//!
+//! The API layer sees only [`ModelHandle`] (submit a request, read its events), so a later
+//! scheduler can replace the loop's policy and a worker process can take the thread's place
+//! without touching the API. The loop is first come, first served: it admits a request when a
+//! sequence slot and KV blocks for its whole prompt and `max_tokens` are free, then runs steps
+//! that mix decode tokens with prefill chunks up to `max_batch_tokens`.
+
+pub mod detok;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::backend::cpu::CpuBackend;
+use crate::chat::ChatTemplate;
+use crate::config::{BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME};
+use crate::engine::sampling::{Sampler, SamplingParams};
+use crate::engine::{Engine, LogitsWanted, SeqId, StepInput};
+use crate::model::LoadedModel;
+use crate::tokenizer::Tokenizer;
+
+use self::detok::Detokenizer;
+
+/// What clients can know about a served model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// `gguf`, `hf` or `generated`.
+    pub format: String,
+    pub source: String,
+    pub backend: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// Unix time it was loaded.
+    pub created: u64,
+}
+
+/// A generation request, already tokenized.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+/// What a request sees, in order: tokens, then one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token {
+        /// Text to append (may be empty while a character or stop string is pending).
+        text: String,
+        token: u32,
+        logprob: f32,
+        /// Most likely alternatives with their log-probabilities, if asked for.
+        top: Vec<(u32, f32)>,
+    },
+    Done {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Why a request could not be submitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: {total} tokens exceed the model's context of {limit}; shorten the prompt or lower max_tokens")]
+    TooLong { prompt: usize, max_tokens: usize, total: usize, limit: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the request needs {needed} KV blocks but this model has {total}; lower max_tokens or raise the model's kv_blocks")]
+    TooBigForCache { needed: usize, total: usize },
+    #[error("the model's runner has stopped; see the daemon log")]
+    Stopped,
+}
+
+struct Job {
+    request: GenerateRequest,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// A served model: its tokenizer and template for the API, and the channel to its loop.
+#[derive(Debug, Clone)]
+pub struct ModelHandle {
+    pub info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    template: Option<Arc<ChatTemplate>>,
+    jobs: crossbeam_channel::Sender<Job>,
+    blocks: (usize, usize),
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("prompt_tokens", &self.request.prompt.len()).finish_non_exhaustive()
+    }
+}
+
+/// Why a model could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("chat template of {model}: {source}")]
+    Template {
+        model: String,
+        #[source]
+        source: crate::chat::TemplateError,
+    },
+    #[error("cannot start the runner thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl ModelHandle {
+    /// Puts `model` on a new thread with its own engine and KV cache.
+    pub fn spawn(name: &str, model: LoadedModel, spec: &ModelSpec) -> Result<Self, StartError> {
+        let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
+        let engine = Engine::new(CpuBackend, model.config.clone(), &model.weights, spec.kv_blocks, block_size)?;
+        let template = match &model.chat_template {
+            Some(source) => Some(Arc::new(ChatTemplate::new(source).map_err(|source| StartError::Template {
+                model: name.to_owned(),
+                source,
+            })?)),
+            None => None,
+        };
+        let tokenizer = Arc::new(model.tokenizer);
+        let info = ModelInfo {
+            name: name.to_owned(),
+            format: model.format.to_owned(),
+            source: model.source.display().to_string(),
+            backend: "cpu".into(),
+            context_length: model.config.max_position_embeddings,
+            vocab_size: model.config.vocab_size,
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        let (jobs, inbox) = crossbeam_channel::unbounded();
+        let runner = Runner {
+            engine,
+            tokenizer: tokenizer.clone(),
+            inbox,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            max_sequences: spec.max_sequences,
+            max_batch_tokens: spec.max_batch_tokens,
+            block_size,
+            total_blocks: spec.kv_blocks,
+        };
+        std::thread::Builder::new()
+            .name(format!("model-{name}"))
+            .spawn(move || runner.run())
+            .map_err(StartError::Thread)?;
+        Ok(Self {
+            info,
+            tokenizer,
+            template,
+            jobs,
+            blocks: (block_size, spec.kv_blocks),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.template.as_deref()
+    }
+
+    /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
+    /// cancels the request.
+    pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let limit = self.info.context_length;
+        let total = request.prompt.len() + request.max_tokens;
+        if request.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        if total > limit {
+            return Err(SubmitError::TooLong {
+                prompt: request.prompt.len(),
+                max_tokens: request.max_tokens,
+                total,
+                limit,
+            });
+        }
+        let (block_size, blocks) = self.blocks;
+        let needed = total.div_ceil(block_size);
+        if needed > blocks {
+            return Err(SubmitError::TooBigForCache { needed, total: blocks });
+        }
+        let (events, receiver) = mpsc::unbounded_channel();
+        self.jobs.send(Job { request, events }).map_err(|_| SubmitError::Stopped)?;
+        Ok(receiver)
+    }
+}
+
+/// Loads and starts every configured model, logging progress. A model that fails to load is
+/// logged and skipped, so the daemon serves the others. If the built-in default model's file is
+/// missing, the daemon says so and serves a small generated model, named as such, instead.
+pub fn start_models(config: &DaemonConfig) -> Vec<ModelHandle> {
+    let mut handles = Vec::new();
+    for spec in &config.models {
+        let path = config.model_path(spec);
+        let backend = spec.backend.unwrap_or(config.backend);
+        match backend {
+            BackendChoice::Cpu => {}
+            BackendChoice::Auto => tracing::info!(model = %spec.name, "no CUDA backend in this build; using the CPU backend"),
+            BackendChoice::Cuda => {
+                tracing::error!(model = %spec.name, "backend cuda is not available in this build; set backend: cpu or auto for this model");
+                continue;
+            }
+        }
+        let is_default = spec.name == DEFAULT_MODEL_NAME && spec.path == std::path::Path::new(DEFAULT_MODEL_FILE);
+        let started = Instant::now();
+        tracing::info!(model = %spec.name, path = %path.display(), "loading model");
+        let loaded = match crate::model::load(&path) {
+            Ok(model) => model,
+            Err(e) if is_default && !path.exists() => {
+                tracing::warn!(
+                    error = %e,
+                    "the default model is not installed (run `make model`); serving {} instead: random weights, for testing the service only",
+                    crate::model::generated::NAME
+                );
+                match crate::model::generated::tiny_random() {
+                    Ok(model) => {
+                        match ModelHandle::spawn(crate::model::generated::NAME, model, spec) {
+                            Ok(handle) => handles.push(handle),
+                            Err(e) => tracing::error!(error = %e, "cannot start the generated model"),
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot build the generated model"),
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(model = %spec.name, error = %e, "model not loaded; the daemon serves the others");
+                continue;
+            }
+        };
+        let layers = loaded.config.num_layers;
+        match ModelHandle::spawn(&spec.name, loaded, spec) {
+            Ok(handle) => {
+                tracing::info!(
+                    model = %spec.name,
+                    format = %handle.info.format,
+                    layers,
+                    context = handle.info.context_length,
+                    elapsed = ?started.elapsed(),
+                    "model ready"
+                );
+                handles.push(handle);
+            }
+            Err(e) => tracing::error!(model = %spec.name, error = %e, "model not started; the daemon serves the others"),
+        }
+    }
+    handles
+}
+
+/// A request being served.
+struct Active {
+    job: Job,
+    seq: SeqId,
+    /// Tokens still to feed: the rest of the prompt, then each sampled token.
+    pending: Vec<u32>,
+    prompt_done: bool,
+    /// Prompt and output, for penalties.
+    context: Vec<u32>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    reserved_blocks: usize,
+    started: Instant,
+}
+
+struct Runner {
+    engine: Engine<CpuBackend>,
+    tokenizer: Arc<Tokenizer>,
+    inbox: crossbeam_channel::Receiver<Job>,
+    waiting: VecDeque<Job>,
+    running: Vec<Active>,
+    max_sequences: usize,
+    max_batch_tokens: usize,
+    block_size: usize,
+    total_blocks: usize,
+}
+
+impl Runner {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.inbox.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    // Every handle is gone: the daemon is shutting down.
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = self.inbox.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn reserved(&self) -> usize {
+        self.running.iter().map(|a| a.reserved_blocks).sum()
+    }
+
+    /// First come, first served, while a sequence slot and blocks for the whole request are free.
+    fn admit(&mut self) {
+        self.waiting.retain(|job| !job.events.is_closed());
+        while self.running.len() < self.max_sequences {
+            let Some(job) = self.waiting.front() else { break };
+            let need = (job.request.prompt.len() + job.request.max_tokens).div_ceil(self.block_size);
+            if self.reserved() + need > self.total_blocks {
+                break;
+            }
+            let Some(job) = self.waiting.pop_front() else { break };
+            let seq = self.engine.add_sequence();
+            self.running.push(Active {
+                seq,
+                pending: job.request.prompt.clone(),
+                prompt_done: false,
+                context: job.request.prompt.clone(),
+                sampler: Sampler::new(job.request.params.clone()),
+                detok: Detokenizer::new(job.request.stop.clone()),
+                reserved_blocks: need,
+                started: Instant::now(),
+                job,
+            });
+        }
+    }
+
+    /// One batched step: a decode token for every generating sequence, then prefill chunks.
+    fn step(&mut self) {
+        let mut budget = self.max_batch_tokens;
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for (i, a) in self.running.iter().enumerate() {
+            if a.prompt_done && budget > 0 {
+                plan.push((i, 1));
+                budget -= 1;
+            }
+        }
+        for (i, a) in self.running.iter().enumerate() {
+            if !a.prompt_done && budget > 0 {
+                let take = a.pending.len().min(budget);
+                plan.push((i, take));
+                budget -= take;
+            }
+        }
+        let inputs: Vec<StepInput<'_>> = plan
+            .iter()
+            .map(|&(i, take)| StepInput {
+                seq: self.running[i].seq,
+                tokens: &self.running[i].pending[..take],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let outputs = match self.engine.step(&inputs) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                // The engine rolled the step back; fail its requests, keep serving the rest.
+                tracing::error!(error = %e, "engine step failed");
+                let failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+                for &i in &failed {
+                    let _ = self.running[i].job.events.send(Event::Error { message: e.to_string() });
+                }
+                self.remove(&failed);
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (&(i, take), output) in plan.iter().zip(outputs) {
+            let a = &mut self.running[i];
+            a.pending.drain(..take);
+            if !a.prompt_done && !a.pending.is_empty() {
+                continue; // more prompt to feed
+            }
+            a.prompt_done = true;
+            let Some(logits) = output.logits.first() else { continue };
+            let prompt_len = a.job.request.prompt.len();
+            let sampled = a.sampler.sample(logits, &a.context, prompt_len);
+            a.context.push(sampled.token);
+            let generated = a.context.len() - prompt_len;
+            let request = &a.job.request;
+            let eos = !request.ignore_eos && self.tokenizer.eos_ids().contains(&sampled.token);
+            let stop_token = request.stop_token_ids.contains(&sampled.token);
+            let (text, stopped) = if eos || stop_token {
+                (a.detok.finish(), true)
+            } else {
+                let delta = a.detok.push(&self.tokenizer, sampled.token);
+                (delta.text, delta.stopped)
+            };
+            let length = !stopped && generated >= request.max_tokens;
+            let text = if length { text + &a.detok.finish() } else { text };
+            let sent = a.job.events.send(Event::Token {
+                text,
+                token: sampled.token,
+                logprob: sampled.logprob,
+                top: sampled.top,
+            });
+            if sent.is_err() {
+                finished.push(i); // the client went away
+                continue;
+            }
+            if stopped || length {
+                let _ = a.job.events.send(Event::Done {
+                    reason: if stopped { FinishReason::Stop } else { FinishReason::Length },
+                    prompt_tokens: prompt_len,
+                    completion_tokens: generated,
+                });
+                tracing::debug!(elapsed = ?a.started.elapsed(), generated, "request finished");
+                finished.push(i);
+            } else {
+                a.pending.push(sampled.token);
+            }
+        }
+        self.remove(&finished);
+    }
+
+    fn remove(&mut self, indices: &[usize]) {
+        let mut indices = indices.to_vec();
+        indices.sort_unstable();
+        indices.dedup();
+        for &i in indices.iter().rev() {
+            let a = self.running.swap_remove(i);
+            self.engine.remove_sequence(a.seq);
+        }
+    }
+}
