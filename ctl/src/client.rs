@@ -118,6 +118,71 @@ impl Client {
         }
     }
 
+    /// POSTs `body` to a streaming endpoint and calls `on_data` with each server-sent event's
+    /// data as it arrives.
+    pub async fn post_sse(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+        mut on_data: impl FnMut(&str) -> Result<(), CtlError>,
+    ) -> Result<(), CtlError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| CtlError::Other(format!("cannot encode request: {e}")))?;
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| connect_error(&self.socket, e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| CtlError::Other(format!("HTTP handshake with acceld failed: {e}")))?;
+        tokio::spawn(connection);
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::ACCEPT, "text/event-stream");
+        if let Some(tenant) = &self.tenant {
+            builder = builder.header(ACT_FOR_TENANT_HEADER, tenant);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| CtlError::Other(format!("cannot build request for {path}: {e}")))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| CtlError::Other(format!("request {path} failed: {e}")))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
+                .to_bytes();
+            return Err(api_error(status, &bytes));
+        }
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| CtlError::Other(format!("the stream from acceld broke: {e}")))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            // Events end with a blank line; keep any partial event for the next frame.
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = pending.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                for line in text.lines() {
+                    if let Some(data) = line.strip_prefix("data:") {
+                        on_data(data.trim_start())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// GETs `path` and decodes the JSON answer.
     pub async fn get_json<T: serde::de::DeserializeOwned>(
         &self,

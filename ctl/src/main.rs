@@ -53,6 +53,25 @@ enum Command {
     Policy(PolicyCommand),
     /// Print the daemon's Prometheus metrics (operators only).
     Metrics,
+    /// List the models you may use.
+    Models,
+    /// Complete a prompt, streaming the text as it is generated.
+    Generate {
+        /// The prompt.
+        prompt: String,
+        #[command(flatten)]
+        options: cmd::generate::GenerationArgs,
+    },
+    /// Send one chat message, streaming the answer as it is generated.
+    Chat {
+        /// Your message.
+        message: String,
+        /// A system prompt to put first.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        options: cmd::generate::GenerationArgs,
+    },
 }
 
 /// Exit codes: scripts can tell "daemon down" from "not allowed" from "bad input".
@@ -113,6 +132,15 @@ fn main() -> ExitCode {
             Command::Tenants(command) => cmd::tenants::run(&client, command, json).await,
             Command::Policy(command) => cmd::policy::run(&client, command, json).await,
             Command::Metrics => cmd::metrics::run(&client, json).await,
+            Command::Models => cmd::models::run(&client, json).await,
+            Command::Generate { prompt, options } => {
+                cmd::generate::generate(&client, prompt, options, json).await
+            }
+            Command::Chat {
+                message,
+                system,
+                options,
+            } => cmd::generate::chat(&client, message, system.as_deref(), options, json).await,
         }
     });
     match result {

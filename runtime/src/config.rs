@@ -254,13 +254,18 @@ impl DaemonConfig {
             ));
         }
         if !self.model_cache.is_absolute() {
-            out.push(PathProblem::new("model_cache", format!("{} is not an absolute path", self.model_cache.display())));
+            out.push(PathProblem::new(
+                "model_cache",
+                format!("{} is not an absolute path", self.model_cache.display()),
+            ));
         }
         for (i, model) in self.models.iter().enumerate() {
             let path = format!("models[{i}]");
             let valid = !model.name.is_empty()
                 && model.name.len() <= 64
-                && model.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+                && model.name.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+                });
             if !valid {
                 out.push(PathProblem::new(
                     format!("{path}.name"),
@@ -268,7 +273,10 @@ impl DaemonConfig {
                 ));
             }
             if self.models[..i].iter().any(|m| m.name == model.name) {
-                out.push(PathProblem::new(format!("{path}.name"), format!("model {:?} is listed twice", model.name)));
+                out.push(PathProblem::new(
+                    format!("{path}.name"),
+                    format!("model {:?} is listed twice", model.name),
+                ));
             }
             for (field, value, max) in [
                 ("kv_blocks", model.kv_blocks, 1 << 24),
@@ -276,7 +284,10 @@ impl DaemonConfig {
                 ("max_batch_tokens", model.max_batch_tokens, 1 << 20),
             ] {
                 if value == 0 || value > max {
-                    out.push(PathProblem::new(format!("{path}.{field}"), format!("{value} is out of range: use 1 to {max}")));
+                    out.push(PathProblem::new(
+                        format!("{path}.{field}"),
+                        format!("{value} is out of range: use 1 to {max}"),
+                    ));
                 }
             }
         }

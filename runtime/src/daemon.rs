@@ -64,7 +64,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     tracing::info!(tenants = policy.tenants.len(), sources = ?policy.sources, "policy loaded");
     let models = crate::runner::start_models(&config);
     if models.is_empty() {
-        tracing::warn!("no model could be loaded; inference requests will get 404 until one is configured");
+        tracing::warn!(
+            "no model could be loaded; inference requests will get 404 until one is configured"
+        );
     }
     let state = Arc::new(DaemonState::new(
         config.clone(),

@@ -41,7 +41,9 @@ pub struct Metrics {
 }
 
 /// Latency buckets for inference, in seconds (1ms to 5 minutes).
-const INFERENCE_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const INFERENCE_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
@@ -110,27 +112,67 @@ impl Metrics {
             .buckets(API_LATENCY_BUCKETS.to_vec()),
         )?;
         let tm = &["tenant", "model"];
-        let prompt_tokens = IntCounterVec::new(Opts::new("accel_prompt_tokens_total", "Prompt tokens processed, by tenant and model."), tm)?;
-        let generation_tokens = IntCounterVec::new(Opts::new("accel_generation_tokens_total", "Tokens generated, by tenant and model."), tm)?;
+        let prompt_tokens = IntCounterVec::new(
+            Opts::new(
+                "accel_prompt_tokens_total",
+                "Prompt tokens processed, by tenant and model.",
+            ),
+            tm,
+        )?;
+        let generation_tokens = IntCounterVec::new(
+            Opts::new(
+                "accel_generation_tokens_total",
+                "Tokens generated, by tenant and model.",
+            ),
+            tm,
+        )?;
         let histogram = |name: &str, help: &str| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(INFERENCE_BUCKETS.to_vec()), tm)
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(INFERENCE_BUCKETS.to_vec()),
+                tm,
+            )
         };
-        let time_to_first_token = histogram("accel_time_to_first_token_seconds", "From request accepted to its first generated token.")?;
-        let inter_token_latency = histogram("accel_inter_token_latency_seconds", "Between consecutive generated tokens of a request.")?;
-        let request_duration = histogram("accel_request_duration_seconds", "Inference request latency, end to end.")?;
+        let time_to_first_token = histogram(
+            "accel_time_to_first_token_seconds",
+            "From request accepted to its first generated token.",
+        )?;
+        let inter_token_latency = histogram(
+            "accel_inter_token_latency_seconds",
+            "Between consecutive generated tokens of a request.",
+        )?;
+        let request_duration = histogram(
+            "accel_request_duration_seconds",
+            "Inference request latency, end to end.",
+        )?;
         let inference_requests = IntCounterVec::new(
-            Opts::new("accel_inference_requests_total", "Inference requests finished, by tenant, model and finish reason."),
+            Opts::new(
+                "accel_inference_requests_total",
+                "Inference requests finished, by tenant, model and finish reason.",
+            ),
             &["tenant", "model", "finish_reason"],
         )?;
-        let tenant_requests_in_flight = IntGaugeVec::new(Opts::new("accel_tenant_requests_in_flight", "Inference requests in flight, by tenant."), &["tenant"])?;
+        let tenant_requests_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "accel_tenant_requests_in_flight",
+                "Inference requests in flight, by tenant.",
+            ),
+            &["tenant"],
+        )?;
         let models_loaded = IntGaugeVec::new(
-            Opts::new("accel_model_info", "Models served; always 1, with their format and backend."),
+            Opts::new(
+                "accel_model_info",
+                "Models served; always 1, with their format and backend.",
+            ),
             &["model", "format", "backend"],
         )?;
         for family in [&prompt_tokens, &generation_tokens, &inference_requests] {
             registry.register(Box::new(family.clone()))?;
         }
-        for family in [&time_to_first_token, &inter_token_latency, &request_duration] {
+        for family in [
+            &time_to_first_token,
+            &inter_token_latency,
+            &request_duration,
+        ] {
             registry.register(Box::new(family.clone()))?;
         }
         registry.register(Box::new(tenant_requests_in_flight.clone()))?;

@@ -4,8 +4,8 @@
 //! Invariant: the policy is replaced whole (an `Arc` swap under a short lock) and only after the
 //! new one validated; reloads are serialized so two cannot interleave.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -84,7 +84,11 @@ impl DaemonState {
         for m in &models {
             metrics
                 .models_loaded
-                .with_label_values(&[m.info.name.as_str(), m.info.format.as_str(), m.info.backend.as_str()])
+                .with_label_values(&[
+                    m.info.name.as_str(),
+                    m.info.format.as_str(),
+                    m.info.backend.as_str(),
+                ])
                 .set(1);
         }
         Self {
@@ -183,14 +187,24 @@ impl DaemonState {
     }
 
     /// Takes one of `tenant`'s request slots, or returns how many it already has in flight.
-    pub fn enter_tenant(self: &Arc<Self>, tenant: &str, limit: Option<u32>) -> Result<TenantSlot, usize> {
-        let mut counts = self.tenant_in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn enter_tenant(
+        self: &Arc<Self>,
+        tenant: &str,
+        limit: Option<u32>,
+    ) -> Result<TenantSlot, usize> {
+        let mut counts = self
+            .tenant_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(tenant.to_owned()).or_insert(0);
         if limit.is_some_and(|l| *count >= l as usize) {
             return Err(*count);
         }
         *count += 1;
-        self.metrics.tenant_requests_in_flight.with_label_values(&[tenant]).set(*count as i64);
+        self.metrics
+            .tenant_requests_in_flight
+            .with_label_values(&[tenant])
+            .set(*count as i64);
         Ok(TenantSlot {
             state: self.clone(),
             tenant: tenant.to_owned(),
@@ -222,7 +236,11 @@ impl TenantSlot {
 
 impl Drop for TenantSlot {
     fn drop(&mut self) {
-        let mut counts = self.state.tenant_in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self
+            .state
+            .tenant_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(count) = counts.get_mut(&self.tenant) {
             *count = count.saturating_sub(1);
             self.state

@@ -26,7 +26,8 @@ fn byte_to_char() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..=255u8 {
-        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         map[b as usize] = if printable {
             char::from(b)
         } else {
@@ -197,8 +198,14 @@ impl Tokenizer {
                       "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                       "vocab": vocab, "merges": []},
         });
-        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e: tokenizers::Error| TokenizerError(e.to_string()))?;
-        let eos = specials.iter().position(|s| *s == "<|im_end|>").map(|i| 256 + i as u32);
+        let inner: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| TokenizerError(e.to_string()))?;
+        let eos = specials
+            .iter()
+            .position(|s| *s == "<|im_end|>")
+            .map(|i| 256 + i as u32);
         Ok(Self {
             inner,
             eos: eos.into_iter().collect(),
@@ -262,7 +269,10 @@ mod tests {
             assert_eq!(ids.len(), text.len(), "one token per byte: {text:?}");
             assert_eq!(t.decode(&ids, false).unwrap(), text);
         }
-        assert_eq!(t.encode("<|im_start|>hi<|im_end|>").unwrap(), [256, b'h' as u32, b'i' as u32, 257]);
+        assert_eq!(
+            t.encode("<|im_start|>hi<|im_end|>").unwrap(),
+            [256, b'h' as u32, b'i' as u32, 257]
+        );
         assert_eq!(t.eos_ids(), [257]);
     }
 }

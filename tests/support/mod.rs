@@ -119,11 +119,13 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "socket: {}\nsocket_mode: \"0666\"\nsocket_group: null\nstate_dir: {}\n{policy_line}policy_dir: {}\n{}{}",
+                "socket: {}\nsocket_mode: \"0666\"\nsocket_group: null\nstate_dir: {}\n{policy_line}policy_dir: {}\n{}{}{}",
                 socket.display(),
                 state.display(),
                 dir.path().join("policies.d").display(),
                 if options.extra_config.contains("drain_timeout:") { "" } else { "drain_timeout: 5s\n" },
+                // Tests that do not ask for models get none: loading one costs time.
+                if options.extra_config.contains("models:") { "" } else { "models: []\n" },
                 options.extra_config
             ),
         )

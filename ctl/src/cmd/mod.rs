@@ -1,6 +1,8 @@
 //! One module per `accelctl` subcommand.
 
+pub mod generate;
 pub mod metrics;
+pub mod models;
 pub mod policy;
 pub mod status;
 pub mod tenants;

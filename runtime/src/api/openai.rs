@@ -39,33 +39,64 @@ const CHAT_DEFAULT_MAX_TOKENS: usize = 2048;
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{:x}{:06x}", unix_now(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{:x}{:06x}",
+        unix_now(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, "payload_too_large", "request body is larger than the daemon's max_request_body; send less")
+            ApiError::new(
+                status,
+                "payload_too_large",
+                "request body is larger than the daemon's max_request_body; send less",
+            )
         } else {
-            ApiError::new(status, "bad_request", format!("cannot read request body: {rejection}"))
+            ApiError::new(
+                status,
+                "bad_request",
+                format!("cannot read request body: {rejection}"),
+            )
         }
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("request body is not valid for this endpoint: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid for this endpoint: {e}"),
+        )
+    })
 }
 
 /// The tenant a request is accounted to: its tenant, or `operator` for an operator acting for none.
 fn tenant_label(auth: &Authenticated) -> String {
-    auth.identity.tenant.clone().unwrap_or_else(|| "operator".to_owned())
+    auth.identity
+        .tenant
+        .clone()
+        .unwrap_or_else(|| "operator".to_owned())
 }
 
-pub(super) async fn list_models(State(state): Shared, Extension(auth): Extension<Authenticated>) -> Json<ModelList> {
-    let tenant = auth.identity.tenant.as_deref().and_then(|t| auth.policy.tenant(t));
+pub(super) async fn list_models(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Json<ModelList> {
+    let tenant = auth
+        .identity
+        .tenant
+        .as_deref()
+        .and_then(|t| auth.policy.tenant(t));
     let data = state
         .models
         .iter()
@@ -80,20 +111,34 @@ pub(super) async fn list_models(State(state): Shared, Extension(auth): Extension
             context_length: m.info.context_length,
         })
         .collect();
-    Json(ModelList { object: "list".into(), data })
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
 }
 
 /// Finds the model and checks the tenant may use it and has a free request slot.
-fn admit(state: &Arc<DaemonState>, auth: &Authenticated, model: &str) -> Result<(ModelHandle, TenantSlot), ApiError> {
+fn admit(
+    state: &Arc<DaemonState>,
+    auth: &Authenticated,
+    model: &str,
+) -> Result<(ModelHandle, TenantSlot), ApiError> {
     let handle = state.model(model).ok_or_else(|| {
         let names: Vec<&str> = state.models.iter().map(|m| m.info.name.as_str()).collect();
         ApiError::new(
             StatusCode::NOT_FOUND,
             "model_not_found",
-            format!("model {model:?} is not served here; available: {}", names.join(", ")),
+            format!(
+                "model {model:?} is not served here; available: {}",
+                names.join(", ")
+            ),
         )
     })?;
-    let tenant = auth.identity.tenant.as_deref().and_then(|t| auth.policy.tenant(t));
+    let tenant = auth
+        .identity
+        .tenant
+        .as_deref()
+        .and_then(|t| auth.policy.tenant(t));
     if let Some(t) = tenant {
         if !t.allows_model(model) {
             return Err(ApiError::forbidden(format!(
@@ -122,7 +167,9 @@ fn admit(state: &Arc<DaemonState>, auth: &Authenticated, model: &str) -> Result<
 
 fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
     if common.n.unwrap_or(1) != 1 || common.best_of.unwrap_or(1) != 1 {
-        return Err(ApiError::bad_request("n and best_of other than 1 are not supported; send separate requests"));
+        return Err(ApiError::bad_request(
+            "n and best_of other than 1 are not supported; send separate requests",
+        ));
     }
     let defaults = SamplingParams::default();
     let params = SamplingParams {
@@ -146,7 +193,11 @@ fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams
 
 fn submit_error(e: SubmitError) -> ApiError {
     match e {
-        SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string()),
+        SubmitError::Stopped => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_unavailable",
+            e.to_string(),
+        ),
         _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
     }
 }
@@ -175,23 +226,55 @@ pub(super) async fn completions(
     }
     let top = request.logprobs;
     if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-        return Err(ApiError::bad_request(format!("logprobs is {}; at most {MAX_TOP_LOGPROBS}", top.unwrap_or(0))));
+        return Err(ApiError::bad_request(format!(
+            "logprobs is {}; at most {MAX_TOP_LOGPROBS}",
+            top.unwrap_or(0)
+        )));
     }
     let params = sampling(&request.common, top.unwrap_or(0))?;
     let (model, slot) = admit(&state, &auth, &request.common.model)?;
     let prompt = match request.prompt {
-        PromptInput::Text(text) => model.tokenizer().encode(&text).map_err(|e| ApiError::bad_request(e.to_string()))?,
-        PromptInput::Texts(texts) if texts.len() == 1 => model.tokenizer().encode(&texts[0]).map_err(|e| ApiError::bad_request(e.to_string()))?,
-        PromptInput::Texts(texts) => return Err(ApiError::bad_request(format!("prompt holds {} strings; send one per request", texts.len()))),
+        PromptInput::Text(text) => model
+            .tokenizer()
+            .encode(&text)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        PromptInput::Texts(texts) if texts.len() == 1 => model
+            .tokenizer()
+            .encode(&texts[0])
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        PromptInput::Texts(texts) => {
+            return Err(ApiError::bad_request(format!(
+                "prompt holds {} strings; send one per request",
+                texts.len()
+            )))
+        }
         PromptInput::Tokens(ids) => {
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= model.info.vocab_size) {
-                return Err(ApiError::bad_request(format!("prompt token {bad} is outside the model's vocabulary of {}", model.info.vocab_size)));
+                return Err(ApiError::bad_request(format!(
+                    "prompt token {bad} is outside the model's vocabulary of {}",
+                    model.info.vocab_size
+                )));
             }
             ids
         }
     };
-    let max_tokens = request.common.max_tokens.unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS);
-    start(state, auth, model, slot, prompt, params, max_tokens, request.common, top, false).await
+    let max_tokens = request
+        .common
+        .max_tokens
+        .unwrap_or(COMPLETION_DEFAULT_MAX_TOKENS);
+    start(
+        state,
+        auth,
+        model,
+        slot,
+        prompt,
+        params,
+        max_tokens,
+        request.common,
+        top,
+        false,
+    )
+    .await
 }
 
 pub(super) async fn chat_completions(
@@ -201,7 +284,9 @@ pub(super) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let request: ChatRequest = parse(body)?;
     if request.messages.is_empty() {
-        return Err(ApiError::bad_request("messages is empty; send at least one message"));
+        return Err(ApiError::bad_request(
+            "messages is empty; send at least one message",
+        ));
     }
     let top = match (request.logprobs, request.top_logprobs) {
         (false, Some(_)) => return Err(ApiError::bad_request("top_logprobs needs logprobs: true")),
@@ -209,7 +294,9 @@ pub(super) async fn chat_completions(
         (true, n) => Some(n.unwrap_or(0)),
     };
     if top.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-        return Err(ApiError::bad_request(format!("top_logprobs is at most {MAX_TOP_LOGPROBS}")));
+        return Err(ApiError::bad_request(format!(
+            "top_logprobs is at most {MAX_TOP_LOGPROBS}"
+        )));
     }
     let params = sampling(&request.common, top.unwrap_or(0))?;
     let (model, slot) = admit(&state, &auth, &request.common.model)?;
@@ -228,24 +315,51 @@ pub(super) async fn chat_completions(
                 text
             }
         };
-        messages.push(Message { role: m.role, content });
+        messages.push(Message {
+            role: m.role,
+            content,
+        });
     }
-    let template = model
-        .chat_template()
-        .ok_or_else(|| ApiError::bad_request(format!("model {:?} has no chat template; use /v1/completions", model.info.name)))?;
+    let template = model.chat_template().ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "model {:?} has no chat template; use /v1/completions",
+            model.info.name
+        ))
+    })?;
     let tokenizer = model.tokenizer();
-    let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
     let eos = token_text(tokenizer.eos_ids().first().copied());
     let text = template
         .render(&messages, true, &token_text(tokenizer.bos_id()), &eos)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let prompt = tokenizer.encode(&text).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let remaining = model.info.context_length.saturating_sub(prompt.len()).max(1);
+    let prompt = tokenizer
+        .encode(&text)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let remaining = model
+        .info
+        .context_length
+        .saturating_sub(prompt.len())
+        .max(1);
     let max_tokens = request
         .max_completion_tokens
         .or(request.common.max_tokens)
         .unwrap_or(remaining.min(CHAT_DEFAULT_MAX_TOKENS));
-    start(state, auth, model, slot, prompt, params, max_tokens, request.common, top, true).await
+    start(
+        state,
+        auth,
+        model,
+        slot,
+        prompt,
+        params,
+        max_tokens,
+        request.common,
+        top,
+        true,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -262,7 +376,9 @@ async fn start(
     chat: bool,
 ) -> Result<Response, ApiError> {
     if max_tokens == 0 {
-        return Err(ApiError::bad_request("max_tokens is 0; ask for at least one token"));
+        return Err(ApiError::bad_request(
+            "max_tokens is 0; ask for at least one token",
+        ));
     }
     let prompt_tokens = prompt.len();
     let events = model
@@ -310,7 +426,11 @@ impl Timing {
                 .time_to_first_token
                 .with_label_values(&labels)
                 .observe(now.duration_since(job.started).as_secs_f64()),
-            Some(last) => state.metrics.inter_token_latency.with_label_values(&labels).observe(now.duration_since(last).as_secs_f64()),
+            Some(last) => state
+                .metrics
+                .inter_token_latency
+                .with_label_values(&labels)
+                .observe(now.duration_since(last).as_secs_f64()),
         }
         self.first_token.get_or_insert(now);
         self.last_token = Some(now);
@@ -319,9 +439,15 @@ impl Timing {
     fn done(&self, state: &DaemonState, job: &Job, reason: &str, prompt: usize, completion: usize) {
         let labels = [job.slot.tenant(), job.model.info.name.as_str()];
         let m = &state.metrics;
-        m.prompt_tokens.with_label_values(&labels).inc_by(prompt as u64);
-        m.generation_tokens.with_label_values(&labels).inc_by(completion as u64);
-        m.request_duration.with_label_values(&labels).observe(job.started.elapsed().as_secs_f64());
+        m.prompt_tokens
+            .with_label_values(&labels)
+            .inc_by(prompt as u64);
+        m.generation_tokens
+            .with_label_values(&labels)
+            .inc_by(completion as u64);
+        m.request_duration
+            .with_label_values(&labels)
+            .observe(job.started.elapsed().as_secs_f64());
         m.inference_requests
             .with_label_values(&[job.slot.tenant(), job.model.info.name.as_str(), reason])
             .inc();
@@ -335,8 +461,14 @@ fn reason_str(reason: FinishReason) -> &'static str {
     }
 }
 
+/// A token's text for log-probabilities; a token that is only part of a character shows as
+/// its vocabulary entry rather than as a replacement character.
 fn token_string(model: &ModelHandle, id: u32) -> String {
-    model.tokenizer().decode(&[id], false).unwrap_or_default()
+    let tokenizer = model.tokenizer();
+    match tokenizer.decode(&[id], false) {
+        Ok(text) if !text.contains('\u{FFFD}') => text,
+        _ => tokenizer.id_to_token(id).unwrap_or_default(),
+    }
 }
 
 fn chat_logprob(model: &ModelHandle, token: u32, logprob: f32, top: &[(u32, f32)]) -> TokenLogprob {
@@ -362,26 +494,44 @@ fn chat_logprob(model: &ModelHandle, token: u32, logprob: f32, top: &[(u32, f32)
 /// Waits for the whole generation and answers once.
 async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiError> {
     let mut text = String::new();
-    let mut timing = Timing { first_token: None, last_token: None };
+    let mut timing = Timing {
+        first_token: None,
+        last_token: None,
+    };
     let mut legacy = CompletionLogprobs::default();
     let mut chat_lp = ChatLogprobs::default();
     loop {
         match job.events.recv().await {
-            Some(Event::Token { text: delta, token, logprob, top }) => {
+            Some(Event::Token {
+                text: delta,
+                token,
+                logprob,
+                top,
+            }) => {
                 timing.token(&state, &job);
                 if job.top_logprobs.is_some() {
                     if job.chat {
-                        chat_lp.content.push(chat_logprob(&job.model, token, logprob, &top));
+                        chat_lp
+                            .content
+                            .push(chat_logprob(&job.model, token, logprob, &top));
                     } else {
                         legacy.text_offset.push(text.len());
                         legacy.tokens.push(token_string(&job.model, token));
                         legacy.token_logprobs.push(logprob);
-                        legacy.top_logprobs.push(top.iter().map(|&(id, lp)| (token_string(&job.model, id), lp)).collect::<BTreeMap<_, _>>());
+                        legacy.top_logprobs.push(
+                            top.iter()
+                                .map(|&(id, lp)| (token_string(&job.model, id), lp))
+                                .collect::<BTreeMap<_, _>>(),
+                        );
                     }
                 }
                 text.push_str(&delta);
             }
-            Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
+            Some(Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
                 let reason = reason_str(reason);
                 timing.done(&state, &job, reason, prompt_tokens, completion_tokens);
                 let usage = Some(Usage {
@@ -428,15 +578,31 @@ async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiErr
                     .map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")));
             }
             Some(Event::Error { message }) => {
-                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "generation_failed", format!("generation failed: {message}")));
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "generation_failed",
+                    format!("generation failed: {message}"),
+                ));
             }
-            None => return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", "the model's runner stopped mid-request; see the daemon log")),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "model_unavailable",
+                    "the model's runner stopped mid-request; see the daemon log",
+                ))
+            }
         }
     }
 }
 
+/// One streamed token's log-probability: token, logprob, top alternatives.
+type ChunkLogprob = (u32, f32, Vec<(u32, f32)>);
+
 /// Streams the generation as server-sent events, OpenAI style, ending with `[DONE]`.
-fn stream(state: Arc<DaemonState>, job: Job) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+fn stream(
+    state: Arc<DaemonState>,
+    job: Job,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     struct Streaming {
         state: Arc<DaemonState>,
         job: Job,
@@ -448,7 +614,10 @@ fn stream(state: Arc<DaemonState>, job: Job) -> Sse<impl futures_util::Stream<It
     let init = Streaming {
         state,
         job,
-        timing: Timing { first_token: None, last_token: None },
+        timing: Timing {
+            first_token: None,
+            last_token: None,
+        },
         sent_role: false,
         finished: false,
         done_sent: false,
@@ -461,7 +630,11 @@ fn stream(state: Arc<DaemonState>, job: Job) -> Sse<impl futures_util::Stream<It
             s.done_sent = true;
             return Some((Ok(SseEvent::default().data("[DONE]")), s));
         }
-        let chunk = |s: &Streaming, text: Option<String>, logprobs: Option<(u32, f32, Vec<(u32, f32)>)>, reason: Option<&str>, usage: Option<Usage>| {
+        let chunk = |s: &Streaming,
+                     text: Option<String>,
+                     logprobs: Option<ChunkLogprob>,
+                     reason: Option<&str>,
+                     usage: Option<Usage>| {
             let job = &s.job;
             let created = unix_now();
             if job.chat {
@@ -508,16 +681,26 @@ fn stream(state: Arc<DaemonState>, job: Job) -> Sse<impl futures_util::Stream<It
             .unwrap_or_else(|e| format!("{{\"error\":{{\"code\":\"internal\",\"message\":\"cannot encode chunk: {e}\"}}}}"))
         };
         let event = match s.job.events.recv().await {
-            Some(Event::Token { text, token, logprob, top }) => {
+            Some(Event::Token {
+                text,
+                token,
+                logprob,
+                top,
+            }) => {
                 s.timing.token(&s.state, &s.job);
                 let logprobs = s.job.top_logprobs.map(|_| (token, logprob, top));
                 let data = chunk(&s, Some(text), logprobs, None, None);
                 s.sent_role = true;
                 data
             }
-            Some(Event::Done { reason, prompt_tokens, completion_tokens }) => {
+            Some(Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
                 let reason = reason_str(reason);
-                s.timing.done(&s.state, &s.job, reason, prompt_tokens, completion_tokens);
+                s.timing
+                    .done(&s.state, &s.job, reason, prompt_tokens, completion_tokens);
                 s.finished = true;
                 let usage = s.job.include_usage.then_some(Usage {
                     prompt_tokens,

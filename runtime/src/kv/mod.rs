@@ -57,7 +57,9 @@ impl BlockPool {
                 block_size: self.block_size,
             });
         }
-        Ok(self.free.split_off(self.free.len() - n))
+        let mut taken = self.free.split_off(self.free.len() - n);
+        taken.reverse();
+        Ok(taken)
     }
 
     fn give_back(&mut self, blocks: impl IntoIterator<Item = u32>) {

@@ -39,7 +39,11 @@ pub fn tiny_random() -> Result<LoadedModel, super::ModelError> {
         WeightTensor::from_f32(name, shape.to_vec(), &data)
     };
     let ones = |name: &str, n: usize| WeightTensor::from_f32(name, vec![n], &vec![1.0; n]);
-    let (h, i, kv) = (config.hidden_size, config.intermediate_size, config.num_kv_heads * config.head_dim);
+    let (h, i, kv) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_kv_heads * config.head_dim,
+    );
     let layers = (0..config.num_layers)
         .map(|l| LayerWeights {
             attn_norm: ones(&format!("layers.{l}.attn_norm"), h),

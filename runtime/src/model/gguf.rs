@@ -160,7 +160,7 @@ impl<'a> Reader<'a> {
                 // Every item takes at least one byte: a length beyond the file is corrupt.
                 if len > MAX_ARRAY_LEN || len > (self.bytes.len() - self.pos) as u64 {
                     return Err(self.bad(format!(
-                        "metadata {key:?} claims an array of {len} items, more than the file holds"
+                        "metadata {key:?} claims an array of {len} items, more than the file holds; it is truncated or corrupt"
                     )));
                 }
                 let mut items = Vec::with_capacity(len as usize);

@@ -40,18 +40,27 @@ impl Detokenizer {
         self.text = tokenizer.decode(&self.ids, true).unwrap_or_default();
         // Earliest stop string at or after what was already emitted (a stop string may span
         // tokens, so search from before the emitted point by its length).
-        let search_from = self.emitted.saturating_sub(self.stop.iter().map(String::len).max().unwrap_or(0));
+        let search_from = self
+            .emitted
+            .saturating_sub(self.stop.iter().map(String::len).max().unwrap_or(0));
         let search_from = floor_char_boundary(&self.text, search_from);
         let found = self
             .stop
             .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| search_from + i))
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|i| search_from + i)
+            })
             .min();
         if let Some(at) = found {
             let at = at.max(self.emitted);
             let text = self.text[self.emitted..at].to_owned();
             self.emitted = at;
-            return Delta { text, stopped: true };
+            return Delta {
+                text,
+                stopped: true,
+            };
         }
         // Hold back an incomplete character (decoded as U+FFFD) and any tail that could still
         // become a stop string.
@@ -72,7 +81,10 @@ impl Detokenizer {
         let end = end.max(self.emitted);
         let text = self.text[self.emitted..end].to_owned();
         self.emitted = end;
-        Delta { text, stopped: false }
+        Delta {
+            text,
+            stopped: false,
+        }
     }
 
     /// Text held back at the end of generation (an incomplete stop-string prefix is real text).

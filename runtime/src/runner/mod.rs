@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::backend::cpu::CpuBackend;
 use crate::chat::ChatTemplate;
-use crate::config::{BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME};
+use crate::config::{
+    BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME,
+};
 use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::{Engine, LogitsWanted, SeqId, StepInput};
 use crate::model::LoadedModel;
@@ -86,7 +88,12 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: {total} tokens exceed the model's context of {limit}; shorten the prompt or lower max_tokens")]
-    TooLong { prompt: usize, max_tokens: usize, total: usize, limit: usize },
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        total: usize,
+        limit: usize,
+    },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("the request needs {needed} KV blocks but this model has {total}; lower max_tokens or raise the model's kv_blocks")]
@@ -112,7 +119,9 @@ pub struct ModelHandle {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("prompt_tokens", &self.request.prompt.len()).finish_non_exhaustive()
+        f.debug_struct("Job")
+            .field("prompt_tokens", &self.request.prompt.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,11 +144,19 @@ impl ModelHandle {
     /// Puts `model` on a new thread with its own engine and KV cache.
     pub fn spawn(name: &str, model: LoadedModel, spec: &ModelSpec) -> Result<Self, StartError> {
         let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
-        let engine = Engine::new(CpuBackend, model.config.clone(), &model.weights, spec.kv_blocks, block_size)?;
+        let engine = Engine::new(
+            CpuBackend,
+            model.config.clone(),
+            &model.weights,
+            spec.kv_blocks,
+            block_size,
+        )?;
         let template = match &model.chat_template {
-            Some(source) => Some(Arc::new(ChatTemplate::new(source).map_err(|source| StartError::Template {
-                model: name.to_owned(),
-                source,
+            Some(source) => Some(Arc::new(ChatTemplate::new(source).map_err(|source| {
+                StartError::Template {
+                    model: name.to_owned(),
+                    source,
+                }
             })?)),
             None => None,
         };
@@ -151,7 +168,9 @@ impl ModelHandle {
             backend: "cpu".into(),
             context_length: model.config.max_position_embeddings,
             vocab_size: model.config.vocab_size,
-            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         let (jobs, inbox) = crossbeam_channel::unbounded();
         let runner = Runner {
@@ -188,7 +207,10 @@ impl ModelHandle {
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
-    pub fn submit(&self, request: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
         let limit = self.info.context_length;
         let total = request.prompt.len() + request.max_tokens;
         if request.prompt.is_empty() {
@@ -205,10 +227,15 @@ impl ModelHandle {
         let (block_size, blocks) = self.blocks;
         let needed = total.div_ceil(block_size);
         if needed > blocks {
-            return Err(SubmitError::TooBigForCache { needed, total: blocks });
+            return Err(SubmitError::TooBigForCache {
+                needed,
+                total: blocks,
+            });
         }
         let (events, receiver) = mpsc::unbounded_channel();
-        self.jobs.send(Job { request, events }).map_err(|_| SubmitError::Stopped)?;
+        self.jobs
+            .send(Job { request, events })
+            .map_err(|_| SubmitError::Stopped)?;
         Ok(receiver)
     }
 }
@@ -223,13 +250,16 @@ pub fn start_models(config: &DaemonConfig) -> Vec<ModelHandle> {
         let backend = spec.backend.unwrap_or(config.backend);
         match backend {
             BackendChoice::Cpu => {}
-            BackendChoice::Auto => tracing::info!(model = %spec.name, "no CUDA backend in this build; using the CPU backend"),
+            BackendChoice::Auto => {
+                tracing::info!(model = %spec.name, "no CUDA backend in this build; using the CPU backend")
+            }
             BackendChoice::Cuda => {
                 tracing::error!(model = %spec.name, "backend cuda is not available in this build; set backend: cpu or auto for this model");
                 continue;
             }
         }
-        let is_default = spec.name == DEFAULT_MODEL_NAME && spec.path == std::path::Path::new(DEFAULT_MODEL_FILE);
+        let is_default = spec.name == DEFAULT_MODEL_NAME
+            && spec.path == std::path::Path::new(DEFAULT_MODEL_FILE);
         let started = Instant::now();
         tracing::info!(model = %spec.name, path = %path.display(), "loading model");
         let loaded = match crate::model::load(&path) {
@@ -244,7 +274,9 @@ pub fn start_models(config: &DaemonConfig) -> Vec<ModelHandle> {
                     Ok(model) => {
                         match ModelHandle::spawn(crate::model::generated::NAME, model, spec) {
                             Ok(handle) => handles.push(handle),
-                            Err(e) => tracing::error!(error = %e, "cannot start the generated model"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot start the generated model")
+                            }
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot build the generated model"),
@@ -269,7 +301,9 @@ pub fn start_models(config: &DaemonConfig) -> Vec<ModelHandle> {
                 );
                 handles.push(handle);
             }
-            Err(e) => tracing::error!(model = %spec.name, error = %e, "model not started; the daemon serves the others"),
+            Err(e) => {
+                tracing::error!(model = %spec.name, error = %e, "model not started; the daemon serves the others")
+            }
         }
     }
     handles
@@ -330,12 +364,17 @@ impl Runner {
     fn admit(&mut self) {
         self.waiting.retain(|job| !job.events.is_closed());
         while self.running.len() < self.max_sequences {
-            let Some(job) = self.waiting.front() else { break };
-            let need = (job.request.prompt.len() + job.request.max_tokens).div_ceil(self.block_size);
+            let Some(job) = self.waiting.front() else {
+                break;
+            };
+            let need =
+                (job.request.prompt.len() + job.request.max_tokens).div_ceil(self.block_size);
             if self.reserved() + need > self.total_blocks {
                 break;
             }
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
             let seq = self.engine.add_sequence();
             self.running.push(Active {
                 seq,
@@ -383,7 +422,9 @@ impl Runner {
                 tracing::error!(error = %e, "engine step failed");
                 let failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
                 for &i in &failed {
-                    let _ = self.running[i].job.events.send(Event::Error { message: e.to_string() });
+                    let _ = self.running[i].job.events.send(Event::Error {
+                        message: e.to_string(),
+                    });
                 }
                 self.remove(&failed);
                 return;
@@ -397,7 +438,9 @@ impl Runner {
                 continue; // more prompt to feed
             }
             a.prompt_done = true;
-            let Some(logits) = output.logits.first() else { continue };
+            let Some(logits) = output.logits.first() else {
+                continue;
+            };
             let prompt_len = a.job.request.prompt.len();
             let sampled = a.sampler.sample(logits, &a.context, prompt_len);
             a.context.push(sampled.token);
@@ -412,7 +455,11 @@ impl Runner {
                 (delta.text, delta.stopped)
             };
             let length = !stopped && generated >= request.max_tokens;
-            let text = if length { text + &a.detok.finish() } else { text };
+            let text = if length {
+                text + &a.detok.finish()
+            } else {
+                text
+            };
             let sent = a.job.events.send(Event::Token {
                 text,
                 token: sampled.token,
@@ -425,7 +472,11 @@ impl Runner {
             }
             if stopped || length {
                 let _ = a.job.events.send(Event::Done {
-                    reason: if stopped { FinishReason::Stop } else { FinishReason::Length },
+                    reason: if stopped {
+                        FinishReason::Stop
+                    } else {
+                        FinishReason::Length
+                    },
                     prompt_tokens: prompt_len,
                     completion_tokens: generated,
                 });

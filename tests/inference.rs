@@ -1,0 +1,425 @@
+//! Inference through the real daemon: OpenAI-style requests over the socket, streamed and
+//! whole, checked against the transformers fixtures; tenant rules; bad input; models that
+//! fail to load; and SmolLM2 answering a question.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use accel_tests::{json_of, Daemon, DaemonOptions};
+use serde_json::{json, Value};
+
+fn fixture_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture_model().join("expected.json")).unwrap())
+        .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn tiny_daemon(policy: Option<&str>) -> Daemon {
+    let extra = format!(
+        "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        fixture_model().display()
+    );
+    Daemon::start_with(DaemonOptions {
+        policy,
+        extra_config: &extra,
+        ..Default::default()
+    })
+}
+
+fn post(daemon: &Daemon, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = daemon.request("POST", path, Some(body.to_string().as_bytes()));
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{status} {path}: not JSON ({e}): {text}"));
+    (status, value)
+}
+
+#[test]
+fn completions_reproduce_the_reference_greedy_tokens_whole_and_streamed() {
+    let daemon = tiny_daemon(None);
+    let reference = expected();
+    let tokenizer = accel_runtime::model::load(&fixture_model())
+        .unwrap()
+        .tokenizer;
+    for (prompt, want) in reference["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["greedy"].as_array().unwrap())
+    {
+        let want = ids(want);
+        let body = json!({"model": "tiny", "prompt": ids(prompt), "max_tokens": want.len(), "temperature": 0, "ignore_eos": true, "logprobs": 2});
+        let (status, answer) = post(&daemon, "/v1/completions", &body);
+        assert_eq!(status, 200, "{answer}");
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["text"], tokenizer.decode(&want, true).unwrap());
+        assert_eq!(choice["finish_reason"], "length");
+        assert_eq!(answer["usage"]["completion_tokens"], want.len());
+        assert_eq!(
+            answer["usage"]["prompt_tokens"],
+            prompt.as_array().unwrap().len()
+        );
+        let logprobs = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert_eq!(logprobs.len(), want.len());
+        assert!(logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0));
+        // A map keyed by token text: two tokens with the same text share an entry.
+        let top = choice["logprobs"]["top_logprobs"][0]
+            .as_object()
+            .unwrap()
+            .len();
+        assert!((1..=2).contains(&top), "{top}");
+
+        // The same request streamed gives the same text, in pieces, then [DONE].
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (status, text) = daemon.request(
+            "POST",
+            "/v1/completions",
+            Some(streamed.to_string().as_bytes()),
+        );
+        assert_eq!(status, 200);
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let joined: String = chunks
+            .iter()
+            .map(|c| c["choices"][0]["text"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(joined, choice["text"].as_str().unwrap());
+        assert!(
+            chunks.len() > want.len(),
+            "one chunk per token plus the finish chunk"
+        );
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "length"
+        );
+    }
+}
+
+#[test]
+fn chat_completions_apply_the_template_and_stop_at_end_of_turn() {
+    let daemon = tiny_daemon(None);
+    let reference = expected();
+    let chat_prompt = reference["prompt_ids"].as_array().unwrap().last().unwrap();
+    let want = ids(reference["greedy"].as_array().unwrap().last().unwrap());
+    let body = json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "What is a daemon?"}],
+        "max_tokens": want.len(),
+        "temperature": 0,
+        "ignore_eos": true,
+        "logprobs": true,
+        "top_logprobs": 1,
+    });
+    let (status, answer) = post(&daemon, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["object"], "chat.completion");
+    // The template rendered exactly the reference prompt.
+    assert_eq!(
+        answer["usage"]["prompt_tokens"],
+        chat_prompt.as_array().unwrap().len()
+    );
+    let tokenizer = accel_runtime::model::load(&fixture_model())
+        .unwrap()
+        .tokenizer;
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        tokenizer.decode(&want, true).unwrap()
+    );
+    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        answer["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .len(),
+        want.len()
+    );
+
+    // Streamed: the first delta carries the role, the last the finish reason.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (_, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(streamed.to_string().as_bytes()),
+    );
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"]["completion_tokens"], want.len());
+}
+
+#[test]
+fn sampling_is_reproducible_by_seed_and_stop_strings_cut_the_text() {
+    let daemon = tiny_daemon(None);
+    let run = |seed: u64| {
+        let body = json!({"model": "tiny", "prompt": "The capital", "max_tokens": 24, "temperature": 1.0, "seed": seed, "ignore_eos": true});
+        let (status, answer) = post(&daemon, "/v1/completions", &body);
+        assert_eq!(status, 200, "{answer}");
+        answer["choices"][0]["text"].as_str().unwrap().to_owned()
+    };
+    let a = run(11);
+    assert_eq!(a, run(11));
+    assert_ne!(a, run(12));
+
+    // Cut at a stop string that the seeded text contains.
+    let stop: String = a.chars().skip(5).take(3).collect();
+    let body = json!({"model": "tiny", "prompt": "The capital", "max_tokens": 24, "temperature": 1.0, "seed": 11, "ignore_eos": true, "stop": [stop]});
+    let (_, answer) = post(&daemon, "/v1/completions", &body);
+    let cut = answer["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    assert!(
+        a.starts_with(cut) && !cut.contains(&stop) && a[cut.len()..].starts_with(&stop),
+        "{a:?} / {cut:?} / {stop:?}"
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_model_keeps_serving() {
+    let daemon = tiny_daemon(None);
+    let cases = [
+        (
+            json!({"model": "nope", "prompt": "x"}),
+            404,
+            "not served here",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "x", "temperature": -1}),
+            400,
+            "temperature is -1",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "x", "n": 3}),
+            400,
+            "n and best_of",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "x", "max_tokens": 1000}),
+            400,
+            "exceed the model's context of 256",
+        ),
+        (
+            json!({"model": "tiny", "prompt": [1, 2, 99999]}),
+            400,
+            "outside the model's vocabulary",
+        ),
+        (json!({"model": "tiny"}), 400, "missing field `prompt`"),
+        (
+            json!({"model": "tiny", "prompt": "x", "logprobs": 50}),
+            400,
+            "at most 20",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (got, answer) = post(&daemon, "/v1/completions", &body);
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(needle),
+            "{body}: {answer}"
+        );
+    }
+    let (status, answer) = post(
+        &daemon,
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": []}),
+    );
+    assert_eq!(status, 400, "{answer}");
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(b"{\"model\": \"tiny\", \"messages\": ["),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("invalid_json"), "{text}");
+    let (status, _) = post(
+        &daemon,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "still here", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn tenants_see_and_use_only_their_models() {
+    let policy =
+        "tenants:\n  - name: limited\n    match: {default: true}\n    models: [other-model]\n";
+    let daemon = tiny_daemon(Some(policy));
+    // As root (operator): the model is listed and usable.
+    let models = json_of(&daemon.ctl(&["models", "--json"]));
+    assert_eq!(models["data"][0]["id"], "tiny");
+    // Acting for the tenant: not listed, and refused with the policy's list.
+    let as_tenant = json_of(&daemon.ctl(&["--tenant", "limited", "models", "--json"]));
+    assert_eq!(as_tenant["data"].as_array().unwrap().len(), 0);
+    let refused = daemon.ctl(&["--tenant", "limited", "generate", "hi", "--model", "tiny"]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("may not use model \"tiny\""));
+}
+
+#[test]
+fn accelctl_streams_generate_and_chat() {
+    let daemon = tiny_daemon(None);
+    let whole = json_of(&daemon.ctl(&[
+        "generate",
+        "The capital",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "10",
+        "--json",
+    ]));
+    let text = whole["choices"][0]["text"].as_str().unwrap();
+    let streamed = daemon.ctl(&[
+        "generate",
+        "The capital",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "10",
+    ]);
+    assert!(
+        streamed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&streamed.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&streamed.stdout),
+        format!("{text}\n")
+    );
+    let chat = daemon.ctl(&["chat", "hello", "--temperature", "0", "--max-tokens", "5"]);
+    assert!(
+        chat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chat.stderr)
+    );
+    assert!(!chat.stdout.is_empty());
+    // Per-tenant token metrics moved.
+    let (_, metrics) = daemon.request("GET", "/metrics", None);
+    assert!(
+        metrics.contains("accel_generation_tokens_total{model=\"tiny\",tenant=\"operator\"} 25"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_model_that_fails_to_load_does_not_stop_the_others() {
+    let dir = accel_tests::shared_tempdir();
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let extra = format!(
+        "models:\n  - name: broken\n    path: {}\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        broken.display(),
+        fixture_model().display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let models = json_of(&daemon.ctl(&["models", "--json"]));
+    let names: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tiny"]);
+    assert!(
+        daemon.log_text().contains("broken.gguf") && daemon.log_text().contains("truncated"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn a_missing_default_model_is_replaced_by_a_named_generated_one() {
+    let dir = accel_tests::shared_tempdir();
+    let extra = format!(
+        "model_cache: {}\nmodels:\n  - name: smollm2-135m-instruct\n    path: SmolLM2-135M-Instruct.Q4_1.gguf\n",
+        dir.path().display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let models = json_of(&daemon.ctl(&["models", "--json"]));
+    assert_eq!(models["data"][0]["id"], "generated-tiny-random");
+    assert_eq!(models["data"][0]["format"], "generated");
+    assert!(
+        daemon
+            .log_text()
+            .contains("the default model is not installed"),
+        "{}",
+        daemon.log_text()
+    );
+    let (status, _) = post(
+        &daemon,
+        "/v1/completions",
+        &json!({"model": "generated-tiny-random", "prompt": "hi", "max_tokens": 3}),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn smollm2_says_paris() {
+    let cache =
+        std::env::var("ACCEL_MODEL_CACHE").unwrap_or_else(|_| "/var/cache/accel/models".into());
+    if !Path::new(&cache)
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        .is_file()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "SmolLM2 missing in CI; .ci/deps.sh fetches it"
+        );
+        eprintln!("skipped: SmolLM2 is not in {cache} (make model)");
+        return;
+    }
+    let extra = format!("model_cache: {cache}\nmodels:\n  - name: smollm2-135m-instruct\n    path: SmolLM2-135M-Instruct.Q4_1.gguf\n    kv_blocks: 64\n");
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let out = daemon.ctl(&[
+        "chat",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("Paris"), "{answer}");
+}
