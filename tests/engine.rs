@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use accel_runtime::backend::cpu::simd::Level;
 use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::chat::{ChatTemplate, Message};
 use accel_runtime::engine::sampling::argmax;
@@ -59,8 +60,13 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     (diff / norm.max(1e-30)).sqrt()
 }
 
+/// An engine on the best SIMD level of this CPU.
 fn engine_for(model: &LoadedModel) -> Engine<CpuBackend> {
-    Engine::new(CpuBackend, model.config.clone(), &model.weights, 64, 16).unwrap()
+    engine_at(model, Level::detect())
+}
+
+fn engine_at(model: &LoadedModel, level: Level) -> Engine<CpuBackend> {
+    Engine::new(CpuBackend::with_level(level), model.config.clone(), &model.weights, 64, 16).unwrap()
 }
 
 /// Logits after every token of `prompt`, run as one prefill.
@@ -452,7 +458,7 @@ fn smollm2_answers_like_transformers() {
         );
     }
     let template = ChatTemplate::new(model.chat_template.as_deref().unwrap()).unwrap();
-    let mut engine = Engine::new(CpuBackend, model.config.clone(), &model.weights, 64, 16).unwrap();
+    let mut engine = engine_for(&model);
     for chat in reference["chats"].as_array().unwrap() {
         let question = chat["question"].as_str().unwrap();
         let prompt = template

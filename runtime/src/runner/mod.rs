@@ -145,7 +145,7 @@ impl ModelHandle {
     pub fn spawn(name: &str, model: LoadedModel, spec: &ModelSpec) -> Result<Self, StartError> {
         let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
         let engine = Engine::new(
-            CpuBackend,
+            CpuBackend::default(),
             model.config.clone(),
             &model.weights,
             spec.kv_blocks,

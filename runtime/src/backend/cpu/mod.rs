@@ -3,7 +3,11 @@
 //! plain f32 vectors. The only file of this backend that touches KV memory.
 
 pub mod kernels;
+pub mod simd;
 
+use rayon::prelude::*;
+
+use self::simd::Level;
 use super::{Backend, BackendError, Heads, KvLayout, StepLayout};
 use crate::model::{DType, RopeStyle, WeightTensor};
 
@@ -39,9 +43,51 @@ pub struct CpuKv {
     v: Vec<Vec<f32>>,
 }
 
-/// The CPU backend.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+/// The CPU backend: kernels of one SIMD level, run on rayon's persistent thread pool (one
+/// thread per core), work split along weight rows.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuBackend {
+    level: Level,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self { level: Level::detect() }
+    }
+}
+
+impl CpuBackend {
+    /// A backend using `level`'s kernels (which the CPU must support: take it from
+    /// [`Level::available`]).
+    pub fn with_level(level: Level) -> Self {
+        Self { level }
+    }
+
+    pub fn level(&self) -> Level {
+        self.level
+    }
+}
+
+/// A pointer that may cross to rayon's threads; see each use for why writes never overlap.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used to write disjoint elements from different threads within one rayon scope,
+// while the owning Vec is borrowed mutably by the caller and not otherwise touched.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+/// Weight rows per parallel task: enough tasks to balance the cores, few enough to amortise
+/// scheduling, and at least 8 rows so each task streams whole cache lines of weights.
+fn rows_per_task(rows: usize) -> usize {
+    let tasks = rayon::current_num_threads() * 8;
+    rows.div_ceil(tasks).max(8)
+}
+
+thread_local! {
+    /// Attention scores, reused across steps so decoding allocates nothing here.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 fn shape_error(op: &'static str, detail: String) -> BackendError {
     BackendError::Shape { op, detail }
@@ -77,7 +123,7 @@ impl Backend for CpuBackend {
     type Kv = CpuKv;
 
     fn name(&self) -> String {
-        "cpu".into()
+        format!("cpu ({})", self.level.name())
     }
 
     fn upload(&self, weight: &WeightTensor) -> Result<CpuWeight, BackendError> {
@@ -195,14 +241,27 @@ impl Backend for CpuBackend {
             ));
         }
         let bytes = weight.tensor.bytes();
-        let dtype = weight.tensor.dtype;
-        // Weight rows outermost: each is read once per step however many rows the batch has.
-        for j in 0..weight.rows {
-            let row = &bytes[j * weight.row_bytes..(j + 1) * weight.row_bytes];
-            for r in 0..x.rows {
-                out.data[r * out.cols + j] = kernels::dot(dtype, row, x.row(r));
+        let dot = simd::dot_fn(self.level, weight.tensor.dtype);
+        let (n, cols, row_bytes) = (x.rows, out.cols, weight.row_bytes);
+        let chunk = rows_per_task(weight.rows);
+        let shared = SharedOut(out.data.as_mut_ptr());
+        let x = &*x;
+        // Each task owns a run of weight rows (output columns) and computes them for every
+        // batch row: a weight row is read from memory once per step and reused from cache for
+        // the whole batch.
+        (0..weight.rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
+            let shared = shared;
+            for j in task * chunk..((task + 1) * chunk).min(weight.rows) {
+                let row = &bytes[j * row_bytes..(j + 1) * row_bytes];
+                for r in 0..n {
+                    let value = dot(row, x.row(r));
+                    // SAFETY: element (r, j) is written by exactly one task (the one owning
+                    // column j), r < n and j < cols, so r * cols + j is inside `out.data`,
+                    // which outlives this parallel loop and is not read during it.
+                    unsafe { *shared.0.add(r * cols + j) = value };
+                }
             }
-        }
+        });
         Ok(())
     }
 
@@ -334,51 +393,55 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (keys, values) = (&kv.k[layer], &kv.v[layer]);
         let bs = step.block_size;
-        let mut scores = Vec::new();
-        for seq in step.seqs {
+        // Which sequence each query row belongs to.
+        let mut owner = vec![usize::MAX; q.rows];
+        for (s, seq) in step.seqs.iter().enumerate() {
             for t in seq.first_token..seq.first_token + seq.num_tokens {
-                // Causal: a token sees every position up to its own.
-                let visible = step.positions[t] as usize + 1;
-                if visible > seq.context_len || visible.div_ceil(bs) > seq.block_table.len() {
-                    return Err(shape_error(
-                        "attention",
-                        format!(
-                            "position {} beyond the sequence's {} cached tokens",
-                            visible - 1,
-                            seq.context_len
-                        ),
-                    ));
-                }
-                let slot = |p: usize| seq.block_table[p / bs] as usize * bs + p % bs;
-                for h in 0..num_heads {
-                    let kv_head = h / group;
-                    let query = &q.data[t * q.cols + h * head_dim..t * q.cols + (h + 1) * head_dim];
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for p in 0..visible {
-                        let base = slot(p) * width + kv_head * head_dim;
-                        let s = kernels::dot_f32(query, &keys[base..base + head_dim]) * scale;
-                        max = max.max(s);
-                        scores.push(s);
-                    }
-                    let mut total = 0.0f32;
-                    for s in &mut scores {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    let o = &mut out.data
-                        [t * out.cols + h * head_dim..t * out.cols + (h + 1) * head_dim];
-                    o.fill(0.0);
-                    for (p, s) in scores.iter().enumerate() {
-                        let base = slot(p) * width + kv_head * head_dim;
-                        let weight = s / total;
-                        for (o, v) in o.iter_mut().zip(&values[base..base + head_dim]) {
-                            *o += weight * v;
-                        }
-                    }
+                if let Some(o) = owner.get_mut(t) {
+                    *o = s;
                 }
             }
         }
+        for (t, &s) in owner.iter().enumerate() {
+            let visible = step.positions[t] as usize + 1;
+            let seq = step.seqs.get(s).ok_or_else(|| shape_error("attention", format!("query row {t} belongs to no sequence")))?;
+            if visible > seq.context_len || visible.div_ceil(bs) > seq.block_table.len() {
+                return Err(shape_error("attention", format!("position {} beyond the sequence's {} cached tokens", visible - 1, seq.context_len)));
+            }
+        }
+        let level = self.level;
+        // One task per (query row, head): each writes its own head_dim slice of `out`.
+        out.data.par_chunks_mut(head_dim).enumerate().for_each(|(index, o)| {
+            let (t, h) = (index / num_heads, index % num_heads);
+            let seq = &step.seqs[owner[t]];
+            let visible = step.positions[t] as usize + 1;
+            let slot = |p: usize| seq.block_table[p / bs] as usize * bs + p % bs;
+            let kv_head = h / group;
+            let query = &q.data[t * q.cols + h * head_dim..t * q.cols + (h + 1) * head_dim];
+            SCORES.with_borrow_mut(|scores| {
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for p in 0..visible {
+                    let base = slot(p) * width + kv_head * head_dim;
+                    let s = simd::dot_f32(level, query, &keys[base..base + head_dim]) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut total = 0.0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    total += *s;
+                }
+                o.fill(0.0);
+                for (p, s) in scores.iter().enumerate() {
+                    let base = slot(p) * width + kv_head * head_dim;
+                    let weight = s / total;
+                    for (o, v) in o.iter_mut().zip(&values[base..base + head_dim]) {
+                        *o += weight * v;
+                    }
+                }
+            });
+        });
         Ok(())
     }
 

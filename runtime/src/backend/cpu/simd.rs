@@ -1,0 +1,374 @@
+//! Dot products with SIMD chosen at run time: AVX2 + FMA + F16C where the CPU has them, the
+//! portable kernels (`kernels.rs`) everywhere else. Activations stay f32; weights are read in
+//! their stored dtype and widened in registers, quantized blocks dequantized inside the loop.
+//!
+//! Every function here must agree with the portable kernel of the same dtype up to f32
+//! rounding; the tests check that on random inputs of awkward lengths for each level the host
+//! supports.
+
+use crate::model::DType;
+
+/// An instruction-set level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Portable,
+    /// AVX2 with FMA and F16C (x86-64).
+    Avx2,
+}
+
+impl Level {
+    /// The best level this CPU supports.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
+                return Level::Avx2;
+            }
+        }
+        Level::Portable
+    }
+
+    /// Every level this CPU can run, best last (for tests and benches).
+    pub fn available() -> Vec<Self> {
+        let mut levels = vec![Level::Portable];
+        if Self::detect() == Level::Avx2 {
+            levels.push(Level::Avx2);
+        }
+        levels
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Portable => "portable",
+            Level::Avx2 => "avx2",
+        }
+    }
+}
+
+/// A dot product of one weight row (stored dtype) with f32 activations.
+pub type DotFn = fn(&[u8], &[f32]) -> f32;
+
+/// The dot product for `dtype` at `level`.
+pub fn dot_fn(level: Level, dtype: DType) -> DotFn {
+    match level {
+        Level::Portable => portable(dtype),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => match dtype {
+            DType::F32 => avx2::dot_f32_entry,
+            DType::BF16 => avx2::dot_bf16_entry,
+            DType::F16 => avx2::dot_f16_entry,
+            DType::Q8_0 => avx2::dot_q8_0_entry,
+            DType::Q4_0 => avx2::dot_q4_0_entry,
+            DType::Q4_1 => avx2::dot_q4_1_entry,
+        },
+        #[cfg(not(target_arch = "x86_64"))]
+        Level::Avx2 => portable(dtype),
+    }
+}
+
+fn portable(dtype: DType) -> DotFn {
+    match dtype {
+        DType::F32 => |r, x| super::kernels::dot(DType::F32, r, x),
+        DType::BF16 => |r, x| super::kernels::dot(DType::BF16, r, x),
+        DType::F16 => |r, x| super::kernels::dot(DType::F16, r, x),
+        DType::Q8_0 => |r, x| super::kernels::dot(DType::Q8_0, r, x),
+        DType::Q4_0 => |r, x| super::kernels::dot(DType::Q4_0, r, x),
+        DType::Q4_1 => |r, x| super::kernels::dot(DType::Q4_1, r, x),
+    }
+}
+
+/// f32 · f32 at `level`.
+pub fn dot_f32(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx2 is only constructed when the CPU reports AVX2, FMA and F16C.
+        Level::Avx2 => unsafe { avx2::dot_f32_f32(a, b) },
+        _ => super::kernels::dot_f32(a, b),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    /// Horizontal sum of 8 lanes (register-only, so safe where the features are enabled).
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(v, 1);
+        let lo = _mm256_castps256_ps128(v);
+        let s = _mm_add_ps(hi, lo);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Eight 16-bit floats at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` must point at 16 readable bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn widen8(p: *const u8, bf16: bool) -> __m256 {
+        // SAFETY: the caller guarantees the features and 16 readable bytes at `p`.
+        unsafe {
+            let h = _mm_loadu_si128(p.cast());
+            if bf16 {
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            } else {
+                _mm256_cvtph_ps(h)
+            }
+        }
+    }
+
+    fn scale(bytes: &[u8], at: usize) -> f32 {
+        f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a` and `b` must have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_f32(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: the caller guarantees the CPU features (see # Safety); every pointer
+        // access stays within the slices, whose lengths are checked first.
+        unsafe {
+            let n = a.len().min(b.len());
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+                while i + 32 <= n {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * k)), _mm256_loadu_ps(pb.add(i + 8 * k)), *acc);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+                i += 8;
+            }
+            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            while i < n {
+                sum += a[i] * b[i];
+                i += 1;
+            }
+            sum
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `row` holds `x.len()` little-endian f32 values.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: the caller guarantees the CPU features (see # Safety); every pointer
+        // access stays within the slices, whose lengths are checked first.
+        unsafe {
+            assert!(row.len() >= x.len() * 4);
+            let n = x.len();
+            let (pw, px) = (row.as_ptr().cast::<f32>(), x.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i + 8 * k)), _mm256_loadu_ps(px.add(i + 8 * k)), *acc);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i)), _mm256_loadu_ps(px.add(i)), acc[0]);
+                i += 8;
+            }
+            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            while i < n {
+                sum += f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]) * x[i];
+                i += 1;
+            }
+            sum
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `row` holds `x.len()` 16-bit values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_half(row: &[u8], x: &[f32], bf16: bool) -> f32 {
+        // SAFETY: the caller guarantees the CPU features (see # Safety); every pointer
+        // access stays within the slices, whose lengths are checked first.
+        unsafe {
+            assert!(row.len() >= x.len() * 2);
+            let n = x.len();
+            let (pw, px) = (row.as_ptr(), x.as_ptr());
+            let widen = |p: *const u8| widen8(p, bf16);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(widen(pw.add(2 * (i + 8 * k))), _mm256_loadu_ps(px.add(i + 8 * k)), *acc);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(widen(pw.add(2 * i)), _mm256_loadu_ps(px.add(i)), acc[0]);
+                i += 8;
+            }
+            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            while i < n {
+                let bits = u16::from_le_bytes([row[2 * i], row[2 * i + 1]]);
+                let w = if bf16 { f32::from_bits(u32::from(bits) << 16) } else { f16::from_bits(bits).to_f32() };
+                sum += w * x[i];
+                i += 1;
+            }
+            sum
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `row` holds `x.len() / 32` Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: the caller guarantees the CPU features (see # Safety); every pointer
+        // access stays within the slices, whose lengths are checked first.
+        unsafe {
+            let blocks = x.len() / 32;
+            assert!(row.len() >= blocks * 34);
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..blocks {
+                let block = row.as_ptr().add(b * 34);
+                let xs = x.as_ptr().add(b * 32);
+                let mut s = _mm256_setzero_ps();
+                for k in 0..4 {
+                    let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(block.add(2 + 8 * k).cast())));
+                    s = _mm256_fmadd_ps(q, _mm256_loadu_ps(xs.add(8 * k)), s);
+                }
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(scale(row, b * 34)), s, acc);
+            }
+            hsum(acc)
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `row` holds `x.len() / 32` Q4_0 (`with_min` false)
+    /// or Q4_1 (`with_min` true) blocks.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4(row: &[u8], x: &[f32], with_min: bool) -> f32 {
+        // SAFETY: the caller guarantees the CPU features (see # Safety); every pointer
+        // access stays within the slices, whose lengths are checked first.
+        unsafe {
+            let (block_bytes, quants_at) = if with_min { (20, 4) } else { (18, 2) };
+            let blocks = x.len() / 32;
+            assert!(row.len() >= blocks * block_bytes);
+            let mask = _mm_set1_epi8(0x0f);
+            let mut acc_q = _mm256_setzero_ps();
+            let mut acc_x = _mm256_setzero_ps();
+            for b in 0..blocks {
+                let block = row.as_ptr().add(b * block_bytes);
+                let xs = x.as_ptr().add(b * 32);
+                let q = _mm_loadu_si128(block.add(quants_at).cast());
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                // Elements 0..16 are the low nibbles, 16..32 the high ones.
+                let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                let mut sq = _mm256_setzero_ps();
+                let mut sx = _mm256_setzero_ps();
+                for (k, part) in parts.iter().enumerate() {
+                    let xv = _mm256_loadu_ps(xs.add(8 * k));
+                    sq = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(*part)), xv, sq);
+                    sx = _mm256_add_ps(sx, xv);
+                }
+                let d = scale(row, b * block_bytes);
+                if with_min {
+                    let m = scale(row, b * block_bytes + 2);
+                    acc_q = _mm256_fmadd_ps(_mm256_set1_ps(d), sq, acc_q);
+                    acc_x = _mm256_fmadd_ps(_mm256_set1_ps(m), sx, acc_x);
+                } else {
+                    // d * (q - 8) · x = d * (q · x) - 8d * Σx
+                    acc_q = _mm256_fmadd_ps(_mm256_set1_ps(d), sq, acc_q);
+                    acc_x = _mm256_fmadd_ps(_mm256_set1_ps(-8.0 * d), sx, acc_x);
+                }
+            }
+            hsum(_mm256_add_ps(acc_q, acc_x))
+        }
+    }
+
+    // Safe entry points for the dispatch table: only reachable through `dot_fn(Level::Avx2, _)`,
+    // and `Level::Avx2` is only constructed when the CPU has AVX2, FMA and F16C.
+    pub fn dot_f32_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: see the comment above these entry points; lengths are asserted inside.
+        unsafe { dot_f32(row, x) }
+    }
+    pub fn dot_bf16_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_half(row, x, true) }
+    }
+    pub fn dot_f16_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_half(row, x, false) }
+    }
+    pub fn dot_q8_0_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_q8_0(row, x) }
+    }
+    pub fn dot_q4_0_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_q4(row, x, false) }
+    }
+    pub fn dot_q4_1_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_q4(row, x, true) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng as _, SeedableRng as _};
+
+    use super::*;
+    use crate::backend::cpu::kernels;
+
+    /// Random row bytes of `dtype` for `n` elements: floats for plain types, random blocks with
+    /// sane scales for quantized ones.
+    fn random_row(rng: &mut impl rand::Rng, dtype: DType, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        match dtype {
+            DType::F32 => (0..n).for_each(|_| out.extend(rng.random_range(-1.0f32..1.0).to_le_bytes())),
+            DType::F16 => (0..n).for_each(|_| out.extend(half::f16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())),
+            DType::BF16 => (0..n).for_each(|_| out.extend(half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())),
+            q => {
+                for _ in 0..n / 32 {
+                    out.extend(half::f16::from_f32(rng.random_range(0.001..0.1)).to_le_bytes());
+                    if q == DType::Q4_1 {
+                        out.extend(half::f16::from_f32(rng.random_range(-0.5..0.5)).to_le_bytes());
+                    }
+                    let quants = if q == DType::Q8_0 { 32 } else { 16 };
+                    (0..quants).for_each(|_| out.push(rng.random()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_level_matches_the_portable_kernel_on_awkward_lengths() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        for level in Level::available() {
+            for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+                let lengths: &[usize] = if dtype.is_quantized() { &[32, 64, 96, 160, 576, 1536] } else { &[1, 7, 8, 9, 31, 33, 65, 100, 576, 577] };
+                for &n in lengths {
+                    let row = random_row(&mut rng, dtype, n);
+                    let x: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+                    let mut w = vec![0.0; n];
+                    kernels::dequantize_row(dtype, &row, &mut w);
+                    let reference: f64 = w.iter().zip(&x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                    let magnitude: f64 = w.iter().zip(&x).map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs()).sum::<f64>().max(1e-9);
+                    let got = f64::from(dot_fn(level, dtype)(&row, &x));
+                    assert!(got.is_finite() && ((got - reference) / magnitude).abs() < 1e-5, "{} {dtype} n={n}: {got} vs {reference}", level.name());
+                }
+            }
+            for n in [0, 1, 7, 8, 33, 1000] {
+                let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let reference: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+                assert!((dot_f32(level, &a, &b) - reference).abs() < 1e-4, "{} n={n}", level.name());
+            }
+        }
+    }
+}
