@@ -199,6 +199,63 @@ pub struct ModelWeights {
     pub lm_head: WeightTensor,
 }
 
+impl ModelWeights {
+    /// The same weights converted by `f` (tensor by tensor), e.g. to benchmark another dtype.
+    pub fn map(&self, f: impl Fn(&WeightTensor) -> WeightTensor) -> Self {
+        let opt = |t: &Option<WeightTensor>| t.as_ref().map(&f);
+        Self {
+            embed: f(&self.embed),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerWeights {
+                    attn_norm: f(&l.attn_norm),
+                    q: f(&l.q),
+                    k: f(&l.k),
+                    v: f(&l.v),
+                    q_bias: opt(&l.q_bias),
+                    k_bias: opt(&l.k_bias),
+                    v_bias: opt(&l.v_bias),
+                    o: f(&l.o),
+                    mlp_norm: f(&l.mlp_norm),
+                    gate: f(&l.gate),
+                    up: f(&l.up),
+                    down: f(&l.down),
+                })
+                .collect(),
+            final_norm: f(&self.final_norm),
+            lm_head: f(&self.lm_head),
+        }
+    }
+
+    /// Bytes a decode step reads: every weight except the embedding table, which is gathered
+    /// one row per token (unless it doubles as the output projection).
+    pub fn bytes_per_token(&self) -> usize {
+        let layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.attn_norm, &l.q, &l.k, &l.v, &l.o, &l.mlp_norm, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|t| t.bytes().len())
+                    .sum::<usize>()
+                    + [&l.q_bias, &l.k_bias, &l.v_bias].iter().filter_map(|b| b.as_ref()).map(|t| t.bytes().len()).sum::<usize>()
+            })
+            .sum();
+        layer + self.final_norm.bytes().len() + self.lm_head.bytes().len()
+    }
+
+    /// Multiply-adds of the linear layers per token (2 FLOPs each).
+    pub fn matmul_params(&self) -> usize {
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|t| t.elems()).sum::<usize>())
+            .sum();
+        per_layer + self.lm_head.elems()
+    }
+}
+
 /// Where a model came from and what it needs besides weights.
 #[derive(Debug)]
 pub struct LoadedModel {
