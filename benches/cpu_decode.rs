@@ -17,7 +17,8 @@ use criterion::Criterion;
 use rayon::prelude::*;
 
 fn model_path() -> Option<PathBuf> {
-    let cache = std::env::var("ACCEL_MODEL_CACHE").unwrap_or_else(|_| "/var/cache/accel/models".into());
+    let cache =
+        std::env::var("ACCEL_MODEL_CACHE").unwrap_or_else(|_| "/var/cache/accel/models".into());
     let path = PathBuf::from(cache).join("SmolLM2-135M-Instruct.Q4_1.gguf");
     path.is_file().then_some(path)
 }
@@ -61,11 +62,24 @@ fn gemm_rate() -> f64 {
         // strides describe exactly that layout.
         unsafe {
             gemm::gemm(
-                n, n, n,
-                c.as_mut_ptr(), 1, n as isize, false,
-                a.as_ptr(), 1, n as isize,
-                b.as_ptr(), 1, n as isize,
-                0.0f32, 1.0f32, false, false, false,
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
                 gemm::Parallelism::Rayon(0),
             );
         }
@@ -76,6 +90,9 @@ fn gemm_rate() -> f64 {
     best
 }
 
+/// Converts a weight to the dtype under test.
+type Convert = Box<dyn Fn(&WeightTensor) -> WeightTensor>;
+
 struct Setup {
     engine: Engine<CpuBackend>,
     bytes_per_token: usize,
@@ -84,19 +101,38 @@ struct Setup {
 
 fn setup(weights: &ModelWeights, config: &model::ModelConfig, kv_blocks: usize) -> Setup {
     Setup {
-        engine: Engine::new(CpuBackend::default(), config.clone(), weights, kv_blocks, 16).expect("engine"),
+        engine: Engine::new(
+            CpuBackend::default(),
+            config.clone(),
+            weights,
+            kv_blocks,
+            16,
+        )
+        .expect("engine"),
         bytes_per_token: weights.bytes_per_token(),
         matmul_params: weights.matmul_params(),
     }
 }
 
 /// Mean seconds per decode step with `batch` sequences that already hold `context` tokens.
-fn decode_step_time(s: &mut Setup, batch: usize, context: usize, c: &mut Criterion, id: &str) -> f64 {
+fn decode_step_time(
+    s: &mut Setup,
+    batch: usize,
+    context: usize,
+    c: &mut Criterion,
+    id: &str,
+) -> f64 {
     let prompt: Vec<u32> = (0..context as u32).map(|i| 100 + i % 1000).collect();
     let start_sequences = |engine: &mut Engine<CpuBackend>| -> Vec<SeqId> {
         let seqs: Vec<SeqId> = (0..batch).map(|_| engine.add_sequence()).collect();
         for &seq in &seqs {
-            engine.step(&[StepInput { seq, tokens: &prompt, logits: LogitsWanted::Last }]).expect("prefill");
+            engine
+                .step(&[StepInput {
+                    seq,
+                    tokens: &prompt,
+                    logits: LogitsWanted::Last,
+                }])
+                .expect("prefill");
         }
         seqs
     };
@@ -104,7 +140,10 @@ fn decode_step_time(s: &mut Setup, batch: usize, context: usize, c: &mut Criteri
     let mut total = Duration::ZERO;
     let mut count = 0u64;
     let mut group = c.benchmark_group("cpu_decode");
-    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     group.bench_function(id, |b| {
         b.iter_custom(|iters| {
             let mut elapsed = Duration::ZERO;
@@ -118,7 +157,14 @@ fn decode_step_time(s: &mut Setup, batch: usize, context: usize, c: &mut Criteri
                     seqs = start_sequences(&mut s.engine);
                 }
                 let token = [7u32];
-                let inputs: Vec<StepInput<'_>> = seqs.iter().map(|&seq| StepInput { seq, tokens: &token, logits: LogitsWanted::Last }).collect();
+                let inputs: Vec<StepInput<'_>> = seqs
+                    .iter()
+                    .map(|&seq| StepInput {
+                        seq,
+                        tokens: &token,
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
                 let start = Instant::now();
                 s.engine.step(&inputs).expect("decode");
                 elapsed += start.elapsed();
@@ -141,14 +187,23 @@ fn prefill_time(s: &mut Setup, len: usize, c: &mut Criterion, id: &str) -> f64 {
     let mut total = Duration::ZERO;
     let mut count = 0u64;
     let mut group = c.benchmark_group("cpu_prefill");
-    group.sample_size(10).warm_up_time(Duration::from_millis(100)).measurement_time(Duration::from_secs(5));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_secs(5));
     group.bench_function(id, |b| {
         b.iter_custom(|iters| {
             let mut elapsed = Duration::ZERO;
             for _ in 0..iters {
                 let seq = s.engine.add_sequence();
                 let start = Instant::now();
-                s.engine.step(&[StepInput { seq, tokens: &prompt, logits: LogitsWanted::Last }]).expect("prefill");
+                s.engine
+                    .step(&[StepInput {
+                        seq,
+                        tokens: &prompt,
+                        logits: LogitsWanted::Last,
+                    }])
+                    .expect("prefill");
                 elapsed += start.elapsed();
                 s.engine.remove_sequence(seq);
             }
@@ -173,13 +228,33 @@ fn main() {
     let config = loaded.config.clone();
     let level = CpuBackend::default().level().name();
     let mut rows: Vec<[String; 4]> = Vec::new();
-    rows.push(["read bandwidth (bound)".into(), format!("{:.1} GB/s", bandwidth / 1e9), "".into(), "".into()]);
-    rows.push(["f32 GEMM, `gemm` crate (bound)".into(), format!("{:.1} GFLOP/s", gemm / 1e9), "".into(), "".into()]);
+    rows.push([
+        "read bandwidth (bound)".into(),
+        format!("{:.1} GB/s", bandwidth / 1e9),
+        "".into(),
+        "".into(),
+    ]);
+    rows.push([
+        "f32 GEMM, `gemm` crate (bound)".into(),
+        format!("{:.1} GFLOP/s", gemm / 1e9),
+        "".into(),
+        "".into(),
+    ]);
 
-    let variants: [(&str, Box<dyn Fn(&WeightTensor) -> WeightTensor>); 3] = [
+    let variants: [(&str, Convert); 3] = [
         ("q4_1", Box::new(|t: &WeightTensor| t.clone())),
-        ("bf16", Box::new(|t: &WeightTensor| WeightTensor::from_f32_as_bf16(&t.name, t.shape.clone(), &t.to_f32()))),
-        ("f32", Box::new(|t: &WeightTensor| WeightTensor::from_f32(&t.name, t.shape.clone(), &t.to_f32()))),
+        (
+            "bf16",
+            Box::new(|t: &WeightTensor| {
+                WeightTensor::from_f32_as_bf16(&t.name, t.shape.clone(), &t.to_f32())
+            }),
+        ),
+        (
+            "f32",
+            Box::new(|t: &WeightTensor| {
+                WeightTensor::from_f32(&t.name, t.shape.clone(), &t.to_f32())
+            }),
+        ),
     ];
     let mut q4 = None;
     for (name, convert) in &variants {
@@ -189,9 +264,15 @@ fn main() {
         let tokens_per_s = 1.0 / step;
         let bound = bandwidth / s.bytes_per_token as f64;
         rows.push([
-            format!("decode, 1 sequence, {name} ({:.0} MB/token)", s.bytes_per_token as f64 / 1e6),
+            format!(
+                "decode, 1 sequence, {name} ({:.0} MB/token)",
+                s.bytes_per_token as f64 / 1e6
+            ),
             format!("{tokens_per_s:.1} tok/s"),
-            format!("{:.2} of bandwidth bound ({bound:.0} tok/s)", tokens_per_s / bound),
+            format!(
+                "{:.2} of bandwidth bound ({bound:.0} tok/s)",
+                tokens_per_s / bound
+            ),
             "".into(),
         ]);
         if *name == "q4_1" {
@@ -215,7 +296,11 @@ fn main() {
         rows.push([
             format!("prefill, {len} tokens, q4_1"),
             format!("{:.0} tok/s", len as f64 / seconds),
-            format!("{:.2} of GEMM rate (linear layers: {:.1} GFLOP/s)", flops / gemm, flops / 1e9),
+            format!(
+                "{:.2} of GEMM rate (linear layers: {:.1} GFLOP/s)",
+                flops / gemm,
+                flops / 1e9
+            ),
             "".into(),
         ]);
     }

@@ -66,7 +66,14 @@ fn engine_for(model: &LoadedModel) -> Engine<CpuBackend> {
 }
 
 fn engine_at(model: &LoadedModel, level: Level) -> Engine<CpuBackend> {
-    Engine::new(CpuBackend::with_level(level), model.config.clone(), &model.weights, 64, 16).unwrap()
+    Engine::new(
+        CpuBackend::with_level(level),
+        model.config.clone(),
+        &model.weights,
+        64,
+        16,
+    )
+    .unwrap()
 }
 
 /// Logits after every token of `prompt`, run as one prefill.

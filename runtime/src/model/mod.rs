@@ -235,11 +235,25 @@ impl ModelWeights {
             .layers
             .iter()
             .map(|l| {
-                [&l.attn_norm, &l.q, &l.k, &l.v, &l.o, &l.mlp_norm, &l.gate, &l.up, &l.down]
-                    .iter()
-                    .map(|t| t.bytes().len())
-                    .sum::<usize>()
-                    + [&l.q_bias, &l.k_bias, &l.v_bias].iter().filter_map(|b| b.as_ref()).map(|t| t.bytes().len()).sum::<usize>()
+                [
+                    &l.attn_norm,
+                    &l.q,
+                    &l.k,
+                    &l.v,
+                    &l.o,
+                    &l.mlp_norm,
+                    &l.gate,
+                    &l.up,
+                    &l.down,
+                ]
+                .iter()
+                .map(|t| t.bytes().len())
+                .sum::<usize>()
+                    + [&l.q_bias, &l.k_bias, &l.v_bias]
+                        .iter()
+                        .filter_map(|b| b.as_ref())
+                        .map(|t| t.bytes().len())
+                        .sum::<usize>()
             })
             .sum();
         layer + self.final_norm.bytes().len() + self.lm_head.bytes().len()
@@ -250,7 +264,12 @@ impl ModelWeights {
         let per_layer: usize = self
             .layers
             .iter()
-            .map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|t| t.elems()).sum::<usize>())
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|t| t.elems())
+                    .sum::<usize>()
+            })
             .sum();
         per_layer + self.lm_head.elems()
     }

@@ -130,9 +130,19 @@ impl WeightTensor {
 
     /// A tensor over owned bf16 data rounded from `data` (benchmarks of the bf16 path).
     pub fn from_f32_as_bf16(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
-        let bytes: Vec<u8> = data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+        let bytes: Vec<u8> = data
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
         let len = bytes.len();
-        Self::new(name.to_owned(), DType::BF16, shape, Arc::new(Backing::Owned(bytes)), 0, len)
+        Self::new(
+            name.to_owned(),
+            DType::BF16,
+            shape,
+            Arc::new(Backing::Owned(bytes)),
+            0,
+            len,
+        )
     }
 
     /// The raw bytes, in the file's layout.

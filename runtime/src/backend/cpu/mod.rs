@@ -52,7 +52,9 @@ pub struct CpuBackend {
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        Self { level: Level::detect() }
+        Self {
+            level: Level::detect(),
+        }
     }
 }
 
@@ -77,6 +79,14 @@ unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The element pointer at `offset` (taking `self` whole, so closures capture the Sync
+    /// wrapper rather than the raw pointer inside it).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// Weight rows per parallel task: enough tasks to balance the cores, few enough to amortise
 /// scheduling, and at least 8 rows so each task streams whole cache lines of weights.
 fn rows_per_task(rows: usize) -> usize {
@@ -98,11 +108,12 @@ impl CpuBackend {
         let (n, k, cols) = (x.rows, x.cols, out.cols);
         let bytes = weight.tensor.bytes();
         let dtype = weight.tensor.dtype;
-        let in_place = dtype == DType::F32 && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>());
+        let in_place = dtype == DType::F32
+            && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>());
         let shared = SharedOut(out.data.as_mut_ptr());
+        let dequantize = simd::dequant_fn(self.level, dtype);
         let tiles = weight.rows.div_ceil(GEMM_TILE_ROWS);
         (0..tiles).into_par_iter().for_each(|tile| {
-            let shared = shared;
             let j0 = tile * GEMM_TILE_ROWS;
             let rows = GEMM_TILE_ROWS.min(weight.rows - j0);
             TILE.with_borrow_mut(|scratch| {
@@ -112,8 +123,9 @@ impl CpuBackend {
                     scratch.clear();
                     scratch.resize(rows * k, 0.0);
                     for (r, dst) in scratch.chunks_exact_mut(k).enumerate() {
-                        let row = &bytes[(j0 + r) * weight.row_bytes..(j0 + r + 1) * weight.row_bytes];
-                        kernels::dequantize_row(dtype, row, dst);
+                        let row =
+                            &bytes[(j0 + r) * weight.row_bytes..(j0 + r + 1) * weight.row_bytes];
+                        dequantize(row, dst);
                     }
                     scratch.as_ptr()
                 };
@@ -127,7 +139,7 @@ impl CpuBackend {
                         n,
                         rows,
                         k,
-                        shared.0.add(j0),
+                        shared.at(j0),
                         1,
                         cols as isize,
                         false,
@@ -150,7 +162,135 @@ impl CpuBackend {
     }
 }
 
+/// Sequences with at least this many new tokens in a step get GEMM attention.
+const ATTENTION_GEMM_MIN_TOKENS: usize = 16;
+
+impl CpuBackend {
+    /// Causal attention for whole prefill chunks: per (sequence, head), gather the keys and
+    /// values through the block table, `S = Q Kᵀ` and `O = softmax(S) V` with the `gemm` crate.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_gemm(
+        &self,
+        q: &CpuTensor,
+        keys: &[f32],
+        values: &[f32],
+        step: &StepLayout<'_>,
+        long: &[usize],
+        heads: Heads,
+        width: usize,
+        out: &mut CpuTensor,
+    ) {
+        let Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = heads;
+        let group = num_heads / num_kv_heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let bs = step.block_size;
+        let shared = SharedOut(out.data.as_mut_ptr());
+        let out_cols = out.cols;
+        let jobs: Vec<(usize, usize)> = long
+            .iter()
+            .flat_map(|&s| (0..num_heads).map(move |h| (s, h)))
+            .collect();
+        jobs.into_par_iter().for_each(|(s, h)| {
+            let seq = &step.seqs[s];
+            let ctx = seq.context_len;
+            let n = seq.num_tokens;
+            let kv_head = h / group;
+            ATTENTION.with_borrow_mut(|(kt, v, scores)| {
+                kt.clear();
+                kt.resize(ctx * head_dim, 0.0);
+                v.clear();
+                v.resize(ctx * head_dim, 0.0);
+                for p in 0..ctx {
+                    let base = (seq.block_table[p / bs] as usize * bs + p % bs) * width
+                        + kv_head * head_dim;
+                    kt[p * head_dim..(p + 1) * head_dim]
+                        .copy_from_slice(&keys[base..base + head_dim]);
+                    v[p * head_dim..(p + 1) * head_dim]
+                        .copy_from_slice(&values[base..base + head_dim]);
+                }
+                scores.clear();
+                scores.resize(n * ctx, 0.0);
+                let q0 = q.data[seq.first_token * q.cols + h * head_dim..].as_ptr();
+                // SAFETY: Q rows of this sequence and head: n rows of head_dim floats with row
+                // stride q.cols, inside q.data; `kt` is ctx×head_dim row-major, read as its
+                // transpose; `scores` is n×ctx. All live through the call.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        ctx,
+                        head_dim,
+                        scores.as_mut_ptr(),
+                        1,
+                        ctx as isize,
+                        false,
+                        q0,
+                        1,
+                        q.cols as isize,
+                        kt.as_ptr(),
+                        head_dim as isize,
+                        1,
+                        0.0f32,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (i, row) in scores.chunks_exact_mut(ctx).enumerate() {
+                    let visible = step.positions[seq.first_token + i] as usize + 1;
+                    let max = row[..visible]
+                        .iter()
+                        .copied()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0.0f32;
+                    for x in &mut row[..visible] {
+                        *x = (*x - max).exp();
+                        total += *x;
+                    }
+                    for x in &mut row[..visible] {
+                        *x /= total;
+                    }
+                    row[visible..].fill(0.0);
+                }
+                // SAFETY: `scores` is n×ctx, `v` ctx×head_dim; the destination is this
+                // sequence's n rows of `out` (row stride out_cols) at this head's columns, which
+                // no other job writes.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        head_dim,
+                        ctx,
+                        shared.at(seq.first_token * out_cols + h * head_dim),
+                        1,
+                        out_cols as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        ctx as isize,
+                        v.as_ptr(),
+                        1,
+                        head_dim as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        });
+    }
+}
+
 thread_local! {
+    /// Gathered keys, values and scores for GEMM attention, reused across steps.
+    static ATTENTION: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// A dequantized weight tile for the batched path, reused across steps.
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Attention scores, reused across steps so decoding allocates nothing here.
@@ -317,23 +457,23 @@ impl Backend for CpuBackend {
         let (n, cols, row_bytes) = (x.rows, out.cols, weight.row_bytes);
         let chunk = rows_per_task(weight.rows);
         let shared = SharedOut(out.data.as_mut_ptr());
-        let x = &*x;
         // Each task owns a run of weight rows (output columns) and computes them for every
         // batch row: a weight row is read from memory once per step and reused from cache for
         // the whole batch.
-        (0..weight.rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
-            let shared = shared;
-            for j in task * chunk..((task + 1) * chunk).min(weight.rows) {
-                let row = &bytes[j * row_bytes..(j + 1) * row_bytes];
-                for r in 0..n {
-                    let value = dot(row, x.row(r));
-                    // SAFETY: element (r, j) is written by exactly one task (the one owning
-                    // column j), r < n and j < cols, so r * cols + j is inside `out.data`,
-                    // which outlives this parallel loop and is not read during it.
-                    unsafe { *shared.0.add(r * cols + j) = value };
+        (0..weight.rows.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|task| {
+                for j in task * chunk..((task + 1) * chunk).min(weight.rows) {
+                    let row = &bytes[j * row_bytes..(j + 1) * row_bytes];
+                    for r in 0..n {
+                        let value = dot(row, x.row(r));
+                        // SAFETY: element (r, j) is written by exactly one task (the one owning
+                        // column j), r < n and j < cols, so r * cols + j is inside `out.data`,
+                        // which outlives this parallel loop and is not read during it.
+                        unsafe { *shared.at(r * cols + j) = value };
+                    }
                 }
-            }
-        });
+            });
         Ok(())
     }
 
@@ -476,44 +616,68 @@ impl Backend for CpuBackend {
         }
         for (t, &s) in owner.iter().enumerate() {
             let visible = step.positions[t] as usize + 1;
-            let seq = step.seqs.get(s).ok_or_else(|| shape_error("attention", format!("query row {t} belongs to no sequence")))?;
+            let seq = step.seqs.get(s).ok_or_else(|| {
+                shape_error("attention", format!("query row {t} belongs to no sequence"))
+            })?;
             if visible > seq.context_len || visible.div_ceil(bs) > seq.block_table.len() {
-                return Err(shape_error("attention", format!("position {} beyond the sequence's {} cached tokens", visible - 1, seq.context_len)));
+                return Err(shape_error(
+                    "attention",
+                    format!(
+                        "position {} beyond the sequence's {} cached tokens",
+                        visible - 1,
+                        seq.context_len
+                    ),
+                ));
             }
         }
         let level = self.level;
+        // Long prefill chunks go through GEMMs (all their queries against the gathered keys at
+        // once); decode tokens and short chunks take the per-row path below.
+        let long: Vec<usize> = (0..step.seqs.len())
+            .filter(|&s| step.seqs[s].num_tokens >= ATTENTION_GEMM_MIN_TOKENS)
+            .collect();
+        if !long.is_empty() {
+            self.attention_gemm(q, keys, values, step, &long, heads, width, out);
+        }
+        let is_long: Vec<bool> = (0..step.seqs.len()).map(|s| long.contains(&s)).collect();
         // One task per (query row, head): each writes its own head_dim slice of `out`.
-        out.data.par_chunks_mut(head_dim).enumerate().for_each(|(index, o)| {
-            let (t, h) = (index / num_heads, index % num_heads);
-            let seq = &step.seqs[owner[t]];
-            let visible = step.positions[t] as usize + 1;
-            let slot = |p: usize| seq.block_table[p / bs] as usize * bs + p % bs;
-            let kv_head = h / group;
-            let query = &q.data[t * q.cols + h * head_dim..t * q.cols + (h + 1) * head_dim];
-            SCORES.with_borrow_mut(|scores| {
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for p in 0..visible {
-                    let base = slot(p) * width + kv_head * head_dim;
-                    let s = simd::dot_f32(level, query, &keys[base..base + head_dim]) * scale;
-                    max = max.max(s);
-                    scores.push(s);
+        out.data
+            .par_chunks_mut(head_dim)
+            .enumerate()
+            .for_each(|(index, o)| {
+                let (t, h) = (index / num_heads, index % num_heads);
+                if is_long[owner[t]] {
+                    return;
                 }
-                let mut total = 0.0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                o.fill(0.0);
-                for (p, s) in scores.iter().enumerate() {
-                    let base = slot(p) * width + kv_head * head_dim;
-                    let weight = s / total;
-                    for (o, v) in o.iter_mut().zip(&values[base..base + head_dim]) {
-                        *o += weight * v;
+                let seq = &step.seqs[owner[t]];
+                let visible = step.positions[t] as usize + 1;
+                let slot = |p: usize| seq.block_table[p / bs] as usize * bs + p % bs;
+                let kv_head = h / group;
+                let query = &q.data[t * q.cols + h * head_dim..t * q.cols + (h + 1) * head_dim];
+                SCORES.with_borrow_mut(|scores| {
+                    scores.clear();
+                    let mut max = f32::NEG_INFINITY;
+                    for p in 0..visible {
+                        let base = slot(p) * width + kv_head * head_dim;
+                        let s = simd::dot_f32(level, query, &keys[base..base + head_dim]) * scale;
+                        max = max.max(s);
+                        scores.push(s);
                     }
-                }
+                    let mut total = 0.0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    o.fill(0.0);
+                    for (p, s) in scores.iter().enumerate() {
+                        let base = slot(p) * width + kv_head * head_dim;
+                        let weight = s / total;
+                        for (o, v) in o.iter_mut().zip(&values[base..base + head_dim]) {
+                            *o += weight * v;
+                        }
+                    }
+                });
             });
-        });
         Ok(())
     }
 
@@ -569,5 +733,130 @@ impl Backend for CpuBackend {
 impl CpuWeight {
     pub fn dtype(&self) -> DType {
         self.tensor.dtype
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng as _, SeedableRng as _};
+
+    use super::*;
+    use crate::backend::SeqSlice;
+
+    /// Causal attention in f64 straight from the definition, over contiguous keys and values.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], positions: &[u32], heads: Heads) -> Vec<f64> {
+        let Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = heads;
+        let width = num_kv_heads * head_dim;
+        let mut out = vec![0.0f64; positions.len() * num_heads * head_dim];
+        for (t, &pos) in positions.iter().enumerate() {
+            for h in 0..num_heads {
+                let kvh = h / (num_heads / num_kv_heads);
+                let qv = &q[(t * num_heads + h) * head_dim..(t * num_heads + h + 1) * head_dim];
+                let scores: Vec<f64> = (0..=pos as usize)
+                    .map(|p| {
+                        let kv = &k[p * width + kvh * head_dim..p * width + (kvh + 1) * head_dim];
+                        qv.iter()
+                            .zip(kv)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum::<f64>()
+                            / (head_dim as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for (p, s) in scores.iter().enumerate() {
+                    let w = (s - max).exp() / total;
+                    for d in 0..head_dim {
+                        out[(t * num_heads + h) * head_dim + d] +=
+                            w * f64::from(v[p * width + kvh * head_dim + d]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_paths_match_the_definition_through_scattered_blocks() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let heads = Heads {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 10,
+        };
+        let width = heads.num_kv_heads * heads.head_dim;
+        let bs = 4;
+        // Lengths on both sides of the GEMM threshold, chunks starting mid-sequence.
+        for (cached, new) in [(0usize, 37usize), (5, 1), (9, 20), (0, 3)] {
+            let ctx = cached + new;
+            let layout = KvLayout {
+                num_layers: 1,
+                num_blocks: 32,
+                block_size: bs,
+                num_kv_heads: 2,
+                head_dim: 10,
+            };
+            let backend = CpuBackend::default();
+            let mut kv = backend.alloc_kv(&layout).unwrap();
+            // Blocks deliberately out of order.
+            let table: Vec<u32> = (0..ctx.div_ceil(bs) as u32).map(|b| 31 - 2 * b).collect();
+            let k: Vec<f32> = (0..ctx * width)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let v: Vec<f32> = (0..ctx * width)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let slots: Vec<u32> = (0..ctx)
+                .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
+                .collect();
+            let kt = CpuTensor {
+                rows: ctx,
+                cols: width,
+                data: k.clone(),
+            };
+            let vt = CpuTensor {
+                rows: ctx,
+                cols: width,
+                data: v.clone(),
+            };
+            backend.write_kv(&mut kv, 0, &kt, &vt, &slots).unwrap();
+            let q: Vec<f32> = (0..new * heads.num_heads * heads.head_dim)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let positions: Vec<u32> = (cached as u32..ctx as u32).collect();
+            let seqs = [SeqSlice {
+                first_token: 0,
+                num_tokens: new,
+                context_len: ctx,
+                block_table: &table,
+            }];
+            let step = StepLayout {
+                positions: &positions,
+                slots: &slots[cached..],
+                seqs: &seqs,
+                block_size: bs,
+            };
+            let qt = CpuTensor {
+                rows: new,
+                cols: heads.num_heads * heads.head_dim,
+                data: q.clone(),
+            };
+            let mut out = backend.alloc(new, qt.cols).unwrap();
+            out.data.fill(f32::NAN);
+            backend
+                .attention(&qt, &kv, 0, &step, heads, &mut out)
+                .unwrap();
+            let want = reference(&q, &k, &v, &positions, heads);
+            for (i, (g, w)) in out.data.iter().zip(&want).enumerate() {
+                assert!(
+                    g.is_finite() && (f64::from(*g) - w).abs() < 1e-5,
+                    "cached {cached} new {new} element {i}: {g} vs {w}"
+                );
+            }
+        }
     }
 }

@@ -21,7 +21,10 @@ impl Level {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
                 return Level::Avx2;
             }
         }
@@ -63,6 +66,29 @@ pub fn dot_fn(level: Level, dtype: DType) -> DotFn {
         },
         #[cfg(not(target_arch = "x86_64"))]
         Level::Avx2 => portable(dtype),
+    }
+}
+
+/// Expands whole blocks of a weight row into f32.
+pub type DequantFn = fn(&[u8], &mut [f32]);
+
+/// The row dequantizer for `dtype` at `level`.
+pub fn dequant_fn(level: Level, dtype: DType) -> DequantFn {
+    match (level, dtype) {
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, DType::Q4_0) => avx2::dequant_q4_0_entry,
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, DType::Q4_1) => avx2::dequant_q4_1_entry,
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, DType::Q8_0) => avx2::dequant_q8_0_entry,
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, DType::BF16) => avx2::dequant_bf16_entry,
+        (_, DType::F32) => |r, o| super::kernels::dequantize_row(DType::F32, r, o),
+        (_, DType::F16) => |r, o| super::kernels::dequantize_row(DType::F16, r, o),
+        (_, DType::BF16) => |r, o| super::kernels::dequantize_row(DType::BF16, r, o),
+        (_, DType::Q8_0) => |r, o| super::kernels::dequantize_row(DType::Q8_0, r, o),
+        (_, DType::Q4_0) => |r, o| super::kernels::dequantize_row(DType::Q4_0, r, o),
+        (_, DType::Q4_1) => |r, o| super::kernels::dequantize_row(DType::Q4_1, r, o),
     }
 }
 
@@ -137,17 +163,28 @@ mod avx2 {
             let (pa, pb) = (a.as_ptr(), b.as_ptr());
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut i = 0;
-                while i + 32 <= n {
+            while i + 32 <= n {
                 for (k, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * k)), _mm256_loadu_ps(pb.add(i + 8 * k)), *acc);
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(i + 8 * k)),
+                        _mm256_loadu_ps(pb.add(i + 8 * k)),
+                        *acc,
+                    );
                 }
                 i += 32;
             }
             while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
                 i += 8;
             }
-            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            let mut sum = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
             while i < n {
                 sum += a[i] * b[i];
                 i += 1;
@@ -170,17 +207,33 @@ mod avx2 {
             let mut i = 0;
             while i + 32 <= n {
                 for (k, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i + 8 * k)), _mm256_loadu_ps(px.add(i + 8 * k)), *acc);
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pw.add(i + 8 * k)),
+                        _mm256_loadu_ps(px.add(i + 8 * k)),
+                        *acc,
+                    );
                 }
                 i += 32;
             }
             while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i)), _mm256_loadu_ps(px.add(i)), acc[0]);
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pw.add(i)),
+                    _mm256_loadu_ps(px.add(i)),
+                    acc[0],
+                );
                 i += 8;
             }
-            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            let mut sum = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
             while i < n {
-                sum += f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]) * x[i];
+                sum += f32::from_le_bytes([
+                    row[4 * i],
+                    row[4 * i + 1],
+                    row[4 * i + 2],
+                    row[4 * i + 3],
+                ]) * x[i];
                 i += 1;
             }
             sum
@@ -202,7 +255,11 @@ mod avx2 {
             let mut i = 0;
             while i + 32 <= n {
                 for (k, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(widen(pw.add(2 * (i + 8 * k))), _mm256_loadu_ps(px.add(i + 8 * k)), *acc);
+                    *acc = _mm256_fmadd_ps(
+                        widen(pw.add(2 * (i + 8 * k))),
+                        _mm256_loadu_ps(px.add(i + 8 * k)),
+                        *acc,
+                    );
                 }
                 i += 32;
             }
@@ -210,10 +267,17 @@ mod avx2 {
                 acc[0] = _mm256_fmadd_ps(widen(pw.add(2 * i)), _mm256_loadu_ps(px.add(i)), acc[0]);
                 i += 8;
             }
-            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            let mut sum = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
             while i < n {
                 let bits = u16::from_le_bytes([row[2 * i], row[2 * i + 1]]);
-                let w = if bf16 { f32::from_bits(u32::from(bits) << 16) } else { f16::from_bits(bits).to_f32() };
+                let w = if bf16 {
+                    f32::from_bits(u32::from(bits) << 16)
+                } else {
+                    f16::from_bits(bits).to_f32()
+                };
                 sum += w * x[i];
                 i += 1;
             }
@@ -236,7 +300,9 @@ mod avx2 {
                 let xs = x.as_ptr().add(b * 32);
                 let mut s = _mm256_setzero_ps();
                 for k in 0..4 {
-                    let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(block.add(2 + 8 * k).cast())));
+                    let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        block.add(2 + 8 * k).cast(),
+                    )));
                     s = _mm256_fmadd_ps(q, _mm256_loadu_ps(xs.add(8 * k)), s);
                 }
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(scale(row, b * 34)), s, acc);
@@ -289,6 +355,101 @@ mod avx2 {
         }
     }
 
+    /// # Safety
+    /// AVX2 and FMA; `row` holds `out.len() / 32` Q4_0 or Q4_1 blocks.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dequant_q4(row: &[u8], out: &mut [f32], with_min: bool) {
+        let (block_bytes, quants_at) = if with_min { (20, 4) } else { (18, 2) };
+        let blocks = out.len() / 32;
+        assert!(row.len() >= blocks * block_bytes);
+        // SAFETY: the caller guarantees the features; reads stay inside `row` (checked above)
+        // and writes inside `out` (32 floats per block).
+        unsafe {
+            let mask = _mm_set1_epi8(0x0f);
+            for b in 0..blocks {
+                let block = row.as_ptr().add(b * block_bytes);
+                let d = _mm256_set1_ps(scale(row, b * block_bytes));
+                let m = _mm256_set1_ps(if with_min {
+                    scale(row, b * block_bytes + 2)
+                } else {
+                    -8.0 * scale(row, b * block_bytes)
+                });
+                let q = _mm_loadu_si128(block.add(quants_at).cast());
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                let dst = out.as_mut_ptr().add(b * 32);
+                for (k, part) in parts.iter().enumerate() {
+                    let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(*part)), d, m);
+                    _mm256_storeu_ps(dst.add(8 * k), v);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2; `row` holds `out.len() / 32` Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dequant_q8_0(row: &[u8], out: &mut [f32]) {
+        let blocks = out.len() / 32;
+        assert!(row.len() >= blocks * 34);
+        // SAFETY: as in dequant_q4.
+        unsafe {
+            for b in 0..blocks {
+                let block = row.as_ptr().add(b * 34);
+                let d = _mm256_set1_ps(scale(row, b * 34));
+                let dst = out.as_mut_ptr().add(b * 32);
+                for k in 0..4 {
+                    let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        block.add(2 + 8 * k).cast(),
+                    )));
+                    _mm256_storeu_ps(dst.add(8 * k), _mm256_mul_ps(q, d));
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2; `row` holds `out.len()` bf16 values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dequant_bf16(row: &[u8], out: &mut [f32]) {
+        let n = out.len();
+        assert!(row.len() >= 2 * n);
+        let mut i = 0;
+        // SAFETY: as in dequant_q4; 8 values at a time while they fit.
+        unsafe {
+            while i + 8 <= n {
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(i),
+                    widen8(row.as_ptr().add(2 * i), true),
+                );
+                i += 8;
+            }
+        }
+        while i < n {
+            out[i] =
+                f32::from_bits(u32::from(u16::from_le_bytes([row[2 * i], row[2 * i + 1]])) << 16);
+            i += 1;
+        }
+    }
+
+    pub fn dequant_q4_0_entry(row: &[u8], out: &mut [f32]) {
+        // SAFETY: only reachable through dequant_fn(Level::Avx2, _); see the entry points below.
+        unsafe { dequant_q4(row, out, false) }
+    }
+    pub fn dequant_q4_1_entry(row: &[u8], out: &mut [f32]) {
+        // SAFETY: as for dequant_q4_0_entry.
+        unsafe { dequant_q4(row, out, true) }
+    }
+    pub fn dequant_q8_0_entry(row: &[u8], out: &mut [f32]) {
+        // SAFETY: as for dequant_q4_0_entry.
+        unsafe { dequant_q8_0(row, out) }
+    }
+    pub fn dequant_bf16_entry(row: &[u8], out: &mut [f32]) {
+        // SAFETY: as for dequant_q4_0_entry.
+        unsafe { dequant_bf16(row, out) }
+    }
+
     // Safe entry points for the dispatch table: only reachable through `dot_fn(Level::Avx2, _)`,
     // and `Level::Avx2` is only constructed when the CPU has AVX2, FMA and F16C.
     pub fn dot_f32_entry(row: &[u8], x: &[f32]) -> f32 {
@@ -329,9 +490,15 @@ mod tests {
     fn random_row(rng: &mut impl rand::Rng, dtype: DType, n: usize) -> Vec<u8> {
         let mut out = Vec::new();
         match dtype {
-            DType::F32 => (0..n).for_each(|_| out.extend(rng.random_range(-1.0f32..1.0).to_le_bytes())),
-            DType::F16 => (0..n).for_each(|_| out.extend(half::f16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())),
-            DType::BF16 => (0..n).for_each(|_| out.extend(half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())),
+            DType::F32 => {
+                (0..n).for_each(|_| out.extend(rng.random_range(-1.0f32..1.0).to_le_bytes()))
+            }
+            DType::F16 => (0..n).for_each(|_| {
+                out.extend(half::f16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())
+            }),
+            DType::BF16 => (0..n).for_each(|_| {
+                out.extend(half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())
+            }),
             q => {
                 for _ in 0..n / 32 {
                     out.extend(half::f16::from_f32(rng.random_range(0.001..0.1)).to_le_bytes());
@@ -350,24 +517,75 @@ mod tests {
     fn every_level_matches_the_portable_kernel_on_awkward_lengths() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
         for level in Level::available() {
-            for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
-                let lengths: &[usize] = if dtype.is_quantized() { &[32, 64, 96, 160, 576, 1536] } else { &[1, 7, 8, 9, 31, 33, 65, 100, 576, 577] };
+            for dtype in [
+                DType::F32,
+                DType::F16,
+                DType::BF16,
+                DType::Q8_0,
+                DType::Q4_0,
+                DType::Q4_1,
+            ] {
+                let lengths: &[usize] = if dtype.is_quantized() {
+                    &[32, 64, 96, 160, 576, 1536]
+                } else {
+                    &[1, 7, 8, 9, 31, 33, 65, 100, 576, 577]
+                };
                 for &n in lengths {
                     let row = random_row(&mut rng, dtype, n);
                     let x: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
                     let mut w = vec![0.0; n];
                     kernels::dequantize_row(dtype, &row, &mut w);
-                    let reference: f64 = w.iter().zip(&x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-                    let magnitude: f64 = w.iter().zip(&x).map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs()).sum::<f64>().max(1e-9);
+                    let reference: f64 = w
+                        .iter()
+                        .zip(&x)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let magnitude: f64 = w
+                        .iter()
+                        .zip(&x)
+                        .map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs())
+                        .sum::<f64>()
+                        .max(1e-9);
                     let got = f64::from(dot_fn(level, dtype)(&row, &x));
-                    assert!(got.is_finite() && ((got - reference) / magnitude).abs() < 1e-5, "{} {dtype} n={n}: {got} vs {reference}", level.name());
+                    assert!(
+                        got.is_finite() && ((got - reference) / magnitude).abs() < 1e-5,
+                        "{} {dtype} n={n}: {got} vs {reference}",
+                        level.name()
+                    );
+                }
+            }
+            for dtype in [
+                DType::F32,
+                DType::F16,
+                DType::BF16,
+                DType::Q8_0,
+                DType::Q4_0,
+                DType::Q4_1,
+            ] {
+                for n in [32, 96, 576] {
+                    let row = random_row(&mut rng, dtype, n);
+                    let mut want = vec![0.0; n];
+                    kernels::dequantize_row(dtype, &row, &mut want);
+                    let mut got = vec![f32::NAN; n];
+                    dequant_fn(level, dtype)(&row, &mut got);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                            "{} {dtype} dequant: {g} vs {w}",
+                            level.name()
+                        );
+                    }
                 }
             }
             for n in [0, 1, 7, 8, 33, 1000] {
                 let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let reference: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-                assert!((dot_f32(level, &a, &b) - reference).abs() < 1e-4, "{} n={n}", level.name());
+                assert!(
+                    (dot_f32(level, &a, &b) - reference).abs() < 1e-4,
+                    "{} n={n}",
+                    level.name()
+                );
             }
         }
     }
