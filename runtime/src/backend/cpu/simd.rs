@@ -1,4 +1,5 @@
-//! Dot products with SIMD chosen at run time: AVX2 + FMA + F16C where the CPU has them, the
+//! Dot products with SIMD chosen at run time: AVX-512 (F, BW) or AVX2 + FMA + F16C where the
+//! CPU has them, the
 //! portable kernels (`kernels.rs`) everywhere else. Activations stay f32; weights are read in
 //! their stored dtype and widened in registers, quantized blocks dequantized inside the loop.
 //!
@@ -14,6 +15,8 @@ pub enum Level {
     Portable,
     /// AVX2 with FMA and F16C (x86-64).
     Avx2,
+    /// AVX-512 F and BW on top of AVX2 (x86-64): 16 lanes.
+    Avx512,
 }
 
 impl Level {
@@ -34,8 +37,10 @@ impl Level {
     /// Every level this CPU can run, best last (for tests and benches).
     pub fn available() -> Vec<Self> {
         let mut levels = vec![Level::Portable];
-        if Self::detect() == Level::Avx2 {
-            levels.push(Level::Avx2);
+        match Self::detect() {
+            Level::Avx512 => levels.extend([Level::Avx2, Level::Avx512]),
+            Level::Avx2 => levels.push(Level::Avx2),
+            Level::Portable => {}
         }
         levels
     }
@@ -44,6 +49,7 @@ impl Level {
         match self {
             Level::Portable => "portable",
             Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
         }
     }
 }
@@ -64,8 +70,18 @@ pub fn dot_fn(level: Level, dtype: DType) -> DotFn {
             DType::Q4_0 => avx2::dot_q4_0_entry,
             DType::Q4_1 => avx2::dot_q4_1_entry,
         },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => match dtype {
+            DType::F32 => avx512::dot_f32_entry,
+            DType::BF16 => avx512::dot_bf16_entry,
+            // F16 is rare in served models; the AVX2 kernel serves it.
+            DType::F16 => avx2::dot_f16_entry,
+            DType::Q8_0 => avx512::dot_q8_0_entry,
+            DType::Q4_0 => avx512::dot_q4_0_entry,
+            DType::Q4_1 => avx512::dot_q4_1_entry,
+        },
         #[cfg(not(target_arch = "x86_64"))]
-        Level::Avx2 => portable(dtype),
+        Level::Avx2 | Level::Avx512 => portable(dtype),
     }
 }
 
@@ -76,13 +92,13 @@ pub type DequantFn = fn(&[u8], &mut [f32]);
 pub fn dequant_fn(level: Level, dtype: DType) -> DequantFn {
     match (level, dtype) {
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx2, DType::Q4_0) => avx2::dequant_q4_0_entry,
+        (Level::Avx2 | Level::Avx512, DType::Q4_0) => avx2::dequant_q4_0_entry,
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx2, DType::Q4_1) => avx2::dequant_q4_1_entry,
+        (Level::Avx2 | Level::Avx512, DType::Q4_1) => avx2::dequant_q4_1_entry,
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx2, DType::Q8_0) => avx2::dequant_q8_0_entry,
+        (Level::Avx2 | Level::Avx512, DType::Q8_0) => avx2::dequant_q8_0_entry,
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx2, DType::BF16) => avx2::dequant_bf16_entry,
+        (Level::Avx2 | Level::Avx512, DType::BF16) => avx2::dequant_bf16_entry,
         (_, DType::F32) => |r, o| super::kernels::dequantize_row(DType::F32, r, o),
         (_, DType::F16) => |r, o| super::kernels::dequantize_row(DType::F16, r, o),
         (_, DType::BF16) => |r, o| super::kernels::dequantize_row(DType::BF16, r, o),
@@ -107,8 +123,9 @@ fn portable(dtype: DType) -> DotFn {
 pub fn dot_f32(level: Level, a: &[f32], b: &[f32]) -> f32 {
     match level {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Level::Avx2 is only constructed when the CPU reports AVX2, FMA and F16C.
-        Level::Avx2 => unsafe { avx2::dot_f32_f32(a, b) },
+        // SAFETY: Level::Avx2 and Avx512 are only constructed when the CPU reports AVX2, FMA
+        // and F16C.
+        Level::Avx2 | Level::Avx512 => unsafe { avx2::dot_f32_f32(a, b) },
         _ => super::kernels::dot_f32(a, b),
     }
 }
@@ -463,6 +480,150 @@ mod avx2 {
     pub fn dot_f16_entry(row: &[u8], x: &[f32]) -> f32 {
         // SAFETY: as for dot_f32_entry.
         unsafe { dot_half(row, x, false) }
+    }
+    pub fn dot_q8_0_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_q8_0(row, x) }
+    }
+    pub fn dot_q4_0_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_q4(row, x, false) }
+    }
+    pub fn dot_q4_1_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_q4(row, x, true) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    fn scale(bytes: &[u8], at: usize) -> f32 {
+        f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+    }
+
+    /// # Safety
+    /// AVX-512 F; `row` holds `x.len()` f32 values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        assert!(row.len() >= 4 * n);
+        let (pw, px) = (row.as_ptr().cast::<f32>(), x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut i = 0;
+        // SAFETY: the caller guarantees the features; loads stay below n (checked above).
+        unsafe {
+            while i + 32 <= n {
+                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i)), _mm512_loadu_ps(px.add(i)), acc[0]);
+                acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i + 16)), _mm512_loadu_ps(px.add(i + 16)), acc[1]);
+                i += 32;
+            }
+            while i + 16 <= n {
+                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i)), _mm512_loadu_ps(px.add(i)), acc[0]);
+                i += 16;
+            }
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+        while i < n {
+            sum += f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]) * x[i];
+            i += 1;
+        }
+        sum
+    }
+
+    /// # Safety
+    /// AVX-512 F and BW; `row` holds `x.len()` bf16 values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        assert!(row.len() >= 2 * n);
+        let (pw, px) = (row.as_ptr(), x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut i = 0;
+        // SAFETY: as in dot_f32.
+        unsafe {
+            let widen = |p: *const u8| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16));
+            while i + 32 <= n {
+                acc[0] = _mm512_fmadd_ps(widen(pw.add(2 * i)), _mm512_loadu_ps(px.add(i)), acc[0]);
+                acc[1] = _mm512_fmadd_ps(widen(pw.add(2 * (i + 16))), _mm512_loadu_ps(px.add(i + 16)), acc[1]);
+                i += 32;
+            }
+            while i + 16 <= n {
+                acc[0] = _mm512_fmadd_ps(widen(pw.add(2 * i)), _mm512_loadu_ps(px.add(i)), acc[0]);
+                i += 16;
+            }
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+        while i < n {
+            sum += f32::from_bits(u32::from(u16::from_le_bytes([row[2 * i], row[2 * i + 1]])) << 16) * x[i];
+            i += 1;
+        }
+        sum
+    }
+
+    /// # Safety
+    /// AVX-512 F and BW; `row` holds `x.len() / 32` Q8_0 blocks.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+        let blocks = x.len() / 32;
+        assert!(row.len() >= blocks * 34);
+        let mut acc = _mm512_setzero_ps();
+        // SAFETY: as in dot_f32; each block reads 34 bytes of `row` and 32 floats of `x`.
+        unsafe {
+            for b in 0..blocks {
+                let block = row.as_ptr().add(b * 34 + 2);
+                let xs = x.as_ptr().add(b * 32);
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.cast())));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(16).cast())));
+                let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xs.add(16)), _mm512_mul_ps(q0, _mm512_loadu_ps(xs)));
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(scale(row, b * 34)), s, acc);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// # Safety
+    /// AVX-512 F and BW; `row` holds `x.len() / 32` Q4_0 or Q4_1 blocks.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot_q4(row: &[u8], x: &[f32], with_min: bool) -> f32 {
+        let (block_bytes, quants_at) = if with_min { (20, 4) } else { (18, 2) };
+        let blocks = x.len() / 32;
+        assert!(row.len() >= blocks * block_bytes);
+        let mut acc_q = _mm512_setzero_ps();
+        let mut acc_x = _mm512_setzero_ps();
+        // SAFETY: as in dot_q8_0.
+        unsafe {
+            let mask = _mm512_set1_epi32(0x0f);
+            for b in 0..blocks {
+                let xs = x.as_ptr().add(b * 32);
+                // 16 bytes widened to 16 lanes: low nibbles are elements 0..16, high 16..32.
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.as_ptr().add(b * block_bytes + quants_at).cast()));
+                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, mask));
+                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+                let (x0, x1) = (_mm512_loadu_ps(xs), _mm512_loadu_ps(xs.add(16)));
+                let sq = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+                let sx = _mm512_add_ps(x0, x1);
+                let d = scale(row, b * block_bytes);
+                let m = if with_min { scale(row, b * block_bytes + 2) } else { -8.0 * d };
+                acc_q = _mm512_fmadd_ps(_mm512_set1_ps(d), sq, acc_q);
+                acc_x = _mm512_fmadd_ps(_mm512_set1_ps(m), sx, acc_x);
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc_q, acc_x))
+    }
+
+    // Safe entry points: only reachable through `dot_fn(Level::Avx512, _)`, and Level::Avx512
+    // is only constructed when the CPU has AVX-512 F and BW (and AVX2, FMA, F16C).
+    pub fn dot_f32_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: see above; lengths are asserted inside.
+        unsafe { dot_f32(row, x) }
+    }
+    pub fn dot_bf16_entry(row: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry.
+        unsafe { dot_bf16(row, x) }
     }
     pub fn dot_q8_0_entry(row: &[u8], x: &[f32]) -> f32 {
         // SAFETY: as for dot_f32_entry.
