@@ -24,10 +24,16 @@ impl Level {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
+                && std::arch::is_x86_feature_detected!("f16c");
+            if avx2
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
             {
+                return Level::Avx512;
+            }
+            if avx2 {
                 return Level::Avx2;
             }
         }
@@ -517,18 +523,31 @@ mod avx512 {
         // SAFETY: the caller guarantees the features; loads stay below n (checked above).
         unsafe {
             while i + 32 <= n {
-                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i)), _mm512_loadu_ps(px.add(i)), acc[0]);
-                acc[1] = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i + 16)), _mm512_loadu_ps(px.add(i + 16)), acc[1]);
+                acc[0] = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pw.add(i)),
+                    _mm512_loadu_ps(px.add(i)),
+                    acc[0],
+                );
+                acc[1] = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pw.add(i + 16)),
+                    _mm512_loadu_ps(px.add(i + 16)),
+                    acc[1],
+                );
                 i += 32;
             }
             while i + 16 <= n {
-                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i)), _mm512_loadu_ps(px.add(i)), acc[0]);
+                acc[0] = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pw.add(i)),
+                    _mm512_loadu_ps(px.add(i)),
+                    acc[0],
+                );
                 i += 16;
             }
         }
         let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
         while i < n {
-            sum += f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]]) * x[i];
+            sum += f32::from_le_bytes([row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]])
+                * x[i];
             i += 1;
         }
         sum
@@ -545,10 +564,19 @@ mod avx512 {
         let mut i = 0;
         // SAFETY: as in dot_f32.
         unsafe {
-            let widen = |p: *const u8| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16));
+            let widen = |p: *const u8| {
+                _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+                    16,
+                ))
+            };
             while i + 32 <= n {
                 acc[0] = _mm512_fmadd_ps(widen(pw.add(2 * i)), _mm512_loadu_ps(px.add(i)), acc[0]);
-                acc[1] = _mm512_fmadd_ps(widen(pw.add(2 * (i + 16))), _mm512_loadu_ps(px.add(i + 16)), acc[1]);
+                acc[1] = _mm512_fmadd_ps(
+                    widen(pw.add(2 * (i + 16))),
+                    _mm512_loadu_ps(px.add(i + 16)),
+                    acc[1],
+                );
                 i += 32;
             }
             while i + 16 <= n {
@@ -558,7 +586,9 @@ mod avx512 {
         }
         let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
         while i < n {
-            sum += f32::from_bits(u32::from(u16::from_le_bytes([row[2 * i], row[2 * i + 1]])) << 16) * x[i];
+            sum +=
+                f32::from_bits(u32::from(u16::from_le_bytes([row[2 * i], row[2 * i + 1]])) << 16)
+                    * x[i];
             i += 1;
         }
         sum
@@ -577,8 +607,13 @@ mod avx512 {
                 let block = row.as_ptr().add(b * 34 + 2);
                 let xs = x.as_ptr().add(b * 32);
                 let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.cast())));
-                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(16).cast())));
-                let s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xs.add(16)), _mm512_mul_ps(q0, _mm512_loadu_ps(xs)));
+                let q1 =
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(16).cast())));
+                let s = _mm512_fmadd_ps(
+                    q1,
+                    _mm512_loadu_ps(xs.add(16)),
+                    _mm512_mul_ps(q0, _mm512_loadu_ps(xs)),
+                );
                 acc = _mm512_fmadd_ps(_mm512_set1_ps(scale(row, b * 34)), s, acc);
             }
         }
@@ -600,14 +635,20 @@ mod avx512 {
             for b in 0..blocks {
                 let xs = x.as_ptr().add(b * 32);
                 // 16 bytes widened to 16 lanes: low nibbles are elements 0..16, high 16..32.
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.as_ptr().add(b * block_bytes + quants_at).cast()));
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    row.as_ptr().add(b * block_bytes + quants_at).cast(),
+                ));
                 let lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, mask));
                 let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
                 let (x0, x1) = (_mm512_loadu_ps(xs), _mm512_loadu_ps(xs.add(16)));
                 let sq = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
                 let sx = _mm512_add_ps(x0, x1);
                 let d = scale(row, b * block_bytes);
-                let m = if with_min { scale(row, b * block_bytes + 2) } else { -8.0 * d };
+                let m = if with_min {
+                    scale(row, b * block_bytes + 2)
+                } else {
+                    -8.0 * d
+                };
                 acc_q = _mm512_fmadd_ps(_mm512_set1_ps(d), sq, acc_q);
                 acc_x = _mm512_fmadd_ps(_mm512_set1_ps(m), sx, acc_x);
             }
