@@ -20,8 +20,23 @@ pub enum Level {
 }
 
 impl Level {
-    /// The best level this CPU supports.
+    /// The level to use: `ACCEL_CPU_KERNELS` (`portable`, `avx2`, `avx512`) if set and
+    /// supported, else AVX2 where present. AVX-512 is opt-in: on the AMD hosts we measured
+    /// (benches/cpu_decode) its Q4 kernels were slower than AVX2 and the rest no faster.
     pub fn detect() -> Self {
+        let supported = Self::available();
+        let wanted = std::env::var("ACCEL_CPU_KERNELS")
+            .ok()
+            .and_then(|name| supported.iter().copied().find(|l| l.name() == name));
+        wanted.unwrap_or(if supported.contains(&Level::Avx2) {
+            Level::Avx2
+        } else {
+            Level::Portable
+        })
+    }
+
+    /// The best level the CPU supports.
+    fn best_supported() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = std::arch::is_x86_feature_detected!("avx2")
@@ -43,7 +58,7 @@ impl Level {
     /// Every level this CPU can run, best last (for tests and benches).
     pub fn available() -> Vec<Self> {
         let mut levels = vec![Level::Portable];
-        match Self::detect() {
+        match Self::best_supported() {
             Level::Avx512 => levels.extend([Level::Avx2, Level::Avx512]),
             Level::Avx2 => levels.push(Level::Avx2),
             Level::Portable => {}
