@@ -38,6 +38,7 @@ pub struct Metrics {
     pub inference_requests: IntCounterVec,
     pub tenant_requests_in_flight: IntGaugeVec,
     pub models_loaded: IntGaugeVec,
+    pub peak_resident_memory: IntGauge,
 }
 
 /// Latency buckets for inference, in seconds (1ms to 5 minutes).
@@ -177,6 +178,11 @@ impl Metrics {
         }
         registry.register(Box::new(tenant_requests_in_flight.clone()))?;
         registry.register(Box::new(models_loaded.clone()))?;
+        let peak_resident_memory = IntGauge::new(
+            "accel_process_peak_resident_memory_bytes",
+            "Peak resident memory of the daemon since it started (getrusage ru_maxrss).",
+        )?;
+        registry.register(Box::new(peak_resident_memory.clone()))?;
 
         // Both outcomes exist from the start so rate() and alerts see zeros, not absent series.
         for result in ["success", "failure"] {
@@ -210,6 +216,7 @@ impl Metrics {
             inference_requests,
             tenant_requests_in_flight,
             models_loaded,
+            peak_resident_memory,
         })
     }
 
@@ -230,10 +237,18 @@ impl Metrics {
 
     /// The text exposition format (version 0.0.4).
     pub fn render(&self) -> Result<String, prometheus::Error> {
+        self.peak_resident_memory.set(peak_resident_bytes() as i64);
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         String::from_utf8(buffer).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
+}
+
+/// Peak resident memory of this process in bytes (Linux reports ru_maxrss in KiB).
+pub fn peak_resident_bytes() -> u64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|usage| u64::try_from(usage.max_rss()).unwrap_or(0) * 1024)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -267,5 +282,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
+        // Peak RSS is at least the few MiB any Rust test process has touched.
+        let peak = text
+            .lines()
+            .find_map(|l| l.strip_prefix("accel_process_peak_resident_memory_bytes "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(peak > 1 << 20, "{text}");
     }
 }

@@ -84,6 +84,7 @@ pub(super) async fn status(
             // Only the CPU backend exists so far; `auto` resolves to it.
             active: "cpu".into(),
         },
+        peak_resident_bytes: crate::metrics::peak_resident_bytes(),
         policy: PolicyStatus {
             generation: policy.generation,
             loaded_at: policy.loaded_at,

@@ -60,6 +60,9 @@ pub struct Status {
     /// `serving`, or `draining` during shutdown.
     pub state: String,
     pub backend: BackendStatus,
+    /// Peak resident memory of the daemon so far.
+    #[serde(default)]
+    pub peak_resident_bytes: u64,
     pub policy: PolicyStatus,
     pub api: ApiStatus,
 }
