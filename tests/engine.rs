@@ -67,7 +67,7 @@ fn engine_for(model: &LoadedModel) -> Engine<CpuBackend> {
 
 fn engine_at(model: &LoadedModel, level: Level) -> Engine<CpuBackend> {
     Engine::new(
-        CpuBackend::with_level(level),
+        CpuBackend::with_level(level).expect("a level this CPU supports"),
         model.config.clone(),
         &model.weights,
         64,

@@ -214,6 +214,19 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from `tokenizer.json` text, with no special ids (tests of decoding).
+    pub fn from_json(json: &str) -> Result<Self, TokenizerError> {
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e: tokenizers::Error| TokenizerError(e.to_string()))?;
+        Ok(Self {
+            inner,
+            eos: Vec::new(),
+            bos: None,
+            add_bos: false,
+        })
+    }
+
     /// Token ids of `text`, with the model's BOS first when it wants one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self

@@ -165,7 +165,21 @@ fn admit(
     Ok((handle.clone(), slot))
 }
 
+/// Most stop strings per request, and their longest length in bytes.
+const MAX_STOP_STRINGS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+
 fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
+    let stops = match &common.stop {
+        StopInput::None => Vec::new(),
+        StopInput::One(s) => vec![s.clone()],
+        StopInput::Many(v) => v.clone(),
+    };
+    if stops.len() > MAX_STOP_STRINGS || stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_request(format!(
+            "stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_BYTES} bytes each"
+        )));
+    }
     if common.n.unwrap_or(1) != 1 || common.best_of.unwrap_or(1) != 1 {
         return Err(ApiError::bad_request(
             "n and best_of other than 1 are not supported; send separate requests",

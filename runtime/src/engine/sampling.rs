@@ -49,6 +49,9 @@ impl Default for SamplingParams {
     }
 }
 
+/// Temperatures below this sample greedily.
+pub const GREEDY_BELOW: f32 = 1e-5;
+
 /// Most `top_logprobs` a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -155,7 +158,8 @@ impl Sampler {
             }
         }
 
-        let token = if p.temperature == 0.0 {
+        // Temperatures this small are greedy in effect and would overflow the division.
+        let token = if p.temperature < GREEDY_BELOW {
             argmax(&scores)
         } else {
             self.draw(&scores)
@@ -175,7 +179,17 @@ impl Sampler {
         let mut candidates: Vec<(u32, f32)> = scores
             .iter()
             .enumerate()
-            .map(|(i, &s)| (i as u32, s / p.temperature))
+            // A NaN logit can never be chosen.
+            .map(|(i, &s)| {
+                (
+                    i as u32,
+                    if s.is_nan() {
+                        f32::NEG_INFINITY
+                    } else {
+                        s / p.temperature
+                    },
+                )
+            })
             .collect();
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
@@ -203,6 +217,10 @@ impl Sampler {
             probs.truncate(keep);
         }
         let total: f32 = probs.iter().sum();
+        if !(total.is_finite() && total > 0.0) {
+            // Non-finite logits: fall back to the most likely candidate rather than the least.
+            return candidates.first().map_or(0, |c| c.0);
+        }
         let mut target = self.rng.random::<f32>() * total;
         for (i, q) in probs.iter().enumerate() {
             if target < *q {
@@ -210,19 +228,21 @@ impl Sampler {
             }
             target -= q;
         }
-        candidates[probs.len().saturating_sub(1)].0
+        candidates
+            .get(probs.len().saturating_sub(1))
+            .map_or(0, |c| c.0)
     }
 }
 
-/// Index of the largest value; the lowest index among equals.
+/// Index of the largest value; the lowest index among equals; NaN never wins.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
+    let mut best: Option<usize> = None;
     for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
+        if !v.is_nan() && best.is_none_or(|b| *v > values[b]) {
+            best = Some(i);
         }
     }
-    best as u32
+    best.unwrap_or(0) as u32
 }
 
 /// Natural-log softmax, computed stably.
@@ -323,6 +343,17 @@ mod tests {
         assert_eq!(greedy(|p| p.presence_penalty = 0.5, &[0], 1), 0);
         assert_eq!(greedy(|p| p.frequency_penalty = 0.06, &[0, 0], 0), 1);
         assert_eq!(greedy(|p| p.frequency_penalty = 0.06, &[0], 0), 0);
+    }
+
+    #[test]
+    fn tiny_temperatures_and_non_finite_logits_pick_the_likely_token() {
+        let mut s = Sampler::new(params(|p| p.temperature = 1e-39));
+        assert_eq!(s.sample(&[0.0, 5.0, 1.0], &[], 0).token, 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0]), 2);
+        let mut s = Sampler::new(params(|_| {}));
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[f32::NAN, f32::INFINITY, 1.0], &[], 0).token, 1);
+        }
     }
 
     #[test]

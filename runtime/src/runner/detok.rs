@@ -10,9 +10,16 @@ use crate::tokenizer::Tokenizer;
 #[derive(Debug)]
 pub struct Detokenizer {
     ids: Vec<u32>,
+    /// Tokens before `prefix_offset` are settled; `prefix_offset..read_offset` is the context
+    /// decoded again so tokenizer-level merges (a leading space, a byte sequence) come out
+    /// right (the scheme vLLM uses). Work per token is bounded by this window, not the output.
+    prefix_offset: usize,
+    read_offset: usize,
+    /// All text decoded so far, and how much of it has been emitted.
+    text: String,
     emitted: usize,
     stop: Vec<String>,
-    text: String,
+    longest_stop: usize,
 }
 
 /// What one more token produced.
@@ -24,87 +31,117 @@ pub struct Delta {
     pub stopped: bool,
 }
 
+/// Largest byte index `<= i` on a character boundary of `s`.
+fn floor_char_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
 impl Detokenizer {
     pub fn new(stop: Vec<String>) -> Self {
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
         Self {
             ids: Vec::new(),
-            emitted: 0,
-            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            prefix_offset: 0,
+            read_offset: 0,
             text: String::new(),
+            emitted: 0,
+            longest_stop: stop.iter().map(String::len).max().unwrap_or(0),
+            stop,
         }
     }
 
     /// Adds a token and returns the text that can be emitted now.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Delta {
         self.ids.push(id);
-        self.text = tokenizer.decode(&self.ids, true).unwrap_or_default();
-        // Earliest stop string at or after what was already emitted (a stop string may span
-        // tokens, so search from before the emitted point by its length).
-        let search_from = self
-            .emitted
-            .saturating_sub(self.stop.iter().map(String::len).max().unwrap_or(0));
-        let search_from = floor_char_boundary(&self.text, search_from);
+        self.settle(tokenizer, false);
+        self.release(false)
+    }
+
+    /// Moves the text of the pending window into `text`. An incomplete character decodes as
+    /// U+FFFD (one per byte with byte-fallback tokenizers): unless `force`, wait for the rest.
+    fn settle(&mut self, tokenizer: &Tokenizer, force: bool) {
+        let prefix = tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)
+            .unwrap_or_default();
+        let full = tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)
+            .unwrap_or_default();
+        if full.len() > prefix.len() && (force || !full.ends_with('\u{FFFD}')) {
+            let new = match full.strip_prefix(prefix.as_str()) {
+                Some(rest) => rest,
+                None => full
+                    .get(floor_char_boundary(&full, prefix.len())..)
+                    .unwrap_or_default(),
+            };
+            self.text.push_str(new);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+    }
+
+    /// Decides what of `text` past `emitted` can go out, watching for stop strings.
+    fn release(&mut self, at_end: bool) -> Delta {
+        // A stop string may span tokens: search from before the emitted point by its length.
+        let from = floor_char_boundary(&self.text, self.emitted.saturating_sub(self.longest_stop));
+        let tail = self.text.get(from..).unwrap_or_default();
         let found = self
             .stop
             .iter()
-            .filter_map(|s| {
-                self.text[search_from..]
-                    .find(s.as_str())
-                    .map(|i| search_from + i)
-            })
+            .filter_map(|s| tail.find(s.as_str()).map(|i| from + i))
             .min();
         if let Some(at) = found {
             let at = at.max(self.emitted);
-            let text = self.text[self.emitted..at].to_owned();
+            let text = self
+                .text
+                .get(self.emitted..at)
+                .unwrap_or_default()
+                .to_owned();
             self.emitted = at;
             return Delta {
                 text,
                 stopped: true,
             };
         }
-        // Hold back an incomplete character (decoded as U+FFFD) and any tail that could still
-        // become a stop string.
+        // Hold back a tail that could still become a stop string.
         let mut end = self.text.len();
-        if self.text.ends_with('\u{FFFD}') {
-            end -= '\u{FFFD}'.len_utf8();
-        }
-        let mut hold = end;
-        for s in &self.stop {
-            for k in (1..s.len()).rev() {
-                if s.is_char_boundary(k) && self.text[..end].ends_with(&s[..k]) {
-                    hold = hold.min(end - k);
-                    break;
+        if !at_end {
+            for s in &self.stop {
+                for k in (1..s.len()).rev() {
+                    if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
+                        end = end.min(self.text.len() - k);
+                        break;
+                    }
                 }
             }
         }
-        let end = hold;
-        let end = end.max(self.emitted);
-        let text = self.text[self.emitted..end].to_owned();
-        self.emitted = end;
+        let end = floor_char_boundary(&self.text, end.max(self.emitted));
+        let text = self
+            .text
+            .get(self.emitted..end)
+            .unwrap_or_default()
+            .to_owned();
+        self.emitted = self.emitted.max(end);
         Delta {
             text,
             stopped: false,
         }
     }
 
-    /// Text held back at the end of generation (an incomplete stop-string prefix is real text).
-    pub fn finish(&mut self) -> String {
-        let rest = self.text.get(self.emitted..).unwrap_or_default().to_owned();
-        self.emitted = self.text.len();
-        rest
+    /// Text held back at the end of generation: a stop-string prefix that never completed,
+    /// and bytes that never completed a character (shown as U+FFFD, as a full decode would).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> String {
+        self.settle(tokenizer, true);
+        self.release(true).text
     }
 
     /// Tokens generated so far.
     pub fn tokens(&self) -> &[u32] {
         &self.ids
     }
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 #[cfg(test)]
@@ -128,7 +165,7 @@ mod tests {
                 break;
             }
         }
-        let rest = if stopped { String::new() } else { d.finish() };
+        let rest = if stopped { String::new() } else { d.finish(&t) };
         (deltas, stopped, rest)
     }
 
@@ -152,6 +189,37 @@ mod tests {
         assert_eq!(deltas.concat(), "ab");
         // ...and released at the end when it did not.
         assert_eq!(rest, "ST");
+    }
+
+    #[test]
+    fn byte_fallback_tokenizers_never_split_or_lose_characters() {
+        // A Llama-2 style tokenizer: unknown characters become <0xNN> byte tokens, and the
+        // decoder writes one U+FFFD per incomplete byte.
+        let spec = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": (0..256u32).map(|b| (format!("<0x{b:02X}>"), serde_json::json!(b))).chain([("a".to_string(), serde_json::json!(256)), ("b".to_string(), serde_json::json!(257))])
+                          .collect::<serde_json::Map<String, serde_json::Value>>(),
+                      "merges": []},
+        });
+        let t = Tokenizer::from_json(&spec.to_string()).unwrap();
+        let mut d = Detokenizer::new(vec![]);
+        let mut out = String::new();
+        let ids: Vec<u32> = [256u32]
+            .into_iter()
+            .chain("🙂é".bytes().map(u32::from))
+            .chain([257])
+            .collect();
+        for id in ids {
+            let delta = d.push(&t, id);
+            assert!(!delta.text.contains('\u{FFFD}'), "{delta:?}");
+            out.push_str(&delta.text);
+        }
+        out.push_str(&d.finish(&t));
+        assert_eq!(out, "a🙂éb");
     }
 
     #[test]

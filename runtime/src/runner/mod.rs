@@ -98,6 +98,8 @@ pub enum SubmitError {
     EmptyPrompt,
     #[error("the request needs {needed} KV blocks but this model has {total}; lower max_tokens or raise the model's kv_blocks")]
     TooBigForCache { needed: usize, total: usize },
+    #[error("token id {token} is outside the model's vocabulary of {vocab}")]
+    BadToken { token: u32, vocab: usize },
     #[error("the model's runner has stopped; see the daemon log")]
     Stopped,
 }
@@ -212,10 +214,20 @@ impl ModelHandle {
         request: GenerateRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
         let limit = self.info.context_length;
-        let total = request.prompt.len() + request.max_tokens;
         if request.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
+        if let Some(&token) = request
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.info.vocab_size)
+        {
+            return Err(SubmitError::BadToken {
+                token,
+                vocab: self.info.vocab_size,
+            });
+        }
+        let total = request.prompt.len().saturating_add(request.max_tokens);
         if total > limit {
             return Err(SubmitError::TooLong {
                 prompt: request.prompt.len(),
@@ -392,6 +404,14 @@ impl Runner {
 
     /// One batched step: a decode token for every generating sequence, then prefill chunks.
     fn step(&mut self) {
+        // Requests whose client went away stop here, mid-prefill included.
+        let gone: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].job.events.is_closed())
+            .collect();
+        self.remove(&gone);
+        if self.running.is_empty() {
+            return;
+        }
         let mut budget = self.max_batch_tokens;
         let mut plan: Vec<(usize, usize)> = Vec::new();
         for (i, a) in self.running.iter().enumerate() {
@@ -449,14 +469,14 @@ impl Runner {
             let eos = !request.ignore_eos && self.tokenizer.eos_ids().contains(&sampled.token);
             let stop_token = request.stop_token_ids.contains(&sampled.token);
             let (text, stopped) = if eos || stop_token {
-                (a.detok.finish(), true)
+                (a.detok.finish(&self.tokenizer), true)
             } else {
                 let delta = a.detok.push(&self.tokenizer, sampled.token);
                 (delta.text, delta.stopped)
             };
             let length = !stopped && generated >= request.max_tokens;
             let text = if length {
-                text + &a.detok.finish()
+                text + &a.detok.finish(&self.tokenizer)
             } else {
                 text
             };

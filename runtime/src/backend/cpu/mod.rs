@@ -14,9 +14,9 @@ use crate::model::{DType, RopeStyle, WeightTensor};
 /// Row-major f32 activations.
 #[derive(Debug, Clone)]
 pub struct CpuTensor {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
 }
 
 impl CpuTensor {
@@ -59,10 +59,11 @@ impl Default for CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend using `level`'s kernels (which the CPU must support: take it from
-    /// [`Level::available`]).
-    pub fn with_level(level: Level) -> Self {
-        Self { level }
+    /// A backend using `level`'s kernels, if this CPU supports them.
+    pub fn with_level(level: Level) -> Option<Self> {
+        Level::available()
+            .contains(&level)
+            .then_some(Self { level })
     }
 
     pub fn level(&self) -> Level {
@@ -336,6 +337,22 @@ impl Backend for CpuBackend {
 
     fn upload(&self, weight: &WeightTensor) -> Result<CpuWeight, BackendError> {
         let (rows, cols) = weight.rows_cols();
+        // The kernels read rows * row_bytes bytes through raw pointers: the shape must match
+        // the bytes exactly, whoever built the tensor.
+        if !cols.is_multiple_of(weight.dtype.block_elems())
+            || weight.bytes().len() != rows * weight.row_bytes()
+        {
+            return Err(shape_error(
+                "upload",
+                format!(
+                    "tensor {:?} has shape {:?} but {} bytes of {}",
+                    weight.name,
+                    weight.shape,
+                    weight.bytes().len(),
+                    weight.dtype
+                ),
+            ));
+        }
         let vector = (rows == 1).then(|| weight.to_f32());
         Ok(CpuWeight {
             row_bytes: weight.row_bytes(),
@@ -605,13 +622,49 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (keys, values) = (&kv.k[layer], &kv.v[layer]);
         let bs = step.block_size;
-        // Which sequence each query row belongs to.
+        // Which sequence each query row belongs to: the slices must tile the rows exactly
+        // (the GEMM path writes whole row ranges through raw pointers).
+        if step.positions.len() != q.rows {
+            return Err(shape_error(
+                "attention",
+                format!(
+                    "{} positions for {} query rows",
+                    step.positions.len(),
+                    q.rows
+                ),
+            ));
+        }
         let mut owner = vec![usize::MAX; q.rows];
         for (s, seq) in step.seqs.iter().enumerate() {
-            for t in seq.first_token..seq.first_token + seq.num_tokens {
-                if let Some(o) = owner.get_mut(t) {
-                    *o = s;
+            let end = seq
+                .first_token
+                .checked_add(seq.num_tokens)
+                .filter(|&e| e <= q.rows);
+            let Some(end) = end else {
+                return Err(shape_error(
+                    "attention",
+                    format!("sequence {s} covers rows beyond the {} queries", q.rows),
+                ));
+            };
+            if seq
+                .block_table
+                .iter()
+                .any(|&b| b as usize >= kv.layout.num_blocks)
+                || seq.context_len > seq.block_table.len() * bs
+            {
+                return Err(shape_error(
+                    "attention",
+                    format!("sequence {s}'s block table does not fit the cache"),
+                ));
+            }
+            for o in &mut owner[seq.first_token..end] {
+                if *o != usize::MAX {
+                    return Err(shape_error(
+                        "attention",
+                        format!("sequence {s} overlaps another's rows"),
+                    ));
                 }
+                *o = s;
             }
         }
         for (t, &s) in owner.iter().enumerate() {

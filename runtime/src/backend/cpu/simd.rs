@@ -9,7 +9,8 @@
 
 use crate::model::DType;
 
-/// An instruction-set level.
+/// An instruction-set level. The kernels of a level are only reachable through a backend built
+/// for a level the CPU supports (`CpuBackend::with_level` checks), never directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Portable,
@@ -79,7 +80,7 @@ impl Level {
 pub type DotFn = fn(&[u8], &[f32]) -> f32;
 
 /// The dot product for `dtype` at `level`.
-pub fn dot_fn(level: Level, dtype: DType) -> DotFn {
+pub(crate) fn dot_fn(level: Level, dtype: DType) -> DotFn {
     match level {
         Level::Portable => portable(dtype),
         #[cfg(target_arch = "x86_64")]
@@ -110,7 +111,7 @@ pub fn dot_fn(level: Level, dtype: DType) -> DotFn {
 pub type DequantFn = fn(&[u8], &mut [f32]);
 
 /// The row dequantizer for `dtype` at `level`.
-pub fn dequant_fn(level: Level, dtype: DType) -> DequantFn {
+pub(crate) fn dequant_fn(level: Level, dtype: DType) -> DequantFn {
     match (level, dtype) {
         #[cfg(target_arch = "x86_64")]
         (Level::Avx2 | Level::Avx512, DType::Q4_0) => avx2::dequant_q4_0_entry,
@@ -141,7 +142,7 @@ fn portable(dtype: DType) -> DotFn {
 }
 
 /// f32 · f32 at `level`.
-pub fn dot_f32(level: Level, a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(level: Level, a: &[f32], b: &[f32]) -> f32 {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Level::Avx2 and Avx512 are only constructed when the CPU reports AVX2, FMA
