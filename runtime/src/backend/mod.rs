@@ -79,6 +79,10 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
     fn upload(&self, weight: &WeightTensor) -> Result<Self::Weight, BackendError>;
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor, BackendError>;
+    /// Makes `t` a `rows`×`cols` tensor, reusing its memory when it is large enough (the
+    /// decode loop reshapes the same buffers every step instead of allocating); contents are
+    /// unspecified afterwards.
+    fn reshape(&self, t: &mut Self::Tensor, rows: usize, cols: usize) -> Result<(), BackendError>;
     fn alloc_kv(&self, layout: &KvLayout) -> Result<Self::Kv, BackendError>;
 
     /// `out[r] = table[tokens[r]]`.

@@ -92,6 +92,43 @@ pub struct Engine<B: Backend> {
     pool: BlockPool,
     seqs: HashMap<SeqId, BlockTable>,
     next_seq: u64,
+    /// Activation buffers kept between steps, so a decode step allocates nothing.
+    scratch: Option<Scratch<B>>,
+}
+
+/// The activations of one step.
+struct Scratch<B: Backend> {
+    x: B::Tensor,
+    normed: B::Tensor,
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    attn: B::Tensor,
+    proj: B::Tensor,
+    gate: B::Tensor,
+    up: B::Tensor,
+    last: B::Tensor,
+    last_normed: B::Tensor,
+    logits: B::Tensor,
+}
+
+impl<B: Backend> Scratch<B> {
+    fn new(b: &B) -> Result<Self, BackendError> {
+        Ok(Self {
+            x: b.alloc(0, 0)?,
+            normed: b.alloc(0, 0)?,
+            q: b.alloc(0, 0)?,
+            k: b.alloc(0, 0)?,
+            v: b.alloc(0, 0)?,
+            attn: b.alloc(0, 0)?,
+            proj: b.alloc(0, 0)?,
+            gate: b.alloc(0, 0)?,
+            up: b.alloc(0, 0)?,
+            last: b.alloc(0, 0)?,
+            last_normed: b.alloc(0, 0)?,
+            logits: b.alloc(0, 0)?,
+        })
+    }
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -159,6 +196,7 @@ impl<B: Backend> Engine<B> {
             pool: BlockPool::new(kv_blocks, block_size),
             seqs: HashMap::new(),
             next_seq: 0,
+            scratch: None,
         })
     }
 
@@ -323,32 +361,54 @@ impl<B: Backend> Engine<B> {
             c.num_kv_heads * c.head_dim,
         );
 
-        let mut x = b.alloc(n, h)?;
-        b.embed(&w.embed, &tokens, &mut x)?;
-        let mut normed = b.alloc(n, h)?;
-        let mut q = b.alloc(n, q_out)?;
-        let mut k = b.alloc(n, kv_out)?;
-        let mut v = b.alloc(n, kv_out)?;
-        let mut attn = b.alloc(n, q_out)?;
-        let mut proj = b.alloc(n, h)?;
-        let mut gate = b.alloc(n, c.intermediate_size)?;
-        let mut up = b.alloc(n, c.intermediate_size)?;
+        let mut scratch = match self.scratch.take() {
+            Some(scratch) => scratch,
+            None => Scratch::new(b)?,
+        };
+        let Scratch {
+            x,
+            normed,
+            q,
+            k,
+            v,
+            attn,
+            proj,
+            gate,
+            up,
+            last,
+            last_normed,
+            logits,
+        } = &mut scratch;
+        for (t, cols) in [
+            (&mut *x, h),
+            (&mut *normed, h),
+            (&mut *q, q_out),
+            (&mut *k, kv_out),
+            (&mut *v, kv_out),
+            (&mut *attn, q_out),
+            (&mut *proj, h),
+            (&mut *gate, c.intermediate_size),
+            (&mut *up, c.intermediate_size),
+        ] {
+            b.reshape(t, n, cols)?;
+        }
+        b.embed(&w.embed, &tokens, x)?;
         for (layer, lw) in w.layers.iter().enumerate() {
-            b.rms_norm(&x, &lw.attn_norm, c.rms_norm_eps, &mut normed)?;
-            b.matmul(&normed, &lw.q, &mut q)?;
-            b.matmul(&normed, &lw.k, &mut k)?;
-            b.matmul(&normed, &lw.v, &mut v)?;
+            b.rms_norm(x, &lw.attn_norm, c.rms_norm_eps, normed)?;
+            b.matmul(normed, &lw.q, q)?;
+            b.matmul(normed, &lw.k, k)?;
+            b.matmul(normed, &lw.v, v)?;
             for (t, bias) in [
-                (&mut q, &lw.q_bias),
-                (&mut k, &lw.k_bias),
-                (&mut v, &lw.v_bias),
+                (&mut *q, &lw.q_bias),
+                (&mut *k, &lw.k_bias),
+                (&mut *v, &lw.v_bias),
             ] {
                 if let Some(bias) = bias {
                     b.add_bias(t, bias)?;
                 }
             }
             b.rope(
-                &mut q,
+                q,
                 c.num_heads,
                 c.head_dim,
                 &self.inv_freq,
@@ -356,33 +416,34 @@ impl<B: Backend> Engine<B> {
                 &positions,
             )?;
             b.rope(
-                &mut k,
+                k,
                 c.num_kv_heads,
                 c.head_dim,
                 &self.inv_freq,
                 c.rope_style,
                 &positions,
             )?;
-            b.write_kv(&mut self.kv, layer, &k, &v, &slots)?;
-            b.attention(&q, &self.kv, layer, &layout, heads, &mut attn)?;
-            b.matmul(&attn, &lw.o, &mut proj)?;
-            b.add(&mut x, &proj)?;
+            b.write_kv(&mut self.kv, layer, k, v, &slots)?;
+            b.attention(q, &self.kv, layer, &layout, heads, attn)?;
+            b.matmul(attn, &lw.o, proj)?;
+            b.add(x, proj)?;
 
-            b.rms_norm(&x, &lw.mlp_norm, c.rms_norm_eps, &mut normed)?;
-            b.matmul(&normed, &lw.gate, &mut gate)?;
-            b.matmul(&normed, &lw.up, &mut up)?;
-            b.silu_mul(&mut gate, &up)?;
-            b.matmul(&gate, &lw.down, &mut proj)?;
-            b.add(&mut x, &proj)?;
+            b.rms_norm(x, &lw.mlp_norm, c.rms_norm_eps, normed)?;
+            b.matmul(normed, &lw.gate, gate)?;
+            b.matmul(normed, &lw.up, up)?;
+            b.silu_mul(gate, up)?;
+            b.matmul(gate, &lw.down, proj)?;
+            b.add(x, proj)?;
         }
         let m = logit_rows.len();
-        let mut last = b.alloc(m, h)?;
-        b.gather_rows(&x, &logit_rows, &mut last)?;
-        let mut last_normed = b.alloc(m, h)?;
-        b.rms_norm(&last, &w.final_norm, c.rms_norm_eps, &mut last_normed)?;
-        let mut logits = b.alloc(m, c.vocab_size)?;
-        b.matmul(&last_normed, &w.lm_head, &mut logits)?;
-        let host = b.read(&logits)?;
+        b.reshape(last, m, h)?;
+        b.reshape(last_normed, m, h)?;
+        b.reshape(logits, m, c.vocab_size)?;
+        b.gather_rows(x, &logit_rows, last)?;
+        b.rms_norm(last, &w.final_norm, c.rms_norm_eps, last_normed)?;
+        b.matmul(last_normed, &w.lm_head, logits)?;
+        let host = b.read(logits)?;
+        self.scratch = Some(scratch);
 
         let mut rows = host.chunks_exact(c.vocab_size).map(<[f32]>::to_vec);
         Ok(inputs

@@ -371,6 +371,27 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn reshape(&self, t: &mut CpuTensor, rows: usize, cols: usize) -> Result<(), BackendError> {
+        let len = rows
+            .checked_mul(cols)
+            .ok_or_else(|| shape_error("reshape", format!("{rows}x{cols} overflows")))?;
+        if len > t.data.capacity() {
+            t.data.clear();
+            t.data
+                .try_reserve_exact(len)
+                .map_err(|_| BackendError::OutOfMemory {
+                    memory: "host",
+                    what: "activations".into(),
+                    bytes: len.saturating_mul(4),
+                })?;
+        }
+        // Within capacity: no allocation.
+        t.data.resize(len, 0.0);
+        t.rows = rows;
+        t.cols = cols;
+        Ok(())
+    }
+
     fn alloc_kv(&self, layout: &KvLayout) -> Result<CpuKv, BackendError> {
         let per_layer =
             layout.num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim;
