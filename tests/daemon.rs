@@ -243,17 +243,7 @@ fn second_daemon_on_the_same_state_dir_refuses_to_start() {
         ..Default::default()
     });
     second.spawn();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(code) = second.stop_if_exited() {
-            break code;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "second daemon did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = second.wait_exit(Duration::from_secs(20));
     assert_eq!(code, Some(69), "{}", second.log_text());
     let log = second.log_text();
     assert!(
@@ -282,17 +272,7 @@ fn a_live_daemons_socket_is_never_taken_over() {
     let own = config.lines().next().unwrap().to_owned();
     std::fs::write(&second.config, config.replacen(&format!("{own}\n"), "", 1)).unwrap();
     second.spawn();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let code = loop {
-        if let Some(code) = second.stop_if_exited() {
-            break code;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "second daemon did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = second.wait_exit(Duration::from_secs(20));
     assert_eq!(code, Some(69), "{}", second.log_text());
     assert!(
         second.log_text().contains("in use by a live daemon"),

@@ -210,6 +210,22 @@ impl Daemon {
         Some(status.code())
     }
 
+    /// Waits for a daemon that should exit by itself; panics with its log if it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(code) = self.stop_if_exited() {
+                return code;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "acceld did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;

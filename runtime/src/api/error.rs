@@ -1,5 +1,7 @@
 //! API errors: one type, rendered as `{"error": {"code", "message"}}` with its HTTP status.
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -62,15 +64,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parses an optional JSON body: empty means `T::default()`; a body over the size limit is 413;
-/// malformed JSON is 400 with serde's description (field, line, column).
-pub fn json_body<T>(
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<T, ApiError>
-where
-    T: serde::de::DeserializeOwned + Default,
-{
-    let bytes = body.map_err(|rejection| {
+/// The request body, or 413 when it is over `max_request_body` (400 for other read errors).
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -85,15 +81,35 @@ where
                 format!("cannot read request body: {rejection}"),
             )
         }
-    })?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    })
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             format!("request body is not valid JSON for this endpoint: {e}"),
         )
     })
+}
+
+/// Parses a required JSON body; malformed JSON is 400 with serde's description (field, line,
+/// column); a body over the size limit is 413.
+pub fn required_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    decode_json(&read_body(body)?)
+}
+
+/// As [`required_json`], but an empty body means `T::default()`.
+pub fn json_body<T>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError>
+where
+    T: serde::de::DeserializeOwned + Default,
+{
+    let bytes = read_body(body)?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    decode_json(&bytes)
 }

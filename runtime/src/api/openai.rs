@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use tokio::sync::mpsc;
 
-use super::error::ApiError;
+use super::error::{required_json, ApiError};
 use super::openai_types::*;
 use super::Authenticated;
 use crate::chat::Message;
@@ -50,34 +50,6 @@ fn request_id(prefix: &str) -> String {
         unix_now(),
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-fn parse<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                status,
-                "payload_too_large",
-                "request body is larger than the daemon's max_request_body; send less",
-            )
-        } else {
-            ApiError::new(
-                status,
-                "bad_request",
-                format!("cannot read request body: {rejection}"),
-            )
-        }
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("request body is not valid for this endpoint: {e}"),
-        )
-    })
 }
 
 /// The tenant a request is accounted to: its tenant, or `operator` for an operator acting for none.
@@ -234,7 +206,7 @@ pub(super) async fn completions(
     Extension(auth): Extension<Authenticated>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: CompletionRequest = parse(body)?;
+    let request: CompletionRequest = required_json(body)?;
     if request.echo {
         return Err(ApiError::bad_request("echo is not supported"));
     }
@@ -296,7 +268,7 @@ pub(super) async fn chat_completions(
     Extension(auth): Extension<Authenticated>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: ChatRequest = parse(body)?;
+    let request: ChatRequest = required_json(body)?;
     if request.messages.is_empty() {
         return Err(ApiError::bad_request(
             "messages is empty; send at least one message",

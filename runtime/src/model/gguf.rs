@@ -377,10 +377,35 @@ impl GgufFile {
     }
 }
 
+/// llama.cpp's tensor names.
+const GGUF_NAMES: super::TensorNames = super::TensorNames {
+    layer: |l, role| {
+        use super::LayerTensor;
+        let name = match role {
+            LayerTensor::AttnNorm => "attn_norm.weight",
+            LayerTensor::Q => "attn_q.weight",
+            LayerTensor::K => "attn_k.weight",
+            LayerTensor::V => "attn_v.weight",
+            LayerTensor::QBias => "attn_q.bias",
+            LayerTensor::KBias => "attn_k.bias",
+            LayerTensor::VBias => "attn_v.bias",
+            LayerTensor::O => "attn_output.weight",
+            LayerTensor::MlpNorm => "ffn_norm.weight",
+            LayerTensor::Gate => "ffn_gate.weight",
+            LayerTensor::Up => "ffn_up.weight",
+            LayerTensor::Down => "ffn_down.weight",
+        };
+        format!("blk.{l}.{name}")
+    },
+    embed: "token_embd.weight",
+    final_norm: "output_norm.weight",
+    lm_head: "output.weight",
+};
+
 /// Loads a GGUF model: config from metadata, weights by llama.cpp's tensor names, tokenizer
 /// and chat template from metadata.
 pub fn load(path: &Path) -> Result<super::LoadedModel, ModelError> {
-    use super::{Arch, LayerWeights, ModelConfig, ModelWeights, RopeStyle, TensorCheck};
+    use super::{Arch, ModelConfig, RopeStyle};
 
     let gguf = open(path)?;
     let arch_name = gguf
@@ -457,50 +482,7 @@ pub fn load(path: &Path) -> Result<super::LoadedModel, ModelError> {
         }
     }
 
-    let check = TensorCheck { file: path };
-    let (h, i, v) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
-    let q_out = config.num_heads * config.head_dim;
-    let kv_out = config.num_kv_heads * config.head_dim;
-    let get = |name: &str, shape: &[usize]| check.expect(gguf.tensor(name), name, shape);
-    let mut layers = Vec::with_capacity(config.num_layers);
-    for l in 0..config.num_layers {
-        let p = format!("blk.{l}.");
-        let bias = |name: &str, n: usize| -> Result<Option<WeightTensor>, ModelError> {
-            match arch {
-                Arch::Qwen2 => get(&format!("{p}{name}.bias"), &[n]).map(Some),
-                Arch::Llama => Ok(None),
-            }
-        };
-        layers.push(LayerWeights {
-            attn_norm: get(&format!("{p}attn_norm.weight"), &[h])?,
-            q: get(&format!("{p}attn_q.weight"), &[q_out, h])?,
-            k: get(&format!("{p}attn_k.weight"), &[kv_out, h])?,
-            v: get(&format!("{p}attn_v.weight"), &[kv_out, h])?,
-            q_bias: bias("attn_q", q_out)?,
-            k_bias: bias("attn_k", kv_out)?,
-            v_bias: bias("attn_v", kv_out)?,
-            o: get(&format!("{p}attn_output.weight"), &[h, q_out])?,
-            mlp_norm: get(&format!("{p}ffn_norm.weight"), &[h])?,
-            gate: get(&format!("{p}ffn_gate.weight"), &[i, h])?,
-            up: get(&format!("{p}ffn_up.weight"), &[i, h])?,
-            down: get(&format!("{p}ffn_down.weight"), &[h, i])?,
-        });
-    }
-    let embed = get("token_embd.weight", &[v, h])?;
-    let lm_head = match gguf.tensor("output.weight") {
-        Some(_) => get("output.weight", &[v, h])?,
-        None => embed.clone(),
-    };
-    let weights = ModelWeights {
-        embed,
-        layers,
-        final_norm: get("output_norm.weight", &[h])?,
-        lm_head,
-    };
+    let weights = super::assemble_weights(path, &config, &GGUF_NAMES, |name| gguf.tensor(name))?;
     let tokenizer = crate::tokenizer::Tokenizer::from_gguf(path, &gguf)?;
     Ok(super::LoadedModel {
         chat_template: gguf

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use super::tensor::{Backing, DType, WeightTensor};
 use super::{
-    Arch, LayerWeights, Llama3Scaling, LoadedModel, ModelConfig, ModelError, ModelWeights,
-    RopeStyle, TensorCheck,
+    assemble_weights, Arch, LayerTensor, Llama3Scaling, LoadedModel, ModelConfig, ModelError,
+    ModelWeights, RopeStyle, TensorNames,
 };
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -232,63 +232,37 @@ fn load_tensors(dir: &Path) -> Result<HashMap<String, WeightTensor>, ModelError>
     Ok(all)
 }
 
+/// Hugging Face tensor names.
+const HF_NAMES: TensorNames = TensorNames {
+    layer: |l, role| {
+        let name = match role {
+            LayerTensor::AttnNorm => "input_layernorm.weight",
+            LayerTensor::Q => "self_attn.q_proj.weight",
+            LayerTensor::K => "self_attn.k_proj.weight",
+            LayerTensor::V => "self_attn.v_proj.weight",
+            LayerTensor::QBias => "self_attn.q_proj.bias",
+            LayerTensor::KBias => "self_attn.k_proj.bias",
+            LayerTensor::VBias => "self_attn.v_proj.bias",
+            LayerTensor::O => "self_attn.o_proj.weight",
+            LayerTensor::MlpNorm => "post_attention_layernorm.weight",
+            LayerTensor::Gate => "mlp.gate_proj.weight",
+            LayerTensor::Up => "mlp.up_proj.weight",
+            LayerTensor::Down => "mlp.down_proj.weight",
+        };
+        format!("model.layers.{l}.{name}")
+    },
+    embed: "model.embed_tokens.weight",
+    final_norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+};
+
 /// Assembles [`ModelWeights`] from tensors named the Hugging Face way.
 pub fn weights_from_hf_names(
     file: &Path,
     config: &ModelConfig,
     tensors: &HashMap<String, WeightTensor>,
 ) -> Result<ModelWeights, ModelError> {
-    let check = TensorCheck { file };
-    let (h, i, v) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
-    let q_out = config.num_heads * config.head_dim;
-    let kv_out = config.num_kv_heads * config.head_dim;
-    let get = |name: &str, shape: &[usize]| check.expect(tensors.get(name), name, shape);
-    let mut layers = Vec::with_capacity(config.num_layers);
-    for l in 0..config.num_layers {
-        let p = format!("model.layers.{l}.");
-        let bias = |name: &str, n: usize| -> Result<Option<WeightTensor>, ModelError> {
-            match config.arch {
-                Arch::Qwen2 => get(&format!("{p}self_attn.{name}.bias"), &[n]).map(Some),
-                Arch::Llama => Ok(None),
-            }
-        };
-        layers.push(LayerWeights {
-            attn_norm: get(&format!("{p}input_layernorm.weight"), &[h])?,
-            q: get(&format!("{p}self_attn.q_proj.weight"), &[q_out, h])?,
-            k: get(&format!("{p}self_attn.k_proj.weight"), &[kv_out, h])?,
-            v: get(&format!("{p}self_attn.v_proj.weight"), &[kv_out, h])?,
-            q_bias: bias("q_proj", q_out)?,
-            k_bias: bias("k_proj", kv_out)?,
-            v_bias: bias("v_proj", kv_out)?,
-            o: get(&format!("{p}self_attn.o_proj.weight"), &[h, q_out])?,
-            mlp_norm: get(&format!("{p}post_attention_layernorm.weight"), &[h])?,
-            gate: get(&format!("{p}mlp.gate_proj.weight"), &[i, h])?,
-            up: get(&format!("{p}mlp.up_proj.weight"), &[i, h])?,
-            down: get(&format!("{p}mlp.down_proj.weight"), &[h, i])?,
-        });
-    }
-    let embed = get("model.embed_tokens.weight", &[v, h])?;
-    let lm_head = match tensors.get("lm_head.weight") {
-        Some(_) => get("lm_head.weight", &[v, h])?,
-        None if config.tie_word_embeddings => embed.clone(),
-        None => {
-            return Err(ModelError::Tensor {
-                file: file.to_owned(),
-                tensor: "lm_head.weight".into(),
-                message: "is missing and tie_word_embeddings is false".into(),
-            })
-        }
-    };
-    Ok(ModelWeights {
-        embed,
-        layers,
-        final_norm: get("model.norm.weight", &[h])?,
-        lm_head,
-    })
+    assemble_weights(file, config, &HF_NAMES, |name| tensors.get(name))
 }
 
 /// The chat template: `chat_template.jinja` if present, else `chat_template` in

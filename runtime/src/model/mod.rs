@@ -322,6 +322,91 @@ impl TensorCheck<'_> {
     }
 }
 
+/// A weight's role in a decoder layer; each file format names it its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerTensor {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    QBias,
+    KBias,
+    VBias,
+    O,
+    MlpNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+/// A file format's tensor names.
+pub(crate) struct TensorNames {
+    pub layer: fn(usize, LayerTensor) -> String,
+    pub embed: &'static str,
+    pub final_norm: &'static str,
+    pub lm_head: &'static str,
+}
+
+/// Builds [`ModelWeights`] from tensors found by `lookup`, checking every shape against the
+/// config. A missing output projection means tied embeddings.
+pub(crate) fn assemble_weights<'a>(
+    file: &Path,
+    config: &ModelConfig,
+    names: &TensorNames,
+    lookup: impl Fn(&str) -> Option<&'a WeightTensor>,
+) -> Result<ModelWeights, ModelError> {
+    use LayerTensor::*;
+    let check = TensorCheck { file };
+    let (h, i, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let q_out = config.num_heads * config.head_dim;
+    let kv_out = config.num_kv_heads * config.head_dim;
+    let get = |name: &str, shape: &[usize]| check.expect(lookup(name), name, shape);
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for l in 0..config.num_layers {
+        let at = |role, shape: &[usize]| get(&(names.layer)(l, role), shape);
+        let bias = |role, n: usize| match config.arch {
+            Arch::Qwen2 => at(role, &[n]).map(Some),
+            Arch::Llama => Ok(None),
+        };
+        layers.push(LayerWeights {
+            attn_norm: at(AttnNorm, &[h])?,
+            q: at(Q, &[q_out, h])?,
+            k: at(K, &[kv_out, h])?,
+            v: at(V, &[kv_out, h])?,
+            q_bias: bias(QBias, q_out)?,
+            k_bias: bias(KBias, kv_out)?,
+            v_bias: bias(VBias, kv_out)?,
+            o: at(O, &[h, q_out])?,
+            mlp_norm: at(MlpNorm, &[h])?,
+            gate: at(Gate, &[i, h])?,
+            up: at(Up, &[i, h])?,
+            down: at(Down, &[h, i])?,
+        });
+    }
+    let embed = get(names.embed, &[v, h])?;
+    let lm_head = match lookup(names.lm_head) {
+        Some(_) => get(names.lm_head, &[v, h])?,
+        None if config.tie_word_embeddings => embed.clone(),
+        None => {
+            return Err(ModelError::Tensor {
+                file: file.to_owned(),
+                tensor: names.lm_head.into(),
+                message: "is missing and the embeddings are not tied".into(),
+            })
+        }
+    };
+    Ok(ModelWeights {
+        embed,
+        layers,
+        final_norm: get(names.final_norm, &[h])?,
+        lm_head,
+    })
+}
+
 /// Loads a model from a Hugging Face folder or a `.gguf` file, by what `path` is.
 pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     if path.is_dir() {
