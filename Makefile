@@ -31,8 +31,10 @@ deps:
 model:
 	bash .ci/fetch-model.sh
 
-# The end-to-end tests run the real binaries, so those are built first.
+# The end-to-end tests run the real binaries, so those are built first. CUDA kernel sources are
+# compile-checked with NVRTC from PyPI (no GPU needed).
 test: deps
+	python3 .ci/nvrtc_check.py
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 
