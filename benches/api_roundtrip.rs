@@ -90,6 +90,11 @@ fn api_server(path: &Path) {
         Metrics::new().expect("metrics"),
         Box::new(SystemUserDb),
         Vec::new(),
+        accel_runtime::devices::DeviceReport {
+            devices: Vec::new(),
+            cuda_driver: false,
+            reason: Some("not used by this benchmark".into()),
+        },
     ));
     let path = path.to_owned();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

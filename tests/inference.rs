@@ -423,3 +423,28 @@ fn smollm2_says_paris() {
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(answer.contains("Paris"), "{answer}");
 }
+
+#[test]
+fn devices_are_listed_or_their_absence_explained() {
+    let daemon = tiny_daemon(None);
+    let report = json_of(&daemon.ctl(&["devices", "--json"]));
+    let devices = report["devices"].as_array().unwrap();
+    if devices.is_empty() {
+        assert!(!report["reason"].as_str().unwrap().is_empty(), "{report}");
+        let text = daemon.ctl(&["devices"]);
+        assert!(String::from_utf8_lossy(&text.stdout).starts_with("no GPU: "));
+    } else {
+        assert!(devices
+            .iter()
+            .all(|d| d["uuid"].as_str().unwrap().starts_with("GPU-")));
+        let (_, metrics) = daemon.request("GET", "/metrics", None);
+        assert!(metrics.contains("accel_device_info{"), "{metrics}");
+    }
+    // Models still run (on the CPU backend) either way.
+    let (status, _) = post(
+        &daemon,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(status, 200);
+}

@@ -55,6 +55,8 @@ enum Command {
     Metrics,
     /// List the models you may use.
     Models,
+    /// List the GPUs the daemon found (name, UUID, memory, compute capability).
+    Devices,
     /// Complete a prompt, streaming the text as it is generated.
     Generate {
         /// The prompt.
@@ -133,6 +135,7 @@ fn main() -> ExitCode {
             Command::Policy(command) => cmd::policy::run(&client, command, json).await,
             Command::Metrics => cmd::metrics::run(&client, json).await,
             Command::Models => cmd::models::run(&client, json).await,
+            Command::Devices => cmd::devices::run(&client, json).await,
             Command::Generate { prompt, options } => {
                 cmd::generate::generate(&client, prompt, options, json).await
             }

@@ -62,7 +62,14 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 
     let policy = config.policy_paths().load().map_err(DaemonError::Policy)?;
     tracing::info!(tenants = policy.tenants.len(), sources = ?policy.sources, "policy loaded");
-    let models = crate::runner::start_models(&config);
+    let devices = crate::devices::discover();
+    match &devices.reason {
+        Some(reason) => tracing::info!(%reason, "no GPU in use"),
+        None => {
+            tracing::info!(gpus = devices.devices.len(), names = ?devices.devices.iter().map(|d| &d.name).collect::<Vec<_>>(), "GPUs found")
+        }
+    }
+    let models = crate::runner::start_models(&config, &devices);
     if models.is_empty() {
         tracing::warn!(
             "no model could be loaded; inference requests will get 404 until one is configured"
@@ -74,6 +81,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         Metrics::new()?,
         Box::new(SystemUserDb),
         models,
+        devices,
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -11,6 +11,7 @@
 //! - [`sys`]: every raw host interface (locks, socket files, NSS, peer groups, systemd);
 //! - [`model`]: model files (Hugging Face folders, GGUF) to a validated config and weights;
 //! - [`tokenizer`], [`chat`]: tokenizers for both formats, chat templates;
+//! - [`devices`]: the GPUs on this node (CUDA driver loaded at run time);
 //! - [`backend`]: the op interface of the forward pass, and the CPU backend;
 //! - [`kv`]: the paged KV cache's blocks and block tables (pure);
 //! - [`engine`]: the batched forward pass over a backend, and sampling;
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod daemon;
+pub mod devices;
 pub mod engine;
 pub mod kv;
 pub mod metrics;

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub tenant_requests_in_flight: IntGaugeVec,
     pub models_loaded: IntGaugeVec,
     pub peak_resident_memory: IntGauge,
+    pub device_info: IntGaugeVec,
+    pub device_memory: IntGaugeVec,
 }
 
 /// Latency buckets for inference, in seconds (1ms to 5 minutes).
@@ -183,6 +185,19 @@ impl Metrics {
             "Peak resident memory of the daemon since it started (getrusage ru_maxrss).",
         )?;
         registry.register(Box::new(peak_resident_memory.clone()))?;
+        let device_info = IntGaugeVec::new(
+            Opts::new(
+                "accel_device_info",
+                "GPUs on this node; always 1. `device` is the GPU UUID, as in DCGM.",
+            ),
+            &["device", "index", "name", "compute_capability"],
+        )?;
+        let device_memory = IntGaugeVec::new(
+            Opts::new("accel_device_memory_total_bytes", "Memory of each GPU."),
+            &["device"],
+        )?;
+        registry.register(Box::new(device_info.clone()))?;
+        registry.register(Box::new(device_memory.clone()))?;
 
         // Both outcomes exist from the start so rate() and alerts see zeros, not absent series.
         for result in ["success", "failure"] {
@@ -217,6 +232,8 @@ impl Metrics {
             tenant_requests_in_flight,
             models_loaded,
             peak_resident_memory,
+            device_info,
+            device_memory,
         })
     }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::DaemonConfig;
+use crate::devices::DeviceReport;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, UserDb};
 use crate::runner::ModelHandle;
@@ -47,6 +48,8 @@ pub struct DaemonState {
     pub config: DaemonConfig,
     /// Models served, loaded at start.
     pub models: Vec<ModelHandle>,
+    /// Accelerators found at start.
+    pub devices: DeviceReport,
     tenant_in_flight: Mutex<HashMap<String, usize>>,
     pub metrics: Metrics,
     pub user_db: Box<dyn UserDb + Send + Sync>,
@@ -79,6 +82,7 @@ impl DaemonState {
         metrics: Metrics,
         user_db: Box<dyn UserDb + Send + Sync>,
         models: Vec<ModelHandle>,
+        devices: DeviceReport,
     ) -> Self {
         metrics.set_policy(&policy);
         for m in &models {
@@ -91,9 +95,26 @@ impl DaemonState {
                 ])
                 .set(1);
         }
+        for d in &devices.devices {
+            let index = d.index.to_string();
+            metrics
+                .device_info
+                .with_label_values(&[
+                    d.uuid.as_str(),
+                    index.as_str(),
+                    d.name.as_str(),
+                    d.compute_capability.as_str(),
+                ])
+                .set(1);
+            metrics
+                .device_memory
+                .with_label_values(&[d.uuid.as_str()])
+                .set(d.memory_bytes as i64);
+        }
         Self {
             config,
             models,
+            devices,
             tenant_in_flight: Mutex::new(HashMap::new()),
             metrics,
             user_db,

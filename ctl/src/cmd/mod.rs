@@ -1,5 +1,6 @@
 //! One module per `accelctl` subcommand.
 
+pub mod devices;
 pub mod generate;
 pub mod metrics;
 pub mod models;

@@ -136,6 +136,28 @@ pub(super) async fn tenant(
     }
 }
 
+/// Operators see every GPU; a tenant sees those its policy's `devices` selectors allow.
+pub(super) async fn devices(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Json<crate::devices::DeviceReport> {
+    let mut report = state.devices.clone();
+    if let Some(tenant) = auth
+        .identity
+        .tenant
+        .as_deref()
+        .and_then(|t| auth.policy.tenant(t))
+    {
+        report.devices.retain(|d| {
+            tenant
+                .devices
+                .iter()
+                .any(|s| s == "*" || *s == d.uuid || *s == format!("cuda:{}", d.index))
+        });
+    }
+    Json(report)
+}
+
 pub(super) async fn reload_policy(
     State(state): Shared,
     Extension(auth): Extension<Authenticated>,

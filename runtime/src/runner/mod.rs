@@ -255,18 +255,30 @@ impl ModelHandle {
 /// Loads and starts every configured model, logging progress. A model that fails to load is
 /// logged and skipped, so the daemon serves the others. If the built-in default model's file is
 /// missing, the daemon says so and serves a small generated model, named as such, instead.
-pub fn start_models(config: &DaemonConfig) -> Vec<ModelHandle> {
+pub fn start_models(
+    config: &DaemonConfig,
+    devices: &crate::devices::DeviceReport,
+) -> Vec<ModelHandle> {
     let mut handles = Vec::new();
     for spec in &config.models {
         let path = config.model_path(spec);
         let backend = spec.backend.unwrap_or(config.backend);
         match backend {
             BackendChoice::Cpu => {}
-            BackendChoice::Auto => {
-                tracing::info!(model = %spec.name, "no CUDA backend in this build; using the CPU backend")
-            }
+            BackendChoice::Auto => match &devices.reason {
+                Some(reason) => {
+                    tracing::info!(model = %spec.name, %reason, "no GPU; using the CPU backend")
+                }
+                None => {
+                    tracing::info!(model = %spec.name, "GPUs found, but this build's CUDA backend is not ready yet; using the CPU backend")
+                }
+            },
             BackendChoice::Cuda => {
-                tracing::error!(model = %spec.name, "backend cuda is not available in this build; set backend: cpu or auto for this model");
+                let why = devices
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "this build's CUDA backend is not ready yet".into());
+                tracing::error!(model = %spec.name, reason = %why, "backend cuda is not available; set backend: cpu or auto for this model");
                 continue;
             }
         }
