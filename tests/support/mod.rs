@@ -419,3 +419,28 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
     check()
 }
+
+/// SmolLM2-135M-Instruct's GGUF file where the README's commands put it (`ACCEL_SMOLLM2_GGUF`
+/// overrides). Missing: a failure in CI (the test command downloads it), a printed skip elsewhere.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = match std::env::var_os("ACCEL_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(
+            std::env::var("ACCEL_MODEL_CACHE").unwrap_or_else(|_| "/var/cache/accel/models".into()),
+        )
+        .join(accel_runtime::config::DEFAULT_MODEL_FILE),
+    };
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing in CI: the test command downloads it (.ci/deps.sh)",
+        path.display()
+    );
+    eprintln!(
+        "skipped: {} not found (run `make model` to download SmolLM2)",
+        path.display()
+    );
+    None
+}

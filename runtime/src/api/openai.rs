@@ -142,11 +142,7 @@ const MAX_STOP_STRINGS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 
 fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
-    let stops = match &common.stop {
-        StopInput::None => Vec::new(),
-        StopInput::One(s) => vec![s.clone()],
-        StopInput::Many(v) => v.clone(),
-    };
+    let stops = common.stop.clone().into_vec();
     if stops.len() > MAX_STOP_STRINGS || stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
         return Err(ApiError::bad_request(format!(
             "stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_BYTES} bytes each"
@@ -398,7 +394,6 @@ async fn start(
 
 /// Per-request bookkeeping for metrics.
 struct Timing {
-    first_token: Option<Instant>,
     last_token: Option<Instant>,
 }
 
@@ -418,7 +413,6 @@ impl Timing {
                 .with_label_values(&labels)
                 .observe(now.duration_since(last).as_secs_f64()),
         }
-        self.first_token.get_or_insert(now);
         self.last_token = Some(now);
     }
 
@@ -480,10 +474,7 @@ fn chat_logprob(model: &ModelHandle, token: u32, logprob: f32, top: &[(u32, f32)
 /// Waits for the whole generation and answers once.
 async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiError> {
     let mut text = String::new();
-    let mut timing = Timing {
-        first_token: None,
-        last_token: None,
-    };
+    let mut timing = Timing { last_token: None };
     let mut legacy = CompletionLogprobs::default();
     let mut chat_lp = ChatLogprobs::default();
     loop {
@@ -600,10 +591,7 @@ fn stream(
     let init = Streaming {
         state,
         job,
-        timing: Timing {
-            first_token: None,
-            last_token: None,
-        },
+        timing: Timing { last_token: None },
         sent_role: false,
         finished: false,
         done_sent: false,

@@ -200,14 +200,6 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
     /// Starts an empty sequence.
     pub fn add_sequence(&mut self) -> SeqId {
         let id = SeqId(self.next_seq);

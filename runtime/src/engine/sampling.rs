@@ -115,10 +115,6 @@ impl Sampler {
         Self { params, rng }
     }
 
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Picks the next token. `context` is the prompt and output so far; `output_start` is where
     /// the output begins in it (presence and frequency penalties count only output tokens).
     pub fn sample(&mut self, logits: &[f32], context: &[u32], output_start: usize) -> Sampled {

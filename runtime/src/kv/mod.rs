@@ -22,7 +22,6 @@ pub struct OutOfBlocks {
 #[derive(Debug, Clone)]
 pub struct BlockPool {
     block_size: usize,
-    num_blocks: usize,
     free: Vec<u32>,
 }
 
@@ -30,19 +29,11 @@ impl BlockPool {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
         // Hand out low block numbers first (a stack popped from the end).
         let free = (0..num_blocks as u32).rev().collect();
-        Self {
-            block_size,
-            num_blocks,
-            free,
-        }
+        Self { block_size, free }
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
     }
 
     pub fn free_blocks(&self) -> usize {

@@ -218,19 +218,7 @@ fn ggml_dtype(id: u32) -> Result<DType, String> {
 
 /// Maps and parses a GGUF file.
 pub fn open(path: &Path) -> Result<GgufFile, ModelError> {
-    let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    // SAFETY: the mapping is read-only and private to this process. Model files are not
-    // modified while a daemon serves them (operators replace them by rename, which leaves this
-    // mapping on the old inode); a concurrent in-place write could change weights under us but
-    // cannot break memory safety, since every read goes through bounds-checked slices.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(path, Arc::new(Backing::Mapped(map)))
+    parse(path, Backing::map(path)?)
 }
 
 /// Parses GGUF bytes (already mapped or read).

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -132,17 +131,7 @@ fn dtype_of(dtype: safetensors::Dtype) -> Option<DType> {
 
 /// Maps one safetensors file and returns its tensors.
 pub fn open_safetensors(path: &Path) -> Result<Vec<WeightTensor>, ModelError> {
-    let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    // SAFETY: read-only private mapping of a model file; see `gguf::open` for why concurrent
-    // modification cannot break memory safety here (all reads are bounds-checked slices).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let backing = Arc::new(Backing::Mapped(map));
+    let backing = Backing::map(path)?;
     let bytes = backing.bytes();
     let (header_len, metadata) =
         safetensors::SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Format {

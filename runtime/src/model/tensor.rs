@@ -75,6 +75,21 @@ pub enum Backing {
 }
 
 impl Backing {
+    /// Maps a model file read-only.
+    pub fn map(path: &std::path::Path) -> Result<Arc<Self>, super::ModelError> {
+        let io = |source| super::ModelError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only and private to this process. Model files are not
+        // modified while a daemon serves them (operators replace them by rename, which leaves
+        // this mapping on the old inode); a concurrent in-place write could change weights under
+        // us but cannot break memory safety, since every read goes through bounds-checked slices.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Ok(Arc::new(Backing::Mapped(map)))
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match self {
             Backing::Mapped(map) => map,

@@ -137,11 +137,6 @@ impl Detokenizer {
         self.settle(tokenizer, true);
         self.release(true).text
     }
-
-    /// Tokens generated so far.
-    pub fn tokens(&self) -> &[u32] {
-        &self.ids
-    }
 }
 
 #[cfg(test)]

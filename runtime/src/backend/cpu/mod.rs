@@ -804,12 +804,6 @@ impl Backend for CpuBackend {
     }
 }
 
-impl CpuWeight {
-    pub fn dtype(&self) -> DType {
-        self.tensor.dtype
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use rand::{Rng as _, SeedableRng as _};
