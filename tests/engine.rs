@@ -5,60 +5,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-
 use accel_runtime::backend::cpu::simd::Level;
 use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::chat::{ChatTemplate, Message};
 use accel_runtime::engine::sampling::argmax;
-use accel_runtime::engine::{Engine, LogitsWanted, SeqId, StepInput};
+use accel_runtime::engine::{Engine, EngineError, LogitsWanted, SeqId, StepInput};
 use accel_runtime::model::{self, LoadedModel};
-use serde_json::Value;
-
-const HF_MODELS: [&str; 4] = [
-    "llama-gqa-f32",
-    "llama-tied-rope3-f32",
-    "qwen2-bias-f32",
-    "llama-gqa-bf16",
-];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
-}
-
-/// Reference logits by name, as f32 rows of `vocab` each.
-fn expected_logits(path: &Path) -> std::collections::HashMap<String, Vec<f32>> {
-    model::hf::open_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .map(|t| (t.name.clone(), t.to_f32()))
-        .collect()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// ‖a − b‖ / ‖b‖, with NaN or a length mismatch as infinity so it never passes.
-fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() || a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-    let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
-}
+use accel_tests::reference::{
+    expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, relative_error,
+    HF_MODELS,
+};
 
 /// An engine on the best SIMD level of this CPU.
 fn engine_for(model: &LoadedModel) -> Engine<CpuBackend> {
@@ -74,41 +30,6 @@ fn engine_at(model: &LoadedModel, level: Level) -> Engine<CpuBackend> {
         16,
     )
     .unwrap()
-}
-
-/// Logits after every token of `prompt`, run as one prefill.
-fn prompt_logits(engine: &mut Engine<CpuBackend>, prompt: &[u32]) -> Vec<f32> {
-    let seq = engine.add_sequence();
-    let out = engine
-        .step(&[StepInput {
-            seq,
-            tokens: prompt,
-            logits: LogitsWanted::All,
-        }])
-        .unwrap();
-    engine.remove_sequence(seq);
-    out[0].logits.concat()
-}
-
-/// Greedy continuation: one prefill, then one token per step.
-fn greedy(engine: &mut Engine<CpuBackend>, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let seq = engine.add_sequence();
-    let mut out = Vec::new();
-    let mut next = prompt.to_vec();
-    for _ in 0..steps {
-        let logits = engine
-            .step(&[StepInput {
-                seq,
-                tokens: &next,
-                logits: LogitsWanted::Last,
-            }])
-            .unwrap();
-        let token = argmax(&logits[0].logits[0]);
-        out.push(token);
-        next = vec![token];
-    }
-    engine.remove_sequence(seq);
-    out
 }
 
 #[test]
@@ -158,6 +79,69 @@ fn greedy_continuations_match_transformers() {
         }
         assert_eq!(engine.free_blocks(), 64, "{name}: every block is returned");
     }
+}
+
+#[test]
+fn a_sequence_swapped_out_and_back_continues_as_if_never_moved() {
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let meta = json(&dir.join("expected.json"));
+    let prompts: Vec<Vec<u32>> = meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    let mut engine = engine_for(&model);
+    let seq = engine.add_sequence();
+    assert!(matches!(
+        engine.swap_out(seq),
+        Err(EngineError::NoSwapSpace)
+    ));
+    engine.remove_sequence(seq);
+    engine.enable_swap(8).unwrap();
+
+    let want = greedy(&mut engine, &prompts[0], 12);
+    let got = greedy_with_swap(&mut engine, &prompts[0], &prompts[1], 12, 5);
+    assert_eq!(got, want);
+    assert_eq!(engine.free_blocks(), 64, "every device block is returned");
+    assert_eq!(engine.free_swap_blocks(), 8, "every swap block is returned");
+
+    // Errors leave everything as it was.
+    let seq = engine.add_sequence();
+    assert!(matches!(
+        engine.swap_in(seq),
+        Err(EngineError::NotSwapped(_))
+    ));
+    let long: Vec<u32> = prompts
+        .iter()
+        .flatten()
+        .copied()
+        .cycle()
+        .take(200)
+        .collect();
+    engine
+        .step(&[StepInput {
+            seq,
+            tokens: &long,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    let err = engine.swap_out(seq).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::OutOfSwapSpace {
+                needed: 13,
+                free: 8
+            }
+        ),
+        "{err}"
+    );
+    assert!(!engine.is_swapped(seq));
+    assert_eq!(engine.sequence_len(seq), Some(200));
+    engine.remove_sequence(seq);
+    assert_eq!(engine.free_blocks(), 64);
 }
 
 #[test]

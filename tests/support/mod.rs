@@ -4,6 +4,8 @@
 //! The binaries are the ones cargo built for this workspace (`cargo build --workspace --bins`,
 //! which the test command runs first); `ACCEL_BIN_DIR` points elsewhere if needed.
 
+pub mod reference;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};

@@ -74,6 +74,8 @@ pub trait Backend: Send + Sync + 'static {
     type Weight: Send + Sync;
     /// The KV cache of every layer.
     type Kv: Send;
+    /// The swap tier of a KV cache: page-locked host memory on a GPU.
+    type HostKv: Send;
 
     /// A short name for logs and metrics: `cpu`, `cuda:0`.
     fn name(&self) -> String;
@@ -152,4 +154,58 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<(), BackendError>;
     /// Copies a tensor to host memory, row-major.
     fn read(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+
+    /// Allocates the swap tier for `layout`'s cache: `host_blocks` blocks, each holding one KV
+    /// block of every layer (keys and values), so a swapped sequence's blocks are contiguous.
+    fn alloc_host_kv(
+        &self,
+        layout: &KvLayout,
+        host_blocks: usize,
+    ) -> Result<Self::HostKv, BackendError>;
+    /// Copies KV block `pair.0` of every layer to host block `pair.1`, for each pair. The copy
+    /// is asynchronous: it sees everything computed before the call, and the device blocks
+    /// must not be overwritten before [`Backend::copy_finished`] says the ticket is done.
+    fn swap_out(
+        &self,
+        kv: &Self::Kv,
+        host: &mut Self::HostKv,
+        pairs: &[(u32, u32)],
+    ) -> Result<CopyTicket, BackendError>;
+    /// Copies host block `pair.0` back to KV block `pair.1` of every layer, for each pair.
+    /// Asynchronous too; any later compute on `kv` waits for it, the host does not.
+    fn swap_in(
+        &self,
+        host: &Self::HostKv,
+        kv: &mut Self::Kv,
+        pairs: &[(u32, u32)],
+    ) -> Result<CopyTicket, BackendError>;
+    /// Whether a swap has completed, without waiting.
+    fn copy_finished(&self, ticket: CopyTicket) -> Result<bool, BackendError>;
+    /// Waits for every swap issued so far.
+    fn wait_copies(&self) -> Result<(), BackendError>;
+}
+
+/// Identifies one batch of swap copies; tickets of one backend increase monotonically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CopyTicket(pub u64);
+
+/// Checks `(device block, host block)` pairs against both pools before any copy starts.
+pub(crate) fn check_swap_pairs(
+    layout: &KvLayout,
+    host_blocks: usize,
+    pairs: &[(u32, u32)],
+    op: &'static str,
+) -> Result<(), BackendError> {
+    for &(device, parked) in pairs {
+        if device as usize >= layout.num_blocks || parked as usize >= host_blocks {
+            return Err(BackendError::Shape {
+                op,
+                detail: format!(
+                    "block pair ({device}, {parked}) outside {} device and {host_blocks} host blocks",
+                    layout.num_blocks
+                ),
+            });
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ pub mod sampling;
 
 use std::collections::HashMap;
 
-use crate::backend::{Backend, BackendError, Heads, KvLayout, SeqSlice, StepLayout};
+use crate::backend::{Backend, BackendError, CopyTicket, Heads, KvLayout, SeqSlice, StepLayout};
 use crate::kv::{BlockPool, BlockTable, OutOfBlocks};
 use crate::model::{ModelConfig, ModelWeights};
 
@@ -54,6 +54,14 @@ pub enum EngineError {
     TooLong { tokens: usize, limit: usize },
     #[error("token id {token} is outside the model's vocabulary of {vocab}")]
     BadToken { token: u32, vocab: usize },
+    #[error("sequence {0:?} is swapped out; swap it in before stepping it")]
+    Swapped(SeqId),
+    #[error("sequence {0:?} is not swapped out")]
+    NotSwapped(SeqId),
+    #[error("this engine has no swap space; enable it with a number of host blocks")]
+    NoSwapSpace,
+    #[error("the swap space needs {needed} more blocks but only {free} are free")]
+    OutOfSwapSpace { needed: usize, free: usize },
     #[error(transparent)]
     OutOfBlocks(#[from] OutOfBlocks),
     #[error(transparent)]
@@ -94,6 +102,24 @@ pub struct Engine<B: Backend> {
     next_seq: u64,
     /// Activation buffers kept between steps, so a decode step allocates nothing.
     scratch: Option<Scratch<B>>,
+    layout: KvLayout,
+    swap: Option<SwapTier<B>>,
+    /// Swapped-out sequences: their length and host blocks.
+    parked: HashMap<SeqId, Parked>,
+    /// Device blocks of swapped-out sequences, free once their copy has finished.
+    pending_free: Vec<(CopyTicket, Vec<u32>)>,
+}
+
+/// Host memory holding swapped-out sequences' KV blocks.
+struct SwapTier<B: Backend> {
+    kv: B::HostKv,
+    pool: BlockPool,
+}
+
+#[derive(Debug)]
+struct Parked {
+    len: usize,
+    host_blocks: Vec<u32>,
 }
 
 /// The activations of one step.
@@ -180,13 +206,14 @@ impl<B: Backend> Engine<B> {
             final_norm: up(&weights.final_norm)?,
             lm_head: up(&weights.lm_head)?,
         };
-        let kv = backend.alloc_kv(&KvLayout {
+        let layout = KvLayout {
             num_layers: config.num_layers,
             num_blocks: kv_blocks,
             block_size,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
-        })?;
+        };
+        let kv = backend.alloc_kv(&layout)?;
         Ok(Self {
             inv_freq: config.rope_inv_freq(),
             backend,
@@ -197,7 +224,93 @@ impl<B: Backend> Engine<B> {
             seqs: HashMap::new(),
             next_seq: 0,
             scratch: None,
+            layout,
+            swap: None,
+            parked: HashMap::new(),
+            pending_free: Vec::new(),
         })
+    }
+
+    /// Allocates `host_blocks` blocks of swap space (page-locked host memory on a GPU), each
+    /// holding one KV block of every layer.
+    pub fn enable_swap(&mut self, host_blocks: usize) -> Result<(), EngineError> {
+        let kv = self.backend.alloc_host_kv(&self.layout, host_blocks)?;
+        self.swap = Some(SwapTier {
+            kv,
+            pool: BlockPool::new(host_blocks, self.layout.block_size),
+        });
+        Ok(())
+    }
+
+    /// Moves a sequence's KV blocks to the swap space and frees its device blocks (once the
+    /// copy has finished). The sequence cannot step until [`Engine::swap_in`].
+    pub fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+        let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
+        if self.parked.contains_key(&id) {
+            return Err(EngineError::Swapped(id));
+        }
+        let table = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))?;
+        let host_blocks =
+            swap.pool
+                .take(table.blocks().len())
+                .map_err(|e| EngineError::OutOfSwapSpace {
+                    needed: e.needed,
+                    free: e.free,
+                })?;
+        let pairs: Vec<(u32, u32)> = table
+            .blocks()
+            .iter()
+            .copied()
+            .zip(host_blocks.iter().copied())
+            .collect();
+        let ticket = match self.backend.swap_out(&self.kv, &mut swap.kv, &pairs) {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                swap.pool.give_back(host_blocks);
+                return Err(e.into());
+            }
+        };
+        let Some(table) = self.seqs.remove(&id) else {
+            return Err(EngineError::UnknownSequence(id));
+        };
+        let len = table.len();
+        self.pending_free.push((ticket, table.into_blocks()));
+        self.parked.insert(id, Parked { len, host_blocks });
+        Ok(())
+    }
+
+    /// Brings a swapped-out sequence back into device blocks; it can step right away (its
+    /// compute waits for the copy on the device, not on the host).
+    pub fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
+        let parked = self.parked.get(&id).ok_or(EngineError::NotSwapped(id))?;
+        let needed = parked.host_blocks.len();
+        if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
+            reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
+        }
+        let blocks = self.pool.take(needed)?;
+        let pairs: Vec<(u32, u32)> = parked
+            .host_blocks
+            .iter()
+            .copied()
+            .zip(blocks.iter().copied())
+            .collect();
+        if let Err(e) = self.backend.swap_in(&swap.kv, &mut self.kv, &pairs) {
+            self.pool.give_back(blocks);
+            return Err(e.into());
+        }
+        let Some(parked) = self.parked.remove(&id) else {
+            return Err(EngineError::NotSwapped(id));
+        };
+        // Later swap-outs into these host blocks queue behind this copy, so they are free now.
+        swap.pool.give_back(parked.host_blocks);
+        self.seqs
+            .insert(id, BlockTable::from_blocks(blocks, parked.len));
+        Ok(())
+    }
+
+    pub fn is_swapped(&self, id: SeqId) -> bool {
+        self.parked.contains_key(&id)
     }
 
     /// Starts an empty sequence.
@@ -213,15 +326,32 @@ impl<B: Backend> Engine<B> {
         if let Some(mut table) = self.seqs.remove(&id) {
             table.release(&mut self.pool);
         }
+        if let (Some(parked), Some(swap)) = (self.parked.remove(&id), self.swap.as_mut()) {
+            swap.pool.give_back(parked.host_blocks);
+        }
     }
 
-    /// Tokens a sequence holds in the cache.
+    /// Tokens a sequence holds in the cache (or in the swap space).
     pub fn sequence_len(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(BlockTable::len)
+        self.seqs
+            .get(&id)
+            .map(BlockTable::len)
+            .or_else(|| self.parked.get(&id).map(|p| p.len))
     }
 
+    /// Device blocks free, counting those of swapped-out sequences whose copy is in flight.
     pub fn free_blocks(&self) -> usize {
         self.pool.free_blocks()
+            + self
+                .pending_free
+                .iter()
+                .map(|(_, b)| b.len())
+                .sum::<usize>()
+    }
+
+    /// Swap-space blocks free (0 without swap space).
+    pub fn free_swap_blocks(&self) -> usize {
+        self.swap.as_ref().map_or(0, |s| s.pool.free_blocks())
     }
 
     /// Runs one batched step. On any error the sequences are as they were before it.
@@ -244,6 +374,9 @@ impl<B: Backend> Engine<B> {
                     vocab: self.config.vocab_size,
                 });
             }
+            if self.parked.contains_key(&input.seq) {
+                return Err(EngineError::Swapped(input.seq));
+            }
             let len = self
                 .seqs
                 .get(&input.seq)
@@ -257,6 +390,22 @@ impl<B: Backend> Engine<B> {
                 });
             }
             before.push(len);
+        }
+        // Device blocks of swapped-out sequences become free once their copies are done;
+        // wait for them only when this step cannot fit otherwise.
+        reclaim(&self.backend, &mut self.pool, &mut self.pending_free, false)?;
+        let needed: usize = inputs
+            .iter()
+            .zip(&before)
+            .map(|(input, &len)| {
+                let held = len.div_ceil(self.pool.block_size());
+                (len + input.tokens.len())
+                    .div_ceil(self.pool.block_size())
+                    .saturating_sub(held)
+            })
+            .sum();
+        if needed > self.pool.free_blocks() && !self.pending_free.is_empty() {
+            reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
         // Reserve KV blocks for every sequence, undoing all of it if any cannot grow.
         for (i, input) in inputs.iter().enumerate() {
@@ -452,4 +601,30 @@ impl<B: Backend> Engine<B> {
             })
             .collect())
     }
+}
+
+/// Returns to `pool` the device blocks whose swap-out copy has finished (all of them, waiting
+/// for the copies, when `wait` is set).
+fn reclaim<B: Backend>(
+    backend: &B,
+    pool: &mut BlockPool,
+    pending: &mut Vec<(CopyTicket, Vec<u32>)>,
+    wait: bool,
+) -> Result<(), BackendError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    if wait {
+        backend.wait_copies()?;
+    }
+    let mut i = 0;
+    while i < pending.len() {
+        if wait || backend.copy_finished(pending[i].0)? {
+            let (_, blocks) = pending.swap_remove(i);
+            pool.give_back(blocks);
+        } else {
+            i += 1;
+        }
+    }
+    Ok(())
 }

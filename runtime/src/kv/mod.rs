@@ -40,7 +40,8 @@ impl BlockPool {
         self.free.len()
     }
 
-    fn take(&mut self, n: usize) -> Result<Vec<u32>, OutOfBlocks> {
+    /// Takes `n` blocks (low numbers first, so a fresh pool hands out runs), or none.
+    pub fn take(&mut self, n: usize) -> Result<Vec<u32>, OutOfBlocks> {
         if n > self.free.len() {
             return Err(OutOfBlocks {
                 needed: n,
@@ -53,7 +54,8 @@ impl BlockPool {
         Ok(taken)
     }
 
-    fn give_back(&mut self, blocks: impl IntoIterator<Item = u32>) {
+    /// Returns blocks taken from this pool.
+    pub fn give_back(&mut self, blocks: impl IntoIterator<Item = u32>) {
         self.free.extend(blocks);
     }
 }
@@ -81,6 +83,17 @@ impl BlockTable {
 
     pub fn blocks(&self) -> &[u32] {
         &self.blocks
+    }
+
+    /// A table over blocks already taken, holding `len` tokens (a sequence swapped back in).
+    pub fn from_blocks(blocks: Vec<u32>, len: usize) -> Self {
+        Self { blocks, len }
+    }
+
+    /// Gives up the table's blocks without returning them to a pool (the caller frees them
+    /// once nothing reads them any more).
+    pub fn into_blocks(self) -> Vec<u32> {
+        self.blocks
     }
 
     /// Grows the table to hold `new_len` tokens, taking blocks from `pool`; on failure nothing

@@ -8,7 +8,7 @@ pub mod simd;
 use rayon::prelude::*;
 
 use self::simd::Level;
-use super::{Backend, BackendError, Heads, KvLayout, StepLayout};
+use super::{Backend, BackendError, CopyTicket, Heads, KvLayout, StepLayout};
 use crate::model::{DType, RopeStyle, WeightTensor};
 
 /// Row-major f32 activations.
@@ -330,6 +330,7 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
     type Kv = CpuKv;
+    type HostKv = CpuHostKv;
 
     fn name(&self) -> String {
         format!("cpu ({})", self.level.name())
@@ -802,6 +803,114 @@ impl Backend for CpuBackend {
     fn read(&self, x: &CpuTensor) -> Result<Vec<f32>, BackendError> {
         Ok(x.data.clone())
     }
+
+    fn alloc_host_kv(
+        &self,
+        layout: &KvLayout,
+        host_blocks: usize,
+    ) -> Result<CpuHostKv, BackendError> {
+        let block_floats = layout.block_size * layout.num_kv_heads * layout.head_dim;
+        let len = host_blocks
+            .checked_mul(layout.num_layers * 2 * block_floats)
+            .ok_or_else(|| shape_error("alloc_host_kv", format!("{host_blocks} blocks")))?;
+        Ok(CpuHostKv {
+            layout: *layout,
+            host_blocks,
+            data: try_zeroed(len, "the KV swap space")?,
+        })
+    }
+
+    fn swap_out(
+        &self,
+        kv: &CpuKv,
+        host: &mut CpuHostKv,
+        pairs: &[(u32, u32)],
+    ) -> Result<CopyTicket, BackendError> {
+        check_swap(&kv.layout, host, pairs, "swap_out")?;
+        let bf = host.block_floats();
+        for &(device, parked) in pairs {
+            for (layer, (k, v)) in kv.k.iter().zip(&kv.v).enumerate() {
+                let src = device as usize * bf..(device as usize + 1) * bf;
+                let (hk, hv) = host.block_mut(parked as usize, layer);
+                hk.copy_from_slice(&k[src.clone()]);
+                hv.copy_from_slice(&v[src]);
+            }
+        }
+        Ok(CopyTicket(0))
+    }
+
+    fn swap_in(
+        &self,
+        host: &CpuHostKv,
+        kv: &mut CpuKv,
+        pairs: &[(u32, u32)],
+    ) -> Result<CopyTicket, BackendError> {
+        let flipped: Vec<(u32, u32)> = pairs.iter().map(|&(h, d)| (d, h)).collect();
+        check_swap(&kv.layout, host, &flipped, "swap_in")?;
+        let bf = host.block_floats();
+        for &(parked, device) in pairs {
+            for (layer, (k, v)) in kv.k.iter_mut().zip(kv.v.iter_mut()).enumerate() {
+                let dst = device as usize * bf..(device as usize + 1) * bf;
+                let (hk, hv) = host.block(parked as usize, layer);
+                k[dst.clone()].copy_from_slice(hk);
+                v[dst].copy_from_slice(hv);
+            }
+        }
+        Ok(CopyTicket(0))
+    }
+
+    fn copy_finished(&self, _ticket: CopyTicket) -> Result<bool, BackendError> {
+        // CPU copies complete before swap_out/swap_in return.
+        Ok(true)
+    }
+
+    fn wait_copies(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// The CPU backend's swap tier: `[host_block][layer][k, v][block_size * kv_heads * head_dim]`,
+/// the layout the CUDA backend's page-locked pool uses, so a block moves as one piece.
+#[derive(Debug)]
+pub struct CpuHostKv {
+    layout: KvLayout,
+    host_blocks: usize,
+    data: Vec<f32>,
+}
+
+impl CpuHostKv {
+    fn block_floats(&self) -> usize {
+        self.layout.block_size * self.layout.num_kv_heads * self.layout.head_dim
+    }
+
+    fn offset(&self, block: usize, layer: usize) -> usize {
+        ((block * self.layout.num_layers + layer) * 2) * self.block_floats()
+    }
+
+    fn block(&self, block: usize, layer: usize) -> (&[f32], &[f32]) {
+        let (bf, at) = (self.block_floats(), self.offset(block, layer));
+        self.data[at..at + 2 * bf].split_at(bf)
+    }
+
+    fn block_mut(&mut self, block: usize, layer: usize) -> (&mut [f32], &mut [f32]) {
+        let (bf, at) = (self.block_floats(), self.offset(block, layer));
+        self.data[at..at + 2 * bf].split_at_mut(bf)
+    }
+}
+
+fn check_swap(
+    layout: &KvLayout,
+    host: &CpuHostKv,
+    pairs: &[(u32, u32)],
+    op: &'static str,
+) -> Result<(), BackendError> {
+    if *layout != host.layout {
+        return Err(shape_error(
+            op,
+            "the swap space was made for another cache layout".into(),
+        ));
+    }
+    super::check_swap_pairs(layout, host.host_blocks, pairs, op)
 }
 
 #[cfg(test)]
