@@ -18,3 +18,22 @@ extern "C" __global__ void copy_blocks(const float* from, float* to, const u32* 
     float* d = to + (long long)dst[blockIdx.x] * block_floats;
     for (long long c = threadIdx.x; c < block_floats; c += blockDim.x) d[c] = s[c];
 }
+
+// Swap staging. The cache is `planes` planes (layer * 2 + {0: keys, 1: values}) of
+// `num_blocks` blocks of `block_floats` floats; staging holds, for each listed block i, its
+// blocks of every plane in order: staging[i][plane][block_floats] (the host swap layout, so
+// one contiguous copy moves a run of host blocks). grid = (listed blocks, planes).
+extern "C" __global__ void gather_kv_blocks(const float* cache, float* staging, const u32* blocks, long long num_blocks, long long block_floats, int planes) {
+    int i = blockIdx.x, plane = blockIdx.y;
+    const float* s = cache + ((long long)plane * num_blocks + blocks[i]) * block_floats;
+    float* d = staging + ((long long)i * planes + plane) * block_floats;
+    for (long long c = threadIdx.x; c < block_floats; c += blockDim.x) d[c] = s[c];
+}
+
+// The inverse of gather_kv_blocks: cache[plane][blocks[i]] = staging[i][plane].
+extern "C" __global__ void scatter_kv_blocks(const float* staging, float* cache, const u32* blocks, long long num_blocks, long long block_floats, int planes) {
+    int i = blockIdx.x, plane = blockIdx.y;
+    const float* s = staging + ((long long)i * planes + plane) * block_floats;
+    float* d = cache + ((long long)plane * num_blocks + blocks[i]) * block_floats;
+    for (long long c = threadIdx.x; c < block_floats; c += blockDim.x) d[c] = s[c];
+}

@@ -7,6 +7,7 @@
 //! a device backend copies it over once per step. Activations are f32 whatever the weights.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::model::{RopeStyle, WeightTensor};
 
@@ -23,6 +24,13 @@ pub enum BackendError {
     Unsupported(String),
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
+    /// The device or its driver failed an operation.
+    #[error("{device} failed in {op}: {detail}")]
+    Device {
+        device: String,
+        op: &'static str,
+        detail: String,
+    },
 }
 
 /// Shape of the paged KV cache a backend allocates.
@@ -154,6 +162,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<(), BackendError>;
     /// Copies a tensor to host memory, row-major.
     fn read(&self, x: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+    /// Copies host values (row-major, exactly the tensor's size) into a tensor.
+    fn write(&self, t: &mut Self::Tensor, data: &[f32]) -> Result<(), BackendError>;
 
     /// Allocates the swap tier for `layout`'s cache: `host_blocks` blocks, each holding one KV
     /// block of every layer (keys and values), so a swapped sequence's blocks are contiguous.

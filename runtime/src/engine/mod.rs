@@ -157,6 +157,15 @@ impl<B: Backend> Scratch<B> {
     }
 }
 
+impl<B: Backend> Drop for Engine<B> {
+    fn drop(&mut self) {
+        // Swap copies read and write the swap space and the cache: let them land first.
+        if let Err(e) = self.backend.wait_copies() {
+            tracing::warn!(error = %e, "waiting for swap copies while dropping an engine");
+        }
+    }
+}
+
 impl<B: Backend> std::fmt::Debug for Engine<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")

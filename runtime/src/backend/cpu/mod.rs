@@ -804,6 +804,17 @@ impl Backend for CpuBackend {
         Ok(x.data.clone())
     }
 
+    fn write(&self, t: &mut CpuTensor, data: &[f32]) -> Result<(), BackendError> {
+        if data.len() != t.data.len() {
+            return Err(shape_error(
+                "write",
+                format!("{} values into {}x{}", data.len(), t.rows, t.cols),
+            ));
+        }
+        t.data.copy_from_slice(data);
+        Ok(())
+    }
+
     fn alloc_host_kv(
         &self,
         layout: &KvLayout,

@@ -1,0 +1,286 @@
+//! The CUDA C sources in `cuda-kernels/`, compiled at run time with NVRTC for the GPU found
+//! (`compute_XY` from its compute capability), cached on disk by source hash, architecture and
+//! NVRTC version, and loaded once per device.
+//!
+//! Each `.cu` file is one module with `dtype.cuh` inlined, as CI's NVRTC check compiles it.
+//! A cache hit needs no NVRTC at all; a miss without NVRTC installed is a clear error.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use sha2::{Digest as _, Sha256};
+
+const DTYPE_HEADER: &str = include_str!("../../../../cuda-kernels/dtype.cuh");
+
+/// Kernel source files, by module name.
+pub const SOURCES: [(&str, &str); 5] = [
+    (
+        "elementwise",
+        include_str!("../../../../cuda-kernels/elementwise.cu"),
+    ),
+    ("quant", include_str!("../../../../cuda-kernels/quant.cu")),
+    (
+        "attention",
+        include_str!("../../../../cuda-kernels/attention.cu"),
+    ),
+    ("kv", include_str!("../../../../cuda-kernels/kv.cu")),
+    (
+        "sampling",
+        include_str!("../../../../cuda-kernels/sampling.cu"),
+    ),
+];
+
+/// A source with the shared header inlined, ready for NVRTC.
+pub fn expand(source: &str) -> String {
+    let header = DTYPE_HEADER.replace("#pragma once", "");
+    source.replace("#include \"dtype.cuh\"", &header)
+}
+
+/// Why the kernels could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("NVRTC (libnvrtc.so) is not installed and {module} for {arch} is not in the kernel cache {cache}; install the CUDA runtime compiler (e.g. the cuda-nvrtc package)")]
+    NoCompiler {
+        module: &'static str,
+        arch: String,
+        cache: String,
+    },
+    #[error("NVRTC could not compile {module} for {arch}: {log}")]
+    Compile {
+        module: &'static str,
+        arch: String,
+        log: String,
+    },
+    #[error("the driver could not load {module}: {detail}")]
+    Load {
+        module: &'static str,
+        detail: String,
+    },
+    #[error("kernel {name} is missing from {module}: {detail}")]
+    Missing {
+        module: &'static str,
+        name: &'static str,
+        detail: String,
+    },
+}
+
+/// The NVRTC version, if NVRTC can be loaded.
+fn nvrtc_version() -> Option<(i32, i32)> {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present; nvrtcVersion writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .ok()?;
+    Some((major, minor))
+}
+
+/// Cache file name: the hash of everything that decides the PTX.
+fn cache_key(source: &str, arch: &str, nvrtc: Option<(i32, i32)>) -> String {
+    let mut hash = Sha256::new();
+    hash.update(source.as_bytes());
+    hash.update(arch.as_bytes());
+    if let Some((major, minor)) = nvrtc {
+        hash.update(format!("nvrtc {major}.{minor}").as_bytes());
+    }
+    let digest = hash.finalize();
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Returns PTX for `module` from the cache, or compiles and caches it. The cache key includes
+/// the NVRTC version when NVRTC is present; without NVRTC any cached build for the same source
+/// and architecture is used.
+fn ptx_for(
+    module: &'static str,
+    source: &str,
+    arch: &str,
+    cache: Option<&Path>,
+) -> Result<String, KernelError> {
+    let nvrtc = nvrtc_version();
+    let file = |version| {
+        cache.map(|dir| {
+            dir.join(format!(
+                "{module}-{arch}-{}.ptx",
+                cache_key(source, arch, version)
+            ))
+        })
+    };
+    let Some(version) = nvrtc else {
+        // Without a compiler, take any cached build of this exact source for this arch.
+        if let Some(dir) = cache {
+            let prefix = format!("{module}-{arch}-");
+            let sources_hash = cache_key(source, arch, None);
+            let marker = dir.join(format!("{prefix}{sources_hash}.source"));
+            if let Ok(name) = std::fs::read_to_string(&marker) {
+                if let Ok(ptx) = std::fs::read_to_string(dir.join(name.trim())) {
+                    return Ok(ptx);
+                }
+            }
+        }
+        return Err(KernelError::NoCompiler {
+            module,
+            arch: arch.to_owned(),
+            cache: cache.map_or("(none)".into(), |d| d.display().to_string()),
+        });
+    };
+    let path: Option<PathBuf> = file(Some(version));
+    if let Some(ptx) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok(ptx);
+    }
+    let options = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".into(),
+            "-default-device".into(),
+        ],
+        name: Some(format!("{module}.cu")),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| {
+        KernelError::Compile {
+            module,
+            arch: arch.to_owned(),
+            log: match e {
+                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                    log.to_string_lossy().into_owned()
+                }
+                other => format!("{other:?}"),
+            },
+        }
+    })?;
+    let text = ptx.to_src();
+    if let (Some(path), Some(dir)) = (path, cache) {
+        store(dir, &path, &text, module, arch, source);
+    }
+    Ok(text)
+}
+
+/// Writes a compiled module to the cache atomically (a failure only costs a recompile later).
+fn store(dir: &Path, path: &Path, ptx: &str, module: &str, arch: &str, source: &str) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, ptx)?;
+        std::fs::rename(&tmp, path)?;
+        // Remember which file holds this source's build, for hosts without NVRTC.
+        let marker = dir.join(format!(
+            "{module}-{arch}-{}.source",
+            cache_key(source, arch, None)
+        ));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        std::fs::write(marker, name)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot cache compiled CUDA kernels");
+    }
+}
+
+/// Every kernel the backend launches.
+#[derive(Debug)]
+pub struct Kernels {
+    pub embed: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub rope: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub add: CudaFunction,
+    pub add_bias: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub dequantize_rows: CudaFunction,
+    pub matvec: CudaFunction,
+    pub paged_attention: CudaFunction,
+    pub write_kv: CudaFunction,
+    pub gather_kv_blocks: CudaFunction,
+    pub scatter_kv_blocks: CudaFunction,
+    pub argmax: CudaFunction,
+}
+
+impl Kernels {
+    /// Compiles (or takes from `cache`) and loads every module for `arch` (`compute_90`).
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        arch: &str,
+        cache: Option<&Path>,
+    ) -> Result<Self, KernelError> {
+        let mut modules = Vec::new();
+        for (name, source) in SOURCES {
+            let expanded = expand(source);
+            let ptx = ptx_for(name, &expanded, arch, cache)?;
+            let module = ctx
+                .load_module(Ptx::from_src(ptx))
+                .map_err(|e| KernelError::Load {
+                    module: name,
+                    detail: format!("{e:?}"),
+                })?;
+            modules.push((name, module));
+        }
+        let function = |module: &'static str, name: &'static str| {
+            let (_, m) =
+                modules
+                    .iter()
+                    .find(|(n, _)| *n == module)
+                    .ok_or(KernelError::Missing {
+                        module,
+                        name,
+                        detail: "no such module".into(),
+                    })?;
+            m.load_function(name).map_err(|e| KernelError::Missing {
+                module,
+                name,
+                detail: format!("{e:?}"),
+            })
+        };
+        Ok(Self {
+            embed: function("elementwise", "embed")?,
+            rms_norm: function("elementwise", "rms_norm")?,
+            rope: function("elementwise", "rope")?,
+            silu_mul: function("elementwise", "silu_mul")?,
+            add: function("elementwise", "add")?,
+            add_bias: function("elementwise", "add_bias")?,
+            gather_rows: function("elementwise", "gather_rows")?,
+            dequantize_rows: function("quant", "dequantize_rows")?,
+            matvec: function("quant", "matvec")?,
+            paged_attention: function("attention", "paged_attention")?,
+            write_kv: function("kv", "write_kv")?,
+            gather_kv_blocks: function("kv", "gather_kv_blocks")?,
+            scatter_kv_blocks: function("kv", "scatter_kv_blocks")?,
+            argmax: function("sampling", "argmax")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expanded_sources_inline_the_header_once_and_include_nothing() {
+        for (name, source) in SOURCES {
+            let expanded = expand(source);
+            assert!(!expanded.contains("#include"), "{name}");
+            assert_eq!(
+                expanded
+                    .matches("__device__ __forceinline__ float weight_at")
+                    .count(),
+                1,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn cache_keys_change_with_source_arch_and_compiler() {
+        let base = cache_key("a", "compute_90", Some((12, 9)));
+        assert_ne!(base, cache_key("b", "compute_90", Some((12, 9))));
+        assert_ne!(base, cache_key("a", "compute_80", Some((12, 9))));
+        assert_ne!(base, cache_key("a", "compute_90", Some((13, 0))));
+        assert_eq!(base, cache_key("a", "compute_90", Some((12, 9))));
+    }
+}
