@@ -41,8 +41,11 @@ pub struct DaemonConfig {
     /// Directory of extra policy files (`*.yaml`), merged after the base; may be absent.
     pub policy_dir: Option<PathBuf>,
     pub log: LogConfig,
-    /// Compute backend: `auto` (CUDA when present, else CPU), `cpu` or `cuda`.
+    /// Compute backend for models that do not choose: `auto` (the first GPU when there is
+    /// one, else the CPU), `cpu`, or `cuda:N`.
     pub backend: BackendChoice,
+    /// Where CUDA kernels compiled for this node's GPUs are cached.
+    pub kernel_cache: PathBuf,
     /// Largest request body accepted on the API; larger ones get 413.
     pub max_request_body: ByteSize,
     /// How long SIGTERM waits for in-flight requests before closing them.
@@ -125,12 +128,50 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where a model runs: `auto` (the first GPU when there is one, else the CPU), `cpu`, or
+/// `cuda:N` (`cuda` alone is `cuda:0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum BackendChoice {
     Auto,
     Cpu,
-    Cuda,
+    Cuda(u32),
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendChoice::Auto => f.write_str("auto"),
+            BackendChoice::Cpu => f.write_str("cpu"),
+            BackendChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl TryFrom<String> for BackendChoice {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        let bad = || {
+            format!("unknown backend {value:?}: expected auto, cpu, cuda or cuda:N (a GPU index)")
+        };
+        match value.as_str() {
+            "auto" => Ok(BackendChoice::Auto),
+            "cpu" => Ok(BackendChoice::Cpu),
+            "cuda" => Ok(BackendChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(BackendChoice::Cuda)
+                .ok_or_else(bad),
+        }
+    }
+}
+
+impl From<BackendChoice> for String {
+    fn from(choice: BackendChoice) -> String {
+        choice.to_string()
+    }
 }
 
 impl Default for DaemonConfig {
@@ -149,6 +190,7 @@ impl Default for DaemonConfig {
             max_request_body: ByteSize(1 << 20),
             drain_timeout: Duration::from_secs(30),
             model_cache: PathBuf::from("/var/cache/accel/models"),
+            kernel_cache: PathBuf::from("/var/cache/accel/kernels"),
             models: vec![ModelSpec::default_model()],
         }
     }
@@ -202,7 +244,11 @@ impl DaemonConfig {
     /// Every problem with the values, by YAML path.
     pub fn validate(&self) -> Vec<PathProblem> {
         let mut out = Vec::new();
-        for (field, path) in [("socket", &self.socket), ("state_dir", &self.state_dir)] {
+        for (field, path) in [
+            ("socket", &self.socket),
+            ("state_dir", &self.state_dir),
+            ("kernel_cache", &self.kernel_cache),
+        ] {
             if !path.is_absolute() {
                 out.push(PathProblem::new(
                     field,
@@ -399,11 +445,28 @@ mod tests {
     }
 
     #[test]
+    fn backends_are_auto_cpu_or_a_gpu_index() {
+        for (text, want) in [
+            ("auto", BackendChoice::Auto),
+            ("cpu", BackendChoice::Cpu),
+            ("cuda", BackendChoice::Cuda(0)),
+            ("cuda:3", BackendChoice::Cuda(3)),
+        ] {
+            let config = DaemonConfig::parse("c.yaml", &format!("backend: {text}\n")).unwrap();
+            assert_eq!(config.backend, want);
+        }
+        assert_eq!(BackendChoice::Cuda(0).to_string(), "cuda:0");
+    }
+
+    #[test]
     fn unknown_fields_and_bad_values_are_errors() {
         let err = DaemonConfig::parse("c.yaml", "sockett: /x\n").unwrap_err();
         assert!(err.0[0].message.contains("sockett"), "{err}");
         let err = DaemonConfig::parse("c.yaml", "\nbackend: tpu\n").unwrap_err();
         assert_eq!(err.0[0].line, 2, "{err}");
+        assert!(err.0[0].message.contains("cuda:N"), "{err}");
+        let err = DaemonConfig::parse("c.yaml", "backend: cuda:x\n").unwrap_err();
+        assert!(err.0[0].message.contains("\"cuda:x\""), "{err}");
         let err = DaemonConfig::parse("c.yaml", "max_request_body: 10XB\n").unwrap_err();
         assert!(err.0[0].message.contains("10XB"), "{err}");
     }

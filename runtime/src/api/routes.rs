@@ -16,7 +16,6 @@ use super::types::{
     TenantList, WhoAmI,
 };
 use super::{unknown_route_error, Authenticated};
-use crate::config::BackendChoice;
 use crate::policy::Role;
 use crate::state::DaemonState;
 
@@ -51,14 +50,6 @@ pub(super) async fn whoami(Extension(auth): Extension<Authenticated>) -> Json<Wh
     })
 }
 
-fn backend_name(choice: BackendChoice) -> &'static str {
-    match choice {
-        BackendChoice::Auto => "auto",
-        BackendChoice::Cpu => "cpu",
-        BackendChoice::Cuda => "cuda",
-    }
-}
-
 pub(super) async fn status(
     State(state): Shared,
     Extension(auth): Extension<Authenticated>,
@@ -80,9 +71,21 @@ pub(super) async fn status(
         }
         .into(),
         backend: BackendStatus {
-            configured: backend_name(config.backend).into(),
-            // Only the CPU backend exists so far; `auto` resolves to it.
-            active: "cpu".into(),
+            configured: config.backend.to_string(),
+            active: {
+                let mut active: Vec<&str> = state
+                    .models
+                    .iter()
+                    .map(|m| m.info.backend.as_str())
+                    .collect();
+                active.sort_unstable();
+                active.dedup();
+                if active.is_empty() {
+                    "none".into()
+                } else {
+                    active.join(", ")
+                }
+            },
         },
         peak_resident_bytes: crate::metrics::peak_resident_bytes(),
         policy: PolicyStatus {

@@ -69,9 +69,9 @@ pub struct Status {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackendStatus {
-    /// What the config asks for: `auto`, `cpu` or `cuda`.
+    /// What the config asks for: `auto`, `cpu` or `cuda:N`.
     pub configured: String,
-    /// What is serving now.
+    /// The backends serving the loaded models (`cpu`, `cuda:0`, ...), comma-separated.
     pub active: String,
 }
 

@@ -322,6 +322,10 @@ impl<B: Backend> Engine<B> {
         self.parked.contains_key(&id)
     }
 
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// Starts an empty sequence.
     pub fn add_sequence(&mut self) -> SeqId {
         let id = SeqId(self.next_seq);

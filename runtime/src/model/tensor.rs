@@ -143,6 +143,25 @@ impl WeightTensor {
         )
     }
 
+    /// A tensor over owned bytes in `dtype`'s file layout (tests of quantized kernels), or None
+    /// when the bytes do not fit the shape.
+    pub fn from_raw(name: &str, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Option<Self> {
+        let elems: usize = shape.iter().product();
+        let cols = *shape.last()?;
+        if !cols.is_multiple_of(dtype.block_elems()) || dtype.bytes_for(elems)? != bytes.len() {
+            return None;
+        }
+        let len = bytes.len();
+        Some(Self::new(
+            name.to_owned(),
+            dtype,
+            shape,
+            Arc::new(Backing::Owned(bytes)),
+            0,
+            len,
+        ))
+    }
+
     /// A tensor over owned bf16 data rounded from `data` (benchmarks of the bf16 path).
     pub fn from_f32_as_bf16(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
         let bytes: Vec<u8> = data

@@ -17,6 +17,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, CudaOptions};
+use crate::backend::Backend;
 use crate::chat::ChatTemplate;
 use crate::config::{
     BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME,
@@ -140,14 +142,94 @@ pub enum StartError {
     },
     #[error("cannot start the runner thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+}
+
+/// Where a model runs, resolved from the config and the GPUs found.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    Cpu,
+    Cuda {
+        ordinal: usize,
+        options: CudaOptions,
+        /// `auto`: if the GPU cannot be set up, serve on the CPU rather than not at all.
+        cpu_fallback: bool,
+    },
+}
+
+impl Placement {
+    /// Resolves a model's backend choice against the devices found; `Err` says why a
+    /// requested GPU cannot be used (the model is then not started).
+    pub fn resolve(
+        choice: BackendChoice,
+        devices: &crate::devices::DeviceReport,
+        options: &CudaOptions,
+    ) -> Result<Self, String> {
+        let cuda = |ordinal: u32| Placement::Cuda {
+            ordinal: ordinal as usize,
+            options: options.clone(),
+            cpu_fallback: choice == BackendChoice::Auto,
+        };
+        match choice {
+            BackendChoice::Cpu => Ok(Placement::Cpu),
+            BackendChoice::Auto if devices.devices.is_empty() => Ok(Placement::Cpu),
+            BackendChoice::Auto => Ok(cuda(devices.devices[0].index)),
+            BackendChoice::Cuda(n) => {
+                if devices.devices.iter().any(|d| d.index == n) {
+                    Ok(cuda(n))
+                } else {
+                    Err(devices.reason.clone().unwrap_or_else(|| {
+                        format!(
+                            "there is no GPU {n}; this node has cuda:0 to cuda:{}",
+                            devices.devices.len().saturating_sub(1)
+                        )
+                    }))
+                }
+            }
+        }
+    }
 }
 
 impl ModelHandle {
-    /// Puts `model` on a new thread with its own engine and KV cache.
-    pub fn spawn(name: &str, model: LoadedModel, spec: &ModelSpec) -> Result<Self, StartError> {
+    /// Puts `model` on a new thread with its own engine and KV cache, on `placement`.
+    pub fn spawn(
+        name: &str,
+        model: LoadedModel,
+        spec: &ModelSpec,
+        placement: &Placement,
+    ) -> Result<Self, StartError> {
+        match placement {
+            Placement::Cpu => {
+                Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into())
+            }
+            Placement::Cuda {
+                ordinal,
+                options,
+                cpu_fallback,
+            } => match CudaBackend::new(*ordinal, options) {
+                Ok(backend) => {
+                    Self::spawn_on(name, model, spec, backend, format!("cuda:{ordinal}"))
+                }
+                Err(e) if *cpu_fallback => {
+                    tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
+                    Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into())
+                }
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
+    fn spawn_on<B: Backend>(
+        name: &str,
+        model: LoadedModel,
+        spec: &ModelSpec,
+        backend: B,
+        label: String,
+    ) -> Result<Self, StartError> {
         let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
         let engine = Engine::new(
-            CpuBackend::default(),
+            backend,
             model.config.clone(),
             &model.weights,
             spec.kv_blocks,
@@ -167,7 +249,7 @@ impl ModelHandle {
             name: name.to_owned(),
             format: model.format.to_owned(),
             source: model.source.display().to_string(),
-            backend: "cpu".into(),
+            backend: label,
             context_length: model.config.max_position_embeddings,
             vocab_size: model.config.vocab_size,
             created: SystemTime::now()
@@ -260,26 +342,29 @@ pub fn start_models(
     devices: &crate::devices::DeviceReport,
 ) -> Vec<ModelHandle> {
     let mut handles = Vec::new();
+    let cuda_options = CudaOptions {
+        kernel_cache: Some(config.kernel_cache.clone()),
+        memory_budget: None,
+    };
     for spec in &config.models {
         let path = config.model_path(spec);
-        let backend = spec.backend.unwrap_or(config.backend);
-        match backend {
-            BackendChoice::Cpu => {}
-            BackendChoice::Auto => match &devices.reason {
-                Some(reason) => {
+        let choice = spec.backend.unwrap_or(config.backend);
+        let placement = match Placement::resolve(choice, devices, &cuda_options) {
+            Ok(placement) => placement,
+            Err(why) => {
+                tracing::error!(model = %spec.name, backend = %choice, reason = %why, "the model's GPU is not available; set backend: cpu or auto for this model");
+                continue;
+            }
+        };
+        if choice == BackendChoice::Auto {
+            match (&placement, &devices.reason) {
+                (Placement::Cpu, Some(reason)) => {
                     tracing::info!(model = %spec.name, %reason, "no GPU; using the CPU backend")
                 }
-                None => {
-                    tracing::info!(model = %spec.name, "GPUs found, but this build's CUDA backend is not ready yet; using the CPU backend")
+                (Placement::Cuda { ordinal, .. }, _) => {
+                    tracing::info!(model = %spec.name, "backend auto: using cuda:{ordinal}")
                 }
-            },
-            BackendChoice::Cuda => {
-                let why = devices
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| "this build's CUDA backend is not ready yet".into());
-                tracing::error!(model = %spec.name, reason = %why, "backend cuda is not available; set backend: cpu or auto for this model");
-                continue;
+                (Placement::Cpu, None) => {}
             }
         }
         let is_default = spec.name == DEFAULT_MODEL_NAME
@@ -296,7 +381,12 @@ pub fn start_models(
                 );
                 match crate::model::generated::tiny_random() {
                     Ok(model) => {
-                        match ModelHandle::spawn(crate::model::generated::NAME, model, spec) {
+                        match ModelHandle::spawn(
+                            crate::model::generated::NAME,
+                            model,
+                            spec,
+                            &placement,
+                        ) {
                             Ok(handle) => handles.push(handle),
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot start the generated model")
@@ -313,7 +403,7 @@ pub fn start_models(
             }
         };
         let layers = loaded.config.num_layers;
-        match ModelHandle::spawn(&spec.name, loaded, spec) {
+        match ModelHandle::spawn(&spec.name, loaded, spec, &placement) {
             Ok(handle) => {
                 tracing::info!(
                     model = %spec.name,
@@ -348,8 +438,8 @@ struct Active {
     started: Instant,
 }
 
-struct Runner {
-    engine: Engine<CpuBackend>,
+struct Runner<B: Backend> {
+    engine: Engine<B>,
     tokenizer: Arc<Tokenizer>,
     inbox: crossbeam_channel::Receiver<Job>,
     waiting: VecDeque<Job>,
@@ -360,7 +450,7 @@ struct Runner {
     total_blocks: usize,
 }
 
-impl Runner {
+impl<B: Backend> Runner<B> {
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {

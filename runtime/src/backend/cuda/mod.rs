@@ -357,6 +357,11 @@ impl CudaBackend {
             .collect()
     }
 
+    /// Device bytes this backend holds (everything but page-locked host memory).
+    pub fn device_bytes(&self) -> u64 {
+        self.ledger.device_total()
+    }
+
     /// Waits for every op issued on the compute stream.
     pub fn synchronize(&self) -> Result<(), BackendError> {
         self.compute

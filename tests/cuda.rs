@@ -1,0 +1,592 @@
+//! The CUDA backend against the CPU backend (the reference) and against transformers: every
+//! op on fresh random inputs of awkward sizes, whole models' logits and greedy continuations,
+//! swapping a sequence to page-locked memory and back, and running out of device memory.
+//!
+//! Run on a GPU machine by `tests/gpu/check.sh`. Without a GPU, driver or NVRTC every test
+//! prints why and passes; `ACCEL_REQUIRE_GPU=1` turns that into a failure (the check script
+//! sets it). Outputs are poisoned with NaN before each op, so an element the GPU never writes
+//! fails the comparison.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use accel_runtime::backend::cpu::CpuBackend;
+use accel_runtime::backend::cuda::{CudaBackend, CudaOptions};
+use accel_runtime::backend::{Backend, BackendError, Heads, KvLayout, SeqSlice, StepLayout};
+use accel_runtime::engine::{Engine, EngineError, LogitsWanted, StepInput};
+use accel_runtime::model::{self, DType, LoadedModel, RopeStyle, WeightTensor};
+use accel_tests::reference::{
+    expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, relative_error,
+    HF_MODELS,
+};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+
+/// f32 compute on both sides, summed in different orders.
+const OP_TOLERANCE: f64 = 1e-5;
+const MODEL_TOLERANCE: f64 = 1e-4;
+
+fn cuda_with(memory_budget: Option<u64>) -> Option<CudaBackend> {
+    let options = CudaOptions {
+        kernel_cache: std::env::var_os("ACCEL_KERNEL_CACHE").map(PathBuf::from),
+        memory_budget,
+    };
+    match CudaBackend::new(0, &options) {
+        Ok(backend) => Some(backend),
+        Err(e) if std::env::var("ACCEL_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("ACCEL_REQUIRE_GPU=1 but there is no CUDA backend: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: no CUDA backend on this machine: {e}");
+            None
+        }
+    }
+}
+
+fn cuda() -> Option<CudaBackend> {
+    cuda_with(None)
+}
+
+fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn tensor<B: Backend>(b: &B, rows: usize, cols: usize, data: &[f32]) -> B::Tensor {
+    let mut t = b.alloc(rows, cols).unwrap();
+    b.write(&mut t, data).unwrap();
+    t
+}
+
+/// An output tensor full of NaN, so anything left unwritten fails the comparison.
+fn poisoned<B: Backend>(b: &B, rows: usize, cols: usize) -> B::Tensor {
+    tensor(b, rows, cols, &vec![f32::NAN; rows * cols])
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f64) {
+    let err = relative_error(got, want);
+    assert!(
+        err <= tolerance,
+        "{what}: relative error {err:e} > {tolerance:e}"
+    );
+}
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_le_bytes()
+}
+
+/// A random weight of `rows`×`cols` in `dtype` (quantized blocks with sane scales).
+fn random_weight(rng: &mut StdRng, dtype: DType, rows: usize, cols: usize) -> WeightTensor {
+    let shape = vec![rows, cols];
+    let values = random(rng, rows * cols);
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => return WeightTensor::from_f32("w", shape, &values),
+        DType::BF16 => return WeightTensor::from_f32_as_bf16("w", shape, &values),
+        DType::F16 => values.iter().flat_map(|&v| f16_bytes(v)).collect(),
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            let blocks = rows * cols / 32;
+            let mut out = Vec::new();
+            for _ in 0..blocks {
+                out.extend(f16_bytes(rng.random_range(0.01f32..0.08)));
+                match dtype {
+                    DType::Q8_0 => out.extend((0..32).map(|_| rng.random::<u8>())),
+                    DType::Q4_0 => out.extend((0..16).map(|_| rng.random::<u8>())),
+                    _ => {
+                        out.extend(f16_bytes(rng.random_range(-0.5f32..0.5)));
+                        out.extend((0..16).map(|_| rng.random::<u8>()));
+                    }
+                }
+            }
+            out
+        }
+    };
+    WeightTensor::from_raw("w", dtype, shape, bytes).unwrap()
+}
+
+fn matmul_on<B: Backend>(b: &B, w: &WeightTensor, x: &[f32], rows: usize) -> Vec<f32> {
+    let (out_features, in_features) = w.rows_cols();
+    let weight = b.upload(w).unwrap();
+    let x = tensor(b, rows, in_features, x);
+    let mut out = poisoned(b, rows, out_features);
+    b.matmul(&x, &weight, &mut out).unwrap();
+    b.read(&out).unwrap()
+}
+
+#[test]
+fn matmul_matches_the_cpu_for_every_dtype_and_batch() {
+    let Some(gpu) = cuda() else { return };
+    let cpu = CpuBackend::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    for dtype in [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ] {
+        // Odd output counts; inputs a whole number of quant blocks but not of warps.
+        let (out_features, in_features) = if dtype.is_quantized() {
+            (67, 96)
+        } else {
+            (67, 83)
+        };
+        let w = random_weight(&mut rng, dtype, out_features, in_features);
+        // 1..=8 rows take the matrix-vector kernel, more the cuBLAS path.
+        for rows in [1, 3, 8, 9, 40] {
+            let x = random(&mut rng, rows * in_features);
+            assert_close(
+                &format!("matmul {dtype} x{rows}"),
+                &matmul_on(&gpu, &w, &x, rows),
+                &matmul_on(&cpu, &w, &x, rows),
+                OP_TOLERANCE,
+            );
+        }
+    }
+}
+
+fn embed_on<B: Backend>(b: &B, table: &WeightTensor, tokens: &[u32]) -> Vec<f32> {
+    let weight = b.upload(table).unwrap();
+    let mut out = poisoned(b, tokens.len(), table.rows_cols().1);
+    b.embed(&weight, tokens, &mut out).unwrap();
+    b.read(&out).unwrap()
+}
+
+fn norm_on<B: Backend>(b: &B, x: &[f32], rows: usize, w: &WeightTensor) -> Vec<f32> {
+    let cols = w.rows_cols().1;
+    let weight = b.upload(w).unwrap();
+    let x = tensor(b, rows, cols, x);
+    let mut out = poisoned(b, rows, cols);
+    b.rms_norm(&x, &weight, 1e-5, &mut out).unwrap();
+    b.read(&out).unwrap()
+}
+
+/// add_bias, silu_mul, add and gather_rows in sequence.
+fn elementwise_on<B: Backend>(
+    b: &B,
+    x: &[f32],
+    y: &[f32],
+    bias: &WeightTensor,
+    rows: usize,
+    gather: &[usize],
+) -> Vec<f32> {
+    let cols = bias.rows_cols().1;
+    let bias = b.upload(bias).unwrap();
+    let mut x = tensor(b, rows, cols, x);
+    let y = tensor(b, rows, cols, y);
+    b.add_bias(&mut x, &bias).unwrap();
+    b.silu_mul(&mut x, &y).unwrap();
+    b.add(&mut x, &y).unwrap();
+    let mut out = poisoned(b, gather.len(), cols);
+    b.gather_rows(&x, gather, &mut out).unwrap();
+    b.read(&out).unwrap()
+}
+
+fn rope_on<B: Backend>(
+    b: &B,
+    x: &[f32],
+    heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+    positions: &[u32],
+) -> Vec<f32> {
+    let inv_freq: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 10_000f32.powf(-2.0 * i as f32 / head_dim as f32))
+        .collect();
+    let mut t = tensor(b, positions.len(), heads * head_dim, x);
+    b.rope(&mut t, heads, head_dim, &inv_freq, style, positions)
+        .unwrap();
+    b.read(&t).unwrap()
+}
+
+#[test]
+fn elementwise_ops_match_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let cpu = CpuBackend::default();
+    let mut rng = StdRng::seed_from_u64(2);
+    for dtype in [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+    ] {
+        let table = random_weight(&mut rng, dtype, 71, 64);
+        let tokens = [5, 0, 70, 5, 13];
+        assert_close(
+            &format!("embed {dtype}"),
+            &embed_on(&gpu, &table, &tokens),
+            &embed_on(&cpu, &table, &tokens),
+            OP_TOLERANCE,
+        );
+    }
+    for (rows, cols) in [(1, 83), (5, 576), (3, 1030)] {
+        let x = random(&mut rng, rows * cols);
+        for w in [
+            WeightTensor::from_f32("norm", vec![cols], &random(&mut rng, cols)),
+            WeightTensor::from_f32_as_bf16("norm", vec![cols], &random(&mut rng, cols)),
+        ] {
+            assert_close(
+                &format!("rms_norm {rows}x{cols} {}", w.dtype),
+                &norm_on(&gpu, &x, rows, &w),
+                &norm_on(&cpu, &x, rows, &w),
+                OP_TOLERANCE,
+            );
+        }
+        let y = random(&mut rng, rows * cols);
+        let bias = WeightTensor::from_f32("bias", vec![cols], &random(&mut rng, cols));
+        let gather: Vec<usize> = (0..rows).rev().chain([0]).collect();
+        assert_close(
+            &format!("bias, silu_mul, add, gather {rows}x{cols}"),
+            &elementwise_on(&gpu, &x, &y, &bias, rows, &gather),
+            &elementwise_on(&cpu, &x, &y, &bias, rows, &gather),
+            OP_TOLERANCE,
+        );
+    }
+    for (heads, head_dim) in [(9, 40), (3, 64), (5, 128)] {
+        let positions = [0, 1, 17, 4095, 31_999, 2];
+        let x = random(&mut rng, positions.len() * heads * head_dim);
+        for style in [RopeStyle::Halves, RopeStyle::Interleaved] {
+            assert_close(
+                &format!("rope {heads}x{head_dim} {style:?}"),
+                &rope_on(&gpu, &x, heads, head_dim, style, &positions),
+                &rope_on(&cpu, &x, heads, head_dim, style, &positions),
+                OP_TOLERANCE,
+            );
+        }
+    }
+}
+
+/// One step's attention: sequences given as (tokens already cached, new tokens), with
+/// scattered block tables; keys and values written through `write_kv` first.
+struct AttentionCase {
+    heads: Heads,
+    block_size: usize,
+    num_blocks: usize,
+    seqs: Vec<(usize, usize)>,
+    tables: Vec<Vec<u32>>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+}
+
+impl AttentionCase {
+    fn new(rng: &mut StdRng, heads: Heads, seqs: Vec<(usize, usize)>) -> Self {
+        let block_size = 16;
+        let needed: usize = seqs
+            .iter()
+            .map(|(cached, new)| (cached + new).div_ceil(block_size))
+            .sum();
+        let num_blocks = needed + 7;
+        // Blocks handed out in a scrambled order.
+        let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..free.len()).rev() {
+            free.swap(i, rng.random_range(0..=i));
+        }
+        let tables = seqs
+            .iter()
+            .map(|(cached, new)| {
+                let n = (cached + new).div_ceil(block_size);
+                free.split_off(free.len() - n)
+            })
+            .collect();
+        let width = heads.num_kv_heads * heads.head_dim;
+        let total: usize = seqs.iter().map(|(c, n)| c + n).sum();
+        let rows: usize = seqs.iter().map(|(_, n)| n).sum();
+        Self {
+            heads,
+            block_size,
+            num_blocks,
+            k: random(rng, total * width),
+            v: random(rng, total * width),
+            q: random(rng, rows * heads.num_heads * heads.head_dim),
+            seqs,
+            tables,
+        }
+    }
+
+    fn run<B: Backend>(&self, b: &B) -> Vec<f32> {
+        let h = self.heads;
+        let width = h.num_kv_heads * h.head_dim;
+        let mut kv = b
+            .alloc_kv(&KvLayout {
+                num_layers: 2,
+                num_blocks: self.num_blocks,
+                block_size: self.block_size,
+                num_kv_heads: h.num_kv_heads,
+                head_dim: h.head_dim,
+            })
+            .unwrap();
+        // Every token's K/V (cached and new) written at its slot, in layer 1.
+        let mut slots = Vec::new();
+        for ((cached, new), table) in self.seqs.iter().zip(&self.tables) {
+            for p in 0..cached + new {
+                slots.push(
+                    table[p / self.block_size] * self.block_size as u32
+                        + (p % self.block_size) as u32,
+                );
+            }
+        }
+        let k = tensor(b, slots.len(), width, &self.k);
+        let v = tensor(b, slots.len(), width, &self.v);
+        b.write_kv(&mut kv, 1, &k, &v, &slots).unwrap();
+        let mut positions = Vec::new();
+        let mut slices = Vec::new();
+        for ((cached, new), table) in self.seqs.iter().zip(&self.tables) {
+            slices.push(SeqSlice {
+                first_token: positions.len(),
+                num_tokens: *new,
+                context_len: cached + new,
+                block_table: table,
+            });
+            positions.extend((*cached..cached + new).map(|p| p as u32));
+        }
+        let step_slots = vec![0u32; positions.len()];
+        let layout = StepLayout {
+            positions: &positions,
+            slots: &step_slots,
+            seqs: &slices,
+            block_size: self.block_size,
+        };
+        let q_cols = h.num_heads * h.head_dim;
+        let q = tensor(b, positions.len(), q_cols, &self.q);
+        let mut out = poisoned(b, positions.len(), q_cols);
+        b.attention(&q, &kv, 1, &layout, h, &mut out).unwrap();
+        b.read(&out).unwrap()
+    }
+}
+
+#[test]
+fn paged_attention_matches_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let cpu = CpuBackend::default();
+    let mut rng = StdRng::seed_from_u64(3);
+    for (num_heads, num_kv_heads, head_dim) in [(9, 3, 40), (6, 2, 128), (7, 7, 64), (9, 3, 64)] {
+        let heads = Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        };
+        // A prefill, a decode, a chunk after a full block, and a context past one CHUNK (1024).
+        let case = AttentionCase::new(
+            &mut rng,
+            heads,
+            vec![(0, 37), (69, 1), (16, 5), (1500, 1), (1030, 3)],
+        );
+        assert_close(
+            &format!("attention {heads:?}"),
+            &case.run(&gpu),
+            &case.run(&cpu),
+            OP_TOLERANCE,
+        );
+    }
+}
+
+fn cuda_engine(backend: CudaBackend, model: &LoadedModel) -> Engine<CudaBackend> {
+    Engine::new(backend, model.config.clone(), &model.weights, 64, 16).unwrap()
+}
+
+#[test]
+fn fixture_models_match_the_cpu_and_transformers() {
+    let Some(_) = cuda() else { return };
+    for name in HF_MODELS {
+        let dir = fixtures().join(name);
+        let model = model::load(&dir).unwrap();
+        let meta = json(&dir.join("expected.json"));
+        let expected = expected_logits(&dir.join("expected.safetensors"));
+        let mut gpu = cuda_engine(cuda().unwrap(), &model);
+        let mut cpu = Engine::new(
+            CpuBackend::default(),
+            model.config.clone(),
+            &model.weights,
+            64,
+            16,
+        )
+        .unwrap();
+        for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
+            let got = prompt_logits(&mut gpu, &ids(prompt));
+            assert_close(
+                &format!("{name} prompt {i} against transformers"),
+                &got,
+                &expected[&format!("prompt{i}")],
+                MODEL_TOLERANCE,
+            );
+            assert_close(
+                &format!("{name} prompt {i} against the CPU backend"),
+                &got,
+                &prompt_logits(&mut cpu, &ids(prompt)),
+                MODEL_TOLERANCE,
+            );
+        }
+        let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
+        for (prompt, want) in meta["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(meta["greedy"].as_array().unwrap())
+        {
+            assert_eq!(greedy(&mut gpu, &ids(prompt), steps), ids(want), "{name}");
+        }
+        assert_eq!(gpu.free_blocks(), 64, "{name}: every block is returned");
+    }
+}
+
+#[test]
+fn quantized_gguf_fixtures_match_their_references() {
+    let Some(_) = cuda() else { return };
+    let dir = fixtures().join("llama-gqa-f32");
+    for quant in ["f32", "f16", "q8_0", "q4_0", "q4_1"] {
+        let path = dir.join(format!("model-{quant}.gguf"));
+        let model = model::load(&path).unwrap();
+        let meta = json(&dir.join(format!("model-{quant}.expected.json")));
+        let expected = expected_logits(&dir.join(format!("model-{quant}.expected.safetensors")));
+        let mut gpu = cuda_engine(cuda().unwrap(), &model);
+        for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
+            // Prefill takes the dequantize + cuBLAS path; greedy decode the matvec kernel.
+            assert_close(
+                &format!("{quant} prompt {i}"),
+                &prompt_logits(&mut gpu, &ids(prompt)),
+                &expected[&format!("prompt{i}")],
+                MODEL_TOLERANCE,
+            );
+        }
+        for (prompt, want) in meta["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(meta["greedy"].as_array().unwrap())
+        {
+            let steps = ids(want).len();
+            assert_eq!(greedy(&mut gpu, &ids(prompt), steps), ids(want), "{quant}");
+        }
+    }
+}
+
+/// The SmolLM2-shaped random model the check script makes with transformers, with logits and
+/// greedy continuations transformers computed on the same GPU in f32.
+#[test]
+fn smollm2_shaped_model_matches_the_cpu_and_transformers_on_this_gpu() {
+    let Some(_) = cuda() else { return };
+    let Some(dir) = std::env::var_os("ACCEL_GPU_MODEL").map(PathBuf::from) else {
+        eprintln!("skipped: ACCEL_GPU_MODEL is not set (tests/gpu/check.sh makes the model)");
+        return;
+    };
+    let model = model::load(&dir).unwrap();
+    let meta = json(&dir.join("expected.json"));
+    let expected = expected_logits(&dir.join("expected.safetensors"));
+    let mut gpu = cuda_engine(cuda().unwrap(), &model);
+    let mut cpu = Engine::new(
+        CpuBackend::default(),
+        model.config.clone(),
+        &model.weights,
+        64,
+        16,
+    )
+    .unwrap();
+    for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
+        let got = prompt_logits(&mut gpu, &ids(prompt));
+        assert_close(
+            &format!("prompt {i} against transformers on the GPU"),
+            &got,
+            &expected[&format!("prompt{i}")],
+            MODEL_TOLERANCE,
+        );
+        assert_close(
+            &format!("prompt {i} against the CPU backend"),
+            &got,
+            &prompt_logits(&mut cpu, &ids(prompt)),
+            MODEL_TOLERANCE,
+        );
+    }
+    let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
+    for (prompt, want) in meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(meta["greedy"].as_array().unwrap())
+    {
+        assert_eq!(greedy(&mut gpu, &ids(prompt), steps), ids(want));
+    }
+}
+
+#[test]
+fn a_sequence_swapped_to_host_and_back_continues_identically() {
+    let Some(backend) = cuda() else { return };
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let meta = json(&dir.join("expected.json"));
+    let prompts: Vec<Vec<u32>> = meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
+    let mut engine = cuda_engine(backend, &model);
+    engine.enable_swap(8).unwrap();
+    let want = greedy(&mut engine, &prompts[0], 12);
+    for swap_at in [1, 5, 11] {
+        let got = greedy_with_swap(&mut engine, &prompts[0], &prompts[1], 12, swap_at);
+        assert_eq!(got, want, "swapped after {swap_at} tokens");
+    }
+    assert_eq!(engine.free_blocks(), 64);
+    assert_eq!(engine.free_swap_blocks(), 8);
+}
+
+#[test]
+fn running_out_of_device_memory_fails_the_request_not_the_backend() {
+    let Some(backend) = cuda() else { return };
+    // The driver itself refuses: far more than any GPU has.
+    let err = backend.alloc(1 << 22, 1 << 22).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::OutOfMemory {
+                memory: "device",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // A budget: exactly what a short prompt needs (measured on an engine without one), so
+    // a long prompt's larger activations do not fit.
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let meta = json(&dir.join("expected.json"));
+    let prompt = ids(&meta["prompt_ids"][0]);
+    let mut probe = cuda_engine(cuda().unwrap(), &model);
+    prompt_logits(&mut probe, &prompt);
+    let budget = probe.backend().device_bytes() + (64 << 10);
+    drop(probe);
+    let mut engine = cuda_engine(cuda_with(Some(budget)).unwrap(), &model);
+    prompt_logits(&mut engine, &prompt);
+    let seq = engine.add_sequence();
+    let long: Vec<u32> = prompt.iter().copied().cycle().take(250).collect();
+    let err = engine
+        .step(&[StepInput {
+            seq,
+            tokens: &long,
+            logits: LogitsWanted::All,
+        }])
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::Backend(BackendError::OutOfMemory { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("budget"), "{err}");
+    assert_eq!(
+        engine.sequence_len(seq),
+        Some(0),
+        "the failed step left nothing behind"
+    );
+    engine.remove_sequence(seq);
+    // The same engine still serves a normal request, correctly.
+    let expected = expected_logits(&dir.join("expected.safetensors"));
+    assert_close(
+        "after running out of memory",
+        &prompt_logits(&mut engine, &prompt),
+        &expected["prompt0"],
+        MODEL_TOLERANCE,
+    );
+}
