@@ -75,7 +75,9 @@ impl Bounds {
             Self {
                 device_a: result::malloc_sync(bytes).expect("device memory"),
                 device_b: result::malloc_sync(bytes).expect("device memory"),
-                host: result::malloc_host(bytes, 0).expect("page-locked memory").cast(),
+                host: result::malloc_host(bytes, 0)
+                    .expect("page-locked memory")
+                    .cast(),
                 bytes,
                 ctx,
             }
@@ -132,7 +134,12 @@ const LAYERS: usize = 30;
 const BLOCK: usize = 16;
 
 /// One layer's decode attention for `batch` sequences of `context` tokens each.
-fn attention_time(b: &CudaBackend, c: &mut Criterion, batch: usize, context: usize) -> (f64, usize) {
+fn attention_time(
+    b: &CudaBackend,
+    c: &mut Criterion,
+    batch: usize,
+    context: usize,
+) -> (f64, usize) {
     let blocks_per_seq = context.div_ceil(BLOCK);
     let layout = KvLayout {
         num_layers: 1,
@@ -167,10 +174,16 @@ fn attention_time(b: &CudaBackend, c: &mut Criterion, batch: usize, context: usi
     let mut q = b.alloc(batch, width).expect("q");
     b.write(&mut q, &vec![0.01; batch * width]).expect("q");
     let mut out = b.alloc(batch, width).expect("out");
-    let seconds = measure(c, "cuda_attention", &format!("batch{batch}_ctx{context}"), || {
-        b.attention(&q, &kv, 0, &step, HEADS, &mut out).expect("attention");
-        b.synchronize().expect("sync");
-    });
+    let seconds = measure(
+        c,
+        "cuda_attention",
+        &format!("batch{batch}_ctx{context}"),
+        || {
+            b.attention(&q, &kv, 0, &step, HEADS, &mut out)
+                .expect("attention");
+            b.synchronize().expect("sync");
+        },
+    );
     let kv_bytes = batch * context * HEADS.num_kv_heads * HEADS.head_dim * 4 * 2;
     (seconds, kv_bytes + 2 * batch * width * 4)
 }
@@ -195,7 +208,11 @@ fn swap_times(b: &CudaBackend, c: &mut Criterion, blocks: usize) -> (f64, f64, u
         b.swap_in(&host, &mut kv, &pairs).expect("swap in");
         b.wait_copies().expect("wait");
     });
-    (out, back, blocks * LAYERS * 2 * BLOCK * HEADS.num_kv_heads * HEADS.head_dim * 4)
+    (
+        out,
+        back,
+        blocks * LAYERS * 2 * BLOCK * HEADS.num_kv_heads * HEADS.head_dim * 4,
+    )
 }
 
 /// Aggregate decode tokens/s with `batch` sequences holding `context` tokens.
@@ -281,7 +298,8 @@ fn main() {
     let pinned = Bounds::new(bytes);
     let dtoh = measure(&mut c, "cuda_bound", "dtoh_pinned", || pinned.dtoh());
     let htod = measure(&mut c, "cuda_bound", "htod_pinned", || pinned.htod());
-    for (what, seconds, bound) in [("device → host", out, dtoh), ("host → device", back, htod)] {
+    for (what, seconds, bound) in [("device → host", out, dtoh), ("host → device", back, htod)]
+    {
         rows.push((
             format!("swap {blocks} blocks ({:.0} MB) {what}", bytes as f64 / 1e6),
             format!("{:.1} GB/s", bytes as f64 / seconds / 1e9),
@@ -300,11 +318,11 @@ fn main() {
         None => eprintln!("ACCEL_GPU_MODEL is not set: no decode figures"),
         Some(dir) => {
             let loaded = model::load(std::path::Path::new(&dir)).expect("model");
-            let bf16 = loaded.weights.map(&|t: &WeightTensor| {
+            let bf16 = loaded.weights.map(|t: &WeightTensor| {
                 WeightTensor::from_f32_as_bf16(&t.name, t.shape.clone(), &t.to_f32())
             });
-            let mut engine = Engine::new(b, loaded.config.clone(), &bf16, 64 * 12, BLOCK)
-                .expect("engine");
+            let mut engine =
+                Engine::new(b, loaded.config.clone(), &bf16, 64 * 12, BLOCK).expect("engine");
             let one = decode_rate(&mut engine, &mut c, 1, 64);
             let many = decode_rate(&mut engine, &mut c, 64, 64);
             rows.push((
@@ -323,7 +341,8 @@ fn main() {
     }
     c.final_summary();
 
-    let mut table = format!("GPU: {device}\n\n| Measurement | Result | Ratio to bound |\n|---|---|---|\n");
+    let mut table =
+        format!("GPU: {device}\n\n| Measurement | Result | Ratio to bound |\n|---|---|---|\n");
     for (what, result, ratio) in &rows {
         table.push_str(&format!("| {what} | {result} | {ratio} |\n"));
     }

@@ -20,8 +20,12 @@ pub const HF_MODELS: [&str; 4] = [
     "llama-gqa-bf16",
 ];
 
+/// `tests/fixtures`, or `ACCEL_FIXTURES` (test binaries built on one machine and run on
+/// another, as the GPU check script does).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    std::env::var_os("ACCEL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
 }
 
 pub fn json(path: &Path) -> Value {

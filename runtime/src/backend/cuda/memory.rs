@@ -194,7 +194,9 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        // The CudaSlice frees itself on its stream after this.
+        // The CudaSlice frees itself on its stream after this; the free is a driver call,
+        // which needs the context current on whichever thread drops the buffer.
+        let _ = self.slice.context().bind_to_thread();
         self.ledger.release(self.what, self.bytes);
     }
 }

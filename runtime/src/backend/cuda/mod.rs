@@ -34,6 +34,10 @@ const MATVEC_MAX_ROWS: usize = 8;
 /// (at most 4) output dimensions per thread.
 const ATTENTION_THREADS: u32 = 128;
 const MAX_HEAD_DIM: usize = 4 * ATTENTION_THREADS as usize;
+/// Bound on the f32 tile a non-f32 weight is dequantized into for cuBLAS.
+const DEQUANT_TILE_BYTES: usize = 64 << 20;
+/// Bound on the device staging of one swap chunk.
+const SWAP_STAGING_BYTES: usize = 256 << 20;
 /// cuBLAS workspace, booked in the ledger.
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 /// Host blocks moved per swap chunk (bounds the device staging buffer).
@@ -106,10 +110,13 @@ pub fn open_device(
     let count = cudarc::driver::result::device::get_count()
         .map_err(|e| unavailable(format!("cannot count devices: {e:?}")))?;
     if ordinal >= count.max(0) as usize {
-        return Err(unavailable(format!(
-            "no such GPU: the driver reports {count} (cuda:0 to cuda:{})",
-            count - 1
-        )));
+        return Err(unavailable(match count {
+            0 => "the driver reports no GPU".into(),
+            n => format!(
+                "no such GPU: the driver reports {n} (cuda:0 to cuda:{})",
+                n - 1
+            ),
+        }));
     }
     // SAFETY: as above, only dlopen.
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -268,7 +275,8 @@ pub struct CudaBackend {
     label: String,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// Destroyed by hand in Drop: cudarc's own Drop panics if the context has failed.
+    blas: std::mem::ManuallyDrop<CudaBlas>,
     ledger: Arc<Ledger>,
     /// Keeps cuBLAS's workspace alive (and booked).
     _blas_workspace: DeviceBuffer,
@@ -338,7 +346,7 @@ impl CudaBackend {
             label,
             compute,
             copy,
-            blas,
+            blas: std::mem::ManuallyDrop::new(blas),
             ledger,
             _blas_workspace: workspace,
             state: Mutex::new(state),
@@ -491,22 +499,25 @@ impl CudaBackend {
             .map_err(|e| self.error("kernel launch", e))
     }
 
-    /// `out = x · Wᵀ` with cuBLAS, W f32 `[n][k]` at `w`.
+    /// Columns `first..first + n` of `out = x · Wᵀ` with cuBLAS, for the f32 rows
+    /// `first..first + n` of W at `w` (`[n][k]`).
     fn sgemm(
         &self,
         x: &CudaTensor,
         w: u64,
         n: usize,
         out: &CudaTensor,
+        first: usize,
     ) -> Result<(), BackendError> {
-        let (m, k) = (x.rows, x.cols);
+        let (m, k, ldc) = (x.rows, x.cols, out.cols);
         let as_int =
             |v: usize| i32::try_from(v).map_err(|_| shape("matmul", format!("{v} exceeds cuBLAS")));
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // Row-major out[m][n] = x[m][k] · W[n][k]ᵀ is column-major outᵀ = Wᵀᵀ… : C(n×m) =
-        // op(A)·B with A = W read as a k×n column-major matrix, transposed.
-        // SAFETY: pointers are device buffers of at least n*k, m*k and m*n floats (checked by
-        // the caller); the handle runs on the compute stream.
+        // cuBLAS is column-major: row-major out[m][ldc] is column-major outᵀ (ldc × m), and
+        // its block of rows first..first+n is C = Wᵀ·x with W read as column-major k × n
+        // (transposed) and x as column-major k × m.
+        // SAFETY: W holds n*k floats, x m*k, out m*ldc with first + n <= ldc (checked by the
+        // caller); the handle runs on the compute stream.
         unsafe {
             blas::sgemm(
                 *self.blas.handle(),
@@ -521,8 +532,8 @@ impl CudaBackend {
                 x.ptr() as *const f32,
                 as_int(k)?,
                 &beta,
-                out.ptr() as *mut f32,
-                as_int(n)?,
+                (out.ptr() + (first * 4) as u64) as *mut f32,
+                as_int(ldc)?,
             )
         }
         .map_err(|e| self.error("cuBLAS sgemm", e))
@@ -598,7 +609,7 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let mut state = self.enter()?;
+        let _state = self.enter()?;
         // Vectors (norms, biases) are kept as f32 for the elementwise kernels.
         let (bytes, dtype, row_bytes): (std::borrow::Cow<'_, [u8]>, DType, usize) = if rows == 1 {
             let f = weight.to_f32();
@@ -607,15 +618,16 @@ impl Backend for CudaBackend {
             (weight.bytes().into(), weight.dtype, weight.row_bytes())
         };
         let buf = self.alloc_buffer(Use::Weights, bytes.len())?;
-        let State { staging, .. } = &mut *state;
-        // Large weights go through staging in pieces; staging reuse synchronises.
-        for (i, piece) in bytes.chunks(STAGING_BYTES / 2).enumerate() {
-            self.stage_copy(
-                staging,
-                &self.compute,
-                buf.ptr() + (i * (STAGING_BYTES / 2)) as u64,
-                piece,
-            )?;
+        // Loading is not on a hot path: a synchronous copy straight from the mapping (the
+        // driver stages pageable memory itself) after the stream-ordered allocation is done.
+        self.compute
+            .synchronize()
+            .map_err(|e| self.error("upload", e))?;
+        // SAFETY: the buffer holds bytes.len() bytes and is idle (the stream is synchronised).
+        unsafe {
+            sys::cuMemcpyHtoD_v2(buf.ptr(), bytes.as_ptr().cast(), bytes.len())
+                .result()
+                .map_err(|e| self.error("upload", e))?;
         }
         Ok(CudaWeight {
             buf,
@@ -757,7 +769,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if weight.dtype == DType::F32 {
-            return self.sgemm(x, weight.buf.ptr(), weight.rows, out);
+            return self.sgemm(x, weight.buf.ptr(), weight.rows, out, 0);
         }
         if x.rows <= MATVEC_MAX_ROWS {
             // One warp per weight row, 8 warps per block.
@@ -777,25 +789,32 @@ impl Backend for CudaBackend {
                 ],
             );
         }
-        let need = weight.rows * weight.cols * 4;
+        // Dequantize a tile of weight rows at a time (bounded workspace) and multiply it
+        // into its columns of `out`.
+        let tile_rows = (DEQUANT_TILE_BYTES / (weight.cols * 4)).clamp(1, weight.rows);
+        let need = tile_rows * weight.cols * 4;
         if state.dequantized.as_ref().is_none_or(|d| d.bytes() < need) {
             state.dequantized = None;
             state.dequantized = Some(self.alloc_buffer(Use::Workspace, need)?);
         }
         let tile = state.dequantized.as_ref().map_or(0, DeviceBuffer::ptr);
-        self.launch(
-            &self.device.kernels.dequantize_rows,
-            (as_u32(weight.rows, "matmul")?, 1),
-            256,
-            &[
-                &weight.buf.ptr(),
-                &dtype_code(weight.dtype),
-                &(weight.row_bytes as i64),
-                &tile,
-                &as_i32(weight.cols, "matmul")?,
-            ],
-        )?;
-        self.sgemm(x, tile, weight.rows, out)
+        for first in (0..weight.rows).step_by(tile_rows) {
+            let rows = tile_rows.min(weight.rows - first);
+            self.launch(
+                &self.device.kernels.dequantize_rows,
+                (as_u32(rows, "matmul")?, 1),
+                256,
+                &[
+                    &(weight.buf.ptr() + (first * weight.row_bytes) as u64),
+                    &dtype_code(weight.dtype),
+                    &(weight.row_bytes as i64),
+                    &tile,
+                    &as_i32(weight.cols, "matmul")?,
+                ],
+            )?;
+            self.sgemm(x, tile, rows, out, first)?;
+        }
+        Ok(())
     }
 
     fn add_bias(&self, x: &mut CudaTensor, bias: &CudaWeight) -> Result<(), BackendError> {
@@ -972,12 +991,17 @@ impl Backend for CudaBackend {
             let table = &mut meta[q.rows + s * max_blocks..q.rows + (s + 1) * max_blocks];
             table[..seq.block_table.len()].copy_from_slice(seq.block_table);
         }
-        let covered: usize = step.seqs.iter().map(|s| s.num_tokens).sum();
-        if covered != q.rows {
-            return Err(shape(
-                "attention",
-                format!("{covered} of {} rows belong to a sequence", q.rows),
-            ));
+        // Every row belongs to exactly one sequence (as the CPU backend requires).
+        let mut claimed = vec![false; q.rows];
+        for seq in step.seqs {
+            for c in &mut claimed[seq.first_token..seq.first_token + seq.num_tokens] {
+                if std::mem::replace(c, true) {
+                    return Err(shape("attention", "two sequences claim one row".into()));
+                }
+            }
+        }
+        if claimed.contains(&false) {
+            return Err(shape("attention", "a row belongs to no sequence".into()));
         }
         let mut state = self.enter()?;
         self.after_swap_in(&mut state)?;
@@ -1151,19 +1175,7 @@ impl Backend for CudaBackend {
 
     fn copy_finished(&self, ticket: CopyTicket) -> Result<bool, BackendError> {
         let mut state = self.enter()?;
-        while let Some((front, event)) = state.in_flight.front() {
-            if !event
-                .try_is_complete()
-                .map_err(|e| self.error("copy status", e))?
-            {
-                break;
-            }
-            state.finished_below = front.0 + 1;
-            state.in_flight.pop_front();
-        }
-        if state.in_flight.is_empty() {
-            state.copy_staging.used = 0;
-        }
+        self.retire_finished(&mut state)?;
         Ok(ticket.0 < state.finished_below)
     }
 
@@ -1218,7 +1230,10 @@ impl CudaBackend {
             .record_event(None)
             .map_err(|e| self.error(op, e))?;
         self.copy.wait(&computed).map_err(|e| self.error(op, e))?;
-        let chunk = SWAP_CHUNK_BLOCKS.min(pairs.len().max(1));
+        let chunk = SWAP_CHUNK_BLOCKS
+            .min(pairs.len())
+            .min(SWAP_STAGING_BYTES / host_block_bytes.max(1))
+            .max(1);
         if state
             .swap_buffer
             .as_ref()
@@ -1243,52 +1258,63 @@ impl CudaBackend {
             Direction::Out => &self.device.kernels.gather_kv_blocks,
             Direction::In => &self.device.kernels.scatter_kv_blocks,
         };
-        for piece in pairs.chunks(chunk) {
-            let device_blocks: Vec<u32> = piece.iter().map(|p| p.0).collect();
-            {
-                let State { copy_staging, .. } = &mut *state;
-                self.stage_copy(
-                    copy_staging,
-                    &self.copy,
-                    blocks_ptr,
-                    u32_bytes(&device_blocks),
-                )?;
+        let enqueue = |state: &mut State| -> Result<(), BackendError> {
+            for piece in pairs.chunks(chunk) {
+                let device_blocks: Vec<u32> = piece.iter().map(|p| p.0).collect();
+                {
+                    let State { copy_staging, .. } = state;
+                    self.stage_copy(
+                        copy_staging,
+                        &self.copy,
+                        blocks_ptr,
+                        u32_bytes(&device_blocks),
+                    )?;
+                }
+                if direction == Direction::In {
+                    self.dma_runs(piece, host, staging_ptr, host_block_bytes, direction)?;
+                }
+                let cache = kv.buf.ptr();
+                // gather_kv_blocks(cache → staging), scatter_kv_blocks(staging → cache); both then
+                // take (blocks, num_blocks, block_floats, planes).
+                let (src, dst) = match direction {
+                    Direction::Out => (cache, staging_ptr),
+                    Direction::In => (staging_ptr, cache),
+                };
+                let (num_blocks, bf, planes_i) = (
+                    kv.layout.num_blocks as i64,
+                    block_floats as i64,
+                    as_i32(planes, op)?,
+                );
+                let mut builder = self.copy.launch_builder(kernel);
+                builder
+                    .arg(&src)
+                    .arg(&dst)
+                    .arg(&blocks_ptr)
+                    .arg(&num_blocks)
+                    .arg(&bf)
+                    .arg(&planes_i);
+                let config = LaunchConfig {
+                    grid_dim: (as_u32(piece.len(), op)?, as_u32(planes, op)?, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: staging holds `chunk` host blocks of every plane; block numbers were
+                // checked against the cache; arguments follow the kernels' parameter order.
+                unsafe { builder.launch(config) }.map_err(|e| self.error(op, e))?;
+                if direction == Direction::Out {
+                    self.dma_runs(piece, host, staging_ptr, host_block_bytes, direction)?;
+                }
             }
-            if direction == Direction::In {
-                self.dma_runs(piece, host, staging_ptr, host_block_bytes, direction)?;
-            }
-            let cache = kv.buf.ptr();
-            // gather_kv_blocks(cache → staging), scatter_kv_blocks(staging → cache); both then
-            // take (blocks, num_blocks, block_floats, planes).
-            let (src, dst) = match direction {
-                Direction::Out => (cache, staging_ptr),
-                Direction::In => (staging_ptr, cache),
-            };
-            let (num_blocks, bf, planes_i) = (
-                kv.layout.num_blocks as i64,
-                block_floats as i64,
-                as_i32(planes, op)?,
-            );
-            let mut builder = self.copy.launch_builder(kernel);
-            builder
-                .arg(&src)
-                .arg(&dst)
-                .arg(&blocks_ptr)
-                .arg(&num_blocks)
-                .arg(&bf)
-                .arg(&planes_i);
-            let config = LaunchConfig {
-                grid_dim: (as_u32(piece.len(), op)?, as_u32(planes, op)?, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: staging holds `chunk` host blocks of every plane; block numbers were
-            // checked against the cache; arguments follow the kernels' parameter order.
-            unsafe { builder.launch(config) }.map_err(|e| self.error(op, e))?;
-            if direction == Direction::Out {
-                self.dma_runs(piece, host, staging_ptr, host_block_bytes, direction)?;
-            }
+            Ok(())
+        };
+        if let Err(e) = enqueue(&mut state) {
+            // Part of it may be queued without a ticket: let it land before staging is
+            // reused or the blocks are given to anyone else.
+            let _ = self.copy.synchronize();
+            state.copy_staging.used = 0;
+            return Err(e);
         }
+        self.retire_finished(&mut state)?;
         let done = self
             .copy
             .record_event(None)
@@ -1305,6 +1331,25 @@ impl CudaBackend {
         state.next_ticket += 1;
         state.in_flight.push_back((ticket, done));
         Ok(ticket)
+    }
+
+    /// Forgets swap batches whose copies have finished (oldest first, as the copy stream
+    /// runs them); once none is in flight, the copy stream's staging is free again.
+    fn retire_finished(&self, state: &mut State) -> Result<(), BackendError> {
+        while let Some((front, event)) = state.in_flight.front() {
+            if !event
+                .try_is_complete()
+                .map_err(|e| self.error("copy status", e))?
+            {
+                break;
+            }
+            state.finished_below = front.0 + 1;
+            state.in_flight.pop_front();
+        }
+        if state.in_flight.is_empty() {
+            state.copy_staging.used = 0;
+        }
+        Ok(())
     }
 
     /// One DMA per run of consecutive host blocks between device staging (entry i holds
@@ -1359,5 +1404,8 @@ impl Drop for CudaBackend {
             let _ = self.copy.synchronize();
             let _ = self.compute.synchronize();
         }
+        // SAFETY: the handle is not used after this; errors are ignored rather than unwrapped
+        // as cudarc's Drop would.
+        let _ = unsafe { blas::destroy_handle(*self.blas.handle()) };
     }
 }
