@@ -32,11 +32,15 @@ model:
 	bash .ci/fetch-model.sh
 
 # The end-to-end tests run the real binaries, so those are built first. CUDA kernel sources are
-# compile-checked with NVRTC from PyPI (no GPU needed).
+# compile-checked with NVRTC from PyPI (no GPU needed), by the script for every target
+# architecture and by the runtime's own compile-and-cache path in the unit tests. Tests that
+# need a GPU say why they skip (see tests/gpu/check.sh for the GPU run).
+NVRTC_LIB := $(or $(ACCEL_NVRTC_CACHE),/var/cache/accel/nvrtc)/nvidia/cuda_nvrtc/lib
 test: deps
 	python3 .ci/nvrtc_check.py
 	$(CARGO) build --workspace --bins --locked
-	$(CARGO) test --workspace --locked
+	LD_LIBRARY_PATH=$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} ACCEL_REQUIRE_NVRTC=1 \
+		$(CARGO) test --workspace --locked
 
 lint:
 	$(CARGO) fmt --all -- --check

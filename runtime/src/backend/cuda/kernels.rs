@@ -101,7 +101,17 @@ fn ptx_for(
     arch: &str,
     cache: Option<&Path>,
 ) -> Result<String, KernelError> {
-    let nvrtc = nvrtc_version();
+    ptx_with(module, source, arch, cache, nvrtc_version())
+}
+
+/// [`ptx_for`] with the NVRTC version given (None: as if NVRTC were not installed).
+fn ptx_with(
+    module: &'static str,
+    source: &str,
+    arch: &str,
+    cache: Option<&Path>,
+    nvrtc: Option<(i32, i32)>,
+) -> Result<String, KernelError> {
     let file = |version| {
         cache.map(|dir| {
             dir.join(format!(
@@ -183,6 +193,24 @@ fn store(dir: &Path, path: &Path, ptx: &str, module: &str, arch: &str, source: &
     }
 }
 
+/// Every kernel the backend launches, by module.
+pub const ENTRY_POINTS: [(&str, &str); 14] = [
+    ("elementwise", "embed"),
+    ("elementwise", "rms_norm"),
+    ("elementwise", "rope"),
+    ("elementwise", "silu_mul"),
+    ("elementwise", "add"),
+    ("elementwise", "add_bias"),
+    ("elementwise", "gather_rows"),
+    ("quant", "dequantize_rows"),
+    ("quant", "matvec"),
+    ("attention", "paged_attention"),
+    ("kv", "write_kv"),
+    ("kv", "gather_kv_blocks"),
+    ("kv", "scatter_kv_blocks"),
+    ("sampling", "argmax"),
+];
+
 /// Every kernel the backend launches.
 #[derive(Debug)]
 pub struct Kernels {
@@ -221,7 +249,8 @@ impl Kernels {
                 })?;
             modules.push((name, module));
         }
-        let function = |module: &'static str, name: &'static str| {
+        let mut functions = std::collections::HashMap::new();
+        for (module, name) in ENTRY_POINTS {
             let (_, m) =
                 modules
                     .iter()
@@ -231,10 +260,18 @@ impl Kernels {
                         name,
                         detail: "no such module".into(),
                     })?;
-            m.load_function(name).map_err(|e| KernelError::Missing {
+            let function = m.load_function(name).map_err(|e| KernelError::Missing {
                 module,
                 name,
                 detail: format!("{e:?}"),
+            })?;
+            functions.insert(name, function);
+        }
+        let mut function = |_module: &'static str, name: &'static str| {
+            functions.remove(name).ok_or(KernelError::Missing {
+                module: "any",
+                name,
+                detail: "not listed in ENTRY_POINTS".into(),
             })
         };
         Ok(Self {
@@ -273,6 +310,69 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// Runs where NVRTC can be loaded (`make test` puts the PyPI wheel's library on
+    /// LD_LIBRARY_PATH): the sources compile through cudarc with the backend's options, every
+    /// kernel it launches is in the PTX, builds are cached, and a host without NVRTC finds them.
+    #[test]
+    fn kernels_compile_with_nvrtc_and_are_cached() {
+        let Some(version) = nvrtc_version() else {
+            assert_ne!(
+                std::env::var("ACCEL_REQUIRE_NVRTC").as_deref(),
+                Ok("1"),
+                "ACCEL_REQUIRE_NVRTC=1 but NVRTC (libnvrtc.so) cannot be loaded"
+            );
+            eprintln!("skipped: NVRTC (libnvrtc.so) cannot be loaded here");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for (module, source) in SOURCES {
+            let expanded = expand(source);
+            let ptx = ptx_with(
+                module,
+                &expanded,
+                "compute_80",
+                Some(dir.path()),
+                Some(version),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            for (m, entry) in ENTRY_POINTS {
+                if m == module {
+                    assert!(
+                        ptx.contains(&format!(".entry {entry}(")),
+                        "{module}: no entry {entry}"
+                    );
+                }
+            }
+            let again = ptx_with(
+                module,
+                &expanded,
+                "compute_80",
+                Some(dir.path()),
+                Some(version),
+            )
+            .unwrap();
+            assert_eq!(again, ptx);
+            let without_nvrtc =
+                ptx_with(module, &expanded, "compute_80", Some(dir.path()), None).unwrap();
+            assert_eq!(
+                without_nvrtc, ptx,
+                "{module}: the cached build serves a host without NVRTC"
+            );
+            let err =
+                ptx_with(module, &expanded, "compute_90", Some(dir.path()), None).unwrap_err();
+            assert!(err.to_string().contains("not in the kernel cache"), "{err}");
+        }
+        let err = ptx_with(
+            "broken",
+            "extern \"C\" __global__ void f() { no_such_name = 1; }",
+            "compute_80",
+            None,
+            Some(version),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no_such_name"), "{err}");
     }
 
     #[test]
