@@ -327,6 +327,12 @@ fn accelctl_streams_generate_and_chat() {
         metrics.contains("accel_generation_tokens_total{model=\"tiny\",tenant=\"operator\"} 25"),
         "{metrics}"
     );
+    // The KV cache the requests held was accounted to their tenant and released.
+    assert!(
+        metrics
+            .contains("accel_kv_cache_bytes{device=\"cpu\",model=\"tiny\",tenant=\"operator\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub peak_resident_memory: IntGauge,
     pub device_info: IntGaugeVec,
     pub device_memory: IntGaugeVec,
+    pub backend_memory: IntGaugeVec,
+    pub kv_cache: IntGaugeVec,
 }
 
 /// Latency buckets for inference, in seconds (1ms to 5 minutes).
@@ -196,6 +198,22 @@ impl Metrics {
             Opts::new("accel_device_memory_total_bytes", "Memory of each GPU."),
             &["device"],
         )?;
+        let backend_memory = IntGaugeVec::new(
+            Opts::new(
+                "accel_backend_memory_bytes",
+                "Memory a model's GPU backend holds, by use: weights, kv_cache, activations, workspace (cuBLAS, dequantized tiles, step metadata), swap_staging (device), pinned_host (page-locked host).",
+            ),
+            &["device", "model", "use"],
+        )?;
+        let kv_cache = IntGaugeVec::new(
+            Opts::new(
+                "accel_kv_cache_bytes",
+                "KV-cache memory held by each tenant's sequences, per model; `device` is the GPU UUID or `cpu`.",
+            ),
+            &["device", "model", "tenant"],
+        )?;
+        registry.register(Box::new(backend_memory.clone()))?;
+        registry.register(Box::new(kv_cache.clone()))?;
         registry.register(Box::new(device_info.clone()))?;
         registry.register(Box::new(device_memory.clone()))?;
 
@@ -234,6 +252,8 @@ impl Metrics {
             peak_resident_memory,
             device_info,
             device_memory,
+            backend_memory,
+            kv_cache,
         })
     }
 

@@ -76,6 +76,33 @@ fn unix_now() -> u64 {
 }
 
 impl DaemonState {
+    /// Brings the per-model memory gauges up to date (called before each scrape).
+    pub fn refresh_model_metrics(&self) {
+        for m in &self.models {
+            // `cuda:N` → the GPU's UUID, as the device metrics label it.
+            let device = m
+                .info
+                .backend
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .and_then(|n| self.devices.devices.iter().find(|d| d.index == n))
+                .map_or_else(|| m.info.backend.clone(), |d| d.uuid.clone());
+            let usage = m.usage();
+            for (tenant, bytes) in usage.kv_by_tenant() {
+                self.metrics
+                    .kv_cache
+                    .with_label_values(&[device.as_str(), m.info.name.as_str(), tenant.as_str()])
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+            for (what, bytes) in usage.device_memory().unwrap_or_default() {
+                self.metrics
+                    .backend_memory
+                    .with_label_values(&[device.as_str(), m.info.name.as_str(), what])
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     pub fn new(
         config: DaemonConfig,
         policy: Policy,

@@ -365,6 +365,7 @@ async fn start(
     let prompt_tokens = prompt.len();
     let events = model
         .submit(GenerateRequest {
+            tenant: tenant_label(&auth),
             prompt,
             params,
             max_tokens,

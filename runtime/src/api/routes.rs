@@ -208,6 +208,7 @@ pub(super) async fn metrics(
 }
 
 pub(super) async fn metrics_unauthenticated(State(state): Shared) -> Result<Response, ApiError> {
+    state.refresh_model_metrics();
     let text = state
         .metrics
         .render()

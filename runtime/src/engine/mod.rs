@@ -322,6 +322,12 @@ impl<B: Backend> Engine<B> {
         self.parked.contains_key(&id)
     }
 
+    /// Bytes one KV block holds across every layer (keys and values, f32).
+    pub fn kv_block_bytes(&self) -> usize {
+        let l = &self.layout;
+        l.num_layers * 2 * l.block_size * l.num_kv_heads * l.head_dim * 4
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }

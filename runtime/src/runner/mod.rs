@@ -9,14 +9,15 @@
 
 pub mod detok;
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::memory::Ledger;
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
 use crate::chat::ChatTemplate;
@@ -47,6 +48,8 @@ pub struct ModelInfo {
 /// A generation request, already tokenized.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
+    /// The tenant its KV cache is accounted to.
+    pub tenant: String,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub max_tokens: usize,
@@ -119,6 +122,30 @@ pub struct ModelHandle {
     template: Option<Arc<ChatTemplate>>,
     jobs: crossbeam_channel::Sender<Job>,
     blocks: (usize, usize),
+    usage: Arc<Usage>,
+}
+
+/// What a model holds, for the metrics: KV-cache bytes per tenant (updated by the runner
+/// after every step) and, on a GPU, the backend's memory ledger.
+#[derive(Debug, Default)]
+pub struct Usage {
+    kv_by_tenant: Mutex<HashMap<String, u64>>,
+    ledger: Option<Arc<Ledger>>,
+}
+
+impl Usage {
+    /// KV-cache bytes held by each tenant's sequences.
+    pub fn kv_by_tenant(&self) -> HashMap<String, u64> {
+        self.kv_by_tenant
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Device and page-locked bytes by use, for a model on a GPU.
+    pub fn device_memory(&self) -> Option<Vec<(&'static str, u64)>> {
+        self.ledger.as_ref().map(|l| l.by_use())
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -201,7 +228,7 @@ impl ModelHandle {
     ) -> Result<Self, StartError> {
         match placement {
             Placement::Cpu => {
-                Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into())
+                Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into(), None)
             }
             Placement::Cuda {
                 ordinal,
@@ -209,11 +236,13 @@ impl ModelHandle {
                 cpu_fallback,
             } => match CudaBackend::new(*ordinal, options) {
                 Ok(backend) => {
-                    Self::spawn_on(name, model, spec, backend, format!("cuda:{ordinal}"))
+                    let ledger = backend.ledger();
+                    let label = format!("cuda:{ordinal}");
+                    Self::spawn_on(name, model, spec, backend, label, Some(ledger))
                 }
                 Err(e) if *cpu_fallback => {
                     tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
-                    Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into())
+                    Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into(), None)
                 }
                 Err(e) => Err(e.into()),
             },
@@ -226,6 +255,7 @@ impl ModelHandle {
         spec: &ModelSpec,
         backend: B,
         label: String,
+        ledger: Option<Arc<Ledger>>,
     ) -> Result<Self, StartError> {
         let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
         let engine = Engine::new(
@@ -257,7 +287,12 @@ impl ModelHandle {
                 .map_or(0, |d| d.as_secs()),
         };
         let (jobs, inbox) = crossbeam_channel::unbounded();
+        let usage = Arc::new(Usage {
+            kv_by_tenant: Mutex::default(),
+            ledger,
+        });
         let runner = Runner {
+            usage: Arc::clone(&usage),
             engine,
             tokenizer: tokenizer.clone(),
             inbox,
@@ -278,11 +313,16 @@ impl ModelHandle {
             template,
             jobs,
             blocks: (block_size, spec.kv_blocks),
+            usage,
         })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    pub fn usage(&self) -> &Usage {
+        &self.usage
     }
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
@@ -440,6 +480,7 @@ struct Active {
 
 struct Runner<B: Backend> {
     engine: Engine<B>,
+    usage: Arc<Usage>,
     tokenizer: Arc<Tokenizer>,
     inbox: crossbeam_channel::Receiver<Job>,
     waiting: VecDeque<Job>,
@@ -467,7 +508,33 @@ impl<B: Backend> Runner<B> {
             if !self.running.is_empty() {
                 self.step();
             }
+            self.account();
         }
+    }
+
+    /// Publishes the KV-cache bytes each tenant's sequences hold now.
+    fn account(&self) {
+        let block_bytes = self.engine.kv_block_bytes() as u64;
+        let mut by_tenant: HashMap<String, u64> = HashMap::new();
+        for a in &self.running {
+            let blocks = self
+                .engine
+                .sequence_len(a.seq)
+                .unwrap_or(0)
+                .div_ceil(self.block_size) as u64;
+            *by_tenant.entry(a.job.request.tenant.clone()).or_default() += blocks * block_bytes;
+        }
+        let mut shared = self
+            .usage
+            .kv_by_tenant
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Tenants that finished stay listed at zero, so their series drop to 0 rather than
+        // going stale.
+        for bytes in shared.values_mut() {
+            *bytes = 0;
+        }
+        shared.extend(by_tenant);
     }
 
     fn reserved(&self) -> usize {
@@ -619,5 +686,76 @@ impl<B: Backend> Runner<B> {
             let a = self.running.swap_remove(i);
             self.engine.remove_sequence(a.seq);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tenant: &str, prompt: Vec<u32>) -> (Job, mpsc::UnboundedReceiver<Event>) {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let request = GenerateRequest {
+            tenant: tenant.into(),
+            prompt,
+            params: SamplingParams::default(),
+            max_tokens: 8,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+        };
+        (Job { request, events }, receiver)
+    }
+
+    #[test]
+    fn kv_cache_bytes_are_accounted_to_each_tenant_and_released() {
+        let model = crate::model::generated::tiny_random().unwrap();
+        let block_size = 16;
+        let engine = Engine::new(
+            CpuBackend::default(),
+            model.config.clone(),
+            &model.weights,
+            64,
+            block_size,
+        )
+        .unwrap();
+        let block_bytes = engine.kv_block_bytes() as u64;
+        let (_jobs, inbox) = crossbeam_channel::unbounded();
+        let usage = Arc::new(Usage::default());
+        let mut runner = Runner {
+            engine,
+            usage: Arc::clone(&usage),
+            tokenizer: Arc::new(model.tokenizer),
+            inbox,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            max_sequences: 8,
+            max_batch_tokens: 512,
+            block_size,
+            total_blocks: 64,
+        };
+        let (a, _ra) = job("alpha", vec![5; 20]);
+        let (b, _rb) = job("beta", vec![6; 3]);
+        let (c, rc) = job("alpha", vec![7; 40]);
+        runner.waiting.extend([a, b, c]);
+        runner.admit();
+        runner.step();
+        runner.account();
+        let held = usage.kv_by_tenant();
+        // alpha: 20 and 40 prompt tokens (2 + 3 blocks); beta: 3 tokens (1 block).
+        assert_eq!(held["alpha"], 5 * block_bytes, "{held:?}");
+        assert_eq!(held["beta"], block_bytes, "{held:?}");
+
+        // A request that goes away releases its blocks; the tenant's entry stays, lower.
+        drop(rc);
+        runner.step();
+        runner.account();
+        assert_eq!(usage.kv_by_tenant()["alpha"], 2 * block_bytes);
+        while !runner.running.is_empty() {
+            runner.step();
+        }
+        runner.account();
+        let held = usage.kv_by_tenant();
+        assert_eq!((held["alpha"], held["beta"]), (0, 0), "{held:?}");
     }
 }

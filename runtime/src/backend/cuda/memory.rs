@@ -72,6 +72,11 @@ impl Ledger {
         self.held[what as usize].load(Ordering::Relaxed)
     }
 
+    /// Bytes held by each use.
+    pub fn by_use(&self) -> Vec<(&'static str, u64)> {
+        Use::ALL.iter().map(|&u| (u.name(), self.held(u))).collect()
+    }
+
     /// Device bytes held, all uses together.
     pub fn device_total(&self) -> u64 {
         Use::ALL

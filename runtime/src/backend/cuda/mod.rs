@@ -357,12 +357,9 @@ impl CudaBackend {
         &self.device
     }
 
-    /// Device and page-locked bytes this backend holds, by use.
-    pub fn memory(&self) -> Vec<(&'static str, u64)> {
-        Use::ALL
-            .iter()
-            .map(|&u| (u.name(), self.ledger.held(u)))
-            .collect()
+    /// The ledger of every allocation this backend makes (for the metrics).
+    pub fn ledger(&self) -> Arc<Ledger> {
+        Arc::clone(&self.ledger)
     }
 
     /// Device bytes this backend holds (everything but page-locked host memory).
