@@ -362,7 +362,17 @@ fn paged_attention_matches_the_cpu() {
     let Some(gpu) = cuda() else { return };
     let cpu = CpuBackend::default();
     let mut rng = StdRng::seed_from_u64(3);
-    for (num_heads, num_kv_heads, head_dim) in [(9, 3, 40), (6, 2, 128), (7, 7, 64), (9, 3, 64)] {
+    // Groups of up to 8 query heads per KV head and head_dim up to 256 take the split-context
+    // kernel; the last two shapes take the general one.
+    for (num_heads, num_kv_heads, head_dim) in [
+        (9, 3, 40),
+        (6, 2, 128),
+        (7, 7, 64),
+        (9, 3, 64),
+        (16, 2, 256),
+        (18, 2, 32),
+        (2, 1, 320),
+    ] {
         let heads = Heads {
             num_heads,
             num_kv_heads,

@@ -194,7 +194,7 @@ fn store(dir: &Path, path: &Path, ptx: &str, module: &str, arch: &str, source: &
 }
 
 /// Every kernel the backend launches, by module.
-pub const ENTRY_POINTS: [(&str, &str); 14] = [
+pub const ENTRY_POINTS: [(&str, &str); 16] = [
     ("elementwise", "embed"),
     ("elementwise", "rms_norm"),
     ("elementwise", "rope"),
@@ -205,6 +205,8 @@ pub const ENTRY_POINTS: [(&str, &str); 14] = [
     ("quant", "dequantize_rows"),
     ("quant", "matvec"),
     ("attention", "paged_attention"),
+    ("attention", "paged_attention_partial"),
+    ("attention", "paged_attention_combine"),
     ("kv", "write_kv"),
     ("kv", "gather_kv_blocks"),
     ("kv", "scatter_kv_blocks"),
@@ -224,6 +226,8 @@ pub struct Kernels {
     pub dequantize_rows: CudaFunction,
     pub matvec: CudaFunction,
     pub paged_attention: CudaFunction,
+    pub paged_attention_partial: CudaFunction,
+    pub paged_attention_combine: CudaFunction,
     pub write_kv: CudaFunction,
     pub gather_kv_blocks: CudaFunction,
     pub scatter_kv_blocks: CudaFunction,
@@ -285,6 +289,8 @@ impl Kernels {
             dequantize_rows: function("quant", "dequantize_rows")?,
             matvec: function("quant", "matvec")?,
             paged_attention: function("attention", "paged_attention")?,
+            paged_attention_partial: function("attention", "paged_attention_partial")?,
+            paged_attention_combine: function("attention", "paged_attention_combine")?,
             write_kv: function("kv", "write_kv")?,
             gather_kv_blocks: function("kv", "gather_kv_blocks")?,
             scatter_kv_blocks: function("kv", "scatter_kv_blocks")?,

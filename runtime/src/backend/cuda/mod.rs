@@ -30,10 +30,15 @@ use crate::model::{DType, RopeStyle, WeightTensor};
 /// matrix-vector kernel (one pass over the weight); above it, the weight is dequantized to f32
 /// and multiplied by cuBLAS. Matches `MAX_BATCH` in quant.cu.
 const MATVEC_MAX_ROWS: usize = 8;
-/// Threads per block of the paged-attention kernel; it keeps `head_dim / ATTENTION_THREADS`
-/// (at most 4) output dimensions per thread.
+/// Threads per block of the paged-attention kernels; the general one keeps
+/// `head_dim / ATTENTION_THREADS` (at most 4) output dimensions per thread.
 const ATTENTION_THREADS: u32 = 128;
 const MAX_HEAD_DIM: usize = 4 * ATTENTION_THREADS as usize;
+/// The split-context kernel's limits and segment length (SEG, MAX_GROUP, MAX_DIM in
+/// attention.cu); other shapes take the general kernel.
+const SPLIT_SEGMENT: usize = 256;
+const SPLIT_MAX_GROUP: usize = 8;
+const SPLIT_MAX_HEAD_DIM: usize = 256;
 /// Bound on the f32 tile a non-f32 weight is dequantized into for cuBLAS.
 const DEQUANT_TILE_BYTES: usize = 64 << 20;
 /// Bound on the device staging of one swap chunk.
@@ -257,6 +262,8 @@ struct State {
     uploads: [CachedUpload; 6],
     /// Dequantized weight for cuBLAS when a non-f32 weight meets a large batch.
     dequantized: Option<DeviceBuffer>,
+    /// Per-segment results of split-context attention.
+    attention_partial: Option<DeviceBuffer>,
     copy_staging: Staging,
     swap_blocks: Option<DeviceBuffer>,
     swap_buffer: Option<DeviceBuffer>,
@@ -330,6 +337,7 @@ impl CudaBackend {
             },
             uploads: Default::default(),
             dequantized: None,
+            attention_partial: None,
             copy_staging: Staging {
                 buf: ledger.alloc_pinned(STAGING_BYTES)?,
                 used: 0,
@@ -477,7 +485,17 @@ impl CudaBackend {
         block: u32,
         args: &[&dyn KernelArg],
     ) -> Result<(), BackendError> {
-        if grid.0 == 0 || grid.1 == 0 {
+        self.launch3(f, (grid.0, grid.1, 1), block, args)
+    }
+
+    fn launch3(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[&dyn KernelArg],
+    ) -> Result<(), BackendError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
         let mut builder = self.compute.launch_builder(f);
@@ -485,7 +503,7 @@ impl CudaBackend {
             arg.push(&mut builder);
         }
         let config = LaunchConfig {
-            grid_dim: (grid.0, grid.1, 1),
+            grid_dim: grid,
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1006,6 +1024,65 @@ impl Backend for CudaBackend {
         let meta_ptr = self.upload(&mut state, Meta::Attention, u32_bytes(&meta))?;
         let tables_ptr = meta_ptr + (q.rows * 4) as u64;
         let scale = 1.0 / (head_dim as f32).sqrt();
+        let group = num_heads / num_kv_heads;
+        if group <= SPLIT_MAX_GROUP && head_dim <= SPLIT_MAX_HEAD_DIM {
+            let longest = step.positions.iter().max().map_or(0, |&p| p as usize + 1);
+            let segments = longest.div_ceil(SPLIT_SEGMENT).max(1);
+            let need = q.rows * num_heads * segments * (head_dim + 2) * 4;
+            if state
+                .attention_partial
+                .as_ref()
+                .is_none_or(|b| b.bytes() < need)
+            {
+                state.attention_partial = None;
+                state.attention_partial = Some(self.alloc_buffer(Use::Workspace, need)?);
+            }
+            let partial = state
+                .attention_partial
+                .as_ref()
+                .map_or(0, DeviceBuffer::ptr);
+            self.launch3(
+                &self.device.kernels.paged_attention_partial,
+                (
+                    as_u32(q.rows, "attention")?,
+                    as_u32(num_kv_heads, "attention")?,
+                    as_u32(segments, "attention")?,
+                ),
+                ATTENTION_THREADS,
+                &[
+                    &q.ptr(),
+                    &kv.plane_ptr(2 * layer),
+                    &kv.plane_ptr(2 * layer + 1),
+                    &partial,
+                    &positions_ptr,
+                    &meta_ptr,
+                    &tables_ptr,
+                    &as_i32(max_blocks, "attention")?,
+                    &as_i32(l.block_size, "attention")?,
+                    &as_i32(num_heads, "attention")?,
+                    &as_i32(num_kv_heads, "attention")?,
+                    &as_i32(head_dim, "attention")?,
+                    &scale,
+                    &as_i32(segments, "attention")?,
+                ],
+            )?;
+            return self.launch(
+                &self.device.kernels.paged_attention_combine,
+                (
+                    as_u32(q.rows, "attention")?,
+                    as_u32(num_heads, "attention")?,
+                ),
+                row_threads(head_dim),
+                &[
+                    &partial,
+                    &out.ptr(),
+                    &positions_ptr,
+                    &as_i32(num_heads, "attention")?,
+                    &as_i32(head_dim, "attention")?,
+                    &as_i32(segments, "attention")?,
+                ],
+            );
+        }
         self.launch(
             &self.device.kernels.paged_attention,
             (
