@@ -600,3 +600,54 @@ fn running_out_of_device_memory_fails_the_request_not_the_backend() {
         MODEL_TOLERANCE,
     );
 }
+
+#[test]
+fn sampling_helpers_match_the_host() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = StdRng::seed_from_u64(5);
+    let (rows, vocab) = (4, 50_001);
+    let mut logits = random(&mut rng, rows * vocab);
+    // Ties (the lower index ranks first), NaN (never chosen) and -inf.
+    logits[7] = 3.0;
+    logits[9] = 3.0;
+    logits[vocab + 3] = f32::NAN;
+    logits[vocab + 4] = 5.0;
+    logits[2 * vocab + 11] = f32::NEG_INFINITY;
+    let t = tensor(&gpu, rows, vocab, &logits);
+    let want_order = |row: &[f32]| -> Vec<(u32, f32)> {
+        let mut order: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_nan())
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        order
+    };
+    let ids = gpu.argmax_rows(&t).unwrap();
+    let tops = gpu.top_k_rows(&t, 40).unwrap();
+    for r in 0..rows {
+        let order = want_order(&logits[r * vocab..(r + 1) * vocab]);
+        assert_eq!(ids[r], order[0].0, "argmax row {r}");
+        assert_eq!(tops[r], order[..40].to_vec(), "top-k row {r}");
+    }
+    assert_eq!(ids[0], 7, "of two equal maxima the lower index wins");
+
+    let mut probs = poisoned(&gpu, rows, vocab);
+    let clean: Vec<f32> = logits
+        .iter()
+        .map(|v| if v.is_nan() { 0.0 } else { *v })
+        .collect();
+    let t = tensor(&gpu, rows, vocab, &clean);
+    gpu.softmax_rows(&t, 0.7, &mut probs).unwrap();
+    let got = gpu.read(&probs).unwrap();
+    let mut want = Vec::new();
+    for row in clean.chunks(vocab) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b / 0.7));
+        let e: Vec<f64> = row.iter().map(|&v| f64::from(v / 0.7 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        want.extend(e.iter().map(|v| (v / s) as f32));
+    }
+    assert_close("softmax with temperature", &got, &want, OP_TOLERANCE);
+    assert!(gpu.top_k_rows(&t, 0).is_err() && gpu.top_k_rows(&t, 1025).is_err());
+}

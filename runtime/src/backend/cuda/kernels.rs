@@ -194,7 +194,7 @@ fn store(dir: &Path, path: &Path, ptx: &str, module: &str, arch: &str, source: &
 }
 
 /// Every kernel the backend launches, by module.
-pub const ENTRY_POINTS: [(&str, &str); 16] = [
+pub const ENTRY_POINTS: [(&str, &str); 18] = [
     ("elementwise", "embed"),
     ("elementwise", "rms_norm"),
     ("elementwise", "rope"),
@@ -211,6 +211,8 @@ pub const ENTRY_POINTS: [(&str, &str); 16] = [
     ("kv", "gather_kv_blocks"),
     ("kv", "scatter_kv_blocks"),
     ("sampling", "argmax"),
+    ("sampling", "softmax_temperature"),
+    ("sampling", "top_k"),
 ];
 
 /// Every kernel the backend launches.
@@ -232,6 +234,8 @@ pub struct Kernels {
     pub gather_kv_blocks: CudaFunction,
     pub scatter_kv_blocks: CudaFunction,
     pub argmax: CudaFunction,
+    pub softmax_temperature: CudaFunction,
+    pub top_k: CudaFunction,
 }
 
 impl Kernels {
@@ -295,6 +299,8 @@ impl Kernels {
             gather_kv_blocks: function("kv", "gather_kv_blocks")?,
             scatter_kv_blocks: function("kv", "scatter_kv_blocks")?,
             argmax: function("sampling", "argmax")?,
+            softmax_temperature: function("sampling", "softmax_temperature")?,
+            top_k: function("sampling", "top_k")?,
         })
     }
 }

@@ -370,6 +370,117 @@ impl CudaBackend {
         Arc::clone(&self.ledger)
     }
 
+    /// Sampling helpers on the device: the index of each row's largest logit (lowest index
+    /// among equals, NaN never wins), so greedy decoding reads one id per row, not a row.
+    pub fn argmax_rows(&self, logits: &CudaTensor) -> Result<Vec<u32>, BackendError> {
+        let _state = self.enter()?;
+        let out = self.alloc_buffer(Use::Workspace, logits.rows * 4)?;
+        self.launch(
+            &self.device.kernels.argmax,
+            (as_u32(logits.rows, "argmax")?, 1),
+            1024,
+            &[&logits.ptr(), &as_i32(logits.cols, "argmax")?, &out.ptr()],
+        )?;
+        let mut ids = vec![0u32; logits.rows];
+        self.read_raw(out.ptr(), &mut ids)?;
+        Ok(ids)
+    }
+
+    /// Each row's `k` best logits in descending order (lower index first among equals) as
+    /// (index, logit): the candidates for top-k / top-p sampling. Rows with fewer than `k`
+    /// entries that are not NaN are shorter.
+    pub fn top_k_rows(
+        &self,
+        logits: &CudaTensor,
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>, BackendError> {
+        if k == 0 || k > 1024 {
+            return Err(shape("top_k", format!("k = {k} is not within 1..=1024")));
+        }
+        let _state = self.enter()?;
+        let n = logits.rows * k;
+        let values = self.alloc_buffer(Use::Workspace, n * 4)?;
+        let indices = self.alloc_buffer(Use::Workspace, n * 4)?;
+        self.launch(
+            &self.device.kernels.top_k,
+            (as_u32(logits.rows, "top_k")?, 1),
+            1024,
+            &[
+                &logits.ptr(),
+                &as_i32(logits.cols, "top_k")?,
+                &as_i32(k, "top_k")?,
+                &values.ptr(),
+                &indices.ptr(),
+            ],
+        )?;
+        let mut v = vec![0f32; n];
+        let mut i = vec![0u32; n];
+        self.read_raw(values.ptr(), &mut v)?;
+        self.read_raw(indices.ptr(), &mut i)?;
+        Ok(i.chunks(k)
+            .zip(v.chunks(k))
+            .map(|(i, v)| {
+                i.iter()
+                    .zip(v)
+                    .filter(|(&i, _)| i != u32::MAX)
+                    .map(|(&i, &v)| (i, v))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// `out[r] = softmax(logits[r] / temperature)`.
+    pub fn softmax_rows(
+        &self,
+        logits: &CudaTensor,
+        temperature: f32,
+        out: &mut CudaTensor,
+    ) -> Result<(), BackendError> {
+        if out.rows != logits.rows
+            || out.cols != logits.cols
+            || temperature.is_nan()
+            || temperature <= 0.0
+        {
+            return Err(shape(
+                "softmax",
+                format!("temperature {temperature} or shapes do not fit"),
+            ));
+        }
+        let _state = self.enter()?;
+        self.launch(
+            &self.device.kernels.softmax_temperature,
+            (as_u32(logits.rows, "softmax")?, 1),
+            1024,
+            &[
+                &logits.ptr(),
+                &out.ptr(),
+                &as_i32(logits.cols, "softmax")?,
+                &temperature,
+            ],
+        )
+    }
+
+    /// Copies device memory at `src` into `dst` after everything queued on compute.
+    fn read_raw<T: Copy>(&self, src: u64, dst: &mut [T]) -> Result<(), BackendError> {
+        if !dst.is_empty() {
+            // SAFETY: the caller's device buffer holds at least size_of_val(dst) bytes; the
+            // stream is synchronised before dst is read.
+            unsafe {
+                sys::cuMemcpyDtoHAsync_v2(
+                    dst.as_mut_ptr().cast(),
+                    src,
+                    std::mem::size_of_val(dst),
+                    self.compute.cu_stream(),
+                )
+                .result()
+                .map_err(|e| self.error("read", e))?;
+            }
+        }
+        self.compute
+            .synchronize()
+            .map_err(|e| self.error("read", e))
+    }
+
     /// Device bytes this backend holds (everything but page-locked host memory).
     pub fn device_bytes(&self) -> u64 {
         self.ledger.device_total()
