@@ -2,13 +2,16 @@
 """Compile-checks every CUDA kernel source in cuda-kernels/ with NVRTC, for each target
 architecture, without a GPU: NVRTC comes from the PyPI wheel nvidia-cuda-nvrtc-cu12 (installed
 into a cache directory on first use) and is called through ctypes. Any error or warning fails.
+A further build to sm_90 machine code with ptxas' report fails on any kernel that spills
+registers to local memory (a silent slowdown).
 
-    python3 .ci/nvrtc_check.py            # compute_80 and compute_90
+    python3 .ci/nvrtc_check.py            # compute_80, compute_90, and the sm_90 spill check
 """
 
 import ctypes
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +31,7 @@ def library():
     return ctypes.CDLL(lib)
 
 
-def check(nvrtc, path, headers, arch):
+def check(nvrtc, path, headers, arch, extra=()):
     prog = ctypes.c_void_p()
     names = (ctypes.c_char_p * len(headers))(*[os.path.basename(h).encode() for h in headers])
     texts = (ctypes.c_char_p * len(headers))(*[open(h, "rb").read() for h in headers])
@@ -36,7 +39,7 @@ def check(nvrtc, path, headers, arch):
     rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), len(headers), texts, names)
     if rc != 0:
         return f"nvrtcCreateProgram failed ({rc})"
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"]
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device", *extra]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
@@ -45,6 +48,13 @@ def check(nvrtc, path, headers, arch):
     nvrtc.nvrtcGetProgramLog(prog, log)
     nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
     text = log.value.decode(errors="replace").strip()
+    if extra:
+        # ptxas' report: only spills are problems.
+        if rc != 0:
+            return text or f"compile failed ({rc})"
+        spills = [m.group(0) for m in re.finditer(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+                  if int(m.group(1)) or int(m.group(2))]
+        return "\n".join(spills) or None
     if rc != 0 or text:
         return text or f"compile failed ({rc})"
     return None
@@ -66,6 +76,12 @@ def main():
                 print(f"nvrtc_check: {name} ({arch}):\n{problem}", file=sys.stderr)
             else:
                 print(f"nvrtc_check: {name} ({arch}) ok")
+        problem = check(nvrtc, path, headers, "sm_90", extra=(b"--ptxas-options=-v",))
+        if problem:
+            failed = True
+            print(f"nvrtc_check: {name} (sm_90) spills registers:\n{problem}", file=sys.stderr)
+        else:
+            print(f"nvrtc_check: {name} (sm_90) no register spills")
     sys.exit(1 if failed else 0)
 
 

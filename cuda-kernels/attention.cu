@@ -94,100 +94,125 @@ extern "C" __global__ void paged_attention(
 
 // Split-context ("flash-decoding") attention for the common shapes: one block per
 // (query row, KV head, segment of SEG positions). The block serves every query head that
-// shares the KV head (GQA), so each key and value is read from memory once per row and
-// segment, and long contexts spread over many blocks. Each block writes, per query head, its
-// segment's softmax-normalised output with the segment's max score and exp-sum;
-// paged_attention_combine merges the segments. group <= MAX_GROUP, head_dim <= MAX_DIM.
+// shares the KV head (GQA), so each key and value row is read from memory once per query row
+// and segment, and long contexts spread over many blocks. Each warp runs an online softmax
+// over its share of the segment's positions (keys and values loaded together, one coalesced
+// row each); the warps' states are then merged, and the block writes, per query head, the
+// segment's softmax-normalised output with its max score and exp-sum for
+// paged_attention_combine. Instantiated for G query heads per KV head (at most) and
+// C * 32 head dimensions (at most), so per-thread state stays in registers.
 #define SEG 256
-#define MAX_GROUP 8
-#define MAX_DIM 256
+#define WARPS 4
 
-// partial: [rows][num_heads][max_segments][head_dim + 2] (output, then max, then sum).
-extern "C" __global__ void paged_attention_partial(
+template <int G, int C>
+__device__ __forceinline__ void attention_segment(
     const float* q, const float* k_cache, const float* v_cache, float* partial,
     const u32* positions, const u32* seq_of_row, const u32* block_tables, int max_blocks,
     int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int max_segments) {
-    __shared__ float qs[MAX_GROUP * MAX_DIM];
-    __shared__ float scores[MAX_GROUP][SEG];
-    __shared__ long long offsets[SEG];
-    __shared__ float seg_max[MAX_GROUP], seg_sum[MAX_GROUP];
+    __shared__ float qs[G * C * 32];
+    __shared__ float states[WARPS][G][C * 32 + 2];  // acc[head_dim], then max, then sum
     int t = blockIdx.x, g = blockIdx.y, seg = blockIdx.z;
     int group = num_heads / num_kv_heads;
     int visible = (int)positions[t] + 1;
     int start = seg * SEG;
-    if (start >= visible) return;  // past this row's context: the combine step skips it
+    if (start >= visible) return;  // past this row's context (block-uniform): combine skips it
     int n = min(SEG, visible - start);
     int width = num_kv_heads * head_dim;
     const u32* table = block_tables + (long long)seq_of_row[t] * max_blocks;
-    int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-    // This group's queries, pre-scaled, and the cache offset of each position in the segment.
-    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
-        qs[i] = q[((long long)t * num_heads + g * group) * head_dim + i] * scale;
+    // The group's queries, zero-padded to C * 32 dimensions per head.
+    for (int i = threadIdx.x; i < G * C * 32; i += blockDim.x) {
+        int h = i / (C * 32), d = i % (C * 32);
+        qs[i] = h < group && d < head_dim ? q[((long long)t * num_heads + g * group + h) * head_dim + d] : 0.0f;
     }
-    for (int p = threadIdx.x; p < n; p += blockDim.x) {
+    __syncthreads();
+
+    float m[G], l[G], acc[G][C];
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+        m[h] = -ACCEL_INF;
+        l[h] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < C; c++) acc[h][c] = 0.0f;
+    }
+    for (int p = warp; p < n; p += WARPS) {
         int pos = start + p;
-        long long slot = (long long)table[pos / block_size] * block_size + pos % block_size;
-        offsets[p] = slot * width + (long long)g * head_dim;
-    }
-    __syncthreads();
-
-    // Scores: one warp per position; the key is read once for every head of the group.
-    for (int p = warp; p < n; p += warps) {
-        const float* key = k_cache + offsets[p];
-        float s[MAX_GROUP];
+        long long offset = ((long long)table[pos / block_size] * block_size + pos % block_size) * width
+                           + (long long)g * head_dim;
+        float k[C], v[C];
 #pragma unroll
-        for (int h = 0; h < MAX_GROUP; h++) s[h] = 0.0f;
-        for (int d = lane; d < head_dim; d += 32) {
-            float k = key[d];
-#pragma unroll
-            for (int h = 0; h < MAX_GROUP; h++) {
-                if (h < group) s[h] += qs[h * head_dim + d] * k;
-            }
+        for (int c = 0; c < C; c++) {
+            int d = lane + 32 * c;
+            k[c] = d < head_dim ? k_cache[offset + d] : 0.0f;
+            v[c] = d < head_dim ? v_cache[offset + d] : 0.0f;
         }
 #pragma unroll
-        for (int h = 0; h < MAX_GROUP; h++) {
+        for (int h = 0; h < G; h++) {
             if (h < group) {
-                float v = warp_sum(s[h]);
-                if (lane == 0) scores[h][p] = v;
+                float s = 0.0f;
+#pragma unroll
+                for (int c = 0; c < C; c++) s += qs[h * C * 32 + lane + 32 * c] * k[c];
+                s = warp_sum(s) * scale;
+                float new_m = fmaxf(m[h], s);
+                float correction = expf(m[h] - new_m);
+                float e = expf(s - new_m);
+                l[h] = l[h] * correction + e;
+#pragma unroll
+                for (int c = 0; c < C; c++) acc[h][c] = acc[h][c] * correction + e * v[c];
+                m[h] = new_m;
             }
         }
     }
-    __syncthreads();
-
-    // Softmax within the segment, one warp per head.
-    for (int h = warp; h < group; h += warps) {
-        float m = -ACCEL_INF;
-        for (int p = lane; p < n; p += 32) m = fmaxf(m, scores[h][p]);
-        m = warp_max(m);
-        float l = 0.0f;
-        for (int p = lane; p < n; p += 32) {
-            float e = expf(scores[h][p] - m);
-            scores[h][p] = e;
-            l += e;
-        }
-        l = warp_sum(l);
+    // Dimensions >= head_dim hold zeros (their q and v were zero), so writing all C * 32 is safe.
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+#pragma unroll
+        for (int c = 0; c < C; c++) states[warp][h][lane + 32 * c] = acc[h][c];
         if (lane == 0) {
-            seg_max[h] = m;
-            seg_sum[h] = l;
+            states[warp][h][C * 32] = m[h];
+            states[warp][h][C * 32 + 1] = l[h];
         }
     }
     __syncthreads();
 
-    // Weighted values: each thread owns (head, dimension) pairs; a warp reads consecutive
-    // dimensions of one value row.
+    // Merge the warps (a warp that saw no position has max -inf and weighs nothing).
     for (int j = threadIdx.x; j < group * head_dim; j += blockDim.x) {
         int h = j / head_dim, d = j % head_dim;
-        float a = 0.0f;
-        for (int p = 0; p < n; p++) a += scores[h][p] * v_cache[offsets[p] + d];
+        float big = -ACCEL_INF;
+        for (int w = 0; w < WARPS; w++) big = fmaxf(big, states[w][h][C * 32]);
+        float num = 0.0f, den = 0.0f;
+        for (int w = 0; w < WARPS; w++) {
+            float weight = expf(states[w][h][C * 32] - big);
+            num += weight * states[w][h][d];
+            den += weight * states[w][h][C * 32 + 1];
+        }
         long long base = (((long long)t * num_heads + g * group + h) * max_segments + seg) * (head_dim + 2);
-        partial[base + d] = a / seg_sum[h];
+        partial[base + d] = num / den;
         if (d == 0) {
-            partial[base + head_dim] = seg_max[h];
-            partial[base + head_dim + 1] = seg_sum[h];
+            partial[base + head_dim] = big;
+            partial[base + head_dim + 1] = den;
         }
     }
 }
+
+// partial: [rows][num_heads][max_segments][head_dim + 2] (output, then max, then sum).
+// blockDim.x = 32 * WARPS. Named for G and C: group <= G, head_dim <= 32 * C.
+#define ATTENTION_SEGMENT(G, C)                                                                          \
+    extern "C" __global__ void paged_attention_partial_g##G##_c##C(                                     \
+        const float* q, const float* k_cache, const float* v_cache, float* partial,                     \
+        const u32* positions, const u32* seq_of_row, const u32* block_tables, int max_blocks,           \
+        int block_size, int num_heads, int num_kv_heads, int head_dim, float scale, int max_segments) { \
+        attention_segment<G, C>(q, k_cache, v_cache, partial, positions, seq_of_row, block_tables,      \
+                                max_blocks, block_size, num_heads, num_kv_heads, head_dim, scale,       \
+                                max_segments);                                                          \
+    }
+ATTENTION_SEGMENT(4, 2)
+ATTENTION_SEGMENT(4, 4)
+ATTENTION_SEGMENT(4, 8)
+ATTENTION_SEGMENT(8, 2)
+ATTENTION_SEGMENT(8, 4)
+ATTENTION_SEGMENT(8, 8)
 
 // Merges a row's segments: out = sum_s w_s * o_s / sum_s w_s with w_s = exp(max_s - M) * sum_s.
 // One block per (query row, head).

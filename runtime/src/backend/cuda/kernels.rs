@@ -194,7 +194,7 @@ fn store(dir: &Path, path: &Path, ptx: &str, module: &str, arch: &str, source: &
 }
 
 /// Every kernel the backend launches, by module.
-pub const ENTRY_POINTS: [(&str, &str); 18] = [
+pub const ENTRY_POINTS: [(&str, &str); 23] = [
     ("elementwise", "embed"),
     ("elementwise", "rms_norm"),
     ("elementwise", "rope"),
@@ -205,7 +205,12 @@ pub const ENTRY_POINTS: [(&str, &str); 18] = [
     ("quant", "dequantize_rows"),
     ("quant", "matvec"),
     ("attention", "paged_attention"),
-    ("attention", "paged_attention_partial"),
+    ("attention", "paged_attention_partial_g4_c2"),
+    ("attention", "paged_attention_partial_g4_c4"),
+    ("attention", "paged_attention_partial_g4_c8"),
+    ("attention", "paged_attention_partial_g8_c2"),
+    ("attention", "paged_attention_partial_g8_c4"),
+    ("attention", "paged_attention_partial_g8_c8"),
     ("attention", "paged_attention_combine"),
     ("kv", "write_kv"),
     ("kv", "gather_kv_blocks"),
@@ -228,7 +233,9 @@ pub struct Kernels {
     pub dequantize_rows: CudaFunction,
     pub matvec: CudaFunction,
     pub paged_attention: CudaFunction,
-    pub paged_attention_partial: CudaFunction,
+    /// Split-context attention by (query heads per KV head ≤ 4 or 8, head_dim ≤ 64, 128
+    /// or 256): `[g4_c2, g4_c4, g4_c8, g8_c2, g8_c4, g8_c8]`.
+    pub paged_attention_partial: [CudaFunction; 6],
     pub paged_attention_combine: CudaFunction,
     pub write_kv: CudaFunction,
     pub gather_kv_blocks: CudaFunction,
@@ -293,7 +300,14 @@ impl Kernels {
             dequantize_rows: function("quant", "dequantize_rows")?,
             matvec: function("quant", "matvec")?,
             paged_attention: function("attention", "paged_attention")?,
-            paged_attention_partial: function("attention", "paged_attention_partial")?,
+            paged_attention_partial: [
+                function("attention", "paged_attention_partial_g4_c2")?,
+                function("attention", "paged_attention_partial_g4_c4")?,
+                function("attention", "paged_attention_partial_g4_c8")?,
+                function("attention", "paged_attention_partial_g8_c2")?,
+                function("attention", "paged_attention_partial_g8_c4")?,
+                function("attention", "paged_attention_partial_g8_c8")?,
+            ],
             paged_attention_combine: function("attention", "paged_attention_combine")?,
             write_kv: function("kv", "write_kv")?,
             gather_kv_blocks: function("kv", "gather_kv_blocks")?,

@@ -34,11 +34,28 @@ const MATVEC_MAX_ROWS: usize = 8;
 /// `head_dim / ATTENTION_THREADS` (at most 4) output dimensions per thread.
 const ATTENTION_THREADS: u32 = 128;
 const MAX_HEAD_DIM: usize = 4 * ATTENTION_THREADS as usize;
-/// The split-context kernel's limits and segment length (SEG, MAX_GROUP, MAX_DIM in
-/// attention.cu); other shapes take the general kernel.
+/// The split-context kernels' segment length (SEG in attention.cu) and the largest group
+/// and head_dim they are instantiated for; other shapes take the general kernel.
 const SPLIT_SEGMENT: usize = 256;
 const SPLIT_MAX_GROUP: usize = 8;
 const SPLIT_MAX_HEAD_DIM: usize = 256;
+
+/// Which instantiation of the split-context kernel fits a shape (index into
+/// `Kernels::paged_attention_partial`).
+fn split_variant(group: usize, head_dim: usize) -> Option<usize> {
+    let g = match group {
+        1..=4 => 0,
+        5..=SPLIT_MAX_GROUP => 3,
+        _ => return None,
+    };
+    let c = match head_dim {
+        1..=64 => 0,
+        65..=128 => 1,
+        129..=SPLIT_MAX_HEAD_DIM => 2,
+        _ => return None,
+    };
+    Some(g + c)
+}
 /// Bound on the f32 tile a non-f32 weight is dequantized into for cuBLAS.
 const DEQUANT_TILE_BYTES: usize = 64 << 20;
 /// Bound on the device staging of one swap chunk.
@@ -1136,7 +1153,7 @@ impl Backend for CudaBackend {
         let tables_ptr = meta_ptr + (q.rows * 4) as u64;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let group = num_heads / num_kv_heads;
-        if group <= SPLIT_MAX_GROUP && head_dim <= SPLIT_MAX_HEAD_DIM {
+        if let Some(variant) = split_variant(group, head_dim) {
             let longest = step.positions.iter().max().map_or(0, |&p| p as usize + 1);
             let segments = longest.div_ceil(SPLIT_SEGMENT).max(1);
             let need = q.rows * num_heads * segments * (head_dim + 2) * 4;
@@ -1146,14 +1163,15 @@ impl Backend for CudaBackend {
                 .is_none_or(|b| b.bytes() < need)
             {
                 state.attention_partial = None;
-                state.attention_partial = Some(self.alloc_buffer(Use::Workspace, need)?);
+                state.attention_partial =
+                    Some(self.alloc_buffer(Use::Workspace, need.next_power_of_two())?);
             }
             let partial = state
                 .attention_partial
                 .as_ref()
                 .map_or(0, DeviceBuffer::ptr);
             self.launch3(
-                &self.device.kernels.paged_attention_partial,
+                &self.device.kernels.paged_attention_partial[variant],
                 (
                     as_u32(q.rows, "attention")?,
                     as_u32(num_kv_heads, "attention")?,
@@ -1373,6 +1391,24 @@ impl Backend for CudaBackend {
         state.in_flight.clear();
         state.copy_staging.used = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_attention_variants_cover_their_shapes_exactly() {
+        // [g4_c2, g4_c4, g4_c8, g8_c2, g8_c4, g8_c8]
+        assert_eq!(split_variant(3, 64), Some(0));
+        assert_eq!(split_variant(4, 128), Some(1));
+        assert_eq!(split_variant(1, 40), Some(0));
+        assert_eq!(split_variant(7, 128), Some(4));
+        assert_eq!(split_variant(8, 256), Some(5));
+        assert_eq!(split_variant(5, 200), Some(5));
+        assert_eq!(split_variant(9, 64), None);
+        assert_eq!(split_variant(2, 320), None);
     }
 }
 
