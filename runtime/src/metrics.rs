@@ -201,7 +201,7 @@ impl Metrics {
         let backend_memory = IntGaugeVec::new(
             Opts::new(
                 "accel_backend_memory_bytes",
-                "Memory a model's GPU backend holds, by use: weights, kv_cache, activations, workspace (cuBLAS, dequantized tiles, step metadata), swap_staging (device), pinned_host (page-locked host).",
+                "Memory a model's GPU backend holds, by use: context (the CUDA context, on the first model of a GPU), weights, kv_cache, activations, workspace (cuBLAS, dequantized tiles, step metadata), swap_staging (device), pinned_host (page-locked host).",
             ),
             &["device", "model", "use"],
         )?;

@@ -102,6 +102,34 @@ const GEMM_MIN_ROWS: usize = 2;
 const GEMM_TILE_ROWS: usize = 64;
 
 impl CpuBackend {
+    /// One activation row times a bf16 weight: the row is permuted once (see
+    /// `simd::permute_for_bf16_pairs`) so every weight row widens with a shift and a mask.
+    fn matvec_bf16_pairs(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuWeight,
+        out: &mut CpuTensor,
+        dot: simd::Bf16PairsFn,
+    ) {
+        let bytes = weight.tensor.bytes();
+        let row_bytes = weight.row_bytes;
+        let chunk = rows_per_task(weight.rows);
+        let x = x.row(0);
+        PERMUTED.with_borrow_mut(|xp| {
+            simd::permute_for_bf16_pairs(x, xp);
+            let xp = &xp[..];
+            out.data[..weight.rows]
+                .par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(task, outs)| {
+                    for (k, o) in outs.iter_mut().enumerate() {
+                        let j = task * chunk + k;
+                        *o = dot(&bytes[j * row_bytes..(j + 1) * row_bytes], xp, x);
+                    }
+                });
+        });
+    }
+
     /// `out = x · Wᵀ` for a batch: each task dequantizes a tile of weight rows into f32 (or
     /// reads f32 weights in place when aligned) and multiplies the whole batch by it with the
     /// `gemm` crate, writing its own columns of `out`.
@@ -294,6 +322,8 @@ thread_local! {
     static ATTENTION: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// A dequantized weight tile for the batched path, reused across steps.
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One activation row permuted for the bf16 matrix-vector kernel, reused across steps.
+    static PERMUTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Attention scores, reused across steps so decoding allocates nothing here.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -492,6 +522,12 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         let bytes = weight.tensor.bytes();
+        if x.rows == 1 && weight.tensor.dtype == DType::BF16 {
+            if let Some(dot) = simd::bf16_pairs_fn(self.level) {
+                self.matvec_bf16_pairs(x, weight, out, dot);
+                return Ok(());
+            }
+        }
         let dot = simd::dot_fn(self.level, weight.tensor.dtype);
         let (n, cols, row_bytes) = (x.rows, out.cols, weight.row_bytes);
         let chunk = rows_per_task(weight.rows);

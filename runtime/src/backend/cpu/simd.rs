@@ -107,6 +107,32 @@ pub(crate) fn dot_fn(level: Level, dtype: DType) -> DotFn {
     }
 }
 
+/// A bf16 dot product whose activations were arranged by [`permute_for_bf16_pairs`]:
+/// `(row, permuted, x)`, with `x` the original activations (for the tail).
+pub type Bf16PairsFn = fn(&[u8], &[f32], &[f32]) -> f32;
+
+/// The bf16 dot product over permuted activations at `level`, where there is one.
+pub(crate) fn bf16_pairs_fn(level: Level) -> Option<Bf16PairsFn> {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => Some(avx2::dot_bf16_pairs_entry),
+        _ => None,
+    }
+}
+
+/// Arranges activations for [`Bf16PairsFn`]: in each whole group of 16, the 8 even-indexed
+/// values, then the 8 odd-indexed ones. A 256-bit load of 16 bf16 weights holds each even
+/// element in the low half of a 32-bit lane and the odd one in the high half, so one shift
+/// and one mask widen them to two f32 vectors in exactly this order, with no cross-lane
+/// shuffle. Decoding permutes each activation row once and reuses it for every weight row.
+pub fn permute_for_bf16_pairs(x: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    for group in x.chunks_exact(16) {
+        out.extend(group.iter().step_by(2));
+        out.extend(group.iter().skip(1).step_by(2));
+    }
+}
+
 /// Expands whole blocks of a weight row into f32.
 pub type DequantFn = fn(&[u8], &mut [f32]);
 
@@ -324,6 +350,54 @@ mod avx2 {
         }
     }
 
+    /// bf16 row · activations, with the activations' whole groups of 16 permuted by
+    /// `permute_for_bf16_pairs` (`xp`) and the tail read from `x`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_bf16_pairs(row: &[u8], xp: &[f32], x: &[f32]) -> f32 {
+        // SAFETY: the caller guarantees the CPU features (see # Safety); every pointer
+        // access stays within the slices, whose lengths are checked first.
+        unsafe {
+            let n = x.len();
+            let groups = n / 16;
+            assert!(row.len() >= n * 2 && xp.len() >= groups * 16);
+            let (pw, pp) = (row.as_ptr(), xp.as_ptr());
+            let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut g = 0;
+            while g + 2 <= groups {
+                for u in 0..2 {
+                    let w = _mm256_loadu_si256(pw.add(32 * (g + u)).cast());
+                    let even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+                    let odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+                    let xe = _mm256_loadu_ps(pp.add(16 * (g + u)));
+                    let xo = _mm256_loadu_ps(pp.add(16 * (g + u) + 8));
+                    acc[2 * u] = _mm256_fmadd_ps(even, xe, acc[2 * u]);
+                    acc[2 * u + 1] = _mm256_fmadd_ps(odd, xo, acc[2 * u + 1]);
+                }
+                g += 2;
+            }
+            if g < groups {
+                let w = _mm256_loadu_si256(pw.add(32 * g).cast());
+                let even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+                let odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+                acc[0] = _mm256_fmadd_ps(even, _mm256_loadu_ps(pp.add(16 * g)), acc[0]);
+                acc[1] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(pp.add(16 * g + 8)), acc[1]);
+            }
+            let mut sum = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
+            for i in groups * 16..n {
+                let bits = u16::from_le_bytes([row[2 * i], row[2 * i + 1]]);
+                sum += f32::from_bits(u32::from(bits) << 16) * x[i];
+            }
+            sum
+        }
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA; `row` holds `x.len() / 32` Q8_0 blocks.
     #[target_feature(enable = "avx2,fma")]
@@ -498,6 +572,11 @@ mod avx2 {
     pub fn dot_bf16_entry(row: &[u8], x: &[f32]) -> f32 {
         // SAFETY: as for dot_f32_entry.
         unsafe { dot_half(row, x, true) }
+    }
+    pub fn dot_bf16_pairs_entry(row: &[u8], xp: &[f32], x: &[f32]) -> f32 {
+        // SAFETY: as for dot_f32_entry (only reachable through bf16_pairs_fn at Avx2 or
+        // Avx512).
+        unsafe { dot_bf16_pairs(row, xp, x) }
     }
     pub fn dot_f16_entry(row: &[u8], x: &[f32]) -> f32 {
         // SAFETY: as for dot_f32_entry.
@@ -729,6 +808,29 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn bf16_over_permuted_activations_matches_the_plain_kernel() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for level in Level::available() {
+            let Some(pairs) = bf16_pairs_fn(level) else {
+                continue;
+            };
+            for n in [1, 15, 16, 17, 31, 32, 33, 48, 100, 576, 1536, 1543] {
+                let row = random_row(&mut rng, DType::BF16, n);
+                let x: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let mut xp = Vec::new();
+                permute_for_bf16_pairs(&x, &mut xp);
+                assert_eq!(xp.len(), n / 16 * 16);
+                let want = kernels::dot(DType::BF16, &row, &x);
+                let got = pairs(&row, &xp, &x);
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{level:?} n={n}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

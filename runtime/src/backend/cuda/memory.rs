@@ -13,6 +13,8 @@ use crate::backend::BackendError;
 /// What an allocation is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Use {
+    /// The device's CUDA context (shared by every model on it; booked by the first).
+    Context,
     Weights,
     KvCache,
     Activations,
@@ -25,7 +27,8 @@ pub enum Use {
 }
 
 impl Use {
-    pub const ALL: [Use; 6] = [
+    pub const ALL: [Use; 7] = [
+        Use::Context,
         Use::Weights,
         Use::KvCache,
         Use::Activations,
@@ -36,6 +39,7 @@ impl Use {
 
     pub fn name(self) -> &'static str {
         match self {
+            Use::Context => "context",
             Use::Weights => "weights",
             Use::KvCache => "kv_cache",
             Use::Activations => "activations",
@@ -54,7 +58,7 @@ impl Use {
 #[derive(Debug)]
 pub struct Ledger {
     device: String,
-    held: [AtomicU64; 6],
+    held: [AtomicU64; 7],
     /// Device bytes this backend may hold (None: whatever the GPU has).
     budget: Option<u64>,
 }
@@ -114,6 +118,11 @@ impl Ledger {
             }
         }
         Ok(())
+    }
+
+    /// Books memory allocated outside this ledger (the CUDA context), for good.
+    pub fn book(&self, what: Use, bytes: u64) {
+        self.held[what as usize].fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn release(&self, what: Use, bytes: usize) {

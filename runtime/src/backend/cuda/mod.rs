@@ -84,6 +84,11 @@ pub struct DeviceRuntime {
     kernels: Kernels,
     name: String,
     arch: String,
+    /// Device memory in use right after the context was created: the context itself, plus
+    /// whatever other processes held at that moment.
+    context_bytes: u64,
+    /// Whether a backend's ledger has booked `context_bytes` (only the first does).
+    context_booked: std::sync::atomic::AtomicBool,
 }
 
 impl DeviceRuntime {
@@ -157,12 +162,17 @@ pub fn open_device(
     let kernels = Kernels::load(&ctx, &arch, kernel_cache)
         .map_err(|e| unavailable(format!("kernels: {e}")))?;
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-    tracing::info!(device = %label, %name, %arch, "CUDA device ready");
+    let context_bytes = ctx
+        .mem_get_info()
+        .map_or(0, |(free, total)| total.saturating_sub(free) as u64);
+    tracing::info!(device = %label, %name, %arch, context_bytes, "CUDA device ready");
     let device = Arc::new(DeviceRuntime {
         ctx,
         kernels,
         name,
         arch,
+        context_bytes,
+        context_booked: std::sync::atomic::AtomicBool::new(false),
     });
     devices.insert(ordinal, Arc::clone(&device));
     Ok(device)
@@ -328,6 +338,12 @@ impl CudaBackend {
         let copy = device.ctx.new_stream().map_err(err("stream"))?;
         let blas = CudaBlas::new(Arc::clone(&compute)).map_err(blas_err("cuBLAS"))?;
         let ledger = Ledger::new(label.clone(), options.memory_budget);
+        if !device
+            .context_booked
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            ledger.book(Use::Context, device.context_bytes);
+        }
         let workspace = ledger.alloc(&compute, Use::Workspace, CUBLAS_WORKSPACE)?;
         // SAFETY: the handle is live; the workspace outlives it (both owned by the backend,
         // the workspace dropped after the handle's last use); default math never uses TF32,
