@@ -149,9 +149,11 @@ impl CpuBackend {
                 let w: *const f32 = if in_place {
                     bytes[j0 * weight.row_bytes..].as_ptr().cast()
                 } else {
-                    scratch.clear();
-                    scratch.resize(rows * k, 0.0);
-                    for (r, dst) in scratch.chunks_exact_mut(k).enumerate() {
+                    // Every element is overwritten below: grow without zeroing what is there.
+                    if scratch.len() < rows * k {
+                        scratch.resize(rows * k, 0.0);
+                    }
+                    for (r, dst) in scratch[..rows * k].chunks_exact_mut(k).enumerate() {
                         let row =
                             &bytes[(j0 + r) * weight.row_bytes..(j0 + r + 1) * weight.row_bytes];
                         dequantize(row, dst);
