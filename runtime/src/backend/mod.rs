@@ -219,3 +219,210 @@ pub(crate) fn check_swap_pairs(
     }
     Ok(())
 }
+
+/// Checks a `write_kv` call (keys and values as rows × cols) against the cache layout, before
+/// any backend touches memory.
+pub(crate) fn check_write_kv(
+    layout: &KvLayout,
+    layer: usize,
+    k: (usize, usize),
+    v: (usize, usize),
+    slots: &[u32],
+) -> Result<(), BackendError> {
+    let width = layout.num_kv_heads * layout.head_dim;
+    let capacity = layout.num_blocks * layout.block_size;
+    let shape = |detail| BackendError::Shape {
+        op: "write_kv",
+        detail,
+    };
+    if k != (slots.len(), width) || v != (slots.len(), width) {
+        return Err(shape(format!(
+            "{}x{} keys and {}x{} values for {} slots of width {width}",
+            k.0,
+            k.1,
+            v.0,
+            v.1,
+            slots.len()
+        )));
+    }
+    if layer >= layout.num_layers {
+        return Err(shape(format!("layer {layer} of {}", layout.num_layers)));
+    }
+    if let Some(&slot) = slots.iter().find(|&&s| s as usize >= capacity) {
+        return Err(shape(format!("slot {slot} beyond {capacity}")));
+    }
+    Ok(())
+}
+
+/// Checks an `attention` call (queries and output as rows × cols) against the cache layout
+/// and returns each query row's sequence: the sequences must tile the rows exactly, their
+/// block tables must lie in the cache and cover their context, and every row's position must
+/// lie inside its sequence's context.
+pub(crate) fn attention_owners(
+    q: (usize, usize),
+    out: (usize, usize),
+    layout: &KvLayout,
+    layer: usize,
+    step: &StepLayout<'_>,
+    heads: Heads,
+) -> Result<Vec<usize>, BackendError> {
+    let shape = |detail| BackendError::Shape {
+        op: "attention",
+        detail,
+    };
+    let Heads {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = heads;
+    if q.1 != num_heads * head_dim
+        || out != q
+        || num_kv_heads != layout.num_kv_heads
+        || head_dim != layout.head_dim
+        || num_kv_heads == 0
+        || !num_heads.is_multiple_of(num_kv_heads)
+    {
+        return Err(shape(format!(
+            "{}x{} queries into {}x{} for {heads:?} over {layout:?}",
+            q.0, q.1, out.0, out.1
+        )));
+    }
+    if layer >= layout.num_layers || step.block_size != layout.block_size {
+        return Err(shape(format!(
+            "layer {layer} with blocks of {} over {layout:?}",
+            step.block_size
+        )));
+    }
+    if step.positions.len() != q.0 {
+        return Err(shape(format!(
+            "{} positions for {} query rows",
+            step.positions.len(),
+            q.0
+        )));
+    }
+    let bs = layout.block_size;
+    let mut owner = vec![usize::MAX; q.0];
+    for (s, seq) in step.seqs.iter().enumerate() {
+        let Some(end) = seq
+            .first_token
+            .checked_add(seq.num_tokens)
+            .filter(|&e| e <= q.0)
+        else {
+            return Err(shape(format!(
+                "sequence {s} covers rows beyond the {} queries",
+                q.0
+            )));
+        };
+        if seq
+            .block_table
+            .iter()
+            .any(|&b| b as usize >= layout.num_blocks)
+            || seq.context_len > seq.block_table.len() * bs
+        {
+            return Err(shape(format!(
+                "sequence {s}'s block table does not fit the cache"
+            )));
+        }
+        for o in &mut owner[seq.first_token..end] {
+            if *o != usize::MAX {
+                return Err(shape(format!("sequence {s} overlaps another's rows")));
+            }
+            *o = s;
+        }
+    }
+    for (t, &s) in owner.iter().enumerate() {
+        let seq = step
+            .seqs
+            .get(s)
+            .ok_or_else(|| shape(format!("query row {t} belongs to no sequence")))?;
+        let visible = step.positions[t] as usize + 1;
+        if visible > seq.context_len {
+            return Err(shape(format!(
+                "position {} beyond the sequence's {} cached tokens",
+                visible - 1,
+                seq.context_len
+            )));
+        }
+    }
+    Ok(owner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAYOUT: KvLayout = KvLayout {
+        num_layers: 2,
+        num_blocks: 4,
+        block_size: 16,
+        num_kv_heads: 2,
+        head_dim: 8,
+    };
+    const HEADS: Heads = Heads {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+    };
+
+    fn owners(
+        positions: &[u32],
+        seqs: &[SeqSlice<'_>],
+        layer: usize,
+    ) -> Result<Vec<usize>, BackendError> {
+        let step = StepLayout {
+            positions,
+            slots: positions,
+            seqs,
+            block_size: 16,
+        };
+        let rows = positions.len();
+        attention_owners((rows, 32), (rows, 32), &LAYOUT, layer, &step, HEADS)
+    }
+
+    #[test]
+    fn attention_layouts_are_checked_before_any_backend_reads_memory() {
+        let table = [2u32, 0];
+        let seq = |first_token, num_tokens, context_len| SeqSlice {
+            first_token,
+            num_tokens,
+            context_len,
+            block_table: &table,
+        };
+        // Two sequences tiling three rows.
+        assert_eq!(
+            owners(&[20, 3, 4], &[seq(0, 1, 21), seq(1, 2, 5)], 1).unwrap(),
+            [0, 1, 1]
+        );
+        let refused = |positions: &[u32], seqs: &[SeqSlice<'_>], layer| {
+            owners(positions, seqs, layer).unwrap_err().to_string()
+        };
+        assert!(refused(&[0], &[seq(0, 1, 1)], 2).contains("layer 2"));
+        assert!(refused(&[0, 1], &[seq(0, 2, 2), seq(1, 1, 2)], 0).contains("overlaps"));
+        assert!(refused(&[0, 1], &[seq(0, 1, 2)], 0).contains("belongs to no sequence"));
+        assert!(refused(&[5], &[seq(0, 1, 5)], 0).contains("beyond"));
+        assert!(refused(&[0], &[seq(0, 1, 40)], 0).contains("block table"));
+        let far = [9u32];
+        let outside = SeqSlice {
+            first_token: 0,
+            num_tokens: 1,
+            context_len: 1,
+            block_table: &far,
+        };
+        assert!(refused(&[0], &[outside], 0).contains("block table"));
+    }
+
+    #[test]
+    fn kv_writes_are_checked_against_the_cache() {
+        assert!(check_write_kv(&LAYOUT, 1, (2, 16), (2, 16), &[0, 63]).is_ok());
+        for (layer, k, slots, needle) in [
+            (2, (1, 16), &[0u32][..], "layer 2"),
+            (0, (1, 15), &[0][..], "width 16"),
+            (0, (1, 16), &[64][..], "slot 64"),
+        ] {
+            let err = check_write_kv(&LAYOUT, layer, k, k, slots)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}

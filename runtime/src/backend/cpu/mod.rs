@@ -623,27 +623,10 @@ impl Backend for CpuBackend {
         v: &CpuTensor,
         slots: &[u32],
     ) -> Result<(), BackendError> {
+        super::check_write_kv(&kv.layout, layer, (k.rows, k.cols), (v.rows, v.cols), slots)?;
         let width = kv.layout.num_kv_heads * kv.layout.head_dim;
-        let capacity = kv.layout.num_blocks * kv.layout.block_size;
-        if k.cols != width
-            || v.cols != width
-            || k.rows != slots.len()
-            || v.rows != slots.len()
-            || layer >= kv.layout.num_layers
-        {
-            return Err(shape_error(
-                "write_kv",
-                format!("{}x{} keys for width {width}", k.rows, k.cols),
-            ));
-        }
         for (r, &slot) in slots.iter().enumerate() {
             let slot = slot as usize;
-            if slot >= capacity {
-                return Err(shape_error(
-                    "write_kv",
-                    format!("slot {slot} beyond {capacity}"),
-                ));
-            }
             kv.k[layer][slot * width..(slot + 1) * width].copy_from_slice(k.row(r));
             kv.v[layer][slot * width..(slot + 1) * width].copy_from_slice(v.row(r));
         }
@@ -665,84 +648,20 @@ impl Backend for CpuBackend {
             head_dim,
         } = heads;
         let width = num_kv_heads * head_dim;
-        if q.cols != num_heads * head_dim
-            || out.cols != q.cols
-            || out.rows != q.rows
-            || width != kv.layout.num_kv_heads * kv.layout.head_dim
-        {
-            return Err(shape_error(
-                "attention",
-                format!(
-                    "q {}x{} for {num_heads} heads of {head_dim}",
-                    q.rows, q.cols
-                ),
-            ));
-        }
+        // Which sequence each query row belongs to; the slices tile the rows exactly (the GEMM
+        // path writes whole row ranges through raw pointers).
+        let owner = super::attention_owners(
+            (q.rows, q.cols),
+            (out.rows, out.cols),
+            &kv.layout,
+            layer,
+            step,
+            heads,
+        )?;
         let group = num_heads / num_kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let (keys, values) = (&kv.k[layer], &kv.v[layer]);
         let bs = step.block_size;
-        // Which sequence each query row belongs to: the slices must tile the rows exactly
-        // (the GEMM path writes whole row ranges through raw pointers).
-        if step.positions.len() != q.rows {
-            return Err(shape_error(
-                "attention",
-                format!(
-                    "{} positions for {} query rows",
-                    step.positions.len(),
-                    q.rows
-                ),
-            ));
-        }
-        let mut owner = vec![usize::MAX; q.rows];
-        for (s, seq) in step.seqs.iter().enumerate() {
-            let end = seq
-                .first_token
-                .checked_add(seq.num_tokens)
-                .filter(|&e| e <= q.rows);
-            let Some(end) = end else {
-                return Err(shape_error(
-                    "attention",
-                    format!("sequence {s} covers rows beyond the {} queries", q.rows),
-                ));
-            };
-            if seq
-                .block_table
-                .iter()
-                .any(|&b| b as usize >= kv.layout.num_blocks)
-                || seq.context_len > seq.block_table.len() * bs
-            {
-                return Err(shape_error(
-                    "attention",
-                    format!("sequence {s}'s block table does not fit the cache"),
-                ));
-            }
-            for o in &mut owner[seq.first_token..end] {
-                if *o != usize::MAX {
-                    return Err(shape_error(
-                        "attention",
-                        format!("sequence {s} overlaps another's rows"),
-                    ));
-                }
-                *o = s;
-            }
-        }
-        for (t, &s) in owner.iter().enumerate() {
-            let visible = step.positions[t] as usize + 1;
-            let seq = step.seqs.get(s).ok_or_else(|| {
-                shape_error("attention", format!("query row {t} belongs to no sequence"))
-            })?;
-            if visible > seq.context_len || visible.div_ceil(bs) > seq.block_table.len() {
-                return Err(shape_error(
-                    "attention",
-                    format!(
-                        "position {} beyond the sequence's {} cached tokens",
-                        visible - 1,
-                        seq.context_len
-                    ),
-                ));
-            }
-        }
         let level = self.level;
         // Long prefill chunks go through GEMMs (all their queries against the gathered keys at
         // once); decode tokens and short chunks take the per-row path below.

@@ -608,7 +608,6 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-
     /// The f16 block scale at `at`, widened with F16C in-line (half's conversion checks the
     /// CPU's features on every call, which cost a tenth of quantized decoding).
     ///

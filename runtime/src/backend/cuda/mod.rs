@@ -1046,22 +1046,8 @@ impl Backend for CudaBackend {
         v: &CudaTensor,
         slots: &[u32],
     ) -> Result<(), BackendError> {
+        super::check_write_kv(&kv.layout, layer, (k.rows, k.cols), (v.rows, v.cols), slots)?;
         let width = kv.layout.num_kv_heads * kv.layout.head_dim;
-        let capacity = kv.layout.num_blocks * kv.layout.block_size;
-        if k.cols != width
-            || v.cols != width
-            || k.rows != slots.len()
-            || v.rows != slots.len()
-            || layer >= kv.layout.num_layers
-        {
-            return Err(shape(
-                "write_kv",
-                format!("{}x{} keys for width {width}", k.rows, k.cols),
-            ));
-        }
-        if let Some(&slot) = slots.iter().find(|&&s| s as usize >= capacity) {
-            return Err(shape("write_kv", format!("slot {slot} beyond {capacity}")));
-        }
         let mut state = self.enter()?;
         self.after_swap_in(&mut state)?;
         let slots_ptr = self.upload(&mut state, Meta::Slots, u32_bytes(slots))?;
@@ -1095,22 +1081,14 @@ impl Backend for CudaBackend {
             head_dim,
         } = heads;
         let l = &kv.layout;
-        if q.cols != num_heads * head_dim
-            || out.rows != q.rows
-            || out.cols != q.cols
-            || step.positions.len() != q.rows
-            || num_kv_heads != l.num_kv_heads
-            || head_dim != l.head_dim
-            || num_kv_heads == 0
-            || !num_heads.is_multiple_of(num_kv_heads)
-            || layer >= l.num_layers
-            || step.block_size != l.block_size
-        {
-            return Err(shape(
-                "attention",
-                format!("{}x{} queries for {heads:?} over {l:?}", q.rows, q.cols),
-            ));
-        }
+        let owner = super::attention_owners(
+            (q.rows, q.cols),
+            (out.rows, out.cols),
+            l,
+            layer,
+            step,
+            heads,
+        )?;
         if head_dim > MAX_HEAD_DIM {
             return Err(BackendError::Unsupported(format!(
                 "attention on {}: head_dim {head_dim} is above the kernel's {MAX_HEAD_DIM}",
@@ -1126,41 +1104,12 @@ impl Backend for CudaBackend {
             .unwrap_or(0)
             .max(1);
         let mut meta = vec![0u32; q.rows + step.seqs.len() * max_blocks];
+        for (m, &s) in meta.iter_mut().zip(&owner) {
+            *m = s as u32;
+        }
         for (s, seq) in step.seqs.iter().enumerate() {
-            let end = seq.first_token + seq.num_tokens;
-            if end > q.rows
-                || seq.block_table.len() * l.block_size < seq.context_len
-                || seq.block_table.iter().any(|&b| b as usize >= l.num_blocks)
-            {
-                return Err(shape(
-                    "attention",
-                    format!("sequence {s} does not fit its rows or blocks"),
-                ));
-            }
-            if step.positions[seq.first_token..end]
-                .iter()
-                .any(|&p| p as usize >= seq.context_len)
-            {
-                return Err(shape(
-                    "attention",
-                    format!("a row of sequence {s} is past its context"),
-                ));
-            }
-            meta[seq.first_token..end].fill(s as u32);
             let table = &mut meta[q.rows + s * max_blocks..q.rows + (s + 1) * max_blocks];
             table[..seq.block_table.len()].copy_from_slice(seq.block_table);
-        }
-        // Every row belongs to exactly one sequence (as the CPU backend requires).
-        let mut claimed = vec![false; q.rows];
-        for seq in step.seqs {
-            for c in &mut claimed[seq.first_token..seq.first_token + seq.num_tokens] {
-                if std::mem::replace(c, true) {
-                    return Err(shape("attention", "two sequences claim one row".into()));
-                }
-            }
-        }
-        if claimed.contains(&false) {
-            return Err(shape("attention", "a row belongs to no sequence".into()));
         }
         let mut state = self.enter()?;
         self.after_swap_in(&mut state)?;
