@@ -399,48 +399,53 @@ fn cuda_engine(backend: CudaBackend, model: &LoadedModel) -> Engine<CudaBackend>
     Engine::new(backend, model.config.clone(), &model.weights, 64, 16).unwrap()
 }
 
+/// `model` on the GPU against transformers' logits and greedy continuations (`expected.json`
+/// and `expected.safetensors` in `dir`) and against the CPU backend.
+fn check_against_references(label: &str, model: &LoadedModel, dir: &std::path::Path) {
+    let meta = json(&dir.join("expected.json"));
+    let expected = expected_logits(&dir.join("expected.safetensors"));
+    let mut gpu = cuda_engine(cuda().unwrap(), model);
+    let mut cpu = Engine::new(
+        CpuBackend::default(),
+        model.config.clone(),
+        &model.weights,
+        64,
+        16,
+    )
+    .unwrap();
+    for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
+        let got = prompt_logits(&mut gpu, &ids(prompt));
+        assert_close(
+            &format!("{label} prompt {i} against transformers"),
+            &got,
+            &expected[&format!("prompt{i}")],
+            MODEL_TOLERANCE,
+        );
+        assert_close(
+            &format!("{label} prompt {i} against the CPU backend"),
+            &got,
+            &prompt_logits(&mut cpu, &ids(prompt)),
+            MODEL_TOLERANCE,
+        );
+    }
+    let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
+    for (prompt, want) in meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(meta["greedy"].as_array().unwrap())
+    {
+        assert_eq!(greedy(&mut gpu, &ids(prompt), steps), ids(want), "{label}");
+    }
+    assert_eq!(gpu.free_blocks(), 64, "{label}: every block is returned");
+}
+
 #[test]
 fn fixture_models_match_the_cpu_and_transformers() {
     let Some(_) = cuda() else { return };
     for name in HF_MODELS {
         let dir = fixtures().join(name);
-        let model = model::load(&dir).unwrap();
-        let meta = json(&dir.join("expected.json"));
-        let expected = expected_logits(&dir.join("expected.safetensors"));
-        let mut gpu = cuda_engine(cuda().unwrap(), &model);
-        let mut cpu = Engine::new(
-            CpuBackend::default(),
-            model.config.clone(),
-            &model.weights,
-            64,
-            16,
-        )
-        .unwrap();
-        for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
-            let got = prompt_logits(&mut gpu, &ids(prompt));
-            assert_close(
-                &format!("{name} prompt {i} against transformers"),
-                &got,
-                &expected[&format!("prompt{i}")],
-                MODEL_TOLERANCE,
-            );
-            assert_close(
-                &format!("{name} prompt {i} against the CPU backend"),
-                &got,
-                &prompt_logits(&mut cpu, &ids(prompt)),
-                MODEL_TOLERANCE,
-            );
-        }
-        let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
-        for (prompt, want) in meta["prompt_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(meta["greedy"].as_array().unwrap())
-        {
-            assert_eq!(greedy(&mut gpu, &ids(prompt), steps), ids(want), "{name}");
-        }
-        assert_eq!(gpu.free_blocks(), 64, "{name}: every block is returned");
+        check_against_references(name, &model::load(&dir).unwrap(), &dir);
     }
 }
 
@@ -484,42 +489,7 @@ fn smollm2_shaped_model_matches_the_cpu_and_transformers_on_this_gpu() {
         eprintln!("skipped: ACCEL_GPU_MODEL is not set (tests/gpu/check.sh makes the model)");
         return;
     };
-    let model = model::load(&dir).unwrap();
-    let meta = json(&dir.join("expected.json"));
-    let expected = expected_logits(&dir.join("expected.safetensors"));
-    let mut gpu = cuda_engine(cuda().unwrap(), &model);
-    let mut cpu = Engine::new(
-        CpuBackend::default(),
-        model.config.clone(),
-        &model.weights,
-        64,
-        16,
-    )
-    .unwrap();
-    for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
-        let got = prompt_logits(&mut gpu, &ids(prompt));
-        assert_close(
-            &format!("prompt {i} against transformers on the GPU"),
-            &got,
-            &expected[&format!("prompt{i}")],
-            MODEL_TOLERANCE,
-        );
-        assert_close(
-            &format!("prompt {i} against the CPU backend"),
-            &got,
-            &prompt_logits(&mut cpu, &ids(prompt)),
-            MODEL_TOLERANCE,
-        );
-    }
-    let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
-    for (prompt, want) in meta["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(meta["greedy"].as_array().unwrap())
-    {
-        assert_eq!(greedy(&mut gpu, &ids(prompt), steps), ids(want));
-    }
+    check_against_references("SmolLM2-shaped", &model::load(&dir).unwrap(), &dir);
 }
 
 #[test]

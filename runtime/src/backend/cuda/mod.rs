@@ -589,20 +589,9 @@ impl CudaBackend {
                 return Ok(device.ptr());
             }
         }
-        let need = data.len().max(4);
-        if state.uploads[slot]
-            .device
-            .as_ref()
-            .is_none_or(|d| d.bytes() < need)
-        {
-            // The old buffer is freed in stream order, after the kernels that read it.
-            state.uploads[slot].device =
-                Some(self.alloc_buffer(Use::Workspace, need.next_power_of_two())?);
-        }
-        let dst = state.uploads[slot]
-            .device
-            .as_ref()
-            .map_or(0, DeviceBuffer::ptr);
+        let dst = grown(&mut state.uploads[slot].device, data.len().max(4), |n| {
+            self.alloc_buffer(Use::Workspace, n.next_power_of_two())
+        })?;
         let State {
             staging, uploads, ..
         } = state;
@@ -697,6 +686,21 @@ impl CudaBackend {
         }
         .map_err(|e| self.error("cuBLAS sgemm", e))
     }
+}
+
+/// Makes `slot` hold a buffer of at least `bytes` (a smaller one is dropped first, so both
+/// are never held; it is freed in stream order, after the work that used it) and returns its
+/// address.
+fn grown(
+    slot: &mut Option<DeviceBuffer>,
+    bytes: usize,
+    alloc: impl FnOnce(usize) -> Result<DeviceBuffer, BackendError>,
+) -> Result<u64, BackendError> {
+    if slot.as_ref().is_none_or(|b| b.bytes() < bytes) {
+        *slot = None;
+        *slot = Some(alloc(bytes)?);
+    }
+    Ok(slot.as_ref().map_or(0, DeviceBuffer::ptr))
 }
 
 /// A kernel argument: device addresses and scalars, passed by value.
@@ -951,12 +955,9 @@ impl Backend for CudaBackend {
         // Dequantize a tile of weight rows at a time (bounded workspace) and multiply it
         // into its columns of `out`.
         let tile_rows = (DEQUANT_TILE_BYTES / (weight.cols * 4)).clamp(1, weight.rows);
-        let need = tile_rows * weight.cols * 4;
-        if state.dequantized.as_ref().is_none_or(|d| d.bytes() < need) {
-            state.dequantized = None;
-            state.dequantized = Some(self.alloc_buffer(Use::Workspace, need)?);
-        }
-        let tile = state.dequantized.as_ref().map_or(0, DeviceBuffer::ptr);
+        let tile = grown(&mut state.dequantized, tile_rows * weight.cols * 4, |n| {
+            self.alloc_buffer(Use::Workspace, n)
+        })?;
         for first in (0..weight.rows).step_by(tile_rows) {
             let rows = tile_rows.min(weight.rows - first);
             self.launch(
@@ -1122,19 +1123,9 @@ impl Backend for CudaBackend {
             let longest = step.positions.iter().max().map_or(0, |&p| p as usize + 1);
             let segments = longest.div_ceil(SPLIT_SEGMENT).max(1);
             let need = q.rows * num_heads * segments * (head_dim + 2) * 4;
-            if state
-                .attention_partial
-                .as_ref()
-                .is_none_or(|b| b.bytes() < need)
-            {
-                state.attention_partial = None;
-                state.attention_partial =
-                    Some(self.alloc_buffer(Use::Workspace, need.next_power_of_two())?);
-            }
-            let partial = state
-                .attention_partial
-                .as_ref()
-                .map_or(0, DeviceBuffer::ptr);
+            let partial = grown(&mut state.attention_partial, need, |n| {
+                self.alloc_buffer(Use::Workspace, n.next_power_of_two())
+            })?;
             self.launch3(
                 &self.device.kernels.paged_attention_partial[variant],
                 (
@@ -1420,26 +1411,12 @@ impl CudaBackend {
             .min(pairs.len())
             .min(SWAP_STAGING_BYTES / host_block_bytes.max(1))
             .max(1);
-        if state
-            .swap_buffer
-            .as_ref()
-            .is_none_or(|b| b.bytes() < chunk * host_block_bytes)
-        {
-            state.swap_buffer = Some(self.ledger.alloc(
-                &self.copy,
-                Use::SwapStaging,
-                chunk * host_block_bytes,
-            )?);
-        }
-        if state
-            .swap_blocks
-            .as_ref()
-            .is_none_or(|b| b.bytes() < chunk * 4)
-        {
-            state.swap_blocks = Some(self.ledger.alloc(&self.copy, Use::Workspace, chunk * 4)?);
-        }
-        let staging_ptr = state.swap_buffer.as_ref().map_or(0, DeviceBuffer::ptr);
-        let blocks_ptr = state.swap_blocks.as_ref().map_or(0, DeviceBuffer::ptr);
+        let staging_ptr = grown(&mut state.swap_buffer, chunk * host_block_bytes, |n| {
+            self.ledger.alloc(&self.copy, Use::SwapStaging, n)
+        })?;
+        let blocks_ptr = grown(&mut state.swap_blocks, chunk * 4, |n| {
+            self.ledger.alloc(&self.copy, Use::Workspace, n)
+        })?;
         let kernel = match direction {
             Direction::Out => &self.device.kernels.gather_kv_blocks,
             Direction::In => &self.device.kernels.scatter_kv_blocks,
