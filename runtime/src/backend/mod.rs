@@ -87,6 +87,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A short name for logs and metrics: `cpu`, `cuda:0`.
     fn name(&self) -> String;
+    /// Runs one step's ops (`f`) where they are cheapest to issue. The CPU backend runs it on
+    /// a worker of its thread pool, so each op's parallel loop forks and joins among workers
+    /// instead of waking the calling thread every time.
+    fn run_step<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
     fn upload(&self, weight: &WeightTensor) -> Result<Self::Weight, BackendError>;
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Tensor, BackendError>;
     /// Makes `t` a `rows`×`cols` tensor, reusing its memory when it is large enough (the

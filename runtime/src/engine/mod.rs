@@ -441,7 +441,7 @@ impl<B: Backend> Engine<B> {
                 return Err(e.into());
             }
         }
-        let result = self.forward(inputs, &before);
+        let result = B::run_step(|| self.forward(inputs, &before));
         if result.is_err() {
             self.rollback(inputs, &before);
         }

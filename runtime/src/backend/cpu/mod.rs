@@ -368,6 +368,12 @@ impl Backend for CpuBackend {
         format!("cpu ({})", self.level.name())
     }
 
+    fn run_step<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        // From a thread outside the pool, every parallel loop would be injected into the pool
+        // with the caller asleep until it ends: a futex wake-up per op, hundreds per token.
+        rayon::scope(|_| f())
+    }
+
     fn upload(&self, weight: &WeightTensor) -> Result<CpuWeight, BackendError> {
         let (rows, cols) = weight.rows_cols();
         // The kernels read rows * row_bytes bytes through raw pointers: the shape must match
