@@ -142,6 +142,31 @@ fn a_sequence_swapped_out_and_back_continues_as_if_never_moved() {
     assert_eq!(engine.sequence_len(seq), Some(200));
     engine.remove_sequence(seq);
     assert_eq!(engine.free_blocks(), 64);
+    assert!(matches!(
+        engine.enable_swap(4),
+        Err(EngineError::SwapAlreadyEnabled)
+    ));
+
+    // A sequence removed while swapped out gives back its swap blocks and its device blocks.
+    let seq = engine.add_sequence();
+    engine
+        .step(&[StepInput {
+            seq,
+            tokens: &prompts[0],
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    engine.swap_out(seq).unwrap();
+    assert!(engine.free_swap_blocks() < 8);
+    engine.remove_sequence(seq);
+    assert_eq!(engine.sequence_len(seq), None);
+    assert_eq!(engine.free_swap_blocks(), 8);
+    assert_eq!(engine.free_blocks(), 64);
+    assert_eq!(
+        greedy(&mut engine, &prompts[0], 12),
+        want,
+        "the engine serves on"
+    );
 }
 
 #[test]

@@ -28,8 +28,8 @@ step() {
     shift 2
     echo "== $name"
     local start=$SECONDS
-    timeout "$limit" "$@" > >(tee "$OUT/$name.txt") 2>&1
-    local rc=$?
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+    local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
 }

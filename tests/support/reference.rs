@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use accel_runtime::backend::Backend;
 use accel_runtime::engine::sampling::argmax;
-use accel_runtime::engine::{Engine, LogitsWanted, StepInput};
+use accel_runtime::engine::{Engine, EngineError, LogitsWanted, StepInput};
 use accel_runtime::model;
 use serde_json::Value;
 
@@ -118,8 +118,13 @@ pub fn greedy_with_swap(
                 tokens: &next,
                 logits: LogitsWanted::Last,
             }]);
-            assert!(refused.is_err(), "a swapped-out sequence cannot step");
-            // Overwrite the device blocks it had.
+            assert!(
+                matches!(refused, Err(EngineError::Swapped(s)) if s == seq),
+                "a swapped-out sequence cannot step"
+            );
+            // Overwrite the device blocks it had: once its copy has landed they are the first
+            // free ones again, and the next sequence takes them.
+            engine.backend().wait_copies().unwrap();
             greedy(engine, other, 4);
             engine.swap_in(seq).unwrap();
         }

@@ -60,6 +60,8 @@ pub enum EngineError {
     NotSwapped(SeqId),
     #[error("this engine has no swap space; enable it with a number of host blocks")]
     NoSwapSpace,
+    #[error("this engine's swap space is already allocated")]
+    SwapAlreadyEnabled,
     #[error("the swap space needs {needed} more blocks but only {free} are free")]
     OutOfSwapSpace { needed: usize, free: usize },
     #[error(transparent)]
@@ -243,6 +245,10 @@ impl<B: Backend> Engine<B> {
     /// Allocates `host_blocks` blocks of swap space (page-locked host memory on a GPU), each
     /// holding one KV block of every layer.
     pub fn enable_swap(&mut self, host_blocks: usize) -> Result<(), EngineError> {
+        // Swapped-out sequences' host block numbers point into the existing space.
+        if self.swap.is_some() {
+            return Err(EngineError::SwapAlreadyEnabled);
+        }
         let kv = self.backend.alloc_host_kv(&self.layout, host_blocks)?;
         self.swap = Some(SwapTier {
             kv,

@@ -115,19 +115,21 @@ impl CpuBackend {
         let row_bytes = weight.row_bytes;
         let chunk = rows_per_task(weight.rows);
         let x = x.row(0);
-        PERMUTED.with_borrow_mut(|xp| {
-            simd::permute_for_bf16_pairs(x, xp);
-            let xp = &xp[..];
-            out.data[..weight.rows]
-                .par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(task, outs)| {
-                    for (k, o) in outs.iter_mut().enumerate() {
-                        let j = task * chunk + k;
-                        *o = dot(&bytes[j * row_bytes..(j + 1) * row_bytes], xp, x);
-                    }
-                });
-        });
+        // Taken out of the thread-local rather than borrowed across the parallel loop: while
+        // this thread waits in the loop, rayon may run another model's step on it, which
+        // would find the buffer borrowed.
+        let mut xp = PERMUTED.take();
+        simd::permute_for_bf16_pairs(x, &mut xp);
+        out.data[..weight.rows]
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(task, outs)| {
+                for (k, o) in outs.iter_mut().enumerate() {
+                    let j = task * chunk + k;
+                    *o = dot(&bytes[j * row_bytes..(j + 1) * row_bytes], &xp, x);
+                }
+            });
+        PERMUTED.set(xp);
     }
 
     /// `out = x · Wᵀ` for a batch: each task dequantizes a tile of weight rows into f32 (or

@@ -1470,6 +1470,9 @@ impl CudaBackend {
             }
             Ok(())
         };
+        // Retire finished batches before queuing this one: retiring may reset the copy
+        // stream's staging, which this batch's uploads are about to use.
+        self.retire_finished(&mut state)?;
         if let Err(e) = enqueue(&mut state) {
             // Part of it may be queued without a ticket: let it land before staging is
             // reused or the blocks are given to anyone else.
@@ -1477,7 +1480,6 @@ impl CudaBackend {
             state.copy_staging.used = 0;
             return Err(e);
         }
-        self.retire_finished(&mut state)?;
         let done = self
             .copy
             .record_event(None)
