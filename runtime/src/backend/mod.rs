@@ -261,9 +261,9 @@ pub(crate) fn check_write_kv(
 }
 
 /// Checks an `attention` call (queries and output as rows × cols) against the cache layout
-/// and returns each query row's sequence: the sequences must tile the rows exactly, their
-/// block tables must lie in the cache and cover their context, and every row's position must
-/// lie inside its sequence's context.
+/// and writes each query row's sequence into `owner` (reused, so decoding allocates nothing):
+/// the sequences must tile the rows exactly, their block tables must lie in the cache and
+/// cover their context, and every row's position must lie inside its sequence's context.
 pub(crate) fn attention_owners(
     q: (usize, usize),
     out: (usize, usize),
@@ -271,7 +271,8 @@ pub(crate) fn attention_owners(
     layer: usize,
     step: &StepLayout<'_>,
     heads: Heads,
-) -> Result<Vec<usize>, BackendError> {
+    owner: &mut Vec<usize>,
+) -> Result<(), BackendError> {
     let shape = |detail| BackendError::Shape {
         op: "attention",
         detail,
@@ -307,7 +308,8 @@ pub(crate) fn attention_owners(
         )));
     }
     let bs = layout.block_size;
-    let mut owner = vec![usize::MAX; q.0];
+    owner.clear();
+    owner.resize(q.0, usize::MAX);
     for (s, seq) in step.seqs.iter().enumerate() {
         let Some(end) = seq
             .first_token
@@ -350,7 +352,7 @@ pub(crate) fn attention_owners(
             )));
         }
     }
-    Ok(owner)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -382,7 +384,17 @@ mod tests {
             block_size: 16,
         };
         let rows = positions.len();
-        attention_owners((rows, 32), (rows, 32), &LAYOUT, layer, &step, HEADS)
+        let mut owner = Vec::new();
+        attention_owners(
+            (rows, 32),
+            (rows, 32),
+            &LAYOUT,
+            layer,
+            &step,
+            HEADS,
+            &mut owner,
+        )
+        .map(|()| owner)
     }
 
     #[test]

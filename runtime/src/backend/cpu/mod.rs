@@ -326,6 +326,8 @@ thread_local! {
     static ATTENTION: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// A dequantized weight tile for the batched path, reused across steps.
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each query row's sequence, for attention, reused across layers and steps.
+    static OWNERS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
     /// One activation row permuted for the bf16 matrix-vector kernel, reused across steps.
     static PERMUTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Attention scores, reused across steps so decoding allocates nothing here.
@@ -658,13 +660,16 @@ impl Backend for CpuBackend {
         let width = num_kv_heads * head_dim;
         // Which sequence each query row belongs to; the slices tile the rows exactly (the GEMM
         // path writes whole row ranges through raw pointers).
-        let owner = super::attention_owners(
+        // Taken out of the thread-local (not borrowed across the parallel loops below).
+        let mut owner = OWNERS.take();
+        super::attention_owners(
             (q.rows, q.cols),
             (out.rows, out.cols),
             &kv.layout,
             layer,
             step,
             heads,
+            &mut owner,
         )?;
         let group = num_heads / num_kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -673,20 +678,18 @@ impl Backend for CpuBackend {
         let level = self.level;
         // Long prefill chunks go through GEMMs (all their queries against the gathered keys at
         // once); decode tokens and short chunks take the per-row path below.
-        let long: Vec<usize> = (0..step.seqs.len())
-            .filter(|&s| step.seqs[s].num_tokens >= ATTENTION_GEMM_MIN_TOKENS)
-            .collect();
-        if !long.is_empty() {
+        let is_long = |s: usize| step.seqs[s].num_tokens >= ATTENTION_GEMM_MIN_TOKENS;
+        if (0..step.seqs.len()).any(is_long) {
+            let long: Vec<usize> = (0..step.seqs.len()).filter(|&s| is_long(s)).collect();
             self.attention_gemm(q, keys, values, step, &long, heads, width, out);
         }
-        let is_long: Vec<bool> = (0..step.seqs.len()).map(|s| long.contains(&s)).collect();
         // One task per (query row, head): each writes its own head_dim slice of `out`.
         out.data
             .par_chunks_mut(head_dim)
             .enumerate()
             .for_each(|(index, o)| {
                 let (t, h) = (index / num_heads, index % num_heads);
-                if is_long[owner[t]] {
+                if is_long(owner[t]) {
                     return;
                 }
                 let seq = &step.seqs[owner[t]];
@@ -718,6 +721,7 @@ impl Backend for CpuBackend {
                     }
                 });
             });
+        OWNERS.set(owner);
         Ok(())
     }
 

@@ -1082,13 +1082,15 @@ impl Backend for CudaBackend {
             head_dim,
         } = heads;
         let l = &kv.layout;
-        let owner = super::attention_owners(
+        let mut owner = Vec::new();
+        super::attention_owners(
             (q.rows, q.cols),
             (out.rows, out.cols),
             l,
             layer,
             step,
             heads,
+            &mut owner,
         )?;
         if head_dim > MAX_HEAD_DIM {
             return Err(BackendError::Unsupported(format!(
