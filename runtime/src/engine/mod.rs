@@ -110,6 +110,16 @@ pub struct Engine<B: Backend> {
     parked: HashMap<SeqId, Parked>,
     /// Device blocks of swapped-out sequences, free once their copy has finished.
     pending_free: Vec<(CopyTicket, Vec<u32>)>,
+    indices: StepIndices,
+}
+
+/// A step's host-side indices, kept between steps so decoding does not allocate them.
+#[derive(Debug, Default)]
+struct StepIndices {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    logit_rows: Vec<usize>,
 }
 
 /// Host memory holding swapped-out sequences' KV blocks.
@@ -239,6 +249,7 @@ impl<B: Backend> Engine<B> {
             swap: None,
             parked: HashMap::new(),
             pending_free: Vec::new(),
+            indices: StepIndices::default(),
         })
     }
 
@@ -469,12 +480,19 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Vec<StepOutput>, EngineError> {
         let c = &self.config;
         let bs = self.pool.block_size();
+        // Host-side index vectors, kept between steps (taken out while the step borrows self).
+        let StepIndices {
+            mut tokens,
+            mut positions,
+            mut slots,
+            mut logit_rows,
+        } = std::mem::take(&mut self.indices);
+        for v in [&mut tokens, &mut positions, &mut slots] {
+            v.clear();
+        }
+        logit_rows.clear();
+        let mut seqs = Vec::with_capacity(inputs.len());
         let n: usize = inputs.iter().map(|i| i.tokens.len()).sum();
-        let mut tokens = Vec::with_capacity(n);
-        let mut positions = Vec::with_capacity(n);
-        let mut slots = Vec::with_capacity(n);
-        let mut logit_rows = Vec::new();
-        let mut tables = Vec::with_capacity(inputs.len());
         for (input, &start) in inputs.iter().zip(before) {
             let table = self
                 .seqs
@@ -490,24 +508,13 @@ impl<B: Backend> Engine<B> {
                 LogitsWanted::Last => logit_rows.push(tokens.len() - 1),
                 LogitsWanted::All => logit_rows.extend(first..tokens.len()),
             }
-            tables.push((
-                first,
-                input.tokens.len(),
-                start + input.tokens.len(),
-                table.blocks(),
-            ));
+            seqs.push(SeqSlice {
+                first_token: first,
+                num_tokens: input.tokens.len(),
+                context_len: start + input.tokens.len(),
+                block_table: table.blocks(),
+            });
         }
-        let seqs: Vec<SeqSlice<'_>> = tables
-            .iter()
-            .map(
-                |&(first_token, num_tokens, context_len, block_table)| SeqSlice {
-                    first_token,
-                    num_tokens,
-                    context_len,
-                    block_table,
-                },
-            )
-            .collect();
         let layout = StepLayout {
             positions: &positions,
             slots: &slots,
@@ -610,6 +617,13 @@ impl<B: Backend> Engine<B> {
         b.matmul(last_normed, &w.lm_head, logits)?;
         let host = b.read(logits)?;
         self.scratch = Some(scratch);
+        drop(seqs);
+        self.indices = StepIndices {
+            tokens,
+            positions,
+            slots,
+            logit_rows,
+        };
 
         let mut rows = host.chunks_exact(c.vocab_size).map(<[f32]>::to_vec);
         Ok(inputs
