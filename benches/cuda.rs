@@ -7,7 +7,8 @@
 //!   made by tests/gpu/make_model.py); the check script compares it with transformers.
 //!
 //! `cargo bench -p accel-benches --bench cuda` prints a table and, with `ACCEL_BENCH_JSON`
-//! set, writes the figures there as JSON. Without a GPU it says why and exits 0.
+//! set, writes the figures there as JSON. Without a GPU it says why and exits 0 (1 with
+//! `ACCEL_REQUIRE_GPU=1`, as the GPU check script sets).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,10 @@ fn backend() -> Option<CudaBackend> {
     };
     match CudaBackend::new(0, &options) {
         Ok(b) => Some(b),
+        Err(e) if std::env::var("ACCEL_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            eprintln!("ACCEL_REQUIRE_GPU=1 but there is no CUDA backend: {e}");
+            std::process::exit(1);
+        }
         Err(e) => {
             eprintln!("no CUDA backend here, nothing to measure: {e}");
             None

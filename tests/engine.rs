@@ -477,3 +477,34 @@ fn smollm2_answers_like_transformers() {
         );
     }
 }
+
+/// A model folder made by `tests/gpu/make_model.py` (with transformers' logits and greedy
+/// continuations beside it), named by `ACCEL_REFERENCE_MODEL`: the CPU engine against it.
+/// Skipped when unset; the GPU check makes the SmolLM2-shaped one there.
+#[test]
+fn a_reference_model_from_the_environment_matches_transformers() {
+    let Some(dir) = std::env::var_os("ACCEL_REFERENCE_MODEL").map(std::path::PathBuf::from) else {
+        eprintln!("skipped: ACCEL_REFERENCE_MODEL is not set");
+        return;
+    };
+    let model = model::load(&dir).unwrap();
+    let meta = json(&dir.join("expected.json"));
+    let expected = expected_logits(&dir.join("expected.safetensors"));
+    let mut engine = engine_for(&model);
+    for (i, prompt) in meta["prompt_ids"].as_array().unwrap().iter().enumerate() {
+        let err = relative_error(
+            &prompt_logits(&mut engine, &ids(prompt)),
+            &expected[&format!("prompt{i}")],
+        );
+        assert!(err <= 1e-4, "prompt {i}: relative error {err:e}");
+    }
+    let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
+    for (prompt, want) in meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(meta["greedy"].as_array().unwrap())
+    {
+        assert_eq!(greedy(&mut engine, &ids(prompt), steps), ids(want));
+    }
+}

@@ -2,7 +2,7 @@
 """Makes the SmolLM2-shaped random model the CUDA tests and benchmarks use, with its
 reference outputs computed by transformers on this machine's GPU in f32 (TF32 off):
 
-    python3 tests/gpu/make_model.py OUT_DIR
+    python3 tests/gpu/make_model.py OUT_DIR [DEVICE]     # DEVICE: cuda (default) or cpu
 
 OUT_DIR gets a Hugging Face folder (config.json, model.safetensors in f32, the fixtures'
 small tokenizer) plus expected.safetensors (logits after every prompt token) and
@@ -30,13 +30,16 @@ PROMPT_LENGTHS = [5, 19, 40]
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
+DEVICE = "cuda"
+
+
 def greedy(model, ids, steps):
     """Greedy continuation with full recomputation each step, and the smallest top-2 gap."""
     ids = list(ids)
     out, gap = [], float("inf")
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+            logits = model(torch.tensor([ids], device=DEVICE)).logits[0, -1].float()
             top = torch.topk(logits, 2).values
             gap = min(gap, float(top[0] - top[1]))
             token = int(torch.argmax(logits))
@@ -46,9 +49,12 @@ def greedy(model, ids, steps):
 
 
 def main():
-    if len(sys.argv) != 2:
+    global DEVICE
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     out_dir = sys.argv[1]
+    if len(sys.argv) == 3:
+        DEVICE = sys.argv[2]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     config = LlamaConfig(
@@ -72,7 +78,7 @@ def main():
     started = time.time()
     for seed in range(60):
         torch.manual_seed(seed)
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = LlamaForCausalLM(config).float().eval()
         runs = [greedy(model, p, GREEDY_TOKENS) for p in prompts]
         gaps = [gap for _, gap in runs]
@@ -88,7 +94,7 @@ def main():
     expected = {}
     with torch.no_grad():
         for i, ids in enumerate(prompts):
-            logits = model(torch.tensor([ids], device="cuda")).logits[0].float().cpu().contiguous()
+            logits = model(torch.tensor([ids], device=DEVICE)).logits[0].float().cpu().contiguous()
             expected[f"prompt{i}"] = logits
     save_file(expected, os.path.join(out_dir, "expected.safetensors"))
     meta = {
@@ -97,7 +103,7 @@ def main():
         "greedy_tokens": GREEDY_TOKENS,
         "seed": seed,
         "min_top2_gap": min(gaps),
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else DEVICE,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
     }
