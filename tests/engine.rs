@@ -496,6 +496,7 @@ fn a_reference_model_from_the_environment_matches_transformers() {
             &prompt_logits(&mut engine, &ids(prompt)),
             &expected[&format!("prompt{i}")],
         );
+        eprintln!("{}: prompt {i}: relative error {err:e}", dir.display());
         assert!(err <= 1e-4, "prompt {i}: relative error {err:e}");
     }
     let steps = meta["greedy_tokens"].as_u64().unwrap() as usize;
