@@ -26,6 +26,15 @@ use rand::{Rng as _, SeedableRng as _};
 /// f32 compute on both sides, summed in different orders.
 const OP_TOLERANCE: f64 = 1e-5;
 const MODEL_TOLERANCE: f64 = 1e-4;
+/// Every weight dtype the backends read.
+const DTYPES: [DType; 6] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+];
 
 fn cuda_with(memory_budget: Option<u64>) -> Option<CudaBackend> {
     let options = CudaOptions {
@@ -117,14 +126,7 @@ fn matmul_matches_the_cpu_for_every_dtype_and_batch() {
     let Some(gpu) = cuda() else { return };
     let cpu = CpuBackend::default();
     let mut rng = StdRng::seed_from_u64(1);
-    for dtype in [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::Q8_0,
-        DType::Q4_0,
-        DType::Q4_1,
-    ] {
+    for dtype in DTYPES {
         // Odd output counts; inputs a whole number of quant blocks but not of warps.
         let (out_features, in_features) = if dtype.is_quantized() {
             (67, 96)
@@ -204,14 +206,7 @@ fn elementwise_ops_match_the_cpu() {
     let Some(gpu) = cuda() else { return };
     let cpu = CpuBackend::default();
     let mut rng = StdRng::seed_from_u64(2);
-    for dtype in [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::Q8_0,
-        DType::Q4_0,
-        DType::Q4_1,
-    ] {
+    for dtype in DTYPES {
         let table = random_weight(&mut rng, dtype, 71, 64);
         let tokens = [5, 0, 70, 5, 13];
         assert_close(

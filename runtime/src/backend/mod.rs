@@ -226,6 +226,27 @@ pub(crate) fn check_swap_pairs(
     Ok(())
 }
 
+/// Checks that a weight's bytes match its shape exactly (kernels read `rows * row_bytes`
+/// bytes through raw pointers, whoever built the tensor); returns (rows, cols).
+pub(crate) fn check_upload(weight: &WeightTensor) -> Result<(usize, usize), BackendError> {
+    let (rows, cols) = weight.rows_cols();
+    if !cols.is_multiple_of(weight.dtype.block_elems())
+        || weight.bytes().len() != rows * weight.row_bytes()
+    {
+        return Err(BackendError::Shape {
+            op: "upload",
+            detail: format!(
+                "tensor {:?} has shape {:?} but {} bytes of {}",
+                weight.name,
+                weight.shape,
+                weight.bytes().len(),
+                weight.dtype
+            ),
+        });
+    }
+    Ok((rows, cols))
+}
+
 /// Checks a `write_kv` call (keys and values as rows × cols) against the cache layout, before
 /// any backend touches memory.
 pub(crate) fn check_write_kv(

@@ -379,23 +379,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, weight: &WeightTensor) -> Result<CpuWeight, BackendError> {
-        let (rows, cols) = weight.rows_cols();
-        // The kernels read rows * row_bytes bytes through raw pointers: the shape must match
-        // the bytes exactly, whoever built the tensor.
-        if !cols.is_multiple_of(weight.dtype.block_elems())
-            || weight.bytes().len() != rows * weight.row_bytes()
-        {
-            return Err(shape_error(
-                "upload",
-                format!(
-                    "tensor {:?} has shape {:?} but {} bytes of {}",
-                    weight.name,
-                    weight.shape,
-                    weight.bytes().len(),
-                    weight.dtype
-                ),
-            ));
-        }
+        let (rows, cols) = super::check_upload(weight)?;
         let vector = (rows == 1).then(|| weight.to_f32());
         Ok(CpuWeight {
             row_bytes: weight.row_bytes(),

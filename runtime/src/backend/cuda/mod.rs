@@ -647,6 +647,27 @@ impl CudaBackend {
             .map_err(|e| self.error("kernel launch", e))
     }
 
+    /// An elementwise kernel `(x, y, n)` that updates `x` in place from `y` of its shape.
+    fn in_place(
+        &self,
+        kernel: &CudaFunction,
+        op: &'static str,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+    ) -> Result<(), BackendError> {
+        if x.rows != y.rows || x.cols != y.cols {
+            return Err(shape(op, "operands differ in shape".into()));
+        }
+        let _state = self.enter()?;
+        let n = x.len();
+        self.launch(
+            kernel,
+            (as_u32(n.div_ceil(256).min(65_535), op)?, 1),
+            256,
+            &[&x.ptr(), &y.ptr(), &(n as i64)],
+        )
+    }
+
     /// Columns `first..first + n` of `out = x · Wᵀ` with cuBLAS, for the f32 rows
     /// `first..first + n` of W at `w` (`[n][k]`).
     fn sgemm(
@@ -757,21 +778,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, weight: &WeightTensor) -> Result<CudaWeight, BackendError> {
-        let (rows, cols) = weight.rows_cols();
-        if !cols.is_multiple_of(weight.dtype.block_elems())
-            || weight.bytes().len() != rows * weight.row_bytes()
-        {
-            return Err(shape(
-                "upload",
-                format!(
-                    "tensor {:?} has shape {:?} but {} bytes of {}",
-                    weight.name,
-                    weight.shape,
-                    weight.bytes().len(),
-                    weight.dtype
-                ),
-            ));
-        }
+        let (rows, cols) = super::check_upload(weight)?;
         let _state = self.enter()?;
         // Vectors (norms, biases) are kept as f32 for the elementwise kernels.
         let (bytes, dtype, row_bytes): (std::borrow::Cow<'_, [u8]>, DType, usize) = if rows == 1 {
@@ -1196,31 +1203,11 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate: &mut CudaTensor, up: &CudaTensor) -> Result<(), BackendError> {
-        if gate.rows != up.rows || gate.cols != up.cols {
-            return Err(shape("silu_mul", "operands differ in shape".into()));
-        }
-        let _state = self.enter()?;
-        let n = gate.len();
-        self.launch(
-            &self.device.kernels.silu_mul,
-            (as_u32(n.div_ceil(256).min(65_535), "silu_mul")?, 1),
-            256,
-            &[&gate.ptr(), &up.ptr(), &(n as i64)],
-        )
+        self.in_place(&self.device.kernels.silu_mul, "silu_mul", gate, up)
     }
 
     fn add(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<(), BackendError> {
-        if x.rows != y.rows || x.cols != y.cols {
-            return Err(shape("add", "operands differ in shape".into()));
-        }
-        let _state = self.enter()?;
-        let n = x.len();
-        self.launch(
-            &self.device.kernels.add,
-            (as_u32(n.div_ceil(256).min(65_535), "add")?, 1),
-            256,
-            &[&x.ptr(), &y.ptr(), &(n as i64)],
-        )
+        self.in_place(&self.device.kernels.add, "add", x, y)
     }
 
     fn gather_rows(
