@@ -619,3 +619,55 @@ fn sampling_helpers_match_the_host() {
     assert_close("softmax with temperature", &got, &want, OP_TOLERANCE);
     assert!(gpu.top_k_rows(&t, 0).is_err() && gpu.top_k_rows(&t, 1025).is_err());
 }
+
+/// The product path: the real daemon serving a model on `cuda:0` (its runner thread driving
+/// the backend created on another thread), answering greedy completions as transformers does,
+/// and reporting the GPU's memory by use in its metrics.
+#[test]
+fn the_daemon_serves_a_model_on_the_gpu() {
+    let Some(backend) = cuda() else { return };
+    drop(backend);
+    let dir = fixtures().join("llama-gqa-f32");
+    let cache = accel_tests::shared_tempdir();
+    let extra = format!(
+        "kernel_cache: {}\nmodels:\n  - name: tiny\n    path: {}\n    backend: cuda:0\n    kv_blocks: 64\n",
+        cache.path().display(),
+        dir.display()
+    );
+    let daemon = accel_tests::Daemon::start_with(accel_tests::DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let (status, models) = daemon.request("GET", "/v1/models", None);
+    assert_eq!(status, 200, "{models}");
+    assert!(models.contains("\"backend\":\"cuda:0\""), "{models}");
+    let meta = json(&dir.join("expected.json"));
+    let tokenizer = model::load(&dir).unwrap().tokenizer;
+    for (prompt, want) in meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(meta["greedy"].as_array().unwrap())
+    {
+        let want = ids(want);
+        let body = serde_json::json!({"model": "tiny", "prompt": ids(prompt), "max_tokens": want.len(), "temperature": 0, "ignore_eos": true});
+        let (status, text) =
+            daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+        assert_eq!(status, 200, "{text}");
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            answer["choices"][0]["text"],
+            tokenizer.decode(&want, true).unwrap()
+        );
+    }
+    let (_, metrics) = daemon.request("GET", "/metrics", None);
+    let weights = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("accel_backend_memory_bytes{device=\"GPU-")
+                && l.contains("use=\"weights\"")
+        })
+        .unwrap_or_else(|| panic!("no GPU weights in the metrics:\n{metrics}"));
+    let bytes: u64 = weights.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(bytes > 0, "{weights}");
+}

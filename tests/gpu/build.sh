@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the CUDA test and benchmark executables (release, debug info stripped) into gpu-bin/,
-# for tests/gpu/check.sh on a GPU machine that has no Rust toolchain. Run on an x86-64 host
-# with the workspace's toolchain; the executables need only glibc (CUDA is loaded at run time).
+# Builds the CUDA test and benchmark executables and the daemon (release, debug info stripped)
+# into gpu-bin/, for tests/gpu/check.sh on a GPU machine that has no Rust toolchain. Run on an
+# x86-64 host with the workspace's toolchain; the executables need only glibc 2.34 or later
+# (CUDA is loaded at run time).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=gpu-bin
@@ -21,7 +22,9 @@ print(paths[-1])' "$1"
 
 tests=$(cargo test --release -p accel-tests --test cuda --no-run --message-format=json | executable cuda)
 bench=$(cargo bench -p accel-benches --bench cuda --no-run --message-format=json | executable cuda)
+daemon=$(cargo build --release --locked -p accel-runtime --bin acceld --message-format=json | executable acceld)
 cp "$tests" "$out/cuda-tests"
 cp "$bench" "$out/cuda-bench"
-strip --strip-debug "$out/cuda-tests" "$out/cuda-bench"
+cp "$daemon" "$out/acceld"
+strip --strip-debug "$out/cuda-tests" "$out/cuda-bench" "$out/acceld"
 du -h "$out"/*

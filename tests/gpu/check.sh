@@ -19,6 +19,7 @@ export ACCEL_FIXTURES=$PWD/tests/fixtures
 export ACCEL_KERNEL_CACHE=$WORK/kernels
 export ACCEL_GPU_MODEL=$WORK/smollm2-shaped
 export ACCEL_BENCH_JSON=$OUT/bench.json
+export ACCEL_BIN_DIR=$BIN  # acceld, for the test of the daemon serving on the GPU
 export RUST_BACKTRACE=1
 failed=()
 
