@@ -14,6 +14,22 @@ BIN=${ACCEL_GPU_BIN:-$PWD/gpu-bin}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
+# NVRTC and cuBLAS may exist only as the pip packages PyTorch brings (nvidia/cu13/lib and the
+# like): put their folders on the library path, since the backend loads them by name.
+pip_cuda_libs=$(python3 - <<'PY' 2>/dev/null
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit
+dirs = sorted({os.path.dirname(p) for base in nvidia.__path__
+               for p in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True)
+               if os.path.basename(p).startswith(("libnvrtc.so", "libcublas.so", "libcublasLt.so"))})
+print(":".join(dirs))
+PY
+)
+[ -n "$pip_cuda_libs" ] && export LD_LIBRARY_PATH="$pip_cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "library path for NVRTC and cuBLAS: ${LD_LIBRARY_PATH:-(system default)}"
 export ACCEL_REQUIRE_GPU=1
 export ACCEL_FIXTURES=$PWD/tests/fixtures
 export ACCEL_KERNEL_CACHE=$WORK/kernels

@@ -1,6 +1,10 @@
-//! The CUDA C sources in `cuda-kernels/`, compiled at run time with NVRTC for the GPU found
-//! (`compute_XY` from its compute capability), cached on disk by source hash, architecture and
-//! NVRTC version, and loaded once per device.
+//! The CUDA C sources in `cuda-kernels/`, compiled at run time with NVRTC to machine code for
+//! the GPU found (`sm_XY` from its compute capability), cached on disk by source hash,
+//! architecture and NVRTC version, and loaded once per device.
+//!
+//! Machine code rather than PTX: PTX from an NVRTC newer than the driver (a pip-installed
+//! CUDA 13.2 runtime on a 13.0 driver) is refused at load time, while a cubin of the same major
+//! version loads.
 //!
 //! Each `.cu` file is one module with `dtype.cuh` inlined, as CI's NVRTC check compiles it.
 //! A cache hit needs no NVRTC at all; a miss without NVRTC installed is a clear error.
@@ -9,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction};
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 use sha2::{Digest as _, Sha256};
 
 const DTYPE_HEADER: &str = include_str!("../../../../cuda-kernels/dtype.cuh");
@@ -92,30 +96,30 @@ fn cache_key(source: &str, arch: &str, nvrtc: Option<(i32, i32)>) -> String {
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Returns PTX for `module` from the cache, or compiles and caches it. The cache key includes
-/// the NVRTC version when NVRTC is present; without NVRTC any cached build for the same source
-/// and architecture is used.
-fn ptx_for(
+/// Returns machine code for `module` from the cache, or compiles and caches it. The cache key
+/// includes the NVRTC version when NVRTC is present; without NVRTC any cached build for the
+/// same source and architecture is used.
+fn cubin_for(
     module: &'static str,
     source: &str,
     arch: &str,
     cache: Option<&Path>,
-) -> Result<String, KernelError> {
-    ptx_with(module, source, arch, cache, nvrtc_version())
+) -> Result<Vec<u8>, KernelError> {
+    cubin_with(module, source, arch, cache, nvrtc_version())
 }
 
-/// [`ptx_for`] with the NVRTC version given (None: as if NVRTC were not installed).
-fn ptx_with(
+/// [`cubin_for`] with the NVRTC version given (None: as if NVRTC were not installed).
+fn cubin_with(
     module: &'static str,
     source: &str,
     arch: &str,
     cache: Option<&Path>,
     nvrtc: Option<(i32, i32)>,
-) -> Result<String, KernelError> {
+) -> Result<Vec<u8>, KernelError> {
     let file = |version| {
         cache.map(|dir| {
             dir.join(format!(
-                "{module}-{arch}-{}.ptx",
+                "{module}-{arch}-{}.cubin",
                 cache_key(source, arch, version)
             ))
         })
@@ -127,8 +131,8 @@ fn ptx_with(
             let sources_hash = cache_key(source, arch, None);
             let marker = dir.join(format!("{prefix}{sources_hash}.source"));
             if let Ok(name) = std::fs::read_to_string(&marker) {
-                if let Ok(ptx) = std::fs::read_to_string(dir.join(name.trim())) {
-                    return Ok(ptx);
+                if let Ok(cubin) = std::fs::read(dir.join(name.trim())) {
+                    return Ok(cubin);
                 }
             }
         }
@@ -139,43 +143,78 @@ fn ptx_with(
         });
     };
     let path: Option<PathBuf> = file(Some(version));
-    if let Some(ptx) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        return Ok(ptx);
+    if let Some(cubin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        return Ok(cubin);
     }
-    let options = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".into(),
-            "-default-device".into(),
-        ],
-        name: Some(format!("{module}.cu")),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| {
-        KernelError::Compile {
-            module,
-            arch: arch.to_owned(),
-            log: match e {
-                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                    log.to_string_lossy().into_owned()
-                }
-                other => format!("{other:?}"),
-            },
-        }
-    })?;
-    let text = ptx.to_src();
+    let cubin = compile(module, source, arch)?;
     if let (Some(path), Some(dir)) = (path, cache) {
-        store(dir, &path, &text, module, arch, source);
+        store(dir, &path, &cubin, module, arch, source);
     }
-    Ok(text)
+    Ok(cubin)
+}
+
+/// Compiles one module to machine code for `arch` (`sm_90`) with NVRTC.
+fn compile(module: &'static str, source: &str, arch: &str) -> Result<Vec<u8>, KernelError> {
+    use cudarc::nvrtc::{result, sys};
+    let failed = |log: String| KernelError::Compile {
+        module,
+        arch: arch.to_owned(),
+        log,
+    };
+    let source = std::ffi::CString::new(source)
+        .map_err(|_| failed("the source contains a NUL byte".into()))?;
+    let name = std::ffi::CString::new(format!("{module}.cu"))
+        .map_err(|_| failed("the module name contains a NUL byte".into()))?;
+    let prog =
+        result::create_program(&source, Some(&name)).map_err(|e| failed(format!("{e:?}")))?;
+    let options = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+    ];
+    // SAFETY: `prog` was just created and is destroyed exactly once below; the buffers handed
+    // to NVRTC are sized by the sizes it reports.
+    let built = unsafe {
+        let compiled = result::compile_program(prog, &options);
+        let built = match compiled {
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|chars| {
+                        let bytes: Vec<u8> = chars
+                            .iter()
+                            .take_while(|&&c| c != 0)
+                            .map(|&c| c as u8)
+                            .collect();
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    })
+                    .unwrap_or_else(|_| format!("{e:?}"));
+                Err(failed(log))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|()| {
+                        let mut cubin = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                            .result()
+                            .map(|()| cubin)
+                    })
+                    .map_err(|e| failed(format!("cannot fetch the machine code: {e:?}")))
+            }
+        };
+        let _ = result::destroy_program(prog);
+        built
+    };
+    built
 }
 
 /// Writes a compiled module to the cache atomically (a failure only costs a recompile later).
-fn store(dir: &Path, path: &Path, ptx: &str, module: &str, arch: &str, source: &str) {
+fn store(dir: &Path, path: &Path, cubin: &[u8], module: &str, arch: &str, source: &str) {
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, ptx)?;
+        std::fs::write(&tmp, cubin)?;
         std::fs::rename(&tmp, path)?;
         // Remember which file holds this source's build, for hosts without NVRTC.
         let marker = dir.join(format!(
@@ -246,7 +285,7 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// Compiles (or takes from `cache`) and loads every module for `arch` (`compute_90`).
+    /// Compiles (or takes from `cache`) and loads every module for `arch` (`sm_90`).
     pub fn load(
         ctx: &Arc<CudaContext>,
         arch: &str,
@@ -255,13 +294,13 @@ impl Kernels {
         let mut modules = Vec::new();
         for (name, source) in SOURCES {
             let expanded = expand(source);
-            let ptx = ptx_for(name, &expanded, arch, cache)?;
-            let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .map_err(|e| KernelError::Load {
-                    module: name,
-                    detail: format!("{e:?}"),
-                })?;
+            let cubin = cubin_for(name, &expanded, arch, cache)?;
+            let module =
+                ctx.load_module(Ptx::from_binary(cubin))
+                    .map_err(|e| KernelError::Load {
+                        module: name,
+                        detail: format!("{e:?}"),
+                    })?;
             modules.push((name, module));
         }
         let mut functions = std::collections::HashMap::new();
@@ -339,8 +378,8 @@ mod tests {
     }
 
     /// Runs where NVRTC can be loaded (`make test` puts the PyPI wheel's library on
-    /// LD_LIBRARY_PATH): the sources compile through cudarc with the backend's options, every
-    /// kernel it launches is in the PTX, builds are cached, and a host without NVRTC finds them.
+    /// LD_LIBRARY_PATH): the sources compile to machine code with the backend's options, every
+    /// kernel it launches is in it, builds are cached, and a host without NVRTC finds them.
     #[test]
     fn kernels_compile_with_nvrtc_and_are_cached() {
         let Some(version) = nvrtc_version() else {
@@ -355,45 +394,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (module, source) in SOURCES {
             let expanded = expand(source);
-            let ptx = ptx_with(
-                module,
-                &expanded,
-                "compute_80",
-                Some(dir.path()),
-                Some(version),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            let build = |version| cubin_with(module, &expanded, "sm_80", Some(dir.path()), version);
+            let cubin = build(Some(version)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(cubin.starts_with(b"\x7fELF"), "{module}: not machine code");
             for (m, entry) in ENTRY_POINTS {
                 if m == module {
+                    // The ELF symbol table names every kernel, NUL-terminated.
+                    let symbol = format!("{entry}\0");
                     assert!(
-                        ptx.contains(&format!(".entry {entry}(")),
+                        cubin.windows(symbol.len()).any(|w| w == symbol.as_bytes()),
                         "{module}: no entry {entry}"
                     );
                 }
             }
-            let again = ptx_with(
-                module,
-                &expanded,
-                "compute_80",
-                Some(dir.path()),
-                Some(version),
-            )
-            .unwrap();
-            assert_eq!(again, ptx);
-            let without_nvrtc =
-                ptx_with(module, &expanded, "compute_80", Some(dir.path()), None).unwrap();
             assert_eq!(
-                without_nvrtc, ptx,
+                build(Some(version)).unwrap(),
+                cubin,
+                "{module}: a cache hit"
+            );
+            assert_eq!(
+                build(None).unwrap(),
+                cubin,
                 "{module}: the cached build serves a host without NVRTC"
             );
-            let err =
-                ptx_with(module, &expanded, "compute_90", Some(dir.path()), None).unwrap_err();
+            let err = cubin_with(module, &expanded, "sm_90", Some(dir.path()), None).unwrap_err();
             assert!(err.to_string().contains("not in the kernel cache"), "{err}");
         }
-        let err = ptx_with(
+        let err = cubin_with(
             "broken",
             "extern \"C\" __global__ void f() { no_such_name = 1; }",
-            "compute_80",
+            "sm_80",
             None,
             Some(version),
         )
@@ -403,10 +433,10 @@ mod tests {
 
     #[test]
     fn cache_keys_change_with_source_arch_and_compiler() {
-        let base = cache_key("a", "compute_90", Some((12, 9)));
-        assert_ne!(base, cache_key("b", "compute_90", Some((12, 9))));
-        assert_ne!(base, cache_key("a", "compute_80", Some((12, 9))));
-        assert_ne!(base, cache_key("a", "compute_90", Some((13, 0))));
-        assert_eq!(base, cache_key("a", "compute_90", Some((12, 9))));
+        let base = cache_key("a", "sm_90", Some((12, 9)));
+        assert_ne!(base, cache_key("b", "sm_90", Some((12, 9))));
+        assert_ne!(base, cache_key("a", "sm_80", Some((12, 9))));
+        assert_ne!(base, cache_key("a", "sm_90", Some((13, 0))));
+        assert_eq!(base, cache_key("a", "sm_90", Some((12, 9))));
     }
 }

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::PushKernelArg as _;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig};
 
@@ -96,7 +96,7 @@ impl DeviceRuntime {
         &self.name
     }
 
-    /// The NVRTC target, e.g. `compute_90`.
+    /// The NVRTC target, e.g. `sm_90`.
     pub fn arch(&self) -> &str {
         &self.arch
     }
@@ -158,7 +158,7 @@ pub fn open_device(
     let (major, minor) = ctx
         .compute_capability()
         .map_err(|e| driver_error(&label, "compute capability", e))?;
-    let arch = format!("compute_{major}{minor}");
+    let arch = format!("sm_{major}{minor}");
     let kernels = Kernels::load(&ctx, &arch, kernel_cache)
         .map_err(|e| unavailable(format!("kernels: {e}")))?;
     let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
@@ -309,8 +309,9 @@ pub struct CudaBackend {
     label: String,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
-    /// Destroyed by hand in Drop: cudarc's own Drop panics if the context has failed.
-    blas: std::mem::ManuallyDrop<CudaBlas>,
+    /// cuBLAS on the compute stream; destroyed in Drop (cudarc's wrapper would panic there if
+    /// the context had failed, and would keep the stream alive).
+    blas: BlasHandle,
     ledger: Arc<Ledger>,
     /// Keeps cuBLAS's workspace alive (and booked).
     _blas_workspace: DeviceBuffer,
@@ -336,7 +337,10 @@ impl CudaBackend {
         let blas_err = |op| move |e: cudarc::cublas::result::CublasError| driver_error(name, op, e);
         let compute = device.ctx.new_stream().map_err(err("stream"))?;
         let copy = device.ctx.new_stream().map_err(err("stream"))?;
-        let blas = CudaBlas::new(Arc::clone(&compute)).map_err(blas_err("cuBLAS"))?;
+        let blas = BlasHandle(blas::create_handle().map_err(blas_err("cuBLAS"))?);
+        // SAFETY: a live handle and stream of this context.
+        unsafe { blas::set_stream(blas.0, compute.cu_stream() as _) }
+            .map_err(blas_err("cuBLAS stream"))?;
         let ledger = Ledger::new(label.clone(), options.memory_budget);
         if !device
             .context_booked
@@ -350,18 +354,15 @@ impl CudaBackend {
         // so f32 GEMMs stay f32.
         unsafe {
             blas_sys::cublasSetWorkspace_v2(
-                *blas.handle(),
+                blas.0,
                 workspace.ptr() as *mut std::ffi::c_void,
                 CUBLAS_WORKSPACE,
             )
             .result()
             .map_err(blas_err("cuBLAS workspace"))?;
-            blas_sys::cublasSetMathMode(
-                *blas.handle(),
-                blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-            )
-            .result()
-            .map_err(blas_err("cuBLAS math mode"))?;
+            blas_sys::cublasSetMathMode(blas.0, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                .result()
+                .map_err(blas_err("cuBLAS math mode"))?;
         }
         let state = State {
             staging: Staging {
@@ -387,7 +388,7 @@ impl CudaBackend {
             label,
             compute,
             copy,
-            blas: std::mem::ManuallyDrop::new(blas),
+            blas,
             ledger,
             _blas_workspace: workspace,
             state: Mutex::new(state),
@@ -689,7 +690,7 @@ impl CudaBackend {
         // caller); the handle runs on the compute stream.
         unsafe {
             blas::sgemm(
-                *self.blas.handle(),
+                self.blas.0,
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
                 as_int(n)?,
@@ -723,6 +724,15 @@ fn grown(
     }
     Ok(slot.as_ref().map_or(0, DeviceBuffer::ptr))
 }
+
+/// A cuBLAS handle.
+struct BlasHandle(blas_sys::cublasHandle_t);
+
+// SAFETY: the handle is only used under the backend's state lock (every op that calls cuBLAS
+// holds it), so never from two threads at once; cuBLAS handles may move between threads.
+unsafe impl Send for BlasHandle {}
+// SAFETY: as above.
+unsafe impl Sync for BlasHandle {}
 
 /// A kernel argument: device addresses and scalars, passed by value.
 trait KernelArg {
@@ -788,16 +798,19 @@ impl Backend for CudaBackend {
             (weight.bytes().into(), weight.dtype, weight.row_bytes())
         };
         let buf = self.alloc_buffer(Use::Weights, bytes.len())?;
-        // Loading is not on a hot path: a synchronous copy straight from the mapping (the
-        // driver stages pageable memory itself) after the stream-ordered allocation is done.
-        self.compute
-            .synchronize()
-            .map_err(|e| self.error("upload", e))?;
-        // SAFETY: the buffer holds bytes.len() bytes and is idle (the stream is synchronised).
+        // Straight from the mapping, ordered on the compute stream after the allocation and
+        // before any kernel that reads the weight. From pageable memory the call returns once
+        // the driver has staged the bytes, so `bytes` may go right after.
+        // SAFETY: the buffer holds bytes.len() bytes; the context is current (enter above).
         unsafe {
-            sys::cuMemcpyHtoD_v2(buf.ptr(), bytes.as_ptr().cast(), bytes.len())
-                .result()
-                .map_err(|e| self.error("upload", e))?;
+            sys::cuMemcpyHtoDAsync_v2(
+                buf.ptr(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                self.compute.cu_stream(),
+            )
+            .result()
+            .map_err(|e| self.error("upload", e))?;
         }
         Ok(CudaWeight {
             buf,
@@ -1560,6 +1573,6 @@ impl Drop for CudaBackend {
         }
         // SAFETY: the handle is not used after this; errors are ignored rather than unwrapped
         // as cudarc's Drop would.
-        let _ = unsafe { blas::destroy_handle(*self.blas.handle()) };
+        let _ = unsafe { blas::destroy_handle(self.blas.0) };
     }
 }
