@@ -17,8 +17,8 @@ use accel_runtime::backend::{Backend, BackendError, Heads, KvLayout, SeqSlice, S
 use accel_runtime::engine::{Engine, EngineError, LogitsWanted, StepInput};
 use accel_runtime::model::{self, DType, LoadedModel, RopeStyle, WeightTensor};
 use accel_tests::reference::{
-    expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, relative_error,
-    HF_MODELS,
+    expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, prompts,
+    relative_error, HF_MODELS,
 };
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -494,12 +494,7 @@ fn a_sequence_swapped_to_host_and_back_continues_identically() {
     let dir = fixtures().join("llama-gqa-f32");
     let model = model::load(&dir).unwrap();
     let meta = json(&dir.join("expected.json"));
-    let prompts: Vec<Vec<u32>> = meta["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
+    let prompts = prompts(&meta);
     let mut engine = cuda_engine(backend, &model);
     engine.enable_swap(8).unwrap();
     let want = greedy(&mut engine, &prompts[0], 12);

@@ -12,8 +12,8 @@ use accel_runtime::engine::sampling::argmax;
 use accel_runtime::engine::{Engine, EngineError, LogitsWanted, SeqId, StepInput};
 use accel_runtime::model::{self, LoadedModel};
 use accel_tests::reference::{
-    expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, relative_error,
-    HF_MODELS,
+    expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, prompts,
+    relative_error, HF_MODELS,
 };
 
 /// An engine on the best SIMD level of this CPU.
@@ -86,12 +86,7 @@ fn a_sequence_swapped_out_and_back_continues_as_if_never_moved() {
     let dir = fixtures().join("llama-gqa-f32");
     let model = model::load(&dir).unwrap();
     let meta = json(&dir.join("expected.json"));
-    let prompts: Vec<Vec<u32>> = meta["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
+    let prompts = prompts(&meta);
     let mut engine = engine_for(&model);
     let seq = engine.add_sequence();
     assert!(matches!(
@@ -174,12 +169,7 @@ fn a_sequence_in_a_mixed_batch_gives_what_it_gives_alone() {
     let dir = fixtures().join("llama-gqa-f32");
     let model = model::load(&dir).unwrap();
     let meta = json(&dir.join("expected.json"));
-    let prompts: Vec<Vec<u32>> = meta["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids)
-        .collect();
+    let prompts = prompts(&meta);
     let steps = 6;
 
     // Alone: each prompt's per-step logits.

@@ -52,6 +52,16 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// The prompts of an `expected.json`, as token ids.
+pub fn prompts(meta: &Value) -> Vec<Vec<u32>> {
+    meta["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect()
+}
+
 /// ‖a − b‖ / ‖b‖, with NaN or a length mismatch as infinity so it never passes.
 pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() || a.iter().any(|x| !x.is_finite()) {

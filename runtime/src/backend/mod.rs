@@ -247,6 +247,125 @@ pub(crate) fn check_upload(weight: &WeightTensor) -> Result<(usize, usize), Back
     Ok((rows, cols))
 }
 
+// Shape checks every backend runs before an op touches memory, so both refuse the same
+// inputs with the same words. Shapes are (rows, cols).
+
+fn shape(op: &'static str, detail: String) -> BackendError {
+    BackendError::Shape { op, detail }
+}
+
+/// `embed`: one output row per token, each token inside the table.
+pub(crate) fn check_embed(
+    tokens: &[u32],
+    table: (usize, usize),
+    out: (usize, usize),
+) -> Result<(), BackendError> {
+    if out != (tokens.len(), table.1) {
+        return Err(shape(
+            "embed",
+            format!("{} tokens into {}x{}", tokens.len(), out.0, out.1),
+        ));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.0) {
+        return Err(shape(
+            "embed",
+            format!("token {t} outside a vocabulary of {}", table.0),
+        ));
+    }
+    Ok(())
+}
+
+/// `rms_norm` and `add_bias`: a vector weight as wide as `x` (and `out`, when there is one,
+/// shaped as `x`).
+pub(crate) fn check_row_vector(
+    op: &'static str,
+    vector: (usize, usize),
+    x: (usize, usize),
+    out: Option<(usize, usize)>,
+) -> Result<(), BackendError> {
+    if vector.0 != 1 || vector.1 != x.1 || out.is_some_and(|o| o != x) {
+        return Err(shape(
+            op,
+            format!("{}x{} with a {}x{} weight", x.0, x.1, vector.0, vector.1),
+        ));
+    }
+    Ok(())
+}
+
+/// `matmul`: `x` (n × in) times a weight (out × in) into n × out.
+pub(crate) fn check_matmul(
+    x: (usize, usize),
+    weight: (usize, usize),
+    out: (usize, usize),
+) -> Result<(), BackendError> {
+    if x.1 != weight.1 || out != (x.0, weight.0) {
+        return Err(shape(
+            "matmul",
+            format!(
+                "{}x{} by weight {}x{} into {}x{}",
+                x.0, x.1, weight.0, weight.1, out.0, out.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `rope`: `x` is `heads` heads of `head_dim` per row, one position per row, one frequency
+/// per pair.
+pub(crate) fn check_rope(
+    x: (usize, usize),
+    heads: usize,
+    head_dim: usize,
+    inv_freq: usize,
+    positions: usize,
+) -> Result<(), BackendError> {
+    if x.1 != heads * head_dim || positions != x.0 || inv_freq != head_dim / 2 {
+        return Err(shape(
+            "rope",
+            format!("{}x{} for {heads} heads of {head_dim}", x.0, x.1),
+        ));
+    }
+    Ok(())
+}
+
+/// `silu_mul` and `add`: operands of one shape.
+pub(crate) fn check_same_shape(
+    op: &'static str,
+    x: (usize, usize),
+    y: (usize, usize),
+) -> Result<(), BackendError> {
+    if x != y {
+        return Err(shape(op, format!("{}x{} and {}x{}", x.0, x.1, y.0, y.1)));
+    }
+    Ok(())
+}
+
+/// `gather_rows`: one output row per index, each inside `x`.
+pub(crate) fn check_gather(
+    x: (usize, usize),
+    rows: &[usize],
+    out: (usize, usize),
+) -> Result<(), BackendError> {
+    if out != (rows.len(), x.1) || rows.iter().any(|&r| r >= x.0) {
+        return Err(shape(
+            "gather_rows",
+            format!("{} rows of {}", rows.len(), x.0),
+        ));
+    }
+    Ok(())
+}
+
+/// `write`: exactly the tensor's size.
+pub(crate) fn check_write(values: usize, t: (usize, usize)) -> Result<(), BackendError> {
+    if values != t.0 * t.1 {
+        return Err(shape(
+            "write",
+            format!("{values} values into {}x{}", t.0, t.1),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a `write_kv` call (keys and values as rows × cols) against the cache layout, before
 /// any backend touches memory.
 pub(crate) fn check_write_kv(
@@ -448,6 +567,32 @@ mod tests {
             block_table: &far,
         };
         assert!(refused(&[0], &[outside], 0).contains("block table"));
+    }
+
+    #[test]
+    fn op_shapes_are_checked_the_same_for_every_backend() {
+        let refused = |r: Result<(), BackendError>| r.unwrap_err().to_string();
+        assert!(check_embed(&[0, 9], (10, 4), (2, 4)).is_ok());
+        assert!(refused(check_embed(&[10], (10, 4), (1, 4))).contains("token 10 outside"));
+        assert!(refused(check_embed(&[0], (10, 4), (2, 4))).contains("1 tokens into 2x4"));
+        assert!(check_row_vector("rms_norm", (1, 8), (3, 8), Some((3, 8))).is_ok());
+        assert!(check_row_vector("add_bias", (1, 8), (3, 8), None).is_ok());
+        for (vector, out) in [((2, 8), None), ((1, 7), None), ((1, 8), Some((2, 8)))] {
+            let err = refused(check_row_vector("rms_norm", vector, (3, 8), out));
+            assert!(err.contains("rms_norm"), "{err}");
+        }
+        assert!(check_matmul((3, 8), (5, 8), (3, 5)).is_ok());
+        assert!(check_matmul((3, 8), (5, 7), (3, 5)).is_err());
+        assert!(check_matmul((3, 8), (5, 8), (5, 3)).is_err());
+        assert!(check_rope((2, 16), 2, 8, 4, 2).is_ok());
+        assert!(check_rope((2, 16), 2, 8, 3, 2).is_err());
+        assert!(check_rope((2, 16), 2, 8, 4, 1).is_err());
+        assert!(check_same_shape("add", (2, 3), (2, 3)).is_ok());
+        assert!(check_same_shape("add", (2, 3), (3, 2)).is_err());
+        assert!(check_gather((4, 3), &[3, 0], (2, 3)).is_ok());
+        assert!(check_gather((4, 3), &[4], (1, 3)).is_err());
+        assert!(check_write(6, (2, 3)).is_ok());
+        assert!(refused(check_write(5, (2, 3))).contains("5 values into 2x3"));
     }
 
     #[test]

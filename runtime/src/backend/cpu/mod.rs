@@ -441,21 +441,10 @@ impl Backend for CpuBackend {
         tokens: &[u32],
         out: &mut CpuTensor,
     ) -> Result<(), BackendError> {
-        if out.rows != tokens.len() || out.cols != table.cols {
-            return Err(shape_error(
-                "embed",
-                format!("{} tokens into {}x{}", tokens.len(), out.rows, out.cols),
-            ));
-        }
+        super::check_embed(tokens, (table.rows, table.cols), (out.rows, out.cols))?;
         let bytes = table.tensor.bytes();
         for (r, &token) in tokens.iter().enumerate() {
             let t = token as usize;
-            if t >= table.rows {
-                return Err(shape_error(
-                    "embed",
-                    format!("token {t} outside a vocabulary of {}", table.rows),
-                ));
-            }
             let row = &bytes[t * table.row_bytes..(t + 1) * table.row_bytes];
             kernels::dequantize_row(
                 table.tensor.dtype,
@@ -473,16 +462,13 @@ impl Backend for CpuBackend {
         eps: f32,
         out: &mut CpuTensor,
     ) -> Result<(), BackendError> {
-        let w = weight
-            .vector
-            .as_deref()
-            .ok_or_else(|| shape_error("rms_norm", "weight is not a vector".into()))?;
-        if w.len() != x.cols || out.cols != x.cols || out.rows != x.rows {
-            return Err(shape_error(
-                "rms_norm",
-                format!("{}x{} with weight {}", x.rows, x.cols, w.len()),
-            ));
-        }
+        super::check_row_vector(
+            "rms_norm",
+            (weight.rows, weight.cols),
+            (x.rows, x.cols),
+            Some((out.rows, out.cols)),
+        )?;
+        let w = weight.vector.as_deref().unwrap_or_default();
         for r in 0..x.rows {
             let row = x.row(r);
             let mean_square = kernels::dot_f32(row, row) / x.cols as f32;
@@ -504,15 +490,11 @@ impl Backend for CpuBackend {
         weight: &CpuWeight,
         out: &mut CpuTensor,
     ) -> Result<(), BackendError> {
-        if x.cols != weight.cols || out.rows != x.rows || out.cols != weight.rows {
-            return Err(shape_error(
-                "matmul",
-                format!(
-                    "{}x{} by weight {}x{} into {}x{}",
-                    x.rows, x.cols, weight.rows, weight.cols, out.rows, out.cols
-                ),
-            ));
-        }
+        super::check_matmul(
+            (x.rows, x.cols),
+            (weight.rows, weight.cols),
+            (out.rows, out.cols),
+        )?;
         if x.rows >= GEMM_MIN_ROWS {
             self.matmul_gemm(x, weight, out);
             return Ok(());
@@ -549,16 +531,8 @@ impl Backend for CpuBackend {
     }
 
     fn add_bias(&self, x: &mut CpuTensor, bias: &CpuWeight) -> Result<(), BackendError> {
-        let b = bias
-            .vector
-            .as_deref()
-            .ok_or_else(|| shape_error("add_bias", "bias is not a vector".into()))?;
-        if b.len() != x.cols {
-            return Err(shape_error(
-                "add_bias",
-                format!("bias {} for {} columns", b.len(), x.cols),
-            ));
-        }
+        super::check_row_vector("add_bias", (bias.rows, bias.cols), (x.rows, x.cols), None)?;
+        let b = bias.vector.as_deref().unwrap_or_default();
         for row in x.data.chunks_exact_mut(x.cols) {
             for (v, b) in row.iter_mut().zip(b) {
                 *v += b;
@@ -576,13 +550,13 @@ impl Backend for CpuBackend {
         style: RopeStyle,
         positions: &[u32],
     ) -> Result<(), BackendError> {
-        if x.cols != heads * head_dim || positions.len() != x.rows || inv_freq.len() != head_dim / 2
-        {
-            return Err(shape_error(
-                "rope",
-                format!("{}x{} for {heads} heads of {head_dim}", x.rows, x.cols),
-            ));
-        }
+        super::check_rope(
+            (x.rows, x.cols),
+            heads,
+            head_dim,
+            inv_freq.len(),
+            positions.len(),
+        )?;
         let half = head_dim / 2;
         let mut cos = vec![0.0f32; half];
         let mut sin = vec![0.0f32; half];
@@ -710,12 +684,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<(), BackendError> {
-        if gate.data.len() != up.data.len() {
-            return Err(shape_error(
-                "silu_mul",
-                format!("{} and {} elements", gate.data.len(), up.data.len()),
-            ));
-        }
+        super::check_same_shape("silu_mul", (gate.rows, gate.cols), (up.rows, up.cols))?;
         for (g, u) in gate.data.iter_mut().zip(&up.data) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
@@ -723,12 +692,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<(), BackendError> {
-        if x.data.len() != y.data.len() {
-            return Err(shape_error(
-                "add",
-                format!("{} and {} elements", x.data.len(), y.data.len()),
-            ));
-        }
+        super::check_same_shape("add", (x.rows, x.cols), (y.rows, y.cols))?;
         for (a, b) in x.data.iter_mut().zip(&y.data) {
             *a += b;
         }
@@ -741,12 +705,7 @@ impl Backend for CpuBackend {
         rows: &[usize],
         out: &mut CpuTensor,
     ) -> Result<(), BackendError> {
-        if out.rows != rows.len() || out.cols != x.cols || rows.iter().any(|&r| r >= x.rows) {
-            return Err(shape_error(
-                "gather_rows",
-                format!("{} rows of {}", rows.len(), x.rows),
-            ));
-        }
+        super::check_gather((x.rows, x.cols), rows, (out.rows, out.cols))?;
         for (i, &r) in rows.iter().enumerate() {
             out.data[i * x.cols..(i + 1) * x.cols].copy_from_slice(x.row(r));
         }
@@ -758,12 +717,7 @@ impl Backend for CpuBackend {
     }
 
     fn write(&self, t: &mut CpuTensor, data: &[f32]) -> Result<(), BackendError> {
-        if data.len() != t.data.len() {
-            return Err(shape_error(
-                "write",
-                format!("{} values into {}x{}", data.len(), t.rows, t.cols),
-            ));
-        }
+        super::check_write(data.len(), (t.rows, t.cols))?;
         t.data.copy_from_slice(data);
         Ok(())
     }

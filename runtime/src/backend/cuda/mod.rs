@@ -656,9 +656,7 @@ impl CudaBackend {
         x: &mut CudaTensor,
         y: &CudaTensor,
     ) -> Result<(), BackendError> {
-        if x.rows != y.rows || x.cols != y.cols {
-            return Err(shape(op, "operands differ in shape".into()));
-        }
+        super::check_same_shape(op, (x.rows, x.cols), (y.rows, y.cols))?;
         let _state = self.enter()?;
         let n = x.len();
         self.launch(
@@ -875,18 +873,7 @@ impl Backend for CudaBackend {
         tokens: &[u32],
         out: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if out.rows != tokens.len() || out.cols != table.cols {
-            return Err(shape(
-                "embed",
-                format!("{} tokens into {}x{}", tokens.len(), out.rows, out.cols),
-            ));
-        }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.rows) {
-            return Err(shape(
-                "embed",
-                format!("token {t} beyond {} rows", table.rows),
-            ));
-        }
+        super::check_embed(tokens, (table.rows, table.cols), (out.rows, out.cols))?;
         let mut state = self.enter()?;
         let tokens_ptr = self.upload(&mut state, Meta::Tokens, u32_bytes(tokens))?;
         self.launch(
@@ -911,12 +898,12 @@ impl Backend for CudaBackend {
         eps: f32,
         out: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if weight.rows != 1 || weight.cols != x.cols || out.rows != x.rows || out.cols != x.cols {
-            return Err(shape(
-                "rms_norm",
-                format!("{}x{} by a {}-vector", x.rows, x.cols, weight.cols),
-            ));
-        }
+        super::check_row_vector(
+            "rms_norm",
+            (weight.rows, weight.cols),
+            (x.rows, x.cols),
+            Some((out.rows, out.cols)),
+        )?;
         let _state = self.enter()?;
         self.launch(
             &self.device.kernels.rms_norm,
@@ -938,15 +925,11 @@ impl Backend for CudaBackend {
         weight: &CudaWeight,
         out: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if x.cols != weight.cols || out.rows != x.rows || out.cols != weight.rows {
-            return Err(shape(
-                "matmul",
-                format!(
-                    "{}x{} times a {}x{} weight into {}x{}",
-                    x.rows, x.cols, weight.rows, weight.cols, out.rows, out.cols
-                ),
-            ));
-        }
+        super::check_matmul(
+            (x.rows, x.cols),
+            (weight.rows, weight.cols),
+            (out.rows, out.cols),
+        )?;
         let mut state = self.enter()?;
         if x.rows == 0 {
             return Ok(());
@@ -998,12 +981,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_bias(&self, x: &mut CudaTensor, bias: &CudaWeight) -> Result<(), BackendError> {
-        if bias.rows != 1 || bias.cols != x.cols {
-            return Err(shape(
-                "add_bias",
-                format!("{}-vector onto {} columns", bias.cols, x.cols),
-            ));
-        }
+        super::check_row_vector("add_bias", (bias.rows, bias.cols), (x.rows, x.cols), None)?;
         let _state = self.enter()?;
         self.launch(
             &self.device.kernels.add_bias,
@@ -1022,21 +1000,13 @@ impl Backend for CudaBackend {
         style: RopeStyle,
         positions: &[u32],
     ) -> Result<(), BackendError> {
-        if x.cols != heads * head_dim
-            || positions.len() != x.rows
-            || !head_dim.is_multiple_of(2)
-            || inv_freq.len() < head_dim / 2
-        {
-            return Err(shape(
-                "rope",
-                format!(
-                    "{}x{} as {heads} heads of {head_dim} with {} positions",
-                    x.rows,
-                    x.cols,
-                    positions.len()
-                ),
-            ));
-        }
+        super::check_rope(
+            (x.rows, x.cols),
+            heads,
+            head_dim,
+            inv_freq.len(),
+            positions.len(),
+        )?;
         let mut state = self.enter()?;
         let positions_ptr = self.upload(&mut state, Meta::Positions, u32_bytes(positions))?;
         let freq_ptr = self.upload(&mut state, Meta::InvFreq, f32_bytes(inv_freq))?;
@@ -1229,12 +1199,7 @@ impl Backend for CudaBackend {
         rows: &[usize],
         out: &mut CudaTensor,
     ) -> Result<(), BackendError> {
-        if out.rows != rows.len() || out.cols != x.cols || rows.iter().any(|&r| r >= x.rows) {
-            return Err(shape(
-                "gather_rows",
-                format!("{} rows of {} into {}", rows.len(), x.rows, out.rows),
-            ));
-        }
+        super::check_gather((x.rows, x.cols), rows, (out.rows, out.cols))?;
         let indices: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let mut state = self.enter()?;
         let rows_ptr = self.upload(&mut state, Meta::Rows, u32_bytes(&indices))?;
@@ -1277,12 +1242,7 @@ impl Backend for CudaBackend {
     }
 
     fn write(&self, t: &mut CudaTensor, data: &[f32]) -> Result<(), BackendError> {
-        if data.len() != t.len() {
-            return Err(shape(
-                "write",
-                format!("{} values into {}x{}", data.len(), t.rows, t.cols),
-            ));
-        }
+        super::check_write(data.len(), (t.rows, t.cols))?;
         let mut state = self.enter()?;
         let State { staging, .. } = &mut *state;
         for (i, piece) in f32_bytes(data).chunks(STAGING_BYTES / 2).enumerate() {
