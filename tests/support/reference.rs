@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use accel_runtime::backend::Backend;
 use accel_runtime::engine::sampling::argmax;
-use accel_runtime::engine::{Engine, EngineError, LogitsWanted, StepInput};
+use accel_runtime::engine::{Engine, EngineError, LogitsWanted, SeqId, StepInput};
 use accel_runtime::model;
 use serde_json::Value;
 
@@ -88,44 +88,31 @@ pub fn prompt_logits(engine: &mut Engine<impl Backend>, prompt: &[u32]) -> Vec<f
 
 /// Greedy continuation: one prefill, then one token per step.
 pub fn greedy(engine: &mut Engine<impl Backend>, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let seq = engine.add_sequence();
-    let mut out = Vec::new();
-    let mut next = prompt.to_vec();
-    for _ in 0..steps {
-        let logits = engine
-            .step(&[StepInput {
-                seq,
-                tokens: &next,
-                logits: LogitsWanted::Last,
-            }])
-            .unwrap();
-        let token = argmax(&logits[0].logits[0]);
-        out.push(token);
-        next = vec![token];
-    }
-    engine.remove_sequence(seq);
-    out
+    greedy_interrupted(engine, prompt, steps, |_, _, _, _| {})
 }
 
 /// Greedy continuation as [`greedy`], but after `swap_at` tokens the sequence is swapped out,
 /// another sequence runs `other` through the freed device blocks, and it is swapped back in.
-pub fn greedy_with_swap(
-    engine: &mut Engine<impl Backend>,
+pub fn greedy_with_swap<B: Backend>(
+    engine: &mut Engine<B>,
     prompt: &[u32],
     other: &[u32],
     steps: usize,
     swap_at: usize,
 ) -> Vec<u32> {
-    let seq = engine.add_sequence();
-    let mut out = Vec::new();
-    let mut next = prompt.to_vec();
-    for i in 0..steps {
-        if i == swap_at {
+    greedy_interrupted(
+        engine,
+        prompt,
+        steps,
+        |engine: &mut Engine<B>, seq, next, i| {
+            if i != swap_at {
+                return;
+            }
             engine.swap_out(seq).unwrap();
             assert!(engine.is_swapped(seq));
             let refused = engine.step(&[StepInput {
                 seq,
-                tokens: &next,
+                tokens: next,
                 logits: LogitsWanted::Last,
             }]);
             assert!(
@@ -137,7 +124,23 @@ pub fn greedy_with_swap(
             engine.backend().wait_copies().unwrap();
             greedy(engine, other, 4);
             engine.swap_in(seq).unwrap();
-        }
+        },
+    )
+}
+
+/// The greedy loop, with `before_step(engine, seq, next tokens, step index)` run before each
+/// step.
+fn greedy_interrupted<B: Backend>(
+    engine: &mut Engine<B>,
+    prompt: &[u32],
+    steps: usize,
+    mut before_step: impl FnMut(&mut Engine<B>, SeqId, &[u32], usize),
+) -> Vec<u32> {
+    let seq = engine.add_sequence();
+    let mut out = Vec::new();
+    let mut next = prompt.to_vec();
+    for i in 0..steps {
+        before_step(engine, seq, &next, i);
         let logits = engine
             .step(&[StepInput {
                 seq,
