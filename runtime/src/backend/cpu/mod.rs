@@ -326,6 +326,8 @@ thread_local! {
     static ATTENTION: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// A dequantized weight tile for the batched path, reused across steps.
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// RoPE's cos and sin of one position, reused across calls.
+    static ROPE_TABLES: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     /// Each query row's sequence, for attention, reused across layers and steps.
     static OWNERS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
     /// One activation row permuted for the bf16 matrix-vector kernel, reused across steps.
@@ -558,8 +560,12 @@ impl Backend for CpuBackend {
             positions.len(),
         )?;
         let half = head_dim / 2;
-        let mut cos = vec![0.0f32; half];
-        let mut sin = vec![0.0f32; half];
+        // Angle tables reused across calls (rope runs twice per layer when decoding).
+        let (mut cos, mut sin) = ROPE_TABLES.take();
+        cos.clear();
+        cos.resize(half, 0.0);
+        sin.clear();
+        sin.resize(half, 0.0);
         for (r, &pos) in positions.iter().enumerate() {
             for i in 0..half {
                 // f32 throughout, as the reference computes `position * inv_freq` then cos/sin.
@@ -580,6 +586,7 @@ impl Backend for CpuBackend {
                 }
             }
         }
+        ROPE_TABLES.set((cos, sin));
         Ok(())
     }
 
