@@ -14,6 +14,7 @@
 //! - [`devices`]: the GPUs on this node (CUDA driver loaded at run time);
 //! - [`backend`]: the op interface of the forward pass, and the CPU backend;
 //! - [`kv`]: the paged KV cache's blocks and block tables (pure);
+//! - [`sched`]: the per-device scheduler: step plans, policies, quotas, preemption (pure);
 //! - [`engine`]: the batched forward pass over a backend, and sampling;
 //! - [`yaml`], [`units`]: file parsing with positions, sizes and durations.
 
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod runner;
+pub mod sched;
 pub mod state;
 pub mod sys;
 pub mod tokenizer;

@@ -1,0 +1,965 @@
+//! The scheduler: each step, decides which sequences run (decode tokens and prefill chunks
+//! under the step's token budget), which waiting requests are admitted, which running ones are
+//! preempted and how (swap to host or drop and recompute), and which swapped ones come back.
+//!
+//! Pure logic: no backend, device, async or channel types, and no clock of its own (callers
+//! pass `now` in seconds), so the simulator, the property tests and the benches drive it
+//! alone. One [`Scheduler`] serves one device: every model placed on the device registers here
+//! and tenants' counters and quotas span all of them.
+//!
+//! KV blocks are committed on demand: a sequence holds blocks for the tokens it knows (its
+//! prompt, then each token as it is generated), never for `max_tokens` up front. When a model's
+//! pool or a tenant's `kv_blocks` quota is overrun by that growth, the worst-ranked running
+//! sequence is preempted.
+//!
+//! Invariants (checked by [`Scheduler::check_invariants`] in the tests): a model's committed
+//! blocks never exceed its pool, nor its host blocks its swap space; a tenant's committed
+//! device blocks never exceed its quota after a plan; a sequence is in exactly one state.
+//!
+//! Costs: a plan is O(R + T·A) for R running sequences, T tenants with work and A admissions
+//! (plus a sort of the running set when demand exceeds the token budget); submit, advance and
+//! remove are O(1) amortised.
+
+pub mod policy;
+pub mod quota;
+pub mod sim;
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::policy::PriorityClass;
+
+pub use self::policy::{PolicyKind, SchedulingPolicy, TenantView};
+pub use self::quota::TokenBucket;
+
+/// The caller's name for a sequence.
+pub type SeqKey = u64;
+
+/// What the scheduler enforces for one tenant, from the policy in force when its latest
+/// request arrived.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantParams {
+    pub weight: u32,
+    pub class: PriorityClass,
+    pub tokens_per_minute: Option<u64>,
+    pub kv_blocks: Option<u64>,
+}
+
+impl Default for TenantParams {
+    fn default() -> Self {
+        Self {
+            weight: 1,
+            class: PriorityClass::Interactive,
+            tokens_per_minute: None,
+            kv_blocks: None,
+        }
+    }
+}
+
+/// One model placed on the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelParams {
+    pub block_size: usize,
+    /// Device KV blocks in the model's pool.
+    pub total_blocks: usize,
+    /// Host blocks for swapped-out sequences (0: preemption always recomputes).
+    pub swap_blocks: usize,
+    /// Swap rather than recompute a sequence holding at least this many tokens (the measured
+    /// crossover; `usize::MAX` never swaps).
+    pub swap_min_tokens: usize,
+    pub max_sequences: usize,
+    pub max_batch_tokens: usize,
+    /// Relative cost of one of this model's tokens (virtual counters charge it).
+    pub price: f64,
+}
+
+/// Prices of a prefill and a decode token in the virtual counters (the VTC paper prices
+/// output tokens at twice input tokens).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pricing {
+    pub prefill: f64,
+    pub decode: f64,
+}
+
+impl Default for Pricing {
+    fn default() -> Self {
+        Self {
+            prefill: 1.0,
+            decode: 2.0,
+        }
+    }
+}
+
+/// A request handed to the scheduler.
+#[derive(Debug, Clone)]
+pub struct NewSeq {
+    pub key: SeqKey,
+    pub tenant: String,
+    pub params: TenantParams,
+    /// Index returned by [`Scheduler::add_model`].
+    pub model: usize,
+    pub prompt_len: usize,
+    pub max_tokens: usize,
+}
+
+/// Why a request can never be scheduled (answered 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("the request needs {needed} KV blocks (prompt plus max_tokens) but the model has {total}; lower max_tokens or raise the model's kv_blocks")]
+    TooBigForModel { needed: usize, total: usize },
+    #[error("the request needs {needed} KV blocks (prompt plus max_tokens) but tenant {tenant:?} may hold {quota} (limits.kv_blocks); lower max_tokens or ask an operator to raise it")]
+    OverKvQuota {
+        tenant: String,
+        needed: usize,
+        quota: u64,
+    },
+    #[error("the prompt has {prompt} tokens but tenant {tenant:?} may use {per_minute} per minute (limits.tokens_per_minute); shorten the prompt or ask an operator to raise it")]
+    OverTokenRate {
+        tenant: String,
+        prompt: usize,
+        per_minute: u64,
+    },
+    #[error("sequence {0} is already scheduled")]
+    Duplicate(SeqKey),
+    #[error("model {0} is not placed on this device")]
+    UnknownModel(usize),
+}
+
+/// How a sequence is preempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreemptKind {
+    /// Its KV blocks move to host memory and come back later as they were.
+    Swap,
+    /// Its KV blocks are dropped; it is prefilled again (prompt and generated tokens) later.
+    Recompute,
+}
+
+impl PreemptKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreemptKind::Swap => "swap",
+            PreemptKind::Recompute => "recompute",
+        }
+    }
+}
+
+/// One step's decisions, applied in this order: preempt, swap in, admit, run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepPlan {
+    pub preempt: Vec<(SeqKey, PreemptKind)>,
+    pub swap_in: Vec<SeqKey>,
+    /// Sequences to start in the engine: new requests, or preempted ones to recompute (their
+    /// prompt and generated tokens are fed again).
+    pub admit: Vec<SeqKey>,
+    /// Tokens to feed each sequence this step: 1 to decode, more for a prefill chunk.
+    pub run: Vec<(SeqKey, usize)>,
+}
+
+impl StepPlan {
+    pub fn is_empty(&self) -> bool {
+        self.preempt.is_empty()
+            && self.swap_in.is_empty()
+            && self.admit.is_empty()
+            && self.run.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    Swapped,
+}
+
+#[derive(Debug, Clone)]
+struct Seq {
+    tenant: usize,
+    model: usize,
+    arrival: u64,
+    prompt_len: usize,
+    /// Tokens in the KV cache (device, or host while swapped).
+    computed: usize,
+    /// Tokens known: the prompt plus every generated token.
+    target: usize,
+    /// Tokens already charged to the tenant (recomputation is not charged twice).
+    charged: usize,
+    /// Blocks committed on the device while running, or held on the host while swapped.
+    blocks: usize,
+    state: State,
+    /// Whether its prompt was charged to the token bucket.
+    admitted: bool,
+}
+
+/// Counters kept per tenant, for the metrics and `accelctl top`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TenantStats {
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+    pub admitted: u64,
+    pub preempted_swap: u64,
+    pub preempted_recompute: u64,
+}
+
+#[derive(Debug)]
+struct Tenant {
+    name: String,
+    params: TenantParams,
+    counter: f64,
+    turns: f64,
+    bucket: Option<TokenBucket>,
+    waiting: VecDeque<SeqKey>,
+    swapped: VecDeque<SeqKey>,
+    running: usize,
+    /// Device blocks committed across its running sequences.
+    blocks: usize,
+    /// Sequences of any state.
+    live: usize,
+    stats: TenantStats,
+}
+
+#[derive(Debug)]
+struct ModelState {
+    params: ModelParams,
+    used_blocks: usize,
+    used_host_blocks: usize,
+    running: usize,
+}
+
+/// What one tenant has on this device now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TenantReport {
+    pub tenant: String,
+    pub weight: u32,
+    pub class: PriorityClass,
+    pub waiting: usize,
+    pub running: usize,
+    pub swapped: usize,
+    pub kv_blocks: usize,
+    /// Weighted service so far (the fair-share policy's virtual counter).
+    pub virtual_counter: f64,
+    /// Tokens left in its `tokens_per_minute` bucket, if it has one.
+    pub bucket_tokens: Option<f64>,
+    #[serde(flatten)]
+    pub stats: TenantStats,
+}
+
+/// The scheduler of one device.
+#[derive(Debug)]
+pub struct Scheduler {
+    policy: Box<dyn SchedulingPolicy>,
+    pricing: Pricing,
+    models: Vec<ModelState>,
+    tenants: Vec<Tenant>,
+    by_name: HashMap<String, usize>,
+    seqs: HashMap<SeqKey, Seq>,
+    running: Vec<SeqKey>,
+    next_arrival: u64,
+    /// System virtual time: the least counter among tenants with work, never decreasing. A
+    /// tenant returning from idle starts here, so idleness banks no credit.
+    counter_floor: f64,
+    turns_floor: f64,
+}
+
+fn blocks_for(tokens: usize, block_size: usize) -> usize {
+    tokens.div_ceil(block_size.max(1))
+}
+
+fn class_rank(class: PriorityClass) -> u8 {
+    match class {
+        PriorityClass::Interactive => 0,
+        PriorityClass::Batch => 1,
+    }
+}
+
+impl Scheduler {
+    pub fn new(policy: PolicyKind, pricing: Pricing) -> Self {
+        Self {
+            policy: policy.build(),
+            pricing,
+            models: Vec::new(),
+            tenants: Vec::new(),
+            by_name: HashMap::new(),
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+            counter_floor: 0.0,
+            turns_floor: 0.0,
+        }
+    }
+
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// Places a model on this device; returns its index.
+    pub fn add_model(&mut self, params: ModelParams) -> usize {
+        self.models.push(ModelState {
+            params,
+            used_blocks: 0,
+            used_host_blocks: 0,
+            running: 0,
+        });
+        self.models.len() - 1
+    }
+
+    pub fn model_params(&self, model: usize) -> Option<&ModelParams> {
+        self.models.get(model).map(|m| &m.params)
+    }
+
+    /// Device blocks committed by a model's running sequences.
+    pub fn used_blocks(&self, model: usize) -> usize {
+        self.models.get(model).map_or(0, |m| m.used_blocks)
+    }
+
+    /// Sequences known (waiting, running or swapped).
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    fn tenant_index(&mut self, name: &str, params: &TenantParams, now: f64) -> usize {
+        if let Some(&i) = self.by_name.get(name) {
+            let t = &mut self.tenants[i];
+            if t.params != *params {
+                // The policy was reloaded: the latest request carries what is in force.
+                t.bucket = match (params.tokens_per_minute, t.bucket.take()) {
+                    (None, _) => None,
+                    (Some(tpm), Some(mut b)) => {
+                        b.set_capacity(tpm);
+                        Some(b)
+                    }
+                    (Some(tpm), None) => Some(TokenBucket::new(tpm, now)),
+                };
+                t.params = params.clone();
+            }
+            return i;
+        }
+        self.tenants.push(Tenant {
+            name: name.to_owned(),
+            params: params.clone(),
+            counter: self.counter_floor,
+            turns: self.turns_floor,
+            bucket: params.tokens_per_minute.map(|tpm| TokenBucket::new(tpm, now)),
+            waiting: VecDeque::new(),
+            swapped: VecDeque::new(),
+            running: 0,
+            blocks: 0,
+            live: 0,
+            stats: TenantStats::default(),
+        });
+        self.by_name.insert(name.to_owned(), self.tenants.len() - 1);
+        self.tenants.len() - 1
+    }
+
+    /// Checks that a request could ever run, without queuing it.
+    pub fn check(&self, seq: &NewSeq) -> Result<(), Reject> {
+        let model = self
+            .models
+            .get(seq.model)
+            .ok_or(Reject::UnknownModel(seq.model))?;
+        let needed = blocks_for(
+            seq.prompt_len.saturating_add(seq.max_tokens),
+            model.params.block_size,
+        );
+        if needed > model.params.total_blocks {
+            return Err(Reject::TooBigForModel {
+                needed,
+                total: model.params.total_blocks,
+            });
+        }
+        if let Some(quota) = seq.params.kv_blocks {
+            if needed as u64 > quota {
+                return Err(Reject::OverKvQuota {
+                    tenant: seq.tenant.clone(),
+                    needed,
+                    quota,
+                });
+            }
+        }
+        if let Some(per_minute) = seq.params.tokens_per_minute {
+            if seq.prompt_len as u64 > per_minute {
+                return Err(Reject::OverTokenRate {
+                    tenant: seq.tenant.clone(),
+                    prompt: seq.prompt_len,
+                    per_minute,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a request.
+    pub fn submit(&mut self, seq: NewSeq, now: f64) -> Result<(), Reject> {
+        self.check(&seq)?;
+        if self.seqs.contains_key(&seq.key) {
+            return Err(Reject::Duplicate(seq.key));
+        }
+        let t = self.tenant_index(&seq.tenant, &seq.params, now);
+        let tenant = &mut self.tenants[t];
+        if tenant.live == 0 {
+            // Back from idle: no credit for the time away.
+            tenant.counter = tenant.counter.max(self.counter_floor);
+            tenant.turns = tenant.turns.max(self.turns_floor);
+        }
+        tenant.live += 1;
+        tenant.waiting.push_back(seq.key);
+        self.seqs.insert(
+            seq.key,
+            Seq {
+                tenant: t,
+                model: seq.model,
+                arrival: self.next_arrival,
+                prompt_len: seq.prompt_len,
+                computed: 0,
+                target: seq.prompt_len,
+                charged: 0,
+                blocks: 0,
+                state: State::Waiting,
+                admitted: false,
+            },
+        );
+        self.next_arrival += 1;
+        Ok(())
+    }
+
+    /// Forgets a sequence (finished, cancelled or failed) and frees what it held.
+    pub fn remove(&mut self, key: SeqKey) {
+        let Some(seq) = self.seqs.remove(&key) else {
+            return;
+        };
+        let tenant = &mut self.tenants[seq.tenant];
+        tenant.live -= 1;
+        let model = &mut self.models[seq.model];
+        match seq.state {
+            // Left in its queue; skipped when it reaches the head.
+            State::Waiting => {}
+            State::Running => {
+                model.used_blocks -= seq.blocks;
+                model.running -= 1;
+                tenant.running -= 1;
+                tenant.blocks -= seq.blocks;
+                if let Some(i) = self.running.iter().position(|&k| k == key) {
+                    self.running.swap_remove(i);
+                }
+            }
+            State::Swapped => model.used_host_blocks -= seq.blocks,
+        }
+    }
+
+    /// Records a step's work on a sequence: `fed` tokens went into its cache and, if
+    /// `sampled`, one new token was generated (and is the next to feed).
+    pub fn advance(&mut self, key: SeqKey, fed: usize, sampled: bool, now: f64) {
+        let Some(seq) = self.seqs.get_mut(&key) else {
+            return;
+        };
+        if seq.state != State::Running {
+            return;
+        }
+        seq.computed = (seq.computed + fed).min(seq.target);
+        let model = &mut self.models[seq.model];
+        let tenant = &mut self.tenants[seq.tenant];
+        if seq.computed > seq.charged {
+            let prefill = seq.prompt_len.min(seq.computed) - seq.prompt_len.min(seq.charged);
+            let decode = (seq.computed - seq.charged) - prefill;
+            seq.charged = seq.computed;
+            // The prompt was charged when the sequence was admitted.
+            let cost = decode as f64 * self.pricing.decode * model.params.price;
+            tenant.counter += cost / f64::from(tenant.params.weight.max(1));
+            tenant.stats.prefill_tokens += prefill as u64;
+            tenant.stats.decode_tokens += decode as u64;
+        }
+        if sampled {
+            seq.target += 1;
+            if let Some(bucket) = tenant.bucket.as_mut() {
+                bucket.charge(1, now);
+            }
+            // The new token needs a slot: commit a block when it crosses a boundary. The
+            // next plan preempts someone if this overruns the pool or the tenant's quota.
+            let blocks = blocks_for(seq.target, model.params.block_size);
+            if blocks > seq.blocks {
+                let grow = blocks - seq.blocks;
+                seq.blocks = blocks;
+                model.used_blocks += grow;
+                tenant.blocks += grow;
+            }
+        }
+    }
+
+    fn view(&self, t: usize) -> TenantView {
+        let tenant = &self.tenants[t];
+        let head_arrival = [tenant.swapped.front(), tenant.waiting.front()]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.seqs.get(k).map(|s| s.arrival))
+            .min()
+            .unwrap_or(u64::MAX);
+        TenantView {
+            weight: tenant.params.weight.max(1),
+            counter: tenant.counter,
+            turns: tenant.turns,
+            head_arrival,
+        }
+    }
+
+    /// Rank of a tenant: class first, then the policy's key. Smaller goes first.
+    fn rank(&self, t: usize) -> (u8, f64, u64) {
+        let (a, b) = self.policy.key(&self.view(t));
+        (class_rank(self.tenants[t].params.class), a, b)
+    }
+
+    fn seq_rank(&self, key: SeqKey) -> (u8, f64, u64, u64) {
+        let seq = &self.seqs[&key];
+        let tenant = &self.tenants[seq.tenant];
+        let (a, _) = self.policy.key(&self.view(seq.tenant));
+        (class_rank(tenant.params.class), a, seq.arrival, key)
+    }
+
+    /// The running sequence to preempt first among those `filter` accepts: the worst-ranked
+    /// tenant's latest arrival.
+    fn victim(&self, filter: impl Fn(&Seq) -> bool) -> Option<SeqKey> {
+        self.running
+            .iter()
+            .copied()
+            .filter(|k| filter(&self.seqs[k]))
+            .max_by(|&a, &b| {
+                self.seq_rank(a)
+                    .partial_cmp(&self.seq_rank(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+    }
+
+    fn preempt(&mut self, key: SeqKey, plan: &mut StepPlan) {
+        let Some(seq) = self.seqs.get_mut(&key) else {
+            return;
+        };
+        let model = &mut self.models[seq.model];
+        let tenant = &mut self.tenants[seq.tenant];
+        model.used_blocks -= seq.blocks;
+        model.running -= 1;
+        tenant.running -= 1;
+        tenant.blocks -= seq.blocks;
+        if let Some(i) = self.running.iter().position(|&k| k == key) {
+            self.running.swap_remove(i);
+        }
+        let host_blocks = blocks_for(seq.computed, model.params.block_size);
+        let swap = seq.computed >= model.params.swap_min_tokens
+            && seq.computed > 0
+            && model.used_host_blocks + host_blocks <= model.params.swap_blocks;
+        let arrival = seq.arrival;
+        // Started earlier in this same plan: undo the start instead of telling the runner.
+        let fresh = plan.admit.contains(&key);
+        let swapped_in = plan.swap_in.contains(&key);
+        plan.admit.retain(|&k| k != key);
+        plan.swap_in.retain(|&k| k != key);
+        let tell = !(fresh || (swapped_in && swap));
+        let queue = if swap {
+            model.used_host_blocks += host_blocks;
+            seq.blocks = host_blocks;
+            seq.state = State::Swapped;
+            if tell {
+                tenant.stats.preempted_swap += 1;
+                plan.preempt.push((key, PreemptKind::Swap));
+            }
+            &mut tenant.swapped
+        } else {
+            seq.blocks = 0;
+            seq.computed = 0;
+            seq.state = State::Waiting;
+            if tell {
+                tenant.stats.preempted_recompute += 1;
+                plan.preempt.push((key, PreemptKind::Recompute));
+            }
+            &mut tenant.waiting
+        };
+        // Preempted work goes back ahead of later arrivals.
+        let seqs = &self.seqs;
+        let at = queue
+            .iter()
+            .position(|k| seqs.get(k).is_some_and(|s| s.arrival > arrival))
+            .unwrap_or(queue.len());
+        queue.insert(at, key);
+    }
+
+    /// The next live sequence at the head of a tenant's swapped queue, else its waiting queue.
+    fn head(&mut self, t: usize) -> Option<SeqKey> {
+        let seqs = &self.seqs;
+        let tenant = &mut self.tenants[t];
+        for (queue, state) in [
+            (&mut tenant.swapped, State::Swapped),
+            (&mut tenant.waiting, State::Waiting),
+        ] {
+            while let Some(&k) = queue.front() {
+                if seqs.get(&k).is_some_and(|s| s.state == state) {
+                    return Some(k);
+                }
+                queue.pop_front();
+            }
+        }
+        None
+    }
+
+    /// Decides one step. `now` is the caller's clock in seconds (token buckets refill by it).
+    pub fn plan(&mut self, now: f64) -> StepPlan {
+        let mut plan = StepPlan::default();
+
+        // Growth last step may have overrun a pool or a tenant's quota.
+        for m in 0..self.models.len() {
+            while self.models[m].used_blocks > self.models[m].params.total_blocks {
+                match self.victim(|s| s.model == m) {
+                    Some(k) => self.preempt(k, &mut plan),
+                    None => break,
+                }
+            }
+        }
+        for t in 0..self.tenants.len() {
+            let Some(quota) = self.tenants[t].params.kv_blocks else {
+                continue;
+            };
+            while self.tenants[t].blocks as u64 > quota {
+                match self.victim(|s| s.tenant == t) {
+                    Some(k) => self.preempt(k, &mut plan),
+                    None => break,
+                }
+            }
+        }
+
+        // Tokens each model can still take this step after its running sequences.
+        let mut budget: Vec<usize> = self
+            .models
+            .iter()
+            .map(|m| m.params.max_batch_tokens)
+            .collect();
+        for &k in &self.running {
+            let s = &self.seqs[&k];
+            let b = &mut budget[s.model];
+            *b = b.saturating_sub(s.target - s.computed);
+        }
+
+        // Admission: swapped sequences and waiting requests, best-ranked tenant first.
+        let mut closed = vec![false; self.models.len()];
+        let mut skip = vec![false; self.tenants.len()];
+        loop {
+            let mut best: Option<((u8, f64, u64), usize, SeqKey)> = None;
+            for t in 0..self.tenants.len() {
+                if skip[t] || self.tenants[t].live == self.tenants[t].running {
+                    continue;
+                }
+                let Some(k) = self.head(t) else {
+                    skip[t] = true;
+                    continue;
+                };
+                let m = self.seqs[&k].model;
+                if closed[m] || budget[m] == 0 {
+                    skip[t] = true;
+                    continue;
+                }
+                let rank = self.rank(t);
+                if best.as_ref().is_none_or(|(r, _, _)| {
+                    rank.partial_cmp(r) == Some(std::cmp::Ordering::Less)
+                }) {
+                    best = Some((rank, t, k));
+                }
+            }
+            let Some((_, t, k)) = best else { break };
+            let seq = &self.seqs[&k];
+            let m = seq.model;
+            let need = blocks_for(seq.target, self.models[m].params.block_size);
+            let (admitted, prompt_len) = (seq.admitted, seq.prompt_len);
+            let tenant = &mut self.tenants[t];
+            let class = tenant.params.class;
+            // The tenant's own limits hold back only the tenant.
+            let over_quota = tenant
+                .params
+                .kv_blocks
+                .is_some_and(|q| (tenant.blocks + need) as u64 > q);
+            let over_rate = !admitted
+                && tenant
+                    .bucket
+                    .as_mut()
+                    .is_some_and(|b| !b.fits(prompt_len, now));
+            if over_quota || over_rate {
+                skip[t] = true;
+                continue;
+            }
+            // The device's capacity holds back everyone after it (no overtaking, so large
+            // requests are not starved), unless higher-class work can displace batch work.
+            let model = &self.models[m];
+            let fits = |model: &ModelState| {
+                model.running < model.params.max_sequences
+                    && model.used_blocks + need <= model.params.total_blocks
+            };
+            if !fits(model) {
+                let mut made_room = false;
+                if class == PriorityClass::Interactive {
+                    while !fits(&self.models[m]) {
+                        let tenants = &self.tenants;
+                        match self.victim(|s| {
+                            s.model == m && tenants[s.tenant].params.class == PriorityClass::Batch
+                        }) {
+                            Some(v) => self.preempt(v, &mut plan),
+                            None => break,
+                        }
+                    }
+                    made_room = fits(&self.models[m]);
+                }
+                if !made_room {
+                    closed[m] = true;
+                    skip[t] = true;
+                    continue;
+                }
+            }
+            self.start(k, need, now, &mut plan);
+            let s = &self.seqs[&k];
+            budget[m] = budget[m].saturating_sub(s.target - s.computed);
+        }
+
+        // Tokens for every running sequence: decodes first, then prefill chunks, best-ranked
+        // first when the budget is short.
+        let mut demand = vec![0usize; self.models.len()];
+        for &k in &self.running {
+            let s = &self.seqs[&k];
+            demand[s.model] += s.target - s.computed;
+        }
+        let short = demand
+            .iter()
+            .zip(&self.models)
+            .any(|(&d, m)| d > m.params.max_batch_tokens);
+        let mut order = self.running.clone();
+        if short {
+            order.sort_by(|&a, &b| {
+                self.seq_rank(a)
+                    .partial_cmp(&self.seq_rank(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+        }
+        let mut left: Vec<usize> = self
+            .models
+            .iter()
+            .map(|m| m.params.max_batch_tokens)
+            .collect();
+        for decode in [true, false] {
+            for &k in &order {
+                let s = &self.seqs[&k];
+                let pending = s.target - s.computed;
+                if pending == 0 || (pending == 1 && s.computed >= s.prompt_len) != decode {
+                    continue;
+                }
+                let take = pending.min(left[s.model]);
+                if take > 0 {
+                    left[s.model] -= take;
+                    plan.run.push((k, take));
+                }
+            }
+        }
+
+        self.raise_floor();
+        plan
+    }
+
+    /// Moves a waiting or swapped sequence into the running set, committing `need` blocks.
+    fn start(&mut self, key: SeqKey, need: usize, now: f64, plan: &mut StepPlan) {
+        let Some(seq) = self.seqs.get_mut(&key) else {
+            return;
+        };
+        let tenant = &mut self.tenants[seq.tenant];
+        let model = &mut self.models[seq.model];
+        match seq.state {
+            State::Swapped => {
+                model.used_host_blocks -= seq.blocks;
+                tenant.swapped.retain(|&k| k != key);
+                plan.swap_in.push(key);
+            }
+            _ => {
+                tenant.waiting.retain(|&k| k != key);
+                plan.admit.push(key);
+                if !seq.admitted {
+                    seq.admitted = true;
+                    tenant.stats.admitted += 1;
+                    tenant.turns += 1.0;
+                    // Charged now, as VTC does, so the admissions of one plan see each other.
+                    tenant.counter += seq.prompt_len as f64
+                        * self.pricing.prefill
+                        * model.params.price
+                        / f64::from(tenant.params.weight.max(1));
+                    if let Some(bucket) = tenant.bucket.as_mut() {
+                        bucket.charge(seq.prompt_len, now);
+                    }
+                }
+            }
+        }
+        seq.state = State::Running;
+        seq.blocks = need;
+        model.used_blocks += need;
+        model.running += 1;
+        tenant.running += 1;
+        tenant.blocks += need;
+        self.running.push(key);
+    }
+
+    fn raise_floor(&mut self) {
+        let active = self.tenants.iter().filter(|t| t.live > 0);
+        let (mut counter, mut turns) = (f64::INFINITY, f64::INFINITY);
+        for t in active {
+            counter = counter.min(t.counter);
+            turns = turns.min(t.turns);
+        }
+        if counter.is_finite() {
+            self.counter_floor = self.counter_floor.max(counter);
+            self.turns_floor = self.turns_floor.max(turns);
+        }
+    }
+
+    /// Seconds until `tenant`'s next waiting request fits its token bucket (0 if it does or
+    /// the tenant has no rate limit).
+    pub fn rate_wait(&mut self, tenant: &str, now: f64) -> f64 {
+        let Some(&t) = self.by_name.get(tenant) else {
+            return 0.0;
+        };
+        let prompt = self
+            .head(t)
+            .and_then(|k| self.seqs.get(&k))
+            .filter(|s| !s.admitted)
+            .map_or(0, |s| s.prompt_len);
+        self.tenants[t]
+            .bucket
+            .as_mut()
+            .map_or(0.0, |b| b.wait_for(prompt, now))
+    }
+
+    /// Per-tenant state, for metrics and the operator's views.
+    pub fn report(&mut self, now: f64) -> Vec<TenantReport> {
+        let mut out = Vec::with_capacity(self.tenants.len());
+        for t in &mut self.tenants {
+            let waiting = t.live - t.running;
+            let swapped = t
+                .swapped
+                .iter()
+                .filter(|k| {
+                    self.seqs
+                        .get(k)
+                        .is_some_and(|s| s.state == State::Swapped)
+                })
+                .count();
+            out.push(TenantReport {
+                tenant: t.name.clone(),
+                weight: t.params.weight,
+                class: t.params.class,
+                waiting: waiting - swapped,
+                running: t.running,
+                swapped,
+                kv_blocks: t.blocks,
+                virtual_counter: t.counter,
+                bucket_tokens: t.bucket.as_mut().map(|b| b.level(now)),
+                stats: t.stats.clone(),
+            });
+        }
+        out
+    }
+
+    /// Checks the module's invariants; for tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut used = vec![0usize; self.models.len()];
+        let mut host = vec![0usize; self.models.len()];
+        let mut running = vec![0usize; self.models.len()];
+        let mut by_tenant = vec![(0usize, 0usize, 0usize); self.tenants.len()];
+        for (k, s) in &self.seqs {
+            let bs = self.models[s.model].params.block_size;
+            if s.computed > s.target {
+                return Err(format!("{k}: computed {} > target {}", s.computed, s.target));
+            }
+            let t = &mut by_tenant[s.tenant];
+            t.2 += 1;
+            match s.state {
+                State::Running => {
+                    if s.blocks != blocks_for(s.target, bs) {
+                        return Err(format!("{k}: {} blocks for {} tokens", s.blocks, s.target));
+                    }
+                    used[s.model] += s.blocks;
+                    running[s.model] += 1;
+                    t.0 += s.blocks;
+                    t.1 += 1;
+                    if !self.running.contains(k) {
+                        return Err(format!("{k} runs but is not in the running set"));
+                    }
+                }
+                State::Swapped => host[s.model] += s.blocks,
+                State::Waiting => {
+                    if s.computed != 0 {
+                        return Err(format!("{k} waits with {} tokens cached", s.computed));
+                    }
+                }
+            }
+        }
+        for (m, model) in self.models.iter().enumerate() {
+            if used[m] != model.used_blocks || host[m] != model.used_host_blocks {
+                return Err(format!("model {m}: ledger differs from its sequences"));
+            }
+            if running[m] != model.running {
+                return Err(format!("model {m}: running count differs"));
+            }
+            if model.used_host_blocks > model.params.swap_blocks {
+                return Err(format!("model {m}: swap space overrun"));
+            }
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            if (t.blocks, t.running, t.live) != by_tenant[i] {
+                return Err(format!("tenant {}: ledger differs from its sequences", t.name));
+            }
+        }
+        if self.running.len() != running.iter().sum::<usize>() {
+            return Err("running set differs".into());
+        }
+        Ok(())
+    }
+
+    /// Checks what must hold right after a plan: no pool and no quota over its limit, no model
+    /// over its sequence or token limit.
+    pub fn check_plan(&self, plan: &StepPlan) -> Result<(), String> {
+        self.check_invariants()?;
+        for (m, model) in self.models.iter().enumerate() {
+            if model.used_blocks > model.params.total_blocks {
+                return Err(format!("model {m}: {} blocks committed of {}", model.used_blocks, model.params.total_blocks));
+            }
+            if model.running > model.params.max_sequences {
+                return Err(format!("model {m}: {} sequences running", model.running));
+            }
+            let tokens: usize = plan
+                .run
+                .iter()
+                .filter(|(k, _)| self.seqs[k].model == m)
+                .map(|&(_, n)| n)
+                .sum();
+            if tokens > model.params.max_batch_tokens {
+                return Err(format!("model {m}: {tokens} tokens in one step"));
+            }
+        }
+        for t in &self.tenants {
+            if let Some(q) = t.params.kv_blocks {
+                if t.blocks as u64 > q {
+                    return Err(format!("tenant {}: {} blocks over its quota {q}", t.name, t.blocks));
+                }
+            }
+        }
+        for &(k, n) in &plan.run {
+            let s = &self.seqs[&k];
+            if s.state != State::Running || n == 0 || s.computed + n > s.target {
+                return Err(format!("{k}: cannot feed {n} tokens"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokens a running sequence still has to feed before it samples (for tests and the
+    /// runner's cross-check).
+    pub fn pending(&self, key: SeqKey) -> Option<usize> {
+        self.seqs.get(&key).map(|s| s.target - s.computed)
+    }
+}
+
+#[cfg(test)]
+mod tests;
