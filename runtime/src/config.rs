@@ -56,6 +56,47 @@ pub struct DaemonConfig {
     /// Models to serve. The default is SmolLM2-135M-Instruct from the model cache; if that file
     /// is missing the daemon says so and serves a small generated model instead.
     pub models: Vec<ModelSpec>,
+    /// How each device's requests are shared between tenants.
+    pub scheduler: SchedulerConfig,
+}
+
+/// Scheduling across tenants; one scheduler per device applies it to every model there.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// `fair_share` (weighted, by virtual token counters), `fcfs`, `round_robin` or
+    /// `priority` (a tenant's weight is its priority).
+    pub policy: crate::sched::PolicyKind,
+    /// Requests one tenant may have waiting on one device; more get 429 with Retry-After.
+    pub max_queued_per_tenant: usize,
+    /// What a prompt token and a generated token cost in the fair-share counters.
+    pub prefill_price: f64,
+    pub decode_price: f64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        let pricing = crate::sched::Pricing::default();
+        Self {
+            policy: crate::sched::PolicyKind::default(),
+            max_queued_per_tenant: 256,
+            prefill_price: pricing.prefill,
+            decode_price: pricing.decode,
+        }
+    }
+}
+
+/// How a model's sequences are preempted when its KV cache runs out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreemptionMode {
+    /// Swap or recompute, whichever a measurement at start-up says is faster.
+    #[default]
+    Auto,
+    /// Move the sequence's KV blocks to host memory (recompute when swap space is full).
+    Swap,
+    /// Drop the blocks and prefill the sequence again later.
+    Recompute,
 }
 
 /// One model to load at start.
@@ -78,6 +119,12 @@ pub struct ModelSpec {
     /// Most tokens in one batched step (prefill chunks plus decode tokens).
     #[serde(default = "default_max_batch_tokens")]
     pub max_batch_tokens: usize,
+    /// Host-memory blocks for preempted sequences' KV cache (0: always recompute).
+    #[serde(default = "default_swap_blocks")]
+    pub swap_blocks: usize,
+    /// `auto`, `swap` or `recompute`.
+    #[serde(default)]
+    pub preemption: PreemptionMode,
 }
 
 /// The default model's name and file.
@@ -96,6 +143,10 @@ fn default_max_batch_tokens() -> usize {
     512
 }
 
+fn default_swap_blocks() -> usize {
+    128
+}
+
 impl ModelSpec {
     /// The built-in default: SmolLM2-135M-Instruct (Q4_1 GGUF) from the model cache.
     pub fn default_model() -> Self {
@@ -106,6 +157,8 @@ impl ModelSpec {
             kv_blocks: default_kv_blocks(),
             max_sequences: default_max_sequences(),
             max_batch_tokens: default_max_batch_tokens(),
+            swap_blocks: default_swap_blocks(),
+            preemption: PreemptionMode::Auto,
         }
     }
 }
@@ -192,6 +245,7 @@ impl Default for DaemonConfig {
             model_cache: PathBuf::from("/var/cache/accel/models"),
             kernel_cache: PathBuf::from("/var/cache/accel/kernels"),
             models: vec![ModelSpec::default_model()],
+            scheduler: SchedulerConfig::default(),
         }
     }
 }
@@ -324,17 +378,36 @@ impl DaemonConfig {
                     format!("model {:?} is listed twice", model.name),
                 ));
             }
-            for (field, value, max) in [
-                ("kv_blocks", model.kv_blocks, 1 << 24),
-                ("max_sequences", model.max_sequences, 4096),
-                ("max_batch_tokens", model.max_batch_tokens, 1 << 20),
+            for (field, value, min, max) in [
+                ("kv_blocks", model.kv_blocks, 1, 1 << 24),
+                ("max_sequences", model.max_sequences, 1, 4096),
+                ("max_batch_tokens", model.max_batch_tokens, 1, 1 << 20),
+                ("swap_blocks", model.swap_blocks, 0, 1 << 24),
             ] {
-                if value == 0 || value > max {
+                if value < min || value > max {
                     out.push(PathProblem::new(
                         format!("{path}.{field}"),
-                        format!("{value} is out of range: use 1 to {max}"),
+                        format!("{value} is out of range: use {min} to {max}"),
                     ));
                 }
+            }
+        }
+        let queued = self.scheduler.max_queued_per_tenant;
+        if queued == 0 || queued > 1_000_000 {
+            out.push(PathProblem::new(
+                "scheduler.max_queued_per_tenant",
+                format!("{queued} is out of range: use 1 to 1000000"),
+            ));
+        }
+        for (field, price) in [
+            ("prefill_price", self.scheduler.prefill_price),
+            ("decode_price", self.scheduler.decode_price),
+        ] {
+            if !(price.is_finite() && price > 0.0 && price <= 1000.0) {
+                out.push(PathProblem::new(
+                    format!("scheduler.{field}"),
+                    format!("{price} is out of range: use a number above 0 and at most 1000"),
+                ));
             }
         }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {

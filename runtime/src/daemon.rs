@@ -69,7 +69,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             tracing::info!(gpus = devices.devices.len(), names = ?devices.devices.iter().map(|d| &d.name).collect::<Vec<_>>(), "GPUs found")
         }
     }
-    let models = crate::runner::start_models(&config, &devices);
+    let metrics = Metrics::new()?;
+    let models = crate::runner::start_models(&config, &devices, Some(&metrics.sched));
     if models.is_empty() {
         tracing::warn!(
             "no model could be loaded; inference requests will get 404 until one is configured"
@@ -78,7 +79,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let state = Arc::new(DaemonState::new(
         config.clone(),
         policy,
-        Metrics::new()?,
+        metrics,
         Box::new(SystemUserDb),
         models,
         devices,

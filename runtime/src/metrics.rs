@@ -43,6 +43,7 @@ pub struct Metrics {
     pub device_memory: IntGaugeVec,
     pub backend_memory: IntGaugeVec,
     pub kv_cache: IntGaugeVec,
+    pub sched: SchedMetrics,
 }
 
 /// Latency buckets for inference, in seconds (1ms to 5 minutes).
@@ -231,6 +232,7 @@ impl Metrics {
         registry.register(Box::new(tenant_weight.clone()))?;
         registry.register(Box::new(policy_load_duration.clone()))?;
 
+        let sched = SchedMetrics::new(&registry)?;
         Ok(Self {
             registry,
             api_requests,
@@ -254,6 +256,7 @@ impl Metrics {
             device_memory,
             backend_memory,
             kv_cache,
+            sched,
         })
     }
 
@@ -326,5 +329,90 @@ mod tests {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         assert!(peak > 1 << 20, "{text}");
+    }
+}
+
+/// The scheduler's families, shared with every device's loop.
+#[derive(Debug, Clone)]
+pub struct SchedMetrics {
+    pub waiting: IntGaugeVec,
+    pub running: IntGaugeVec,
+    pub swapped: IntGaugeVec,
+    pub kv_blocks: IntGaugeVec,
+    pub virtual_counter: prometheus::GaugeVec,
+    pub tokens: IntCounterVec,
+    pub preemptions: IntCounterVec,
+    pub rejections: IntCounterVec,
+    pub queue_time: HistogramVec,
+}
+
+impl SchedMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let dt = &["device", "tenant"];
+        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), dt);
+        let this = Self {
+            waiting: gauge(
+                "accel_scheduler_waiting_requests",
+                "Requests waiting for admission, by device and tenant.",
+            )?,
+            running: gauge(
+                "accel_scheduler_running_sequences",
+                "Sequences admitted and holding KV blocks on the device, by device and tenant.",
+            )?,
+            swapped: gauge(
+                "accel_scheduler_swapped_sequences",
+                "Preempted sequences whose KV blocks are in host memory, by device and tenant.",
+            )?,
+            kv_blocks: gauge(
+                "accel_scheduler_kv_blocks",
+                "KV blocks committed to a tenant's running sequences (its limits.kv_blocks counts these).",
+            )?,
+            virtual_counter: prometheus::GaugeVec::new(
+                Opts::new(
+                    "accel_scheduler_virtual_counter",
+                    "Weighted service received (the fair-share policy's virtual token counter), by device and tenant.",
+                ),
+                dt,
+            )?,
+            tokens: IntCounterVec::new(
+                Opts::new(
+                    "accel_scheduled_tokens_total",
+                    "Tokens run through the engine, by tenant, model and phase (prefill, decode, recompute).",
+                ),
+                &["tenant", "model", "phase"],
+            )?,
+            preemptions: IntCounterVec::new(
+                Opts::new(
+                    "accel_preemptions_total",
+                    "Sequences preempted, by tenant, model and kind (swap or recompute).",
+                ),
+                &["tenant", "model", "kind"],
+            )?,
+            rejections: IntCounterVec::new(
+                Opts::new(
+                    "accel_request_rejections_total",
+                    "Requests refused by the scheduler, by tenant, model and reason.",
+                ),
+                &["tenant", "model", "reason"],
+            )?,
+            queue_time: HistogramVec::new(
+                HistogramOpts::new(
+                    "accel_queue_time_seconds",
+                    "Time from submission to first admission, by tenant and model.",
+                )
+                .buckets(INFERENCE_BUCKETS.to_vec()),
+                &["tenant", "model"],
+            )?,
+        };
+        registry.register(Box::new(this.waiting.clone()))?;
+        registry.register(Box::new(this.running.clone()))?;
+        registry.register(Box::new(this.swapped.clone()))?;
+        registry.register(Box::new(this.kv_blocks.clone()))?;
+        registry.register(Box::new(this.virtual_counter.clone()))?;
+        registry.register(Box::new(this.tokens.clone()))?;
+        registry.register(Box::new(this.preemptions.clone()))?;
+        registry.register(Box::new(this.rejections.clone()))?;
+        registry.register(Box::new(this.queue_time.clone()))?;
+        Ok(this)
     }
 }

@@ -27,6 +27,7 @@ use crate::chat::Message;
 use crate::engine::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::policy::Role;
 use crate::runner::{Event, FinishReason, GenerateRequest, ModelHandle, SubmitError};
+use crate::sched::TenantParams;
 use crate::state::{DaemonState, TenantSlot};
 
 type Shared = State<Arc<DaemonState>>;
@@ -58,6 +59,25 @@ fn tenant_label(auth: &Authenticated) -> String {
         .tenant
         .clone()
         .unwrap_or_else(|| "operator".to_owned())
+}
+
+/// What the scheduler enforces for the caller: its tenant's weight, class and quotas (an
+/// operator acting for no tenant is scheduled with the defaults).
+fn scheduling_limits(auth: &Authenticated) -> TenantParams {
+    match auth
+        .identity
+        .tenant
+        .as_deref()
+        .and_then(|t| auth.policy.tenant(t))
+    {
+        Some(t) => TenantParams {
+            weight: t.weight.max(1),
+            class: t.class,
+            tokens_per_minute: t.limits.tokens_per_minute,
+            kv_blocks: t.limits.kv_blocks,
+        },
+        None => TenantParams::default(),
+    }
 }
 
 pub(super) async fn list_models(
@@ -180,6 +200,10 @@ fn submit_error(e: SubmitError) -> ApiError {
             "model_unavailable",
             e.to_string(),
         ),
+        SubmitError::QueueFull {
+            retry_after_secs, ..
+        } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
+            .with_retry_after(retry_after_secs),
         _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
     }
 }
@@ -372,6 +396,7 @@ async fn start(
             stop: common.stop.into_vec(),
             stop_token_ids: common.stop_token_ids,
             ignore_eos: common.ignore_eos,
+            limits: scheduling_limits(&auth),
         })
         .map_err(submit_error)?;
     tracing::debug!(tenant = %tenant_label(&auth), model = %model.info.name, prompt_tokens, max_tokens, "generation queued");

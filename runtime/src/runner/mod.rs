@@ -1,15 +1,16 @@
-//! One model's engine on a thread of its own, fed by a simple continuous-batching loop:
-//! requests in over a channel, events out per request.
+//! Served models as the API sees them: [`ModelHandle`] (submit a request, read its events),
+//! and the start-up that loads every configured model and places it on a device.
 //!
-//! The API layer sees only [`ModelHandle`] (submit a request, read its events), so a later
-//! scheduler can replace the loop's policy and a worker process can take the thread's place
-//! without touching the API. The loop is first come, first served: it admits a request when a
-//! sequence slot and KV blocks for its whole prompt and `max_tokens` are free, then runs steps
-//! that mix decode tokens with prefill chunks up to `max_batch_tokens`.
+//! Every model placed on a device is stepped by that device's loop ([`arbiter`]), which
+//! runs the device's scheduler (`sched`): tenant shares, classes and quotas hold across all
+//! models on the device, KV blocks are committed as sequences grow, and sequences are
+//! preempted (swapped or recomputed) when blocks run out. The API never sees the loop; a
+//! worker process can later take its thread's place behind the same handle.
 
+pub mod arbiter;
 pub mod detok;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,12 +25,14 @@ use crate::chat::ChatTemplate;
 use crate::config::{
     BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME,
 };
-use crate::engine::sampling::{Sampler, SamplingParams};
-use crate::engine::{Engine, LogitsWanted, SeqId, StepInput};
+use crate::engine::sampling::SamplingParams;
+use crate::engine::Engine;
+use crate::metrics::SchedMetrics;
 use crate::model::LoadedModel;
+use crate::sched::{ModelParams, NewSeq, Pricing, Reject, Scheduler, TenantParams};
 use crate::tokenizer::Tokenizer;
 
-use self::detok::Detokenizer;
+use self::arbiter::{Arbiter, Gate, Slot, Submission};
 
 /// What clients can know about a served model.
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +59,8 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// The tenant's weight, class and quotas from the policy in force.
+    pub limits: TenantParams,
 }
 
 /// Why generation ended.
@@ -101,17 +106,35 @@ pub enum SubmitError {
     },
     #[error("the prompt is empty")]
     EmptyPrompt,
-    #[error("the request needs {needed} KV blocks but this model has {total}; lower max_tokens or raise the model's kv_blocks")]
-    TooBigForCache { needed: usize, total: usize },
+    #[error(transparent)]
+    Unschedulable(#[from] Reject),
     #[error("token id {token} is outside the model's vocabulary of {vocab}")]
     BadToken { token: u32, vocab: usize },
+    #[error("tenant {tenant:?} already has {queued} requests waiting on this device, its limit (scheduler.max_queued_per_tenant); retry after {retry_after_secs} s")]
+    QueueFull {
+        tenant: String,
+        queued: usize,
+        retry_after_secs: u64,
+    },
     #[error("the model's runner has stopped; see the daemon log")]
     Stopped,
 }
 
-struct Job {
-    request: GenerateRequest,
-    events: mpsc::UnboundedSender<Event>,
+impl SubmitError {
+    /// A short reason for the rejections metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SubmitError::TooLong { .. } => "context_length",
+            SubmitError::EmptyPrompt => "empty_prompt",
+            SubmitError::Unschedulable(Reject::TooBigForModel { .. }) => "kv_cache_size",
+            SubmitError::Unschedulable(Reject::OverKvQuota { .. }) => "kv_blocks_quota",
+            SubmitError::Unschedulable(Reject::OverTokenRate { .. }) => "tokens_per_minute",
+            SubmitError::Unschedulable(_) => "unschedulable",
+            SubmitError::BadToken { .. } => "bad_token",
+            SubmitError::QueueFull { .. } => "queue_full",
+            SubmitError::Stopped => "stopped",
+        }
+    }
 }
 
 /// A served model: its tokenizer and template for the API, and the channel to its loop.
@@ -120,8 +143,13 @@ pub struct ModelHandle {
     pub info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Option<Arc<ChatTemplate>>,
-    jobs: crossbeam_channel::Sender<Job>,
-    blocks: (usize, usize),
+    jobs: crossbeam_channel::Sender<Submission>,
+    /// Its index in the device's scheduler, and what the scheduler knows of it.
+    index: usize,
+    params: ModelParams,
+    gate: Arc<Gate>,
+    max_queued: usize,
+    rejections: Option<prometheus::IntCounterVec>,
     usage: Arc<Usage>,
 }
 
@@ -145,14 +173,6 @@ impl Usage {
     /// Device and page-locked bytes by use, for a model on a GPU.
     pub fn device_memory(&self) -> Option<Vec<(&'static str, u64)>> {
         self.ledger.as_ref().map(|l| l.by_use())
-    }
-}
-
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job")
-            .field("prompt_tokens", &self.request.prompt.len())
-            .finish_non_exhaustive()
     }
 }
 
@@ -219,104 +239,6 @@ impl Placement {
 }
 
 impl ModelHandle {
-    /// Puts `model` on a new thread with its own engine and KV cache, on `placement`.
-    pub fn spawn(
-        name: &str,
-        model: LoadedModel,
-        spec: &ModelSpec,
-        placement: &Placement,
-    ) -> Result<Self, StartError> {
-        match placement {
-            Placement::Cpu => {
-                Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into(), None)
-            }
-            Placement::Cuda {
-                ordinal,
-                options,
-                cpu_fallback,
-            } => match CudaBackend::new(*ordinal, options) {
-                Ok(backend) => {
-                    let ledger = backend.ledger();
-                    let label = format!("cuda:{ordinal}");
-                    Self::spawn_on(name, model, spec, backend, label, Some(ledger))
-                }
-                Err(e) if *cpu_fallback => {
-                    tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
-                    Self::spawn_on(name, model, spec, CpuBackend::default(), "cpu".into(), None)
-                }
-                Err(e) => Err(e.into()),
-            },
-        }
-    }
-
-    fn spawn_on<B: Backend>(
-        name: &str,
-        model: LoadedModel,
-        spec: &ModelSpec,
-        backend: B,
-        label: String,
-        ledger: Option<Arc<Ledger>>,
-    ) -> Result<Self, StartError> {
-        let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
-        let engine = Engine::new(
-            backend,
-            model.config.clone(),
-            &model.weights,
-            spec.kv_blocks,
-            block_size,
-        )?;
-        let template = match &model.chat_template {
-            Some(source) => Some(Arc::new(ChatTemplate::new(source).map_err(|source| {
-                StartError::Template {
-                    model: name.to_owned(),
-                    source,
-                }
-            })?)),
-            None => None,
-        };
-        let tokenizer = Arc::new(model.tokenizer);
-        let info = ModelInfo {
-            name: name.to_owned(),
-            format: model.format.to_owned(),
-            source: model.source.display().to_string(),
-            backend: label,
-            context_length: model.config.max_position_embeddings,
-            vocab_size: model.config.vocab_size,
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        };
-        let (jobs, inbox) = crossbeam_channel::unbounded();
-        let usage = Arc::new(Usage {
-            kv_by_tenant: Mutex::default(),
-            ledger,
-        });
-        let runner = Runner {
-            usage: Arc::clone(&usage),
-            engine,
-            tokenizer: tokenizer.clone(),
-            inbox,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            max_sequences: spec.max_sequences,
-            max_batch_tokens: spec.max_batch_tokens,
-            block_size,
-            total_blocks: spec.kv_blocks,
-        };
-        std::thread::Builder::new()
-            .name(format!("model-{name}"))
-            .spawn(move || runner.run())
-            .map_err(StartError::Thread)?;
-        Ok(Self {
-            info,
-            tokenizer,
-            template,
-            jobs,
-            blocks: (block_size, spec.kv_blocks),
-            usage,
-        })
-    }
-
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
@@ -329,9 +251,26 @@ impl ModelHandle {
         self.template.as_deref()
     }
 
-    /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
-    /// cancels the request.
+    /// Queues a request with its device's scheduler; its events arrive on the returned
+    /// receiver. Dropping the receiver cancels the request and frees its blocks.
     pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let result = self.try_submit(request.clone());
+        if let (Err(e), Some(rejections)) = (&result, &self.rejections) {
+            rejections
+                .with_label_values(&[
+                    request.tenant.as_str(),
+                    self.info.name.as_str(),
+                    e.reason(),
+                ])
+                .inc();
+        }
+        result
+    }
+
+    fn try_submit(
         &self,
         request: GenerateRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
@@ -358,35 +297,253 @@ impl ModelHandle {
                 limit,
             });
         }
-        let (block_size, blocks) = self.blocks;
-        let needed = total.div_ceil(block_size);
-        if needed > blocks {
-            return Err(SubmitError::TooBigForCache {
-                needed,
-                total: blocks,
-            });
-        }
+        crate::sched::check(
+            &self.params,
+            &NewSeq {
+                key: 0,
+                tenant: request.tenant.clone(),
+                params: request.limits.clone(),
+                model: self.index,
+                prompt_len: request.prompt.len(),
+                max_tokens: request.max_tokens,
+            },
+        )?;
+        self.gate
+            .enter(&request.tenant, self.max_queued)
+            .map_err(|(queued, retry_after)| SubmitError::QueueFull {
+                tenant: request.tenant.clone(),
+                queued,
+                retry_after_secs: retry_after.clamp(1.0, 3600.0).ceil() as u64,
+            })?;
         let (events, receiver) = mpsc::unbounded_channel();
-        self.jobs
-            .send(Job { request, events })
-            .map_err(|_| SubmitError::Stopped)?;
+        let tenant = request.tenant.clone();
+        let sent = self.jobs.send(Submission {
+            model: self.index,
+            request,
+            events,
+            submitted: Instant::now(),
+        });
+        if sent.is_err() {
+            self.gate.leave(&tenant);
+            return Err(SubmitError::Stopped);
+        }
         Ok(receiver)
     }
 }
 
-/// Loads and starts every configured model, logging progress. A model that fails to load is
-/// logged and skipped, so the daemon serves the others. If the built-in default model's file is
-/// missing, the daemon says so and serves a small generated model, named as such, instead.
+/// A model ready to be placed on its device's loop.
+struct Prepared<B: Backend> {
+    slot: Slot<B>,
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    template: Option<Arc<ChatTemplate>>,
+    spec: ModelSpec,
+}
+
+/// Builds a model's engine (with its swap space) on `backend`.
+fn prepare<B: Backend>(
+    name: &str,
+    model: LoadedModel,
+    spec: &ModelSpec,
+    backend: B,
+    label: String,
+    ledger: Option<Arc<Ledger>>,
+) -> Result<Prepared<B>, StartError> {
+    let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
+    let mut engine = Engine::new(
+        backend,
+        model.config.clone(),
+        &model.weights,
+        spec.kv_blocks,
+        block_size,
+    )?;
+    let template = match &model.chat_template {
+        Some(source) => Some(Arc::new(ChatTemplate::new(source).map_err(|source| {
+            StartError::Template {
+                model: name.to_owned(),
+                source,
+            }
+        })?)),
+        None => None,
+    };
+    let c = &model.config;
+    let swap_min_tokens = arbiter::preemption_crossover(
+        &mut engine,
+        spec,
+        block_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+    );
+    // Tokens of different models cost the device in proportion to their weights.
+    let per_layer = c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
+        + 3 * c.hidden_size * c.intermediate_size;
+    let parameters = c.num_layers * per_layer + c.vocab_size * c.hidden_size;
+    let params = ModelParams {
+        block_size,
+        total_blocks: spec.kv_blocks,
+        swap_blocks: if swap_min_tokens == usize::MAX {
+            0
+        } else {
+            spec.swap_blocks
+        },
+        swap_min_tokens,
+        max_sequences: spec.max_sequences,
+        max_batch_tokens: spec.max_batch_tokens,
+        price: (parameters as f64 / 1e9).max(1e-3),
+    };
+    let tokenizer = Arc::new(model.tokenizer);
+    let info = ModelInfo {
+        name: name.to_owned(),
+        format: model.format.to_owned(),
+        source: model.source.display().to_string(),
+        backend: label,
+        context_length: c.max_position_embeddings,
+        vocab_size: c.vocab_size,
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let usage = Arc::new(Usage {
+        kv_by_tenant: Mutex::default(),
+        ledger,
+    });
+    Ok(Prepared {
+        slot: Slot {
+            name: name.to_owned(),
+            engine,
+            tokenizer: Arc::clone(&tokenizer),
+            usage,
+            params,
+        },
+        info,
+        tokenizer,
+        template,
+        spec: spec.clone(),
+    })
+}
+
+/// Models grouped by the device they run on, in the order they were configured.
+#[derive(Default)]
+struct Devices {
+    cpu: Vec<(usize, Prepared<CpuBackend>)>,
+    cuda: BTreeMap<usize, Vec<(usize, Prepared<CudaBackend>)>>,
+}
+
+fn place(
+    devices: &mut Devices,
+    order: usize,
+    name: &str,
+    model: LoadedModel,
+    spec: &ModelSpec,
+    placement: &Placement,
+) -> Result<(), StartError> {
+    match placement {
+        Placement::Cpu => {
+            let p = prepare(name, model, spec, CpuBackend::default(), "cpu".into(), None)?;
+            devices.cpu.push((order, p));
+        }
+        Placement::Cuda {
+            ordinal,
+            options,
+            cpu_fallback,
+        } => match CudaBackend::new(*ordinal, options) {
+            Ok(backend) => {
+                let ledger = backend.ledger();
+                let label = format!("cuda:{ordinal}");
+                let p = prepare(name, model, spec, backend, label, Some(ledger))?;
+                devices.cuda.entry(*ordinal).or_default().push((order, p));
+            }
+            Err(e) if *cpu_fallback => {
+                tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
+                let p = prepare(name, model, spec, CpuBackend::default(), "cpu".into(), None)?;
+                devices.cpu.push((order, p));
+            }
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(())
+}
+
+/// Starts one device's loop with its models; returns their handles with their config order.
+fn spawn_device<B: Backend>(
+    device: String,
+    models: Vec<(usize, Prepared<B>)>,
+    config: &DaemonConfig,
+    metrics: Option<&SchedMetrics>,
+) -> Vec<(usize, ModelHandle)> {
+    if models.is_empty() {
+        return Vec::new();
+    }
+    let mut sched = Scheduler::new(
+        config.scheduler.policy,
+        Pricing {
+            prefill: config.scheduler.prefill_price,
+            decode: config.scheduler.decode_price,
+        },
+    );
+    let (jobs, inbox) = crossbeam_channel::unbounded();
+    let gate = Arc::new(Gate::default());
+    let mut handles = Vec::new();
+    let mut slots = Vec::new();
+    for (order, p) in models {
+        let index = sched.add_model(p.slot.params.clone());
+        handles.push((
+            order,
+            ModelHandle {
+                info: p.info,
+                tokenizer: p.tokenizer,
+                template: p.template,
+                jobs: jobs.clone(),
+                index,
+                params: p.slot.params.clone(),
+                gate: Arc::clone(&gate),
+                max_queued: config.scheduler.max_queued_per_tenant,
+                rejections: metrics.map(|m| m.rejections.clone()),
+                usage: Arc::clone(&p.slot.usage),
+            },
+        ));
+        tracing::debug!(model = %p.spec.name, %device, "model placed");
+        slots.push(p.slot);
+    }
+    let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
+    let arbiter = Arbiter::new(
+        device.clone(),
+        sched,
+        slots,
+        inbox,
+        gate,
+        metrics.cloned(),
+    );
+    match std::thread::Builder::new()
+        .name(format!("device-{device}"))
+        .spawn(move || arbiter.run())
+    {
+        Ok(_) => {
+            tracing::info!(%device, models = ?names, policy = config.scheduler.policy.as_str(), "device scheduler started");
+            handles
+        }
+        Err(e) => {
+            tracing::error!(%device, error = %e, "cannot start the device's thread; its models are not served");
+            Vec::new()
+        }
+    }
+}
+
+/// Loads and starts every configured model, logging progress, then starts one scheduling
+/// loop per device with the models placed there. A model that fails to load is logged and
+/// skipped, so the daemon serves the others. If the built-in default model's file is missing,
+/// the daemon says so and serves a small generated model, named as such, instead.
 pub fn start_models(
     config: &DaemonConfig,
     devices: &crate::devices::DeviceReport,
+    metrics: Option<&SchedMetrics>,
 ) -> Vec<ModelHandle> {
-    let mut handles = Vec::new();
+    let mut placed = Devices::default();
     let cuda_options = CudaOptions {
         kernel_cache: Some(config.kernel_cache.clone()),
         memory_budget: None,
     };
-    for spec in &config.models {
+    for (order, spec) in config.models.iter().enumerate() {
         let path = config.model_path(spec);
         let choice = spec.backend.unwrap_or(config.backend);
         let placement = match Placement::resolve(choice, devices, &cuda_options) {
@@ -421,16 +578,9 @@ pub fn start_models(
                 );
                 match crate::model::generated::tiny_random() {
                     Ok(model) => {
-                        match ModelHandle::spawn(
-                            crate::model::generated::NAME,
-                            model,
-                            spec,
-                            &placement,
-                        ) {
-                            Ok(handle) => handles.push(handle),
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot start the generated model")
-                            }
+                        let name = crate::model::generated::NAME;
+                        if let Err(e) = place(&mut placed, order, name, model, spec, &placement) {
+                            tracing::error!(error = %e, "cannot start the generated model")
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot build the generated model"),
@@ -443,319 +593,27 @@ pub fn start_models(
             }
         };
         let layers = loaded.config.num_layers;
-        match ModelHandle::spawn(&spec.name, loaded, spec, &placement) {
-            Ok(handle) => {
-                tracing::info!(
-                    model = %spec.name,
-                    format = %handle.info.format,
-                    layers,
-                    context = handle.info.context_length,
-                    elapsed = ?started.elapsed(),
-                    "model ready"
-                );
-                handles.push(handle);
-            }
+        let context = loaded.config.max_position_embeddings;
+        match place(&mut placed, order, &spec.name, loaded, spec, &placement) {
+            Ok(()) => tracing::info!(
+                model = %spec.name,
+                layers,
+                context,
+                elapsed = ?started.elapsed(),
+                "model ready"
+            ),
             Err(e) => {
                 tracing::error!(model = %spec.name, error = %e, "model not started; the daemon serves the others")
             }
         }
     }
-    handles
-}
-
-/// A request being served.
-struct Active {
-    job: Job,
-    seq: SeqId,
-    /// Tokens still to feed: the rest of the prompt, then each sampled token.
-    pending: Vec<u32>,
-    prompt_done: bool,
-    /// Prompt and output, for penalties.
-    context: Vec<u32>,
-    sampler: Sampler,
-    detok: Detokenizer,
-    reserved_blocks: usize,
-    started: Instant,
-}
-
-struct Runner<B: Backend> {
-    engine: Engine<B>,
-    usage: Arc<Usage>,
-    tokenizer: Arc<Tokenizer>,
-    inbox: crossbeam_channel::Receiver<Job>,
-    waiting: VecDeque<Job>,
-    running: Vec<Active>,
-    max_sequences: usize,
-    max_batch_tokens: usize,
-    block_size: usize,
-    total_blocks: usize,
-}
-
-impl<B: Backend> Runner<B> {
-    fn run(mut self) {
-        loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
-                match self.inbox.recv() {
-                    Ok(job) => self.waiting.push_back(job),
-                    // Every handle is gone: the daemon is shutting down.
-                    Err(_) => return,
-                }
-            }
-            while let Ok(job) = self.inbox.try_recv() {
-                self.waiting.push_back(job);
-            }
-            self.admit();
-            if !self.running.is_empty() {
-                self.step();
-            }
-            self.account();
-        }
+    let mut handles = spawn_device("cpu".into(), placed.cpu, config, metrics);
+    for (ordinal, models) in placed.cuda {
+        handles.extend(spawn_device(format!("cuda:{ordinal}"), models, config, metrics));
     }
-
-    /// Publishes the KV-cache bytes each tenant's sequences hold now.
-    fn account(&self) {
-        let block_bytes = self.engine.kv_block_bytes() as u64;
-        let mut by_tenant: HashMap<String, u64> = HashMap::new();
-        for a in &self.running {
-            let blocks = self
-                .engine
-                .sequence_len(a.seq)
-                .unwrap_or(0)
-                .div_ceil(self.block_size) as u64;
-            *by_tenant.entry(a.job.request.tenant.clone()).or_default() += blocks * block_bytes;
-        }
-        let mut shared = self
-            .usage
-            .kv_by_tenant
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Tenants that finished stay listed at zero, so their series drop to 0 rather than
-        // going stale.
-        for bytes in shared.values_mut() {
-            *bytes = 0;
-        }
-        shared.extend(by_tenant);
-    }
-
-    fn reserved(&self) -> usize {
-        self.running.iter().map(|a| a.reserved_blocks).sum()
-    }
-
-    /// First come, first served, while a sequence slot and blocks for the whole request are free.
-    fn admit(&mut self) {
-        self.waiting.retain(|job| !job.events.is_closed());
-        while self.running.len() < self.max_sequences {
-            let Some(job) = self.waiting.front() else {
-                break;
-            };
-            let need =
-                (job.request.prompt.len() + job.request.max_tokens).div_ceil(self.block_size);
-            if self.reserved() + need > self.total_blocks {
-                break;
-            }
-            let Some(job) = self.waiting.pop_front() else {
-                break;
-            };
-            let seq = self.engine.add_sequence();
-            self.running.push(Active {
-                seq,
-                pending: job.request.prompt.clone(),
-                prompt_done: false,
-                context: job.request.prompt.clone(),
-                sampler: Sampler::new(job.request.params.clone()),
-                detok: Detokenizer::new(job.request.stop.clone()),
-                reserved_blocks: need,
-                started: Instant::now(),
-                job,
-            });
-        }
-    }
-
-    /// One batched step: a decode token for every generating sequence, then prefill chunks.
-    fn step(&mut self) {
-        // Requests whose client went away stop here, mid-prefill included.
-        let gone: Vec<usize> = (0..self.running.len())
-            .filter(|&i| self.running[i].job.events.is_closed())
-            .collect();
-        self.remove(&gone);
-        if self.running.is_empty() {
-            return;
-        }
-        let mut budget = self.max_batch_tokens;
-        let mut plan: Vec<(usize, usize)> = Vec::new();
-        for (i, a) in self.running.iter().enumerate() {
-            if a.prompt_done && budget > 0 {
-                plan.push((i, 1));
-                budget -= 1;
-            }
-        }
-        for (i, a) in self.running.iter().enumerate() {
-            if !a.prompt_done && budget > 0 {
-                let take = a.pending.len().min(budget);
-                plan.push((i, take));
-                budget -= take;
-            }
-        }
-        let inputs: Vec<StepInput<'_>> = plan
-            .iter()
-            .map(|&(i, take)| StepInput {
-                seq: self.running[i].seq,
-                tokens: &self.running[i].pending[..take],
-                logits: LogitsWanted::Last,
-            })
-            .collect();
-        let outputs = match self.engine.step(&inputs) {
-            Ok(outputs) => outputs,
-            Err(e) => {
-                // The engine rolled the step back; fail its requests, keep serving the rest.
-                tracing::error!(error = %e, "engine step failed");
-                let failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
-                for &i in &failed {
-                    let _ = self.running[i].job.events.send(Event::Error {
-                        message: e.to_string(),
-                    });
-                }
-                self.remove(&failed);
-                return;
-            }
-        };
-        let mut finished = Vec::new();
-        for (&(i, take), output) in plan.iter().zip(outputs) {
-            let a = &mut self.running[i];
-            a.pending.drain(..take);
-            if !a.prompt_done && !a.pending.is_empty() {
-                continue; // more prompt to feed
-            }
-            a.prompt_done = true;
-            let Some(logits) = output.logits.first() else {
-                continue;
-            };
-            let prompt_len = a.job.request.prompt.len();
-            let sampled = a.sampler.sample(logits, &a.context, prompt_len);
-            a.context.push(sampled.token);
-            let generated = a.context.len() - prompt_len;
-            let request = &a.job.request;
-            let eos = !request.ignore_eos && self.tokenizer.eos_ids().contains(&sampled.token);
-            let stop_token = request.stop_token_ids.contains(&sampled.token);
-            let (text, stopped) = if eos || stop_token {
-                (a.detok.finish(&self.tokenizer), true)
-            } else {
-                let delta = a.detok.push(&self.tokenizer, sampled.token);
-                (delta.text, delta.stopped)
-            };
-            let length = !stopped && generated >= request.max_tokens;
-            let text = if length {
-                text + &a.detok.finish(&self.tokenizer)
-            } else {
-                text
-            };
-            let sent = a.job.events.send(Event::Token {
-                text,
-                token: sampled.token,
-                logprob: sampled.logprob,
-                top: sampled.top,
-            });
-            if sent.is_err() {
-                finished.push(i); // the client went away
-                continue;
-            }
-            if stopped || length {
-                let _ = a.job.events.send(Event::Done {
-                    reason: if stopped {
-                        FinishReason::Stop
-                    } else {
-                        FinishReason::Length
-                    },
-                    prompt_tokens: prompt_len,
-                    completion_tokens: generated,
-                });
-                tracing::debug!(elapsed = ?a.started.elapsed(), generated, "request finished");
-                finished.push(i);
-            } else {
-                a.pending.push(sampled.token);
-            }
-        }
-        self.remove(&finished);
-    }
-
-    fn remove(&mut self, indices: &[usize]) {
-        let mut indices = indices.to_vec();
-        indices.sort_unstable();
-        indices.dedup();
-        for &i in indices.iter().rev() {
-            let a = self.running.swap_remove(i);
-            self.engine.remove_sequence(a.seq);
-        }
-    }
+    handles.sort_by_key(|(order, _)| *order);
+    handles.into_iter().map(|(_, h)| h).collect()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn job(tenant: &str, prompt: Vec<u32>) -> (Job, mpsc::UnboundedReceiver<Event>) {
-        let (events, receiver) = mpsc::unbounded_channel();
-        let request = GenerateRequest {
-            tenant: tenant.into(),
-            prompt,
-            params: SamplingParams::default(),
-            max_tokens: 8,
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: true,
-        };
-        (Job { request, events }, receiver)
-    }
-
-    #[test]
-    fn kv_cache_bytes_are_accounted_to_each_tenant_and_released() {
-        let model = crate::model::generated::tiny_random().unwrap();
-        let block_size = 16;
-        let engine = Engine::new(
-            CpuBackend::default(),
-            model.config.clone(),
-            &model.weights,
-            64,
-            block_size,
-        )
-        .unwrap();
-        let block_bytes = engine.kv_block_bytes() as u64;
-        let (_jobs, inbox) = crossbeam_channel::unbounded();
-        let usage = Arc::new(Usage::default());
-        let mut runner = Runner {
-            engine,
-            usage: Arc::clone(&usage),
-            tokenizer: Arc::new(model.tokenizer),
-            inbox,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            max_sequences: 8,
-            max_batch_tokens: 512,
-            block_size,
-            total_blocks: 64,
-        };
-        let (a, _ra) = job("alpha", vec![5; 20]);
-        let (b, _rb) = job("beta", vec![6; 3]);
-        let (c, rc) = job("alpha", vec![7; 40]);
-        runner.waiting.extend([a, b, c]);
-        runner.admit();
-        runner.step();
-        runner.account();
-        let held = usage.kv_by_tenant();
-        // alpha: 20 and 40 prompt tokens (2 + 3 blocks); beta: 3 tokens (1 block).
-        assert_eq!(held["alpha"], 5 * block_bytes, "{held:?}");
-        assert_eq!(held["beta"], block_bytes, "{held:?}");
-
-        // A request that goes away releases its blocks; the tenant's entry stays, lower.
-        drop(rc);
-        runner.step();
-        runner.account();
-        assert_eq!(usage.kv_by_tenant()["alpha"], 2 * block_bytes);
-        while !runner.running.is_empty() {
-            runner.step();
-        }
-        runner.account();
-        let held = usage.kv_by_tenant();
-        assert_eq!((held["alpha"], held["beta"]), (0, 0), "{held:?}");
-    }
-}
+mod tests;

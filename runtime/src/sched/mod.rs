@@ -262,6 +262,37 @@ pub struct Scheduler {
     turns_floor: f64,
 }
 
+/// Checks that a request could ever run on `model`: its prompt and `max_tokens` fit the
+/// model's pool and the tenant's `kv_blocks`, and its prompt fits the tenant's token bucket.
+pub fn check(model: &ModelParams, seq: &NewSeq) -> Result<(), Reject> {
+    let needed = blocks_for(seq.prompt_len.saturating_add(seq.max_tokens), model.block_size);
+    if needed > model.total_blocks {
+        return Err(Reject::TooBigForModel {
+            needed,
+            total: model.total_blocks,
+        });
+    }
+    if let Some(quota) = seq.params.kv_blocks {
+        if needed as u64 > quota {
+            return Err(Reject::OverKvQuota {
+                tenant: seq.tenant.clone(),
+                needed,
+                quota,
+            });
+        }
+    }
+    if let Some(per_minute) = seq.params.tokens_per_minute {
+        if seq.prompt_len as u64 > per_minute {
+            return Err(Reject::OverTokenRate {
+                tenant: seq.tenant.clone(),
+                prompt: seq.prompt_len,
+                per_minute,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
     tokens.div_ceil(block_size.max(1))
 }
@@ -362,35 +393,7 @@ impl Scheduler {
             .models
             .get(seq.model)
             .ok_or(Reject::UnknownModel(seq.model))?;
-        let needed = blocks_for(
-            seq.prompt_len.saturating_add(seq.max_tokens),
-            model.params.block_size,
-        );
-        if needed > model.params.total_blocks {
-            return Err(Reject::TooBigForModel {
-                needed,
-                total: model.params.total_blocks,
-            });
-        }
-        if let Some(quota) = seq.params.kv_blocks {
-            if needed as u64 > quota {
-                return Err(Reject::OverKvQuota {
-                    tenant: seq.tenant.clone(),
-                    needed,
-                    quota,
-                });
-            }
-        }
-        if let Some(per_minute) = seq.params.tokens_per_minute {
-            if seq.prompt_len as u64 > per_minute {
-                return Err(Reject::OverTokenRate {
-                    tenant: seq.tenant.clone(),
-                    prompt: seq.prompt_len,
-                    per_minute,
-                });
-            }
-        }
-        Ok(())
+        check(&model.params, seq)
     }
 
     /// Queues a request.

@@ -1,0 +1,571 @@
+//! One device's loop: every model placed on the device is stepped here, in the order the
+//! device's [`Scheduler`] plans, so tenant shares and quotas hold across the models.
+//!
+//! Owns the engines and the requests' per-sequence state (sampler, detokenizer, tokens still
+//! to feed); the scheduler owns every decision. Each iteration: take new requests, drop those
+//! whose client went away, plan, apply the plan (preempt, swap in, admit, one engine step per
+//! model), publish usage. A sequence preempted by recompute is fed its prompt and generated
+//! tokens again; its sampler is untouched, so its output is what it would have been.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::detok::Detokenizer;
+use super::{Event, FinishReason, GenerateRequest, Usage};
+use crate::backend::Backend;
+use crate::config::{ModelSpec, PreemptionMode};
+use crate::engine::sampling::Sampler;
+use crate::engine::{Engine, LogitsWanted, SeqId, StepInput};
+use crate::metrics::SchedMetrics;
+use crate::sched::{ModelParams, NewSeq, PreemptKind, Scheduler, SeqKey, StepPlan};
+use crate::tokenizer::Tokenizer;
+
+/// A request on its way to a device's loop.
+pub(crate) struct Submission {
+    pub model: usize,
+    pub request: GenerateRequest,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub submitted: Instant,
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission")
+            .field("model", &self.model)
+            .field("tenant", &self.request.tenant)
+            .field("prompt_tokens", &self.request.prompt.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Requests each tenant has waiting on a device, counted from submission to first admission
+/// (the per-tenant queue bound), with a hint for `Retry-After`.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    queued: Mutex<HashMap<String, (usize, f64)>>,
+}
+
+impl Gate {
+    /// Takes a queue place for `tenant`, or says how many it has and when to retry.
+    pub fn enter(&self, tenant: &str, limit: usize) -> Result<(), (usize, f64)> {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = queued.entry(tenant.to_owned()).or_insert((0, 1.0));
+        if entry.0 >= limit {
+            return Err(*entry);
+        }
+        entry.0 += 1;
+        Ok(())
+    }
+
+    pub fn leave(&self, tenant: &str) {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = queued.get_mut(tenant) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
+
+    fn set_retry_after(&self, tenant: &str, seconds: f64) {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = queued.get_mut(tenant) {
+            entry.1 = seconds;
+        }
+    }
+
+    fn tenants(&self) -> Vec<String> {
+        let queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        queued.keys().cloned().collect()
+    }
+}
+
+/// A model on the device: its engine and what the loop needs to finish its tokens.
+pub(crate) struct Slot<B: Backend> {
+    pub name: String,
+    pub engine: Engine<B>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub usage: Arc<Usage>,
+    pub params: ModelParams,
+}
+
+/// Measures whether moving a sequence's blocks to the swap space and back costs less than
+/// prefilling it again, on this engine; returns the scheduler's `swap_min_tokens`.
+pub(crate) fn preemption_crossover<B: Backend>(
+    engine: &mut Engine<B>,
+    spec: &ModelSpec,
+    block_size: usize,
+    vocab: usize,
+    context: usize,
+) -> usize {
+    if spec.swap_blocks == 0 || spec.preemption == PreemptionMode::Recompute {
+        return usize::MAX;
+    }
+    if let Err(e) = engine.enable_swap(spec.swap_blocks) {
+        tracing::warn!(model = %spec.name, error = %e, "no swap space; preempted sequences will be recomputed");
+        return usize::MAX;
+    }
+    if spec.preemption == PreemptionMode::Swap {
+        return 0;
+    }
+    let tokens: Vec<u32> = (0..(4 * block_size).min(context.saturating_sub(1)).min(spec.swap_blocks * block_size))
+        .map(|i| (i % vocab.max(1)) as u32)
+        .collect();
+    if tokens.is_empty() {
+        return usize::MAX;
+    }
+    let seq = engine.add_sequence();
+    let started = Instant::now();
+    let prefilled = engine.step(&[StepInput {
+        seq,
+        tokens: &tokens,
+        logits: LogitsWanted::Last,
+    }]);
+    let prefill = started.elapsed();
+    let started = Instant::now();
+    let swapped = prefilled
+        .map_err(|e| e.to_string())
+        .and_then(|_| engine.swap_out(seq).map_err(|e| e.to_string()))
+        .and_then(|()| engine.swap_in(seq).map_err(|e| e.to_string()))
+        .and_then(|()| engine.backend().wait_copies().map_err(|e| e.to_string()));
+    let swap = started.elapsed();
+    engine.remove_sequence(seq);
+    match swapped {
+        Ok(()) => {
+            let use_swap = swap < prefill;
+            tracing::info!(
+                model = %spec.name,
+                tokens = tokens.len(),
+                prefill = ?prefill,
+                swap_round_trip = ?swap,
+                preemption = if use_swap { "swap" } else { "recompute" },
+                "preemption crossover measured"
+            );
+            if use_swap {
+                0
+            } else {
+                usize::MAX
+            }
+        }
+        Err(e) => {
+            tracing::warn!(model = %spec.name, error = %e, "measuring swap failed; preempted sequences will be recomputed");
+            usize::MAX
+        }
+    }
+}
+
+/// A request being served.
+struct Active {
+    job: Submission,
+    seq: Option<SeqId>,
+    /// Tokens still to feed: the prompt (or, after a recompute preemption, the prompt and
+    /// every generated token), then each sampled token.
+    pending: Vec<u32>,
+    /// Prompt and output, for penalties and recomputation.
+    context: Vec<u32>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    admitted: bool,
+    /// Tokens of `pending` that are being computed again after a preemption.
+    recomputing: usize,
+}
+
+/// The device's loop.
+pub(crate) struct Arbiter<B: Backend> {
+    pub device: String,
+    pub sched: Scheduler,
+    pub models: Vec<Slot<B>>,
+    pub inbox: crossbeam_channel::Receiver<Submission>,
+    pub gate: Arc<Gate>,
+    pub metrics: Option<SchedMetrics>,
+    active: HashMap<SeqKey, Active>,
+    next_key: SeqKey,
+    epoch: Instant,
+    tenants_seen: HashSet<String>,
+}
+
+impl<B: Backend> Arbiter<B> {
+    pub fn new(
+        device: String,
+        sched: Scheduler,
+        models: Vec<Slot<B>>,
+        inbox: crossbeam_channel::Receiver<Submission>,
+        gate: Arc<Gate>,
+        metrics: Option<SchedMetrics>,
+    ) -> Self {
+        Self {
+            device,
+            sched,
+            models,
+            inbox,
+            gate,
+            metrics,
+            active: HashMap::new(),
+            next_key: 0,
+            epoch: Instant::now(),
+            tenants_seen: HashSet::new(),
+        }
+    }
+
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    pub fn run(mut self) {
+        loop {
+            if self.sched.is_empty() {
+                match self.inbox.recv() {
+                    Ok(job) => self.accept(job),
+                    // Every handle is gone: the daemon is shutting down.
+                    Err(_) => return,
+                }
+            }
+            if !self.turn() {
+                // Nothing could run (a rate limit): wait for a new request or a refill.
+                match self.inbox.recv_timeout(Duration::from_millis(50)) {
+                    Ok(job) => self.accept(job),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        if self.sched.is_empty() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One iteration; false when the plan ran nothing.
+    pub fn turn(&mut self) -> bool {
+        while let Ok(job) = self.inbox.try_recv() {
+            self.accept(job);
+        }
+        self.drop_cancelled();
+        let now = self.now();
+        let plan = self.sched.plan(now);
+        let ran = !plan.run.is_empty();
+        self.apply(plan, now);
+        self.publish(now);
+        ran
+    }
+
+    fn accept(&mut self, job: Submission) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let request = &job.request;
+        let submitted = self.sched.submit(
+            NewSeq {
+                key,
+                tenant: request.tenant.clone(),
+                params: request.limits.clone(),
+                model: job.model,
+                prompt_len: request.prompt.len(),
+                max_tokens: request.max_tokens,
+            },
+            self.now(),
+        );
+        if let Err(e) = submitted {
+            self.gate.leave(&request.tenant);
+            let _ = job.events.send(Event::Error {
+                message: e.to_string(),
+            });
+            return;
+        }
+        self.tenants_seen.insert(request.tenant.clone());
+        let active = Active {
+            seq: None,
+            pending: request.prompt.clone(),
+            context: request.prompt.clone(),
+            sampler: Sampler::new(request.params.clone()),
+            detok: Detokenizer::new(request.stop.clone()),
+            admitted: false,
+            recomputing: 0,
+            job,
+        };
+        self.active.insert(key, active);
+    }
+
+    /// Removes a request everywhere, freeing its blocks at once.
+    fn finish(&mut self, key: SeqKey) {
+        self.sched.remove(key);
+        if let Some(a) = self.active.remove(&key) {
+            if let Some(seq) = a.seq {
+                self.models[a.job.model].engine.remove_sequence(seq);
+            }
+            if !a.admitted {
+                self.gate.leave(&a.job.request.tenant);
+            }
+        }
+    }
+
+    fn fail(&mut self, key: SeqKey, message: String) {
+        if let Some(a) = self.active.get(&key) {
+            let _ = a.job.events.send(Event::Error { message });
+        }
+        self.finish(key);
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqKey> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.job.events.is_closed())
+            .map(|(&k, _)| k)
+            .collect();
+        for key in gone {
+            self.finish(key);
+        }
+    }
+
+    fn labels(&self, key: SeqKey) -> Option<(String, String)> {
+        self.active.get(&key).map(|a| {
+            (
+                a.job.request.tenant.clone(),
+                self.models[a.job.model].name.clone(),
+            )
+        })
+    }
+
+    fn apply(&mut self, plan: StepPlan, now: f64) {
+        let StepPlan {
+            preempt,
+            swap_in,
+            admit,
+            run,
+        } = plan;
+        for (key, kind) in preempt {
+            if let (Some(m), Some((tenant, model))) = (&self.metrics, self.labels(key)) {
+                m.preemptions
+                    .with_label_values(&[tenant.as_str(), model.as_str(), kind.as_str()])
+                    .inc();
+            }
+            let Some(a) = self.active.get_mut(&key) else {
+                continue;
+            };
+            let engine = &mut self.models[a.job.model].engine;
+            let failure = match (kind, a.seq) {
+                (PreemptKind::Swap, Some(seq)) => engine.swap_out(seq).err().map(|e| {
+                    tracing::error!(error = %e, "swapping a sequence out failed");
+                    format!("preempting the request failed: {e}")
+                }),
+                (PreemptKind::Recompute, seq) => {
+                    if let Some(seq) = seq {
+                        engine.remove_sequence(seq);
+                    }
+                    a.seq = None;
+                    a.pending = a.context.clone();
+                    a.recomputing = a.pending.len();
+                    None
+                }
+                (PreemptKind::Swap, None) => Some("a sequence to swap out has no cache".into()),
+            };
+            if let Some(message) = failure {
+                self.fail(key, message);
+            }
+        }
+        for key in swap_in {
+            let Some(a) = self.active.get(&key) else {
+                continue;
+            };
+            let result = match a.seq {
+                Some(seq) => self.models[a.job.model].engine.swap_in(seq),
+                None => Err(crate::engine::EngineError::NoSwapSpace),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "swapping a sequence in failed");
+                self.fail(key, format!("resuming the request failed: {e}"));
+            }
+        }
+        for key in admit {
+            let Some(a) = self.active.get_mut(&key) else {
+                continue;
+            };
+            a.seq = Some(self.models[a.job.model].engine.add_sequence());
+            if !a.admitted {
+                a.admitted = true;
+                self.gate.leave(&a.job.request.tenant);
+                if let Some(m) = &self.metrics {
+                    m.queue_time
+                        .with_label_values(&[
+                            a.job.request.tenant.as_str(),
+                            self.models[a.job.model].name.as_str(),
+                        ])
+                        .observe(a.job.submitted.elapsed().as_secs_f64());
+                }
+            }
+        }
+        for m in 0..self.models.len() {
+            let batch: Vec<(SeqKey, usize)> = run
+                .iter()
+                .copied()
+                .filter(|(k, _)| self.active.get(k).is_some_and(|a| a.job.model == m))
+                .collect();
+            if !batch.is_empty() {
+                self.step_model(m, &batch, now);
+            }
+        }
+    }
+
+    /// One engine step of model `m` over `batch`, then sampling for every sequence whose
+    /// pending tokens are all fed.
+    fn step_model(&mut self, m: usize, batch: &[(SeqKey, usize)], now: f64) {
+        let mut keys = Vec::with_capacity(batch.len());
+        let mut inputs = Vec::with_capacity(batch.len());
+        for &(key, take) in batch {
+            let Some(a) = self.active.get(&key) else {
+                continue;
+            };
+            let Some(seq) = a.seq else {
+                continue;
+            };
+            let take = take.min(a.pending.len());
+            if take == 0 {
+                continue;
+            }
+            keys.push((key, take));
+            inputs.push(StepInput {
+                seq,
+                tokens: &a.pending[..take],
+                logits: LogitsWanted::Last,
+            });
+        }
+        let slot = &mut self.models[m];
+        let outputs = match slot.engine.step(&inputs) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                // The engine rolled the step back; fail its requests, keep serving the rest.
+                tracing::error!(model = %slot.name, error = %e, "engine step failed");
+                let message = e.to_string();
+                for (key, _) in keys {
+                    self.fail(key, message.clone());
+                }
+                return;
+            }
+        };
+        let tokenizer = Arc::clone(&slot.tokenizer);
+        let model_name = slot.name.clone();
+        let mut finished = Vec::new();
+        for (&(key, take), output) in keys.iter().zip(outputs) {
+            let Some(a) = self.active.get_mut(&key) else {
+                continue;
+            };
+            a.pending.drain(..take);
+            let prompt_len = a.job.request.prompt.len();
+            if let Some(metrics) = &self.metrics {
+                let phase = if a.recomputing > 0 {
+                    "recompute"
+                } else if a.context.len() == prompt_len {
+                    "prefill"
+                } else {
+                    "decode"
+                };
+                metrics
+                    .tokens
+                    .with_label_values(&[a.job.request.tenant.as_str(), model_name.as_str(), phase])
+                    .inc_by(take as u64);
+            }
+            a.recomputing = a.recomputing.saturating_sub(take);
+            if !a.pending.is_empty() {
+                self.sched.advance(key, take, false, now);
+                continue; // more to feed before sampling
+            }
+            let Some(logits) = output.logits.first() else {
+                self.sched.advance(key, take, false, now);
+                continue;
+            };
+            let sampled = a.sampler.sample(logits, &a.context, prompt_len);
+            a.context.push(sampled.token);
+            let generated = a.context.len() - prompt_len;
+            let request = &a.job.request;
+            let eos = !request.ignore_eos && tokenizer.eos_ids().contains(&sampled.token);
+            let stop_token = request.stop_token_ids.contains(&sampled.token);
+            let (text, stopped) = if eos || stop_token {
+                (a.detok.finish(&tokenizer), true)
+            } else {
+                let delta = a.detok.push(&tokenizer, sampled.token);
+                (delta.text, delta.stopped)
+            };
+            let length = !stopped && generated >= request.max_tokens;
+            let text = if length {
+                text + &a.detok.finish(&tokenizer)
+            } else {
+                text
+            };
+            let sent = a.job.events.send(Event::Token {
+                text,
+                token: sampled.token,
+                logprob: sampled.logprob,
+                top: sampled.top,
+            });
+            let done = stopped || length;
+            if sent.is_err() {
+                self.sched.advance(key, take, false, now);
+                finished.push(key); // the client went away
+                continue;
+            }
+            if done {
+                let _ = a.job.events.send(Event::Done {
+                    reason: if stopped {
+                        FinishReason::Stop
+                    } else {
+                        FinishReason::Length
+                    },
+                    prompt_tokens: prompt_len,
+                    completion_tokens: generated,
+                });
+                self.sched.advance(key, take, false, now);
+                finished.push(key);
+            } else {
+                a.pending.push(sampled.token);
+                self.sched.advance(key, take, true, now);
+            }
+        }
+        for key in finished {
+            self.finish(key);
+        }
+    }
+
+    /// Publishes KV usage per tenant and model, and the scheduler's per-tenant state.
+    fn publish(&mut self, now: f64) {
+        for (m, slot) in self.models.iter().enumerate() {
+            let block_bytes = slot.engine.kv_block_bytes() as u64;
+            let mut by_tenant: HashMap<String, u64> = HashMap::new();
+            for a in self.active.values().filter(|a| a.job.model == m) {
+                let blocks = a
+                    .seq
+                    .filter(|&s| !slot.engine.is_swapped(s))
+                    .and_then(|s| slot.engine.sequence_len(s))
+                    .unwrap_or(0)
+                    .div_ceil(slot.params.block_size) as u64;
+                *by_tenant.entry(a.job.request.tenant.clone()).or_default() +=
+                    blocks * block_bytes;
+            }
+            for tenant in &self.tenants_seen {
+                by_tenant.entry(tenant.clone()).or_default();
+            }
+            let mut shared = slot
+                .usage
+                .kv_by_tenant
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *shared = by_tenant;
+        }
+        for tenant in self.gate.tenants() {
+            let wait = self.sched.rate_wait(&tenant, now);
+            self.gate.set_retry_after(&tenant, wait.max(1.0));
+        }
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        for r in self.sched.report(now) {
+            let labels = [self.device.as_str(), r.tenant.as_str()];
+            m.waiting.with_label_values(&labels).set(r.waiting as i64);
+            m.running.with_label_values(&labels).set(r.running as i64);
+            m.swapped.with_label_values(&labels).set(r.swapped as i64);
+            m.kv_blocks.with_label_values(&labels).set(r.kv_blocks as i64);
+            m.virtual_counter
+                .with_label_values(&labels)
+                .set(r.virtual_counter);
+        }
+    }
+}
