@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use accel_tests::{
-    eventually, free_port, http_exchange, json_of, require_root, Daemon, DaemonOptions,
+    eventually, free_port, http_exchange, json_of, require_root, sha256_hex, Daemon, DaemonOptions,
 };
 use nix::sys::signal::Signal;
 
@@ -375,23 +375,6 @@ fn bad_http_input_gets_clear_json_errors() {
         daemon.request("GET", "/healthz", None),
         (200, "{\"status\":\"ok\"}".to_owned())
     );
-}
-
-fn sha256_hex(text: &str) -> String {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
 }
 
 #[test]

@@ -446,3 +446,21 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     );
     None
 }
+
+/// SHA-256 of `text` in hex, from coreutils' sha256sum (independent of the daemon's hashing).
+pub fn sha256_hex(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("sha256sum's stdin")
+        .write_all(text.as_bytes())
+        .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum output");
+    String::from_utf8(out.stdout).expect("sha256sum prints ASCII")[..64].to_owned()
+}

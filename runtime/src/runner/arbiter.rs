@@ -108,7 +108,9 @@ pub(crate) fn preemption_crossover<B: Backend>(
     if spec.preemption == PreemptionMode::Swap {
         return 0;
     }
-    let tokens: Vec<u32> = (0..(4 * block_size).min(context.saturating_sub(1)).min(spec.swap_blocks * block_size))
+    let tokens: Vec<u32> = (0..(4 * block_size)
+        .min(context.saturating_sub(1))
+        .min(spec.swap_blocks * block_size))
         .map(|i| (i % vocab.max(1)) as u32)
         .collect();
     if tokens.is_empty() {
@@ -498,8 +500,9 @@ impl<B: Backend> Arbiter<B> {
                 top: sampled.top,
             });
             let done = stopped || length;
+            // The token counts against the tenant's rate even when it is the last.
+            self.sched.advance(key, take, true, now);
             if sent.is_err() {
-                self.sched.advance(key, take, false, now);
                 finished.push(key); // the client went away
                 continue;
             }
@@ -513,11 +516,9 @@ impl<B: Backend> Arbiter<B> {
                     prompt_tokens: prompt_len,
                     completion_tokens: generated,
                 });
-                self.sched.advance(key, take, false, now);
                 finished.push(key);
             } else {
                 a.pending.push(sampled.token);
-                self.sched.advance(key, take, true, now);
             }
         }
         for key in finished {
@@ -537,8 +538,7 @@ impl<B: Backend> Arbiter<B> {
                     .and_then(|s| slot.engine.sequence_len(s))
                     .unwrap_or(0)
                     .div_ceil(slot.params.block_size) as u64;
-                *by_tenant.entry(a.job.request.tenant.clone()).or_default() +=
-                    blocks * block_bytes;
+                *by_tenant.entry(a.job.request.tenant.clone()).or_default() += blocks * block_bytes;
             }
             for tenant in &self.tenants_seen {
                 by_tenant.entry(tenant.clone()).or_default();
@@ -562,7 +562,9 @@ impl<B: Backend> Arbiter<B> {
             m.waiting.with_label_values(&labels).set(r.waiting as i64);
             m.running.with_label_values(&labels).set(r.running as i64);
             m.swapped.with_label_values(&labels).set(r.swapped as i64);
-            m.kv_blocks.with_label_values(&labels).set(r.kv_blocks as i64);
+            m.kv_blocks
+                .with_label_values(&labels)
+                .set(r.kv_blocks as i64);
             m.virtual_counter
                 .with_label_values(&labels)
                 .set(r.virtual_counter);

@@ -260,11 +260,7 @@ impl ModelHandle {
         let result = self.try_submit(request.clone());
         if let (Err(e), Some(rejections)) = (&result, &self.rejections) {
             rejections
-                .with_label_values(&[
-                    request.tenant.as_str(),
-                    self.info.name.as_str(),
-                    e.reason(),
-                ])
+                .with_label_values(&[request.tenant.as_str(), self.info.name.as_str(), e.reason()])
                 .inc();
         }
         result
@@ -375,7 +371,8 @@ fn prepare<B: Backend>(
         c.max_position_embeddings,
     );
     // Tokens of different models cost the device in proportion to their weights.
-    let per_layer = c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
+    let per_layer = c.hidden_size
+        * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
         + 3 * c.hidden_size * c.intermediate_size;
     let parameters = c.num_layers * per_layer + c.vocab_size * c.hidden_size;
     let params = ModelParams {
@@ -506,14 +503,7 @@ fn spawn_device<B: Backend>(
         slots.push(p.slot);
     }
     let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
-    let arbiter = Arbiter::new(
-        device.clone(),
-        sched,
-        slots,
-        inbox,
-        gate,
-        metrics.cloned(),
-    );
+    let arbiter = Arbiter::new(device.clone(), sched, slots, inbox, gate, metrics.cloned());
     match std::thread::Builder::new()
         .name(format!("device-{device}"))
         .spawn(move || arbiter.run())
@@ -609,7 +599,12 @@ pub fn start_models(
     }
     let mut handles = spawn_device("cpu".into(), placed.cpu, config, metrics);
     for (ordinal, models) in placed.cuda {
-        handles.extend(spawn_device(format!("cuda:{ordinal}"), models, config, metrics));
+        handles.extend(spawn_device(
+            format!("cuda:{ordinal}"),
+            models,
+            config,
+            metrics,
+        ));
     }
     handles.sort_by_key(|(order, _)| *order);
     handles.into_iter().map(|(_, h)| h).collect()

@@ -22,7 +22,15 @@ fn device(
         preemption,
         ..ModelSpec::default_model()
     };
-    let p = prepare("tiny", model, &spec, CpuBackend::default(), "cpu".into(), None).unwrap();
+    let p = prepare(
+        "tiny",
+        model,
+        &spec,
+        CpuBackend::default(),
+        "cpu".into(),
+        None,
+    )
+    .unwrap();
     let block_bytes = p.slot.engine.kv_block_bytes();
     let usage = Arc::clone(&p.slot.usage);
     let mut sched = Scheduler::new(PolicyKind::FairShare, Pricing::default());
@@ -39,7 +47,12 @@ fn device(
     (arbiter, jobs, usage, block_bytes)
 }
 
-fn request(tenant: &str, prompt: Vec<u32>, max_tokens: usize, params: SamplingParams) -> GenerateRequest {
+fn request(
+    tenant: &str,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    params: SamplingParams,
+) -> GenerateRequest {
     GenerateRequest {
         tenant: tenant.into(),
         prompt,
@@ -185,7 +198,15 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         ..DaemonConfig::default()
     };
     let mut placed = Devices::default();
-    place(&mut placed, 0, "tiny", model, &config.models[0], &Placement::Cpu).unwrap();
+    place(
+        &mut placed,
+        0,
+        "tiny",
+        model,
+        &config.models[0],
+        &Placement::Cpu,
+    )
+    .unwrap();
     // No thread: submissions stay queued, so the bound is reached.
     let (jobs, _inbox) = crossbeam_channel::unbounded();
     let (_, p) = placed.cpu.remove(0);
@@ -206,15 +227,28 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
     let err = handle.submit(limited).unwrap_err();
     assert_eq!(err.reason(), "kv_blocks_quota");
     assert!(err.to_string().contains("may hold 3"), "{err}");
-    let _a = handle.submit(request("a", vec![1; 4], 4, SamplingParams::greedy())).unwrap();
-    let _b = handle.submit(request("a", vec![1; 4], 4, SamplingParams::greedy())).unwrap();
+    let _a = handle
+        .submit(request("a", vec![1; 4], 4, SamplingParams::greedy()))
+        .unwrap();
+    let _b = handle
+        .submit(request("a", vec![1; 4], 4, SamplingParams::greedy()))
+        .unwrap();
     let err = handle
         .submit(request("a", vec![1; 4], 4, SamplingParams::greedy()))
         .unwrap_err();
     assert!(
-        matches!(err, SubmitError::QueueFull { queued: 2, retry_after_secs: 1, .. }),
+        matches!(
+            err,
+            SubmitError::QueueFull {
+                queued: 2,
+                retry_after_secs: 1,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // Another tenant has its own bound.
-    let _c = handle.submit(request("b", vec![1; 4], 4, SamplingParams::greedy())).unwrap();
+    let _c = handle
+        .submit(request("b", vec![1; 4], 4, SamplingParams::greedy()))
+        .unwrap();
 }

@@ -265,7 +265,10 @@ pub struct Scheduler {
 /// Checks that a request could ever run on `model`: its prompt and `max_tokens` fit the
 /// model's pool and the tenant's `kv_blocks`, and its prompt fits the tenant's token bucket.
 pub fn check(model: &ModelParams, seq: &NewSeq) -> Result<(), Reject> {
-    let needed = blocks_for(seq.prompt_len.saturating_add(seq.max_tokens), model.block_size);
+    let needed = blocks_for(
+        seq.prompt_len.saturating_add(seq.max_tokens),
+        model.block_size,
+    );
     if needed > model.total_blocks {
         return Err(Reject::TooBigForModel {
             needed,
@@ -375,7 +378,9 @@ impl Scheduler {
             params: params.clone(),
             counter: self.counter_floor,
             turns: self.turns_floor,
-            bucket: params.tokens_per_minute.map(|tpm| TokenBucket::new(tpm, now)),
+            bucket: params
+                .tokens_per_minute
+                .map(|tpm| TokenBucket::new(tpm, now)),
             waiting: VecDeque::new(),
             swapped: VecDeque::new(),
             running: 0,
@@ -455,7 +460,9 @@ impl Scheduler {
     }
 
     /// Records a step's work on a sequence: `fed` tokens went into its cache and, if
-    /// `sampled`, one new token was generated (and is the next to feed).
+    /// `sampled`, one new token was generated (and is the next to feed, unless the caller
+    /// removes the finished sequence before the next plan). Generated tokens count against
+    /// the tenant's token bucket.
     pub fn advance(&mut self, key: SeqKey, fed: usize, sampled: bool, now: f64) {
         let Some(seq) = self.seqs.get_mut(&key) else {
             return;
@@ -648,6 +655,8 @@ impl Scheduler {
         let mut skip = vec![false; self.tenants.len()];
         loop {
             let mut best: Option<((u8, f64, u64), usize, SeqKey)> = None;
+            // Indexed: `head` needs `self` mutably while `skip` is written.
+            #[allow(clippy::needless_range_loop)]
             for t in 0..self.tenants.len() {
                 if skip[t] || self.tenants[t].live == self.tenants[t].running {
                     continue;
@@ -662,9 +671,10 @@ impl Scheduler {
                     continue;
                 }
                 let rank = self.rank(t);
-                if best.as_ref().is_none_or(|(r, _, _)| {
-                    rank.partial_cmp(r) == Some(std::cmp::Ordering::Less)
-                }) {
+                if best
+                    .as_ref()
+                    .is_none_or(|(r, _, _)| rank.partial_cmp(r) == Some(std::cmp::Ordering::Less))
+                {
                     best = Some((rank, t, k));
                 }
             }
@@ -785,10 +795,9 @@ impl Scheduler {
                     tenant.stats.admitted += 1;
                     tenant.turns += 1.0;
                     // Charged now, as VTC does, so the admissions of one plan see each other.
-                    tenant.counter += seq.prompt_len as f64
-                        * self.pricing.prefill
-                        * model.params.price
-                        / f64::from(tenant.params.weight.max(1));
+                    tenant.counter +=
+                        seq.prompt_len as f64 * self.pricing.prefill * model.params.price
+                            / f64::from(tenant.params.weight.max(1));
                     if let Some(bucket) = tenant.bucket.as_mut() {
                         bucket.charge(seq.prompt_len, now);
                     }
@@ -842,11 +851,7 @@ impl Scheduler {
             let swapped = t
                 .swapped
                 .iter()
-                .filter(|k| {
-                    self.seqs
-                        .get(k)
-                        .is_some_and(|s| s.state == State::Swapped)
-                })
+                .filter(|k| self.seqs.get(k).is_some_and(|s| s.state == State::Swapped))
                 .count();
             out.push(TenantReport {
                 tenant: t.name.clone(),
@@ -873,7 +878,10 @@ impl Scheduler {
         for (k, s) in &self.seqs {
             let bs = self.models[s.model].params.block_size;
             if s.computed > s.target {
-                return Err(format!("{k}: computed {} > target {}", s.computed, s.target));
+                return Err(format!(
+                    "{k}: computed {} > target {}",
+                    s.computed, s.target
+                ));
             }
             let t = &mut by_tenant[s.tenant];
             t.2 += 1;
@@ -911,7 +919,10 @@ impl Scheduler {
         }
         for (i, t) in self.tenants.iter().enumerate() {
             if (t.blocks, t.running, t.live) != by_tenant[i] {
-                return Err(format!("tenant {}: ledger differs from its sequences", t.name));
+                return Err(format!(
+                    "tenant {}: ledger differs from its sequences",
+                    t.name
+                ));
             }
         }
         if self.running.len() != running.iter().sum::<usize>() {
@@ -926,7 +937,10 @@ impl Scheduler {
         self.check_invariants()?;
         for (m, model) in self.models.iter().enumerate() {
             if model.used_blocks > model.params.total_blocks {
-                return Err(format!("model {m}: {} blocks committed of {}", model.used_blocks, model.params.total_blocks));
+                return Err(format!(
+                    "model {m}: {} blocks committed of {}",
+                    model.used_blocks, model.params.total_blocks
+                ));
             }
             if model.running > model.params.max_sequences {
                 return Err(format!("model {m}: {} sequences running", model.running));
@@ -944,7 +958,10 @@ impl Scheduler {
         for t in &self.tenants {
             if let Some(q) = t.params.kv_blocks {
                 if t.blocks as u64 > q {
-                    return Err(format!("tenant {}: {} blocks over its quota {q}", t.name, t.blocks));
+                    return Err(format!(
+                        "tenant {}: {} blocks over its quota {q}",
+                        t.name, t.blocks
+                    ));
                 }
             }
         }

@@ -237,8 +237,8 @@ pub fn run(config: &SimConfig) -> SimResult {
             };
             let before_prompt = (l.prompt + l.generated).saturating_sub(l.pending);
             let prefill = l.prompt.saturating_sub(before_prompt).min(fed);
-            service[l.tenant] +=
-                prefill as f64 * config.pricing.prefill + (fed - prefill) as f64 * config.pricing.decode;
+            service[l.tenant] += prefill as f64 * config.pricing.prefill
+                + (fed - prefill) as f64 * config.pricing.decode;
             l.pending -= fed;
             let sampled = l.pending == 0;
             if sampled {
@@ -279,22 +279,34 @@ pub fn fairness_report() -> String {
         (
             "two floods, 1:1",
             PolicyKind::FairShare,
-            vec![SimTenant::flood("a", 1, 64, 64), SimTenant::flood("b", 1, 256, 16)],
+            vec![
+                SimTenant::flood("a", 1, 64, 64),
+                SimTenant::flood("b", 1, 256, 16),
+            ],
         ),
         (
             "two floods, 1:3",
             PolicyKind::FairShare,
-            vec![SimTenant::flood("a", 1, 64, 64), SimTenant::flood("b", 3, 64, 64)],
+            vec![
+                SimTenant::flood("a", 1, 64, 64),
+                SimTenant::flood("b", 3, 64, 64),
+            ],
         ),
         (
             "two floods, 1:3",
             PolicyKind::Fcfs,
-            vec![SimTenant::flood("a", 1, 64, 64), SimTenant::flood("b", 3, 64, 64)],
+            vec![
+                SimTenant::flood("a", 1, 64, 64),
+                SimTenant::flood("b", 3, 64, 64),
+            ],
         ),
         (
             "two floods, 1:3",
             PolicyKind::RoundRobin,
-            vec![SimTenant::flood("a", 1, 64, 64), SimTenant::flood("b", 3, 64, 64)],
+            vec![
+                SimTenant::flood("a", 1, 64, 64),
+                SimTenant::flood("b", 3, 64, 64),
+            ],
         ),
     ];
     for (name, policy, tenants) in cases {

@@ -69,7 +69,13 @@ fn requests_that_can_never_fit_are_rejected_naming_the_limit() {
     let mut s = Scheduler::new(PolicyKind::FairShare, Pricing::default());
     s.add_model(model(10, 8, 64));
     let too_big = s.submit(seq(1, "a", 30, 20), 0.0).unwrap_err();
-    assert_eq!(too_big, Reject::TooBigForModel { needed: 13, total: 10 });
+    assert_eq!(
+        too_big,
+        Reject::TooBigForModel {
+            needed: 13,
+            total: 10
+        }
+    );
     let mut quota = seq(2, "a", 8, 8);
     quota.params.kv_blocks = Some(3);
     let err = s.submit(quota, 0.0).unwrap_err();
@@ -77,7 +83,10 @@ fn requests_that_can_never_fit_are_rejected_naming_the_limit() {
     let mut rate = seq(3, "a", 8, 1);
     rate.params.tokens_per_minute = Some(5);
     let err = s.submit(rate, 0.0).unwrap_err();
-    assert!(err.to_string().contains("limits.tokens_per_minute"), "{err}");
+    assert!(
+        err.to_string().contains("limits.tokens_per_minute"),
+        "{err}"
+    );
     assert!(s.is_empty());
 }
 
@@ -204,13 +213,11 @@ fn policies_order_admissions_their_own_way() {
     let order = |kind: PolicyKind| {
         let mut s = Scheduler::new(kind, Pricing::default());
         s.add_model(model(1000, 1, 64));
-        let mut key = 0;
         // a sends three, then b one; b has weight 5.
-        for tenant in ["a", "a", "a", "b"] {
-            let mut n = seq(key, tenant, 4, 1);
+        for (key, tenant) in ["a", "a", "a", "b"].into_iter().enumerate() {
+            let mut n = seq(key as SeqKey, tenant, 4, 1);
             n.params.weight = if tenant == "b" { 5 } else { 1 };
             s.submit(n, 0.0).unwrap();
-            key += 1;
         }
         let mut admitted = Vec::new();
         for _ in 0..20 {
