@@ -120,7 +120,42 @@ fn weighted_tenants_flooding_one_device_share_it_one_to_three() {
     let stop = Arc::new(AtomicBool::new(false));
     let light = flood(port, "light", 6, 24, Arc::clone(&stop));
     let heavy = flood(port, "heavy", 6, 24, Arc::clone(&stop));
-    std::thread::sleep(Duration::from_secs(8));
+    std::thread::sleep(Duration::from_secs(3));
+    // The operator's live view shows the shares while both flood.
+    let top = daemon.ctl(&["--json", "top", "-n", "2", "--interval", "2"]);
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let last: Value = serde_json::from_str(
+        String::from_utf8_lossy(&top.stdout)
+            .lines()
+            .last()
+            .expect("a refresh"),
+    )
+    .expect("json");
+    let share = |tenant: &str| {
+        last["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tenant"] == tenant)
+            .map_or(0.0, |t| t["share"].as_f64().unwrap())
+    };
+    assert!(
+        (0.65..=0.85).contains(&share("heavy"))
+            && (share("light") + share("heavy") - 1.0).abs() < 1e-6,
+        "accelctl top: {last}"
+    );
+    let queue = daemon.ctl(&["queue"]);
+    let queue = String::from_utf8_lossy(&queue.stdout);
+    assert!(
+        queue.contains("cpu (policy fair_share; models: tiny)"),
+        "{queue}"
+    );
+    assert!(queue.lines().any(|l| l.starts_with("heavy ")), "{queue}");
+    std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::SeqCst);
     let sum = |h: Vec<std::thread::JoinHandle<u64>>| -> u64 {
         h.into_iter().map(|t| t.join().expect("client")).sum()

@@ -57,6 +57,10 @@ enum Command {
     Models,
     /// List the GPUs the daemon found (name, UUID, memory, compute capability).
     Devices,
+    /// Show each device's scheduler: per tenant, waiting, running, swapped, KV blocks, counter.
+    Queue,
+    /// Live view of each device's scheduler: per tenant share, tokens/s, queue, KV blocks.
+    Top(cmd::top::TopArgs),
     /// Complete a prompt, streaming the text as it is generated.
     Generate {
         /// The prompt.
@@ -136,6 +140,8 @@ fn main() -> ExitCode {
             Command::Metrics => cmd::metrics::run(&client, json).await,
             Command::Models => cmd::models::run(&client, json).await,
             Command::Devices => cmd::devices::run(&client, json).await,
+            Command::Queue => cmd::queue::run(&client, json).await,
+            Command::Top(args) => cmd::top::run(&client, args, json).await,
             Command::Generate { prompt, options } => {
                 cmd::generate::generate(&client, prompt, options, json).await
             }

@@ -5,6 +5,8 @@ pub mod generate;
 pub mod metrics;
 pub mod models;
 pub mod policy;
+pub mod queue;
 pub mod status;
 pub mod tenants;
+pub mod top;
 pub mod whoami;

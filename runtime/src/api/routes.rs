@@ -12,8 +12,8 @@ use axum::{Extension, Json};
 
 use super::error::{json_body, ApiError};
 use super::types::{
-    ApiStatus, BackendStatus, Health, PolicyStatus, ReloadRequest, ReloadResponse, Status,
-    TenantList, WhoAmI,
+    ApiStatus, BackendStatus, Health, PolicyStatus, ReloadRequest, ReloadResponse, SchedulerStatus,
+    Status, TenantList, WhoAmI,
 };
 use super::{unknown_route_error, Authenticated};
 use crate::policy::Role;
@@ -195,6 +195,33 @@ pub(super) async fn reload_policy(
             Err(error)
         }
     }
+}
+
+/// Each device's scheduler: policy, models and per-tenant queues, shares and counters.
+pub(super) async fn scheduler(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Json<SchedulerStatus> {
+    let tenant = match auth.identity.role {
+        Role::Operator => None,
+        _ => Some(auth.identity.tenant.clone().unwrap_or_default()),
+    };
+    let allowed = tenant.as_deref().and_then(|t| auth.policy.tenant(t));
+    let mut devices: Vec<crate::runner::DeviceSchedule> = Vec::new();
+    for model in &state.models {
+        let mut schedule = model.schedule();
+        if devices.iter().any(|d| d.device == schedule.device) {
+            continue;
+        }
+        if let Some(me) = &tenant {
+            schedule.tenants.retain(|t| &t.tenant == me);
+            schedule
+                .models
+                .retain(|m| allowed.is_some_and(|t| t.allows_model(m)));
+        }
+        devices.push(schedule);
+    }
+    Json(SchedulerStatus { devices })
 }
 
 pub(super) async fn metrics(

@@ -93,6 +93,13 @@ pub struct ApiStatus {
     pub requests_in_flight: i64,
 }
 
+/// `GET /v1/scheduler`: each device's scheduler and its tenants (a tenant sees only itself
+/// and the models it may use).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SchedulerStatus {
+    pub devices: Vec<crate::runner::DeviceSchedule>,
+}
+
 /// `GET /v1/tenants`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TenantList {

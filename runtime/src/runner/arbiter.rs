@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::detok::Detokenizer;
-use super::{Event, FinishReason, GenerateRequest, Usage};
+use super::{DeviceSchedule, Event, FinishReason, GenerateRequest, Usage};
 use crate::backend::Backend;
 use crate::config::{ModelSpec, PreemptionMode};
 use crate::engine::sampling::Sampler;
@@ -116,6 +116,14 @@ pub(crate) fn preemption_crossover<B: Backend>(
     if tokens.is_empty() {
         return usize::MAX;
     }
+    // A first step allocates scratch buffers (and loads kernels on a GPU): not timed.
+    let warm = engine.add_sequence();
+    let _ = engine.step(&[StepInput {
+        seq: warm,
+        tokens: &tokens,
+        logits: LogitsWanted::Last,
+    }]);
+    engine.remove_sequence(warm);
     let seq = engine.add_sequence();
     let started = Instant::now();
     let prefilled = engine.step(&[StepInput {
@@ -172,6 +180,16 @@ struct Active {
     recomputing: usize,
 }
 
+impl Active {
+    /// After its cache was dropped: everything known is fed again. The last sampled token was
+    /// never fed, so it is not recomputation.
+    fn restart(&mut self) {
+        self.pending = self.context.clone();
+        let sampled = self.context.len() > self.job.request.prompt.len();
+        self.recomputing = self.pending.len() - usize::from(sampled);
+    }
+}
+
 /// The device's loop.
 pub(crate) struct Arbiter<B: Backend> {
     pub device: String,
@@ -184,6 +202,9 @@ pub(crate) struct Arbiter<B: Backend> {
     next_key: SeqKey,
     epoch: Instant,
     tenants_seen: HashSet<String>,
+    schedule: Option<Arc<Mutex<DeviceSchedule>>>,
+    /// When the per-tenant report was last published (it is refreshed a few times a second).
+    reported: Option<Instant>,
 }
 
 impl<B: Backend> Arbiter<B> {
@@ -206,7 +227,15 @@ impl<B: Backend> Arbiter<B> {
             next_key: 0,
             epoch: Instant::now(),
             tenants_seen: HashSet::new(),
+            schedule: None,
+            reported: None,
         }
+    }
+
+    /// Publishes the per-tenant report into `schedule` for the API.
+    pub fn with_schedule(mut self, schedule: Arc<Mutex<DeviceSchedule>>) -> Self {
+        self.schedule = Some(schedule);
+        self
     }
 
     fn now(&self) -> f64 {
@@ -231,6 +260,8 @@ impl<B: Backend> Arbiter<B> {
                         if self.sched.is_empty() {
                             return;
                         }
+                        // No handle is left to wake us: wait out the refill.
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                 }
             }
@@ -247,7 +278,14 @@ impl<B: Backend> Arbiter<B> {
         let plan = self.sched.plan(now);
         let ran = !plan.run.is_empty();
         self.apply(plan, now);
-        self.publish(now);
+        // Usage every step; the per-tenant report (metrics, `accelctl top`) ten times a
+        // second, and whenever the device goes idle so the last figures are not stale.
+        let report = !ran
+            || self.sched.is_empty()
+            || self
+                .reported
+                .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
+        self.publish(now, report);
         ran
     }
 
@@ -268,6 +306,15 @@ impl<B: Backend> Arbiter<B> {
         );
         if let Err(e) = submitted {
             self.gate.leave(&request.tenant);
+            if let Some(m) = &self.metrics {
+                m.rejections
+                    .with_label_values(&[
+                        request.tenant.as_str(),
+                        self.models.get(job.model).map_or("", |s| s.name.as_str()),
+                        "unschedulable",
+                    ])
+                    .inc();
+            }
             let _ = job.events.send(Event::Error {
                 message: e.to_string(),
             });
@@ -330,11 +377,20 @@ impl<B: Backend> Arbiter<B> {
 
     fn apply(&mut self, plan: StepPlan, now: f64) {
         let StepPlan {
+            reject,
             preempt,
             swap_in,
             admit,
             run,
         } = plan;
+        for (key, why) in reject {
+            if let (Some(m), Some((tenant, model))) = (&self.metrics, self.labels(key)) {
+                m.rejections
+                    .with_label_values(&[tenant.as_str(), model.as_str(), "policy_reload"])
+                    .inc();
+            }
+            self.fail(key, why.to_string());
+        }
         for (key, kind) in preempt {
             if let (Some(m), Some((tenant, model))) = (&self.metrics, self.labels(key)) {
                 m.preemptions
@@ -346,17 +402,24 @@ impl<B: Backend> Arbiter<B> {
             };
             let engine = &mut self.models[a.job.model].engine;
             let failure = match (kind, a.seq) {
-                (PreemptKind::Swap, Some(seq)) => engine.swap_out(seq).err().map(|e| {
-                    tracing::error!(error = %e, "swapping a sequence out failed");
-                    format!("preempting the request failed: {e}")
-                }),
+                (PreemptKind::Swap, Some(seq)) => match engine.swap_out(seq) {
+                    Ok(()) => None,
+                    Err(e) => {
+                        // Recompute instead; the output is the same.
+                        tracing::warn!(error = %e, "swapping a sequence out failed; it will be recomputed");
+                        engine.remove_sequence(seq);
+                        a.seq = None;
+                        a.restart();
+                        self.sched.swap_failed(key);
+                        None
+                    }
+                },
                 (PreemptKind::Recompute, seq) => {
                     if let Some(seq) = seq {
                         engine.remove_sequence(seq);
                     }
                     a.seq = None;
-                    a.pending = a.context.clone();
-                    a.recomputing = a.pending.len();
+                    a.restart();
                     None
                 }
                 (PreemptKind::Swap, None) => Some("a sequence to swap out has no cache".into()),
@@ -527,7 +590,7 @@ impl<B: Backend> Arbiter<B> {
     }
 
     /// Publishes KV usage per tenant and model, and the scheduler's per-tenant state.
-    fn publish(&mut self, now: f64) {
+    fn publish(&mut self, now: f64, report: bool) {
         for (m, slot) in self.models.iter().enumerate() {
             let block_bytes = slot.engine.kv_block_bytes() as u64;
             let mut by_tenant: HashMap<String, u64> = HashMap::new();
@@ -550,14 +613,25 @@ impl<B: Backend> Arbiter<B> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             *shared = by_tenant;
         }
+        if !report {
+            return;
+        }
+        self.reported = Some(Instant::now());
         for tenant in self.gate.tenants() {
             let wait = self.sched.rate_wait(&tenant, now);
             self.gate.set_retry_after(&tenant, wait.max(1.0));
         }
+        let reports = self.sched.report(now);
+        if let Some(schedule) = &self.schedule {
+            schedule
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .tenants = reports.clone();
+        }
         let Some(m) = &self.metrics else {
             return;
         };
-        for r in self.sched.report(now) {
+        for r in reports {
             let labels = [self.device.as_str(), r.tenant.as_str()];
             m.waiting.with_label_values(&labels).set(r.waiting as i64);
             m.running.with_label_values(&labels).set(r.running as i64);

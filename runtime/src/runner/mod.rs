@@ -48,6 +48,16 @@ pub struct ModelInfo {
     pub created: u64,
 }
 
+/// A device's scheduler as operators see it (`GET /v1/scheduler`), refreshed by its loop.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct DeviceSchedule {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub policy: String,
+    pub models: Vec<String>,
+    pub tenants: Vec<crate::sched::TenantReport>,
+}
+
 /// A generation request, already tokenized.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -151,6 +161,7 @@ pub struct ModelHandle {
     max_queued: usize,
     rejections: Option<prometheus::IntCounterVec>,
     usage: Arc<Usage>,
+    schedule: Arc<Mutex<DeviceSchedule>>,
 }
 
 /// What a model holds, for the metrics: KV-cache bytes per tenant (updated by the runner
@@ -249,6 +260,14 @@ impl ModelHandle {
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.template.as_deref()
+    }
+
+    /// The latest state of the scheduler of the device this model is on.
+    pub fn schedule(&self) -> DeviceSchedule {
+        self.schedule
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Queues a request with its device's scheduler; its events arrive on the returned
@@ -387,6 +406,7 @@ fn prepare<B: Backend>(
         max_sequences: spec.max_sequences,
         max_batch_tokens: spec.max_batch_tokens,
         price: (parameters as f64 / 1e9).max(1e-3),
+        reserve_max_tokens: false,
     };
     let tokenizer = Arc::new(model.tokenizer);
     let info = ModelInfo {
@@ -480,6 +500,12 @@ fn spawn_device<B: Backend>(
     );
     let (jobs, inbox) = crossbeam_channel::unbounded();
     let gate = Arc::new(Gate::default());
+    let schedule = Arc::new(Mutex::new(DeviceSchedule {
+        device: device.clone(),
+        policy: config.scheduler.policy.as_str().to_owned(),
+        models: models.iter().map(|(_, p)| p.slot.name.clone()).collect(),
+        tenants: Vec::new(),
+    }));
     let mut handles = Vec::new();
     let mut slots = Vec::new();
     for (order, p) in models {
@@ -497,13 +523,15 @@ fn spawn_device<B: Backend>(
                 max_queued: config.scheduler.max_queued_per_tenant,
                 rejections: metrics.map(|m| m.rejections.clone()),
                 usage: Arc::clone(&p.slot.usage),
+                schedule: Arc::clone(&schedule),
             },
         ));
         tracing::debug!(model = %p.spec.name, %device, "model placed");
         slots.push(p.slot);
     }
     let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
-    let arbiter = Arbiter::new(device.clone(), sched, slots, inbox, gate, metrics.cloned());
+    let arbiter = Arbiter::new(device.clone(), sched, slots, inbox, gate, metrics.cloned())
+        .with_schedule(schedule);
     match std::thread::Builder::new()
         .name(format!("device-{device}"))
         .spawn(move || arbiter.run())

@@ -221,6 +221,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         max_queued: config.scheduler.max_queued_per_tenant,
         rejections: None,
         usage: p.slot.usage,
+        schedule: Arc::default(),
     };
     let mut limited = request("a", vec![1; 20], 30, SamplingParams::greedy());
     limited.limits.kv_blocks = Some(3);

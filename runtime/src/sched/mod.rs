@@ -26,7 +26,7 @@ pub mod sim;
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::PriorityClass;
 
@@ -72,6 +72,9 @@ pub struct ModelParams {
     pub max_batch_tokens: usize,
     /// Relative cost of one of this model's tokens (virtual counters charge it).
     pub price: f64,
+    /// Commit blocks for the prompt and all of `max_tokens` at admission instead of as the
+    /// sequence grows (the older runner's behaviour; kept to measure against).
+    pub reserve_max_tokens: bool,
 }
 
 /// Prices of a prefill and a decode token in the virtual counters (the VTC paper prices
@@ -145,9 +148,12 @@ impl PreemptKind {
     }
 }
 
-/// One step's decisions, applied in this order: preempt, swap in, admit, run.
+/// One step's decisions, applied in this order: reject, preempt, swap in, admit, run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepPlan {
+    /// Queued requests that can no longer run (a policy reload lowered their tenant's limits);
+    /// the scheduler has forgotten them.
+    pub reject: Vec<(SeqKey, Reject)>,
     pub preempt: Vec<(SeqKey, PreemptKind)>,
     pub swap_in: Vec<SeqKey>,
     /// Sequences to start in the engine: new requests, or preempted ones to recompute (their
@@ -159,7 +165,8 @@ pub struct StepPlan {
 
 impl StepPlan {
     pub fn is_empty(&self) -> bool {
-        self.preempt.is_empty()
+        self.reject.is_empty()
+            && self.preempt.is_empty()
             && self.swap_in.is_empty()
             && self.admit.is_empty()
             && self.run.is_empty()
@@ -179,6 +186,7 @@ struct Seq {
     model: usize,
     arrival: u64,
     prompt_len: usize,
+    max_tokens: usize,
     /// Tokens in the KV cache (device, or host while swapped).
     computed: usize,
     /// Tokens known: the prompt plus every generated token.
@@ -193,7 +201,7 @@ struct Seq {
 }
 
 /// Counters kept per tenant, for the metrics and `accelctl top`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TenantStats {
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
@@ -216,6 +224,8 @@ struct Tenant {
     blocks: usize,
     /// Sequences of any state.
     live: usize,
+    /// Its limits changed: queued requests are checked against them again.
+    recheck: bool,
     stats: TenantStats,
 }
 
@@ -224,11 +234,14 @@ struct ModelState {
     params: ModelParams,
     used_blocks: usize,
     used_host_blocks: usize,
+    /// Host blocks freed by swap-ins of the plan being made: the runner swaps out before it
+    /// swaps in, so swap-outs of the same plan may not use them.
+    host_freed_in_plan: usize,
     running: usize,
 }
 
 /// What one tenant has on this device now.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantReport {
     pub tenant: String,
     pub weight: u32,
@@ -333,6 +346,7 @@ impl Scheduler {
             params,
             used_blocks: 0,
             used_host_blocks: 0,
+            host_freed_in_plan: 0,
             running: 0,
         });
         self.models.len() - 1
@@ -345,6 +359,16 @@ impl Scheduler {
     /// Device blocks committed by a model's running sequences.
     pub fn used_blocks(&self, model: usize) -> usize {
         self.models.get(model).map_or(0, |m| m.used_blocks)
+    }
+
+    /// Tokens held by a model's running sequences (for the utilisation measurement).
+    pub fn live_tokens(&self, model: usize) -> usize {
+        self.running
+            .iter()
+            .map(|k| &self.seqs[k])
+            .filter(|s| s.model == model)
+            .map(|s| s.target)
+            .sum()
     }
 
     /// Sequences known (waiting, running or swapped).
@@ -370,6 +394,7 @@ impl Scheduler {
                     (Some(tpm), None) => Some(TokenBucket::new(tpm, now)),
                 };
                 t.params = params.clone();
+                t.recheck = true;
             }
             return i;
         }
@@ -386,6 +411,7 @@ impl Scheduler {
             running: 0,
             blocks: 0,
             live: 0,
+            recheck: false,
             stats: TenantStats::default(),
         });
         self.by_name.insert(name.to_owned(), self.tenants.len() - 1);
@@ -423,6 +449,7 @@ impl Scheduler {
                 model: seq.model,
                 arrival: self.next_arrival,
                 prompt_len: seq.prompt_len,
+                max_tokens: seq.max_tokens,
                 computed: 0,
                 target: seq.prompt_len,
                 charged: 0,
@@ -559,7 +586,8 @@ impl Scheduler {
         let host_blocks = blocks_for(seq.computed, model.params.block_size);
         let swap = seq.computed >= model.params.swap_min_tokens
             && seq.computed > 0
-            && model.used_host_blocks + host_blocks <= model.params.swap_blocks;
+            && model.used_host_blocks + model.host_freed_in_plan + host_blocks
+                <= model.params.swap_blocks;
         let arrival = seq.arrival;
         // Started earlier in this same plan: undo the start instead of telling the runner.
         let fresh = plan.admit.contains(&key);
@@ -595,6 +623,81 @@ impl Scheduler {
         queue.insert(at, key);
     }
 
+    /// Blocks a sequence commits on the device while it runs.
+    fn commitment(&self, seq: &Seq) -> usize {
+        let params = &self.models[seq.model].params;
+        let tokens = if params.reserve_max_tokens {
+            seq.prompt_len + seq.max_tokens
+        } else {
+            seq.target
+        };
+        blocks_for(tokens, params.block_size)
+    }
+
+    /// A swap-out the runner could not do: the sequence is recomputed instead.
+    pub fn swap_failed(&mut self, key: SeqKey) {
+        let Some(seq) = self.seqs.get_mut(&key) else {
+            return;
+        };
+        if seq.state != State::Swapped {
+            return;
+        }
+        let model = &mut self.models[seq.model];
+        let tenant = &mut self.tenants[seq.tenant];
+        model.used_host_blocks -= seq.blocks;
+        seq.blocks = 0;
+        seq.computed = 0;
+        seq.state = State::Waiting;
+        tenant.stats.preempted_recompute += 1;
+        tenant.swapped.retain(|&k| k != key);
+        let arrival = seq.arrival;
+        let seqs = &self.seqs;
+        let at = tenant
+            .waiting
+            .iter()
+            .position(|k| seqs.get(k).is_some_and(|s| s.arrival > arrival))
+            .unwrap_or(tenant.waiting.len());
+        tenant.waiting.insert(at, key);
+    }
+
+    /// Forgets the queued requests of tenants whose limits changed and that can no longer run.
+    fn recheck(&mut self, plan: &mut StepPlan) {
+        for t in 0..self.tenants.len() {
+            if !std::mem::take(&mut self.tenants[t].recheck) {
+                continue;
+            }
+            let tenant = &self.tenants[t];
+            let mut rejected = Vec::new();
+            for &key in tenant.waiting.iter().chain(&tenant.swapped) {
+                let Some(seq) = self.seqs.get(&key) else {
+                    continue;
+                };
+                if seq.state == State::Running {
+                    continue;
+                }
+                let mut params = tenant.params.clone();
+                if seq.admitted {
+                    params.tokens_per_minute = None; // its prompt was already charged
+                }
+                let request = NewSeq {
+                    key,
+                    tenant: tenant.name.clone(),
+                    params,
+                    model: seq.model,
+                    prompt_len: seq.prompt_len,
+                    max_tokens: seq.max_tokens,
+                };
+                if let Err(e) = check(&self.models[seq.model].params, &request) {
+                    rejected.push((key, e));
+                }
+            }
+            for (key, e) in rejected {
+                self.remove(key);
+                plan.reject.push((key, e));
+            }
+        }
+    }
+
     /// The next live sequence at the head of a tenant's swapped queue, else its waiting queue.
     fn head(&mut self, t: usize) -> Option<SeqKey> {
         let seqs = &self.seqs;
@@ -616,6 +719,10 @@ impl Scheduler {
     /// Decides one step. `now` is the caller's clock in seconds (token buckets refill by it).
     pub fn plan(&mut self, now: f64) -> StepPlan {
         let mut plan = StepPlan::default();
+        for m in &mut self.models {
+            m.host_freed_in_plan = 0;
+        }
+        self.recheck(&mut plan);
 
         // Growth last step may have overrun a pool or a tenant's quota.
         for m in 0..self.models.len() {
@@ -681,7 +788,7 @@ impl Scheduler {
             let Some((_, t, k)) = best else { break };
             let seq = &self.seqs[&k];
             let m = seq.model;
-            let need = blocks_for(seq.target, self.models[m].params.block_size);
+            let need = self.commitment(seq);
             let (admitted, prompt_len) = (seq.admitted, seq.prompt_len);
             let tenant = &mut self.tenants[t];
             let class = tenant.params.class;
@@ -708,7 +815,18 @@ impl Scheduler {
             };
             if !fits(model) {
                 let mut made_room = false;
-                if class == PriorityClass::Interactive {
+                // Displace batch work only if that makes enough room.
+                let (batch_blocks, batch_seqs) = self
+                    .running
+                    .iter()
+                    .map(|k| &self.seqs[k])
+                    .filter(|s| {
+                        s.model == m && self.tenants[s.tenant].params.class == PriorityClass::Batch
+                    })
+                    .fold((0, 0), |(b, n), s| (b + s.blocks, n + 1));
+                let enough = model.running - batch_seqs < model.params.max_sequences
+                    && model.used_blocks - batch_blocks + need <= model.params.total_blocks;
+                if class == PriorityClass::Interactive && enough {
                     while !fits(&self.models[m]) {
                         let tenants = &self.tenants;
                         match self.victim(|s| {
@@ -784,6 +902,7 @@ impl Scheduler {
         match seq.state {
             State::Swapped => {
                 model.used_host_blocks -= seq.blocks;
+                model.host_freed_in_plan += seq.blocks;
                 tenant.swapped.retain(|&k| k != key);
                 plan.swap_in.push(key);
             }
@@ -876,7 +995,6 @@ impl Scheduler {
         let mut running = vec![0usize; self.models.len()];
         let mut by_tenant = vec![(0usize, 0usize, 0usize); self.tenants.len()];
         for (k, s) in &self.seqs {
-            let bs = self.models[s.model].params.block_size;
             if s.computed > s.target {
                 return Err(format!(
                     "{k}: computed {} > target {}",
@@ -887,7 +1005,7 @@ impl Scheduler {
             t.2 += 1;
             match s.state {
                 State::Running => {
-                    if s.blocks != blocks_for(s.target, bs) {
+                    if s.blocks != self.commitment(s) {
                         return Err(format!("{k}: {} blocks for {} tokens", s.blocks, s.target));
                     }
                     used[s.model] += s.blocks;

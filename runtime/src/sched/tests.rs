@@ -12,6 +12,7 @@ fn model(total_blocks: usize, max_sequences: usize, max_batch_tokens: usize) -> 
         max_sequences,
         max_batch_tokens,
         price: 1.0,
+        reserve_max_tokens: false,
     }
 }
 
@@ -309,6 +310,7 @@ fn a_flood_does_not_delay_another_tenants_first_token_beyond_the_bound() {
         arrivals: Arrivals::Poisson { per_second: 0.5 },
         prompt: (16, 32),
         output: (8, 8),
+        max_tokens: None,
         active: (0.0, f64::INFINITY),
     };
     let alone = sim::run(&SimConfig::new(vec![light.clone()], 3000));
@@ -383,6 +385,7 @@ proptest! {
             max_sequences,
             max_batch_tokens,
             price: 1.0,
+            reserve_max_tokens: false,
         });
         let mut live: Vec<(SeqKey, usize)> = Vec::new(); // key, tokens still to generate
         let mut next = 0;
@@ -435,4 +438,63 @@ proptest! {
         }
         prop_assert!(s.is_empty(), "{} sequences never finished", s.len());
     }
+}
+
+#[test]
+fn on_demand_blocks_hold_more_live_tokens_than_reservation() {
+    let report = sim::utilisation_report();
+    let rows: Vec<Vec<f64>> = report
+        .lines()
+        .skip(2)
+        .map(|l| {
+            l.split('|')
+                .skip(2)
+                .take(3)
+                .map(|c| c.trim().parse().unwrap())
+                .collect()
+        })
+        .collect();
+    let (reserved, on_demand) = (&rows[0], &rows[1]);
+    assert!(
+        on_demand[0] > reserved[0] + 0.2,
+        "utilisation {} vs {}\n{report}",
+        on_demand[0],
+        reserved[0]
+    );
+    assert!(on_demand[1] > reserved[1], "{report}");
+}
+
+#[test]
+fn a_reload_that_lowers_a_quota_rejects_what_can_no_longer_run() {
+    let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    s.add_model(model(100, 1, 64));
+    s.submit(seq(1, "a", 8, 30), 0.0).unwrap();
+    s.submit(seq(2, "a", 8, 30), 0.0).unwrap();
+    assert_eq!(s.plan(0.0).admit, [1]);
+    // A new request carries the reloaded policy: 4 blocks of 4 tokens.
+    let mut third = seq(3, "a", 4, 4);
+    third.params.kv_blocks = Some(4);
+    s.submit(third, 0.0).unwrap();
+    let plan = s.plan(0.0);
+    assert_eq!(plan.reject.len(), 1, "{plan:?}");
+    assert_eq!(plan.reject[0].0, 2);
+    assert!(plan.reject[0].1.to_string().contains("limits.kv_blocks"));
+    s.check_plan(&plan).unwrap();
+}
+
+#[test]
+fn batch_work_is_not_preempted_when_that_cannot_make_room() {
+    let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    s.add_model(model(10, 8, 64));
+    let mut batch = seq(1, "bulk", 4, 4);
+    batch.params.class = PriorityClass::Batch;
+    s.submit(batch, 0.0).unwrap();
+    s.submit(seq(2, "chat", 32, 4), 0.0).unwrap();
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [2, 1]);
+    // 8 + 1 of 10 blocks are held; another 8-block interactive request would not fit even
+    // with the batch sequence gone, so the batch sequence is left alone.
+    s.submit(seq(3, "chat2", 29, 4), 0.0).unwrap();
+    let plan = s.plan(0.0);
+    assert!(plan.preempt.is_empty(), "{plan:?}");
 }
