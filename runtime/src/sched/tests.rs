@@ -443,6 +443,7 @@ proptest! {
 #[test]
 fn on_demand_blocks_hold_more_live_tokens_than_reservation() {
     let report = sim::utilisation_report();
+    eprintln!("{report}");
     let rows: Vec<Vec<f64>> = report
         .lines()
         .skip(2)
