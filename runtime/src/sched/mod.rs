@@ -5,7 +5,9 @@
 //! Pure logic: no backend, device, async or channel types, and no clock of its own (callers
 //! pass `now` in seconds), so the simulator, the property tests and the benches drive it
 //! alone. One [`Scheduler`] serves one device: every model placed on the device registers here
-//! and tenants' counters and quotas span all of them.
+//! and tenants' counters and quotas span all of them. Models on a device step one at a time
+//! (each plan runs the model holding the best-ranked runnable sequence), so tenants' weights
+//! divide the device's time between models too.
 //!
 //! KV blocks are committed on demand: a sequence holds blocks for the tokens it knows (its
 //! prompt, then each token as it is generated), never for `max_tokens` up front. When a model's
@@ -885,6 +887,26 @@ impl Scheduler {
                     left[s.model] -= take;
                     plan.run.push((k, take));
                 }
+            }
+        }
+
+        // Models on one device run one after another, so sharing the device means choosing
+        // whose step runs: the model holding the best-ranked runnable sequence goes alone.
+        // Tenants' counters then divide device steps between models by weight.
+        if self.models.len() > 1 {
+            let mut best: Option<((u8, f64, u64, u64), usize)> = None;
+            for &(k, _) in &plan.run {
+                let rank = self.seq_rank(k);
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, _)| rank.partial_cmp(b) == Some(std::cmp::Ordering::Less))
+                {
+                    best = Some((rank, self.seqs[&k].model));
+                }
+            }
+            if let Some((_, m)) = best {
+                let seqs = &self.seqs;
+                plan.run.retain(|(k, _)| seqs[k].model == m);
             }
         }
 

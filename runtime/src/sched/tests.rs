@@ -499,3 +499,49 @@ fn batch_work_is_not_preempted_when_that_cannot_make_room() {
     let plan = s.plan(0.0);
     assert!(plan.preempt.is_empty(), "{plan:?}");
 }
+
+#[test]
+fn weights_hold_across_models_that_share_a_device() {
+    let mut s = Scheduler::new(PolicyKind::FairShare, Pricing::default());
+    s.add_model(model(1000, 4, 64));
+    s.add_model(model(1000, 4, 64));
+    let mut key = 0;
+    let mut generated = [0u64; 2];
+    let mut outstanding = [0usize; 2];
+    let mut owner: HashMap<SeqKey, (usize, usize)> = HashMap::new();
+    for _ in 0..3000 {
+        // Tenant a floods model 0 (weight 1); tenant b floods model 1 (weight 3).
+        for t in 0..2 {
+            while outstanding[t] < 8 {
+                let mut n = seq(key, ["a", "b"][t], 8, 24);
+                n.model = t;
+                n.params.weight = [1, 3][t];
+                s.submit(n, 0.0).unwrap();
+                owner.insert(key, (t, 0));
+                outstanding[t] += 1;
+                key += 1;
+            }
+        }
+        let plan = s.plan(0.0);
+        s.check_plan(&plan).unwrap();
+        let models: std::collections::HashSet<usize> =
+            plan.run.iter().map(|(k, _)| owner[k].0).collect();
+        assert_eq!(models.len(), 1, "one model steps at a time");
+        for k in execute(&mut s, &plan, 0.0) {
+            let (t, g) = owner.get_mut(&k).unwrap();
+            generated[*t] += 1;
+            *g += 1;
+            if *g == 24 {
+                let t = *t;
+                s.remove(k);
+                owner.remove(&k);
+                outstanding[t] -= 1;
+            }
+        }
+    }
+    let ratio = generated[1] as f64 / generated[0] as f64;
+    assert!(
+        (ratio - 3.0).abs() < 0.15,
+        "b:a = {ratio:.3} ({generated:?})"
+    );
+}
