@@ -232,6 +232,12 @@ impl<B: Backend> Arbiter<B> {
         }
     }
 
+    /// Measures time from `epoch` (one clock for every device: token buckets are shared).
+    pub fn with_epoch(mut self, epoch: Instant) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
     /// Publishes the per-tenant report into `schedule` for the API.
     pub fn with_schedule(mut self, schedule: Arc<Mutex<DeviceSchedule>>) -> Self {
         self.schedule = Some(schedule);

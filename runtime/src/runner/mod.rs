@@ -29,7 +29,7 @@ use crate::engine::sampling::SamplingParams;
 use crate::engine::Engine;
 use crate::metrics::SchedMetrics;
 use crate::model::LoadedModel;
-use crate::sched::{ModelParams, NewSeq, Pricing, Reject, Scheduler, TenantParams};
+use crate::sched::{Buckets, ModelParams, NewSeq, Pricing, Reject, Scheduler, TenantParams};
 use crate::tokenizer::Tokenizer;
 
 use self::arbiter::{Arbiter, Gate, Slot, Submission};
@@ -487,6 +487,7 @@ fn spawn_device<B: Backend>(
     models: Vec<(usize, Prepared<B>)>,
     config: &DaemonConfig,
     metrics: Option<&SchedMetrics>,
+    clock: &(Buckets, Instant),
 ) -> Vec<(usize, ModelHandle)> {
     if models.is_empty() {
         return Vec::new();
@@ -497,7 +498,8 @@ fn spawn_device<B: Backend>(
             prefill: config.scheduler.prefill_price,
             decode: config.scheduler.decode_price,
         },
-    );
+    )
+    .with_buckets(Arc::clone(&clock.0));
     let (jobs, inbox) = crossbeam_channel::unbounded();
     let gate = Arc::new(Gate::default());
     let schedule = Arc::new(Mutex::new(DeviceSchedule {
@@ -531,7 +533,8 @@ fn spawn_device<B: Backend>(
     }
     let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
     let arbiter = Arbiter::new(device.clone(), sched, slots, inbox, gate, metrics.cloned())
-        .with_schedule(schedule);
+        .with_schedule(schedule)
+        .with_epoch(clock.1);
     match std::thread::Builder::new()
         .name(format!("device-{device}"))
         .spawn(move || arbiter.run())
@@ -625,13 +628,16 @@ pub fn start_models(
             }
         }
     }
-    let mut handles = spawn_device("cpu".into(), placed.cpu, config, metrics);
+    // Tenants' token buckets span devices, on one clock.
+    let clock = (Buckets::default(), Instant::now());
+    let mut handles = spawn_device("cpu".into(), placed.cpu, config, metrics, &clock);
     for (ordinal, models) in placed.cuda {
         handles.extend(spawn_device(
             format!("cuda:{ordinal}"),
             models,
             config,
             metrics,
+            &clock,
         ));
     }
     handles.sort_by_key(|(order, _)| *order);

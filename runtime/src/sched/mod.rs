@@ -23,17 +23,20 @@
 //! remove are O(1) amortised.
 
 pub mod policy;
+mod queue;
 pub mod quota;
 pub mod sim;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::policy::PriorityClass;
 
 pub use self::policy::{PolicyKind, SchedulingPolicy, TenantView};
-pub use self::quota::TokenBucket;
+use self::queue::{Queue, Queues};
+pub use self::quota::{Buckets, TokenBucket};
 
 /// The caller's name for a sequence.
 pub type SeqKey = u64;
@@ -218,9 +221,7 @@ struct Tenant {
     params: TenantParams,
     counter: f64,
     turns: f64,
-    bucket: Option<TokenBucket>,
-    waiting: VecDeque<SeqKey>,
-    swapped: VecDeque<SeqKey>,
+    queues: Queues,
     running: usize,
     /// Device blocks committed across its running sequences.
     blocks: usize,
@@ -270,6 +271,9 @@ pub struct Scheduler {
     by_name: HashMap<String, usize>,
     seqs: HashMap<SeqKey, Seq>,
     running: Vec<SeqKey>,
+    /// Token buckets by tenant; shared by every device's scheduler so a tenant's
+    /// `tokens_per_minute` holds across devices.
+    buckets: Buckets,
     next_arrival: u64,
     /// System virtual time: the least counter among tenants with work, never decreasing. A
     /// tenant returning from idle starts here, so idleness banks no credit.
@@ -332,10 +336,18 @@ impl Scheduler {
             by_name: HashMap::new(),
             seqs: HashMap::new(),
             running: Vec::new(),
+            buckets: Arc::new(Mutex::new(HashMap::new())),
             next_arrival: 0,
             counter_floor: 0.0,
             turns_floor: 0.0,
         }
+    }
+
+    /// Uses `buckets` for tenants' token buckets (the same map for every device, with one
+    /// clock).
+    pub fn with_buckets(mut self, buckets: Buckets) -> Self {
+        self.buckets = buckets;
+        self
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -387,29 +399,28 @@ impl Scheduler {
             let t = &mut self.tenants[i];
             if t.params != *params {
                 // The policy was reloaded: the latest request carries what is in force.
-                t.bucket = match (params.tokens_per_minute, t.bucket.take()) {
-                    (None, _) => None,
-                    (Some(tpm), Some(mut b)) => {
-                        b.set_capacity(tpm);
-                        Some(b)
-                    }
-                    (Some(tpm), None) => Some(TokenBucket::new(tpm, now)),
-                };
+                if let Some(tpm) = params.tokens_per_minute {
+                    quota::lock(&self.buckets)
+                        .entry(name.to_owned())
+                        .and_modify(|b| b.set_capacity(tpm))
+                        .or_insert_with(|| TokenBucket::new(tpm, now));
+                }
                 t.params = params.clone();
                 t.recheck = true;
             }
             return i;
+        }
+        if let Some(tpm) = params.tokens_per_minute {
+            quota::lock(&self.buckets)
+                .entry(name.to_owned())
+                .or_insert_with(|| TokenBucket::new(tpm, now));
         }
         self.tenants.push(Tenant {
             name: name.to_owned(),
             params: params.clone(),
             counter: self.counter_floor,
             turns: self.turns_floor,
-            bucket: params
-                .tokens_per_minute
-                .map(|tpm| TokenBucket::new(tpm, now)),
-            waiting: VecDeque::new(),
-            swapped: VecDeque::new(),
+            queues: Queues::default(),
             running: 0,
             blocks: 0,
             live: 0,
@@ -443,7 +454,9 @@ impl Scheduler {
             tenant.turns = tenant.turns.max(self.turns_floor);
         }
         tenant.live += 1;
-        tenant.waiting.push_back(seq.key);
+        tenant
+            .queues
+            .push(Queue::Waiting, seq.model, self.next_arrival, seq.key);
         self.seqs.insert(
             seq.key,
             Seq {
@@ -514,8 +527,10 @@ impl Scheduler {
         }
         if sampled {
             seq.target += 1;
-            if let Some(bucket) = tenant.bucket.as_mut() {
-                bucket.charge(1, now);
+            if tenant.params.tokens_per_minute.is_some() {
+                if let Some(bucket) = quota::lock(&self.buckets).get_mut(&tenant.name) {
+                    bucket.charge(1, now);
+                }
             }
             // The new token needs a slot: commit a block when it crosses a boundary. The
             // next plan preempts someone if this overruns the pool or the tenant's quota.
@@ -531,12 +546,7 @@ impl Scheduler {
 
     fn view(&self, t: usize) -> TenantView {
         let tenant = &self.tenants[t];
-        let head_arrival = [tenant.swapped.front(), tenant.waiting.front()]
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.seqs.get(k).map(|s| s.arrival))
-            .min()
-            .unwrap_or(u64::MAX);
+        let head_arrival = tenant.queues.earliest();
         TenantView {
             weight: tenant.params.weight.max(1),
             counter: tenant.counter,
@@ -597,7 +607,7 @@ impl Scheduler {
         plan.admit.retain(|&k| k != key);
         plan.swap_in.retain(|&k| k != key);
         let tell = !(fresh || (swapped_in && swap));
-        let queue = if swap {
+        let (queue, m) = if swap {
             model.used_host_blocks += host_blocks;
             seq.blocks = host_blocks;
             seq.state = State::Swapped;
@@ -605,7 +615,7 @@ impl Scheduler {
                 tenant.stats.preempted_swap += 1;
                 plan.preempt.push((key, PreemptKind::Swap));
             }
-            &mut tenant.swapped
+            (Queue::Swapped, seq.model)
         } else {
             seq.blocks = 0;
             seq.computed = 0;
@@ -614,15 +624,10 @@ impl Scheduler {
                 tenant.stats.preempted_recompute += 1;
                 plan.preempt.push((key, PreemptKind::Recompute));
             }
-            &mut tenant.waiting
+            (Queue::Waiting, seq.model)
         };
         // Preempted work goes back ahead of later arrivals.
-        let seqs = &self.seqs;
-        let at = queue
-            .iter()
-            .position(|k| seqs.get(k).is_some_and(|s| s.arrival > arrival))
-            .unwrap_or(queue.len());
-        queue.insert(at, key);
+        tenant.queues.push(queue, m, arrival, key);
     }
 
     /// Blocks a sequence commits on the device while it runs.
@@ -651,15 +656,10 @@ impl Scheduler {
         seq.computed = 0;
         seq.state = State::Waiting;
         tenant.stats.preempted_recompute += 1;
-        tenant.swapped.retain(|&k| k != key);
-        let arrival = seq.arrival;
-        let seqs = &self.seqs;
-        let at = tenant
-            .waiting
-            .iter()
-            .position(|k| seqs.get(k).is_some_and(|s| s.arrival > arrival))
-            .unwrap_or(tenant.waiting.len());
-        tenant.waiting.insert(at, key);
+        tenant.queues.remove(Queue::Swapped, seq.model, key);
+        tenant
+            .queues
+            .push(Queue::Waiting, seq.model, seq.arrival, key);
     }
 
     /// Forgets the queued requests of tenants whose limits changed and that can no longer run.
@@ -670,7 +670,7 @@ impl Scheduler {
             }
             let tenant = &self.tenants[t];
             let mut rejected = Vec::new();
-            for &key in tenant.waiting.iter().chain(&tenant.swapped) {
+            for key in tenant.queues.keys() {
                 let Some(seq) = self.seqs.get(&key) else {
                     continue;
                 };
@@ -700,22 +700,18 @@ impl Scheduler {
         }
     }
 
-    /// The next live sequence at the head of a tenant's swapped queue, else its waiting queue.
-    fn head(&mut self, t: usize) -> Option<SeqKey> {
+    /// A tenant's earliest queued sequence for a model that `open` accepts.
+    fn head(&mut self, t: usize, open: impl Fn(usize) -> bool) -> Option<SeqKey> {
         let seqs = &self.seqs;
-        let tenant = &mut self.tenants[t];
-        for (queue, state) in [
-            (&mut tenant.swapped, State::Swapped),
-            (&mut tenant.waiting, State::Waiting),
-        ] {
-            while let Some(&k) = queue.front() {
-                if seqs.get(&k).is_some_and(|s| s.state == state) {
-                    return Some(k);
-                }
-                queue.pop_front();
-            }
-        }
-        None
+        self.tenants[t].queues.head(open, |k, queue| {
+            seqs.get(&k).is_some_and(|s| {
+                s.state
+                    == match queue {
+                        Queue::Swapped => State::Swapped,
+                        Queue::Waiting => State::Waiting,
+                    }
+            })
+        })
     }
 
     /// Decides one step. `now` is the caller's clock in seconds (token buckets refill by it).
@@ -770,15 +766,10 @@ impl Scheduler {
                 if skip[t] || self.tenants[t].live == self.tenants[t].running {
                     continue;
                 }
-                let Some(k) = self.head(t) else {
+                let Some(k) = self.head(t, |m| !closed[m] && budget[m] > 0) else {
                     skip[t] = true;
                     continue;
                 };
-                let m = self.seqs[&k].model;
-                if closed[m] || budget[m] == 0 {
-                    skip[t] = true;
-                    continue;
-                }
                 let rank = self.rank(t);
                 if best
                     .as_ref()
@@ -800,9 +791,9 @@ impl Scheduler {
                 .kv_blocks
                 .is_some_and(|q| (tenant.blocks + need) as u64 > q);
             let over_rate = !admitted
-                && tenant
-                    .bucket
-                    .as_mut()
+                && tenant.params.tokens_per_minute.is_some()
+                && quota::lock(&self.buckets)
+                    .get_mut(&tenant.name)
                     .is_some_and(|b| !b.fits(prompt_len, now));
             if over_quota || over_rate {
                 skip[t] = true;
@@ -841,8 +832,8 @@ impl Scheduler {
                     made_room = fits(&self.models[m]);
                 }
                 if !made_room {
+                    // The tenant may still have work for another model.
                     closed[m] = true;
-                    skip[t] = true;
                     continue;
                 }
             }
@@ -925,11 +916,11 @@ impl Scheduler {
             State::Swapped => {
                 model.used_host_blocks -= seq.blocks;
                 model.host_freed_in_plan += seq.blocks;
-                tenant.swapped.retain(|&k| k != key);
+                tenant.queues.remove(Queue::Swapped, seq.model, key);
                 plan.swap_in.push(key);
             }
             _ => {
-                tenant.waiting.retain(|&k| k != key);
+                tenant.queues.remove(Queue::Waiting, seq.model, key);
                 plan.admit.push(key);
                 if !seq.admitted {
                     seq.admitted = true;
@@ -939,8 +930,10 @@ impl Scheduler {
                     tenant.counter +=
                         seq.prompt_len as f64 * self.pricing.prefill * model.params.price
                             / f64::from(tenant.params.weight.max(1));
-                    if let Some(bucket) = tenant.bucket.as_mut() {
-                        bucket.charge(seq.prompt_len, now);
+                    if tenant.params.tokens_per_minute.is_some() {
+                        if let Some(bucket) = quota::lock(&self.buckets).get_mut(&tenant.name) {
+                            bucket.charge(seq.prompt_len, now);
+                        }
                     }
                 }
             }
@@ -973,41 +966,48 @@ impl Scheduler {
         let Some(&t) = self.by_name.get(tenant) else {
             return 0.0;
         };
+        if self.tenants[t].params.tokens_per_minute.is_none() {
+            return 0.0;
+        }
         let prompt = self
-            .head(t)
+            .head(t, |_| true)
             .and_then(|k| self.seqs.get(&k))
             .filter(|s| !s.admitted)
             .map_or(0, |s| s.prompt_len);
-        self.tenants[t]
-            .bucket
-            .as_mut()
+        quota::lock(&self.buckets)
+            .get_mut(tenant)
             .map_or(0.0, |b| b.wait_for(prompt, now))
     }
 
     /// Per-tenant state, for metrics and the operator's views.
     pub fn report(&mut self, now: f64) -> Vec<TenantReport> {
-        let mut out = Vec::with_capacity(self.tenants.len());
-        for t in &mut self.tenants {
-            let waiting = t.live - t.running;
-            let swapped = t
-                .swapped
-                .iter()
-                .filter(|k| self.seqs.get(k).is_some_and(|s| s.state == State::Swapped))
-                .count();
-            out.push(TenantReport {
+        let mut swapped = vec![0usize; self.tenants.len()];
+        for s in self.seqs.values() {
+            if s.state == State::Swapped {
+                swapped[s.tenant] += 1;
+            }
+        }
+        let mut buckets = quota::lock(&self.buckets);
+        self.tenants
+            .iter()
+            .zip(swapped)
+            .map(|(t, swapped)| TenantReport {
                 tenant: t.name.clone(),
                 weight: t.params.weight,
                 class: t.params.class,
-                waiting: waiting - swapped,
+                waiting: t.live - t.running - swapped,
                 running: t.running,
                 swapped,
                 kv_blocks: t.blocks,
                 virtual_counter: t.counter,
-                bucket_tokens: t.bucket.as_mut().map(|b| b.level(now)),
+                bucket_tokens: t
+                    .params
+                    .tokens_per_minute
+                    .and_then(|_| buckets.get_mut(&t.name))
+                    .map(|b| b.level(now)),
                 stats: t.stats.clone(),
-            });
-        }
-        out
+            })
+            .collect()
     }
 
     /// Checks the module's invariants; for tests.

@@ -3,6 +3,20 @@
 //! Pure arithmetic over a caller-supplied clock (seconds since any fixed start), so the
 //! simulator and tests drive it with virtual time.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Token buckets by tenant name, shared by every device's scheduler.
+pub type Buckets = Arc<Mutex<HashMap<String, TokenBucket>>>;
+
+/// Locks `buckets` (a panic elsewhere cannot leave a bucket half-updated: every update is one
+/// assignment).
+pub(crate) fn lock(buckets: &Buckets) -> MutexGuard<'_, HashMap<String, TokenBucket>> {
+    buckets
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A bucket of `capacity` tokens refilled at `capacity / 60` per second
 /// (`limits.tokens_per_minute`). Admission needs the prompt to fit in the level; generated
 /// tokens are charged as they are produced and may take the level below zero, which delays

@@ -545,3 +545,41 @@ fn weights_hold_across_models_that_share_a_device() {
         "b:a = {ratio:.3} ({generated:?})"
     );
 }
+
+#[test]
+fn a_full_model_holds_back_only_requests_for_it() {
+    let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    s.add_model(model(100, 1, 64));
+    s.add_model(model(100, 1, 64));
+    s.submit(seq(1, "a", 4, 8), 0.0).unwrap();
+    s.submit(seq(2, "a", 4, 8), 0.0).unwrap();
+    let mut other = seq(3, "a", 4, 8);
+    other.model = 1;
+    s.submit(other, 0.0).unwrap();
+    // Model 0 has one slot: 2 waits, but 3 (behind it in arrival, for model 1) starts.
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [1, 3]);
+}
+
+#[test]
+fn token_buckets_are_shared_between_devices() {
+    let buckets = Buckets::default();
+    let mut devices: Vec<Scheduler> = (0..2)
+        .map(|_| {
+            let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default())
+                .with_buckets(std::sync::Arc::clone(&buckets));
+            s.add_model(model(100, 8, 64));
+            s
+        })
+        .collect();
+    for (i, s) in devices.iter_mut().enumerate() {
+        let mut n = seq(i as SeqKey, "a", 40, 1);
+        n.params.tokens_per_minute = Some(60);
+        s.submit(n, 0.0).unwrap();
+    }
+    // 60 tokens a minute: the first device's 40-token prompt leaves 20, too few for the
+    // second device's.
+    assert_eq!(devices[0].plan(0.0).admit, [0]);
+    assert!(devices[1].plan(0.0).admit.is_empty());
+    assert_eq!(devices[1].plan(20.0).admit, [1]);
+}
