@@ -114,6 +114,8 @@ fn api_server(path: &Path) {
                 api::router(state, ListenerKind::Unix),
                 stop_rx,
                 std::time::Duration::from_secs(1),
+                api::server::ConnectionLimits::default(),
+                std::sync::Arc::new(|p: &api::PeerCred| p.uid == 0),
             )
             .await;
         });

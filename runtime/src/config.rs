@@ -51,6 +51,17 @@ pub struct DaemonConfig {
     /// How long SIGTERM waits for in-flight requests before closing them.
     #[serde(with = "crate::units::duration_str")]
     pub drain_timeout: Duration,
+    /// How long a client may take to send a whole request (headers, then body); slower
+    /// requests get 408 and the connection is closed.
+    #[serde(with = "crate::units::duration_str")]
+    pub request_timeout: Duration,
+    /// Connections served at once on each listener.
+    pub max_connections: usize,
+    /// Connections one client (a uid on the socket, an address on TCP) may hold open; more
+    /// are refused at once. Operators are not limited by this.
+    pub max_connections_per_client: usize,
+    /// Of `max_connections`, how many only operators may use, so root can always connect.
+    pub operator_connections: usize,
     /// Where downloaded models live (the default model is fetched here by `make model`).
     pub model_cache: PathBuf,
     /// Models to serve. The default is SmolLM2-135M-Instruct from the model cache; if that file
@@ -72,6 +83,18 @@ pub struct SchedulerConfig {
     /// What a prompt token and a generated token cost in the fair-share counters.
     pub prefill_price: f64,
     pub decode_price: f64,
+}
+
+impl DaemonConfig {
+    /// The connection limits of each API listener.
+    pub fn connection_limits(&self) -> crate::api::server::ConnectionLimits {
+        crate::api::server::ConnectionLimits {
+            total: self.max_connections,
+            per_client: self.max_connections_per_client,
+            reserved_for_operators: self.operator_connections,
+            header_timeout: self.request_timeout,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -242,6 +265,10 @@ impl Default for DaemonConfig {
             backend: BackendChoice::Auto,
             max_request_body: ByteSize(1 << 20),
             drain_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_connections_per_client: 64,
+            operator_connections: 32,
             model_cache: PathBuf::from("/var/cache/accel/models"),
             kernel_cache: PathBuf::from("/var/cache/accel/kernels"),
             models: vec![ModelSpec::default_model()],
@@ -391,6 +418,43 @@ impl DaemonConfig {
                     ));
                 }
             }
+        }
+        if self.request_timeout < Duration::from_secs(1)
+            || self.request_timeout > Duration::from_secs(3600)
+        {
+            out.push(PathProblem::new(
+                "request_timeout",
+                format!(
+                    "{:?} is out of range: use 1s to 1h",
+                    self.request_timeout
+                ),
+            ));
+        }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            out.push(PathProblem::new(
+                "max_connections",
+                format!("{} is out of range: use 1 to 1000000", self.max_connections),
+            ));
+        }
+        if self.max_connections_per_client == 0
+            || self.max_connections_per_client > self.max_connections
+        {
+            out.push(PathProblem::new(
+                "max_connections_per_client",
+                format!(
+                    "{} is out of range: use 1 to max_connections ({})",
+                    self.max_connections_per_client, self.max_connections
+                ),
+            ));
+        }
+        if self.operator_connections >= self.max_connections {
+            out.push(PathProblem::new(
+                "operator_connections",
+                format!(
+                    "{} leaves tenants no connection: use less than max_connections ({})",
+                    self.operator_connections, self.max_connections
+                ),
+            ));
         }
         let queued = self.scheduler.max_queued_per_tenant;
         if queued == 0 || queued > 1_000_000 {

@@ -108,11 +108,19 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     let mode = config.socket_mode_bits().unwrap_or(0o660);
     sys::set_socket_access(&config.socket, gid, mode)?;
+    let limits = config.connection_limits();
+    // Operators are told apart at accept, so the connections kept for them stay theirs.
+    let operators = state.clone();
+    let is_operator: server::IsOperator<api::PeerCred> = Arc::new(move |peer: &api::PeerCred| {
+        peer.uid == 0 || operators.is_operator(peer)
+    });
     servers.spawn(server::serve(
         unix,
         api::router(state.clone(), ListenerKind::Unix),
         stop_rx.clone(),
         drain,
+        limits,
+        is_operator,
     ));
     tracing::info!(socket = %config.socket.display(), mode = format!("{mode:04o}"), "control API listening");
 
@@ -136,7 +144,15 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         } else {
             api::metrics_router(state.clone())
         };
-        servers.spawn(server::serve(listener, router, stop_rx.clone(), drain));
+        // Bearer tokens are read per request: no TCP peer counts as an operator at accept.
+        servers.spawn(server::serve(
+            listener,
+            router,
+            stop_rx.clone(),
+            drain,
+            limits,
+            Arc::new(|_: &server::TcpPeer| false),
+        ));
         tracing::info!(%address, listener = what, "TCP listener up");
     }
 

@@ -259,6 +259,19 @@ impl DaemonState {
         })
     }
 
+    /// Whether the policy in force makes this socket peer an operator.
+    pub fn is_operator(&self, peer: &crate::api::PeerCred) -> bool {
+        let caller = crate::policy::Caller {
+            uid: peer.uid,
+            gid: peer.gid,
+            pid: peer.pid,
+            groups: peer.groups.to_vec(),
+        };
+        self.policy()
+            .identify(&caller, self.user_db.as_ref())
+            .is_some_and(|i| i.role == crate::policy::Role::Operator)
+    }
+
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }

@@ -107,6 +107,8 @@ pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/metrics", get(routes::metrics))
+        // Layers run bottom up: authentication first, so a refused caller's body is never read.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), kind),
             authenticate,
@@ -216,8 +218,80 @@ async fn authenticate(
             request.extensions_mut().insert(auth);
             next.run(request).await
         }
-        Err(e) => e.into_response(),
+        // Refused callers are not kept: the connection closes after the answer, unread.
+        Err(e) => closing(e.into_response()),
     }
+}
+
+/// Marks a response as the connection's last.
+fn closing(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
+}
+
+/// Reads the whole request body before the handler runs, within `request_timeout` and
+/// `max_request_body`; a slower or larger one gets 408 or 413 and the connection closes. An
+/// inference request first takes its tenant's request slot, so requests still sending their
+/// bodies count against `limits.max_concurrent_requests`.
+async fn read_body(State(state): State<Arc<DaemonState>>, request: Request, next: Next) -> Response {
+    use http_body_util::BodyExt as _;
+
+    let (mut parts, body) = request.into_parts();
+    let inference = parts.method == axum::http::Method::POST
+        && matches!(
+            parts.uri.path(),
+            "/v1/completions" | "/v1/chat/completions"
+        );
+    if inference {
+        if let Some(auth) = parts.extensions.get::<Authenticated>() {
+            match openai::take_slot(&state, auth) {
+                Ok(slot) => {
+                    parts.extensions.insert(slot);
+                }
+                Err(e) => return closing(e.into_response()),
+            }
+        }
+    }
+    let limit = usize::try_from(state.config.max_request_body.bytes()).unwrap_or(usize::MAX);
+    let deadline = state.config.request_timeout;
+    let collected =
+        tokio::time::timeout(deadline, http_body_util::Limited::new(body, limit).collect()).await;
+    let bytes = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return closing(
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body is larger than the daemon's max_request_body; send less",
+                )
+                .into_response(),
+            )
+        }
+        Ok(Err(e)) => {
+            return closing(
+                ApiError::bad_request(format!("cannot read the request body: {e}")).into_response(),
+            )
+        }
+        Err(_) => {
+            return closing(
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {}s (request_timeout); send the whole request at once",
+                        deadline.as_secs()
+                    ),
+                )
+                .into_response(),
+            )
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 fn identify(

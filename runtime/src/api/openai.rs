@@ -109,12 +109,46 @@ pub(super) async fn list_models(
     })
 }
 
-/// Finds the model and checks the tenant may use it and has a free request slot.
+/// One of the caller's tenant's request slots (`limits.max_concurrent_requests`), taken when
+/// the request's headers are read, before its body, and held until its answer is done.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestSlot(pub Arc<TenantSlot>);
+
+/// Takes a request slot for the caller's tenant, or answers 429.
+pub(super) fn take_slot(
+    state: &Arc<DaemonState>,
+    auth: &Authenticated,
+) -> Result<RequestSlot, ApiError> {
+    let tenant = auth
+        .identity
+        .tenant
+        .as_deref()
+        .and_then(|t| auth.policy.tenant(t));
+    let limit = match (auth.identity.role, tenant) {
+        (Role::Operator, None) => None,
+        (_, t) => t.and_then(|t| t.limits.max_concurrent_requests),
+    };
+    let slot = state.enter_tenant(&tenant_label(auth), limit).map_err(|in_flight| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "concurrency_limit",
+            format!(
+                "tenant {:?} already has {in_flight} requests in flight, its limit (limits.max_concurrent_requests); wait for one to finish or ask an operator to raise it",
+                tenant_label(auth)
+            ),
+        )
+    })?;
+    Ok(RequestSlot(Arc::new(slot)))
+}
+
+/// Finds the model and checks the tenant may use it; takes a request slot unless the request
+/// already holds one.
 fn admit(
     state: &Arc<DaemonState>,
     auth: &Authenticated,
     model: &str,
-) -> Result<(ModelHandle, TenantSlot), ApiError> {
+    slot: Option<RequestSlot>,
+) -> Result<(ModelHandle, Arc<TenantSlot>), ApiError> {
     let handle = state.model(model).ok_or_else(|| {
         let names: Vec<&str> = state.models.iter().map(|m| m.info.name.as_str()).collect();
         ApiError::new(
@@ -140,21 +174,11 @@ fn admit(
             )));
         }
     }
-    let limit = match (auth.identity.role, tenant) {
-        (Role::Operator, None) => None,
-        (_, t) => t.and_then(|t| t.limits.max_concurrent_requests),
+    let slot = match slot {
+        Some(slot) => slot,
+        None => take_slot(state, auth)?,
     };
-    let slot = state.enter_tenant(&tenant_label(auth), limit).map_err(|in_flight| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "concurrency_limit",
-            format!(
-                "tenant {:?} already has {in_flight} requests in flight, its limit (limits.max_concurrent_requests); wait for one to finish or ask an operator to raise it",
-                tenant_label(auth)
-            ),
-        )
-    })?;
-    Ok((handle.clone(), slot))
+    Ok((handle.clone(), slot.0))
 }
 
 /// Most stop strings per request, and their longest length in bytes.
@@ -212,7 +236,7 @@ fn submit_error(e: SubmitError) -> ApiError {
 struct Job {
     id: String,
     model: ModelHandle,
-    slot: TenantSlot,
+    slot: Arc<TenantSlot>,
     events: mpsc::UnboundedReceiver<Event>,
     stream: bool,
     include_usage: bool,
@@ -224,6 +248,7 @@ struct Job {
 pub(super) async fn completions(
     State(state): Shared,
     Extension(auth): Extension<Authenticated>,
+    slot: Option<Extension<RequestSlot>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: CompletionRequest = required_json(body)?;
@@ -238,7 +263,7 @@ pub(super) async fn completions(
         )));
     }
     let params = sampling(&request.common, top.unwrap_or(0))?;
-    let (model, slot) = admit(&state, &auth, &request.common.model)?;
+    let (model, slot) = admit(&state, &auth, &request.common.model, slot.map(|s| s.0))?;
     let prompt = match request.prompt {
         PromptInput::Text(text) => model
             .tokenizer()
@@ -286,6 +311,7 @@ pub(super) async fn completions(
 pub(super) async fn chat_completions(
     State(state): Shared,
     Extension(auth): Extension<Authenticated>,
+    slot: Option<Extension<RequestSlot>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: ChatRequest = required_json(body)?;
@@ -305,7 +331,7 @@ pub(super) async fn chat_completions(
         )));
     }
     let params = sampling(&request.common, top.unwrap_or(0))?;
-    let (model, slot) = admit(&state, &auth, &request.common.model)?;
+    let (model, slot) = admit(&state, &auth, &request.common.model, slot.map(|s| s.0))?;
     let mut messages = Vec::with_capacity(request.messages.len());
     for (i, m) in request.messages.into_iter().enumerate() {
         let content = match m.content {
@@ -373,7 +399,7 @@ async fn start(
     state: Arc<DaemonState>,
     auth: Authenticated,
     model: ModelHandle,
-    slot: TenantSlot,
+    slot: Arc<TenantSlot>,
     prompt: Vec<u32>,
     params: SamplingParams,
     max_tokens: usize,

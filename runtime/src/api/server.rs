@@ -1,14 +1,20 @@
-//! Accept loops for the API listeners: one task per connection, at most `MAX_CONNECTIONS` at a
-//! time, a deadline for reading request headers, peer credentials captured at accept, and a
-//! graceful drain bounded by the caller's timeout.
+//! Accept loops for the API listeners: one task per connection, peer credentials captured at
+//! accept, a deadline for request headers, and a graceful drain bounded by the caller's
+//! timeout.
+//!
+//! Connections are admitted by [`ConnectionLimits`], decided at accept and answered at once:
+//! no client (a uid on the socket, an address on TCP) holds more than its share, and part of
+//! every listener is kept for operators, so a local user who opens thousands of idle
+//! connections cannot lock root out. A refused connection gets a one-line 503 and is closed;
+//! nothing is read from it.
 //!
 //! We run our own loop over hyper rather than `axum::serve` because a privileged daemon needs
-//! what that helper does not offer: a connection cap and header deadline (so a slow or idle
-//! client cannot exhaust file descriptors, including the operators' socket), and the peer's
+//! what that helper does not offer: these limits, the header deadline, and the peer's
 //! credentials and groups read from the socket itself when it is accepted.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,15 +22,117 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 use super::PeerCred;
 
-/// Connections served at once per listener; more wait in the kernel's backlog.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// How long a client may take to send a request's headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Who a connection counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    Uid(u32),
+    Address(IpAddr),
+}
+
+/// How many connections a listener serves at once, and how they are shared.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections at once on the listener.
+    pub total: usize,
+    /// Connections one client may hold (operators are not limited by this).
+    pub per_client: usize,
+    /// Of `total`, how many only operators may use.
+    pub reserved_for_operators: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            total: 1024,
+            per_client: 64,
+            reserved_for_operators: 32,
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The client already holds `per_client` connections.
+    PerClient,
+    /// Every connection not kept for operators is taken.
+    Full,
+}
+
+/// Open connections per client on one listener. Pure bookkeeping, unit-tested.
+#[derive(Debug, Default)]
+pub struct ConnectionTable {
+    total: usize,
+    by_client: HashMap<ClientKey, usize>,
+}
+
+impl ConnectionTable {
+    /// Counts a new connection in, or says why not.
+    pub fn admit(
+        &mut self,
+        limits: &ConnectionLimits,
+        client: ClientKey,
+        operator: bool,
+    ) -> Result<(), Refusal> {
+        let mine = self.by_client.get(&client).copied().unwrap_or(0);
+        if operator {
+            if self.total >= limits.total {
+                return Err(Refusal::Full);
+            }
+        } else {
+            if mine >= limits.per_client {
+                return Err(Refusal::PerClient);
+            }
+            if self.total >= limits.total.saturating_sub(limits.reserved_for_operators) {
+                return Err(Refusal::Full);
+            }
+        }
+        self.total += 1;
+        *self.by_client.entry(client).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Counts a connection out.
+    pub fn release(&mut self, client: ClientKey) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.by_client.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_client.remove(&client);
+            }
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.total
+    }
+}
+
+/// Releases a connection's place when its task ends, however it ends.
+struct Admitted {
+    table: Arc<Mutex<ConnectionTable>>,
+    client: ClientKey,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .release(self.client);
+    }
+}
+
+/// What a refused client reads before the connection closes.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\nContent-Length: 120\r\n\r\n{\"error\":{\"code\":\"too_many_connections\",\"message\":\"too many open connections from this client or in total; close some\"}}";
 
 /// The address of a TCP peer, for logs.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +142,8 @@ pub struct TcpPeer(pub SocketAddr);
 pub trait Acceptor: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     type Peer: Clone + Send + Sync + 'static;
+    /// Who the peer counts as for connection limits.
+    fn client(peer: &Self::Peer) -> ClientKey;
     fn accept(
         &mut self,
     ) -> impl std::future::Future<Output = std::io::Result<(Self::Io, Self::Peer)>> + Send;
@@ -42,6 +152,10 @@ pub trait Acceptor: Send + 'static {
 impl Acceptor for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
     type Peer = PeerCred;
+
+    fn client(peer: &PeerCred) -> ClientKey {
+        ClientKey::Uid(peer.uid)
+    }
 
     async fn accept(&mut self) -> std::io::Result<(Self::Io, PeerCred)> {
         let (stream, _) = tokio::net::UnixListener::accept(self).await?;
@@ -54,11 +168,18 @@ impl Acceptor for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
     type Peer = TcpPeer;
 
+    fn client(peer: &TcpPeer) -> ClientKey {
+        ClientKey::Address(peer.0.ip())
+    }
+
     async fn accept(&mut self) -> std::io::Result<(Self::Io, TcpPeer)> {
         let (stream, address) = tokio::net::TcpListener::accept(self).await?;
         Ok((stream, TcpPeer(address)))
     }
 }
+
+/// Decides whether a peer is an operator, for the connections kept for them.
+pub type IsOperator<P> = Arc<dyn Fn(&P) -> bool + Send + Sync>;
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections finish
 /// their current request for at most `drain`. Returns whether every connection drained.
@@ -67,17 +188,12 @@ pub async fn serve<A: Acceptor>(
     router: Router,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
+    limits: ConnectionLimits,
+    is_operator: IsOperator<A::Peer>,
 ) -> bool {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let table = Arc::new(Mutex::new(ConnectionTable::default()));
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = stop.wait_for(|s| *s) => break,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.wait_for(|s| *s) => break,
@@ -91,6 +207,29 @@ pub async fn serve<A: Acceptor>(
                 continue;
             }
         };
+        let client = A::client(&peer);
+        let operator = is_operator(&peer);
+        let admitted = table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(&limits, client, operator);
+        if let Err(why) = admitted {
+            tracing::debug!(?client, ?why, "connection refused");
+            // Answer without waiting on the client: a full socket buffer just loses the text.
+            tokio::spawn(async move {
+                let mut io = io;
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    tokio::io::AsyncWriteExt::write_all(&mut io, REFUSED),
+                )
+                .await;
+            });
+            continue;
+        }
+        let place = Admitted {
+            table: Arc::clone(&table),
+            client,
+        };
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(peer.clone());
@@ -98,18 +237,54 @@ pub async fn serve<A: Acceptor>(
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(limits.header_timeout)
             .serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            drop(permit);
+            drop(place);
         });
     }
     tokio::select! {
         _ = graceful.shutdown() => true,
         _ = tokio::time::sleep(drain) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_get_their_share_and_operators_keep_their_reserve() {
+        let limits = ConnectionLimits {
+            total: 10,
+            per_client: 4,
+            reserved_for_operators: 2,
+            header_timeout: Duration::from_secs(1),
+        };
+        let mut t = ConnectionTable::default();
+        let (a, b, root) = (ClientKey::Uid(1000), ClientKey::Uid(1001), ClientKey::Uid(0));
+        for _ in 0..4 {
+            t.admit(&limits, a, false).unwrap();
+        }
+        assert_eq!(t.admit(&limits, a, false), Err(Refusal::PerClient));
+        for _ in 0..4 {
+            t.admit(&limits, b, false).unwrap();
+        }
+        // 8 of 10 used: the last 2 are the operators'.
+        let c = ClientKey::Address("127.0.0.1".parse().unwrap());
+        assert_eq!(t.admit(&limits, c, false), Err(Refusal::Full));
+        t.admit(&limits, root, true).unwrap();
+        t.admit(&limits, root, true).unwrap();
+        assert_eq!(t.admit(&limits, root, true), Err(Refusal::Full));
+        t.release(a);
+        assert_eq!(t.admit(&limits, c, false), Err(Refusal::Full), "still 9 of 10");
+        t.release(root);
+        t.release(root);
+        t.admit(&limits, c, false).unwrap();
+        assert_eq!(t.open(), 8);
     }
 }
