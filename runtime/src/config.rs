@@ -424,10 +424,7 @@ impl DaemonConfig {
         {
             out.push(PathProblem::new(
                 "request_timeout",
-                format!(
-                    "{:?} is out of range: use 1s to 1h",
-                    self.request_timeout
-                ),
+                format!("{:?} is out of range: use 1s to 1h", self.request_timeout),
             ));
         }
         if self.max_connections == 0 || self.max_connections > 1_000_000 {

@@ -111,9 +111,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let limits = config.connection_limits();
     // Operators are told apart at accept, so the connections kept for them stay theirs.
     let operators = state.clone();
-    let is_operator: server::IsOperator<api::PeerCred> = Arc::new(move |peer: &api::PeerCred| {
-        peer.uid == 0 || operators.is_operator(peer)
-    });
+    let is_operator: server::IsOperator<api::PeerCred> =
+        Arc::new(move |peer: &api::PeerCred| peer.uid == 0 || operators.is_operator(peer));
     servers.spawn(server::serve(
         unix,
         api::router(state.clone(), ListenerKind::Unix),

@@ -236,15 +236,16 @@ fn closing(mut response: Response) -> Response {
 /// `max_request_body`; a slower or larger one gets 408 or 413 and the connection closes. An
 /// inference request first takes its tenant's request slot, so requests still sending their
 /// bodies count against `limits.max_concurrent_requests`.
-async fn read_body(State(state): State<Arc<DaemonState>>, request: Request, next: Next) -> Response {
+async fn read_body(
+    State(state): State<Arc<DaemonState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     use http_body_util::BodyExt as _;
 
     let (mut parts, body) = request.into_parts();
     let inference = parts.method == axum::http::Method::POST
-        && matches!(
-            parts.uri.path(),
-            "/v1/completions" | "/v1/chat/completions"
-        );
+        && matches!(parts.uri.path(), "/v1/completions" | "/v1/chat/completions");
     if inference {
         if let Some(auth) = parts.extensions.get::<Authenticated>() {
             match openai::take_slot(&state, auth) {
@@ -257,8 +258,11 @@ async fn read_body(State(state): State<Arc<DaemonState>>, request: Request, next
     }
     let limit = usize::try_from(state.config.max_request_body.bytes()).unwrap_or(usize::MAX);
     let deadline = state.config.request_timeout;
-    let collected =
-        tokio::time::timeout(deadline, http_body_util::Limited::new(body, limit).collect()).await;
+    let collected = tokio::time::timeout(
+        deadline,
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await;
     let bytes = match collected {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {

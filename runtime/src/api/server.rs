@@ -258,6 +258,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_refusal_is_well_formed_http_with_json() {
+        let text = std::str::from_utf8(REFUSED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(length, body.len());
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "too_many_connections");
+    }
+
+    #[test]
     fn clients_get_their_share_and_operators_keep_their_reserve() {
         let limits = ConnectionLimits {
             total: 10,
@@ -266,7 +281,11 @@ mod tests {
             header_timeout: Duration::from_secs(1),
         };
         let mut t = ConnectionTable::default();
-        let (a, b, root) = (ClientKey::Uid(1000), ClientKey::Uid(1001), ClientKey::Uid(0));
+        let (a, b, root) = (
+            ClientKey::Uid(1000),
+            ClientKey::Uid(1001),
+            ClientKey::Uid(0),
+        );
         for _ in 0..4 {
             t.admit(&limits, a, false).unwrap();
         }
@@ -281,7 +300,11 @@ mod tests {
         t.admit(&limits, root, true).unwrap();
         assert_eq!(t.admit(&limits, root, true), Err(Refusal::Full));
         t.release(a);
-        assert_eq!(t.admit(&limits, c, false), Err(Refusal::Full), "still 9 of 10");
+        assert_eq!(
+            t.admit(&limits, c, false),
+            Err(Refusal::Full),
+            "still 9 of 10"
+        );
         t.release(root);
         t.release(root);
         t.admit(&limits, c, false).unwrap();
