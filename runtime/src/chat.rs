@@ -1,6 +1,11 @@
 //! Chat templates: renders a model's Hugging Face (Jinja) chat template with `minijinja`,
 //! configured as transformers configures Jinja (`trim_blocks`, `lstrip_blocks`, the
 //! `raise_exception` and `strftime_now` helpers), so prompts match the reference token for token.
+//!
+//! Templates come with third-party model files, so rendering is bounded: a fuel budget of VM
+//! instructions ([`TEMPLATE_FUEL`]), a cap on the rendered size ([`MAX_RENDERED_BYTES`]), and a
+//! panic inside the engine is an error for that request. Callers render off async threads
+//! under a deadline.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +20,94 @@ pub struct Message {
 #[derive(Debug, thiserror::Error)]
 #[error("chat template: {0}")]
 pub struct TemplateError(String);
+
+/// VM instructions one rendering may execute; templates shipped with models use a few
+/// thousand for a long conversation.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Largest rendered prompt, in bytes.
+pub const MAX_RENDERED_BYTES: usize = 8 << 20;
+
+/// A `Write` that refuses to grow past a cap.
+struct Capped {
+    out: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.cap {
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Most items a sequence may have where a template prints or materializes it: a chat is a few
+/// hundred messages, while `messages * 1000000000` is a lazy sequence that no fuel counts.
+pub const MAX_SEQUENCE_ITEMS: usize = 100_000;
+
+fn bounded(value: &minijinja::Value) -> Result<(), minijinja::Error> {
+    if value.as_str().is_none() && value.len().is_some_and(|n| n > MAX_SEQUENCE_ITEMS) {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("a sequence of more than {MAX_SEQUENCE_ITEMS} items"),
+        ));
+    }
+    Ok(())
+}
+
+/// Prints values as the default formatter does, refusing oversized sequences.
+fn bounded_formatter(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &minijinja::Value,
+) -> Result<(), minijinja::Error> {
+    bounded(value)?;
+    minijinja::escape_formatter(out, state, value)
+}
+
+type State<'a, 'b> = minijinja::State<'a, 'b>;
+type Value = minijinja::Value;
+type Fallible = Result<Value, minijinja::Error>;
+
+// The builtin filters that walk a whole sequence, with the same bound first.
+fn join(state: &State, v: &Value, j: Option<minijinja::value::StringInput<'_>>) -> Fallible {
+    bounded(v)?;
+    minijinja::filters::join(state, v, j)
+}
+fn list(state: &State, v: Value) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::list(state, v)
+}
+fn string(state: &State, v: &Value) -> Fallible {
+    bounded(v)?;
+    minijinja::filters::string(state, v)
+}
+fn tojson(v: &Value, indent: Option<Value>, args: minijinja::value::Kwargs) -> Fallible {
+    bounded(v)?;
+    minijinja::filters::tojson(v, indent, args)
+}
+fn sort(state: &State, v: Value, args: minijinja::value::Kwargs) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::sort(state, v, args)
+}
+fn unique(state: &State, v: Value, args: minijinja::value::Kwargs) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::unique(state, v, args)
+}
+fn reverse(v: &Value) -> Fallible {
+    bounded(v)?;
+    minijinja::filters::reverse(v)
+}
+fn sum(state: &State, v: Value) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::sum(state, v)
+}
 
 /// A parsed chat template.
 #[derive(Debug)]
@@ -69,6 +162,16 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_formatter(bounded_formatter);
+        env.add_filter("join", join);
+        env.add_filter("list", list);
+        env.add_filter("string", string);
+        env.add_filter("tojson", tojson);
+        env.add_filter("sort", sort);
+        env.add_filter("unique", unique);
+        env.add_filter("reverse", reverse);
+        env.add_filter("sum", sum);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| TemplateError(e.to_string()))?;
         Ok(Self { env })
@@ -87,14 +190,33 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| TemplateError(e.to_string()))?;
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos_token,
-                eos_token => eos_token,
-            })
-            .map_err(|e| TemplateError(e.to_string()))
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        };
+        let mut out = Capped {
+            out: Vec::new(),
+            cap: MAX_RENDERED_BYTES,
+        };
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            template.render_captured_to(context, &mut out).map(drop)
+        }));
+        match rendered {
+            Ok(Ok(_)) => String::from_utf8(out.out)
+                .map_err(|_| TemplateError("the rendered prompt is not UTF-8".into())),
+            Ok(Err(e)) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(TemplateError(format!(
+                "the model's chat template ran more than {TEMPLATE_FUEL} instructions; shorten the conversation or fix the template"
+            ))),
+            Ok(Err(_)) if out.out.len() + 4096 > MAX_RENDERED_BYTES => Err(TemplateError(format!(
+                "the model's chat template rendered more than {MAX_RENDERED_BYTES} bytes; shorten the conversation or fix the template"
+            ))),
+            Ok(Err(e)) => Err(TemplateError(e.to_string())),
+            Err(_) => Err(TemplateError(
+                "the model's chat template crashed the template engine; fix the template".into(),
+            )),
+        }
     }
 }
 
@@ -127,6 +249,35 @@ mod tests {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").unwrap();
         let err = t.render(&[], false, "", "").unwrap_err().to_string();
         assert!(err.contains("roles must alternate"), "{err}");
+    }
+
+    #[test]
+    fn runaway_templates_are_stopped_by_fuel_and_the_output_cap() {
+        let messages = [Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        let started = std::time::Instant::now();
+        let t = ChatTemplate::new("{{ messages * 1000000000 }}").unwrap();
+        let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+        assert!(err.contains("100000 items"), "{err}");
+        let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}").unwrap();
+        let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+        assert!(
+            err.contains("instructions") || err.contains("bytes"),
+            "{err}"
+        );
+        for filter in [
+            "join", "list", "tojson", "sort", "unique", "reverse", "string",
+        ] {
+            let t = ChatTemplate::new(&format!("{{{{ (messages * 1000000000) | {filter} }}}}"))
+                .unwrap();
+            let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+            assert!(err.contains("100000 items"), "{filter}: {err}");
+        }
+        let t = ChatTemplate::new("{{ 'x' * 100000000 }}").unwrap();
+        assert!(t.render(&messages, true, "", "").is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 
     #[test]

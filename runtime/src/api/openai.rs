@@ -181,6 +181,9 @@ fn admit(
     Ok((handle.clone(), slot.0))
 }
 
+/// How long a chat template may take to render.
+const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Most stop strings per request, and their longest length in bytes.
 const MAX_STOP_STRINGS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
@@ -352,7 +355,7 @@ pub(super) async fn chat_completions(
             content,
         });
     }
-    let template = model.chat_template().ok_or_else(|| {
+    model.chat_template().ok_or_else(|| {
         ApiError::bad_request(format!(
             "model {:?} has no chat template; use /v1/completions",
             model.info.name
@@ -364,9 +367,28 @@ pub(super) async fn chat_completions(
             .unwrap_or_default()
     };
     let eos = token_text(tokenizer.eos_ids().first().copied());
-    let text = template
-        .render(&messages, true, &token_text(tokenizer.bos_id()), &eos)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Off the async threads, under a deadline: the template came with the model file.
+    let bos = token_text(tokenizer.bos_id());
+    let rendering = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || {
+            model
+                .chat_template()
+                .map(|t| t.render(&messages, true, &bos, &eos))
+        })
+    };
+    let text = match tokio::time::timeout(TEMPLATE_DEADLINE, rendering).await {
+        Ok(Ok(Some(rendered))) => rendered.map_err(|e| ApiError::bad_request(e.to_string()))?,
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            return Err(ApiError::internal("rendering the chat template failed; see the daemon log"))
+        }
+        Err(_) => {
+            return Err(ApiError::bad_request(format!(
+                "the model's chat template took longer than {}s to render; shorten the conversation or ask an operator to fix the template",
+                TEMPLATE_DEADLINE.as_secs()
+            )))
+        }
+    };
     let prompt = tokenizer
         .encode(&text)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
