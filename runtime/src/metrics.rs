@@ -38,6 +38,7 @@ pub struct Metrics {
     pub inference_requests: IntCounterVec,
     pub tenant_requests_in_flight: IntGaugeVec,
     pub models_loaded: IntGaugeVec,
+    pub model_up: IntGaugeVec,
     pub peak_resident_memory: IntGauge,
     pub device_info: IntGaugeVec,
     pub device_memory: IntGaugeVec,
@@ -183,6 +184,14 @@ impl Metrics {
         }
         registry.register(Box::new(tenant_requests_in_flight.clone()))?;
         registry.register(Box::new(models_loaded.clone()))?;
+        let model_up = IntGaugeVec::new(
+            Opts::new(
+                "accel_model_up",
+                "1 while a model's device loop serves, 0 once it has stopped.",
+            ),
+            &["model"],
+        )?;
+        registry.register(Box::new(model_up.clone()))?;
         let peak_resident_memory = IntGauge::new(
             "accel_process_peak_resident_memory_bytes",
             "Peak resident memory of the daemon since it started (getrusage ru_maxrss).",
@@ -251,6 +260,7 @@ impl Metrics {
             inference_requests,
             tenant_requests_in_flight,
             models_loaded,
+            model_up,
             peak_resident_memory,
             device_info,
             device_memory,

@@ -87,6 +87,10 @@ impl DaemonState {
                 .and_then(|n| n.parse::<u32>().ok())
                 .and_then(|n| self.devices.devices.iter().find(|d| d.index == n))
                 .map_or_else(|| m.info.backend.clone(), |d| d.uuid.clone());
+            self.metrics
+                .model_up
+                .with_label_values(&[m.info.name.as_str()])
+                .set(i64::from(m.is_up()));
             let usage = m.usage();
             for (tenant, bytes) in usage.kv_by_tenant() {
                 self.metrics

@@ -229,9 +229,7 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the model's BOS first when it wants one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode(text, false)
+        let encoding = contained("encoding", || self.inner.encode(text, false))?
             .map_err(|e| TokenizerError(e.to_string()))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if let (true, Some(bos)) = (self.add_bos, self.bos) {
@@ -243,8 +241,7 @@ impl Tokenizer {
 
     /// Text of `ids`; special tokens are kept unless `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
-        self.inner
-            .decode(ids, skip_special)
+        contained("decoding", || self.inner.decode(ids, skip_special))?
             .map_err(|e| TokenizerError(e.to_string()))
     }
 
@@ -258,13 +255,53 @@ impl Tokenizer {
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        contained("looking up a token", || self.inner.id_to_token(id))
+            .ok()
+            .flatten()
     }
+}
+
+/// Runs a call into the tokenizers crate, turning a panic (a model's tokenizer.json can drive
+/// it into one) into an error for the request at hand instead of a dead thread.
+fn contained<T>(what: &str, call: impl FnOnce() -> T) -> Result<T, TokenizerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        let detail = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%detail, "the model's tokenizer panicked while {what}");
+        TokenizerError(format!(
+            "the model's tokenizer failed while {what} ({detail}); the request was stopped, the model keeps serving; an operator should check its tokenizer.json"
+        ))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tokenizer.json whose `Strip` decoder, asked to strip more than a token holds, panics
+    /// inside the tokenizers crate (an index below zero).
+    const PANICKING: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":null,"post_processor":null,
+        "decoder":{"type":"Strip","content":" ","start":5,"stop":5},
+        "model":{"type":"WordLevel","vocab":{" ":0,"a":1,"[UNK]":2},"unk_token":"[UNK]"}}"#;
+
+    #[test]
+    fn a_panicking_tokenizer_is_an_error_not_a_dead_thread() {
+        let t = Tokenizer::from_json(PANICKING).unwrap();
+        let err = t.decode(&[0], false).unwrap_err().to_string();
+        assert!(err.contains("failed while decoding"), "{err}");
+        assert!(err.contains("keeps serving"), "{err}");
+        // The same guard stands around encoding and token lookups.
+        let err = contained("encoding", || -> u32 { panic!("boom") }).unwrap_err();
+        assert!(
+            err.to_string().contains("failed while encoding (boom)"),
+            "{err}"
+        );
+        assert_eq!(t.encode("a").unwrap(), [1]);
+    }
 
     #[test]
     fn byte_level_tokenizer_round_trips_any_text() {

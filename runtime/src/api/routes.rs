@@ -22,20 +22,32 @@ use crate::state::DaemonState;
 type Shared = State<Arc<DaemonState>>;
 
 pub(super) async fn healthz(State(state): Shared) -> Response {
-    if state.draining() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health {
-                status: "draining".into(),
-            }),
-        )
-            .into_response()
+    let models_down: Vec<String> = state
+        .models
+        .iter()
+        .filter(|m| !m.is_up())
+        .map(|m| m.info.name.clone())
+        .collect();
+    let status = if state.draining() {
+        "draining"
+    } else if !models_down.is_empty() {
+        "degraded"
     } else {
+        "ok"
+    };
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
         Json(Health {
-            status: "ok".into(),
-        })
+            status: status.into(),
+            models_down,
+        }),
+    )
         .into_response()
-    }
 }
 
 pub(super) async fn whoami(Extension(auth): Extension<Authenticated>) -> Json<WhoAmI> {

@@ -28,8 +28,12 @@ pub struct ErrorDetail {
 /// `GET /healthz`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
-    /// `ok`, or `draining` during shutdown (with HTTP 503).
+    /// `ok`; `draining` during shutdown, or `degraded` when a model's device loop has stopped
+    /// (both with HTTP 503).
     pub status: String,
+    /// Models that cannot serve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models_down: Vec<String>,
 }
 
 /// `GET /v1/whoami`.

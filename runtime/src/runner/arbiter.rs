@@ -257,7 +257,14 @@ impl<B: Backend> Arbiter<B> {
                     Err(_) => return,
                 }
             }
-            if !self.turn() {
+            // A panic in a step (a model file's tokenizer, a kernel's shape check) fails the
+            // requests of that step's device and the loop keeps serving.
+            let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn()));
+            let ran = turn.unwrap_or_else(|_| {
+                self.recover();
+                true
+            });
+            if !ran {
                 // Nothing could run (a rate limit): wait for a new request or a refill.
                 match self.inbox.recv_timeout(Duration::from_millis(50)) {
                     Ok(job) => self.accept(job),
@@ -293,6 +300,19 @@ impl<B: Backend> Arbiter<B> {
                 .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
         self.publish(now, report);
         ran
+    }
+
+    /// After a panic in a turn: every request on the device fails with an error and its blocks
+    /// are freed; the engines and the scheduler are left empty and serve on.
+    pub fn recover(&mut self) {
+        tracing::error!(device = %self.device, requests = self.active.len(), "a step on this device panicked; its requests fail and the device keeps serving");
+        let keys: Vec<SeqKey> = self.active.keys().copied().collect();
+        for key in keys {
+            self.fail(
+                key,
+                "the model failed while serving this request (see the daemon log); retry it".into(),
+            );
+        }
     }
 
     fn accept(&mut self, job: Submission) {

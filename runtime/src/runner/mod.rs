@@ -162,6 +162,17 @@ pub struct ModelHandle {
     rejections: Option<prometheus::IntCounterVec>,
     usage: Arc<Usage>,
     schedule: Arc<Mutex<DeviceSchedule>>,
+    /// False once the device's loop has ended (it survives panics; this is for anything else).
+    up: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Marks a device's models down when its loop ends, however it ends.
+struct UpWhileAlive(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for UpWhileAlive {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// What a model holds, for the metrics: KV-cache bytes per tenant (updated by the runner
@@ -260,6 +271,11 @@ impl ModelHandle {
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.template.as_deref()
+    }
+
+    /// Whether the model's device loop is running.
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The latest state of the scheduler of the device this model is on.
@@ -502,6 +518,7 @@ fn spawn_device<B: Backend>(
     .with_buckets(Arc::clone(&clock.0));
     let (jobs, inbox) = crossbeam_channel::unbounded();
     let gate = Arc::new(Gate::default());
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let schedule = Arc::new(Mutex::new(DeviceSchedule {
         device: device.clone(),
         policy: config.scheduler.policy.as_str().to_owned(),
@@ -526,6 +543,7 @@ fn spawn_device<B: Backend>(
                 rejections: metrics.map(|m| m.rejections.clone()),
                 usage: Arc::clone(&p.slot.usage),
                 schedule: Arc::clone(&schedule),
+                up: Arc::clone(&up),
             },
         ));
         tracing::debug!(model = %p.spec.name, %device, "model placed");
@@ -537,8 +555,10 @@ fn spawn_device<B: Backend>(
         .with_epoch(clock.1);
     match std::thread::Builder::new()
         .name(format!("device-{device}"))
-        .spawn(move || arbiter.run())
-    {
+        .spawn(move || {
+            let _up = UpWhileAlive(up);
+            arbiter.run()
+        }) {
         Ok(_) => {
             tracing::info!(%device, models = ?names, policy = config.scheduler.policy.as_str(), "device scheduler started");
             handles

@@ -222,6 +222,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         rejections: None,
         usage: p.slot.usage,
         schedule: Arc::default(),
+        up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let mut limited = request("a", vec![1; 20], 30, SamplingParams::greedy());
     limited.limits.kv_blocks = Some(3);
@@ -252,4 +253,35 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
     let _c = handle
         .submit(request("b", vec![1; 4], 4, SamplingParams::greedy()))
         .unwrap();
+}
+
+#[test]
+fn after_a_panic_every_request_on_the_device_fails_and_the_device_serves_on() {
+    let (mut arbiter, jobs, usage, _) = device(64, PreemptionMode::Recompute, 8);
+    let mut a = submit(
+        &jobs,
+        request("alpha", vec![5; 20], 8, SamplingParams::greedy()),
+    );
+    let mut b = submit(
+        &jobs,
+        request("beta", vec![6; 3], 8, SamplingParams::greedy()),
+    );
+    arbiter.turn();
+    arbiter.recover();
+    for r in [&mut a, &mut b] {
+        let mut failed = false;
+        while let Ok(event) = r.try_recv() {
+            failed |= matches!(event, Event::Error { ref message } if message.contains("retry"));
+        }
+        assert!(failed);
+    }
+    assert!(arbiter.sched.is_empty());
+    arbiter.turn();
+    assert!(usage.kv_by_tenant().values().all(|&b| b == 0));
+    // And it serves the next request.
+    let mut c = [submit(
+        &jobs,
+        request("alpha", vec![7; 5], 4, SamplingParams::greedy()),
+    )];
+    assert_eq!(drain(&mut arbiter, &mut c)[0].len(), 4);
 }
