@@ -499,3 +499,34 @@ fn a_reference_model_from_the_environment_matches_transformers() {
         assert_eq!(greedy(&mut engine, &ids(prompt), steps), ids(want));
     }
 }
+
+/// A config.json claiming 16M layers (or any count beyond sane maxima) is a clear error
+/// naming the field, not an allocation that aborts the daemon.
+#[test]
+fn header_counts_are_checked_before_anything_is_sized_by_them() {
+    let source = fixtures().join("llama-gqa-f32");
+    for (field, value) in [
+        ("num_hidden_layers", 16_777_216u64),
+        ("hidden_size", 1 << 24),
+        ("vocab_size", 1 << 24),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            std::fs::copy(source.join(name), dir.path().join(name)).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+                .unwrap();
+        config[field] = value.into();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = model::load(dir.path()).err().expect("refused").to_string();
+        assert!(
+            err.contains(field) && err.contains("out of range"),
+            "{field}: {err}"
+        );
+    }
+}

@@ -243,9 +243,16 @@ pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<GgufFile, ModelError>
     }
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
-    if tensor_count > MAX_ARRAY_LEN || kv_count > MAX_ARRAY_LEN {
+    // Each tensor entry takes at least 28 bytes and each metadata entry 12: counts beyond
+    // what the file could hold are corrupt, refused before anything is sized by them.
+    let room = (r.bytes.len() - r.pos) as u64;
+    if tensor_count > MAX_ARRAY_LEN
+        || kv_count > MAX_ARRAY_LEN
+        || tensor_count.saturating_mul(28) > room
+        || kv_count.saturating_mul(12) > room
+    {
         return Err(r.bad(format!(
-            "claims {tensor_count} tensors and {kv_count} metadata entries; the header is corrupt"
+            "claims {tensor_count} tensors and {kv_count} metadata entries, more than the file holds; it is truncated or corrupt"
         )));
     }
 
@@ -263,7 +270,7 @@ pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<GgufFile, ModelError>
         kind: u32,
         offset: u64,
     }
-    let mut infos = Vec::with_capacity(tensor_count as usize);
+    let mut infos = Vec::new();
     for _ in 0..tensor_count {
         let name = r.string("a tensor name")?;
         let n_dims = r.u32(&name)?;
@@ -576,6 +583,15 @@ mod tests {
         bytes[type_at..type_at + 4].copy_from_slice(&12u32.to_le_bytes());
         let err = parse_bytes(bytes).unwrap_err().to_string();
         assert!(err.contains("Q4_K") && err.contains("\"w\""), "{err}");
+    }
+
+    #[test]
+    fn counts_beyond_the_file_are_refused_before_allocating() {
+        let mut bytes = tiny_gguf(0);
+        // 16M tensors claimed by a file of a few hundred bytes.
+        bytes[8..16].copy_from_slice(&(1u64 << 24).to_le_bytes());
+        let err = parse_bytes(bytes).unwrap_err().to_string();
+        assert!(err.contains("more than the file holds"), "{err}");
     }
 
     #[test]

@@ -98,18 +98,26 @@ impl ModelConfig {
             file: file.to_owned(),
             message,
         };
-        for (name, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_layers),
-            ("num_attention_heads", self.num_heads),
-            ("num_key_value_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("max_position_embeddings", self.max_position_embeddings),
+        // Maxima far above any released model (Llama 3.1 405B: 126 layers, hidden 16384,
+        // vocabulary 128256), checked before anything is sized by them.
+        for (name, value, max) in [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 19),
+            ("num_hidden_layers", self.num_layers, 1024),
+            ("num_attention_heads", self.num_heads, 1024),
+            ("num_key_value_heads", self.num_kv_heads, 1024),
+            ("head_dim", self.head_dim, 4096),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
         ] {
-            if value == 0 || value > 1 << 24 {
-                return Err(bad(format!("{name} = {value} is out of range")));
+            if value == 0 || value > max {
+                return Err(bad(format!(
+                    "{name} = {value} is out of range (1 to {max}); the model file is corrupt or not a supported model"
+                )));
             }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
@@ -365,7 +373,8 @@ pub(crate) fn assemble_weights<'a>(
     let q_out = config.num_heads * config.head_dim;
     let kv_out = config.num_kv_heads * config.head_dim;
     let get = |name: &str, shape: &[usize]| check.expect(lookup(name), name, shape);
-    let mut layers = Vec::with_capacity(config.num_layers);
+    // Grown as tensors are found rather than sized by the header.
+    let mut layers = Vec::new();
     for l in 0..config.num_layers {
         let at = |role, shape: &[usize]| get(&(names.layer)(l, role), shape);
         let bias = |role, n: usize| match config.arch {
