@@ -523,7 +523,10 @@ fn header_counts_are_checked_before_anything_is_sized_by_them() {
                 .unwrap();
         config[field] = value.into();
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-        let err = model::load(dir.path()).err().expect("refused").to_string();
+        let Err(err) = model::load(dir.path()) else {
+            panic!("{field} = {value} was accepted");
+        };
+        let err = err.to_string();
         assert!(
             err.contains(field) && err.contains("out of range"),
             "{field}: {err}"
