@@ -112,24 +112,106 @@ pub fn peer_groups(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u3
 }
 
 /// Refuses a file or directory that someone other than root (or the daemon's own user) could
-/// have written: the daemon runs as root and the policy decides who is an operator, so a
-/// group- or world-writable policy file would be a way to become one (as sshd's StrictModes).
+/// have written or replaced: the daemon runs as root and the policy decides who is an
+/// operator, so a policy file a user could change would be a way to become one. The path
+/// itself and every directory above it must be owned by root (or us) and not writable by
+/// group or others, except root-owned sticky directories such as /tmp, where others cannot
+/// rename or replace what is not theirs (sshd's StrictModes and sudo check the same).
 pub fn check_trusted(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot inspect: {e}"))?;
+    trusted_owner_and_mode(path, &meta, false)?;
+    check_ancestors(path)
+}
+
+fn trusted_owner_and_mode(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    sticky_ok: bool,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
     let owner = meta.uid();
     let me = nix::unistd::geteuid().as_raw();
     if owner != 0 && owner != me {
-        return Err(format!("is owned by uid {owner}; only root (or the daemon's user) may own policy files: chown root {}", path.display()));
-    }
-    if meta.mode() & 0o022 != 0 {
         return Err(format!(
-            "is writable by group or others (mode {:04o}); fix with chmod go-w {}",
+            "{} is owned by uid {owner}; only root (or the daemon's user) may own it: chown root {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    let sticky = meta.mode() & 0o1000 != 0 && owner == 0;
+    if meta.mode() & 0o022 != 0 && !(sticky_ok && sticky) {
+        return Err(format!(
+            "{} is writable by group or others (mode {:04o}); fix with chmod go-w {}",
+            path.display(),
             meta.mode() & 0o7777,
             path.display()
         ));
     }
     Ok(())
+}
+
+/// Checks every directory above `path` (symbolic links resolved, so the real directories are
+/// the ones judged).
+fn check_ancestors(path: &Path) -> Result<(), String> {
+    let absolute = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => parent
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?,
+        None => std::env::current_dir()
+            .map_err(|e| format!("cannot resolve the current directory: {e}"))?,
+    };
+    for dir in absolute.ancestors() {
+        let meta =
+            std::fs::metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+        trusted_owner_and_mode(dir, &meta, true)
+            .map_err(|e| format!("is in an untrusted directory: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Reads a config or policy file: opened once, without following a symbolic link at its
+/// name and without blocking on a FIFO; refused unless it is a regular file of at most
+/// `max_bytes`; and, when `trusted` is asked for, refused unless its owner and mode (checked
+/// on the open descriptor, so a file swapped after the check is not the one read) and every
+/// directory above it pass [`check_trusted`]'s rules. The text is read from that descriptor.
+pub fn read_checked_file(path: &Path, max_bytes: usize, trusted: bool) -> Result<String, String> {
+    if trusted {
+        check_ancestors(path)?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(nix::libc::ELOOP) => "is a symbolic link; name the file it points to".to_owned(),
+            _ => format!("cannot open: {e}"),
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot inspect: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".to_owned());
+    }
+    if trusted {
+        trusted_owner_and_mode(path, &meta, false)?;
+    }
+    if meta.len() > max_bytes as u64 {
+        return Err(format!(
+            "is {} bytes, more than the {max_bytes} accepted",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    (&file)
+        .take(max_bytes as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() > max_bytes {
+        return Err(format!(
+            "grew past the {max_bytes} bytes accepted while being read"
+        ));
+    }
+    Ok(text)
 }
 
 /// An exclusive lock on the state directory, held for the daemon's lifetime.
@@ -255,6 +337,65 @@ mod tests {
             err.contains("writable by group or others (mode 0664)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_regular_files_are_read_and_never_through_a_link_or_past_the_cap() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, "tenants: []\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(
+            read_checked_file(&file, 100, true).unwrap(),
+            "tenants: []\n"
+        );
+        let err = read_checked_file(&file, 4, false).unwrap_err();
+        assert!(err.contains("more than the 4 accepted"), "{err}");
+        // A link at the name is refused, even to a good file.
+        let link = dir.path().join("link.yaml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let err = read_checked_file(&link, 100, false).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        // Devices and FIFOs are refused at once instead of read forever or blocking.
+        let err = read_checked_file(Path::new("/dev/zero"), 100, false).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let fifo = dir.path().join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = read_checked_file(&fifo, 100, false).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn a_file_in_a_directory_others_can_write_is_not_trusted() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("policies");
+        std::fs::create_dir(&sub).unwrap();
+        let file = sub.join("p.yaml");
+        std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        read_checked_file(&file, 100, true).unwrap();
+        // Whoever can write the directory can swap the file (rename, RENAME_EXCHANGE).
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = read_checked_file(&file, 100, true).unwrap_err();
+        assert!(
+            err.contains("untrusted directory") && err.contains("mode 0777"),
+            "{err}"
+        );
+        let err = check_trusted(&file).unwrap_err();
+        assert!(err.contains("untrusted directory"), "{err}");
+        // Sticky and root-owned (like /tmp) is fine for a directory above; a directory a user
+        // owns is not, whatever its mode.
+        if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o1777)).unwrap();
+            read_checked_file(&file, 100, true).unwrap();
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+            nix::unistd::chown(&sub, Some(Uid::from_raw(65534)), None).unwrap();
+            let err = read_checked_file(&file, 100, true).unwrap_err();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+        }
     }
 
     #[test]

@@ -122,24 +122,10 @@ fn file_problem(path: &Path, message: String) -> Problem {
 }
 
 fn read_source(path: &Path, trusted: bool) -> Result<PolicySource, Problem> {
-    if trusted {
-        crate::sys::check_trusted(path)
-            .map_err(|reason| file_problem(path, format!("policy file {reason}")))?;
-    }
-    let len = std::fs::metadata(path)
-        .map_err(|e| file_problem(path, format!("cannot read policy file: {e}")))?
-        .len();
-    if len > crate::yaml::MAX_YAML_BYTES as u64 {
-        return Err(file_problem(
-            path,
-            format!(
-                "file is {len} bytes, more than the {} accepted",
-                crate::yaml::MAX_YAML_BYTES
-            ),
-        ));
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| file_problem(path, format!("cannot read policy file: {e}")))?;
+    // One open, checked on its descriptor and read from it: a file swapped between a check
+    // by path and a read by path could make a user an operator.
+    let text = crate::sys::read_checked_file(path, crate::yaml::MAX_YAML_BYTES, trusted)
+        .map_err(|reason| file_problem(path, format!("policy file {reason}")))?;
     Ok(PolicySource {
         name: path.display().to_string(),
         text,
