@@ -34,6 +34,22 @@ pub enum SysError {
     NotASocket { path: PathBuf },
     #[error("socket group {group:?} does not exist; create it (groupadd {group}) or set socket_group: null")]
     NoSuchGroup { group: String },
+    #[error("refusing {what} {path}: {reason}")]
+    Untrusted {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// Refuses a directory the daemon writes into as root (state, socket) when someone else could
+/// plant links or files in it.
+fn require_trusted_dir(what: &'static str, dir: &Path) -> Result<(), SysError> {
+    check_trusted(dir).map_err(|reason| SysError::Untrusted {
+        what,
+        path: dir.to_owned(),
+        reason,
+    })
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SysError + 'a {
@@ -225,15 +241,31 @@ impl StateLock {
     /// Creates the state directory if needed and takes `acceld.lock` in it, recording our pid.
     pub fn acquire(state_dir: &Path) -> Result<Self, SysError> {
         std::fs::create_dir_all(state_dir).map_err(io("create state directory", state_dir))?;
+        require_trusted_dir("state directory", state_dir)?;
         let path = state_dir.join("acceld.lock");
+        // Never through a link, and only a plain file of our own: a planted link or hard link
+        // would have root truncate someone else's file.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
             .open(&path)
             .map_err(io("open lock file", &path))?;
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = file.metadata().map_err(io("inspect lock file", &path))?;
+            let me = nix::unistd::geteuid().as_raw();
+            if !meta.is_file() || meta.uid() != me || meta.nlink() != 1 {
+                return Err(SysError::Untrusted {
+                    what: "lock file",
+                    path,
+                    reason: "it is not a plain file of the daemon's own (a link or another user's file); remove it".into(),
+                });
+            }
+        }
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
@@ -267,6 +299,9 @@ pub fn clear_stale_socket(path: &Path) -> Result<(), SysError> {
             std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
                 .map_err(io("set permissions of", parent))?;
         }
+        // Only we may create entries there, so the socket's name stays ours between bind,
+        // chown and chmod.
+        require_trusted_dir("socket directory", parent)?;
     }
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -291,8 +326,16 @@ pub fn clear_stale_socket(path: &Path) -> Result<(), SysError> {
 
 /// Sets the socket's group (when given) and permission bits.
 pub fn set_socket_access(path: &Path, gid: Option<u32>, mode: u32) -> Result<(), SysError> {
+    // The directory is trusted (checked before bind), so the name is still our socket; a link
+    // there is refused all the same rather than followed.
+    let meta = std::fs::symlink_metadata(path).map_err(io("inspect", path))?;
+    if !meta.file_type().is_socket() {
+        return Err(SysError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io("change group of", path))?;
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(io("change group of", path))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io("set mode of", path))
@@ -396,6 +439,51 @@ mod tests {
             let err = read_checked_file(&file, 100, true).unwrap_err();
             assert!(err.contains("owned by uid 65534"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_state_directory_must_be_trusted_and_the_lock_file_never_a_link() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A planted link to a file the daemon must not truncate.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, state.join("acceld.lock")).unwrap();
+        let err = StateLock::acquire(&state).unwrap_err().to_string();
+        assert!(err.contains("open lock file"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        std::fs::remove_file(state.join("acceld.lock")).unwrap();
+        // A hard link is refused too.
+        std::fs::hard_link(&victim, state.join("acceld.lock")).unwrap();
+        let err = StateLock::acquire(&state).unwrap_err().to_string();
+        assert!(
+            err.contains("not a plain file of the daemon's own"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        std::fs::remove_file(state.join("acceld.lock")).unwrap();
+        // A directory others can write is refused before anything is created in it.
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = StateLock::acquire(&state).unwrap_err().to_string();
+        assert!(err.contains("refusing state directory"), "{err}");
+        assert!(!state.join("acceld.lock").exists());
+        // And a socket directory likewise; a link at the socket's name is not followed.
+        let err = clear_stale_socket(&state.join("s.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refusing socket directory"), "{err}");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&victim, state.join("s.sock")).unwrap();
+        let err = set_socket_access(&state.join("s.sock"), None, 0o666)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a socket"), "{err}");
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the link's target was not chmod'ed");
     }
 
     #[test]
