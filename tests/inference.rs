@@ -207,7 +207,7 @@ fn bad_requests_get_clear_errors_and_the_model_keeps_serving() {
         (
             json!({"model": "nope", "prompt": "x"}),
             404,
-            "not served here",
+            "not served to you; yours: tiny",
         ),
         (
             json!({"model": "tiny", "prompt": "x", "temperature": -1}),
@@ -276,12 +276,24 @@ fn tenants_see_and_use_only_their_models() {
     // As root (operator): the model is listed and usable.
     let models = json_of(&daemon.ctl(&["models", "--json"]));
     assert_eq!(models["data"][0]["id"], "tiny");
-    // Acting for the tenant: not listed, and refused with the policy's list.
+    // Acting for the tenant: not listed, and answered as if it did not exist (404, listing
+    // only the tenant's models), so a tenant cannot probe for others' models.
     let as_tenant = json_of(&daemon.ctl(&["--tenant", "limited", "models", "--json"]));
     assert_eq!(as_tenant["data"].as_array().unwrap().len(), 0);
     let refused = daemon.ctl(&["--tenant", "limited", "generate", "hi", "--model", "tiny"]);
-    assert_eq!(refused.status.code(), Some(4));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("may not use model \"tiny\""));
+    let missing = daemon.ctl(&[
+        "--tenant", "limited", "generate", "hi", "--model", "nonesuch",
+    ]);
+    assert_eq!(refused.status.code(), Some(6));
+    let refused = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        refused.contains("not served to you; yours: none"),
+        "{refused}"
+    );
+    assert_eq!(
+        refused.replace("\"tiny\"", "\"nonesuch\""),
+        String::from_utf8_lossy(&missing.stderr)
+    );
 }
 
 #[test]
@@ -450,4 +462,43 @@ fn devices_are_listed_or_their_absence_explained() {
         &json!({"model": "tiny", "prompt": "x", "max_tokens": 1}),
     );
     assert_eq!(status, 200);
+}
+
+/// Tokens of a request whose client goes away are still counted: a tenant cannot hide usage
+/// by disconnecting before the end.
+#[test]
+fn tokens_of_an_abandoned_stream_are_counted() {
+    use std::io::{BufRead as _, Write as _};
+    let daemon = tiny_daemon(None);
+    let body = json!({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": true, "stream": true}).to_string();
+    let mut s = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(s);
+    let mut line = String::new();
+    while !line.starts_with("data: {") {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0);
+    }
+    drop(reader); // the client goes away after its first token
+    let counted = |metrics: &str, family: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{family}{{model=\"tiny\",tenant=\"operator\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mut generated = 0.0;
+    assert!(
+        accel_tests::eventually(std::time::Duration::from_secs(5), || {
+            let (_, metrics) = daemon.request("GET", "/metrics", None);
+            generated = counted(&metrics, "accel_generation_tokens_total");
+            generated >= 1.0 && counted(&metrics, "accel_prompt_tokens_total") == 3.0
+        }),
+        "generated {generated}"
+    );
 }

@@ -347,9 +347,16 @@ fn identify(
                 if policy.tenant(name).is_none() {
                     return Err(ApiError::not_found(format!("no tenant named {name:?} in the policy in force; see `accelctl tenants list`")));
                 }
+                // Who acted: the socket peer's uid and pid, or the TCP peer's address and the
+                // policy rule its token matched.
                 tracing::info!(
                     uid = peer.as_ref().map(|p| p.uid),
                     pid = peer.as_ref().and_then(|p| p.pid),
+                    address = request
+                        .extensions()
+                        .get::<server::TcpPeer>()
+                        .map(|p| p.0.to_string()),
+                    matched_by = ?identity.matched_by,
                     tenant = name,
                     path = %request.uri().path(),
                     "operator acting for tenant"

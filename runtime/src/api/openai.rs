@@ -58,7 +58,7 @@ fn tenant_label(auth: &Authenticated) -> String {
     auth.identity
         .tenant
         .clone()
-        .unwrap_or_else(|| "operator".to_owned())
+        .unwrap_or_else(|| crate::policy::RESERVED_TENANT_NAME.to_owned())
 }
 
 /// What the scheduler enforces for the caller: its tenant's weight, class and quotas (an
@@ -149,31 +149,37 @@ fn admit(
     model: &str,
     slot: Option<RequestSlot>,
 ) -> Result<(ModelHandle, Arc<TenantSlot>), ApiError> {
-    let handle = state.model(model).ok_or_else(|| {
-        let names: Vec<&str> = state.models.iter().map(|m| m.info.name.as_str()).collect();
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!(
-                "model {model:?} is not served here; available: {}",
-                names.join(", ")
-            ),
-        )
-    })?;
     let tenant = auth
         .identity
         .tenant
         .as_deref()
         .and_then(|t| auth.policy.tenant(t));
-    if let Some(t) = tenant {
-        if !t.allows_model(model) {
-            return Err(ApiError::forbidden(format!(
-                "tenant {:?} may not use model {model:?}; its policy allows: {}",
-                t.name,
-                t.models.join(", ")
-            )));
-        }
-    }
+    let usable = |name: &str| tenant.is_none_or(|t| t.allows_model(name));
+    // A model the caller may not use is answered exactly like one that does not exist, and
+    // only the caller's own models are listed, so a tenant learns nothing of the others'.
+    let handle = state
+        .model(model)
+        .filter(|m| usable(&m.info.name))
+        .ok_or_else(|| {
+            let names: Vec<&str> = state
+                .models
+                .iter()
+                .map(|m| m.info.name.as_str())
+                .filter(|n| usable(n))
+                .collect();
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "model {model:?} is not served to you; yours: {}",
+                    if names.is_empty() {
+                        "none (ask an operator)".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            )
+        })?;
     let slot = match slot {
         Some(slot) => slot,
         None => take_slot(state, auth)?,
@@ -246,6 +252,7 @@ struct Job {
     top_logprobs: Option<usize>,
     chat: bool,
     started: Instant,
+    prompt_tokens: usize,
 }
 
 pub(super) async fn completions(
@@ -458,6 +465,7 @@ async fn start(
         top_logprobs,
         chat,
         started: Instant::now(),
+        prompt_tokens,
     };
     if job.stream {
         Ok(stream(state, job).into_response())
@@ -472,15 +480,29 @@ struct Timing {
 }
 
 impl Timing {
+    /// Counts each token as it arrives, so a request its client abandons is still accounted
+    /// for what was processed and generated.
     fn token(&mut self, state: &DaemonState, job: &Job) {
         let now = Instant::now();
         let labels = [job.slot.tenant(), job.model.info.name.as_str()];
+        state
+            .metrics
+            .generation_tokens
+            .with_label_values(&labels)
+            .inc();
         match self.last_token {
-            None => state
-                .metrics
-                .time_to_first_token
-                .with_label_values(&labels)
-                .observe(now.duration_since(job.started).as_secs_f64()),
+            None => {
+                state
+                    .metrics
+                    .prompt_tokens
+                    .with_label_values(&labels)
+                    .inc_by(job.prompt_tokens as u64);
+                state
+                    .metrics
+                    .time_to_first_token
+                    .with_label_values(&labels)
+                    .observe(now.duration_since(job.started).as_secs_f64())
+            }
             Some(last) => state
                 .metrics
                 .inter_token_latency
@@ -490,15 +512,9 @@ impl Timing {
         self.last_token = Some(now);
     }
 
-    fn done(&self, state: &DaemonState, job: &Job, reason: &str, prompt: usize, completion: usize) {
+    fn done(&self, state: &DaemonState, job: &Job, reason: &str) {
         let labels = [job.slot.tenant(), job.model.info.name.as_str()];
         let m = &state.metrics;
-        m.prompt_tokens
-            .with_label_values(&labels)
-            .inc_by(prompt as u64);
-        m.generation_tokens
-            .with_label_values(&labels)
-            .inc_by(completion as u64);
         m.request_duration
             .with_label_values(&labels)
             .observe(job.started.elapsed().as_secs_f64());
@@ -584,7 +600,7 @@ async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiErr
                 completion_tokens,
             }) => {
                 let reason = reason_str(reason);
-                timing.done(&state, &job, reason, prompt_tokens, completion_tokens);
+                timing.done(&state, &job, reason);
                 let usage = Some(Usage {
                     prompt_tokens,
                     completion_tokens,
@@ -747,8 +763,7 @@ fn stream(
                 completion_tokens,
             }) => {
                 let reason = reason_str(reason);
-                s.timing
-                    .done(&s.state, &s.job, reason, prompt_tokens, completion_tokens);
+                s.timing.done(&s.state, &s.job, reason);
                 s.finished = true;
                 let usage = s.job.include_usage.then_some(Usage {
                     prompt_tokens,

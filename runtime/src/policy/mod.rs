@@ -13,6 +13,8 @@ pub mod identity;
 pub mod schema;
 mod validate;
 
+pub use self::validate::RESERVED_TENANT_NAME;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

@@ -337,3 +337,15 @@ fn bad_device_selector_is_located() {
     assert_eq!(found[0].path, "tenants[0].devices[1]");
     assert_eq!(found[0].line, 3);
 }
+
+#[test]
+fn the_operators_label_cannot_be_a_tenant() {
+    let found = problems("tenants:\n  - name: operator\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].path, "tenants[0].name");
+    assert!(
+        found[0].message.contains("reserved"),
+        "{}",
+        found[0].message
+    );
+}

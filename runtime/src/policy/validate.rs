@@ -12,6 +12,9 @@ use crate::yaml::{Document, PathProblem, Problem, Problems};
 
 /// Largest weight: keeps virtual-time arithmetic far from overflow.
 pub const MAX_WEIGHT: u32 = 10_000;
+/// The label of operators' requests made for no tenant, so no tenant may have it.
+pub const RESERVED_TENANT_NAME: &str = "operator";
+
 /// Longest tenant name: it becomes a cgroup directory and a metric label.
 pub const MAX_TENANT_NAME: usize = 63;
 
@@ -159,7 +162,12 @@ fn valid_tenant_name(name: &str) -> bool {
 }
 
 fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Tenant {
-    if !valid_tenant_name(&spec.name) {
+    if spec.name == RESERVED_TENANT_NAME {
+        out.push(PathProblem::new(
+            format!("{path}.name"),
+            format!("tenant name {RESERVED_TENANT_NAME:?} is reserved: operators' own requests are counted and labelled under it; choose another name"),
+        ));
+    } else if !valid_tenant_name(&spec.name) {
         out.push(PathProblem::new(
             format!("{path}.name"),
             format!(
