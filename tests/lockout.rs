@@ -31,7 +31,10 @@ held, refused = [], 0
 for i in range(count):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+    try:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused and closed before the head was sent
     held.append(s)
 time.sleep(1.0)
 open_ = 0
@@ -39,10 +42,13 @@ for s in held:
     s.setblocking(False)
     try:
         data = s.recv(4096)
-        if b" 503 " in data:
+        # Answered 503, or closed: refused. Anything else is a connection still served.
+        if b" 503 " in data or not data:
             refused += 1
-        elif data:
+        else:
             open_ += 1
+    except (BrokenPipeError, ConnectionResetError):
+        refused += 1
     except BlockingIOError:
         open_ += 1
 print(f"{count} {refused} {open_}", flush=True)
@@ -74,7 +80,7 @@ fn healthz_over_socket(socket: &std::path::Path) -> Duration {
 }
 
 #[test]
-fn a_uid_holding_thousands_of_idle_connections_locks_out_neither_root_nor_other_tenants() {
+fn a_uid_holding_ten_thousand_idle_connections_locks_out_neither_root_nor_other_tenants() {
     require_root!();
     let port = free_port();
     let policy = format!(
@@ -89,7 +95,7 @@ fn a_uid_holding_thousands_of_idle_connections_locks_out_neither_root_nor_other_
         extra_config: &extra,
         ..Default::default()
     });
-    let mut child = crowd(&daemon.socket, NOBODY, 2000);
+    let mut child = crowd(&daemon.socket, NOBODY, 10_000);
     let mut line = String::new();
     {
         use std::io::BufRead as _;
@@ -103,7 +109,7 @@ fn a_uid_holding_thousands_of_idle_connections_locks_out_neither_root_nor_other_
     let (opened, refused, held) = (numbers[0], numbers[1], numbers[2]);
     eprintln!("crowd: {opened} connections, {refused} refused with 503, {held} held open");
     assert!(
-        opened >= 500,
+        opened >= 5000,
         "the crowd could open only {opened} connections"
     );
     assert_eq!(held, 16, "one uid holds at most max_connections_per_client");
