@@ -52,7 +52,16 @@ impl Tokenizer {
         eos: &mut Vec<u32>,
     ) -> Result<Self, ModelError> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Format {
+        // The tokenizers crate can panic on a malformed file: contained, it is this model's
+        // load error.
+        let inner = contained("loading tokenizer.json", || {
+            tokenizers::Tokenizer::from_file(&path)
+        })
+        .map_err(|e| ModelError::Format {
+            file: path.clone(),
+            message: e.to_string(),
+        })?
+        .map_err(|e| ModelError::Format {
             file: path.clone(),
             message: format!("is not a tokenizer this engine can read: {e}"),
         })?;
@@ -154,7 +163,11 @@ impl Tokenizer {
                 "vocab": vocab, "merges": merges,
             },
         });
-        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+        let inner: tokenizers::Tokenizer = contained("building the GGUF tokenizer", || {
+            spec.to_string().parse::<tokenizers::Tokenizer>()
+        })
+        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| {
             bad(format!(
                 "its vocabulary does not form a valid BPE tokenizer: {e}"
             ))
@@ -216,9 +229,10 @@ impl Tokenizer {
 
     /// A tokenizer from `tokenizer.json` text, with no special ids (tests of decoding).
     pub fn from_json(json: &str) -> Result<Self, TokenizerError> {
-        let inner: tokenizers::Tokenizer = json
-            .parse()
-            .map_err(|e: tokenizers::Error| TokenizerError(e.to_string()))?;
+        let inner: tokenizers::Tokenizer = contained("loading tokenizer.json", || {
+            json.parse::<tokenizers::Tokenizer>()
+        })?
+        .map_err(|e: tokenizers::Error| TokenizerError(e.to_string()))?;
         Ok(Self {
             inner,
             eos: Vec::new(),
