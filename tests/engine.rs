@@ -533,3 +533,52 @@ fn header_counts_are_checked_before_anything_is_sized_by_them() {
         );
     }
 }
+
+/// A config.json field that is present but wrong is an error naming it, never a silent default
+/// that surfaces later as a shape mismatch; a config without `architectures` says so.
+#[test]
+fn wrong_config_fields_are_named() {
+    let source = fixtures().join("llama-gqa-f32");
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        (
+            "num_key_value_heads",
+            (-2).into(),
+            "num_key_value_heads is -2, not a positive integer",
+        ),
+        (
+            "head_dim",
+            2.5.into(),
+            "head_dim is 2.5, not a positive integer",
+        ),
+        (
+            "rms_norm_eps",
+            "small".into(),
+            "rms_norm_eps is \"small\", not a number",
+        ),
+        (
+            "architectures",
+            serde_json::Value::Null,
+            "has no \"architectures\" list (model_type: llama)",
+        ),
+    ];
+    for (field, value, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            std::fs::copy(source.join(name), dir.path().join(name)).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+                .unwrap();
+        config[field] = value;
+        config["model_type"] = "llama".into();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let Err(err) = model::load(dir.path()) else {
+            panic!("{field} was accepted");
+        };
+        assert!(err.to_string().contains(needle), "{field}: {err}");
+    }
+}

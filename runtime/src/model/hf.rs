@@ -32,7 +32,12 @@ pub fn parse_config(file: &Path, json: &Value) -> Result<ModelConfig, ModelError
         file: file.to_owned(),
         message,
     };
-    let arch_name = json["architectures"][0].as_str().unwrap_or_default();
+    let Some(arch_name) = json["architectures"][0].as_str() else {
+        return Err(bad(format!(
+            "has no \"architectures\" list (model_type: {}); a Hugging Face config names its class there, e.g. \"architectures\": [\"LlamaForCausalLM\"]",
+            json["model_type"].as_str().unwrap_or("none")
+        )));
+    };
     let arch = match arch_name {
         "LlamaForCausalLM" | "MistralForCausalLM" => Arch::Llama,
         "Qwen2ForCausalLM" => Arch::Qwen2,
@@ -53,16 +58,37 @@ pub fn parse_config(file: &Path, json: &Value) -> Result<ModelConfig, ModelError
             .and_then(|v| usize::try_from(v).ok())
             .ok_or_else(|| bad(format!("{name} is missing or not a positive integer")))
     };
+    // An optional field may be absent (or null) for its default, never present and wrong.
+    let optional_usize = |name: &str| -> Result<Option<usize>, ModelError> {
+        match &json[name] {
+            Value::Null => Ok(None),
+            v => v
+                .as_u64()
+                .filter(|&n| n > 0)
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| bad(format!("{name} is {v}, not a positive integer"))),
+        }
+    };
+    let optional_number = |name: &str| -> Result<Option<f64>, ModelError> {
+        match &json[name] {
+            Value::Null => Ok(None),
+            v => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| bad(format!("{name} is {v}, not a number"))),
+        }
+    };
     let hidden_size = usize_field("hidden_size")?;
     let num_heads = usize_field("num_attention_heads")?;
-    let num_kv_heads = json["num_key_value_heads"]
-        .as_u64()
-        .map_or(num_heads, |v| v as usize);
-    let head_dim = match json["head_dim"].as_u64() {
-        Some(d) => d as usize,
+    let num_kv_heads = optional_usize("num_key_value_heads")?.unwrap_or(num_heads);
+    let head_dim = match optional_usize("head_dim")? {
+        Some(d) => d,
         None if num_heads > 0 => hidden_size / num_heads,
         None => 0,
     };
+    optional_number("rms_norm_eps")?;
+    optional_number("rope_theta")?;
     // Newer transformers writes RoPE settings under `rope_parameters`; older ones use
     // `rope_theta` and `rope_scaling` at the top level. Read both.
     let rope = match &json["rope_parameters"] {
@@ -151,10 +177,13 @@ pub fn open_safetensors(path: &Path) -> Result<Vec<WeightTensor>, ModelError> {
             });
         };
         let (begin, end) = info.data_offsets;
-        let elems: usize = info.shape.iter().product();
-        let expected = dtype.bytes_for(elems);
-        let start = data_start + begin;
-        if expected != Some(end.saturating_sub(begin)) || data_start + end > bytes.len() {
+        // Checked: a header can claim any shape and offsets.
+        let elems = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let expected = elems.and_then(|e| dtype.bytes_for(e));
+        let start = data_start.saturating_add(begin);
+        if expected != Some(end.saturating_sub(begin))
+            || data_start.saturating_add(end) > bytes.len()
+        {
             return Err(ModelError::Tensor {
                 file: path.to_owned(),
                 tensor: name,

@@ -45,7 +45,8 @@ impl DType {
     pub fn bytes_for(self, elems: usize) -> Option<usize> {
         elems
             .is_multiple_of(self.block_elems())
-            .then(|| elems / self.block_elems() * self.block_bytes())
+            .then(|| (elems / self.block_elems()).checked_mul(self.block_bytes()))
+            .flatten()
     }
 
     pub fn is_quantized(self) -> bool {
