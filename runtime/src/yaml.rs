@@ -113,7 +113,13 @@ impl<T: DeserializeOwned> Document<T> {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             problem(line, column, plain_message(&e))
         })?;
-        let positions = serde_saphyr::from_str_with_options::<Spanned<Shape>>(text, options)
+        // Positions only: every scalar is accepted as it is, a non-finite float included, so
+        // one odd value cannot take the lines and columns from every other message.
+        let shape_options = serde_saphyr::options! {
+            with_snippet: false,
+            non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
+        };
+        let positions = serde_saphyr::from_str_with_options::<Spanned<Shape>>(text, shape_options)
             .map(Node::from)
             .unwrap_or(Node::Scalar(Pos::default()));
         Ok(Self {

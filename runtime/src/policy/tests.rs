@@ -349,3 +349,20 @@ fn the_operators_label_cannot_be_a_tenant() {
         found[0].message
     );
 }
+
+#[test]
+fn a_non_finite_number_keeps_every_problem_located() {
+    let found = problems("tenants:\n  - name: a\n    weight: 0\n    limits:\n      cpu: .inf\n");
+    assert_eq!(found.len(), 2, "{found:?}");
+    for p in &found {
+        assert!(p.line > 0, "{p}");
+    }
+    assert_eq!(
+        (found[0].path.as_str(), found[0].line),
+        ("tenants[0].weight", 3)
+    );
+    assert_eq!(
+        (found[1].path.as_str(), found[1].line),
+        ("tenants[0].limits.cpu", 5)
+    );
+}
