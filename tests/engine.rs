@@ -500,29 +500,37 @@ fn a_reference_model_from_the_environment_matches_transformers() {
     }
 }
 
+/// A copy of the f32 fixture model with its config.json edited.
+fn fixture_with_config(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let source = fixtures().join("llama-gqa-f32");
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(source.join(name), dir.path().join(name)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    edit(&mut config);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
 /// A config.json claiming 16M layers (or any count beyond sane maxima) is a clear error
 /// naming the field, not an allocation that aborts the daemon.
 #[test]
 fn header_counts_are_checked_before_anything_is_sized_by_them() {
-    let source = fixtures().join("llama-gqa-f32");
     for (field, value) in [
         ("num_hidden_layers", 16_777_216u64),
         ("hidden_size", 1 << 24),
         ("vocab_size", 1 << 24),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        for name in [
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ] {
-            std::fs::copy(source.join(name), dir.path().join(name)).unwrap();
-        }
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
-                .unwrap();
-        config[field] = value.into();
-        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let dir = fixture_with_config(|config| {
+            config[field] = value.into();
+        });
         let Err(err) = model::load(dir.path()) else {
             panic!("{field} = {value} was accepted");
         };
@@ -538,7 +546,6 @@ fn header_counts_are_checked_before_anything_is_sized_by_them() {
 /// that surfaces later as a shape mismatch; a config without `architectures` says so.
 #[test]
 fn wrong_config_fields_are_named() {
-    let source = fixtures().join("llama-gqa-f32");
     let cases: [(&str, serde_json::Value, &str); 4] = [
         (
             "num_key_value_heads",
@@ -562,20 +569,10 @@ fn wrong_config_fields_are_named() {
         ),
     ];
     for (field, value, needle) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        for name in [
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ] {
-            std::fs::copy(source.join(name), dir.path().join(name)).unwrap();
-        }
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
-                .unwrap();
-        config[field] = value;
-        config["model_type"] = "llama".into();
-        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let dir = fixture_with_config(|config| {
+            config[field] = value;
+            config["model_type"] = "llama".into();
+        });
         let Err(err) = model::load(dir.path()) else {
             panic!("{field} was accepted");
         };

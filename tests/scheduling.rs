@@ -132,6 +132,28 @@ fn flood_model(
         .collect()
 }
 
+/// Joins the clients of both floods and checks their generated tokens are 1:3 within 10%.
+fn assert_one_to_three(
+    what: &str,
+    light: Vec<std::thread::JoinHandle<u64>>,
+    heavy: Vec<std::thread::JoinHandle<u64>>,
+) {
+    let sum = |h: Vec<std::thread::JoinHandle<u64>>| -> u64 {
+        h.into_iter().map(|t| t.join().expect("client")).sum()
+    };
+    let (light, heavy) = (sum(light), sum(heavy));
+    let ratio = heavy as f64 / light.max(1) as f64;
+    eprintln!("{what}: generated tokens light {light}, heavy {heavy}, ratio {ratio:.3}");
+    assert!(
+        light + heavy > 1000,
+        "too little served to judge: {light} + {heavy}"
+    );
+    assert!(
+        (ratio - 3.0).abs() <= 0.3,
+        "{what}: heavy:light = {ratio:.3}, want 3 +- 10% ({heavy} vs {light})"
+    );
+}
+
 #[test]
 fn weighted_tenants_flooding_one_device_share_it_one_to_three() {
     let (daemon, port) = daemon(
@@ -182,20 +204,7 @@ fn weighted_tenants_flooding_one_device_share_it_one_to_three() {
     assert!(queue.lines().any(|l| l.starts_with("heavy ")), "{queue}");
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::SeqCst);
-    let sum = |h: Vec<std::thread::JoinHandle<u64>>| -> u64 {
-        h.into_iter().map(|t| t.join().expect("client")).sum()
-    };
-    let (light, heavy) = (sum(light), sum(heavy));
-    let ratio = heavy as f64 / light.max(1) as f64;
-    eprintln!("generated tokens: light {light}, heavy {heavy}, ratio {ratio:.3}");
-    assert!(
-        light + heavy > 1000,
-        "too little served to judge: {light} + {heavy}"
-    );
-    assert!(
-        (ratio - 3.0).abs() <= 0.3,
-        "heavy:light = {ratio:.3}, want 3 +- 10% ({heavy} vs {light})"
-    );
+    assert_one_to_three("one model", light, heavy);
     // The scheduler's own accounting agrees and is exported.
     let (_, metrics) = daemon.request("GET", "/metrics", None);
     for tenant in ["light", "heavy"] {
@@ -231,20 +240,7 @@ fn weights_hold_across_two_models_on_one_device() {
     let heavy = flood_model(port, "heavy", "tiny-b", 6, 24, Arc::clone(&stop));
     std::thread::sleep(Duration::from_secs(6));
     stop.store(true, Ordering::SeqCst);
-    let sum = |h: Vec<std::thread::JoinHandle<u64>>| -> u64 {
-        h.into_iter().map(|t| t.join().expect("client")).sum()
-    };
-    let (light, heavy) = (sum(light), sum(heavy));
-    let ratio = heavy as f64 / light.max(1) as f64;
-    eprintln!("two models: light {light}, heavy {heavy}, ratio {ratio:.3}");
-    assert!(
-        light + heavy > 1000,
-        "too little served to judge: {light} + {heavy}"
-    );
-    assert!(
-        (ratio - 3.0).abs() <= 0.3,
-        "heavy:light = {ratio:.3} across models, want 3 +- 10%"
-    );
+    assert_one_to_three("two models", light, heavy);
 }
 
 /// Time to the first streamed token of a small interactive request.
@@ -322,56 +318,27 @@ fn quotas_answer_400_or_429_with_retry_after_and_the_bucket_refills() {
         "",
         "scheduler:\n  max_queued_per_tenant: 1\n",
     );
+    let post = move |body: &Value| exchange(port, "metered", "POST", "/v1/completions", body);
     // 30 prompt tokens + 40 more can never fit 4 blocks of 16: 400 naming the limit.
-    let (status, _, body) = exchange(
-        port,
-        "metered",
-        "POST",
-        "/v1/completions",
-        &completion(40, 30, 1),
-    );
+    let (status, _, body) = post(&completion(40, 30, 1));
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("limits.kv_blocks"), "{body}");
     // A prompt beyond a minute's tokens can never fit the bucket.
-    let (status, _, body) = exchange(
-        port,
-        "metered",
-        "POST",
-        "/v1/completions",
-        &completion(1, 61, 1),
-    );
+    let (status, _, body) = post(&completion(1, 61, 1));
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("limits.tokens_per_minute"), "{body}");
 
     // 30 + 1 of the bucket's 60 tokens: the next 30-token prompt waits for one more token,
     // a second behind it exceeds the queue bound of 1.
-    let (status, _, body) = exchange(
-        port,
-        "metered",
-        "POST",
-        "/v1/completions",
-        &completion(1, 30, 2),
-    );
+    let (status, _, body) = post(&completion(1, 30, 2));
     assert_eq!(status, 200, "{body}");
     let waiting = std::thread::spawn(move || {
         let started = Instant::now();
-        let (status, _, body) = exchange(
-            port,
-            "metered",
-            "POST",
-            "/v1/completions",
-            &completion(1, 30, 3),
-        );
+        let (status, _, body) = post(&completion(1, 30, 3));
         (status, body, started.elapsed())
     });
     std::thread::sleep(Duration::from_millis(200));
-    let (status, head, body) = exchange(
-        port,
-        "metered",
-        "POST",
-        "/v1/completions",
-        &completion(1, 30, 4),
-    );
+    let (status, head, body) = post(&completion(1, 30, 4));
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("max_queued_per_tenant"), "{body}");
     let retry_after: u64 = head

@@ -315,6 +315,23 @@ pub fn check(model: &ModelParams, seq: &NewSeq) -> Result<(), Reject> {
     Ok(())
 }
 
+/// Takes a running sequence out of the running set and its model's and tenant's ledgers.
+fn leave_running(
+    model: &mut ModelState,
+    tenant: &mut Tenant,
+    running: &mut Vec<SeqKey>,
+    seq: &Seq,
+    key: SeqKey,
+) {
+    model.used_blocks -= seq.blocks;
+    model.running -= 1;
+    tenant.running -= 1;
+    tenant.blocks -= seq.blocks;
+    if let Some(i) = running.iter().position(|&k| k == key) {
+        running.swap_remove(i);
+    }
+}
+
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
     tokens.div_ceil(block_size.max(1))
 }
@@ -488,15 +505,7 @@ impl Scheduler {
         match seq.state {
             // Left in its queue; skipped when it reaches the head.
             State::Waiting => {}
-            State::Running => {
-                model.used_blocks -= seq.blocks;
-                model.running -= 1;
-                tenant.running -= 1;
-                tenant.blocks -= seq.blocks;
-                if let Some(i) = self.running.iter().position(|&k| k == key) {
-                    self.running.swap_remove(i);
-                }
-            }
+            State::Running => leave_running(model, tenant, &mut self.running, &seq, key),
             State::Swapped => model.used_host_blocks -= seq.blocks,
         }
     }
@@ -588,13 +597,7 @@ impl Scheduler {
         };
         let model = &mut self.models[seq.model];
         let tenant = &mut self.tenants[seq.tenant];
-        model.used_blocks -= seq.blocks;
-        model.running -= 1;
-        tenant.running -= 1;
-        tenant.blocks -= seq.blocks;
-        if let Some(i) = self.running.iter().position(|&k| k == key) {
-            self.running.swap_remove(i);
-        }
+        leave_running(model, tenant, &mut self.running, seq, key);
         let host_blocks = blocks_for(seq.computed, model.params.block_size);
         let swap = seq.computed >= model.params.swap_min_tokens
             && seq.computed > 0

@@ -295,38 +295,32 @@ pub fn fairness_report() -> String {
     let mut out = String::from(
         "| scenario | policy | tenants (weight) | service share | expected | worst weighted gap / bound |\n|---|---|---|---|---|---|\n",
     );
+    let floods = |(wa, pa, oa): (u32, usize, usize), (wb, pb, ob): (u32, usize, usize)| {
+        vec![
+            SimTenant::flood("a", wa, pa, oa),
+            SimTenant::flood("b", wb, pb, ob),
+        ]
+    };
     let cases: Vec<(&str, PolicyKind, Vec<SimTenant>)> = vec![
         (
             "two floods, 1:1",
             PolicyKind::FairShare,
-            vec![
-                SimTenant::flood("a", 1, 64, 64),
-                SimTenant::flood("b", 1, 256, 16),
-            ],
+            floods((1, 64, 64), (1, 256, 16)),
         ),
         (
             "two floods, 1:3",
             PolicyKind::FairShare,
-            vec![
-                SimTenant::flood("a", 1, 64, 64),
-                SimTenant::flood("b", 3, 64, 64),
-            ],
+            floods((1, 64, 64), (3, 64, 64)),
         ),
         (
             "two floods, 1:3",
             PolicyKind::Fcfs,
-            vec![
-                SimTenant::flood("a", 1, 64, 64),
-                SimTenant::flood("b", 3, 64, 64),
-            ],
+            floods((1, 64, 64), (3, 64, 64)),
         ),
         (
             "two floods, 1:3",
             PolicyKind::RoundRobin,
-            vec![
-                SimTenant::flood("a", 1, 64, 64),
-                SimTenant::flood("b", 3, 64, 64),
-            ],
+            floods((1, 64, 64), (3, 64, 64)),
         ),
     ];
     for (name, policy, tenants) in cases {
