@@ -43,6 +43,17 @@ fn byte_to_char() -> [char; 256] {
 #[error("tokenizer failed: {0}")]
 pub struct TokenizerError(String);
 
+impl TokenizerError {
+    /// Whether the tokenizer crashed (a contained panic) rather than refused an input: the
+    /// request it was serving cannot go on.
+    pub fn is_crash(&self) -> bool {
+        self.0.contains(CRASH_MARK)
+    }
+}
+
+/// Marks the message of a contained panic.
+const CRASH_MARK: &str = "the model's tokenizer failed while";
+
 impl Tokenizer {
     /// Loads `tokenizer.json` from a model folder; `eos` comes in from `config.json` and gains
     /// the `eos_token` of `tokenizer_config.json` and `generation_config.json`'s ids.
@@ -286,7 +297,7 @@ fn contained<T>(what: &str, call: impl FnOnce() -> T) -> Result<T, TokenizerErro
             .unwrap_or_default();
         tracing::error!(%detail, "the model's tokenizer panicked while {what}");
         TokenizerError(format!(
-            "the model's tokenizer failed while {what} ({detail}); the request was stopped, the model keeps serving; an operator should check its tokenizer.json"
+            "{CRASH_MARK} {what} ({detail}); the request was stopped, the model keeps serving; an operator should check its tokenizer.json"
         ))
     })
 }

@@ -582,6 +582,13 @@ impl<B: Backend> Arbiter<B> {
             } else {
                 text
             };
+            if let Some(crash) = a.detok.take_crash() {
+                // The model's tokenizer cannot decode this output: the request ends with that.
+                self.sched.advance(key, take, false, now);
+                let _ = a.job.events.send(Event::Error { message: crash });
+                finished.push(key);
+                continue;
+            }
             let sent = a.job.events.send(Event::Token {
                 text,
                 token: sampled.token,

@@ -20,6 +20,8 @@ pub struct Detokenizer {
     emitted: usize,
     stop: Vec<String>,
     longest_stop: usize,
+    /// Set when the tokenizer crashed on this output: the request must end with this error.
+    crashed: Option<String>,
 }
 
 /// What one more token produced.
@@ -51,7 +53,13 @@ impl Detokenizer {
             emitted: 0,
             longest_stop: stop.iter().map(String::len).max().unwrap_or(0),
             stop,
+            crashed: None,
         }
+    }
+
+    /// The tokenizer's crash on this output, if it crashed (taken once).
+    pub fn take_crash(&mut self) -> Option<String> {
+        self.crashed.take()
     }
 
     /// Adds a token and returns the text that can be emitted now.
@@ -64,12 +72,17 @@ impl Detokenizer {
     /// Moves the text of the pending window into `text`. An incomplete character decodes as
     /// U+FFFD (one per byte with byte-fallback tokenizers): unless `force`, wait for the rest.
     fn settle(&mut self, tokenizer: &Tokenizer, force: bool) {
-        let prefix = tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)
-            .unwrap_or_default();
-        let full = tokenizer
-            .decode(&self.ids[self.prefix_offset..], true)
-            .unwrap_or_default();
+        let mut decode = |ids: &[u32]| match tokenizer.decode(ids, true) {
+            Ok(text) => text,
+            Err(e) => {
+                if e.is_crash() {
+                    self.crashed.get_or_insert_with(|| e.to_string());
+                }
+                String::new()
+            }
+        };
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = decode(&self.ids[self.prefix_offset..]);
         if full.len() > prefix.len() && (force || !full.ends_with('\u{FFFD}')) {
             let new = match full.strip_prefix(prefix.as_str()) {
                 Some(rest) => rest,
@@ -222,5 +235,23 @@ mod tests {
         let (deltas, stopped, _) = run(&["\n\n", "C"], "ab\n\nC");
         assert!(stopped);
         assert_eq!(deltas.concat(), "ab");
+    }
+
+    #[test]
+    fn a_tokenizer_crash_ends_the_request_with_its_error() {
+        // A `Strip` decoder asked to strip more than a token holds panics inside the crate.
+        let tokenizer = Tokenizer::from_json(
+            r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":null,"post_processor":null,
+            "decoder":{"type":"Strip","content":" ","start":5,"stop":5},
+            "model":{"type":"WordLevel","vocab":{" ":0,"a":1,"[UNK]":2},"unk_token":"[UNK]"}}"#,
+        )
+        .unwrap();
+        let mut d = Detokenizer::new(Vec::new());
+        assert_eq!(d.push(&tokenizer, 1).text, "a");
+        assert!(d.take_crash().is_none());
+        d.push(&tokenizer, 0);
+        let crash = d.take_crash().expect("the crash is reported");
+        assert!(crash.contains("failed while decoding"), "{crash}");
     }
 }
