@@ -605,6 +605,13 @@ mod tests {
         assert!(err.0[0].message.contains("\"cuda:x\""), "{err}");
         let err = DaemonConfig::parse("c.yaml", "max_request_body: 10XB\n").unwrap_err();
         assert!(err.0[0].message.contains("10XB"), "{err}");
+        // A value of the wrong kind names its field.
+        let err = DaemonConfig::parse("c.yaml", "log: {}\ntcp_listen: nowhere\n").unwrap_err();
+        assert_eq!(
+            (err.0[0].path.as_str(), err.0[0].line),
+            ("tcp_listen", 2),
+            "{err}"
+        );
     }
 
     #[test]

@@ -109,10 +109,6 @@ impl<T: DeserializeOwned> Document<T> {
             l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
         });
         let text = if only_comments { "{}" } else { text };
-        let value: T = serde_saphyr::from_str_with_options(text, options.clone()).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            problem(line, column, plain_message(&e))
-        })?;
         // Positions only: every scalar is accepted as it is, a non-finite float included, so
         // one odd value cannot take the lines and columns from every other message.
         let shape_options = serde_saphyr::options! {
@@ -122,6 +118,13 @@ impl<T: DeserializeOwned> Document<T> {
         let positions = serde_saphyr::from_str_with_options::<Spanned<Shape>>(text, shape_options)
             .map(Node::from)
             .unwrap_or(Node::Scalar(Pos::default()));
+        let value: T = serde_saphyr::from_str_with_options(text, options.clone()).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            // A type error names the field it is in, found from its position.
+            let mut p = problem(line, column, plain_message(&e));
+            p.path = path_at(&positions, Pos { line, column });
+            p
+        })?;
         Ok(Self {
             file: file.to_owned(),
             value,
@@ -324,6 +327,48 @@ impl<'de> Deserialize<'de> for KeyText {
     }
 }
 
+/// The YAML path of the last node that starts at or before `at` (the node an error at `at`
+/// is in), or empty.
+fn path_at(root: &Node, at: Pos) -> String {
+    fn walk(node: &Node, path: &mut String, at: Pos, best: &mut (Pos, String)) {
+        let pos = node.pos();
+        if pos.line == 0 || (pos.line, pos.column) > (at.line, at.column) {
+            return;
+        }
+        if (pos.line, pos.column) >= (best.0.line, best.0.column) {
+            *best = (pos, path.clone());
+        }
+        match node {
+            Node::Map(_, entries) => {
+                for (key, child) in entries {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                    walk(child, path, at, best);
+                    path.truncate(len);
+                }
+            }
+            Node::Seq(_, items) => {
+                for (i, child) in items.iter().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    walk(child, path, at, best);
+                    path.truncate(len);
+                }
+            }
+            Node::Scalar(_) => {}
+        }
+    }
+    if at.line == 0 {
+        return String::new();
+    }
+    let mut best = (Pos::default(), String::new());
+    walk(root, &mut String::new(), at, &mut best);
+    best.1
+}
+
 enum Segment<'a> {
     Key(&'a str),
     Index(usize),
@@ -453,6 +498,11 @@ mod tests {
             Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    size: 10XB\n").unwrap_err();
         assert_eq!(err.line, 3, "{err}");
         assert!(err.message.contains("10XB"), "{err}");
+        // A type error names the field it is in.
+        assert_eq!(err.path, "items[0].size", "{err}");
+        let err =
+            Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n  - name: [1]\n").unwrap_err();
+        assert_eq!((err.path.as_str(), err.line), ("items[1].name", 3), "{err}");
     }
 
     #[test]
