@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 export ACCEL_FUZZ_SECONDS="${ACCEL_FUZZ_SECONDS:-3600}"
 export ACCEL_FUZZ_SEED="${ACCEL_FUZZ_SEED:-$(date +%s)}"
 cargo test --release -p accel-tests --test fuzz -- --test-threads 1 --nocapture 2>&1 \
-  | grep -E '^fuzz |panicked|test result'
+  | grep -E 'fuzz [a-z_]+: |panicked|test result'
