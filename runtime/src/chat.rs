@@ -108,6 +108,65 @@ fn sum(state: &State, v: Value) -> Fallible {
     bounded(&v)?;
     minijinja::filters::sum(state, v)
 }
+fn min(state: &State, v: Value) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::min(state, v)
+}
+fn max(state: &State, v: Value) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::max(state, v)
+}
+fn last(v: Value) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::last(v)
+}
+fn items(v: &Value) -> Fallible {
+    bounded(v)?;
+    minijinja::filters::items(v)
+}
+fn dictsort(v: &Value, args: minijinja::value::Kwargs) -> Fallible {
+    bounded(v)?;
+    minijinja::filters::dictsort(v, args)
+}
+fn groupby(v: Value, attribute: Option<&str>, args: minijinja::value::Kwargs) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::groupby(v, attribute, args)
+}
+fn map(state: &State, v: Value, args: minijinja::value::Rest<Value>) -> Fallible {
+    bounded(&v)?;
+    minijinja::filters::map(state, v, args).map(Value::from)
+}
+
+/// A count or width a template passes to a filter, which sizes an allocation.
+fn bounded_count(count: usize) -> Result<(), minijinja::Error> {
+    if count > MAX_SEQUENCE_ITEMS {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("a count of more than {MAX_SEQUENCE_ITEMS} items"),
+        ));
+    }
+    Ok(())
+}
+fn batch(state: &State, v: Value, count: usize, fill: Option<Value>) -> Fallible {
+    bounded(&v)?;
+    bounded_count(count)?;
+    minijinja::filters::batch(state, v, count, fill)
+}
+fn slice(state: &State, v: Value, count: usize, fill: Option<Value>) -> Fallible {
+    bounded(&v)?;
+    bounded_count(count)?;
+    minijinja::filters::slice(state, v, count, fill)
+}
+fn indent(
+    v: minijinja::value::StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    args: minijinja::value::Kwargs,
+) -> Fallible {
+    bounded_count(width.unwrap_or(0))?;
+    minijinja::filters::indent(v, width, first, blank, args)
+}
 
 /// A parsed chat template.
 #[derive(Debug)]
@@ -172,6 +231,16 @@ impl ChatTemplate {
         env.add_filter("unique", unique);
         env.add_filter("reverse", reverse);
         env.add_filter("sum", sum);
+        env.add_filter("min", min);
+        env.add_filter("max", max);
+        env.add_filter("last", last);
+        env.add_filter("items", items);
+        env.add_filter("dictsort", dictsort);
+        env.add_filter("groupby", groupby);
+        env.add_filter("map", map);
+        env.add_filter("batch", batch);
+        env.add_filter("slice", slice);
+        env.add_filter("indent", indent);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| TemplateError(e.to_string()))?;
         Ok(Self { env })
@@ -268,7 +337,20 @@ mod tests {
             "{err}"
         );
         for filter in [
-            "join", "list", "tojson", "sort", "unique", "reverse", "string",
+            "join",
+            "list",
+            "tojson",
+            "sort",
+            "unique",
+            "reverse",
+            "string",
+            "min",
+            "max",
+            "last",
+            "map('upper')",
+            "groupby('role')",
+            "batch(2)",
+            "slice(2)",
         ] {
             let t = ChatTemplate::new(&format!("{{{{ (messages * 1000000000) | {filter} }}}}"))
                 .unwrap();
@@ -277,6 +359,16 @@ mod tests {
         }
         let t = ChatTemplate::new("{{ 'x' * 100000000 }}").unwrap();
         assert!(t.render(&messages, true, "", "").is_err());
+        // Counts and widths that size an allocation are bounded too.
+        for call in [
+            "[1] | batch(10000000000000)",
+            "[1] | slice(10000000000000)",
+            "'a' | indent(10000000000000)",
+        ] {
+            let t = ChatTemplate::new(&format!("{{{{ {call} }}}}")).unwrap();
+            let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+            assert!(err.contains("100000 items"), "{call}: {err}");
+        }
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 

@@ -110,9 +110,32 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     sys::set_socket_access(&config.socket, gid, mode)?;
     let limits = config.connection_limits();
     // Operators are told apart at accept, so the connections kept for them stay theirs.
+    // Remembered per uid and gids for each policy generation, so a flood of refused
+    // connections does not become a flood of user-database look-ups on the accept loop.
     let operators = state.clone();
-    let is_operator: server::IsOperator<api::PeerCred> =
-        Arc::new(move |peer: &api::PeerCred| peer.uid == 0 || operators.is_operator(peer));
+    type Seen = std::collections::HashMap<(u32, u32, Vec<u32>), (u64, bool)>;
+    let known: std::sync::Mutex<Seen> = std::sync::Mutex::default();
+    let is_operator: server::IsOperator<api::PeerCred> = Arc::new(move |peer: &api::PeerCred| {
+        if peer.uid == 0 {
+            return true;
+        }
+        let generation = operators.policy().generation;
+        let key = (peer.uid, peer.gid, peer.groups.to_vec());
+        let mut known = known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(&(seen, answer)) = known.get(&key) {
+            if seen == generation {
+                return answer;
+            }
+        }
+        let answer = operators.is_operator(peer);
+        if known.len() > 4096 {
+            known.clear();
+        }
+        known.insert(key, (generation, answer));
+        answer
+    });
     servers.spawn(server::serve(
         unix,
         api::router(state.clone(), ListenerKind::Unix),

@@ -166,17 +166,30 @@ fn trusted_owner_and_mode(
     Ok(())
 }
 
-/// Checks every directory above `path` (symbolic links resolved, so the real directories are
-/// the ones judged).
+/// Checks every directory above `path`: those its name passes through as written (whoever
+/// can write the directory holding a link can re-point it) and the real ones it resolves to
+/// (a link may lead into someone else's directory).
 fn check_ancestors(path: &Path) -> Result<(), String> {
-    let absolute = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => parent
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?,
-        None => std::env::current_dir()
-            .map_err(|e| format!("cannot resolve the current directory: {e}"))?,
+    let cwd = || {
+        std::env::current_dir().map_err(|e| format!("cannot resolve the current directory: {e}"))
     };
-    for dir in absolute.ancestors() {
+    let written = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        cwd()?.join(path)
+    };
+    let real = match path.canonicalize() {
+        Ok(real) => real,
+        // Not there yet (a file about to be created): its directory decides.
+        Err(_) => match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => parent
+                .canonicalize()
+                .map_err(|e| format!("cannot resolve {}: {e}", parent.display()))?
+                .join("_"),
+            None => cwd()?.join("_"),
+        },
+    };
+    for dir in written.ancestors().skip(1).chain(real.ancestors().skip(1)) {
         let meta =
             std::fs::metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
         trusted_owner_and_mode(dir, &meta, true)
@@ -437,6 +450,18 @@ mod tests {
             std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
             nix::unistd::chown(&sub, Some(Uid::from_raw(65534)), None).unwrap();
             let err = read_checked_file(&file, 100, true).unwrap_err();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+            // A trusted name that is a link into a user's directory is judged by where it
+            // leads: the user could swap what is behind it.
+            nix::unistd::chown(&sub, Some(Uid::from_raw(0)), None).unwrap();
+            let users = dir.path().join("home");
+            std::fs::create_dir(&users).unwrap();
+            let inner = users.join("d");
+            std::fs::create_dir(&inner).unwrap();
+            nix::unistd::chown(&users, Some(Uid::from_raw(65534)), None).unwrap();
+            let link = sub.join("state");
+            std::os::unix::fs::symlink(&inner, &link).unwrap();
+            let err = check_trusted(&link).unwrap_err();
             assert!(err.contains("owned by uid 65534"), "{err}");
         }
     }

@@ -378,7 +378,11 @@ pub(super) async fn chat_completions(
     let bos = token_text(tokenizer.bos_id());
     let rendering = {
         let model = model.clone();
+        // The tenant's request slot stays taken until the rendering really ends, even past the
+        // deadline, so a tenant cannot keep more renders running than its in-flight limit.
+        let held = Arc::clone(&slot);
         tokio::task::spawn_blocking(move || {
+            let _held = held;
             model
                 .chat_template()
                 .map(|t| t.render(&messages, true, &bos, &eos))

@@ -208,11 +208,21 @@ pub async fn serve<A: Acceptor>(
             }
         };
         let client = A::client(&peer);
-        let operator = is_operator(&peer);
-        let admitted = table
+        // Counted as a tenant's first: only a connection that would be refused asks whether
+        // its peer is an operator (which may consult the user database).
+        let as_tenant = table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit(&limits, client, operator);
+            .admit(&limits, client, false);
+        let admitted = match as_tenant {
+            Ok(()) => Ok(()),
+            Err(why) if is_operator(&peer) => table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .admit(&limits, client, true)
+                .map_err(|_| why),
+            Err(why) => Err(why),
+        };
         if let Err(why) = admitted {
             tracing::debug!(?client, ?why, "connection refused");
             // Answer without waiting on the client: a full socket buffer just loses the text.
