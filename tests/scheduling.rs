@@ -1,17 +1,17 @@
 //! The scheduler end to end: the real daemon on the CPU backend with a small model, tenants
 //! told apart by bearer tokens on the TCP listener, flooding it from many connections.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use accel_tests::{free_port, sha256_hex, Daemon, DaemonOptions};
+use accel_tests::{free_port, http_exchange_with_head, sha256_hex, Daemon, DaemonOptions};
 use serde_json::{json, Value};
 
 fn fixture_model() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
+    accel_tests::reference::fixtures().join("llama-gqa-f32")
 }
 
 /// A daemon serving the fixture model as `tiny` with the given tenants (name, weight, class,
@@ -47,7 +47,8 @@ fn daemon_with(tenants: &[(&str, u32, &str, &str)], models: &str, extra: &str) -
     (daemon, port)
 }
 
-/// One request over TCP as `tenant`; returns the status, the response head and the body.
+/// One request over TCP as `tenant` (no body for `null`); returns the status, the response
+/// head and the body.
 fn exchange(
     port: u16,
     tenant: &str,
@@ -55,23 +56,20 @@ fn exchange(
     path: &str,
     body: &Value,
 ) -> (u16, String, String) {
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let body = body.to_string();
-    write!(
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let bearer = format!("Bearer token-{tenant}");
+    let body = (!body.is_null()).then(|| body.to_string());
+    http_exchange_with_head(
         tcp,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer token-{tenant}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        method,
+        path,
+        body.as_deref().map(str::as_bytes),
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Content-Type", "application/json"),
+        ],
     )
-    .expect("send");
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).expect("read");
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
+    .expect("HTTP exchange")
 }
 
 fn completion(max_tokens: usize, prompt_len: usize, seed: u32) -> Value {
@@ -195,6 +193,17 @@ fn weighted_tenants_flooding_one_device_share_it_one_to_three() {
             && (share("light") + share("heavy") - 1.0).abs() < 1e-6,
         "accelctl top: {last}"
     );
+    // A tenant sees only itself.
+    let (status, _, body) = exchange(port, "light", "GET", "/v1/scheduler", &Value::Null);
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    let tenants: Vec<&str> = seen["devices"][0]["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .filter_map(|t| t["tenant"].as_str())
+        .collect();
+    assert_eq!(tenants, ["light"], "{body}");
     let queue = daemon.ctl(&["queue"]);
     let queue = String::from_utf8_lossy(&queue.stdout);
     assert!(

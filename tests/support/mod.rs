@@ -346,12 +346,23 @@ impl Drop for Daemon {
 
 /// Writes one request with `Connection: close` and reads the whole answer.
 pub fn http_exchange<S: std::io::Read + std::io::Write>(
-    mut stream: S,
+    stream: S,
     method: &str,
     path: &str,
     body: Option<&[u8]>,
     headers: &[(&str, &str)],
 ) -> std::io::Result<(u16, String)> {
+    http_exchange_with_head(stream, method, path, body, headers).map(|(s, _, b)| (s, b))
+}
+
+/// As [`http_exchange`], also returning the response head (status line and headers).
+pub fn http_exchange_with_head<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String, String)> {
     let body = body.unwrap_or_default();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (name, value) in headers {
@@ -379,11 +390,8 @@ pub fn http_exchange<S: std::io::Read + std::io::Write>(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    Ok((status, head.to_owned(), body.to_owned()))
 }
 
 /// Parses accelctl's stdout as JSON, with its stderr in the panic message.

@@ -16,10 +16,7 @@ pub fn device_table(device: &DeviceSchedule) -> String {
             vec![
                 t.tenant.clone(),
                 t.weight.to_string(),
-                match t.class {
-                    accel_runtime::policy::PriorityClass::Interactive => "interactive".into(),
-                    accel_runtime::policy::PriorityClass::Batch => "batch".into(),
-                },
+                super::tenants::class(t.class).into(),
                 t.waiting.to_string(),
                 t.running.to_string(),
                 t.swapped.to_string(),

@@ -18,7 +18,7 @@ pub enum TenantsCommand {
     },
 }
 
-fn class(c: PriorityClass) -> &'static str {
+pub fn class(c: PriorityClass) -> &'static str {
     match c {
         PriorityClass::Interactive => "interactive",
         PriorityClass::Batch => "batch",

@@ -52,6 +52,15 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
+    /// 413: the body is over `max_request_body`.
+    pub fn payload_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body is larger than the daemon's max_request_body; send less",
+        )
+    }
+
     pub fn operators_only(what: &str) -> Self {
         Self::forbidden(format!(
             "{what} is for operators: run it as root or as a member of an operator group"
@@ -84,11 +93,7 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                status,
-                "payload_too_large",
-                "request body is larger than the daemon's max_request_body; send less",
-            )
+            ApiError::payload_too_large()
         } else {
             ApiError::new(
                 status,

@@ -266,14 +266,7 @@ async fn read_body(
     let bytes = match collected {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return closing(
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "request body is larger than the daemon's max_request_body; send less",
-                )
-                .into_response(),
-            )
+            return closing(ApiError::payload_too_large().into_response())
         }
         Ok(Err(e)) => {
             return closing(

@@ -292,10 +292,12 @@ impl ModelHandle {
         &self,
         request: GenerateRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
-        let result = self.try_submit(request.clone());
-        if let (Err(e), Some(rejections)) = (&result, &self.rejections) {
+        // Only the tenant is kept for the metric: the prompt is not copied.
+        let tenant = self.rejections.as_ref().map(|_| request.tenant.clone());
+        let result = self.try_submit(request);
+        if let (Err(e), Some(rejections), Some(tenant)) = (&result, &self.rejections, tenant) {
             rejections
-                .with_label_values(&[request.tenant.as_str(), self.info.name.as_str(), e.reason()])
+                .with_label_values(&[tenant.as_str(), self.info.name.as_str(), e.reason()])
                 .inc();
         }
         result
@@ -368,7 +370,6 @@ struct Prepared<B: Backend> {
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Option<Arc<ChatTemplate>>,
-    spec: ModelSpec,
 }
 
 /// Builds a model's engine (with its swap space) on `backend`.
@@ -451,7 +452,6 @@ fn prepare<B: Backend>(
         info,
         tokenizer,
         template,
-        spec: spec.clone(),
     })
 }
 
@@ -546,7 +546,7 @@ fn spawn_device<B: Backend>(
                 up: Arc::clone(&up),
             },
         ));
-        tracing::debug!(model = %p.spec.name, %device, "model placed");
+        tracing::debug!(model = %p.slot.name, %device, "model placed");
         slots.push(p.slot);
     }
     let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();

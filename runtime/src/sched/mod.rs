@@ -14,7 +14,7 @@
 //! pool or a tenant's `kv_blocks` quota is overrun by that growth, the worst-ranked running
 //! sequence is preempted.
 //!
-//! Invariants (checked by [`Scheduler::check_invariants`] in the tests): a model's committed
+//! Invariants (checked by `Scheduler::check_invariants` in the tests): a model's committed
 //! blocks never exceed its pool, nor its host blocks its swap space; a tenant's committed
 //! device blocks never exceed its quota after a plan; a sequence is in exactly one state.
 //!
@@ -166,16 +166,6 @@ pub struct StepPlan {
     pub admit: Vec<SeqKey>,
     /// Tokens to feed each sequence this step: 1 to decode, more for a prefill chunk.
     pub run: Vec<(SeqKey, usize)>,
-}
-
-impl StepPlan {
-    pub fn is_empty(&self) -> bool {
-        self.reject.is_empty()
-            && self.preempt.is_empty()
-            && self.swap_in.is_empty()
-            && self.admit.is_empty()
-            && self.run.is_empty()
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,10 +357,6 @@ impl Scheduler {
         self
     }
 
-    pub fn policy_name(&self) -> &'static str {
-        self.policy.name()
-    }
-
     /// Places a model on this device; returns its index.
     pub fn add_model(&mut self, params: ModelParams) -> usize {
         self.models.push(ModelState {
@@ -381,10 +367,6 @@ impl Scheduler {
             running: 0,
         });
         self.models.len() - 1
-    }
-
-    pub fn model_params(&self, model: usize) -> Option<&ModelParams> {
-        self.models.get(model).map(|m| &m.params)
     }
 
     /// Device blocks committed by a model's running sequences.
@@ -1014,6 +996,7 @@ impl Scheduler {
     }
 
     /// Checks the module's invariants; for tests.
+    #[cfg(test)]
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut used = vec![0usize; self.models.len()];
         let mut host = vec![0usize; self.models.len()];
@@ -1076,6 +1059,7 @@ impl Scheduler {
 
     /// Checks what must hold right after a plan: no pool and no quota over its limit, no model
     /// over its sequence or token limit.
+    #[cfg(test)]
     pub fn check_plan(&self, plan: &StepPlan) -> Result<(), String> {
         self.check_invariants()?;
         for (m, model) in self.models.iter().enumerate() {

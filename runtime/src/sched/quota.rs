@@ -39,10 +39,6 @@ impl TokenBucket {
         }
     }
 
-    pub fn capacity(&self) -> f64 {
-        self.capacity
-    }
-
     /// Changes the rate (a policy reload), keeping the level within the new capacity.
     pub fn set_capacity(&mut self, per_minute: u64) {
         self.capacity = per_minute as f64;

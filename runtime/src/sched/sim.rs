@@ -10,7 +10,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{ModelParams, NewSeq, PolicyKind, Pricing, Scheduler, SeqKey, TenantParams};
-use crate::policy::PriorityClass;
 
 /// How a simulated tenant sends requests.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -356,11 +355,11 @@ pub fn fairness_report() -> String {
     out
 }
 
-/// Block utilisation and throughput with blocks committed on demand against blocks reserved
-/// for `max_tokens` at admission, under the same load: two floods whose requests declare
+/// Block utilisation and throughput with blocks committed on demand (or, with `reserve`,
+/// reserved for `max_tokens` at admission), under one load: two floods whose requests declare
 /// `max_tokens` 256 but stop after 16 to 256 tokens, on a pool of 1,024 blocks with room for
 /// 64 sequences.
-pub fn utilisation_report() -> String {
+pub fn utilisation(reserve: bool) -> SimResult {
     let tenant = |name: &str| SimTenant {
         name: name.into(),
         params: TenantParams::default(),
@@ -370,23 +369,26 @@ pub fn utilisation_report() -> String {
         max_tokens: Some(256),
         active: (0.0, f64::INFINITY),
     };
+    let mut config = SimConfig::new(vec![tenant("a"), tenant("b")], 4000);
+    config.model.total_blocks = 1024;
+    config.model.max_sequences = 64;
+    config.model.max_batch_tokens = 512;
+    config.model.reserve_max_tokens = reserve;
+    run(&config)
+}
+
+/// [`utilisation`] both ways, as the README's table.
+pub fn utilisation_report() -> String {
     let mut out = String::from(
         "| KV blocks | block utilisation | generated tok/s (simulated) | preemptions |\n|---|---|---|---|\n",
     );
-    for reserve in [true, false] {
-        let mut config = SimConfig::new(vec![tenant("a"), tenant("b")], 4000);
-        config.model.total_blocks = 1024;
-        config.model.max_sequences = 64;
-        config.model.max_batch_tokens = 512;
-        config.model.reserve_max_tokens = reserve;
-        let r = run(&config);
+    for (reserve, what) in [
+        (true, "reserved for prompt + max_tokens"),
+        (false, "committed on demand"),
+    ] {
+        let r = utilisation(reserve);
         out.push_str(&format!(
-            "| {} | {:.2} | {:.0} | {} |\n",
-            if reserve {
-                "reserved for prompt + max_tokens"
-            } else {
-                "committed on demand"
-            },
+            "| {what} | {:.2} | {:.0} | {} |\n",
             r.block_utilisation(),
             r.throughput(),
             r.preemptions
@@ -401,10 +403,4 @@ pub fn largest_request_cost(tenants: &[SimTenant], pricing: &Pricing) -> f64 {
         .iter()
         .map(|t| t.prompt.1 as f64 * pricing.prefill + t.output.1 as f64 * pricing.decode)
         .fold(0.0, f64::max)
-}
-
-/// A tenant of the given class (for class tests).
-pub fn with_class(mut t: SimTenant, class: PriorityClass) -> SimTenant {
-    t.params.class = class;
-    t
 }

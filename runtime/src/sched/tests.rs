@@ -442,27 +442,15 @@ proptest! {
 
 #[test]
 fn on_demand_blocks_hold_more_live_tokens_than_reservation() {
-    let report = sim::utilisation_report();
-    eprintln!("{report}");
-    let rows: Vec<Vec<f64>> = report
-        .lines()
-        .skip(2)
-        .map(|l| {
-            l.split('|')
-                .skip(2)
-                .take(3)
-                .map(|c| c.trim().parse().unwrap())
-                .collect()
-        })
-        .collect();
-    let (reserved, on_demand) = (&rows[0], &rows[1]);
+    eprintln!("{}", sim::utilisation_report());
+    let (reserved, on_demand) = (sim::utilisation(true), sim::utilisation(false));
     assert!(
-        on_demand[0] > reserved[0] + 0.2,
-        "utilisation {} vs {}\n{report}",
-        on_demand[0],
-        reserved[0]
+        on_demand.block_utilisation() > reserved.block_utilisation() + 0.2,
+        "utilisation {} vs {}",
+        on_demand.block_utilisation(),
+        reserved.block_utilisation()
     );
-    assert!(on_demand[1] > reserved[1], "{report}");
+    assert!(on_demand.throughput() > reserved.throughput());
 }
 
 #[test]
