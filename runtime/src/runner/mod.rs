@@ -407,10 +407,7 @@ fn prepare<B: Backend>(
         c.max_position_embeddings,
     );
     // Tokens of different models cost the device in proportion to their weights.
-    let per_layer = c.hidden_size
-        * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim)
-        + 3 * c.hidden_size * c.intermediate_size;
-    let parameters = c.num_layers * per_layer + c.vocab_size * c.hidden_size;
+    let parameters = model.weights.matmul_params();
     let params = ModelParams {
         block_size,
         total_blocks: spec.kv_blocks,
