@@ -5,8 +5,8 @@
 //! Stable Rust has no coverage-guided harness that runs without nightly sanitizers, so each
 //! target mutates seeds from the repository (bit flips, interesting bytes and numbers,
 //! truncation, chunk duplication and deletion, splices between seeds) with a seeded RNG, for
-//! `ACCEL_FUZZ_SECONDS` per target (2 by default, as CI runs it; `tests/fuzz.sh` runs each for
-//! an hour). A panic fails the test with the seed and iteration that reproduce it, and the
+//! `ACCEL_FUZZ_SECONDS` per target (2 by default, as CI runs it; `tests/fuzz.sh` runs them for
+//! an hour in all). A panic fails the test with the seed and iteration that reproduce it, and the
 //! input is written under `ACCEL_FUZZ_OUT` (default: the system temp dir). Executions per
 //! second are printed for the README.
 

@@ -315,7 +315,7 @@ impl DaemonConfig {
 
     /// Parses and validates config text.
     pub fn parse(file: &str, text: &str) -> Result<Self, Problems> {
-        let doc = Document::<DaemonConfig>::parse(file, text).map_err(|p| Problems(vec![p]))?;
+        let doc = Document::<DaemonConfig>::parse(file, text).map_err(Problems)?;
         let problems = doc.value.validate();
         if problems.is_empty() {
             Ok(doc.value)
@@ -610,6 +610,18 @@ mod tests {
         assert_eq!(
             (err.0[0].path.as_str(), err.0[0].line),
             ("tcp_listen", 2),
+            "{err}"
+        );
+        // Every wrong value comes at once, in file order.
+        let err = DaemonConfig::parse(
+            "c.yaml",
+            "tcp_listen: nowhere\nmax_connections: -5\nmodels:\n  - name: m\n    path: /m\n    swap_blocks: lots\n",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["tcp_listen", "max_connections", "models[0].swap_blocks"],
             "{err}"
         );
     }

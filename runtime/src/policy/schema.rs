@@ -132,31 +132,46 @@ impl Serialize for IdRangeSpec {
 
 impl<'de> Deserialize<'de> for IdRangeSpec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            One(u32),
-            Text(String),
-        }
-        let parse = |s: &str| -> Option<u32> { s.trim().parse().ok() };
-        match Raw::deserialize(d)? {
-            Raw::One(id) => Ok(IdRangeSpec {
-                first: id,
-                last: id,
-            }),
-            Raw::Text(text) => {
+        struct Id;
+        impl serde::de::Visitor<'_> for Id {
+            type Value = IdRangeSpec;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an id such as 1001, or an inclusive range such as \"1000-1999\"")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, id: u64) -> Result<IdRangeSpec, E> {
+                let id = u32::try_from(id).map_err(|_| {
+                    E::custom(format!("{id} is larger than the largest id, {}", u32::MAX))
+                })?;
+                Ok(IdRangeSpec {
+                    first: id,
+                    last: id,
+                })
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, id: i64) -> Result<IdRangeSpec, E> {
+                match u64::try_from(id) {
+                    Ok(id) => self.visit_u64(id),
+                    Err(_) => Err(E::custom(format!("{id} is negative; ids start at 0"))),
+                }
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<IdRangeSpec, E> {
+                let parse = |s: &str| -> Option<u32> { s.trim().parse().ok() };
                 let (first, last) = match text.split_once('-') {
                     Some((a, b)) => (parse(a), parse(b)),
-                    None => (parse(&text), parse(&text)),
+                    None => (parse(text), parse(text)),
                 };
                 match (first, last) {
                     (Some(first), Some(last)) => Ok(IdRangeSpec { first, last }),
-                    _ => Err(serde::de::Error::custom(format!(
+                    _ => Err(E::custom(format!(
                         "cannot parse {text:?} as an id or an id range; write 1001 or \"1000-1999\""
                     ))),
                 }
             }
         }
+        d.deserialize_any(Id)
     }
 }
 

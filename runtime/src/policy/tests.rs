@@ -366,3 +366,54 @@ fn a_non_finite_number_keeps_every_problem_located() {
         ("tenants[0].limits.cpu", 5)
     );
 }
+
+#[test]
+fn every_type_error_in_every_file_is_reported_at_once() {
+    let found = Policy::from_sources(&[
+        src(
+            "a.yaml",
+            "tenants:\n  - name: a\n    weight: -1\n    match:\n      uids: [true]\n",
+        ),
+        src(
+            "b.yaml",
+            "operators:\n  gids: [\"x\"]\ntenants:\n  - name: b\n    class: urgent\n    limits: {pids: many}\n",
+        ),
+    ])
+    .expect_err("type errors")
+    .0;
+    let located: Vec<(&str, &str, u64)> = found
+        .iter()
+        .map(|p| (p.file.as_str(), p.path.as_str(), p.line))
+        .collect();
+    assert_eq!(
+        located,
+        [
+            ("a.yaml", "tenants[0].weight", 3),
+            ("a.yaml", "tenants[0].match.uids[0]", 5),
+            ("b.yaml", "operators.gids[0]", 2),
+            ("b.yaml", "tenants[0].class", 5),
+            ("b.yaml", "tenants[0].limits.pids", 6),
+        ],
+        "{found:#?}"
+    );
+    // Each says what was found and what is expected, in words an operator can act on.
+    assert!(
+        found[0].message.contains("integer `-1`, expected u32"),
+        "{}",
+        found[0]
+    );
+    assert!(
+        found[1]
+            .message
+            .contains("boolean `true`, expected an id such as 1001"),
+        "{}",
+        found[1]
+    );
+    assert!(
+        found[3]
+            .message
+            .contains("expected `interactive` or `batch`"),
+        "{}",
+        found[3]
+    );
+}

@@ -31,7 +31,7 @@ pub(super) fn build(sources: &[PolicySource]) -> Result<Policy, Problems> {
     for source in sources {
         match Document::<PolicyFile>::parse(&source.name, &source.text) {
             Ok(doc) => docs.push(doc),
-            Err(problem) => problems.push(problem),
+            Err(found) => problems.extend(found),
         }
     }
 

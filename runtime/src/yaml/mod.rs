@@ -12,6 +12,8 @@ use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visi
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+mod lenient;
+
 /// Largest YAML file we accept; policies are small, this guards the daemon's memory.
 pub const MAX_YAML_BYTES: usize = 4 << 20;
 
@@ -85,8 +87,10 @@ pub struct Document<T> {
 }
 
 impl<T: DeserializeOwned> Document<T> {
-    /// Parses `text` (named `file` in messages) into `T`.
-    pub fn parse(file: &str, text: &str) -> Result<Self, Problem> {
+    /// Parses `text` (named `file` in messages) into `T`, or reports every problem in it: a
+    /// syntax error stops the reading, but type errors (a wrong type, an unknown field, a
+    /// value out of range) are all found in one pass, each with its YAML path.
+    pub fn parse(file: &str, text: &str) -> Result<Self, Vec<Problem>> {
         let problem = |line, column, message: String| Problem {
             file: file.to_owned(),
             path: String::new(),
@@ -95,11 +99,11 @@ impl<T: DeserializeOwned> Document<T> {
             message,
         };
         if text.len() > MAX_YAML_BYTES {
-            return Err(problem(
+            return Err(vec![problem(
                 0,
                 0,
                 format!("file is {} bytes, more than the {MAX_YAML_BYTES} accepted; split it into several files", text.len()),
-            ));
+            )]);
         }
         let options = serde_saphyr::options! { with_snippet: false };
         // A file with nothing but comments and blank lines (a commented-out policy) is an empty
@@ -109,27 +113,62 @@ impl<T: DeserializeOwned> Document<T> {
             l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
         });
         let text = if only_comments { "{}" } else { text };
-        // Positions only: every scalar is accepted as it is, a non-finite float included, so
-        // one odd value cannot take the lines and columns from every other message.
-        let shape_options = serde_saphyr::options! {
+        // The tree: every scalar is accepted as it is, a non-finite float included, so one odd
+        // value cannot take the lines and columns from every other message.
+        let tree_options = serde_saphyr::options! {
             with_snippet: false,
             non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
         };
-        let positions = serde_saphyr::from_str_with_options::<Spanned<Shape>>(text, shape_options)
-            .map(Node::from)
-            .unwrap_or(Node::Scalar(Pos::default()));
-        let value: T = serde_saphyr::from_str_with_options(text, options.clone()).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            // A type error names the field it is in, found from its position.
-            let mut p = problem(line, column, plain_message(&e));
-            p.path = path_at(&positions, Pos { line, column });
-            p
-        })?;
-        Ok(Self {
-            file: file.to_owned(),
-            value,
-            positions,
-        })
+        let tree = serde_saphyr::from_str_with_options::<Spanned<Shape>>(text, tree_options)
+            .map(Node::from);
+        let typed: Result<T, _> = serde_saphyr::from_str_with_options(text, options.clone());
+        match (typed, tree) {
+            (Ok(value), tree) => Ok(Self {
+                file: file.to_owned(),
+                value,
+                positions: tree.unwrap_or(Node::Scalar(Pos::default(), Scalar::Null)),
+            }),
+            (Err(e), tree) => {
+                let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+                let mut first = problem(line, column, plain_message(&e));
+                let tree = match tree {
+                    Ok(tree) => tree,
+                    Err(e) => {
+                        // Not a YAML document that can be read whole: nothing after a syntax
+                        // error can be trusted. The strict reading may have stopped earlier, at
+                        // a type error; both are true.
+                        let (line, column) =
+                            e.location().map_or((0, 0), |l| (l.line(), l.column()));
+                        let syntax = problem(line, column, plain_message(&e));
+                        let mut problems = vec![first];
+                        if problems[0].message != syntax.message {
+                            problems.push(syntax);
+                        }
+                        return Err(problems);
+                    }
+                };
+                let every = lenient::type_problems::<T>(&tree)
+                    .into_iter()
+                    .map(|(path, message)| {
+                        let pos = locate(&tree, &path);
+                        Problem {
+                            file: file.to_owned(),
+                            path,
+                            line: pos.line,
+                            column: pos.column,
+                            message,
+                        }
+                    })
+                    .collect::<Vec<_>>();
+                if every.is_empty() {
+                    // The two readings disagree on this value; the strict one is the truth.
+                    first.path = path_at(&tree, Pos { line, column });
+                    Err(vec![first])
+                } else {
+                    Err(every)
+                }
+            }
+        }
     }
 
     /// Turns problems found by a `validate()` into located problems.
@@ -151,26 +190,31 @@ impl<T: DeserializeOwned> Document<T> {
 
     /// The position of the node at `path` (`a.b[2].c`), or of its nearest existing ancestor.
     pub fn locate(&self, path: &str) -> Pos {
-        let mut node = &self.positions;
-        let mut pos = node.pos();
-        for segment in path_segments(path) {
-            let next = match (node, segment) {
-                (Node::Map(_, entries), Segment::Key(key)) => {
-                    entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-                }
-                (Node::Seq(_, items), Segment::Index(i)) => items.get(i),
-                _ => None,
-            };
-            match next {
-                Some(child) => {
-                    node = child;
-                    pos = node.pos();
-                }
-                None => break,
-            }
-        }
-        pos
+        locate(&self.positions, path)
     }
+}
+
+/// The position of the node at `path` under `root`, or of its nearest existing ancestor.
+fn locate(root: &Node, path: &str) -> Pos {
+    let mut node = root;
+    let mut pos = node.pos();
+    for segment in path_segments(path) {
+        let next = match (node, segment) {
+            (Node::Map(_, entries), Segment::Key(key)) => {
+                entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+            }
+            (Node::Seq(_, items), Segment::Index(i)) => items.get(i),
+            _ => None,
+        };
+        match next {
+            Some(child) => {
+                node = child;
+                pos = node.pos();
+            }
+            None => break,
+        }
+    }
+    pos
 }
 
 /// The error text without the location suffix, which `Problem` prints itself.
@@ -182,11 +226,23 @@ fn plain_message(error: &serde_saphyr::Error) -> String {
         Some(i) => &text[..i],
         None => text,
     };
-    // Its duplicate-key advice is for programmers; say what an operator should do.
-    match text.split_once(", set DuplicateKeyPolicy") {
-        Some((head, _)) => format!("{head}; a key may appear only once in a mapping, remove one"),
-        None => text.to_owned(),
+    // Its advice is for programmers; say what an operator should do.
+    if let Some((head, _)) = text.split_once(", set DuplicateKeyPolicy") {
+        return format!("{head}; a key may appear only once in a mapping, remove one");
     }
+    if text.starts_with("multiple YAML documents") {
+        return "a second YAML document starts here (a `---` line); a config or policy file \
+                holds one document: remove the `---`, or move what follows into a file of its own"
+            .to_owned();
+    }
+    if let Some(rest) = text.strip_prefix("budget breached: ") {
+        let what = rest.split(" at line").next().unwrap_or(rest);
+        return format!(
+            "the document is too big to read once its aliases are expanded ({what}); \
+             write the values out instead of nesting aliases (`*name`) inside aliased nodes"
+        );
+    }
+    text.to_owned()
 }
 
 /// A 1-based line and column; 0 means unknown.
@@ -196,19 +252,31 @@ pub struct Pos {
     pub column: u64,
 }
 
-/// The shape of a YAML document with the position of every node.
+/// A YAML document as a tree, with the position of every node.
 #[derive(Debug)]
 enum Node {
     Map(Pos, Vec<(String, Node)>),
     Seq(Pos, Vec<Node>),
-    Scalar(Pos),
+    Scalar(Pos, Scalar),
+}
+
+/// A scalar as YAML resolved it; a plain `12` may still be read as text, as the strict
+/// reading does.
+#[derive(Debug, Clone, PartialEq)]
+enum Scalar {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+    Text(String),
 }
 
 /// Raw shape before positions are attached by `Spanned`.
 enum Shape {
     Map(Vec<(String, Spanned<Shape>)>),
     Seq(Vec<Spanned<Shape>>),
-    Scalar,
+    Scalar(Scalar),
 }
 
 impl From<Spanned<Shape>> for Node {
@@ -223,7 +291,7 @@ impl From<Spanned<Shape>> for Node {
                 entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
             ),
             Shape::Seq(items) => Node::Seq(pos, items.into_iter().map(Node::from).collect()),
-            Shape::Scalar => Node::Scalar(pos),
+            Shape::Scalar(value) => Node::Scalar(pos, value),
         }
     }
 }
@@ -231,7 +299,7 @@ impl From<Spanned<Shape>> for Node {
 impl Node {
     fn pos(&self) -> Pos {
         match self {
-            Node::Map(p, _) | Node::Seq(p, _) | Node::Scalar(p) => *p,
+            Node::Map(p, _) | Node::Seq(p, _) | Node::Scalar(p, _) => *p,
         }
     }
 }
@@ -267,26 +335,26 @@ impl<'de> Visitor<'de> for ShapeVisitor {
         Ok(Shape::Seq(items))
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
-        Ok(Shape::Scalar)
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Shape, E> {
+        Ok(Shape::Scalar(Scalar::Bool(v)))
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
-        Ok(Shape::Scalar)
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Shape, E> {
+        Ok(Shape::Scalar(Scalar::Int(v)))
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
-        Ok(Shape::Scalar)
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Shape, E> {
+        Ok(Shape::Scalar(Scalar::Uint(v)))
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
-        Ok(Shape::Scalar)
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Shape, E> {
+        Ok(Shape::Scalar(Scalar::Float(v)))
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Shape, E> {
-        Ok(Shape::Scalar)
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Shape, E> {
+        Ok(Shape::Scalar(Scalar::Text(v.to_owned())))
     }
     fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
-        Ok(Shape::Scalar)
+        Ok(Shape::Scalar(Scalar::Null))
     }
     fn visit_none<E: de::Error>(self) -> Result<Shape, E> {
-        Ok(Shape::Scalar)
+        Ok(Shape::Scalar(Scalar::Null))
     }
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
         Shape::deserialize(d)
@@ -358,7 +426,7 @@ fn path_at(root: &Node, at: Pos) -> String {
                     path.truncate(len);
                 }
             }
-            Node::Scalar(_) => {}
+            Node::Scalar(..) => {}
         }
     }
     if at.line == 0 {
@@ -467,6 +535,187 @@ mod tests {
 
     const TEXT: &str = "items:\n  - name: a\n  - name: b\n    size: 4GiB\n";
 
+    /// The one problem a parse reported.
+    fn only<T: std::fmt::Debug>(parsed: Result<T, Vec<Problem>>) -> Problem {
+        let mut problems = parsed.unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.remove(0)
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // read only to be checked
+    struct Limits {
+        #[serde(default)]
+        count: u32,
+        #[serde(default)]
+        ids: Vec<crate::policy::IdRangeSpec>,
+        #[serde(default)]
+        class: Option<crate::policy::PriorityClass>,
+        #[serde(default)]
+        cpu: Option<f64>,
+        #[serde(default)]
+        listen: Option<std::net::SocketAddr>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // read only to be checked
+    struct Entry {
+        name: String,
+        #[serde(default)]
+        limits: Option<Limits>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // read only to be checked
+    struct Entries {
+        #[serde(default)]
+        entries: Vec<Entry>,
+    }
+
+    #[test]
+    fn every_type_problem_is_reported_at_once_with_its_path() {
+        let text = "\
+entries:
+  - name: a
+    limits:
+      count: -1
+      ids: [true, 7, \"1-x\"]
+      colour: red
+  - name: [b]
+    limits:
+      class: urgent
+      cpu: many
+      listen: nowhere
+  - limits: {}
+";
+        let problems = Document::<Entries>::parse("t.yaml", text).unwrap_err();
+        let found: Vec<(&str, u64)> = problems.iter().map(|p| (p.path.as_str(), p.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("entries[0].limits.count", 4),
+                ("entries[0].limits.ids[0]", 5),
+                ("entries[0].limits.ids[2]", 5),
+                ("entries[0].limits.colour", 6),
+                ("entries[1].name", 7),
+                ("entries[1].limits.class", 9),
+                ("entries[1].limits.cpu", 10),
+                ("entries[1].limits.listen", 11),
+                ("entries[2]", 12),
+            ],
+            "{problems:#?}"
+        );
+        let message = |path: &str| {
+            problems
+                .iter()
+                .find(|p| p.path == path)
+                .map(|p| p.message.clone())
+                .unwrap()
+        };
+        assert!(message("entries[0].limits.count").contains("integer `-1`, expected u32"));
+        assert!(message("entries[0].limits.ids[0]")
+            .contains("boolean `true`, expected an id such as 1001"));
+        assert!(message("entries[0].limits.ids[2]").contains("\"1-x\""));
+        assert!(message("entries[0].limits.colour").contains("unknown field `colour`"));
+        assert!(message("entries[1].limits.class").contains("unknown variant `urgent`"));
+        assert!(message("entries[1].limits.listen").contains("socket address"));
+        assert!(message("entries[2]").contains("missing field `name`"));
+    }
+
+    #[test]
+    fn a_non_finite_number_is_named_where_it_is() {
+        let problems = Document::<Entries>::parse(
+            "t.yaml",
+            "entries:\n  - name: a\n    limits: {count: .inf}\n",
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            (problems[0].path.as_str(), problems[0].line),
+            ("entries[0].limits.count", 3)
+        );
+        assert!(problems[0].message.contains("inf"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_second_document_and_an_alias_bomb_say_what_to_do() {
+        let err = only(Document::<Entries>::parse(
+            "t.yaml",
+            "entries: []\n---\nentries: []\n",
+        ));
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.message.contains("second YAML document"), "{err}");
+        let mut bomb = String::from("a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n");
+        for i in 1..8 {
+            let p = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [{}]\n",
+                vec![format!("*a{p}"); 10].join(", ")
+            ));
+        }
+        let problems = Document::<Entries>::parse("t.yaml", &bomb).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("aliases are expanded")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn valid_files_read_leniently_have_no_problems() {
+        // The lenient reading must agree with the strict one on what is valid, or it would
+        // report problems that are not there. Every YAML file the project ships is valid.
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let mut files = Vec::new();
+        for dir in [
+            "runtime/dist",
+            "cgroup-policies",
+            "cgroup-policies/examples",
+        ] {
+            for entry in std::fs::read_dir(format!("{root}/{dir}"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    files.push(path.display().to_string());
+                }
+            }
+        }
+        let mut texts: Vec<String> = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        texts.push(doc_check::readme_yaml("config-reference"));
+        texts.push(doc_check::readme_yaml("policy-reference"));
+        let mut checked = 0;
+        for text in texts {
+            let tree: Node = serde_saphyr::from_str::<Spanned<Shape>>(&text)
+                .unwrap()
+                .into();
+            if serde_saphyr::from_str::<crate::config::DaemonConfig>(&text).is_ok() {
+                assert_eq!(
+                    lenient::type_problems::<crate::config::DaemonConfig>(&tree),
+                    []
+                );
+                checked += 1;
+            }
+            if serde_saphyr::from_str::<crate::policy::schema::PolicyFile>(&text).is_ok() {
+                assert_eq!(
+                    lenient::type_problems::<crate::policy::schema::PolicyFile>(&tree),
+                    []
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 5, "only {checked} files checked");
+    }
+
     #[test]
     fn locates_nested_paths() {
         let doc = Document::<Doc>::parse("t.yaml", TEXT).unwrap();
@@ -482,7 +731,10 @@ mod tests {
 
     #[test]
     fn syntax_errors_have_line_and_column() {
-        let err = Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n   bad: [\n").unwrap_err();
+        let err = only(Document::<Doc>::parse(
+            "t.yaml",
+            "items:\n  - name: a\n   bad: [\n",
+        ));
         assert!(err.line >= 2, "{err}");
         assert!(err.column > 0, "{err}");
         assert_eq!(err.file, "t.yaml");
@@ -490,18 +742,24 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_sizes_are_located() {
-        let err =
-            Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    colour: red\n").unwrap_err();
+        let err = only(Document::<Doc>::parse(
+            "t.yaml",
+            "items:\n  - name: a\n    colour: red\n",
+        ));
         assert_eq!(err.line, 3, "{err}");
         assert!(err.message.contains("colour"), "{err}");
-        let err =
-            Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n    size: 10XB\n").unwrap_err();
+        let err = only(Document::<Doc>::parse(
+            "t.yaml",
+            "items:\n  - name: a\n    size: 10XB\n",
+        ));
         assert_eq!(err.line, 3, "{err}");
         assert!(err.message.contains("10XB"), "{err}");
         // A type error names the field it is in.
         assert_eq!(err.path, "items[0].size", "{err}");
-        let err =
-            Document::<Doc>::parse("t.yaml", "items:\n  - name: a\n  - name: [1]\n").unwrap_err();
+        let err = only(Document::<Doc>::parse(
+            "t.yaml",
+            "items:\n  - name: a\n  - name: [1]\n",
+        ));
         assert_eq!((err.path.as_str(), err.line), ("items[1].name", 3), "{err}");
     }
 
@@ -513,15 +771,15 @@ mod tests {
             "# all commented out\n# items:\n#  - name: a\n",
             "---\n# nothing\n",
         ] {
-            let doc =
-                Document::<Doc>::parse("t.yaml", text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let doc = Document::<Doc>::parse("t.yaml", text)
+                .unwrap_or_else(|e| panic!("{text:?}: {e:?}"));
             assert!(doc.value.items.is_empty());
         }
     }
 
     #[test]
     fn duplicate_keys_are_rejected() {
-        let err = Document::<Doc>::parse("t.yaml", "items: []\nitems: []\n").unwrap_err();
+        let err = only(Document::<Doc>::parse("t.yaml", "items: []\nitems: []\n"));
         assert_eq!(err.line, 2, "{err}");
         assert!(
             err.message
