@@ -243,3 +243,56 @@ fn requests_still_sending_their_bodies_count_against_the_in_flight_limit() {
     assert!(answer.contains("max_concurrent_requests"), "{answer}");
     drop(slow);
 }
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback address `from`.
+fn tcp_from(from: std::net::Ipv4Addr, port: u16) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let [a, b, c, d] = from.octets();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(a, b, c, d, 0),
+    )
+    .unwrap();
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, port),
+    )
+    .unwrap();
+    TcpStream::from(fd)
+}
+
+#[test]
+fn a_host_cannot_multiply_its_tcp_share_by_taking_more_loopback_addresses() {
+    let port = free_port();
+    let extra = format!(
+        "tcp_listen: 127.0.0.1:{port}\nmax_connections_per_client: 2\nrequest_timeout: 20s\n"
+    );
+    let _daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    // Two idle connections from two loopback addresses hold this host's share...
+    let _held: Vec<TcpStream> = [[127, 0, 0, 1], [127, 0, 0, 2]]
+        .into_iter()
+        .map(|o| tcp_from(o.into(), port))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // ...so a third, from yet another, is refused at once.
+    let mut third = tcp_from([127, 0, 0, 3].into(), port);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    third
+        .read_to_string(&mut answer)
+        .expect("an answer, then the end of the stream");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+}

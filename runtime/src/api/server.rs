@@ -34,6 +34,29 @@ pub enum ClientKey {
     Address(IpAddr),
 }
 
+impl ClientKey {
+    /// The client a TCP peer address stands for. One host can take many addresses for free:
+    /// every loopback address (all of 127.0.0.0/8, and ::1) is this host, an IPv4 address
+    /// mapped into IPv6 is that IPv4 address, and an IPv6 peer is its /64, the block one
+    /// host is normally given.
+    pub fn of_address(ip: IpAddr) -> Self {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let key = match ip {
+            ip if ip.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(v4) => IpAddr::V4(v4),
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+        };
+        ClientKey::Address(key)
+    }
+}
+
 /// How many connections a listener serves at once, and how they are shared.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -169,7 +192,7 @@ impl Acceptor for tokio::net::TcpListener {
     type Peer = TcpPeer;
 
     fn client(peer: &TcpPeer) -> ClientKey {
-        ClientKey::Address(peer.0.ip())
+        ClientKey::of_address(peer.0.ip())
     }
 
     async fn accept(&mut self) -> std::io::Result<(Self::Io, TcpPeer)> {
@@ -319,5 +342,20 @@ mod tests {
         t.release(root);
         t.admit(&limits, c, false).unwrap();
         assert_eq!(t.open(), 8);
+    }
+
+    #[test]
+    fn one_host_is_one_client_however_many_addresses_it_takes() {
+        let key = |a: &str| ClientKey::of_address(a.parse().unwrap());
+        // Every loopback address is this host.
+        assert_eq!(key("127.0.0.1"), key("127.1.2.3"));
+        assert_eq!(key("127.0.0.1"), key("::1"));
+        assert_eq!(key("127.0.0.1"), key("::ffff:127.9.9.9"));
+        // An IPv4 peer mapped into IPv6 is that peer.
+        assert_eq!(key("192.0.2.7"), key("::ffff:192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        // An IPv6 peer is its /64.
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 }

@@ -260,10 +260,21 @@ impl<B: Backend> Arbiter<B> {
             // A panic in a step (a model file's tokenizer, a kernel's shape check) fails the
             // requests of that step's device and the loop keeps serving.
             let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn()));
-            let ran = turn.unwrap_or_else(|_| {
-                self.recover();
-                true
-            });
+            let ran = match turn {
+                Ok(ran) => ran,
+                Err(_) => {
+                    let recovered =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.recover()));
+                    if recovered.is_err() {
+                        // Cleaning up panicked too: nothing here can be trusted. Stopping marks
+                        // the device's models down (`/healthz`, `accel_model_up`), and dropping
+                        // the loop closes every request still on it.
+                        tracing::error!(device = %self.device, "recovering from a panicked step panicked; this device's loop stops");
+                        return;
+                    }
+                    true
+                }
+            };
             if !ran {
                 // Nothing could run (a rate limit): wait for a new request or a refill.
                 match self.inbox.recv_timeout(Duration::from_millis(50)) {
@@ -313,11 +324,36 @@ impl<B: Backend> Arbiter<B> {
                 "the model failed while serving this request (see the daemon log); retry it".into(),
             );
         }
+        // A sequence the scheduler knows but no request owns (a panic between the two) would
+        // hold its blocks and be planned for ever.
+        for key in self.sched.keys() {
+            self.sched.remove(key);
+        }
     }
 
+    /// Takes a new request in. A panic on the way (a sampler or detokenizer built from the
+    /// request) fails that request alone and leaves nothing of it behind.
     fn accept(&mut self, job: Submission) {
         let key = self.next_key;
         self.next_key += 1;
+        let tenant = job.request.tenant.clone();
+        let events = job.events.clone();
+        let accepted =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.accept_as(key, job)));
+        if accepted.is_err() {
+            tracing::error!(device = %self.device, %tenant, "taking a request in panicked; it fails alone");
+            self.sched.remove(key);
+            match self.active.remove(&key) {
+                Some(a) if a.admitted => {}
+                _ => self.gate.leave(&tenant),
+            }
+            let _ = events.send(Event::Error {
+                message: "the request could not be started (see the daemon log); retry it".into(),
+            });
+        }
+    }
+
+    fn accept_as(&mut self, key: SeqKey, job: Submission) {
         let request = &job.request;
         let submitted = self.sched.submit(
             NewSeq {
@@ -345,6 +381,11 @@ impl<B: Backend> Arbiter<B> {
                 message: e.to_string(),
             });
             return;
+        }
+        // Between the scheduler taking the sequence and the request owning it: the worst place.
+        #[cfg(test)]
+        if request.tenant == super::tests::PANIC_IN_ACCEPT {
+            panic!("fault injected by a test");
         }
         self.tenants_seen.insert(request.tenant.clone());
         let active = Active {

@@ -2,6 +2,9 @@ use super::*;
 use crate::config::PreemptionMode;
 use crate::sched::PolicyKind;
 
+/// A tenant whose requests panic while the device loop takes them in.
+pub(super) const PANIC_IN_ACCEPT: &str = "panics-in-accept";
+
 /// A device loop over the generated model with `kv_blocks` blocks, driven by the test.
 fn device(
     kv_blocks: usize,
@@ -284,4 +287,52 @@ fn after_a_panic_every_request_on_the_device_fails_and_the_device_serves_on() {
         request("alpha", vec![7; 5], 4, SamplingParams::greedy()),
     )];
     assert_eq!(drain(&mut arbiter, &mut c)[0].len(), 4);
+}
+
+#[test]
+fn a_panic_taking_a_request_in_fails_it_alone_and_leaves_nothing_behind() {
+    let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+    let gate = Arc::clone(&arbiter.gate);
+    gate.enter(PANIC_IN_ACCEPT, 4).unwrap();
+    let mut doomed = submit(
+        &jobs,
+        request(PANIC_IN_ACCEPT, vec![5; 4], 4, SamplingParams::greedy()),
+    );
+    gate.enter("beta", 4).unwrap();
+    let mut fine = [submit(
+        &jobs,
+        request("beta", vec![6; 3], 4, SamplingParams::greedy()),
+    )];
+    arbiter.turn();
+    let mut failed = false;
+    while let Ok(event) = doomed.try_recv() {
+        failed |= matches!(event, Event::Error { ref message } if message.contains("could not be started"));
+    }
+    assert!(failed, "the request that panicked gets an error");
+    // Its queue place is given back, and the other request is served.
+    assert_eq!(gate.enter(PANIC_IN_ACCEPT, 1), Ok(()));
+    assert_eq!(drain(&mut arbiter, &mut fine)[0].len(), 4);
+    assert!(arbiter.sched.is_empty());
+}
+
+#[test]
+fn recovering_forgets_sequences_no_request_owns() {
+    let (mut arbiter, _jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+    let params = TenantParams::default();
+    arbiter
+        .sched
+        .submit(
+            NewSeq {
+                key: 999,
+                tenant: "ghost".into(),
+                params,
+                model: 0,
+                prompt_len: 4,
+                max_tokens: 4,
+            },
+            0.0,
+        )
+        .unwrap();
+    arbiter.recover();
+    assert!(arbiter.sched.is_empty());
 }

@@ -384,6 +384,11 @@ impl Scheduler {
             .sum()
     }
 
+    /// Every sequence known, in no particular order.
+    pub fn keys(&self) -> Vec<SeqKey> {
+        self.seqs.keys().copied().collect()
+    }
+
     /// Sequences known (waiting, running or swapped).
     pub fn len(&self) -> usize {
         self.seqs.len()
