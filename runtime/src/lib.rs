@@ -8,6 +8,7 @@
 //! - [`metrics`]: Prometheus families and exposition;
 //! - [`state`]: what a running daemon shares between listeners (the policy in force);
 //! - [`daemon`]: lifecycle, signals, drain;
+//! - [`cgroup`]: tenant cgroups and the limits the kernel enforces on workers;
 //! - [`sys`]: every raw host interface (locks, socket files, NSS, peer groups, systemd);
 //! - [`model`]: model files (Hugging Face folders, GGUF) to a validated config and weights;
 //! - [`tokenizer`], [`chat`]: tokenizers for both formats, chat templates;
@@ -20,6 +21,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod cgroup;
 pub mod chat;
 pub mod config;
 pub mod daemon;
