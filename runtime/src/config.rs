@@ -69,6 +69,22 @@ pub struct DaemonConfig {
     pub models: Vec<ModelSpec>,
     /// How each device's requests are shared between tenants.
     pub scheduler: SchedulerConfig,
+    /// Where models' engines run: `off` (threads inside acceld) or `shared` (a worker process
+    /// per model, as `worker_user`, with no capabilities).
+    pub isolation: Isolation,
+    /// The user workers run as; `null`: `accel-worker` if it exists, else `nobody`.
+    pub worker_user: Option<String>,
+}
+
+/// Where models' engines run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// In threads of acceld itself, as root.
+    #[default]
+    Off,
+    /// In worker processes, unprivileged, one per model, serving every tenant.
+    Shared,
 }
 
 /// Scheduling across tenants; one scheduler per device applies it to every model there.
@@ -273,6 +289,8 @@ impl Default for DaemonConfig {
             kernel_cache: PathBuf::from("/var/cache/accel/kernels"),
             models: vec![ModelSpec::default_model()],
             scheduler: SchedulerConfig::default(),
+            isolation: Isolation::Off,
+            worker_user: None,
         }
     }
 }

@@ -18,6 +18,7 @@
 //! - [`kv`]: the paged KV cache's blocks and block tables (pure);
 //! - [`sched`]: the per-device scheduler: step plans, policies, quotas, preemption (pure);
 //! - [`engine`]: the batched forward pass over a backend, and sampling;
+//! - [`worker`]: engines in worker processes, and the protocol that drives them;
 //! - [`yaml`], [`units`]: file parsing with positions, sizes and durations.
 
 pub mod api;
@@ -39,4 +40,5 @@ pub mod state;
 pub mod sys;
 pub mod tokenizer;
 pub mod units;
+pub mod worker;
 pub mod yaml;

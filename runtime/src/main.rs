@@ -18,6 +18,15 @@ struct Args {
     /// Validate the config and the tenant policy it points to, print every problem, and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// A model's worker process; started by acceld itself, with its socket at descriptor 3.
+    #[command(hide = true)]
+    Worker,
 }
 
 /// Exit codes, after sysexits(3), so systemd and scripts can tell failures apart.
@@ -48,6 +57,22 @@ fn init_logging(config: &DaemonConfig) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Worker) = args.command {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+        return match accel_runtime::worker::main() {
+            Ok(()) => ExitCode::from(exit::OK),
+            Err(e) => {
+                eprintln!("acceld worker: {e}");
+                ExitCode::from(exit::SOFTWARE)
+            }
+        };
+    }
     let config = match DaemonConfig::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(problems) => {

@@ -5,6 +5,7 @@
 //! cache through each sequence's block table. The engine owns the block pool and tables; the
 //! backend owns the memory. Which sequences run in a step is the caller's decision.
 
+pub mod ops;
 pub mod sampling;
 
 use std::collections::HashMap;
@@ -68,6 +69,13 @@ pub enum EngineError {
     OutOfBlocks(#[from] OutOfBlocks),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The engine runs in a worker process, which reported this.
+    #[error("{0}")]
+    Worker(String),
+    /// The engine's worker process is gone (crashed, killed, or stopped answering); every
+    /// sequence it held is lost and must be recomputed.
+    #[error("the model's worker process was lost: {0}")]
+    WorkerLost(String),
 }
 
 struct LayerWeightsOn<B: Backend> {

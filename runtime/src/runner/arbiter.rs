@@ -17,6 +17,7 @@ use super::detok::Detokenizer;
 use super::{DeviceSchedule, Event, FinishReason, GenerateRequest, Usage};
 use crate::backend::Backend;
 use crate::config::{ModelSpec, PreemptionMode};
+use crate::engine::ops::EngineOps;
 use crate::engine::sampling::Sampler;
 use crate::engine::{Engine, LogitsWanted, SeqId, StepInput};
 use crate::metrics::SchedMetrics;
@@ -81,9 +82,9 @@ impl Gate {
 }
 
 /// A model on the device: its engine and what the loop needs to finish its tokens.
-pub(crate) struct Slot<B: Backend> {
+pub(crate) struct Slot<E: EngineOps> {
     pub name: String,
-    pub engine: Engine<B>,
+    pub engine: E,
     pub tokenizer: Arc<Tokenizer>,
     pub usage: Arc<Usage>,
     pub params: ModelParams,
@@ -191,10 +192,10 @@ impl Active {
 }
 
 /// The device's loop.
-pub(crate) struct Arbiter<B: Backend> {
+pub(crate) struct Arbiter<E: EngineOps> {
     pub device: String,
     pub sched: Scheduler,
-    pub models: Vec<Slot<B>>,
+    pub models: Vec<Slot<E>>,
     pub inbox: crossbeam_channel::Receiver<Submission>,
     pub gate: Arc<Gate>,
     pub metrics: Option<SchedMetrics>,
@@ -207,11 +208,11 @@ pub(crate) struct Arbiter<B: Backend> {
     reported: Option<Instant>,
 }
 
-impl<B: Backend> Arbiter<B> {
+impl<E: EngineOps> Arbiter<E> {
     pub fn new(
         device: String,
         sched: Scheduler,
-        models: Vec<Slot<B>>,
+        models: Vec<Slot<E>>,
         inbox: crossbeam_channel::Receiver<Submission>,
         gate: Arc<Gate>,
         metrics: Option<SchedMetrics>,
@@ -328,6 +329,26 @@ impl<B: Backend> Arbiter<B> {
         // hold its blocks and be planned for ever.
         for key in self.sched.keys() {
             self.sched.remove(key);
+        }
+    }
+
+    /// Model `m`'s worker process was lost with every sequence it held: each goes back to the
+    /// scheduler to be recomputed on the worker that replaces it. Samplers and detokenizers are
+    /// kept, so the outputs are what they would have been.
+    fn worker_lost(&mut self, m: usize) {
+        let lost: Vec<SeqKey> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.job.model == m && a.seq.is_some())
+            .map(|(&k, _)| k)
+            .collect();
+        tracing::warn!(device = %self.device, model = %self.models[m].name, sequences = lost.len(), "requeueing the sequences of a lost worker");
+        for key in lost {
+            if let Some(a) = self.active.get_mut(&key) {
+                a.seq = None;
+                a.restart();
+            }
+            self.sched.requeue(key);
         }
     }
 
@@ -467,10 +488,15 @@ impl<B: Backend> Arbiter<B> {
             let Some(a) = self.active.get_mut(&key) else {
                 continue;
             };
-            let engine = &mut self.models[a.job.model].engine;
+            let model = a.job.model;
+            let engine = &mut self.models[model].engine;
             let failure = match (kind, a.seq) {
                 (PreemptKind::Swap, Some(seq)) => match engine.swap_out(seq) {
                     Ok(()) => None,
+                    Err(crate::engine::EngineError::WorkerLost(_)) => {
+                        self.worker_lost(model);
+                        continue;
+                    }
                     Err(e) => {
                         // Recompute instead; the output is the same.
                         tracing::warn!(error = %e, "swapping a sequence out failed; it will be recomputed");
@@ -499,20 +525,38 @@ impl<B: Backend> Arbiter<B> {
             let Some(a) = self.active.get(&key) else {
                 continue;
             };
+            let model = a.job.model;
             let result = match a.seq {
-                Some(seq) => self.models[a.job.model].engine.swap_in(seq),
+                Some(seq) => self.models[model].engine.swap_in(seq),
                 None => Err(crate::engine::EngineError::NoSwapSpace),
             };
-            if let Err(e) = result {
+            if let Err(crate::engine::EngineError::WorkerLost(_)) = result {
+                self.worker_lost(model);
+            } else if let Err(e) = result {
                 tracing::error!(error = %e, "swapping a sequence in failed");
                 self.fail(key, format!("resuming the request failed: {e}"));
             }
         }
         for key in admit {
+            let Some(model) = self.active.get(&key).map(|a| a.job.model) else {
+                continue;
+            };
+            let seq = match self.models[model].engine.add_sequence() {
+                Ok(seq) => seq,
+                Err(crate::engine::EngineError::WorkerLost(_)) => {
+                    self.sched.requeue(key);
+                    self.worker_lost(model);
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(key, format!("starting the request failed: {e}"));
+                    continue;
+                }
+            };
             let Some(a) = self.active.get_mut(&key) else {
                 continue;
             };
-            a.seq = Some(self.models[a.job.model].engine.add_sequence());
+            a.seq = Some(seq);
             if !a.admitted {
                 a.admitted = true;
                 self.gate.leave(&a.job.request.tenant);
@@ -564,6 +608,10 @@ impl<B: Backend> Arbiter<B> {
         let slot = &mut self.models[m];
         let outputs = match slot.engine.step(&inputs) {
             Ok(outputs) => outputs,
+            Err(crate::engine::EngineError::WorkerLost(_)) => {
+                self.worker_lost(m);
+                return;
+            }
             Err(e) => {
                 // The engine rolled the step back; fail its requests, keep serving the rest.
                 tracing::error!(model = %slot.name, error = %e, "engine step failed");

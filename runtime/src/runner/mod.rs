@@ -25,6 +25,7 @@ use crate::chat::ChatTemplate;
 use crate::config::{
     BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME,
 };
+use crate::engine::ops::EngineOps;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::Engine;
 use crate::metrics::SchedMetrics;
@@ -211,6 +212,8 @@ pub enum StartError {
     },
     #[error("cannot start the runner thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot start the model's worker process: {0}")]
+    Worker(String),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
 }
@@ -365,22 +368,22 @@ impl ModelHandle {
 }
 
 /// A model ready to be placed on its device's loop.
-struct Prepared<B: Backend> {
-    slot: Slot<B>,
+struct Prepared<E: EngineOps> {
+    slot: Slot<E>,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Option<Arc<ChatTemplate>>,
 }
 
-/// Builds a model's engine (with its swap space) on `backend`.
-fn prepare<B: Backend>(
+/// Builds a model's engine (with its swap space) on `backend`, in this process.
+fn prepare<B: Backend + 'static>(
     name: &str,
     model: LoadedModel,
     spec: &ModelSpec,
     backend: B,
     label: String,
     ledger: Option<Arc<Ledger>>,
-) -> Result<Prepared<B>, StartError> {
+) -> Result<PreparedModel, StartError> {
     let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
     let mut engine = Engine::new(
         backend,
@@ -389,6 +392,64 @@ fn prepare<B: Backend>(
         spec.kv_blocks,
         block_size,
     )?;
+    let c = &model.config;
+    let swap_min_tokens = arbiter::preemption_crossover(
+        &mut engine,
+        spec,
+        block_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+    );
+    finish_prepare(
+        name,
+        model,
+        spec,
+        Box::new(engine),
+        swap_min_tokens,
+        label,
+        ledger,
+    )
+}
+
+/// A model whose engine runs in a worker process; the supervisor keeps its tokenizer and
+/// template.
+fn prepare_in_worker(
+    name: &str,
+    model: LoadedModel,
+    spec: &ModelSpec,
+    worker: (crate::worker::RemoteEngine, crate::worker::WorkerReady),
+    label: String,
+) -> Result<PreparedModel, StartError> {
+    let (engine, ready) = worker;
+    let swap_min_tokens = usize::try_from(ready.swap_min_tokens).unwrap_or(usize::MAX);
+    finish_prepare(
+        name,
+        model,
+        spec,
+        Box::new(engine),
+        swap_min_tokens,
+        label,
+        None,
+    )
+}
+
+/// How models' workers are started, when engines run in worker processes.
+#[derive(Debug)]
+struct Workers {
+    identity: crate::worker::WorkerIdentity,
+    kernel_cache: std::path::PathBuf,
+}
+
+fn finish_prepare(
+    name: &str,
+    model: LoadedModel,
+    spec: &ModelSpec,
+    engine: Box<dyn EngineOps>,
+    swap_min_tokens: usize,
+    label: String,
+    ledger: Option<Arc<Ledger>>,
+) -> Result<PreparedModel, StartError> {
+    let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
     let template = match &model.chat_template {
         Some(source) => Some(Arc::new(ChatTemplate::new(source).map_err(|source| {
             StartError::Template {
@@ -399,13 +460,6 @@ fn prepare<B: Backend>(
         None => None,
     };
     let c = &model.config;
-    let swap_min_tokens = arbiter::preemption_crossover(
-        &mut engine,
-        spec,
-        block_size,
-        c.vocab_size,
-        c.max_position_embeddings,
-    );
     // Tokens of different models cost the device in proportion to their weights.
     let parameters = model.weights.matmul_params();
     let params = ModelParams {
@@ -452,21 +506,65 @@ fn prepare<B: Backend>(
     })
 }
 
+/// A model ready to serve, its engine in this process or in a worker.
+type PreparedModel = Prepared<Box<dyn EngineOps>>;
+
 /// Models grouped by the device they run on, in the order they were configured.
 #[derive(Default)]
 struct Devices {
-    cpu: Vec<(usize, Prepared<CpuBackend>)>,
-    cuda: BTreeMap<usize, Vec<(usize, Prepared<CudaBackend>)>>,
+    cpu: Vec<(usize, PreparedModel)>,
+    cuda: BTreeMap<usize, Vec<(usize, PreparedModel)>>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn place(
     devices: &mut Devices,
     order: usize,
     name: &str,
     model: LoadedModel,
+    source: Option<&std::path::Path>,
     spec: &ModelSpec,
     placement: &Placement,
+    workers: Option<&Workers>,
 ) -> Result<(), StartError> {
+    if let Some(workers) = workers {
+        let start = |device: String| {
+            let init = crate::worker::WorkerInit {
+                model: name.to_owned(),
+                path: source.map(std::path::Path::to_owned),
+                spec: spec.clone(),
+                device,
+                kernel_cache: Some(workers.kernel_cache.clone()),
+            };
+            crate::worker::RemoteEngine::start(init, workers.identity.clone())
+        };
+        match placement {
+            Placement::Cpu => {
+                let worker = start("cpu".into()).map_err(StartError::Worker)?;
+                let p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
+                devices.cpu.push((order, p));
+            }
+            Placement::Cuda {
+                ordinal,
+                cpu_fallback,
+                ..
+            } => match start(format!("cuda:{ordinal}")) {
+                Ok(worker) => {
+                    let p =
+                        prepare_in_worker(name, model, spec, worker, format!("cuda:{ordinal}"))?;
+                    devices.cuda.entry(*ordinal).or_default().push((order, p));
+                }
+                Err(e) if *cpu_fallback => {
+                    tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
+                    let worker = start("cpu".into()).map_err(StartError::Worker)?;
+                    let p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
+                    devices.cpu.push((order, p));
+                }
+                Err(e) => return Err(StartError::Worker(e)),
+            },
+        }
+        return Ok(());
+    }
     match placement {
         Placement::Cpu => {
             let p = prepare(name, model, spec, CpuBackend::default(), "cpu".into(), None)?;
@@ -495,9 +593,9 @@ fn place(
 }
 
 /// Starts one device's loop with its models; returns their handles with their config order.
-fn spawn_device<B: Backend>(
+fn spawn_device<E: EngineOps + 'static>(
     device: String,
-    models: Vec<(usize, Prepared<B>)>,
+    models: Vec<(usize, Prepared<E>)>,
     config: &DaemonConfig,
     metrics: Option<&SchedMetrics>,
     clock: &(Buckets, Instant),
@@ -577,6 +675,22 @@ pub fn start_models(
     metrics: Option<&SchedMetrics>,
 ) -> Vec<ModelHandle> {
     let mut placed = Devices::default();
+    let workers = match config.isolation {
+        crate::config::Isolation::Off => None,
+        crate::config::Isolation::Shared => {
+            match crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref()) {
+                Ok(identity) => Some(Workers {
+                    identity,
+                    kernel_cache: config.kernel_cache.clone(),
+                }),
+                Err(why) => {
+                    tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");
+                    return Vec::new();
+                }
+            }
+        }
+    };
+    let workers = workers.as_ref();
     let cuda_options = CudaOptions {
         kernel_cache: Some(config.kernel_cache.clone()),
         memory_budget: None,
@@ -617,7 +731,16 @@ pub fn start_models(
                 match crate::model::generated::tiny_random() {
                     Ok(model) => {
                         let name = crate::model::generated::NAME;
-                        if let Err(e) = place(&mut placed, order, name, model, spec, &placement) {
+                        if let Err(e) = place(
+                            &mut placed,
+                            order,
+                            name,
+                            model,
+                            None,
+                            spec,
+                            &placement,
+                            workers,
+                        ) {
                             tracing::error!(error = %e, "cannot start the generated model")
                         }
                     }
@@ -632,7 +755,16 @@ pub fn start_models(
         };
         let layers = loaded.config.num_layers;
         let context = loaded.config.max_position_embeddings;
-        match place(&mut placed, order, &spec.name, loaded, spec, &placement) {
+        match place(
+            &mut placed,
+            order,
+            &spec.name,
+            loaded,
+            Some(&path),
+            spec,
+            &placement,
+            workers,
+        ) {
             Ok(()) => tracing::info!(
                 model = %spec.name,
                 layers,

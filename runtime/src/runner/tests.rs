@@ -5,13 +5,16 @@ use crate::sched::PolicyKind;
 /// A tenant whose requests panic while the device loop takes them in.
 pub(super) const PANIC_IN_ACCEPT: &str = "panics-in-accept";
 
+/// A device loop as the daemon builds it: engines behind the ops trait.
+type Loop = Arbiter<Box<dyn crate::engine::ops::EngineOps>>;
+
 /// A device loop over the generated model with `kv_blocks` blocks, driven by the test.
 fn device(
     kv_blocks: usize,
     preemption: PreemptionMode,
     max_sequences: usize,
 ) -> (
-    Arbiter<CpuBackend>,
+    Loop,
     crossbeam_channel::Sender<Submission>,
     Arc<Usage>,
     usize,
@@ -84,10 +87,7 @@ fn submit(
 }
 
 /// Runs the loop until every receiver has its `Done`; returns each request's tokens.
-fn drain(
-    arbiter: &mut Arbiter<CpuBackend>,
-    receivers: &mut [mpsc::UnboundedReceiver<Event>],
-) -> Vec<Vec<u32>> {
+fn drain(arbiter: &mut Loop, receivers: &mut [mpsc::UnboundedReceiver<Event>]) -> Vec<Vec<u32>> {
     let mut tokens = vec![Vec::new(); receivers.len()];
     let mut done = vec![false; receivers.len()];
     for _ in 0..10_000 {
@@ -206,8 +206,10 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         0,
         "tiny",
         model,
+        None,
         &config.models[0],
         &Placement::Cpu,
+        None,
     )
     .unwrap();
     // No thread: submissions stay queued, so the bound is reached.

@@ -652,6 +652,31 @@ impl Scheduler {
             .push(Queue::Waiting, seq.model, seq.arrival, key);
     }
 
+    /// The device lost this sequence's cache (its worker process was replaced): it waits to be
+    /// recomputed, ahead of later arrivals, like a sequence preempted by recompute.
+    pub fn requeue(&mut self, key: SeqKey) {
+        let Some(seq) = self.seqs.get_mut(&key) else {
+            return;
+        };
+        let model = &mut self.models[seq.model];
+        let tenant = &mut self.tenants[seq.tenant];
+        match seq.state {
+            State::Waiting => return,
+            State::Running => leave_running(model, tenant, &mut self.running, seq, key),
+            State::Swapped => {
+                model.used_host_blocks -= seq.blocks;
+                tenant.queues.remove(Queue::Swapped, seq.model, key);
+            }
+        }
+        seq.blocks = 0;
+        seq.computed = 0;
+        seq.state = State::Waiting;
+        tenant.stats.preempted_recompute += 1;
+        tenant
+            .queues
+            .push(Queue::Waiting, seq.model, seq.arrival, key);
+    }
+
     /// Forgets the queued requests of tenants whose limits changed and that can no longer run.
     fn recheck(&mut self, plan: &mut StepPlan) {
         for t in 0..self.tenants.len() {

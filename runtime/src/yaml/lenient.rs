@@ -183,7 +183,7 @@ impl<'r, 'a> Cursor<'r, 'a> {
 
     fn read_node<'de, V: Visitor<'de>>(self, want: Want, visitor: V) -> Result<V::Value, Error> {
         match (self.node, want) {
-            (Node::Scalar(_, Scalar::Null), Want::Option) => visitor.visit_none(),
+            (Node::Scalar(_, Scalar::Null, _), Want::Option) => visitor.visit_none(),
             (_, Want::Option) => visitor.visit_some(self),
             (_, Want::Newtype) => visitor.visit_newtype_struct(self),
             (_, Want::Ignored) => visitor.visit_unit(),
@@ -198,7 +198,9 @@ impl<'r, 'a> Cursor<'r, 'a> {
                 parent: &self.path,
                 reading: self.reading,
             }),
-            (Node::Scalar(_, scalar), want) => read_scalar(scalar, want, visitor),
+            (Node::Scalar(_, scalar, raw), want) => {
+                read_scalar(scalar, raw.as_deref(), want, visitor)
+            }
         }
     }
 }
@@ -207,9 +209,16 @@ impl<'r, 'a> Cursor<'r, 'a> {
 /// taken as text, and text that spells a number may be taken as that number.
 fn read_scalar<'de, V: Visitor<'de>>(
     scalar: &Scalar,
+    raw: Option<&str>,
     want: Want,
     visitor: V,
 ) -> Result<V::Value, Error> {
+    // Where text is wanted, a plain scalar is its text as written (`off`, not false).
+    if let (Some(raw), Want::Text | Want::Enum) = (raw, want) {
+        if !matches!(scalar, Scalar::Null) {
+            return read_scalar(&Scalar::Text(raw.to_owned()), None, want, visitor);
+        }
+    }
     match (scalar, want) {
         (Scalar::Text(text), Want::Enum) => visitor.visit_enum(StrDeserializer::<Error>::new(text)),
         (Scalar::Text(text), Want::Bool) => match text.as_str() {

@@ -120,13 +120,13 @@ impl<T: DeserializeOwned> Document<T> {
             non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
         };
         let tree = serde_saphyr::from_str_with_options::<Spanned<Shape>>(text, tree_options)
-            .map(Node::from);
+            .map(|spanned| Node::build(spanned, text));
         let typed: Result<T, _> = serde_saphyr::from_str_with_options(text, options.clone());
         match (typed, tree) {
             (Ok(value), tree) => Ok(Self {
                 file: file.to_owned(),
                 value,
-                positions: tree.unwrap_or(Node::Scalar(Pos::default(), Scalar::Null)),
+                positions: tree.unwrap_or(Node::Scalar(Pos::default(), Scalar::Null, None)),
             }),
             (Err(e), tree) => {
                 let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
@@ -257,7 +257,8 @@ pub struct Pos {
 enum Node {
     Map(Pos, Vec<(String, Node)>),
     Seq(Pos, Vec<Node>),
-    Scalar(Pos, Scalar),
+    /// A scalar, with its text as written when YAML resolved it to something else.
+    Scalar(Pos, Scalar, Option<Box<str>>),
 }
 
 /// A scalar as YAML resolved it; a plain `12` may still be read as text, as the strict
@@ -279,8 +280,10 @@ enum Shape {
     Scalar(Scalar),
 }
 
-impl From<Spanned<Shape>> for Node {
-    fn from(spanned: Spanned<Shape>) -> Self {
+impl Node {
+    /// The tree of a parsed document; `text` is the document, for the raw text of plain
+    /// scalars (YAML reads a plain `off` as false, but as the text "off" where text is wanted).
+    fn build(spanned: Spanned<Shape>, text: &str) -> Self {
         let pos = Pos {
             line: spanned.referenced.line(),
             column: spanned.referenced.column(),
@@ -288,10 +291,25 @@ impl From<Spanned<Shape>> for Node {
         match spanned.value {
             Shape::Map(entries) => Node::Map(
                 pos,
-                entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, Node::build(v, text)))
+                    .collect(),
             ),
-            Shape::Seq(items) => Node::Seq(pos, items.into_iter().map(Node::from).collect()),
-            Shape::Scalar(value) => Node::Scalar(pos, value),
+            Shape::Seq(items) => Node::Seq(
+                pos,
+                items.into_iter().map(|v| Node::build(v, text)).collect(),
+            ),
+            Shape::Scalar(value @ Scalar::Text(_)) => Node::Scalar(pos, value, None),
+            Shape::Scalar(value) => {
+                let span = spanned.defined.span();
+                let raw = span
+                    .byte_offset()
+                    .zip(span.byte_len())
+                    .and_then(|(at, len)| text.get(at as usize..(at + len) as usize))
+                    .map(|raw| raw.trim().into());
+                Node::Scalar(pos, value, raw)
+            }
         }
     }
 }
@@ -299,7 +317,7 @@ impl From<Spanned<Shape>> for Node {
 impl Node {
     fn pos(&self) -> Pos {
         match self {
-            Node::Map(p, _) | Node::Seq(p, _) | Node::Scalar(p, _) => *p,
+            Node::Map(p, _) | Node::Seq(p, _) | Node::Scalar(p, ..) => *p,
         }
     }
 }
@@ -626,6 +644,24 @@ entries:
     }
 
     #[test]
+    fn plain_words_yaml_reads_as_booleans_are_text_where_text_is_wanted() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)] // read only to be checked
+        struct Modes {
+            mode: crate::config::Isolation,
+            name: String,
+            count: u32,
+        }
+        // Only `count` is wrong: `off` is the enum's variant and `yes` a name, as the strict
+        // reading takes them, so the lenient one must not call them booleans.
+        let problems =
+            Document::<Modes>::parse("t.yaml", "mode: off\nname: yes\ncount: x\n").unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["count"], "{problems:?}");
+    }
+
+    #[test]
     fn a_non_finite_number_is_named_where_it_is() {
         let problems = Document::<Entries>::parse(
             "t.yaml",
@@ -695,9 +731,10 @@ entries:
         texts.push(doc_check::readme_yaml("policy-reference"));
         let mut checked = 0;
         for text in texts {
-            let tree: Node = serde_saphyr::from_str::<Spanned<Shape>>(&text)
-                .unwrap()
-                .into();
+            let tree = Node::build(
+                serde_saphyr::from_str::<Spanned<Shape>>(&text).unwrap(),
+                &text,
+            );
             if serde_saphyr::from_str::<crate::config::DaemonConfig>(&text).is_ok() {
                 assert_eq!(
                     lenient::type_problems::<crate::config::DaemonConfig>(&tree),

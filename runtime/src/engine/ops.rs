@@ -1,0 +1,74 @@
+//! What a device loop needs of a model's engine, wherever the engine runs: in this process
+//! ([`super::Engine`]) or in a worker process (`crate::worker::RemoteEngine`).
+
+use super::{Engine, EngineError, SeqId, StepInput, StepOutput};
+use crate::backend::Backend;
+
+pub trait EngineOps: Send {
+    /// A new, empty sequence.
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError>;
+    /// Forgets a sequence and frees its blocks; unknown ids are ignored.
+    fn remove_sequence(&mut self, id: SeqId);
+    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError>;
+    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError>;
+    /// One batched step; on error the engine's sequences are as before it.
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError>;
+    fn is_swapped(&self, id: SeqId) -> bool;
+    /// Tokens in a sequence's cache.
+    fn sequence_len(&self, id: SeqId) -> Option<usize>;
+    fn kv_block_bytes(&self) -> usize;
+}
+
+impl<B: Backend> EngineOps for Engine<B> {
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
+        Ok(Engine::add_sequence(self))
+    }
+    fn remove_sequence(&mut self, id: SeqId) {
+        Engine::remove_sequence(self, id);
+    }
+    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+        Engine::swap_out(self, id)
+    }
+    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        Engine::swap_in(self, id)
+    }
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        Engine::step(self, inputs)
+    }
+    fn is_swapped(&self, id: SeqId) -> bool {
+        Engine::is_swapped(self, id)
+    }
+    fn sequence_len(&self, id: SeqId) -> Option<usize> {
+        Engine::sequence_len(self, id)
+    }
+    fn kv_block_bytes(&self) -> usize {
+        Engine::kv_block_bytes(self)
+    }
+}
+
+impl EngineOps for Box<dyn EngineOps> {
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
+        (**self).add_sequence()
+    }
+    fn remove_sequence(&mut self, id: SeqId) {
+        (**self).remove_sequence(id);
+    }
+    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+        (**self).swap_out(id)
+    }
+    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        (**self).swap_in(id)
+    }
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        (**self).step(inputs)
+    }
+    fn is_swapped(&self, id: SeqId) -> bool {
+        (**self).is_swapped(id)
+    }
+    fn sequence_len(&self, id: SeqId) -> Option<usize> {
+        (**self).sequence_len(id)
+    }
+    fn kv_block_bytes(&self) -> usize {
+        (**self).kv_block_bytes()
+    }
+}

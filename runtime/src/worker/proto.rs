@@ -1,0 +1,386 @@
+//! The supervisor–worker protocol: length-prefixed frames over a Unix stream socket, one
+//! request and one reply at a time.
+//!
+//! A frame is `u32 length (little-endian) | u8 tag | payload`, `length` counting the tag and
+//! payload. The worker speaks first (`Hello` with the protocol version); a supervisor that
+//! does not speak that version stops it. Small control messages carry JSON; the per-step
+//! messages, which carry token ids and logits, are packed little-endian binary. Every length
+//! read from the other side is checked against what the frame holds before anything is sized
+//! by it: the worker runs a model file's code paths, so it is not trusted more than one.
+
+use std::io::{Read, Write};
+
+use crate::engine::{LogitsWanted, SeqId, StepOutput};
+
+/// The protocol version both sides must speak.
+pub const VERSION: u32 = 1;
+/// Largest frame either side accepts: a step's logits for hundreds of sequences of a large
+/// vocabulary fit, a corrupt length does not make us allocate gigabytes.
+pub const MAX_FRAME: usize = 256 << 20;
+
+/// Message tags.
+pub mod tag {
+    pub const HELLO: u8 = 0x01;
+    pub const INIT: u8 = 0x02;
+    pub const READY: u8 = 0x03;
+    pub const ADD_SEQUENCE: u8 = 0x10;
+    pub const SEQUENCE: u8 = 0x11;
+    pub const REMOVE_SEQUENCE: u8 = 0x12;
+    pub const SWAP_OUT: u8 = 0x13;
+    pub const SWAP_IN: u8 = 0x14;
+    pub const STEP: u8 = 0x15;
+    pub const STEPPED: u8 = 0x16;
+    pub const OK: u8 = 0x20;
+    pub const ERROR: u8 = 0x21;
+    pub const SHUTDOWN: u8 = 0x30;
+}
+
+/// Why a frame could not be read or understood.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME} accepted")]
+    TooBig(usize),
+    #[error("empty frame")]
+    Empty,
+    #[error("expected message {expected:#04x}, got {got:#04x}")]
+    Unexpected { expected: u8, got: u8 },
+    #[error("malformed message {tag:#04x}: {why}")]
+    Malformed { tag: u8, why: String },
+}
+
+/// One frame: its tag and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    pub payload: Vec<u8>,
+}
+
+pub fn write_frame(out: &mut impl Write, tag: u8, payload: &[u8]) -> Result<(), ProtoError> {
+    let len = payload.len() + 1;
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooBig(len));
+    }
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    head[4] = tag;
+    out.write_all(&head)?;
+    out.write_all(payload)?;
+    out.flush()?;
+    Ok(())
+}
+
+pub fn read_frame(input: &mut impl Read) -> Result<Frame, ProtoError> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 {
+        return Err(ProtoError::Empty);
+    }
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooBig(len));
+    }
+    let mut body = vec![0u8; len];
+    input.read_exact(&mut body)?;
+    let tag = body[0];
+    body.remove(0);
+    Ok(Frame { tag, payload: body })
+}
+
+impl Frame {
+    /// This frame's payload if it has the tag expected; an error frame becomes its message.
+    pub fn expect(self, expected: u8) -> Result<Vec<u8>, ProtoError> {
+        if self.tag == expected {
+            Ok(self.payload)
+        } else {
+            Err(ProtoError::Unexpected {
+                expected,
+                got: self.tag,
+            })
+        }
+    }
+}
+
+/// A little-endian reader over a payload that never reads past its end.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    tag: u8,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.bytes.len() < n {
+            return Err(ProtoError::Malformed {
+                tag: self.tag,
+                why: format!("{n} bytes wanted, {} left", self.bytes.len()),
+            });
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    /// A count of items of `item_bytes` each, checked against what is left.
+    fn count(&mut self, item_bytes: usize) -> Result<usize, ProtoError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(item_bytes.max(1)) > self.bytes.len() {
+            return Err(ProtoError::Malformed {
+                tag: self.tag,
+                why: format!("{n} items announced, {} bytes left", self.bytes.len()),
+            });
+        }
+        Ok(n)
+    }
+
+    fn done(&self) -> Result<(), ProtoError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtoError::Malformed {
+                tag: self.tag,
+                why: format!("{} bytes left over", self.bytes.len()),
+            })
+        }
+    }
+}
+
+pub fn encode_u64(value: u64) -> Vec<u8> {
+    value.to_le_bytes().to_vec()
+}
+
+pub fn decode_u64(tag: u8, payload: &[u8]) -> Result<u64, ProtoError> {
+    let mut c = Cursor {
+        bytes: payload,
+        tag,
+    };
+    let v = c.u64()?;
+    c.done()?;
+    Ok(v)
+}
+
+/// `Hello`: the worker's protocol version and pid.
+pub fn encode_hello(pid: u32) -> Vec<u8> {
+    let mut out = VERSION.to_le_bytes().to_vec();
+    out.extend_from_slice(&pid.to_le_bytes());
+    out
+}
+
+pub fn decode_hello(payload: &[u8]) -> Result<(u32, u32), ProtoError> {
+    let mut c = Cursor {
+        bytes: payload,
+        tag: tag::HELLO,
+    };
+    let version = c.u32()?;
+    let pid = c.u32()?;
+    c.done()?;
+    Ok((version, pid))
+}
+
+/// One sequence's part of a `Step`, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepItem {
+    pub seq: SeqId,
+    pub tokens: Vec<u32>,
+    pub logits: LogitsWanted,
+}
+
+pub fn encode_step(items: &[(SeqId, &[u32], LogitsWanted)]) -> Vec<u8> {
+    let tokens: usize = items.iter().map(|(_, t, _)| t.len()).sum();
+    let mut out = Vec::with_capacity(4 + items.len() * 13 + tokens * 4);
+    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    for (seq, tokens, logits) in items {
+        out.extend_from_slice(&seq.0.to_le_bytes());
+        out.push(u8::from(*logits == LogitsWanted::All));
+        out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
+        for t in *tokens {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+    }
+    out
+}
+
+pub fn decode_step(payload: &[u8]) -> Result<Vec<StepItem>, ProtoError> {
+    let mut c = Cursor {
+        bytes: payload,
+        tag: tag::STEP,
+    };
+    let n = c.count(13)?;
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        let seq = SeqId(c.u64()?);
+        let logits = if c.u8()? == 1 {
+            LogitsWanted::All
+        } else {
+            LogitsWanted::Last
+        };
+        let len = c.count(4)?;
+        let tokens = c
+            .take(len * 4)?
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        items.push(StepItem {
+            seq,
+            tokens,
+            logits,
+        });
+    }
+    c.done()?;
+    Ok(items)
+}
+
+pub fn encode_stepped(outputs: &[StepOutput]) -> Vec<u8> {
+    let floats: usize = outputs
+        .iter()
+        .map(|o| o.logits.iter().map(Vec::len).sum::<usize>())
+        .sum();
+    let mut out = Vec::with_capacity(4 + outputs.len() * 16 + floats * 4);
+    out.extend_from_slice(&(outputs.len() as u32).to_le_bytes());
+    for o in outputs {
+        let cols = o.logits.first().map_or(0, Vec::len);
+        out.extend_from_slice(&o.seq.0.to_le_bytes());
+        out.extend_from_slice(&(o.logits.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(cols as u32).to_le_bytes());
+        for row in &o.logits {
+            for v in row {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+pub fn decode_stepped(payload: &[u8]) -> Result<Vec<StepOutput>, ProtoError> {
+    let mut c = Cursor {
+        bytes: payload,
+        tag: tag::STEPPED,
+    };
+    let n = c.count(16)?;
+    let mut outputs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let seq = SeqId(c.u64()?);
+        let rows = c.u32()? as usize;
+        let cols = c.u32()? as usize;
+        let bytes = rows
+            .checked_mul(cols)
+            .and_then(|n| n.checked_mul(4))
+            .filter(|&b| b <= c.bytes.len())
+            .ok_or_else(|| ProtoError::Malformed {
+                tag: tag::STEPPED,
+                why: format!(
+                    "{rows}x{cols} logits announced, {} bytes left",
+                    c.bytes.len()
+                ),
+            })?;
+        let data = c.take(bytes)?;
+        let logits = data
+            .chunks_exact(cols.max(1) * 4)
+            .take(rows)
+            .map(|row| {
+                row.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+            .collect();
+        outputs.push(StepOutput { seq, logits });
+    }
+    c.done()?;
+    Ok(outputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_lengths_are_refused() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, tag::STEP, b"abc").unwrap();
+        write_frame(&mut wire, tag::OK, b"").unwrap();
+        let mut input = wire.as_slice();
+        assert_eq!(
+            read_frame(&mut input).unwrap(),
+            Frame {
+                tag: tag::STEP,
+                payload: b"abc".to_vec()
+            }
+        );
+        assert_eq!(read_frame(&mut input).unwrap().tag, tag::OK);
+        assert!(matches!(
+            read_frame(&mut input),
+            Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof
+        ));
+        let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            read_frame(&mut huge.as_slice()),
+            Err(ProtoError::TooBig(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut [0u8; 4].as_slice()),
+            Err(ProtoError::Empty)
+        ));
+    }
+
+    #[test]
+    fn steps_and_their_logits_round_trip() {
+        let a = [1u32, 2, 3];
+        let b = [40_000u32];
+        let items = decode_step(&encode_step(&[
+            (SeqId(7), &a, LogitsWanted::Last),
+            (SeqId(9), &b, LogitsWanted::All),
+        ]))
+        .unwrap();
+        assert_eq!(items[0].tokens, a);
+        assert_eq!(items[1].seq, SeqId(9));
+        assert_eq!(items[1].logits, LogitsWanted::All);
+        let outputs = vec![
+            StepOutput {
+                seq: SeqId(7),
+                logits: vec![vec![0.5, -1.25, f32::MIN]],
+            },
+            StepOutput {
+                seq: SeqId(9),
+                logits: vec![vec![1.0, 2.0, 3.0], vec![4.0, 5.0, 6.0]],
+            },
+        ];
+        let back = decode_stepped(&encode_stepped(&outputs)).unwrap();
+        assert_eq!(back[0].logits, outputs[0].logits);
+        assert_eq!(back[1].logits, outputs[1].logits);
+    }
+
+    #[test]
+    fn lying_counts_are_refused_before_anything_is_sized_by_them() {
+        // A million sequences announced in a 4-byte payload.
+        let err = decode_step(&1_000_000u32.to_le_bytes()).unwrap_err();
+        assert!(err.to_string().contains("1000000 items announced"), "{err}");
+        // Logits of 2^31 x 2^31 floats.
+        let mut lie = 1u32.to_le_bytes().to_vec();
+        lie.extend_from_slice(&7u64.to_le_bytes());
+        lie.extend_from_slice(&(1u32 << 31).to_le_bytes());
+        lie.extend_from_slice(&(1u32 << 31).to_le_bytes());
+        let err = decode_stepped(&lie).unwrap_err();
+        assert!(err.to_string().contains("logits announced"), "{err}");
+        // Trailing bytes are an error too.
+        let mut long = encode_hello(5);
+        long.push(0);
+        assert!(decode_hello(&long).is_err());
+        assert_eq!(decode_hello(&encode_hello(5)).unwrap(), (VERSION, 5));
+    }
+}

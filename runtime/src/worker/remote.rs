@@ -1,0 +1,364 @@
+//! The supervisor's side of a worker: spawning it with its privileges dropped, and
+//! [`RemoteEngine`], an engine whose every operation is a request to it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::proto::{self, tag};
+use super::{WorkerInit, WorkerReady, SOCKET_FD};
+use crate::engine::ops::EngineOps;
+use crate::engine::{EngineError, SeqId, StepInput, StepOutput};
+
+/// Longest a worker may take to load its model and report ready.
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest one request may take before the worker counts as hung and is replaced.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// A worker lost this many times within [`CRASH_WINDOW`] is not started again.
+const MAX_CRASHES: usize = 5;
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// Environment a worker keeps: where to find the CUDA libraries and how to log.
+const KEPT_ENV: [&str; 5] = [
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "CUDA_VISIBLE_DEVICES",
+];
+
+/// The running binary, which is also the worker.
+const SELF: &str = "/proc/self/exe";
+
+/// The user and group workers run as, and the program they run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerIdentity {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// `acceld` itself (`/proc/self/exe`, which holds even if the file is replaced); a test or
+    /// benchmark names the built binary.
+    pub program: PathBuf,
+}
+
+impl WorkerIdentity {
+    /// `configured`, else the `accel-worker` system user, else `nobody`. A daemon that is not
+    /// root cannot switch users: its workers run as itself.
+    pub fn resolve(configured: Option<&str>) -> Result<Self, String> {
+        let me = nix::unistd::getuid();
+        if !me.is_root() {
+            tracing::warn!(
+                uid = me.as_raw(),
+                "acceld is not root: workers run as its own user"
+            );
+            return Ok(Self {
+                user: format!("uid {}", me.as_raw()),
+                uid: me.as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+                program: PathBuf::from(SELF),
+            });
+        }
+        let lookup = |name: &str| nix::unistd::User::from_name(name).ok().flatten();
+        let user = match configured {
+            Some(name) => lookup(name).ok_or_else(|| {
+                format!("worker_user {name:?} does not exist; create it (useradd --system {name}) or choose another")
+            })?,
+            None => match lookup("accel-worker") {
+                Some(user) => user,
+                None => {
+                    let user = lookup("nobody").ok_or("neither accel-worker nor nobody exists; set worker_user")?;
+                    tracing::info!("no accel-worker user (make install creates it): workers run as nobody");
+                    user
+                }
+            },
+        };
+        if user.uid.is_root() {
+            return Err(format!(
+                "worker_user {:?} is root; workers must not run as root",
+                user.name
+            ));
+        }
+        Ok(Self {
+            user: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            program: PathBuf::from(SELF),
+        })
+    }
+}
+
+/// A live worker: its process and our end of its socket.
+#[derive(Debug)]
+struct Connection {
+    child: Child,
+    stream: UnixStream,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = proto::write_frame(&mut self.stream, tag::SHUTDOWN, &[]);
+        // A worker that does not stop when asked is killed.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `acceld worker` as `identity` with the socket at [`SOCKET_FD`], and completes the
+/// handshake: `Hello`, `Init`, then `Ready` once the model is loaded.
+fn spawn(
+    init: &WorkerInit,
+    identity: &WorkerIdentity,
+) -> Result<(Connection, WorkerReady), String> {
+    let (mut ours, theirs) =
+        UnixStream::pair().map_err(|e| format!("cannot make the worker's socket: {e}"))?;
+    let fd = theirs.as_raw_fd();
+    let (uid, gid) = (identity.uid, identity.gid);
+    let supervisor = nix::unistd::getpid().as_raw();
+    let mut command = Command::new(&identity.program);
+    command
+        .arg("worker")
+        .env_clear()
+        .envs(
+            KEPT_ENV
+                .iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
+        )
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: between fork and exec the closure only makes raw system calls (no allocation,
+    // no locks), which is what a forked child of a multi-threaded process may do.
+    unsafe {
+        command.pre_exec(move || {
+            use nix::libc;
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            // Credentials first: every change of them clears the parent-death signal.
+            if libc::getuid() == 0 {
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))?;
+            }
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+            // The supervisor may have died between fork and the line above.
+            if libc::getppid() != supervisor {
+                libc::_exit(1);
+            }
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            // The socket at its well-known number, open across exec; nothing else is: every
+            // other descriptor of ours is close-on-exec.
+            if fd == SOCKET_FD {
+                check(libc::fcntl(fd, libc::F_SETFD, 0))?;
+            } else {
+                check(libc::dup2(fd, SOCKET_FD))?;
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| format!("cannot start a worker: {e}"))?;
+    drop(theirs);
+    let connection = Connection {
+        child,
+        stream: ours.try_clone().map_err(|e| e.to_string())?,
+    };
+    ours.set_read_timeout(Some(START_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    super::hello(&mut ours)?;
+    let init_json = serde_json::to_vec(init).map_err(|e| e.to_string())?;
+    proto::write_frame(&mut ours, tag::INIT, &init_json).map_err(|e| e.to_string())?;
+    let frame =
+        proto::read_frame(&mut ours).map_err(|e| format!("the worker did not start: {e}"))?;
+    if frame.tag == tag::ERROR {
+        return Err(String::from_utf8_lossy(&frame.payload).into_owned());
+    }
+    let ready: WorkerReady =
+        serde_json::from_slice(&frame.expect(tag::READY).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("malformed ready: {e}"))?;
+    connection
+        .stream
+        .set_read_timeout(Some(CALL_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    Ok((connection, ready))
+}
+
+/// A model's engine in a worker process. Sequence lengths and swap states are mirrored here,
+/// so the device loop's bookkeeping costs no round trip.
+#[derive(Debug)]
+pub struct RemoteEngine {
+    init: WorkerInit,
+    identity: WorkerIdentity,
+    connection: Option<Connection>,
+    kv_block_bytes: usize,
+    lengths: HashMap<SeqId, usize>,
+    swapped: HashSet<SeqId>,
+    /// When workers were lost recently, for the crash-loop limit.
+    losses: VecDeque<Instant>,
+}
+
+impl RemoteEngine {
+    /// Starts the first worker; errors say why it could not start.
+    pub fn start(
+        init: WorkerInit,
+        identity: WorkerIdentity,
+    ) -> Result<(Self, WorkerReady), String> {
+        let (connection, ready) = spawn(&init, &identity)?;
+        tracing::info!(model = %init.model, device = %init.device, pid = connection.child.id(), user = %identity.user, "worker started");
+        Ok((
+            Self {
+                init,
+                identity,
+                connection: Some(connection),
+                kv_block_bytes: ready.kv_block_bytes as usize,
+                lengths: HashMap::new(),
+                swapped: HashSet::new(),
+                losses: VecDeque::new(),
+            },
+            ready,
+        ))
+    }
+
+    /// The worker's process id, while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.connection.as_ref().map(|c| c.child.id())
+    }
+
+    /// The live worker, starting a new one (after a loss) unless they crash in a loop.
+    fn connection(&mut self) -> Result<&mut Connection, EngineError> {
+        if self.connection.is_none() {
+            let now = Instant::now();
+            while self
+                .losses
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+            {
+                self.losses.pop_front();
+            }
+            if self.losses.len() >= MAX_CRASHES {
+                return Err(EngineError::Worker(format!(
+                    "the model's worker was lost {} times within {} s; it is not restarted (see the daemon log)",
+                    self.losses.len(),
+                    CRASH_WINDOW.as_secs()
+                )));
+            }
+            // Back off a little more after each recent loss.
+            std::thread::sleep(Duration::from_millis(100 << self.losses.len().min(5)));
+            let (connection, _) =
+                spawn(&self.init, &self.identity).map_err(EngineError::WorkerLost)?;
+            tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
+            self.connection = Some(connection);
+        }
+        self.connection
+            .as_mut()
+            .ok_or_else(|| EngineError::WorkerLost("no worker".into()))
+    }
+
+    /// Forgets a worker that failed: it is killed and reaped, and everything it held is gone.
+    fn lose(&mut self, why: String) -> EngineError {
+        if let Some(mut connection) = self.connection.take() {
+            let _ = connection.child.kill();
+            let status = connection.child.wait();
+            tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, "worker lost; its sequences will be recomputed");
+        }
+        self.lengths.clear();
+        self.swapped.clear();
+        self.losses.push_back(Instant::now());
+        EngineError::WorkerLost(why)
+    }
+
+    /// Sends one request and reads its reply; an error reply is the engine's error, anything
+    /// else going wrong loses the worker.
+    fn call(&mut self, request: u8, payload: &[u8], reply: u8) -> Result<Vec<u8>, EngineError> {
+        let connection = self.connection()?;
+        let result = proto::write_frame(&mut connection.stream, request, payload)
+            .and_then(|()| proto::read_frame(&mut connection.stream));
+        match result {
+            Ok(frame) if frame.tag == tag::ERROR => Err(EngineError::Worker(
+                String::from_utf8_lossy(&frame.payload).into_owned(),
+            )),
+            Ok(frame) => frame.expect(reply).map_err(|e| self.lose(e.to_string())),
+            Err(e) => Err(self.lose(e.to_string())),
+        }
+    }
+}
+
+impl EngineOps for RemoteEngine {
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
+        let payload = self.call(tag::ADD_SEQUENCE, &[], tag::SEQUENCE)?;
+        let id =
+            proto::decode_u64(tag::SEQUENCE, &payload).map_err(|e| self.lose(e.to_string()))?;
+        self.lengths.insert(SeqId(id), 0);
+        Ok(SeqId(id))
+    }
+
+    fn remove_sequence(&mut self, id: SeqId) {
+        if self.lengths.remove(&id).is_none() {
+            return; // not on this worker (it was replaced since)
+        }
+        self.swapped.remove(&id);
+        let _ = self.call(tag::REMOVE_SEQUENCE, &proto::encode_u64(id.0), tag::OK);
+    }
+
+    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.call(tag::SWAP_OUT, &proto::encode_u64(id.0), tag::OK)?;
+        self.swapped.insert(id);
+        Ok(())
+    }
+
+    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.call(tag::SWAP_IN, &proto::encode_u64(id.0), tag::OK)?;
+        self.swapped.remove(&id);
+        Ok(())
+    }
+
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        for input in inputs {
+            if !self.lengths.contains_key(&input.seq) {
+                return Err(EngineError::UnknownSequence(input.seq));
+            }
+        }
+        let items: Vec<(SeqId, &[u32], _)> =
+            inputs.iter().map(|i| (i.seq, i.tokens, i.logits)).collect();
+        let payload = self.call(tag::STEP, &proto::encode_step(&items), tag::STEPPED)?;
+        let outputs = proto::decode_stepped(&payload).map_err(|e| self.lose(e.to_string()))?;
+        if outputs.len() != inputs.len() || outputs.iter().zip(inputs).any(|(o, i)| o.seq != i.seq)
+        {
+            return Err(self.lose("the worker answered a step for other sequences".into()));
+        }
+        for input in inputs {
+            if let Some(len) = self.lengths.get_mut(&input.seq) {
+                *len += input.tokens.len();
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn is_swapped(&self, id: SeqId) -> bool {
+        self.swapped.contains(&id)
+    }
+
+    fn sequence_len(&self, id: SeqId) -> Option<usize> {
+        self.lengths.get(&id).copied()
+    }
+
+    fn kv_block_bytes(&self) -> usize {
+        self.kv_block_bytes
+    }
+}

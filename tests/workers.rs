@@ -1,0 +1,189 @@
+//! Engines in worker processes (`isolation: shared`): the same outputs as in-process, workers
+//! that run unprivileged, and a worker killed mid-request replaced with the request finishing
+//! as if nothing happened. Needs root to switch the workers' user (CI runs as root).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use accel_tests::{eventually, require_root, Daemon, DaemonOptions};
+use serde_json::{json, Value};
+
+fn fixture_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
+}
+
+fn daemon(isolation: &str) -> Daemon {
+    let extra = format!(
+        "isolation: {isolation}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        fixture_model().display()
+    );
+    Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    })
+}
+
+/// Worker processes of the daemon: its children running `acceld worker`.
+fn workers(daemon: &Daemon) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The parent pid is the second field after the parenthesised command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(daemon.pid()) && cmdline.split(|&b| b == 0).any(|a| a == b"worker") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+fn greedy(daemon: &Daemon, prompt: &[u32], max_tokens: usize) -> Value {
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
+    let (status, text) =
+        daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn reference() -> (Vec<u32>, Vec<u32>) {
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_model().join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    (ids(&expected["prompt_ids"][0]), ids(&expected["greedy"][0]))
+}
+
+#[test]
+fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() {
+    require_root!();
+    let daemon = daemon("shared");
+    let pids = workers(&daemon);
+    assert_eq!(pids.len(), 1, "one worker for the one model: {pids:?}");
+    let pid = pids[0];
+    // Not root, no capabilities, no way back to them.
+    let uid = status_field(pid, "Uid");
+    assert!(uid.split_whitespace().all(|u| u != "0"), "Uid: {uid}");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // Its only descriptors beyond stdio are its socket (and what it opened itself: the
+    // model's files, mapped).
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(fds.iter().any(|f| f.starts_with("socket:")), "{fds:?}");
+    assert!(
+        !fds.iter()
+            .any(|f| f.contains("acceld.sock") || f.ends_with(".lock")),
+        "the worker holds none of the supervisor's files: {fds:?}"
+    );
+
+    let (prompt, want) = reference();
+    let answer = greedy(&daemon, &prompt, want.len());
+    let tokenizer = accel_runtime::model::load(&fixture_model())
+        .unwrap()
+        .tokenizer;
+    assert_eq!(
+        answer["choices"][0]["text"],
+        tokenizer.decode(&want, true).unwrap()
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_request_is_replaced_and_the_request_ends_as_it_would_have() {
+    require_root!();
+    let daemon = daemon("shared");
+    let (prompt, _) = reference();
+    let max_tokens = 48;
+    let undisturbed = greedy(&daemon, &prompt, max_tokens);
+
+    // The same request, streamed; the worker is killed once tokens are flowing.
+    use std::io::{BufRead, BufReader, Read, Write};
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true}).to_string();
+    let mut s = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s);
+    let mut streamed = String::new();
+    while !streamed.contains("data: ") {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "{streamed}");
+        streamed.push_str(&line);
+    }
+    let before = workers(&daemon);
+    assert_eq!(before.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    reader.read_to_string(&mut streamed).unwrap();
+    let text: String = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            v["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        text,
+        undisturbed["choices"][0]["text"].as_str().unwrap(),
+        "{streamed}"
+    );
+    // A new worker took the old one's place.
+    assert!(eventually(Duration::from_secs(10), || {
+        let now = workers(&daemon);
+        now.len() == 1 && now != before
+    }));
+    let log = daemon.log_text();
+    assert!(log.contains("worker lost"), "{log}");
+    // It was lost with the request on it, which was recomputed.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("requeueing the sequences of a lost worker")
+                && l.contains("sequences=1")),
+        "{log}"
+    );
+}
