@@ -286,6 +286,14 @@ fn the_device_gate_lets_a_worker_open_only_what_it_was_granted() {
     let mut worker = opener(&[&null, &gpu]);
     cg.attach(&group, worker.id()).unwrap();
     let pins = gate::pin_dir(&name, "t", "w0");
+    // Pins are removed however the test ends.
+    struct Unpin(String);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = accel_runtime::gate::remove_pins(&self.0);
+        }
+    }
+    let _unpin = Unpin(name.clone());
     let granted = [Grant::char(1, Some(3), grants::access::READ_WRITE, "null")];
     let gate = DeviceGate::attach(&gate_dir, &granted, &pins).unwrap();
     go(&mut worker);

@@ -48,6 +48,44 @@ fn workers(daemon: &Daemon) -> Vec<u32> {
     found
 }
 
+/// The daemon instance a worker's cgroup path names (`accel-<hash>`).
+fn instance_of(pid: u32) -> String {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    groups
+        .lines()
+        .find_map(|l| {
+            let path = l.splitn(3, ':').nth(2)?;
+            let parts: Vec<&str> = path.split('/').collect();
+            let at = parts.iter().position(|p| *p == "_shared")?;
+            at.checked_sub(1).map(|i| parts[i].to_owned())
+        })
+        .unwrap_or_else(|| panic!("worker {pid} is in no _shared group: {groups}"))
+}
+
+/// Every directory of `instance` in the host's cgroup hierarchies and bpffs.
+fn leftovers(instance: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let layout = accel_runtime::cgroup::mounts::detect().unwrap();
+    let dirs = match &layout {
+        accel_runtime::cgroup::mounts::Layout::Unified(p) => vec![p.own_dir.clone()],
+        accel_runtime::cgroup::mounts::Layout::Hybrid { v1, unified } => v1
+            .iter()
+            .chain(unified.iter())
+            .map(|p| p.own_dir.clone())
+            .collect(),
+    };
+    for dir in dirs {
+        if dir.join(instance).exists() {
+            found.push(dir.join(instance));
+        }
+    }
+    let pins = Path::new("/sys/fs/bpf/accel").join(instance);
+    if pins.exists() {
+        found.push(pins);
+    }
+    found
+}
+
 fn status_field(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -109,6 +147,24 @@ fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() 
             .any(|f| f.contains("acceld.sock") || f.ends_with(".lock")),
         "the worker holds none of the supervisor's files: {fds:?}"
     );
+
+    // In its group in every hierarchy (the unified one, `0::`, holds its device gate), and
+    // the gate is pinned where a restarted daemon finds it.
+    let instance = instance_of(pid);
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in groups
+        .lines()
+        .filter(|l| l.starts_with("0::") || l.contains(":memory:"))
+    {
+        assert!(
+            line.ends_with(&format!("{instance}/_shared/tiny-cpu")),
+            "{groups}"
+        );
+    }
+    assert!(Path::new(&format!(
+        "/sys/fs/bpf/accel/{instance}/_shared/tiny-cpu/link"
+    ))
+    .exists());
 
     let (prompt, want) = reference();
     let answer = greedy(&daemon, &prompt, want.len());
@@ -186,4 +242,50 @@ fn a_worker_killed_mid_request_is_replaced_and_the_request_ends_as_it_would_have
                 && l.contains("sequences=1")),
         "{log}"
     );
+}
+
+#[test]
+fn a_stopped_daemon_leaves_no_worker_group_or_gate_and_a_killed_one_is_cleaned_up_after() {
+    require_root!();
+    let state = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "isolation: shared\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        fixture_model().display()
+    );
+    let options = || DaemonOptions {
+        extra_config: &extra,
+        state_dir: Some(state.path()),
+        ..Default::default()
+    };
+
+    // Killed with SIGKILL: its worker dies with it, its groups and pinned gate stay behind.
+    let mut first = Daemon::start_with(options());
+    let worker = workers(&first)[0];
+    let instance = instance_of(worker);
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(10));
+    assert!(eventually(Duration::from_secs(5), || !Path::new(&format!(
+        "/proc/{worker}"
+    ))
+    .exists()));
+    assert!(!leftovers(&instance).is_empty());
+
+    // The next daemon on that state directory removes them before making its own.
+    let mut second = Daemon::start_with(options());
+    assert!(second
+        .log_text()
+        .contains("removed what an earlier daemon left"));
+    let now = workers(&second);
+    assert_eq!(now.len(), 1);
+    assert_eq!(instance_of(now[0]), instance);
+
+    // Stopped cleanly: no worker, group or pin of it is left.
+    assert_eq!(second.stop(), Some(0));
+    assert!(
+        !Path::new(&format!("/proc/{}", now[0])).exists() || {
+            std::thread::sleep(Duration::from_millis(200));
+            !Path::new(&format!("/proc/{}", now[0])).exists()
+        }
+    );
+    assert_eq!(leftovers(&instance), Vec::<PathBuf>::new());
 }

@@ -38,6 +38,8 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error("a listener stopped unexpectedly; see the log above")]
     ListenerFailed,
+    #[error("cannot isolate workers: {0}; fix that, or set `isolation: off` in the config to run models unisolated inside acceld")]
+    Isolation(String),
     #[error("failed to install the {0} signal handler: {1}")]
     Signal(&'static str, #[source] std::io::Error),
 }
@@ -70,7 +72,18 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         }
     }
     let metrics = Metrics::new()?;
-    let models = crate::runner::start_models(&config, &devices, Some(&metrics.sched));
+    let sandbox = match config.isolation {
+        crate::config::Isolation::Off => {
+            tracing::warn!("isolation: off: models' engines run inside acceld, as root, with no cgroup or device gate; set isolation: shared to run them in isolated worker processes");
+            None
+        }
+        crate::config::Isolation::Shared => Some(Arc::new(
+            crate::worker::Sandbox::prepare(&config.state_dir, devices.devices.len())
+                .map_err(DaemonError::Isolation)?,
+        )),
+    };
+    let models =
+        crate::runner::start_models(&config, &devices, Some(&metrics.sched), sandbox.clone());
     if models.is_empty() {
         tracing::warn!(
             "no model could be loaded; inference requests will get 404 until one is configured"
@@ -226,6 +239,9 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             in_flight = state.metrics.api_in_flight.get(),
             "drain timeout reached; closed the remaining connections"
         );
+    }
+    if let Some(sandbox) = &sandbox {
+        sandbox.close();
     }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(socket = %config.socket.display(), error = %e, "could not remove socket on exit");

@@ -117,7 +117,9 @@ fn main() -> ExitCode {
             ExitCode::from(match e {
                 DaemonError::Policy(_) => exit::CONFIG,
                 DaemonError::AlreadyRunning(_) => exit::UNAVAILABLE,
-                DaemonError::Sys(_) | DaemonError::Signal(..) => exit::OSERR,
+                DaemonError::Sys(_) | DaemonError::Signal(..) | DaemonError::Isolation(_) => {
+                    exit::OSERR
+                }
                 DaemonError::Listen { .. }
                 | DaemonError::Metrics(_)
                 | DaemonError::ListenerFailed => exit::SOFTWARE,

@@ -336,8 +336,21 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stops the daemon as an operator would (SIGTERM), so it removes what it made on the
+    /// host (worker cgroups, pinned device gates); one that does not stop in 3 s is killed.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -438,6 +438,7 @@ fn prepare_in_worker(
 struct Workers {
     identity: crate::worker::WorkerIdentity,
     kernel_cache: std::path::PathBuf,
+    sandbox: Option<Arc<crate::worker::Sandbox>>,
 }
 
 fn finish_prepare(
@@ -536,7 +537,11 @@ fn place(
                 device,
                 kernel_cache: Some(workers.kernel_cache.clone()),
             };
-            crate::worker::RemoteEngine::start(init, workers.identity.clone())
+            crate::worker::RemoteEngine::start(
+                init,
+                workers.identity.clone(),
+                workers.sandbox.clone(),
+            )
         };
         match placement {
             Placement::Cpu => {
@@ -673,6 +678,7 @@ pub fn start_models(
     config: &DaemonConfig,
     devices: &crate::devices::DeviceReport,
     metrics: Option<&SchedMetrics>,
+    sandbox: Option<Arc<crate::worker::Sandbox>>,
 ) -> Vec<ModelHandle> {
     let mut placed = Devices::default();
     let workers = match config.isolation {
@@ -682,6 +688,7 @@ pub fn start_models(
                 Ok(identity) => Some(Workers {
                     identity,
                     kernel_cache: config.kernel_cache.clone(),
+                    sandbox,
                 }),
                 Err(why) => {
                     tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");

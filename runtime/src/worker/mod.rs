@@ -10,6 +10,7 @@
 
 pub mod proto;
 mod remote;
+pub mod sandbox;
 
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd as _;
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use self::remote::{RemoteEngine, WorkerIdentity};
+pub use self::sandbox::Sandbox;
 
 use self::proto::{tag, ProtoError};
 use crate::backend::Backend;

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::proto::{self, tag};
-use super::{WorkerInit, WorkerReady, SOCKET_FD};
+use super::{Sandbox, WorkerInit, WorkerReady, SOCKET_FD};
 use crate::engine::ops::EngineOps;
 use crate::engine::{EngineError, SeqId, StepInput, StepOutput};
 
@@ -118,6 +118,7 @@ impl Drop for Connection {
 fn spawn(
     init: &WorkerInit,
     identity: &WorkerIdentity,
+    sandbox: Option<&Sandbox>,
 ) -> Result<(Connection, WorkerReady), String> {
     let (mut ours, theirs) =
         UnixStream::pair().map_err(|e| format!("cannot make the worker's socket: {e}"))?;
@@ -182,6 +183,11 @@ fn spawn(
     ours.set_read_timeout(Some(START_TIMEOUT))
         .map_err(|e| e.to_string())?;
     super::hello(&mut ours)?;
+    // Placed in its group, behind its gate, before it opens a model file or a device.
+    if let Some(sandbox) = sandbox {
+        let name = super::sandbox::worker_name(&init.model, &init.device);
+        sandbox.place(&name, &init.device, connection.child.id())?;
+    }
     let init_json = serde_json::to_vec(init).map_err(|e| e.to_string())?;
     proto::write_frame(&mut ours, tag::INIT, &init_json).map_err(|e| e.to_string())?;
     let frame =
@@ -205,6 +211,7 @@ fn spawn(
 pub struct RemoteEngine {
     init: WorkerInit,
     identity: WorkerIdentity,
+    sandbox: Option<std::sync::Arc<Sandbox>>,
     connection: Option<Connection>,
     kv_block_bytes: usize,
     lengths: HashMap<SeqId, usize>,
@@ -218,13 +225,15 @@ impl RemoteEngine {
     pub fn start(
         init: WorkerInit,
         identity: WorkerIdentity,
+        sandbox: Option<std::sync::Arc<Sandbox>>,
     ) -> Result<(Self, WorkerReady), String> {
-        let (connection, ready) = spawn(&init, &identity)?;
+        let (connection, ready) = spawn(&init, &identity, sandbox.as_deref())?;
         tracing::info!(model = %init.model, device = %init.device, pid = connection.child.id(), user = %identity.user, "worker started");
         Ok((
             Self {
                 init,
                 identity,
+                sandbox,
                 connection: Some(connection),
                 kv_block_bytes: ready.kv_block_bytes as usize,
                 lengths: HashMap::new(),
@@ -260,8 +269,8 @@ impl RemoteEngine {
             }
             // Back off a little more after each recent loss.
             std::thread::sleep(Duration::from_millis(100 << self.losses.len().min(5)));
-            let (connection, _) =
-                spawn(&self.init, &self.identity).map_err(EngineError::WorkerLost)?;
+            let (connection, _) = spawn(&self.init, &self.identity, self.sandbox.as_deref())
+                .map_err(EngineError::WorkerLost)?;
             tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
             self.connection = Some(connection);
         }

@@ -1,0 +1,162 @@
+//! Where workers are placed: the daemon's cgroups ([`crate::cgroup`]) and a device gate
+//! ([`crate::gate`]) on each worker's group, set up before the worker loads anything.
+//!
+//! Shared workers (one per model, serving every tenant) live in the pool group `_shared`, a
+//! name no tenant can take (tenant names start with a letter or digit). Everything is named
+//! by an instance derived from the state directory, so two daemons on one host (each has its
+//! own state directory) never touch each other's groups or pins.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sha2::Digest as _;
+
+use crate::cgroup::{self, Cgroups, TenantLimits, WorkerGroup};
+use crate::gate::{self, grants, DeviceGate};
+
+/// The group of the workers every tenant shares.
+pub const SHARED_POOL: &str = "_shared";
+/// The state directory a daemon installed by `make install` uses.
+const DEFAULT_STATE_DIR: &str = "/var/lib/accel";
+
+/// The daemon's cgroups and gates for its workers.
+#[derive(Debug)]
+pub struct Sandbox {
+    cgroups: Box<dyn Cgroups>,
+    instance: String,
+    gpus: usize,
+    proc_devices: String,
+    closed: AtomicBool,
+}
+
+/// `accel` for the installed daemon; `accel-<hash of the state dir>` for any other, so that
+/// daemons beside each other (tests, a second instance) keep apart.
+pub fn instance_name(state_dir: &Path) -> String {
+    if state_dir == Path::new(DEFAULT_STATE_DIR) {
+        return "accel".to_owned();
+    }
+    let digest = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("accel-{hex}")
+}
+
+impl Sandbox {
+    /// Finds the host's cgroups, removes whatever an earlier daemon of this instance left
+    /// (groups, the processes in them, pinned gates), and prepares the pool group.
+    pub fn prepare(state_dir: &Path, gpus: usize) -> Result<Self, String> {
+        let instance = instance_name(state_dir);
+        let cgroups = cgroup::detect(&instance)?;
+        let removed = cgroups.remove_all().map_err(|e| e.to_string())?;
+        let unpinned = gate::remove_pins(&instance).map_err(|e| e.to_string())?;
+        if removed + unpinned > 0 {
+            tracing::warn!(groups = removed, pins = unpinned, %instance, "removed what an earlier daemon left (it did not stop cleanly)");
+        }
+        cgroups.prepare().map_err(|e| e.to_string())?;
+        gate::ensure_bpffs().map_err(|e| e.to_string())?;
+        let proc_devices = std::fs::read_to_string("/proc/devices")
+            .map_err(|e| format!("cannot read /proc/devices: {e}"))?;
+        cgroups
+            .set_tenant(
+                SHARED_POOL,
+                &TenantLimits {
+                    memory_max: None,
+                    weight: 1,
+                    cpus: None,
+                    pids_max: None,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        tracing::info!(%instance, cgroups = cgroups.kind(), "workers are isolated: cgroups and a device gate per worker");
+        Ok(Self {
+            cgroups,
+            instance,
+            gpus,
+            proc_devices,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Puts a just-started worker (it waits for its init before loading anything) in its group,
+    /// behind a gate granting only `device`'s nodes.
+    pub fn place(&self, worker: &str, device: &str, pid: u32) -> Result<WorkerGroup, String> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err("the daemon is stopping".into());
+        }
+        let grants = grants::for_device(device, self.gpus, &self.proc_devices)?;
+        let group = self
+            .cgroups
+            .create_worker(SHARED_POOL, worker)
+            .map_err(|e| e.to_string())?;
+        self.cgroups
+            .attach(&group, pid)
+            .map_err(|e| e.to_string())?;
+        match self.cgroups.gate_dir(&group) {
+            Some(dir) => {
+                let pins = gate::pin_dir(&self.instance, SHARED_POOL, worker);
+                // The gate of the worker this one replaces goes first.
+                if let Ok(old) = DeviceGate::open(&pins) {
+                    old.detach().map_err(|e| e.to_string())?;
+                }
+                DeviceGate::attach(&dir, &grants, &pins).map_err(|e| e.to_string())?;
+            }
+            None => {
+                tracing::warn!(%worker, "no unified cgroup hierarchy is mounted: this worker has no device gate")
+            }
+        }
+        Ok(group)
+    }
+
+    /// Device opens a worker's gate refused.
+    pub fn denials(&self, worker: &str) -> u64 {
+        DeviceGate::open(&gate::pin_dir(&self.instance, SHARED_POOL, worker))
+            .map_or(0, |g| g.denials())
+    }
+
+    /// On stop: kills every worker and removes every group and gate; nothing is placed after.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        match self.cgroups.remove_all() {
+            Ok(groups) => tracing::info!(groups, "worker cgroups removed"),
+            Err(e) => tracing::error!(error = %e, "could not remove the workers' cgroups"),
+        }
+        if let Err(e) = gate::remove_pins(&self.instance) {
+            tracing::error!(error = %e, "could not remove the device gates' pins");
+        }
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+}
+
+/// A worker's group name for a model on a device: `<model>-<device>` with `:` spelled `-`.
+pub fn worker_name(model: &str, device: &str) -> String {
+    format!("{model}-{}", device.replace(':', "-"))
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_keep_daemons_apart_and_names_are_safe_groups() {
+        assert_eq!(instance_name(Path::new("/var/lib/accel")), "accel");
+        let a = instance_name(Path::new("/tmp/a/state"));
+        let b = instance_name(Path::new("/tmp/b/state"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("accel-") && a.len() == "accel-".len() + 12);
+        let name = worker_name("smollm2-135m-instruct", "cuda:0");
+        assert_eq!(name, "smollm2-135m-instruct-cuda-0");
+        assert!(crate::cgroup::check_name(&name).is_ok());
+        assert!(crate::cgroup::check_name(SHARED_POOL).is_ok());
+    }
+}
