@@ -15,9 +15,13 @@ fn fixture_model() -> PathBuf {
 }
 
 fn daemon(isolation: &str) -> Daemon {
+    daemon_for(isolation, &fixture_model())
+}
+
+fn daemon_for(isolation: &str, model: &Path) -> Daemon {
     let extra = format!(
         "isolation: {isolation}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
-        fixture_model().display()
+        model.display()
     );
     Daemon::start_with(DaemonOptions {
         extra_config: &extra,
@@ -123,7 +127,19 @@ fn reference() -> (Vec<u32>, Vec<u32>) {
 #[test]
 fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() {
     require_root!();
-    let daemon = daemon("shared");
+    // The model where only root may read it: the worker gets its files as descriptors.
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        private.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let model = private.path().join("tiny");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture_model()).unwrap().flatten() {
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let daemon = daemon_for("shared", &model);
     let pids = workers(&daemon);
     assert_eq!(pids.len(), 1, "one worker for the one model: {pids:?}");
     let pid = pids[0];
@@ -165,6 +181,10 @@ fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() 
         "/sys/fs/bpf/accel/{instance}/_shared/tiny-cpu/link"
     ))
     .exists());
+
+    // The weights it maps came from the supervisor: it could not have opened them.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("model.safetensors"), "the weights are mapped");
 
     let (prompt, want) = reference();
     let answer = greedy(&daemon, &prompt, want.len());

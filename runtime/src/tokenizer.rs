@@ -65,8 +65,12 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         // The tokenizers crate can panic on a malformed file: contained, it is this model's
         // load error.
+        let bytes = crate::model::files::read(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let inner = contained("loading tokenizer.json", || {
-            tokenizers::Tokenizer::from_file(&path)
+            tokenizers::Tokenizer::from_bytes(&bytes)
         })
         .map_err(|e| ModelError::Format {
             file: path.clone(),
@@ -84,7 +88,7 @@ impl Tokenizer {
         if let Some(id) = token("eos_token") {
             eos.push(id);
         }
-        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+        if let Ok(text) = crate::model::files::read_to_string(&dir.join("generation_config.json")) {
             if let Ok(generation) = serde_json::from_str::<Value>(&text) {
                 match &generation["eos_token_id"] {
                     Value::Number(n) => eos.extend(n.as_u64().map(|v| v as u32)),

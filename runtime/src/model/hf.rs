@@ -16,7 +16,7 @@ use super::{
 };
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+    let text = super::files::read_to_string(path).map_err(|source| ModelError::Io {
         path: path.to_owned(),
         source,
     })?;
@@ -206,9 +206,9 @@ pub fn open_safetensors(path: &Path) -> Result<Vec<WeightTensor>, ModelError> {
 fn load_tensors(dir: &Path) -> Result<HashMap<String, WeightTensor>, ModelError> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
-    let files: Vec<std::path::PathBuf> = if single.exists() {
+    let files: Vec<std::path::PathBuf> = if super::files::exists(&single) {
         vec![single]
-    } else if index.exists() {
+    } else if super::files::exists(&index) {
         let json = read_json(&index)?;
         let map = json["weight_map"]
             .as_object()
@@ -286,7 +286,7 @@ pub fn weights_from_hf_names(
 /// The chat template: `chat_template.jinja` if present, else `chat_template` in
 /// `tokenizer_config.json` (a string, or a list of named templates: the `default` one).
 fn chat_template(dir: &Path, tokenizer_config: &Value) -> Option<String> {
-    if let Ok(text) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+    if let Ok(text) = super::files::read_to_string(&dir.join("chat_template.jinja")) {
         return Some(text);
     }
     match &tokenizer_config["chat_template"] {

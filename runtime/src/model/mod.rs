@@ -6,6 +6,7 @@
 //! in the file mapping in their stored dtype. Every shape is checked at load, so the forward
 //! pass can trust them.
 
+pub mod files;
 pub mod generated;
 pub mod gguf;
 pub mod hf;
@@ -418,7 +419,7 @@ pub(crate) fn assemble_weights<'a>(
 
 /// Loads a model from a Hugging Face folder or a `.gguf` file, by what `path` is.
 pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
-    if path.is_dir() {
+    if files::is_dir(path) {
         hf::load(path)
     } else {
         gguf::load(path)

@@ -82,7 +82,7 @@ impl Backing {
             path: path.to_owned(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let file = super::files::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this process. Model files are not
         // modified while a daemon serves them (operators replace them by rename, which leaves
         // this mapping on the old inode); a concurrent in-place write could change weights under

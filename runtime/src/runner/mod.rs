@@ -523,7 +523,7 @@ fn place(
     order: usize,
     name: &str,
     model: LoadedModel,
-    source: Option<&std::path::Path>,
+    source: Option<(&std::path::Path, &crate::model::files::Opened)>,
     spec: &ModelSpec,
     placement: &Placement,
     workers: Option<&Workers>,
@@ -532,10 +532,12 @@ fn place(
         let start = |device: String| {
             let init = crate::worker::WorkerInit {
                 model: name.to_owned(),
-                path: source.map(std::path::Path::to_owned),
+                path: source.map(|(p, _)| p.to_owned()),
                 spec: spec.clone(),
                 device,
                 kernel_cache: Some(workers.kernel_cache.clone()),
+                files: source.map(|(_, o)| o.files.clone()).unwrap_or_default(),
+                dirs: source.map(|(_, o)| o.dirs.clone()).unwrap_or_default(),
             };
             crate::worker::RemoteEngine::start(
                 init,
@@ -727,7 +729,8 @@ pub fn start_models(
             && spec.path == std::path::Path::new(DEFAULT_MODEL_FILE);
         let started = Instant::now();
         tracing::info!(model = %spec.name, path = %path.display(), "loading model");
-        let loaded = match crate::model::load(&path) {
+        let (loaded, opened) = crate::model::files::record(|| crate::model::load(&path));
+        let loaded = match loaded {
             Ok(model) => model,
             Err(e) if is_default && !path.exists() => {
                 tracing::warn!(
@@ -767,7 +770,7 @@ pub fn start_models(
             order,
             &spec.name,
             loaded,
-            Some(&path),
+            Some((&path, &opened)),
             spec,
             &placement,
             workers,

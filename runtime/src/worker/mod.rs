@@ -41,6 +41,10 @@ pub struct WorkerInit {
     /// `cpu` or `cuda:N`.
     pub device: String,
     pub kernel_cache: Option<PathBuf>,
+    /// The model's files, passed as descriptors right after this message in this order (the
+    /// worker cannot open them itself), and the directories among the paths it will look at.
+    pub files: Vec<PathBuf>,
+    pub dirs: Vec<PathBuf>,
 }
 
 /// What the worker reports once its engine is up.
@@ -74,6 +78,16 @@ fn serve(mut stream: UnixStream) -> Result<(), String> {
         .map_err(fail)?;
     let init: WorkerInit =
         serde_json::from_slice(&init).map_err(|e| format!("malformed init: {e}"))?;
+    let fds = proto::recv_fds(&stream, init.files.len()).map_err(fail)?;
+    crate::model::files::install(crate::model::files::Passed {
+        files: init
+            .files
+            .iter()
+            .cloned()
+            .zip(fds.into_iter().map(std::fs::File::from))
+            .collect(),
+        dirs: init.dirs.iter().cloned().collect(),
+    })?;
     let loaded = match &init.path {
         Some(path) => crate::model::load(path).map_err(|e| e.to_string()),
         None => crate::model::generated::tiny_random().map_err(|e| e.to_string()),

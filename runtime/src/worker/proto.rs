@@ -175,6 +175,86 @@ pub fn decode_u64(tag: u8, payload: &[u8]) -> Result<u64, ProtoError> {
     Ok(v)
 }
 
+/// Most descriptors one message can carry (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
+
+/// Sends `files` as descriptors, with one byte of data (a descriptor cannot travel alone).
+pub fn send_fds(
+    stream: &std::os::unix::net::UnixStream,
+    files: &[std::fs::File],
+) -> Result<(), ProtoError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd as _;
+    if files.len() > MAX_FDS {
+        return Err(ProtoError::Malformed {
+            tag: tag::INIT,
+            why: format!(
+                "{} files, more than the {MAX_FDS} one message can pass",
+                files.len()
+            ),
+        });
+    }
+    let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[std::io::IoSlice::new(b"F")],
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| ProtoError::Io(e.into()))?;
+    Ok(())
+}
+
+/// Receives what [`send_fds`] sent: exactly `expected` descriptors, close-on-exec.
+pub fn recv_fds(
+    stream: &std::os::unix::net::UnixStream,
+    expected: usize,
+) -> Result<Vec<std::os::fd::OwnedFd>, ProtoError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| ProtoError::Io(e.into()))?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(|e| ProtoError::Io(e.into()))? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this process for us;
+            // nothing else owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let malformed = |why: String| ProtoError::Malformed {
+        tag: tag::INIT,
+        why,
+    };
+    if msg.bytes != 1 {
+        return Err(malformed("no descriptor message".into()));
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(malformed("descriptors were cut off".into()));
+    }
+    if fds.len() != expected {
+        return Err(malformed(format!(
+            "{} descriptors for {expected} files",
+            fds.len()
+        )));
+    }
+    Ok(fds)
+}
+
 /// `Hello`: the worker's protocol version and pid.
 pub fn encode_hello(pid: u32) -> Vec<u8> {
     let mut out = VERSION.to_le_bytes().to_vec();
@@ -308,6 +388,32 @@ pub fn decode_stepped(payload: &[u8]) -> Result<Vec<StepOutput>, ProtoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_travel_with_their_count_checked() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "weights").unwrap();
+        let files = vec![
+            std::fs::File::open(&path).unwrap(),
+            std::fs::File::open(&path).unwrap(),
+        ];
+        send_fds(&a, &files).unwrap();
+        let got = recv_fds(&b, 2).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::fs::File::from(got.into_iter().next().unwrap()),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, "weights");
+        send_fds(&a, &files[..1]).unwrap();
+        assert!(
+            recv_fds(&b, 2).is_err(),
+            "one descriptor where two were announced"
+        );
+    }
 
     #[test]
     fn frames_round_trip_and_bad_lengths_are_refused() {

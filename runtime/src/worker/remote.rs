@@ -190,6 +190,14 @@ fn spawn(
     }
     let init_json = serde_json::to_vec(init).map_err(|e| e.to_string())?;
     proto::write_frame(&mut ours, tag::INIT, &init_json).map_err(|e| e.to_string())?;
+    // The model's files, opened here: the worker's user need not be able to read them.
+    let files = init
+        .files
+        .iter()
+        .map(|p| std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display())))
+        .collect::<Result<Vec<_>, _>>()?;
+    proto::send_fds(&ours, &files).map_err(|e| e.to_string())?;
+    drop(files);
     let frame =
         proto::read_frame(&mut ours).map_err(|e| format!("the worker did not start: {e}"))?;
     if frame.tag == tag::ERROR {

@@ -1,0 +1,232 @@
+//! What a worker process costs, against the same engine in this process, in the same run:
+//! - decode throughput at batch 1 and 16 (`PROMPT` tokens of prefill, then `OUTPUT` decode
+//!   steps, sampling in the caller as the device loop does), in-process against through a
+//!   worker (every step a request over its socket, logits back);
+//! - start to first token: building the engine here against spawning a worker that loads the
+//!   model, then one prefill.
+//!
+//! `cargo build --release -p accel-runtime && cargo bench -p accel-benches --bench workers`
+//! (the worker is the built `acceld`). Uses the default model (SmolLM2-135M-Instruct) when it
+//! is in the model cache, else the small generated model. Workers run without cgroups here
+//! (no root needed); the groups cost nothing per step.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use accel_runtime::backend::cpu::CpuBackend;
+use accel_runtime::config::{DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE};
+use accel_runtime::engine::ops::EngineOps;
+use accel_runtime::engine::sampling::{Sampler, SamplingParams};
+use accel_runtime::engine::{Engine, LogitsWanted, StepInput};
+use accel_runtime::worker::{RemoteEngine, WorkerIdentity, WorkerInit};
+use criterion::Criterion;
+
+const PROMPT: usize = 32;
+const OUTPUT: usize = 32;
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        kv_blocks: 512,
+        swap_blocks: 0,
+        ..ModelSpec::default_model()
+    }
+}
+
+/// The built `acceld` beside this benchmark's directory (`target/release/`).
+fn acceld() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/release/deps");
+    let acceld = dir.join("acceld");
+    assert!(
+        acceld.is_file(),
+        "{} not found: build it first (cargo build --release -p accel-runtime)",
+        acceld.display()
+    );
+    acceld
+}
+
+/// `n` sequences: a prefill of `PROMPT` tokens, then `OUTPUT` greedy decode steps. Seconds.
+fn generate(engine: &mut dyn EngineOps, n: usize, vocab: usize) -> f64 {
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|i| {
+            (0..PROMPT)
+                .map(|t| ((i * 131 + t * 7) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let mut samplers: Vec<Sampler> = (0..n)
+        .map(|_| Sampler::new(SamplingParams::greedy()))
+        .collect();
+    let start = Instant::now();
+    let seqs: Vec<_> = (0..n)
+        .map(|_| engine.add_sequence().expect("sequence"))
+        .collect();
+    let inputs: Vec<StepInput<'_>> = seqs
+        .iter()
+        .zip(&prompts)
+        .map(|(&seq, p)| StepInput {
+            seq,
+            tokens: p,
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    let outputs = engine.step(&inputs).expect("prefill");
+    let mut next: Vec<[u32; 1]> = outputs
+        .iter()
+        .zip(&mut samplers)
+        .zip(&prompts)
+        .map(|((o, s), p)| [s.sample(&o.logits[0], p, PROMPT).token])
+        .collect();
+    for _ in 1..OUTPUT {
+        let inputs: Vec<StepInput<'_>> = seqs
+            .iter()
+            .zip(&next)
+            .map(|(&seq, t)| StepInput {
+                seq,
+                tokens: t,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let outputs = engine.step(&inputs).expect("decode");
+        for (i, o) in outputs.iter().enumerate() {
+            next[i] = [samplers[i].sample(&o.logits[0], &prompts[i], PROMPT).token];
+        }
+    }
+    for seq in seqs {
+        engine.remove_sequence(seq);
+    }
+    start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let config = DaemonConfig::default();
+    let path = config.model_cache.join(DEFAULT_MODEL_FILE);
+    let (loaded, opened) =
+        accel_runtime::model::files::record(|| accel_runtime::model::load(&path));
+    let (model, source) = match loaded {
+        Ok(m) => (m, Some(path)),
+        Err(_) => (
+            accel_runtime::model::generated::tiny_random().expect("generated model"),
+            None,
+        ),
+    };
+    let vocab = model.config.vocab_size;
+    println!(
+        "model: {}",
+        source
+            .as_ref()
+            .map_or("the generated model".to_owned(), |p| p
+                .display()
+                .to_string())
+    );
+    let identity = WorkerIdentity {
+        program: acceld(),
+        ..WorkerIdentity::resolve(None).expect("a user for workers")
+    };
+    let init = WorkerInit {
+        model: "bench".into(),
+        path: source.clone(),
+        spec: spec(),
+        device: "cpu".into(),
+        kernel_cache: None,
+        files: opened.files,
+        dirs: opened.dirs,
+    };
+
+    // Start to first token.
+    let started = Instant::now();
+    let mut local = Engine::new(
+        CpuBackend::default(),
+        model.config.clone(),
+        &model.weights,
+        spec().kv_blocks,
+        16,
+    )
+    .expect("engine");
+    let local_first = generate_first(&mut local, vocab);
+    let local_start = started.elapsed();
+    let started = Instant::now();
+    let (mut remote, _) = RemoteEngine::start(init, identity, None).expect("worker");
+    let remote_first = generate_first(&mut remote, vocab);
+    let remote_start = started.elapsed();
+    let _ = (local_first, remote_first);
+
+    let mut rows = Vec::new();
+    let mut group = c.benchmark_group("worker_throughput");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(6));
+    for n in [1usize, 16] {
+        let (mut here, mut there) = (Vec::new(), Vec::new());
+        group.bench_function(format!("in_process_batch_{n}"), |b| {
+            b.iter_custom(|iters| {
+                let mut t = 0.0;
+                for _ in 0..iters {
+                    let s = generate(&mut local, n, vocab);
+                    here.push(s);
+                    t += s;
+                }
+                Duration::from_secs_f64(t)
+            })
+        });
+        group.bench_function(format!("worker_batch_{n}"), |b| {
+            b.iter_custom(|iters| {
+                let mut t = 0.0;
+                for _ in 0..iters {
+                    let s = generate(&mut remote, n, vocab);
+                    there.push(s);
+                    t += s;
+                }
+                Duration::from_secs_f64(t)
+            })
+        });
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        if let (Some(here), Some(there)) = (median(&mut here), median(&mut there)) {
+            rows.push((n, here, there));
+        }
+    }
+    group.finish();
+
+    println!("\n| batch | in process | through a worker | worker cost |");
+    println!("|---|---|---|---|");
+    for (n, here, there) in &rows {
+        let tokens = (n * OUTPUT) as f64;
+        println!(
+            "| {n} | {:.0} tok/s | {:.0} tok/s | {:+.1}% |",
+            tokens / here,
+            tokens / there,
+            (there / here - 1.0) * 100.0
+        );
+    }
+    println!(
+        "\nstart to first token: in process {:.0} ms (engine built, one {PROMPT}-token prefill), through a new worker {:.0} ms (spawn, model loaded there, one prefill): {:.2}x",
+        local_start.as_secs_f64() * 1e3,
+        remote_start.as_secs_f64() * 1e3,
+        remote_start.as_secs_f64() / local_start.as_secs_f64()
+    );
+}
+
+/// One prefill on a fresh sequence, as a first request would.
+fn generate_first(engine: &mut dyn EngineOps, vocab: usize) -> u32 {
+    let prompt: Vec<u32> = (0..PROMPT).map(|t| (t * 7 % vocab) as u32).collect();
+    let seq = engine.add_sequence().expect("sequence");
+    let out = engine
+        .step(&[StepInput {
+            seq,
+            tokens: &prompt,
+            logits: LogitsWanted::Last,
+        }])
+        .expect("prefill");
+    engine.remove_sequence(seq);
+    Sampler::new(SamplingParams::greedy())
+        .sample(&out[0].logits[0], &prompt, PROMPT)
+        .token
+}

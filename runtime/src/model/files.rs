@@ -1,0 +1,145 @@
+//! Every file a model load reads goes through here, so one loader serves both sides of a
+//! worker: the supervisor opens by path and records what it opened ([`record`]); a worker,
+//! which may not read the model cache at all, reads only the descriptors the supervisor
+//! passed it ([`install`]), and anything else is "not found".
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The files a worker was given, by the path the supervisor opened them at.
+#[derive(Debug, Default)]
+pub struct Passed {
+    pub files: HashMap<PathBuf, File>,
+    pub dirs: HashSet<PathBuf>,
+}
+
+/// What a recorded load opened: files, and the directories it found to be directories.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub files: Vec<PathBuf>,
+    pub dirs: Vec<PathBuf>,
+}
+
+static PASSED: OnceLock<Passed> = OnceLock::new();
+
+thread_local! {
+    static RECORDING: RefCell<Option<Opened>> = const { RefCell::new(None) };
+}
+
+/// From now on this process reads model files only from `passed` (a worker, once).
+pub fn install(passed: Passed) -> Result<(), String> {
+    PASSED
+        .set(passed)
+        .map_err(|_| "model files were already given to this process".to_owned())
+}
+
+/// Runs `load` and says which files and directories it opened.
+pub fn record<T>(load: impl FnOnce() -> T) -> (T, Opened) {
+    RECORDING.with(|r| *r.borrow_mut() = Some(Opened::default()));
+    let value = load();
+    let opened = RECORDING
+        .with(|r| r.borrow_mut().take())
+        .unwrap_or_default();
+    (value, opened)
+}
+
+fn note(path: &Path, dir: bool) {
+    RECORDING.with(|r| {
+        if let Some(opened) = r.borrow_mut().as_mut() {
+            let list = if dir {
+                &mut opened.dirs
+            } else {
+                &mut opened.files
+            };
+            if !list.iter().any(|p| p == path) {
+                list.push(path.to_owned());
+            }
+        }
+    });
+}
+
+fn not_passed(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} was not passed to this worker", path.display()),
+    )
+}
+
+/// Opens a model file for reading.
+pub fn open(path: &Path) -> io::Result<File> {
+    if let Some(passed) = PASSED.get() {
+        return passed
+            .files
+            .get(path)
+            .ok_or_else(|| not_passed(path))?
+            .try_clone();
+    }
+    let file = File::open(path)?;
+    note(path, false);
+    Ok(file)
+}
+
+/// A whole model file's bytes. Read by position, so a descriptor shared with earlier reads
+/// starts at the beginning all the same.
+pub fn read(path: &Path) -> io::Result<Vec<u8>> {
+    let file = open(path)?;
+    let len = file.metadata()?.len();
+    let mut bytes = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
+pub fn read_to_string(path: &Path) -> io::Result<String> {
+    String::from_utf8(read(path)?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Whether `path` is a model file that can be opened (without opening it).
+pub fn exists(path: &Path) -> bool {
+    match PASSED.get() {
+        Some(passed) => passed.files.contains_key(path) || passed.dirs.contains(path),
+        None => path.exists(),
+    }
+}
+
+/// Whether `path` is a directory (a Hugging Face folder).
+pub fn is_dir(path: &Path) -> bool {
+    match PASSED.get() {
+        Some(passed) => passed.dirs.contains(path),
+        None => {
+            let dir = path.is_dir();
+            if dir {
+                note(path, true);
+            }
+            dir
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_load_names_what_it_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.json");
+        std::fs::write(&file, "{}").unwrap();
+        let (text, opened) = record(|| {
+            assert!(is_dir(dir.path()));
+            assert!(exists(&file));
+            assert!(!exists(&dir.path().join("missing")));
+            read_to_string(&file).unwrap()
+        });
+        assert_eq!(text, "{}");
+        assert_eq!(opened.files, [file]);
+        assert_eq!(opened.dirs, [dir.path().to_owned()]);
+        // Outside a recording, nothing is noted.
+        let (_, nothing) = record(|| ());
+        assert_eq!(nothing, Opened::default());
+    }
+}
