@@ -195,6 +195,37 @@ fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() 
         answer["choices"][0]["text"],
         tokenizer.decode(&want, true).unwrap()
     );
+
+    // Its cgroup and gate are in the metrics.
+    let metrics = metric_values(&daemon);
+    let labels = "{model=\"tiny\",worker=\"tiny-cpu\"}";
+    assert_eq!(metrics.get(&format!("accel_worker_up{labels}")), Some(&1.0));
+    assert_eq!(
+        metrics.get(&format!("accel_worker_restarts{labels}")),
+        Some(&0.0)
+    );
+    assert!(
+        metrics[&format!("accel_worker_memory_bytes{labels}")] > 1e6,
+        "{metrics:?}"
+    );
+    assert!(metrics[&format!("accel_worker_cpu_seconds{labels}")] > 0.0);
+    assert_eq!(
+        metrics.get(&format!("accel_worker_device_denials{labels}")),
+        Some(&0.0)
+    );
+}
+
+/// `name{labels} value` lines of the daemon's metrics.
+fn metric_values(daemon: &Daemon) -> std::collections::HashMap<String, f64> {
+    let (status, text) = daemon.request("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 #[test]
@@ -253,6 +284,12 @@ fn a_worker_killed_mid_request_is_replaced_and_the_request_ends_as_it_would_have
         let now = workers(&daemon);
         now.len() == 1 && now != before
     }));
+    let metrics = metric_values(&daemon);
+    assert_eq!(
+        metrics.get("accel_worker_restarts{model=\"tiny\",worker=\"tiny-cpu\"}"),
+        Some(&1.0),
+        "{metrics:?}"
+    );
     let log = daemon.log_text();
     assert!(log.contains("worker lost"), "{log}");
     // It was lost with the request on it, which was recomputed.

@@ -39,12 +39,72 @@ pub struct Metrics {
     pub tenant_requests_in_flight: IntGaugeVec,
     pub models_loaded: IntGaugeVec,
     pub model_up: IntGaugeVec,
+    pub workers: WorkerMetrics,
     pub peak_resident_memory: IntGauge,
     pub device_info: IntGaugeVec,
     pub device_memory: IntGaugeVec,
     pub backend_memory: IntGaugeVec,
     pub kv_cache: IntGaugeVec,
     pub sched: SchedMetrics,
+}
+
+/// A model's worker process, labelled `model` and `worker` (its group, `<model>-<device>`);
+/// refreshed before each scrape from the worker's cgroup and device gate.
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    pub up: IntGaugeVec,
+    pub restarts: IntGaugeVec,
+    pub memory: IntGaugeVec,
+    pub memory_peak: IntGaugeVec,
+    pub cpu_seconds: prometheus::GaugeVec,
+    pub oom_kills: IntGaugeVec,
+    pub device_denials: IntGaugeVec,
+}
+
+impl WorkerMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let labels = &["model", "worker"];
+        let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let cpu_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "accel_worker_cpu_seconds",
+                "CPU time the worker's cgroup has used, in seconds (since the daemon started).",
+            ),
+            labels,
+        )?;
+        registry.register(Box::new(cpu_seconds.clone()))?;
+        Ok(Self {
+            up: gauge(
+                "accel_worker_up",
+                "1 while the model's worker process runs.",
+            )?,
+            restarts: gauge(
+                "accel_worker_restarts",
+                "Workers started to replace a lost one (crashed, killed, hung).",
+            )?,
+            memory: gauge(
+                "accel_worker_memory_bytes",
+                "Memory the worker's cgroup uses now.",
+            )?,
+            memory_peak: gauge(
+                "accel_worker_memory_peak_bytes",
+                "Most memory the worker's cgroup has used, where the kernel keeps it.",
+            )?,
+            cpu_seconds,
+            oom_kills: gauge(
+                "accel_worker_oom_kills",
+                "Processes the kernel killed in the worker's cgroup for want of memory.",
+            )?,
+            device_denials: gauge(
+                "accel_worker_device_denials",
+                "Device opens the worker's device gate refused.",
+            )?,
+        })
+    }
 }
 
 /// Latency buckets for inference, in seconds (1ms to 5 minutes).
@@ -192,6 +252,7 @@ impl Metrics {
             &["model"],
         )?;
         registry.register(Box::new(model_up.clone()))?;
+        let workers = WorkerMetrics::new(&registry)?;
         let peak_resident_memory = IntGauge::new(
             "accel_process_peak_resident_memory_bytes",
             "Peak resident memory of the daemon since it started (getrusage ru_maxrss).",
@@ -261,6 +322,7 @@ impl Metrics {
             tenant_requests_in_flight,
             models_loaded,
             model_up,
+            workers,
             peak_resident_memory,
             device_info,
             device_memory,

@@ -92,6 +92,33 @@ impl DaemonState {
                 .with_label_values(&[m.info.name.as_str()])
                 .set(i64::from(m.is_up()));
             let usage = m.usage();
+            if let Some(worker) = usage.worker() {
+                let w = &self.metrics.workers;
+                let labels = [m.info.name.as_str(), worker.name.as_str()];
+                let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                w.up.with_label_values(&labels)
+                    .set(i64::from(worker.pid().is_some()));
+                w.restarts
+                    .with_label_values(&labels)
+                    .set(clamp(worker.restarts()));
+                if let Some((cg, denials)) = worker.usage() {
+                    w.memory
+                        .with_label_values(&labels)
+                        .set(clamp(cg.memory_bytes));
+                    if let Some(peak) = cg.memory_peak_bytes {
+                        w.memory_peak.with_label_values(&labels).set(clamp(peak));
+                    }
+                    w.cpu_seconds
+                        .with_label_values(&labels)
+                        .set(cg.cpu_usec as f64 / 1e6);
+                    w.oom_kills
+                        .with_label_values(&labels)
+                        .set(clamp(cg.oom_kills));
+                    w.device_denials
+                        .with_label_values(&labels)
+                        .set(clamp(denials));
+                }
+            }
             for (tenant, bytes) in usage.kv_by_tenant() {
                 self.metrics
                     .kv_cache

@@ -182,6 +182,7 @@ impl Drop for UpWhileAlive {
 pub struct Usage {
     kv_by_tenant: Mutex<HashMap<String, u64>>,
     ledger: Option<Arc<Ledger>>,
+    worker: Option<Arc<crate::worker::WorkerStatus>>,
 }
 
 impl Usage {
@@ -191,6 +192,11 @@ impl Usage {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The model's worker process, when its engine runs in one.
+    pub fn worker(&self) -> Option<&crate::worker::WorkerStatus> {
+        self.worker.as_deref()
     }
 
     /// Device and page-locked bytes by use, for a model on a GPU.
@@ -421,8 +427,9 @@ fn prepare_in_worker(
     label: String,
 ) -> Result<PreparedModel, StartError> {
     let (engine, ready) = worker;
+    let status = engine.status();
     let swap_min_tokens = usize::try_from(ready.swap_min_tokens).unwrap_or(usize::MAX);
-    finish_prepare(
+    let mut prepared = finish_prepare(
         name,
         model,
         spec,
@@ -430,7 +437,13 @@ fn prepare_in_worker(
         swap_min_tokens,
         label,
         None,
-    )
+    )?;
+    prepared.slot.usage = Arc::new(Usage {
+        kv_by_tenant: Mutex::default(),
+        ledger: None,
+        worker: Some(status),
+    });
+    Ok(prepared)
 }
 
 /// How models' workers are started, when engines run in worker processes.
@@ -492,6 +505,7 @@ fn finish_prepare(
     let usage = Arc::new(Usage {
         kv_by_tenant: Mutex::default(),
         ledger,
+        worker: None,
     });
     Ok(Prepared {
         slot: Slot {

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::remote::{RemoteEngine, WorkerIdentity};
+pub use self::remote::{RemoteEngine, WorkerIdentity, WorkerStatus};
 pub use self::sandbox::Sandbox;
 
 use self::proto::{tag, ProtoError};

@@ -90,6 +90,46 @@ impl WorkerIdentity {
     }
 }
 
+/// What the rest of the daemon may know of a model's worker (the API and metrics read it;
+/// the device loop that owns the worker writes it).
+#[derive(Debug)]
+pub struct WorkerStatus {
+    /// Its group name (`<model>-<device>`).
+    pub name: String,
+    pub device: String,
+    pub user: String,
+    pid: std::sync::atomic::AtomicU32,
+    restarts: std::sync::atomic::AtomicU64,
+    sandbox: Option<std::sync::Arc<Sandbox>>,
+}
+
+impl WorkerStatus {
+    /// The worker's pid; `None` while none runs.
+    pub fn pid(&self) -> Option<u32> {
+        match self.pid.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    /// Workers started to replace a lost one.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Memory, CPU and OOM kills of its cgroup, and its gate's refusals; `None` when workers
+    /// are not isolated.
+    pub fn usage(&self) -> Option<(crate::cgroup::Usage, u64)> {
+        let sandbox = self.sandbox.as_ref()?;
+        Some((sandbox.usage(&self.name).ok()?, sandbox.denials(&self.name)))
+    }
+
+    fn set_pid(&self, pid: Option<u32>) {
+        self.pid
+            .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A live worker: its process and our end of its socket.
 #[derive(Debug)]
 struct Connection {
@@ -226,6 +266,7 @@ pub struct RemoteEngine {
     swapped: HashSet<SeqId>,
     /// When workers were lost recently, for the crash-loop limit.
     losses: VecDeque<Instant>,
+    status: std::sync::Arc<WorkerStatus>,
 }
 
 impl RemoteEngine {
@@ -236,6 +277,14 @@ impl RemoteEngine {
         sandbox: Option<std::sync::Arc<Sandbox>>,
     ) -> Result<(Self, WorkerReady), String> {
         let (connection, ready) = spawn(&init, &identity, sandbox.as_deref())?;
+        let status = std::sync::Arc::new(WorkerStatus {
+            name: super::sandbox::worker_name(&init.model, &init.device),
+            device: init.device.clone(),
+            user: identity.user.clone(),
+            pid: std::sync::atomic::AtomicU32::new(connection.child.id()),
+            restarts: std::sync::atomic::AtomicU64::new(0),
+            sandbox: sandbox.clone(),
+        });
         tracing::info!(model = %init.model, device = %init.device, pid = connection.child.id(), user = %identity.user, "worker started");
         Ok((
             Self {
@@ -247,14 +296,15 @@ impl RemoteEngine {
                 lengths: HashMap::new(),
                 swapped: HashSet::new(),
                 losses: VecDeque::new(),
+                status,
             },
             ready,
         ))
     }
 
-    /// The worker's process id, while one runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.connection.as_ref().map(|c| c.child.id())
+    /// What the API and the metrics may know of this worker.
+    pub fn status(&self) -> std::sync::Arc<WorkerStatus> {
+        std::sync::Arc::clone(&self.status)
     }
 
     /// The live worker, starting a new one (after a loss) unless they crash in a loop.
@@ -280,6 +330,10 @@ impl RemoteEngine {
             let (connection, _) = spawn(&self.init, &self.identity, self.sandbox.as_deref())
                 .map_err(EngineError::WorkerLost)?;
             tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
+            self.status.set_pid(Some(connection.child.id()));
+            self.status
+                .restarts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.connection = Some(connection);
         }
         self.connection
@@ -294,6 +348,7 @@ impl RemoteEngine {
             let status = connection.child.wait();
             tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, "worker lost; its sequences will be recomputed");
         }
+        self.status.set_pid(None);
         self.lengths.clear();
         self.swapped.clear();
         self.losses.push_back(Instant::now());

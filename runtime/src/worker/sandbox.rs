@@ -106,6 +106,16 @@ impl Sandbox {
         Ok(group)
     }
 
+    /// What a worker's group uses.
+    pub fn usage(&self, worker: &str) -> Result<cgroup::Usage, String> {
+        self.cgroups
+            .worker_usage(&WorkerGroup {
+                tenant: SHARED_POOL.to_owned(),
+                worker: worker.to_owned(),
+            })
+            .map_err(|e| e.to_string())
+    }
+
     /// Device opens a worker's gate refused.
     pub fn denials(&self, worker: &str) -> u64 {
         DeviceGate::open(&gate::pin_dir(&self.instance, SHARED_POOL, worker))
