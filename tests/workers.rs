@@ -213,6 +213,19 @@ fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() 
         metrics.get(&format!("accel_worker_device_denials{labels}")),
         Some(&0.0)
     );
+
+    // And operators see it with accelctl.
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    assert_eq!(listed["isolation"], "shared");
+    assert_eq!(listed["workers"][0]["worker"], "tiny-cpu");
+    assert_eq!(listed["workers"][0]["pid"], pid);
+    assert_eq!(listed["workers"][0]["device_denials"], 0);
+    let table = daemon.ctl(&["workers"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("tiny-cpu") && table.contains(&pid.to_string()),
+        "{table}"
+    );
 }
 
 /// `name{labels} value` lines of the daemon's metrics.

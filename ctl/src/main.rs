@@ -61,6 +61,8 @@ enum Command {
     Queue,
     /// Live view of each device's scheduler: per tenant share, tokens/s, queue, KV blocks.
     Top(cmd::top::TopArgs),
+    /// List the models' worker processes: pid, user, restarts, memory, CPU, device denials (operators only).
+    Workers,
     /// Complete a prompt, streaming the text as it is generated.
     Generate {
         /// The prompt.
@@ -142,6 +144,7 @@ fn main() -> ExitCode {
             Command::Devices => cmd::devices::run(&client, json).await,
             Command::Queue => cmd::queue::run(&client, json).await,
             Command::Top(args) => cmd::top::run(&client, args, json).await,
+            Command::Workers => cmd::workers::run(&client, json).await,
             Command::Generate { prompt, options } => {
                 cmd::generate::generate(&client, prompt, options, json).await
             }

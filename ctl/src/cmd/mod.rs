@@ -10,3 +10,4 @@ pub mod status;
 pub mod tenants;
 pub mod top;
 pub mod whoami;
+pub mod workers;

@@ -103,6 +103,7 @@ pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
         .route("/v1/policy/reload", post(routes::reload_policy))
         .route("/v1/devices", get(routes::devices))
         .route("/v1/scheduler", get(routes::scheduler))
+        .route("/v1/workers", get(routes::workers))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))

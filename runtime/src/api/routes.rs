@@ -236,6 +236,29 @@ pub(super) async fn scheduler(
     Json(SchedulerStatus { devices })
 }
 
+/// Every model's worker process: pid, user, restarts, and its cgroup's use (operators only).
+pub(super) async fn workers(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Result<Json<crate::worker::WorkersStatus>, ApiError> {
+    if auth.identity.role != Role::Operator {
+        return Err(ApiError::operators_only("/v1/workers"));
+    }
+    let workers = state
+        .models
+        .iter()
+        .filter_map(|m| m.usage().worker().map(|w| w.report(&m.info.name)))
+        .collect();
+    let isolation = match state.config.isolation {
+        crate::config::Isolation::Off => "off",
+        crate::config::Isolation::Shared => "shared",
+    };
+    Ok(Json(crate::worker::WorkersStatus {
+        isolation: isolation.to_owned(),
+        workers,
+    }))
+}
+
 pub(super) async fn metrics(
     State(state): Shared,
     Extension(auth): Extension<Authenticated>,

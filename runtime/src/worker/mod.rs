@@ -47,6 +47,53 @@ pub struct WorkerInit {
     pub dirs: Vec<PathBuf>,
 }
 
+/// A model's worker as operators see it (`GET /v1/workers`, `accelctl workers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerReport {
+    pub model: String,
+    /// Its cgroup, `<model>-<device>`.
+    pub worker: String,
+    pub device: String,
+    pub user: String,
+    /// `None` while it is being replaced.
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    /// From its cgroup and device gate; absent where they could not be read.
+    pub memory_bytes: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub oom_kills: Option<u64>,
+    pub device_denials: Option<u64>,
+}
+
+/// Every worker, and how engines are isolated (`GET /v1/workers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkersStatus {
+    /// `off` (engines run inside acceld) or `shared`.
+    pub isolation: String,
+    pub workers: Vec<WorkerReport>,
+}
+
+impl WorkerStatus {
+    /// This worker's report, for the model `model`.
+    pub fn report(&self, model: &str) -> WorkerReport {
+        let usage = self.usage();
+        WorkerReport {
+            model: model.to_owned(),
+            worker: self.name.clone(),
+            device: self.device.clone(),
+            user: self.user.clone(),
+            pid: self.pid(),
+            restarts: self.restarts(),
+            memory_bytes: usage.map(|(u, _)| u.memory_bytes),
+            memory_peak_bytes: usage.and_then(|(u, _)| u.memory_peak_bytes),
+            cpu_seconds: usage.map(|(u, _)| u.cpu_usec as f64 / 1e6),
+            oom_kills: usage.map(|(u, _)| u.oom_kills),
+            device_denials: usage.map(|(_, d)| d),
+        }
+    }
+}
+
 /// What the worker reports once its engine is up.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct WorkerReady {
