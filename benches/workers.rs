@@ -133,8 +133,8 @@ fn main() {
         spec: spec(),
         device: "cpu".into(),
         kernel_cache: None,
-        files: opened.files,
-        dirs: opened.dirs,
+        files: opened.files.clone(),
+        dirs: opened.dirs.clone(),
     };
 
     // Start to first token.
@@ -150,7 +150,8 @@ fn main() {
     let local_first = generate_first(&mut local, vocab);
     let local_start = started.elapsed();
     let started = Instant::now();
-    let (mut remote, _) = RemoteEngine::start(init, identity, None).expect("worker");
+    let (mut remote, _) =
+        RemoteEngine::start(init, opened.handles.clone(), identity, None).expect("worker");
     let remote_first = generate_first(&mut remote, vocab);
     let remote_start = started.elapsed();
     let _ = (local_first, remote_first);

@@ -216,6 +216,19 @@ impl V2Cgroups {
                     && !self.is_top
                     && e.source.raw_os_error() == Some(nix::libc::EBUSY) =>
             {
+                // Only our own processes may move: a cgroup shared with others (a login
+                // session, a container's init) is not ours to rearrange.
+                let me = std::process::id() as i32;
+                let others = pids_in(&self.own).into_iter().filter(|&p| p != me).count();
+                if others > 0 {
+                    return Err(CgroupError::new(
+                        "hand controllers down from",
+                        &self.own,
+                        std::io::Error::other(format!(
+                            "it holds {others} other processes besides acceld; run acceld as its own service with a delegated cgroup (the shipped unit sets Delegate=yes)"
+                        )),
+                    ));
+                }
                 let leaf = self.own.join(format!("{}.supervisor", self.instance));
                 make_dir(&leaf)?;
                 for pid in pids_in(&self.own) {

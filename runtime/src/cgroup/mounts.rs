@@ -128,9 +128,18 @@ pub fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
     text.lines()
         .filter_map(|line| {
             let mut parts = line.splitn(3, ':');
-            let _id = parts.next()?;
+            let id = parts.next()?;
             let controllers = parts.next()?;
             let path = parts.next()?;
+            // Named v1 hierarchies (`name=systemd`) carry no controller, but are not the
+            // unified hierarchy either, which is always id 0.
+            if id != "0"
+                && controllers
+                    .split(',')
+                    .all(|c| c.is_empty() || c.contains('='))
+            {
+                return None;
+            }
             let controllers = controllers
                 .split(',')
                 .filter(|c| !c.is_empty() && !c.contains('='))
@@ -141,17 +150,21 @@ pub fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
         .collect()
 }
 
-/// The directory of cgroup `path` under a mount whose top shows cgroup `root`.
-fn dir_of(mount: &CgroupMount, path: &str) -> PathBuf {
-    let relative = match mount.root.as_str() {
-        "/" => path,
-        root => path.strip_prefix(root).unwrap_or(path),
+/// The directory of cgroup `path` under a mount whose top shows cgroup `root`, compared
+/// component by component; `None` when the path is not under the mount or is not plain.
+fn dir_of(mount: &CgroupMount, path: &str) -> Option<PathBuf> {
+    let parts = |p: &str| -> Option<Vec<String>> {
+        p.split('/')
+            .filter(|c| !c.is_empty())
+            .map(|c| (c != ".." && c != ".").then(|| c.to_owned()))
+            .collect()
     };
+    let path = parts(path)?;
+    let root = parts(&mount.root)?;
+    let relative = path.strip_prefix(root.as_slice())?;
     let mut dir = mount.point.clone();
-    for part in relative.split('/').filter(|p| !p.is_empty() && *p != "..") {
-        dir.push(part);
-    }
-    dir
+    dir.extend(relative);
+    Some(dir)
 }
 
 /// Puts the mounts and this process's cgroups together.
@@ -170,7 +183,7 @@ pub fn layout(mountinfo: &str, proc_cgroup: &str) -> Result<Layout, String> {
     let place = |mount: &CgroupMount| -> Option<Placed> {
         let path = own_path(mount.controllers.as_ref())?;
         Some(Placed {
-            own_dir: dir_of(mount, &path),
+            own_dir: dir_of(mount, &path)?,
             mount: mount.clone(),
         })
     };
@@ -278,6 +291,28 @@ mod tests {
             panic!()
         };
         assert_eq!(placed.own_dir, Path::new("/sys/fs/cgroup x/inner"));
+    }
+
+    #[test]
+    fn paths_outside_the_mount_or_not_plain_are_not_ours() {
+        let mount = CgroupMount {
+            point: "/sys/fs/cgroup".into(),
+            root: "/docker/c1".into(),
+            controllers: None,
+        };
+        assert_eq!(
+            dir_of(&mount, "/docker/c10/x"),
+            None,
+            "a prefix of the name is not the parent"
+        );
+        assert_eq!(dir_of(&mount, "/docker/c1/../c2"), None);
+        assert_eq!(
+            dir_of(&mount, "/docker/c1/x"),
+            Some(PathBuf::from("/sys/fs/cgroup/x"))
+        );
+        // A named v1 hierarchy is not mistaken for the unified one.
+        let memberships = parse_proc_cgroup("9:name=systemd:/user.slice\n0::/svc\n");
+        assert_eq!(memberships, [(Vec::<String>::new(), "/svc".to_owned())]);
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub trait EngineOps: Send {
     /// Tokens in a sequence's cache.
     fn sequence_len(&self, id: SeqId) -> Option<usize>;
     fn kv_block_bytes(&self) -> usize;
+    /// Whether every sequence was lost since the last time this was asked (a worker process
+    /// replaced); the caller must recompute them. An in-process engine never loses any.
+    fn take_loss(&mut self) -> bool {
+        false
+    }
 }
 
 impl<B: Backend> EngineOps for Engine<B> {
@@ -70,5 +75,8 @@ impl EngineOps for Box<dyn EngineOps> {
     }
     fn kv_block_bytes(&self) -> usize {
         (**self).kv_block_bytes()
+    }
+    fn take_loss(&mut self) -> bool {
+        (**self).take_loss()
     }
 }

@@ -18,10 +18,13 @@ pub struct Passed {
     pub dirs: HashSet<PathBuf>,
 }
 
-/// What a recorded load opened: files, and the directories it found to be directories.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What a recorded load opened: files (with the open descriptors, so the very files read
+/// here can be passed on, whatever is at their paths later), and the directories it found to
+/// be directories.
+#[derive(Debug, Default, Clone)]
 pub struct Opened {
     pub files: Vec<PathBuf>,
+    pub handles: Vec<std::sync::Arc<File>>,
     pub dirs: Vec<PathBuf>,
 }
 
@@ -48,16 +51,23 @@ pub fn record<T>(load: impl FnOnce() -> T) -> (T, Opened) {
     (value, opened)
 }
 
-fn note(path: &Path, dir: bool) {
+fn note(path: &Path, file: Option<&File>) {
     RECORDING.with(|r| {
         if let Some(opened) = r.borrow_mut().as_mut() {
-            let list = if dir {
-                &mut opened.dirs
-            } else {
-                &mut opened.files
-            };
-            if !list.iter().any(|p| p == path) {
-                list.push(path.to_owned());
+            match file {
+                None => {
+                    if !opened.dirs.iter().any(|p| p == path) {
+                        opened.dirs.push(path.to_owned());
+                    }
+                }
+                Some(file) => {
+                    if !opened.files.iter().any(|p| p == path) {
+                        if let Ok(dup) = file.try_clone() {
+                            opened.files.push(path.to_owned());
+                            opened.handles.push(std::sync::Arc::new(dup));
+                        }
+                    }
+                }
             }
         }
     });
@@ -80,7 +90,7 @@ pub fn open(path: &Path) -> io::Result<File> {
             .try_clone();
     }
     let file = File::open(path)?;
-    note(path, false);
+    note(path, Some(&file));
     Ok(file)
 }
 
@@ -113,7 +123,7 @@ pub fn is_dir(path: &Path) -> bool {
         None => {
             let dir = path.is_dir();
             if dir {
-                note(path, true);
+                note(path, None);
             }
             dir
         }
@@ -136,10 +146,17 @@ mod tests {
             read_to_string(&file).unwrap()
         });
         assert_eq!(text, "{}");
-        assert_eq!(opened.files, [file]);
+        assert_eq!(opened.files, std::slice::from_ref(&file));
+        assert_eq!(opened.handles.len(), 1);
         assert_eq!(opened.dirs, [dir.path().to_owned()]);
+        // The descriptor is the file that was read, whatever is at its path later.
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(&file, "swapped").unwrap();
+        let mut kept = String::new();
+        std::io::Read::read_to_string(&mut &*opened.handles[0], &mut kept).unwrap();
+        assert_eq!(kept, "{}");
         // Outside a recording, nothing is noted.
         let (_, nothing) = record(|| ());
-        assert_eq!(nothing, Opened::default());
+        assert!(nothing.files.is_empty() && nothing.dirs.is_empty());
     }
 }

@@ -299,6 +299,12 @@ impl<E: EngineOps> Arbiter<E> {
             self.accept(job);
         }
         self.drop_cancelled();
+        // A worker lost between steps (killed while idle, or noticed by a cleanup call).
+        for m in 0..self.models.len() {
+            if self.models[m].engine.take_loss() {
+                self.worker_lost(m);
+            }
+        }
         let now = self.now();
         let plan = self.sched.plan(now);
         let ran = !plan.run.is_empty();
@@ -336,6 +342,8 @@ impl<E: EngineOps> Arbiter<E> {
     /// scheduler to be recomputed on the worker that replaces it. Samplers and detokenizers are
     /// kept, so the outputs are what they would have been.
     fn worker_lost(&mut self, m: usize) {
+        // Handled here, whoever noticed it first.
+        self.models[m].engine.take_loss();
         let lost: Vec<SeqKey> = self
             .active
             .iter()
@@ -515,7 +523,8 @@ impl<E: EngineOps> Arbiter<E> {
                     a.restart();
                     None
                 }
-                (PreemptKind::Swap, None) => Some("a sequence to swap out has no cache".into()),
+                // Its worker was lost earlier in this plan: it is already back in the queue.
+                (PreemptKind::Swap, None) => None,
             };
             if let Some(message) = failure {
                 self.fail(key, message);
@@ -528,7 +537,8 @@ impl<E: EngineOps> Arbiter<E> {
             let model = a.job.model;
             let result = match a.seq {
                 Some(seq) => self.models[model].engine.swap_in(seq),
-                None => Err(crate::engine::EngineError::NoSwapSpace),
+                // Its worker was lost earlier in this plan: it is already back in the queue.
+                None => continue,
             };
             if let Err(crate::engine::EngineError::WorkerLost(_)) = result {
                 self.worker_lost(model);

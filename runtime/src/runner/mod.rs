@@ -555,6 +555,7 @@ fn place(
             };
             crate::worker::RemoteEngine::start(
                 init,
+                source.map(|(_, o)| o.handles.clone()).unwrap_or_default(),
                 workers.identity.clone(),
                 workers.sandbox.clone(),
             )

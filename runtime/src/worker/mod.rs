@@ -113,6 +113,10 @@ pub fn main() -> Result<(), String> {
 }
 
 fn serve(mut stream: UnixStream) -> Result<(), String> {
+    // Not dumpable: another worker of the same user can neither ptrace this one nor read its
+    // memory or take its descriptors (its tenants' prompts, its GPU).
+    // SAFETY: a plain prctl on this process.
+    unsafe { nix::libc::prctl(nix::libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let fail = |e: ProtoError| e.to_string();
     proto::write_frame(
         &mut stream,

@@ -181,7 +181,7 @@ pub const MAX_FDS: usize = 253;
 /// Sends `files` as descriptors, with one byte of data (a descriptor cannot travel alone).
 pub fn send_fds(
     stream: &std::os::unix::net::UnixStream,
-    files: &[std::fs::File],
+    files: &[&std::fs::File],
 ) -> Result<(), ProtoError> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd as _;
@@ -395,10 +395,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, "weights").unwrap();
-        let files = vec![
+        let opened = [
             std::fs::File::open(&path).unwrap(),
             std::fs::File::open(&path).unwrap(),
         ];
+        let files: Vec<&std::fs::File> = opened.iter().collect();
         send_fds(&a, &files).unwrap();
         let got = recv_fds(&b, 2).unwrap();
         let mut text = String::new();

@@ -1,7 +1,7 @@
 //! The supervisor's side of a worker: spawning it with its privileges dropped, and
 //! [`RemoteEngine`], an engine whose every operation is a request to it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
@@ -157,6 +157,7 @@ impl Drop for Connection {
 /// handshake: `Hello`, `Init`, then `Ready` once the model is loaded.
 fn spawn(
     init: &WorkerInit,
+    files: &[std::sync::Arc<std::fs::File>],
     identity: &WorkerIdentity,
     sandbox: Option<&Sandbox>,
 ) -> Result<(Connection, WorkerReady), String> {
@@ -209,6 +210,15 @@ fn spawn(
             } else {
                 check(libc::dup2(fd, SOCKET_FD))?;
             }
+            // And in case something opened a descriptor without close-on-exec (a library,
+            // the daemon's own parent), none but stdio and the socket get through. Kernels
+            // before 5.9 lack close_range; there, close-on-exec is all there is.
+            let _ = libc::syscall(
+                libc::SYS_close_range,
+                (SOCKET_FD + 1) as libc::c_uint,
+                libc::c_uint::MAX,
+                0 as libc::c_uint,
+            );
             Ok(())
         });
     }
@@ -230,14 +240,17 @@ fn spawn(
     }
     let init_json = serde_json::to_vec(init).map_err(|e| e.to_string())?;
     proto::write_frame(&mut ours, tag::INIT, &init_json).map_err(|e| e.to_string())?;
-    // The model's files, opened here: the worker's user need not be able to read them.
-    let files = init
-        .files
-        .iter()
-        .map(|p| std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display())))
-        .collect::<Result<Vec<_>, _>>()?;
-    proto::send_fds(&ours, &files).map_err(|e| e.to_string())?;
-    drop(files);
+    // The model's files, as our own load opened them: the worker's user need not be able to
+    // read them, and nothing swapped in at their paths since reaches it.
+    if files.len() != init.files.len() {
+        return Err(format!(
+            "{} descriptors for {} model files",
+            files.len(),
+            init.files.len()
+        ));
+    }
+    let plain: Vec<&std::fs::File> = files.iter().map(|f| &**f).collect();
+    proto::send_fds(&ours, &plain).map_err(|e| e.to_string())?;
     let frame =
         proto::read_frame(&mut ours).map_err(|e| format!("the worker did not start: {e}"))?;
     if frame.tag == tag::ERROR {
@@ -248,35 +261,52 @@ fn spawn(
             .map_err(|e| format!("malformed ready: {e}"))?;
     connection
         .stream
-        .set_read_timeout(Some(CALL_TIMEOUT))
+        .set_write_timeout(Some(CALL_TIMEOUT))
         .map_err(|e| e.to_string())?;
     Ok((connection, ready))
 }
 
+/// A sequence on the worker, by the id this side gave it.
+#[derive(Debug, Clone, Copy)]
+struct RemoteSeq {
+    /// The worker's own id for it.
+    on_worker: u64,
+    len: usize,
+    swapped: bool,
+}
+
 /// A model's engine in a worker process. Sequence lengths and swap states are mirrored here,
-/// so the device loop's bookkeeping costs no round trip.
+/// so the device loop's bookkeeping costs no round trip. Ids are this side's, never reused
+/// across workers, so an id from a lost worker can never name a sequence on its replacement.
 #[derive(Debug)]
 pub struct RemoteEngine {
     init: WorkerInit,
     identity: WorkerIdentity,
     sandbox: Option<std::sync::Arc<Sandbox>>,
+    /// The model's files as opened when the model was loaded, passed again to each new worker
+    /// (never reopened by path).
+    files: Vec<std::sync::Arc<std::fs::File>>,
     connection: Option<Connection>,
     kv_block_bytes: usize,
-    lengths: HashMap<SeqId, usize>,
-    swapped: HashSet<SeqId>,
-    /// When workers were lost recently, for the crash-loop limit.
+    seqs: HashMap<SeqId, RemoteSeq>,
+    next_id: u64,
+    /// Every sequence was lost since the device loop last asked.
+    lost: bool,
+    /// When workers were lost (or failed to start) recently, for the crash-loop limit.
     losses: VecDeque<Instant>,
     status: std::sync::Arc<WorkerStatus>,
 }
 
 impl RemoteEngine {
-    /// Starts the first worker; errors say why it could not start.
+    /// Starts the first worker; errors say why it could not start. `files` are the model's
+    /// files as the supervisor's own load opened them, in `init.files`' order.
     pub fn start(
         init: WorkerInit,
+        files: Vec<std::sync::Arc<std::fs::File>>,
         identity: WorkerIdentity,
         sandbox: Option<std::sync::Arc<Sandbox>>,
     ) -> Result<(Self, WorkerReady), String> {
-        let (connection, ready) = spawn(&init, &identity, sandbox.as_deref())?;
+        let (connection, ready) = spawn(&init, &files, &identity, sandbox.as_deref())?;
         let status = std::sync::Arc::new(WorkerStatus {
             name: super::sandbox::worker_name(&init.model, &init.device),
             device: init.device.clone(),
@@ -291,10 +321,12 @@ impl RemoteEngine {
                 init,
                 identity,
                 sandbox,
+                files,
                 connection: Some(connection),
                 kv_block_bytes: ready.kv_block_bytes as usize,
-                lengths: HashMap::new(),
-                swapped: HashSet::new(),
+                seqs: HashMap::new(),
+                next_id: 1,
+                lost: false,
                 losses: VecDeque::new(),
                 status,
             },
@@ -327,8 +359,21 @@ impl RemoteEngine {
             }
             // Back off a little more after each recent loss.
             std::thread::sleep(Duration::from_millis(100 << self.losses.len().min(5)));
-            let (connection, _) = spawn(&self.init, &self.identity, self.sandbox.as_deref())
-                .map_err(EngineError::WorkerLost)?;
+            let spawned = spawn(
+                &self.init,
+                &self.files,
+                &self.identity,
+                self.sandbox.as_deref(),
+            );
+            let (connection, _) = match spawned {
+                Ok(spawned) => spawned,
+                Err(why) => {
+                    // A worker that cannot start counts against the crash-loop limit too.
+                    self.losses.push_back(Instant::now());
+                    tracing::error!(model = %self.init.model, reason = %why, "a replacement worker could not start");
+                    return Err(EngineError::WorkerLost(why));
+                }
+            };
             tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
             self.status.set_pid(Some(connection.child.id()));
             self.status
@@ -347,10 +392,14 @@ impl RemoteEngine {
             let _ = connection.child.kill();
             let status = connection.child.wait();
             tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, "worker lost; its sequences will be recomputed");
+            // Anything it forked dies with its group.
+            if let Some(sandbox) = &self.sandbox {
+                sandbox.empty(&self.status.name);
+            }
         }
         self.status.set_pid(None);
-        self.lengths.clear();
-        self.swapped.clear();
+        self.seqs.clear();
+        self.lost = true;
         self.losses.push_back(Instant::now());
         EngineError::WorkerLost(why)
     }
@@ -359,78 +408,155 @@ impl RemoteEngine {
     /// else going wrong loses the worker.
     fn call(&mut self, request: u8, payload: &[u8], reply: u8) -> Result<Vec<u8>, EngineError> {
         let connection = self.connection()?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
         let result = proto::write_frame(&mut connection.stream, request, payload)
-            .and_then(|()| proto::read_frame(&mut connection.stream));
+            .and_then(|()| proto::read_frame(&mut Deadline::new(&connection.stream, deadline)));
         match result {
-            Ok(frame) if frame.tag == tag::ERROR => Err(EngineError::Worker(
-                String::from_utf8_lossy(&frame.payload).into_owned(),
-            )),
+            Ok(frame) if frame.tag == tag::ERROR => {
+                Err(EngineError::Worker(error_text(&frame.payload)))
+            }
             Ok(frame) => frame.expect(reply).map_err(|e| self.lose(e.to_string())),
             Err(e) => Err(self.lose(e.to_string())),
         }
     }
 }
 
+impl RemoteEngine {
+    fn on_worker(&self, id: SeqId) -> Result<u64, EngineError> {
+        self.seqs
+            .get(&id)
+            .map(|s| s.on_worker)
+            .ok_or(EngineError::UnknownSequence(id))
+    }
+}
+
+/// A worker's error text as this side shows it: bounded, printable.
+fn error_text(payload: &[u8]) -> String {
+    const MAX: usize = 1024;
+    let text = String::from_utf8_lossy(&payload[..payload.len().min(MAX)]);
+    let mut clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if payload.len() > MAX {
+        clean.push_str(" (cut)");
+    }
+    clean
+}
+
+/// A socket read that gives up at a deadline for the whole frame, not per read: a worker
+/// trickling a byte at a time cannot hold the device loop.
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    fn new(stream: &'a UnixStream, deadline: Instant) -> Self {
+        Self { stream, deadline }
+    }
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        std::io::Read::read(&mut self.stream, buf)
+    }
+}
+
 impl EngineOps for RemoteEngine {
     fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
         let payload = self.call(tag::ADD_SEQUENCE, &[], tag::SEQUENCE)?;
-        let id =
+        let on_worker =
             proto::decode_u64(tag::SEQUENCE, &payload).map_err(|e| self.lose(e.to_string()))?;
-        self.lengths.insert(SeqId(id), 0);
-        Ok(SeqId(id))
+        if self.seqs.values().any(|s| s.on_worker == on_worker) {
+            return Err(self.lose(format!("the worker gave out sequence {on_worker} twice")));
+        }
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(
+            id,
+            RemoteSeq {
+                on_worker,
+                len: 0,
+                swapped: false,
+            },
+        );
+        Ok(id)
     }
 
     fn remove_sequence(&mut self, id: SeqId) {
-        if self.lengths.remove(&id).is_none() {
+        let Some(seq) = self.seqs.remove(&id) else {
             return; // not on this worker (it was replaced since)
-        }
-        self.swapped.remove(&id);
-        let _ = self.call(tag::REMOVE_SEQUENCE, &proto::encode_u64(id.0), tag::OK);
+        };
+        let _ = self.call(
+            tag::REMOVE_SEQUENCE,
+            &proto::encode_u64(seq.on_worker),
+            tag::OK,
+        );
     }
 
     fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
-        self.call(tag::SWAP_OUT, &proto::encode_u64(id.0), tag::OK)?;
-        self.swapped.insert(id);
+        let on_worker = self.on_worker(id)?;
+        self.call(tag::SWAP_OUT, &proto::encode_u64(on_worker), tag::OK)?;
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.swapped = true;
+        }
         Ok(())
     }
 
     fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
-        self.call(tag::SWAP_IN, &proto::encode_u64(id.0), tag::OK)?;
-        self.swapped.remove(&id);
+        let on_worker = self.on_worker(id)?;
+        self.call(tag::SWAP_IN, &proto::encode_u64(on_worker), tag::OK)?;
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.swapped = false;
+        }
         Ok(())
     }
 
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        let mut items = Vec::with_capacity(inputs.len());
         for input in inputs {
-            if !self.lengths.contains_key(&input.seq) {
-                return Err(EngineError::UnknownSequence(input.seq));
-            }
+            items.push((
+                SeqId(self.on_worker(input.seq)?),
+                input.tokens,
+                input.logits,
+            ));
         }
-        let items: Vec<(SeqId, &[u32], _)> =
-            inputs.iter().map(|i| (i.seq, i.tokens, i.logits)).collect();
         let payload = self.call(tag::STEP, &proto::encode_step(&items), tag::STEPPED)?;
-        let outputs = proto::decode_stepped(&payload).map_err(|e| self.lose(e.to_string()))?;
-        if outputs.len() != inputs.len() || outputs.iter().zip(inputs).any(|(o, i)| o.seq != i.seq)
-        {
+        let mut outputs = proto::decode_stepped(&payload).map_err(|e| self.lose(e.to_string()))?;
+        if outputs.len() != items.len() || outputs.iter().zip(&items).any(|(o, i)| o.seq != i.0) {
             return Err(self.lose("the worker answered a step for other sequences".into()));
         }
-        for input in inputs {
-            if let Some(len) = self.lengths.get_mut(&input.seq) {
-                *len += input.tokens.len();
+        for (output, input) in outputs.iter_mut().zip(inputs) {
+            output.seq = input.seq;
+            if let Some(s) = self.seqs.get_mut(&input.seq) {
+                s.len += input.tokens.len();
             }
         }
         Ok(outputs)
     }
 
     fn is_swapped(&self, id: SeqId) -> bool {
-        self.swapped.contains(&id)
+        self.seqs.get(&id).is_some_and(|s| s.swapped)
     }
 
     fn sequence_len(&self, id: SeqId) -> Option<usize> {
-        self.lengths.get(&id).copied()
+        self.seqs.get(&id).map(|s| s.len)
     }
 
     fn kv_block_bytes(&self) -> usize {
         self.kv_block_bytes
+    }
+
+    fn take_loss(&mut self) -> bool {
+        std::mem::take(&mut self.lost)
     }
 }

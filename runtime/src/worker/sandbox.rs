@@ -7,7 +7,6 @@
 //! own state directory) never touch each other's groups or pins.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::Digest as _;
 
@@ -26,7 +25,8 @@ pub struct Sandbox {
     instance: String,
     gpus: usize,
     proc_devices: String,
-    closed: AtomicBool,
+    /// Set on stop; held across a placement so nothing is placed after the cleanup.
+    closed: std::sync::Mutex<bool>,
 }
 
 /// `accel` for the installed daemon; `accel-<hash of the state dir>` for any other, so that
@@ -72,14 +72,15 @@ impl Sandbox {
             instance,
             gpus,
             proc_devices,
-            closed: AtomicBool::new(false),
+            closed: std::sync::Mutex::new(false),
         })
     }
 
     /// Puts a just-started worker (it waits for its init before loading anything) in its group,
     /// behind a gate granting only `device`'s nodes.
     pub fn place(&self, worker: &str, device: &str, pid: u32) -> Result<WorkerGroup, String> {
-        if self.closed.load(Ordering::SeqCst) {
+        let closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        if *closed {
             return Err("the daemon is stopping".into());
         }
         let grants = grants::for_device(device, self.gpus, &self.proc_devices)?;
@@ -122,9 +123,22 @@ impl Sandbox {
             .map_or(0, |g| g.denials())
     }
 
+    /// Kills whatever is left in a lost worker's group (anything it forked); its group and
+    /// gate are made again for its replacement.
+    pub fn empty(&self, worker: &str) {
+        let group = WorkerGroup {
+            tenant: SHARED_POOL.to_owned(),
+            worker: worker.to_owned(),
+        };
+        if let Err(e) = self.cgroups.remove_worker(&group) {
+            tracing::error!(%worker, error = %e, "could not empty a lost worker's cgroup");
+        }
+    }
+
     /// On stop: kills every worker and removes every group and gate; nothing is placed after.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        *closed = true;
         match self.cgroups.remove_all() {
             Ok(groups) => tracing::info!(groups, "worker cgroups removed"),
             Err(e) => tracing::error!(error = %e, "could not remove the workers' cgroups"),
