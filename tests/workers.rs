@@ -359,3 +359,24 @@ fn a_stopped_daemon_leaves_no_worker_group_or_gate_and_a_killed_one_is_cleaned_u
     );
     assert_eq!(leftovers(&instance), Vec::<PathBuf>::new());
 }
+
+#[test]
+fn a_worker_killed_while_idle_is_replaced_by_the_next_request() {
+    require_root!();
+    let daemon = daemon("shared");
+    let (prompt, want) = reference();
+    let before = greedy(&daemon, &prompt, want.len());
+    let pid = workers(&daemon)[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The next request finds the worker gone, has it replaced, and gets the same answer.
+    let after = greedy(&daemon, &prompt, want.len());
+    assert_eq!(after["choices"][0]["text"], before["choices"][0]["text"]);
+    let now = workers(&daemon);
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], pid);
+}
