@@ -63,7 +63,7 @@ impl Cgroups for FakeCgroups {
     }
 
     fn create_worker(&self, tenant: &str, worker: &str) -> Result<WorkerGroup, CgroupError> {
-        check_name(worker).map_err(|why| invalid(worker, why))?;
+        let group = WorkerGroup::new(tenant, worker)?;
         let mut state = self.lock();
         if !state.tenants.contains_key(tenant) {
             return Err(missing(tenant));
@@ -71,10 +71,7 @@ impl Cgroups for FakeCgroups {
         state
             .workers
             .insert((tenant.to_owned(), worker.to_owned()), Vec::new());
-        Ok(WorkerGroup {
-            tenant: tenant.to_owned(),
-            worker: worker.to_owned(),
-        })
+        Ok(group)
     }
 
     fn attach(&self, group: &WorkerGroup, pid: u32) -> Result<(), CgroupError> {

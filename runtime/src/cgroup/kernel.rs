@@ -292,11 +292,7 @@ impl Cgroups for V2Cgroups {
     }
 
     fn create_worker(&self, tenant: &str, worker: &str) -> Result<WorkerGroup, CgroupError> {
-        check(&[tenant, worker])?;
-        let group = WorkerGroup {
-            tenant: tenant.to_owned(),
-            worker: worker.to_owned(),
-        };
+        let group = WorkerGroup::new(tenant, worker)?;
         make_dir(&self.h.worker(&group))?;
         Ok(group)
     }
@@ -448,11 +444,7 @@ impl Cgroups for HybridCgroups {
     }
 
     fn create_worker(&self, tenant: &str, worker: &str) -> Result<WorkerGroup, CgroupError> {
-        check(&[tenant, worker])?;
-        let group = WorkerGroup {
-            tenant: tenant.to_owned(),
-            worker: worker.to_owned(),
-        };
+        let group = WorkerGroup::new(tenant, worker)?;
         for h in self.hierarchies() {
             make_dir(&h.worker(&group))?;
         }

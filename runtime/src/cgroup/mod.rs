@@ -31,6 +31,25 @@ pub struct WorkerGroup {
     pub worker: String,
 }
 
+impl WorkerGroup {
+    /// A worker's group, its names checked to be single safe path components.
+    pub fn new(tenant: &str, worker: &str) -> Result<Self, CgroupError> {
+        for name in [tenant, worker] {
+            check_name(name).map_err(|why| {
+                CgroupError::new(
+                    "name a group",
+                    Path::new(name),
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
+                )
+            })?;
+        }
+        Ok(Self {
+            tenant: tenant.to_owned(),
+            worker: worker.to_owned(),
+        })
+    }
+}
+
 /// What a tenant's workers use, read from its group.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {

@@ -109,11 +109,8 @@ impl Sandbox {
 
     /// What a worker's group uses.
     pub fn usage(&self, worker: &str) -> Result<cgroup::Usage, String> {
-        self.cgroups
-            .worker_usage(&WorkerGroup {
-                tenant: SHARED_POOL.to_owned(),
-                worker: worker.to_owned(),
-            })
+        WorkerGroup::new(SHARED_POOL, worker)
+            .and_then(|group| self.cgroups.worker_usage(&group))
             .map_err(|e| e.to_string())
     }
 
@@ -126,11 +123,9 @@ impl Sandbox {
     /// Kills whatever is left in a lost worker's group (anything it forked); its group and
     /// gate are made again for its replacement.
     pub fn empty(&self, worker: &str) {
-        let group = WorkerGroup {
-            tenant: SHARED_POOL.to_owned(),
-            worker: worker.to_owned(),
-        };
-        if let Err(e) = self.cgroups.remove_worker(&group) {
+        let removed = WorkerGroup::new(SHARED_POOL, worker)
+            .and_then(|group| self.cgroups.remove_worker(&group));
+        if let Err(e) = removed {
             tracing::error!(%worker, error = %e, "could not empty a lost worker's cgroup");
         }
     }
