@@ -502,3 +502,43 @@ fn tokens_of_an_abandoned_stream_are_counted() {
         "generated {generated}"
     );
 }
+
+/// A chat template that doubles a string in a recursive macro wants gigabytes in a few dozen
+/// instructions, which no fuel counts: it runs out of its renderer's memory, the request gets
+/// a 400 naming the limit, and the daemon serves on.
+#[test]
+fn a_chat_template_that_grows_without_bound_fails_its_request_not_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("bomb");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture_model()).unwrap().flatten() {
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% macro grow(s, n) %}{% if n > 0 %}{{ grow(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}{{ grow('ab', 40) }}",
+    )
+    .unwrap();
+    let extra = format!(
+        "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        model.display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let chat =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let (status, answer) = post(&daemon, "/v1/chat/completions", &chat);
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("MiB"), "{message}");
+    // The daemon is whole: it answers, and serves a completion.
+    assert_eq!(daemon.request("GET", "/healthz", None).0, 200);
+    let (status, answer) = post(
+        &daemon,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{answer}");
+}

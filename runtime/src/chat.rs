@@ -5,7 +5,8 @@
 //! Templates come with third-party model files, so rendering is bounded: a fuel budget of VM
 //! instructions ([`TEMPLATE_FUEL`]), a cap on the rendered size ([`MAX_RENDERED_BYTES`]), and a
 //! panic inside the engine is an error for that request. Callers render off async threads
-//! under a deadline.
+//! under a deadline; the daemon's templates render in memory-limited processes
+//! (`crate::worker::render`), since memory is the one thing fuel does not bound.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,12 @@ pub struct Message {
 #[derive(Debug, thiserror::Error)]
 #[error("chat template: {0}")]
 pub struct TemplateError(String);
+
+impl TemplateError {
+    pub fn new(message: String) -> Self {
+        Self(message)
+    }
+}
 
 /// VM instructions one rendering may execute; templates shipped with models use a few
 /// thousand for a long conversation.
@@ -172,6 +179,9 @@ fn indent(
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
+    source: String,
+    /// Where renderings happen when not in this process (the daemon's renderer processes).
+    sandbox: Option<crate::worker::render::TemplateSandbox>,
 }
 
 fn raise_exception(message: String) -> Result<String, minijinja::Error> {
@@ -243,12 +253,39 @@ impl ChatTemplate {
         env.add_filter("indent", indent);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| TemplateError(e.to_string()))?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            source: source.to_owned(),
+            sandbox: None,
+        })
+    }
+
+    /// Renders in renderer processes run as `identity`, memory-limited, rather than here.
+    pub fn in_sandbox(mut self, identity: crate::worker::WorkerIdentity) -> Self {
+        self.sandbox = Some(crate::worker::render::TemplateSandbox::new(
+            &self.source,
+            identity,
+        ));
+        self
     }
 
     /// The prompt for `messages`, ending with the assistant's turn opened when
-    /// `add_generation_prompt`.
+    /// `add_generation_prompt`; in a renderer process when this template has them.
     pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, TemplateError> {
+        match &self.sandbox {
+            Some(sandbox) => sandbox.render(messages, add_generation_prompt, bos_token, eos_token),
+            None => self.render_here(messages, add_generation_prompt, bos_token, eos_token),
+        }
+    }
+
+    /// Renders in this process (bounded by fuel and the output cap, not in memory).
+    pub fn render_here(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,

@@ -27,6 +27,9 @@ enum Command {
     /// A model's worker process; started by acceld itself, with its socket at descriptor 3.
     #[command(hide = true)]
     Worker,
+    /// A chat-template renderer; started by acceld itself, with its socket at descriptor 3.
+    #[command(hide = true)]
+    Render,
 }
 
 /// Exit codes, after sysexits(3), so systemd and scripts can tell failures apart.
@@ -57,6 +60,15 @@ fn init_logging(config: &DaemonConfig) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Render) = args.command {
+        return match accel_runtime::worker::render::main() {
+            Ok(()) => ExitCode::from(exit::OK),
+            Err(e) => {
+                eprintln!("acceld render: {e}");
+                ExitCode::from(exit::SOFTWARE)
+            }
+        };
+    }
     if let Some(Command::Worker) = args.command {
         tracing_subscriber::fmt()
             .with_env_filter(

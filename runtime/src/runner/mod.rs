@@ -541,6 +541,40 @@ fn place(
     spec: &ModelSpec,
     placement: &Placement,
     workers: Option<&Workers>,
+    renderer: Option<&crate::worker::WorkerIdentity>,
+) -> Result<(), StartError> {
+    place_engine(
+        devices, order, name, model, source, spec, placement, workers,
+    )?;
+    // Its chat template renders in memory-limited processes, not in acceld.
+    if let Some(identity) = renderer {
+        let placed = devices
+            .cpu
+            .iter_mut()
+            .chain(devices.cuda.values_mut().flatten())
+            .find(|(o, _)| *o == order);
+        if let Some((_, prepared)) = placed {
+            if let Some(template) = prepared.template.take() {
+                prepared.template = Some(match Arc::try_unwrap(template) {
+                    Ok(template) => Arc::new(template.in_sandbox(identity.clone())),
+                    Err(shared) => shared,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn place_engine(
+    devices: &mut Devices,
+    order: usize,
+    name: &str,
+    model: LoadedModel,
+    source: Option<(&std::path::Path, &crate::model::files::Opened)>,
+    spec: &ModelSpec,
+    placement: &Placement,
+    workers: Option<&Workers>,
 ) -> Result<(), StartError> {
     if let Some(workers) = workers {
         let start = |device: String| {
@@ -715,6 +749,15 @@ pub fn start_models(
         }
     };
     let workers = workers.as_ref();
+    // Chat templates come with model files: they render in processes of their own.
+    let renderer = match crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref()) {
+        Ok(identity) => Some(identity),
+        Err(why) => {
+            tracing::warn!(reason = %why, "chat templates render inside acceld: no user to run renderers as");
+            None
+        }
+    };
+    let renderer = renderer.as_ref();
     let cuda_options = CudaOptions {
         kernel_cache: Some(config.kernel_cache.clone()),
         memory_budget: None,
@@ -765,6 +808,7 @@ pub fn start_models(
                             spec,
                             &placement,
                             workers,
+                            renderer,
                         ) {
                             tracing::error!(error = %e, "cannot start the generated model")
                         }
@@ -789,6 +833,7 @@ pub fn start_models(
             spec,
             &placement,
             workers,
+            renderer,
         ) {
             Ok(()) => tracing::info!(
                 model = %spec.name,

@@ -210,6 +210,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         &config.models[0],
         &Placement::Cpu,
         None,
+        None,
     )
     .unwrap();
     // No thread: submissions stay queued, so the bound is reached.

@@ -10,6 +10,7 @@
 
 pub mod proto;
 mod remote;
+pub mod render;
 pub mod sandbox;
 
 use std::io::{Read, Write};

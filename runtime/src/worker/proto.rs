@@ -33,6 +33,8 @@ pub mod tag {
     pub const OK: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
     pub const SHUTDOWN: u8 = 0x30;
+    pub const RENDER: u8 = 0x40;
+    pub const RENDERED: u8 = 0x41;
 }
 
 /// Why a frame could not be read or understood.

@@ -132,9 +132,9 @@ impl WorkerStatus {
 
 /// A live worker: its process and our end of its socket.
 #[derive(Debug)]
-struct Connection {
-    child: Child,
-    stream: UnixStream,
+pub(super) struct Connection {
+    pub child: Child,
+    pub stream: UnixStream,
 }
 
 impl Drop for Connection {
@@ -153,22 +153,23 @@ impl Drop for Connection {
     }
 }
 
-/// Spawns `acceld worker` as `identity` with the socket at [`SOCKET_FD`], and completes the
-/// handshake: `Hello`, `Init`, then `Ready` once the model is loaded.
-fn spawn(
-    init: &WorkerInit,
-    files: &[std::sync::Arc<std::fs::File>],
+/// Starts `acceld <subcommand>` as `identity`: no capabilities, `no_new_privs`, killed with
+/// its parent, a reduced environment, no descriptor but stdio and the socket at
+/// [`SOCKET_FD`], and at most `address_space` bytes of memory when given. Returns the child
+/// and our end of its socket.
+pub(super) fn launch(
     identity: &WorkerIdentity,
-    sandbox: Option<&Sandbox>,
-) -> Result<(Connection, WorkerReady), String> {
-    let (mut ours, theirs) =
-        UnixStream::pair().map_err(|e| format!("cannot make the worker's socket: {e}"))?;
+    subcommand: &str,
+    address_space: Option<u64>,
+) -> Result<(Child, UnixStream), String> {
+    let (ours, theirs) = UnixStream::pair()
+        .map_err(|e| format!("cannot make a socket for acceld {subcommand}: {e}"))?;
     let fd = theirs.as_raw_fd();
     let (uid, gid) = (identity.uid, identity.gid);
     let supervisor = nix::unistd::getpid().as_raw();
     let mut command = Command::new(&identity.program);
     command
-        .arg("worker")
+        .arg(subcommand)
         .env_clear()
         .envs(
             KEPT_ENV
@@ -203,6 +204,13 @@ fn spawn(
                 libc::_exit(1);
             }
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            if let Some(bytes) = address_space {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                check(libc::setrlimit(libc::RLIMIT_AS, &limit))?;
+            }
             // The socket at its well-known number, open across exec; nothing else is: every
             // other descriptor of ours is close-on-exec.
             if fd == SOCKET_FD {
@@ -224,8 +232,21 @@ fn spawn(
     }
     let child = command
         .spawn()
-        .map_err(|e| format!("cannot start a worker: {e}"))?;
+        .map_err(|e| format!("cannot start acceld {subcommand}: {e}"))?;
     drop(theirs);
+    Ok((child, ours))
+}
+
+/// Spawns `acceld worker` as `identity` with the socket at [`SOCKET_FD`], and completes the
+/// handshake: `Hello`, `Init`, then `Ready` once the model is loaded.
+fn spawn(
+    init: &WorkerInit,
+    files: &[std::sync::Arc<std::fs::File>],
+    identity: &WorkerIdentity,
+    sandbox: Option<&Sandbox>,
+) -> Result<(Connection, WorkerReady), String> {
+    let (child, mut ours) = launch(identity, "worker", None)?;
+
     let connection = Connection {
         child,
         stream: ours.try_clone().map_err(|e| e.to_string())?,
@@ -446,13 +467,13 @@ fn error_text(payload: &[u8]) -> String {
 
 /// A socket read that gives up at a deadline for the whole frame, not per read: a worker
 /// trickling a byte at a time cannot hold the device loop.
-struct Deadline<'a> {
+pub(super) struct Deadline<'a> {
     stream: &'a UnixStream,
     deadline: Instant,
 }
 
 impl<'a> Deadline<'a> {
-    fn new(stream: &'a UnixStream, deadline: Instant) -> Self {
+    pub(super) fn new(stream: &'a UnixStream, deadline: Instant) -> Self {
         Self { stream, deadline }
     }
 }
@@ -463,7 +484,7 @@ impl std::io::Read for Deadline<'_> {
         if left.is_zero() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+                "no answer before the deadline",
             ));
         }
         self.stream.set_read_timeout(Some(left))?;
