@@ -380,3 +380,38 @@ fn a_worker_killed_while_idle_is_replaced_by_the_next_request() {
     assert_eq!(now.len(), 1);
     assert_ne!(now[0], pid);
 }
+
+#[test]
+fn a_read_only_cgroup_filesystem_stops_an_isolated_daemon_with_a_clear_error() {
+    require_root!();
+    let mut daemon = Daemon::prepare(DaemonOptions {
+        extra_config: "isolation: shared\n",
+        ..Default::default()
+    });
+    // The daemon in a mount namespace of its own where every cgroup hierarchy is read-only.
+    let script = format!(
+        "grep -E ' - cgroup2? ' /proc/self/mountinfo | cut -d' ' -f5 | while read m; do mount -o remount,bind,ro \"$m\" || exit 9; done; exec {} --config {}",
+        accel_tests::bin("acceld").display(),
+        daemon.config.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(71), "{stderr}");
+    assert!(stderr.contains("cannot isolate workers"), "{stderr}");
+    assert!(stderr.contains("read-only"), "{stderr}");
+    assert!(stderr.contains("isolation: off"), "{stderr}");
+    // With isolation off the same host runs it (loudly).
+    std::fs::write(
+        &daemon.config,
+        std::fs::read_to_string(&daemon.config)
+            .unwrap()
+            .replace("isolation: shared", "isolation: off"),
+    )
+    .unwrap();
+    daemon.spawn();
+    daemon.wait_ready();
+    assert!(daemon.log_text().contains("isolation: off"));
+}
