@@ -211,7 +211,7 @@ fn bench_throughput(c: &mut Criterion) -> Vec<(usize, f64, f64)> {
         cuda_driver: false,
         reason: Some("the scheduler bench runs on the CPU".into()),
     };
-    let handles = accel_runtime::runner::start_models(&config, &devices, None, None);
+    let handles = accel_runtime::runner::start_models(&config, &devices, None, None, None);
     let handle = handles.first().expect("a model");
     let path = config.model_cache.join(DEFAULT_MODEL_FILE);
     let model = match accel_runtime::model::load(&path) {

@@ -151,7 +151,8 @@ fn main() {
     let local_start = started.elapsed();
     let started = Instant::now();
     let (mut remote, _) =
-        RemoteEngine::start(init, opened.handles.clone(), identity, None).expect("worker");
+        RemoteEngine::start(init, opened.handles.clone(), identity, None, "_shared")
+            .expect("worker");
     let remote_first = generate_first(&mut remote, vocab);
     let remote_start = started.elapsed();
     let _ = (local_first, remote_first);

@@ -198,7 +198,7 @@ fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() 
 
     // Its cgroup and gate are in the metrics.
     let metrics = metric_values(&daemon);
-    let labels = "{model=\"tiny\",worker=\"tiny-cpu\"}";
+    let labels = "{model=\"tiny\",worker=\"_shared/tiny-cpu\"}";
     assert_eq!(metrics.get(&format!("accel_worker_up{labels}")), Some(&1.0));
     assert_eq!(
         metrics.get(&format!("accel_worker_restarts{labels}")),
@@ -217,7 +217,8 @@ fn a_worker_serves_the_reference_tokens_unprivileged_and_without_capabilities() 
     // And operators see it with accelctl.
     let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
     assert_eq!(listed["isolation"], "shared");
-    assert_eq!(listed["workers"][0]["worker"], "tiny-cpu");
+    assert_eq!(listed["workers"][0]["worker"], "_shared/tiny-cpu");
+    assert_eq!(listed["workers"][0]["tenant"], Value::Null);
     assert_eq!(listed["workers"][0]["pid"], pid);
     assert_eq!(listed["workers"][0]["device_denials"], 0);
     let table = daemon.ctl(&["workers"]);
@@ -299,7 +300,7 @@ fn a_worker_killed_mid_request_is_replaced_and_the_request_ends_as_it_would_have
     }));
     let metrics = metric_values(&daemon);
     assert_eq!(
-        metrics.get("accel_worker_restarts{model=\"tiny\",worker=\"tiny-cpu\"}"),
+        metrics.get("accel_worker_restarts{model=\"tiny\",worker=\"_shared/tiny-cpu\"}"),
         Some(&1.0),
         "{metrics:?}"
     );
@@ -414,4 +415,126 @@ fn a_read_only_cgroup_filesystem_stops_an_isolated_daemon_with_a_clear_error() {
     daemon.spawn();
     daemon.wait_ready();
     assert!(daemon.log_text().contains("isolation: off"));
+}
+
+/// POSTs `body` to `path` over TCP as the tenant holding `token`.
+fn post_as(port: u16, token: &str, path: &str, body: &Value) -> (u16, Value) {
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = format!("Bearer {token}");
+    let (status, text) = accel_tests::http_exchange(
+        tcp,
+        "POST",
+        path,
+        Some(body.to_string().as_bytes()),
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+    )
+    .unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
+    require_root!();
+    let port = accel_tests::free_port();
+    let token = |t: &str| accel_tests::sha256_hex(&format!("{t}-token"));
+    let policy = format!(
+        "tenants:
+  - name: alpha
+    isolation: dedicated
+    limits: {{memory: 1GiB, pids: 256}}
+    match: {{tokens_sha256: [\"{}\"]}}
+  - name: tight
+    isolation: dedicated
+    limits: {{memory: 16MiB}}
+    match: {{tokens_sha256: [\"{}\"]}}
+  - name: beta
+    match: {{tokens_sha256: [\"{}\"]}}
+",
+        token("alpha"),
+        token("tight"),
+        token("beta")
+    );
+    let extra = format!(
+        // A KV cache of 4,096 blocks takes 32 MiB: more than tight's 16 MiB.
+        "isolation: shared\ntcp_listen: 127.0.0.1:{port}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 4096\n",
+        fixture_model().display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(&policy),
+        extra_config: &extra,
+        ..Default::default()
+    });
+
+    // The shared worker and alpha's; tight's limit is below what the model needs.
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    let groups: Vec<&str> = listed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(groups, ["_shared/tiny-cpu", "alpha/tiny-cpu"], "{listed}");
+    assert_eq!(listed["workers"][1]["tenant"], "alpha");
+    let alpha_pid = listed["workers"][1]["pid"].as_u64().unwrap() as u32;
+    let shared_pid = listed["workers"][0]["pid"].as_u64().unwrap() as u32;
+
+    // Alpha's worker is in alpha's group, which carries alpha's memory limit.
+    let instance = instance_of(shared_pid);
+    let groups_of_alpha = std::fs::read_to_string(format!("/proc/{alpha_pid}/cgroup")).unwrap();
+    assert!(
+        groups_of_alpha.contains(&format!("{instance}/alpha/tiny-cpu")),
+        "{groups_of_alpha}"
+    );
+    let layout = accel_runtime::cgroup::mounts::detect().unwrap();
+    let limit = match &layout {
+        accel_runtime::cgroup::mounts::Layout::Unified(p) => {
+            std::fs::read_to_string(p.own_dir.join(&instance).join("alpha/memory.max")).unwrap()
+        }
+        accel_runtime::cgroup::mounts::Layout::Hybrid { .. } => std::fs::read_to_string(
+            layout
+                .v1_with("memory")
+                .unwrap()
+                .own_dir
+                .join(&instance)
+                .join("alpha/memory.limit_in_bytes"),
+        )
+        .unwrap(),
+    };
+    assert_eq!(limit.trim(), (1u64 << 30).to_string());
+
+    // Both tenants are served, the same answer from either worker.
+    let (prompt, want) = reference();
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": want.len(), "temperature": 0, "ignore_eos": true});
+    let (status, alpha) = post_as(port, "alpha-token", "/v1/completions", &body);
+    assert_eq!(status, 200, "{alpha}");
+    let (status, beta) = post_as(port, "beta-token", "/v1/completions", &body);
+    assert_eq!(status, 200, "{beta}");
+    assert_eq!(alpha["choices"][0]["text"], beta["choices"][0]["text"]);
+
+    // Tight's requests are refused with both numbers, not served by the shared pool.
+    let (status, tight) = post_as(port, "tight-token", "/v1/completions", &body);
+    assert_eq!(status, 503, "{tight}");
+    let message = tight["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("limits.memory 16 MiB") && message.contains("MiB model \"tiny\" needs"),
+        "{message}"
+    );
+
+    // Alpha's worker killed: alpha is served by its replacement; the shared worker is untouched.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(alpha_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, again) = post_as(port, "alpha-token", "/v1/completions", &body);
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["choices"][0]["text"], alpha["choices"][0]["text"]);
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    assert_eq!(listed["workers"][0]["pid"], shared_pid);
+    assert_eq!(listed["workers"][0]["restarts"], 0);
+    assert_eq!(listed["workers"][1]["restarts"], 1);
 }

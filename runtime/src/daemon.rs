@@ -82,8 +82,13 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 .map_err(DaemonError::Isolation)?,
         )),
     };
-    let models =
-        crate::runner::start_models(&config, &devices, Some(&metrics.sched), sandbox.clone());
+    let models = crate::runner::start_models(
+        &config,
+        &devices,
+        Some(&metrics.sched),
+        sandbox.clone(),
+        Some(&policy),
+    );
     if models.is_empty() {
         tracing::warn!(
             "no model could be loaded; inference requests will get 404 until one is configured"

@@ -92,9 +92,10 @@ impl DaemonState {
                 .with_label_values(&[m.info.name.as_str()])
                 .set(i64::from(m.is_up()));
             let usage = m.usage();
-            if let Some(worker) = usage.worker() {
+            for worker in m.workers() {
                 let w = &self.metrics.workers;
-                let labels = [m.info.name.as_str(), worker.name.as_str()];
+                let group = format!("{}/{}", worker.pool, worker.name);
+                let labels = [m.info.name.as_str(), group.as_str()];
                 let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
                 w.up.with_label_values(&labels)
                     .set(i64::from(worker.pid().is_some()));

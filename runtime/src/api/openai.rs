@@ -228,7 +228,7 @@ fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams
 
 fn submit_error(e: SubmitError) -> ApiError {
     match e {
-        SubmitError::Stopped => ApiError::new(
+        SubmitError::Stopped | SubmitError::Dedicated(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "model_unavailable",
             e.to_string(),

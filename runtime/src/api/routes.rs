@@ -247,7 +247,7 @@ pub(super) async fn workers(
     let workers = state
         .models
         .iter()
-        .filter_map(|m| m.usage().worker().map(|w| w.report(&m.info.name)))
+        .flat_map(|m| m.workers().iter().map(|w| w.report(&m.info.name)))
         .collect();
     let isolation = match state.config.isolation {
         crate::config::Isolation::Off => "off",

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use self::identity::{Caller, Identity, Role, UserDb};
-pub use self::schema::{IdRangeSpec, LimitsSpec, PriorityClass};
+pub use self::schema::{IdRangeSpec, LimitsSpec, PriorityClass, TenantIsolation};
 use crate::yaml::{Problem, Problems};
 
 /// The shipped default policy, compiled in so a daemon with no files still has one.
@@ -166,6 +166,7 @@ pub struct Tenant {
     pub name: String,
     pub weight: u32,
     pub class: PriorityClass,
+    pub isolation: TenantIsolation,
     pub limits: LimitsSpec,
     pub models: Vec<String>,
     pub devices: Vec<String>,

@@ -50,6 +50,9 @@ pub struct TenantSpec {
     pub weight: u32,
     #[serde(default)]
     pub class: PriorityClass,
+    /// `shared` workers, or `dedicated` ones of its own (with the daemon's `isolation: shared`).
+    #[serde(default)]
+    pub isolation: TenantIsolation,
     #[serde(default)]
     pub limits: LimitsSpec,
     /// Model names (or `*`) this tenant may use.
@@ -89,6 +92,17 @@ pub enum PriorityClass {
     Interactive,
     /// Throughput work that yields to interactive requests.
     Batch,
+}
+
+/// Whose worker processes serve a tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantIsolation {
+    /// The pool every tenant shares.
+    #[default]
+    Shared,
+    /// Workers of its own, in its cgroup under its `memory`, `cpu` and `pids` limits.
+    Dedicated,
 }
 
 /// Per-tenant limits; an absent limit means unlimited.

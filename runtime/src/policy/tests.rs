@@ -296,6 +296,7 @@ fn readme_policy_reference_is_valid_and_names_every_field() {
             },
             weight: 1,
             class: PriorityClass::Interactive,
+            isolation: TenantIsolation::Dedicated,
             limits: LimitsSpec {
                 max_concurrent_requests: Some(1),
                 tokens_per_minute: Some(1),

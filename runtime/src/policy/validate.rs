@@ -253,6 +253,7 @@ fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Te
         name: spec.name.clone(),
         weight: spec.weight,
         class: spec.class,
+        isolation: spec.isolation,
         limits: spec.limits.clone(),
         models: spec.models.clone(),
         devices: spec.devices.clone(),

@@ -129,6 +129,8 @@ pub enum SubmitError {
     },
     #[error("the model's runner has stopped; see the daemon log")]
     Stopped,
+    #[error("your tenant's dedicated worker for this model is not running: {0}")]
+    Dedicated(String),
 }
 
 impl SubmitError {
@@ -144,6 +146,7 @@ impl SubmitError {
             SubmitError::BadToken { .. } => "bad_token",
             SubmitError::QueueFull { .. } => "queue_full",
             SubmitError::Stopped => "stopped",
+            SubmitError::Dedicated(_) => "dedicated_worker_down",
         }
     }
 }
@@ -165,6 +168,11 @@ pub struct ModelHandle {
     schedule: Arc<Mutex<DeviceSchedule>>,
     /// False once the device's loop has ended (it survives panics; this is for anything else).
     up: Arc<std::sync::atomic::AtomicBool>,
+    /// Tenants with workers of their own: their index in the device's scheduler, or why
+    /// their worker could not start.
+    dedicated: HashMap<String, Result<usize, String>>,
+    /// Every worker process serving this model (shared first).
+    workers: Vec<Arc<crate::worker::WorkerStatus>>,
 }
 
 /// Marks a device's models down when its loop ends, however it ends.
@@ -282,6 +290,11 @@ impl ModelHandle {
         self.template.as_deref()
     }
 
+    /// The worker processes serving this model, when engines run in workers.
+    pub fn workers(&self) -> &[Arc<crate::worker::WorkerStatus>] {
+        &self.workers
+    }
+
     /// Whether the model's device loop is running.
     pub fn is_up(&self) -> bool {
         self.up.load(std::sync::atomic::Ordering::SeqCst)
@@ -339,13 +352,19 @@ impl ModelHandle {
                 limit,
             });
         }
+        // A tenant with workers of its own is served only by them.
+        let index = match self.dedicated.get(&request.tenant) {
+            Some(Ok(index)) => *index,
+            Some(Err(why)) => return Err(SubmitError::Dedicated(why.clone())),
+            None => self.index,
+        };
         crate::sched::check(
             &self.params,
             &NewSeq {
                 key: 0,
                 tenant: request.tenant.clone(),
                 params: request.limits.clone(),
-                model: self.index,
+                model: index,
                 prompt_len: request.prompt.len(),
                 max_tokens: request.max_tokens,
             },
@@ -360,7 +379,7 @@ impl ModelHandle {
         let (events, receiver) = mpsc::unbounded_channel();
         let tenant = request.tenant.clone();
         let sent = self.jobs.send(Submission {
-            model: self.index,
+            model: index,
             request,
             events,
             submitted: Instant::now(),
@@ -376,6 +395,9 @@ impl ModelHandle {
 /// A model ready to be placed on its device's loop.
 struct Prepared<E: EngineOps> {
     slot: Slot<E>,
+    /// Engines of tenants with workers of their own (`isolation: dedicated`), or why theirs
+    /// could not start.
+    dedicated: Vec<(String, Result<Slot<E>, String>)>,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Option<Arc<ChatTemplate>>,
@@ -446,12 +468,59 @@ fn prepare_in_worker(
     Ok(prepared)
 }
 
+/// A dedicated tenant's engine for the model of `shared`: a worker of its own in the tenant's
+/// cgroup, under its limits. A memory limit below what the model needs there (its files and
+/// its KV cache, as the shared worker measured it) is refused before anything starts.
+fn dedicated_slot(
+    shared: &Slot<Box<dyn EngineOps>>,
+    tenant: &str,
+    limits: &crate::cgroup::TenantLimits,
+    weights_bytes: u64,
+    spec: &ModelSpec,
+    sandbox: Option<&crate::worker::Sandbox>,
+    start: impl FnOnce() -> Result<(crate::worker::RemoteEngine, crate::worker::WorkerReady), String>,
+) -> Result<Slot<Box<dyn EngineOps>>, String> {
+    let kv_bytes = shared.engine.kv_block_bytes() as u64
+        * (spec.kv_blocks as u64 + shared.params.swap_blocks as u64);
+    let needs = weights_bytes + kv_bytes;
+    if let Some(limit) = limits.memory_max.filter(|&limit| limit < needs) {
+        return Err(format!(
+            "tenant {tenant:?} has limits.memory {} MiB, below the {} MiB model {:?} needs in a worker of its own ({} MiB of model files, {} MiB of KV cache); raise limits.memory or lower the model's kv_blocks",
+            limit >> 20,
+            needs.div_ceil(1 << 20),
+            shared.name,
+            weights_bytes.div_ceil(1 << 20),
+            kv_bytes.div_ceil(1 << 20),
+        ));
+    }
+    if let Some(sandbox) = sandbox {
+        sandbox.limit_tenant(tenant, limits)?;
+    }
+    let (engine, ready) = start()?;
+    let status = engine.status();
+    let mut params = shared.params.clone();
+    params.swap_min_tokens = usize::try_from(ready.swap_min_tokens).unwrap_or(usize::MAX);
+    Ok(Slot {
+        name: shared.name.clone(),
+        engine: Box::new(engine),
+        tokenizer: Arc::clone(&shared.tokenizer),
+        usage: Arc::new(Usage {
+            kv_by_tenant: Mutex::default(),
+            ledger: None,
+            worker: Some(status),
+        }),
+        params,
+    })
+}
+
 /// How models' workers are started, when engines run in worker processes.
 #[derive(Debug)]
 struct Workers {
     identity: crate::worker::WorkerIdentity,
     kernel_cache: std::path::PathBuf,
     sandbox: Option<Arc<crate::worker::Sandbox>>,
+    /// Tenants with workers of their own: name, limits, the models they may use.
+    dedicated: Vec<(String, crate::cgroup::TenantLimits, Vec<String>)>,
 }
 
 fn finish_prepare(
@@ -508,6 +577,7 @@ fn finish_prepare(
         worker: None,
     });
     Ok(Prepared {
+        dedicated: Vec::new(),
         slot: Slot {
             name: name.to_owned(),
             engine,
@@ -577,7 +647,7 @@ fn place_engine(
     workers: Option<&Workers>,
 ) -> Result<(), StartError> {
     if let Some(workers) = workers {
-        let start = |device: String| {
+        let start = |device: String, pool: &str| {
             let init = crate::worker::WorkerInit {
                 model: name.to_owned(),
                 path: source.map(|(p, _)| p.to_owned()),
@@ -592,28 +662,63 @@ fn place_engine(
                 source.map(|(_, o)| o.handles.clone()).unwrap_or_default(),
                 workers.identity.clone(),
                 workers.sandbox.clone(),
+                pool,
             )
+        };
+        let shared = crate::worker::sandbox::SHARED_POOL;
+        let weights_bytes: u64 = source
+            .map(|(_, o)| {
+                o.handles
+                    .iter()
+                    .filter_map(|f| f.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        // Each dedicated tenant allowed this model gets a worker of its own on the same device.
+        let dedicate = |p: &mut PreparedModel, device: &str| {
+            for (tenant, limits, models) in &workers.dedicated {
+                if !models.iter().any(|m| m == "*" || m == name) {
+                    continue;
+                }
+                let slot = dedicated_slot(
+                    &p.slot,
+                    tenant,
+                    limits,
+                    weights_bytes,
+                    spec,
+                    workers.sandbox.as_deref(),
+                    || start(device.to_owned(), tenant),
+                );
+                if let Err(why) = &slot {
+                    tracing::error!(model = %name, %tenant, reason = %why, "the tenant's dedicated worker is not started; its requests to this model are refused");
+                }
+                p.dedicated.push((tenant.clone(), slot));
+            }
         };
         match placement {
             Placement::Cpu => {
-                let worker = start("cpu".into()).map_err(StartError::Worker)?;
-                let p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
+                let worker = start("cpu".into(), shared).map_err(StartError::Worker)?;
+                let mut p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
+                dedicate(&mut p, "cpu");
                 devices.cpu.push((order, p));
             }
             Placement::Cuda {
                 ordinal,
                 cpu_fallback,
                 ..
-            } => match start(format!("cuda:{ordinal}")) {
+            } => match start(format!("cuda:{ordinal}"), shared) {
                 Ok(worker) => {
-                    let p =
-                        prepare_in_worker(name, model, spec, worker, format!("cuda:{ordinal}"))?;
+                    let device = format!("cuda:{ordinal}");
+                    let mut p = prepare_in_worker(name, model, spec, worker, device.clone())?;
+                    dedicate(&mut p, &device);
                     devices.cuda.entry(*ordinal).or_default().push((order, p));
                 }
                 Err(e) if *cpu_fallback => {
                     tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
-                    let worker = start("cpu".into()).map_err(StartError::Worker)?;
-                    let p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
+                    let worker = start("cpu".into(), shared).map_err(StartError::Worker)?;
+                    let mut p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
+                    dedicate(&mut p, "cpu");
                     devices.cpu.push((order, p));
                 }
                 Err(e) => return Err(StartError::Worker(e)),
@@ -680,6 +785,26 @@ fn spawn_device<E: EngineOps + 'static>(
     let mut slots = Vec::new();
     for (order, p) in models {
         let index = sched.add_model(p.slot.params.clone());
+        let mut workers: Vec<Arc<crate::worker::WorkerStatus>> =
+            p.slot.usage.worker.iter().cloned().collect();
+        let usage = Arc::clone(&p.slot.usage);
+        let params = p.slot.params.clone();
+        tracing::debug!(model = %p.slot.name, %device, "model placed");
+        slots.push(p.slot);
+        // A dedicated engine is one more model to the device's scheduler, right after it.
+        let mut dedicated = HashMap::new();
+        for (tenant, slot) in p.dedicated {
+            match slot {
+                Ok(slot) => {
+                    workers.extend(slot.usage.worker.iter().cloned());
+                    dedicated.insert(tenant, Ok(sched.add_model(slot.params.clone())));
+                    slots.push(slot);
+                }
+                Err(why) => {
+                    dedicated.insert(tenant, Err(why));
+                }
+            }
+        }
         handles.push((
             order,
             ModelHandle {
@@ -688,17 +813,17 @@ fn spawn_device<E: EngineOps + 'static>(
                 template: p.template,
                 jobs: jobs.clone(),
                 index,
-                params: p.slot.params.clone(),
+                params,
                 gate: Arc::clone(&gate),
                 max_queued: config.scheduler.max_queued_per_tenant,
                 rejections: metrics.map(|m| m.rejections.clone()),
-                usage: Arc::clone(&p.slot.usage),
+                usage,
                 schedule: Arc::clone(&schedule),
                 up: Arc::clone(&up),
+                dedicated,
+                workers,
             },
         ));
-        tracing::debug!(model = %p.slot.name, %device, "model placed");
-        slots.push(p.slot);
     }
     let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
     let arbiter = Arbiter::new(device.clone(), sched, slots, inbox, gate, metrics.cloned())
@@ -730,7 +855,26 @@ pub fn start_models(
     devices: &crate::devices::DeviceReport,
     metrics: Option<&SchedMetrics>,
     sandbox: Option<Arc<crate::worker::Sandbox>>,
+    policy: Option<&crate::policy::Policy>,
 ) -> Vec<ModelHandle> {
+    let dedicated: Vec<(String, crate::cgroup::TenantLimits, Vec<String>)> = policy
+        .map(|p| {
+            p.tenants
+                .iter()
+                .filter(|t| t.isolation == crate::policy::TenantIsolation::Dedicated)
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        crate::cgroup::TenantLimits::of(t),
+                        t.models.clone(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if config.isolation == crate::config::Isolation::Off && !dedicated.is_empty() {
+        tracing::warn!(tenants = ?dedicated.iter().map(|d| &d.0).collect::<Vec<_>>(), "tenants ask for dedicated workers, but isolation is off: they share acceld's engines");
+    }
     let mut placed = Devices::default();
     let workers = match config.isolation {
         crate::config::Isolation::Off => None,
@@ -740,6 +884,7 @@ pub fn start_models(
                     identity,
                     kernel_cache: config.kernel_cache.clone(),
                     sandbox,
+                    dedicated,
                 }),
                 Err(why) => {
                     tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");

@@ -229,6 +229,8 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         usage: p.slot.usage,
         schedule: Arc::default(),
         up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        dedicated: HashMap::new(),
+        workers: Vec::new(),
     };
     let mut limited = request("a", vec![1; 20], 30, SamplingParams::greedy());
     limited.limits.kv_blocks = Some(3);

@@ -52,8 +52,11 @@ pub struct WorkerInit {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerReport {
     pub model: String,
-    /// Its cgroup, `<model>-<device>`.
+    /// Its cgroup, `<pool>/<model>-<device>`; the pool is `_shared` or the tenant it is
+    /// dedicated to.
     pub worker: String,
+    /// The tenant it serves alone, if it is dedicated.
+    pub tenant: Option<String>,
     pub device: String,
     pub user: String,
     /// `None` while it is being replaced.
@@ -81,7 +84,8 @@ impl WorkerStatus {
         let usage = self.usage();
         WorkerReport {
             model: model.to_owned(),
-            worker: self.name.clone(),
+            worker: format!("{}/{}", self.pool, self.name),
+            tenant: (self.pool != sandbox::SHARED_POOL).then(|| self.pool.clone()),
             device: self.device.clone(),
             user: self.user.clone(),
             pid: self.pid(),

@@ -96,6 +96,8 @@ impl WorkerIdentity {
 pub struct WorkerStatus {
     /// Its group name (`<model>-<device>`).
     pub name: String,
+    /// The group above it: `_shared`, or the tenant it is dedicated to.
+    pub pool: String,
     pub device: String,
     pub user: String,
     pid: std::sync::atomic::AtomicU32,
@@ -121,7 +123,10 @@ impl WorkerStatus {
     /// are not isolated.
     pub fn usage(&self) -> Option<(crate::cgroup::Usage, u64)> {
         let sandbox = self.sandbox.as_ref()?;
-        Some((sandbox.usage(&self.name).ok()?, sandbox.denials(&self.name)))
+        Some((
+            sandbox.usage(&self.pool, &self.name).ok()?,
+            sandbox.denials(&self.pool, &self.name),
+        ))
     }
 
     fn set_pid(&self, pid: Option<u32>) {
@@ -243,7 +248,7 @@ fn spawn(
     init: &WorkerInit,
     files: &[std::sync::Arc<std::fs::File>],
     identity: &WorkerIdentity,
-    sandbox: Option<&Sandbox>,
+    sandbox: Option<(&Sandbox, &str)>,
 ) -> Result<(Connection, WorkerReady), String> {
     let (child, mut ours) = launch(identity, "worker", None)?;
 
@@ -255,9 +260,9 @@ fn spawn(
         .map_err(|e| e.to_string())?;
     super::hello(&mut ours)?;
     // Placed in its group, behind its gate, before it opens a model file or a device.
-    if let Some(sandbox) = sandbox {
+    if let Some((sandbox, pool)) = sandbox {
         let name = super::sandbox::worker_name(&init.model, &init.device);
-        sandbox.place(&name, &init.device, connection.child.id())?;
+        sandbox.place(pool, &name, &init.device, connection.child.id())?;
     }
     let init_json = serde_json::to_vec(init).map_err(|e| e.to_string())?;
     proto::write_frame(&mut ours, tag::INIT, &init_json).map_err(|e| e.to_string())?;
@@ -326,10 +331,17 @@ impl RemoteEngine {
         files: Vec<std::sync::Arc<std::fs::File>>,
         identity: WorkerIdentity,
         sandbox: Option<std::sync::Arc<Sandbox>>,
+        pool: &str,
     ) -> Result<(Self, WorkerReady), String> {
-        let (connection, ready) = spawn(&init, &files, &identity, sandbox.as_deref())?;
+        let (connection, ready) = spawn(
+            &init,
+            &files,
+            &identity,
+            sandbox.as_deref().map(|s| (s, pool)),
+        )?;
         let status = std::sync::Arc::new(WorkerStatus {
             name: super::sandbox::worker_name(&init.model, &init.device),
+            pool: pool.to_owned(),
             device: init.device.clone(),
             user: identity.user.clone(),
             pid: std::sync::atomic::AtomicU32::new(connection.child.id()),
@@ -384,7 +396,9 @@ impl RemoteEngine {
                 &self.init,
                 &self.files,
                 &self.identity,
-                self.sandbox.as_deref(),
+                self.sandbox
+                    .as_deref()
+                    .map(|s| (s, self.status.pool.as_str())),
             );
             let (connection, _) = match spawned {
                 Ok(spawned) => spawned,
@@ -415,7 +429,7 @@ impl RemoteEngine {
             tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, "worker lost; its sequences will be recomputed");
             // Anything it forked dies with its group.
             if let Some(sandbox) = &self.sandbox {
-                sandbox.empty(&self.status.name);
+                sandbox.empty(&self.status.pool, &self.status.name);
             }
         }
         self.status.set_pid(None);

@@ -78,7 +78,13 @@ impl Sandbox {
 
     /// Puts a just-started worker (it waits for its init before loading anything) in its group,
     /// behind a gate granting only `device`'s nodes.
-    pub fn place(&self, worker: &str, device: &str, pid: u32) -> Result<WorkerGroup, String> {
+    pub fn place(
+        &self,
+        pool: &str,
+        worker: &str,
+        device: &str,
+        pid: u32,
+    ) -> Result<WorkerGroup, String> {
         let closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
         if *closed {
             return Err("the daemon is stopping".into());
@@ -86,14 +92,14 @@ impl Sandbox {
         let grants = grants::for_device(device, self.gpus, &self.proc_devices)?;
         let group = self
             .cgroups
-            .create_worker(SHARED_POOL, worker)
+            .create_worker(pool, worker)
             .map_err(|e| e.to_string())?;
         self.cgroups
             .attach(&group, pid)
             .map_err(|e| e.to_string())?;
         match self.cgroups.gate_dir(&group) {
             Some(dir) => {
-                let pins = gate::pin_dir(&self.instance, SHARED_POOL, worker);
+                let pins = gate::pin_dir(&self.instance, pool, worker);
                 // The gate of the worker this one replaces goes first.
                 if let Ok(old) = DeviceGate::open(&pins) {
                     old.detach().map_err(|e| e.to_string())?;
@@ -108,26 +114,32 @@ impl Sandbox {
     }
 
     /// What a worker's group uses.
-    pub fn usage(&self, worker: &str) -> Result<cgroup::Usage, String> {
-        WorkerGroup::new(SHARED_POOL, worker)
+    pub fn usage(&self, pool: &str, worker: &str) -> Result<cgroup::Usage, String> {
+        WorkerGroup::new(pool, worker)
             .and_then(|group| self.cgroups.worker_usage(&group))
             .map_err(|e| e.to_string())
     }
 
     /// Device opens a worker's gate refused.
-    pub fn denials(&self, worker: &str) -> u64 {
-        DeviceGate::open(&gate::pin_dir(&self.instance, SHARED_POOL, worker))
-            .map_or(0, |g| g.denials())
+    pub fn denials(&self, pool: &str, worker: &str) -> u64 {
+        DeviceGate::open(&gate::pin_dir(&self.instance, pool, worker)).map_or(0, |g| g.denials())
     }
 
     /// Kills whatever is left in a lost worker's group (anything it forked); its group and
     /// gate are made again for its replacement.
-    pub fn empty(&self, worker: &str) {
-        let removed = WorkerGroup::new(SHARED_POOL, worker)
-            .and_then(|group| self.cgroups.remove_worker(&group));
+    pub fn empty(&self, pool: &str, worker: &str) {
+        let removed =
+            WorkerGroup::new(pool, worker).and_then(|group| self.cgroups.remove_worker(&group));
         if let Err(e) = removed {
             tracing::error!(%worker, error = %e, "could not empty a lost worker's cgroup");
         }
+    }
+
+    /// Creates a tenant's group for its dedicated workers, or updates its limits.
+    pub fn limit_tenant(&self, tenant: &str, limits: &TenantLimits) -> Result<(), String> {
+        self.cgroups
+            .set_tenant(tenant, limits)
+            .map_err(|e| e.to_string())
     }
 
     /// On stop: kills every worker and removes every group and gate; nothing is placed after.
