@@ -51,3 +51,25 @@ impl Ledger {
         out
     }
 }
+
+/// Runs `iters` iterations of `run` (each returning the seconds it measured itself), keeping
+/// every iteration's seconds in `samples`; the total, for criterion's `iter_custom`.
+pub fn timed_iterations(
+    iters: u64,
+    samples: &mut Vec<f64>,
+    mut run: impl FnMut() -> f64,
+) -> Duration {
+    let mut total = 0.0;
+    for _ in 0..iters {
+        let seconds = run();
+        samples.push(seconds);
+        total += seconds;
+    }
+    Duration::from_secs_f64(total)
+}
+
+/// The median of `samples`; `None` when there are none (a command-line filter skipped them).
+pub fn median(samples: &mut [f64]) -> Option<f64> {
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied()
+}

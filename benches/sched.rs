@@ -240,32 +240,18 @@ fn bench_throughput(c: &mut Criterion) -> Vec<(usize, f64, f64)> {
         let (mut via, mut bare) = (Vec::new(), Vec::new());
         group.bench_function(format!("scheduler_{n}_streams"), |b| {
             b.iter_custom(|iters| {
-                let mut t = 0.0;
-                for _ in 0..iters {
-                    let s = through_scheduler(handle, n);
-                    via.push(s);
-                    t += s;
-                }
-                Duration::from_secs_f64(t)
+                accel_benches::timed_iterations(iters, &mut via, || through_scheduler(handle, n))
             })
         });
         group.bench_function(format!("engine_direct_{n}_streams"), |b| {
             b.iter_custom(|iters| {
-                let mut t = 0.0;
-                for _ in 0..iters {
-                    let s = direct(&mut engine, n);
-                    bare.push(s);
-                    t += s;
-                }
-                Duration::from_secs_f64(t)
+                accel_benches::timed_iterations(iters, &mut bare, || direct(&mut engine, n))
             })
         });
-        // Empty when a filter on the command line skipped these.
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied()
-        };
-        if let (Some(via), Some(bare)) = (median(&mut via), median(&mut bare)) {
+        if let (Some(via), Some(bare)) = (
+            accel_benches::median(&mut via),
+            accel_benches::median(&mut bare),
+        ) {
             rows.push((n, via, bare));
         }
     }

@@ -167,31 +167,20 @@ fn main() {
         let (mut here, mut there) = (Vec::new(), Vec::new());
         group.bench_function(format!("in_process_batch_{n}"), |b| {
             b.iter_custom(|iters| {
-                let mut t = 0.0;
-                for _ in 0..iters {
-                    let s = generate(&mut local, n, vocab);
-                    here.push(s);
-                    t += s;
-                }
-                Duration::from_secs_f64(t)
+                accel_benches::timed_iterations(iters, &mut here, || generate(&mut local, n, vocab))
             })
         });
         group.bench_function(format!("worker_batch_{n}"), |b| {
             b.iter_custom(|iters| {
-                let mut t = 0.0;
-                for _ in 0..iters {
-                    let s = generate(&mut remote, n, vocab);
-                    there.push(s);
-                    t += s;
-                }
-                Duration::from_secs_f64(t)
+                accel_benches::timed_iterations(iters, &mut there, || {
+                    generate(&mut remote, n, vocab)
+                })
             })
         });
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied()
-        };
-        if let (Some(here), Some(there)) = (median(&mut here), median(&mut there)) {
+        if let (Some(here), Some(there)) = (
+            accel_benches::median(&mut here),
+            accel_benches::median(&mut there),
+        ) {
             rows.push((n, here, there));
         }
     }
