@@ -489,21 +489,29 @@ fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
         "{groups_of_alpha}"
     );
     let layout = accel_runtime::cgroup::mounts::detect().unwrap();
-    let limit = match &layout {
+    let limit_file = match &layout {
         accel_runtime::cgroup::mounts::Layout::Unified(p) => {
-            std::fs::read_to_string(p.own_dir.join(&instance).join("alpha/memory.max")).unwrap()
+            p.own_dir.join(&instance).join("alpha/memory.max")
         }
-        accel_runtime::cgroup::mounts::Layout::Hybrid { .. } => std::fs::read_to_string(
-            layout
-                .v1_with("memory")
-                .unwrap()
-                .own_dir
-                .join(&instance)
-                .join("alpha/memory.limit_in_bytes"),
-        )
-        .unwrap(),
+        accel_runtime::cgroup::mounts::Layout::Hybrid { .. } => layout
+            .v1_with("memory")
+            .unwrap()
+            .own_dir
+            .join(&instance)
+            .join("alpha/memory.limit_in_bytes"),
     };
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
     assert_eq!(limit.trim(), (1u64 << 30).to_string());
+    // A reload with a new limit reaches the kernel at once.
+    std::fs::write(
+        &daemon.policy,
+        policy.replace("memory: 1GiB", "memory: 2GiB"),
+    )
+    .unwrap();
+    let (status, text) = daemon.request("POST", "/v1/policy/reload", None);
+    assert_eq!(status, 200, "{text}");
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert_eq!(limit.trim(), (2u64 << 30).to_string());
 
     // Both tenants are served, the same answer from either worker.
     let (prompt, want) = reference();

@@ -246,6 +246,16 @@ impl DaemonState {
                     Err(poisoned) => poisoned.into_inner(),
                 } = snapshot.clone();
                 self.metrics.set_policy(&snapshot);
+                // Dedicated workers' cgroups take their tenants' new limits at once.
+                for worker in self.models.iter().flat_map(|m| m.workers()) {
+                    let Some(tenant) = worker.tenant().and_then(|t| snapshot.tenant(t)) else {
+                        continue;
+                    };
+                    let limits = crate::cgroup::TenantLimits::of(tenant);
+                    if let Err(e) = worker.apply_limits(&limits) {
+                        tracing::error!(tenant = %tenant.name, error = %e, "could not apply the tenant's new limits to its workers' cgroup");
+                    }
+                }
                 self.metrics
                     .policy_reloads
                     .with_label_values(&["success"])

@@ -85,7 +85,7 @@ impl WorkerStatus {
         WorkerReport {
             model: model.to_owned(),
             worker: format!("{}/{}", self.pool, self.name),
-            tenant: (self.pool != sandbox::SHARED_POOL).then(|| self.pool.clone()),
+            tenant: self.tenant().map(str::to_owned),
             device: self.device.clone(),
             user: self.user.clone(),
             pid: self.pid(),

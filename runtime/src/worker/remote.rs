@@ -129,6 +129,19 @@ impl WorkerStatus {
         ))
     }
 
+    /// The tenant this worker is dedicated to, if it is.
+    pub fn tenant(&self) -> Option<&str> {
+        (self.pool != super::sandbox::SHARED_POOL).then_some(self.pool.as_str())
+    }
+
+    /// Writes a dedicated worker's tenant's limits again (after a policy reload).
+    pub fn apply_limits(&self, limits: &crate::cgroup::TenantLimits) -> Result<(), String> {
+        match (&self.sandbox, self.tenant()) {
+            (Some(sandbox), Some(tenant)) => sandbox.limit_tenant(tenant, limits),
+            _ => Ok(()),
+        }
+    }
+
     fn set_pid(&self, pid: Option<u32>) {
         self.pid
             .store(pid.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
