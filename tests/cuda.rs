@@ -633,11 +633,60 @@ fn the_daemon_serves_a_model_on_the_gpu() {
         extra_config: &extra,
         ..Default::default()
     });
+    assert_reference_answers_on_cuda0(&daemon, &dir);
+    let (_, metrics) = daemon.request("GET", "/metrics", None);
+    let weights = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("accel_backend_memory_bytes{device=\"GPU-")
+                && l.contains("use=\"weights\"")
+        })
+        .unwrap_or_else(|| panic!("no GPU weights in the metrics:\n{metrics}"));
+    let bytes: u64 = weights.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(bytes > 0, "{weights}");
+}
+
+/// The same through an isolated worker (`isolation: shared`): the engine in `acceld worker`,
+/// unprivileged, in its cgroup behind a device gate granting only `/dev/nvidia0`, `nvidiactl`
+/// and `nvidia-uvm`. Prints what the worker's cgroup holds (its CUDA context included).
+#[test]
+fn an_isolated_worker_serves_a_model_on_the_gpu() {
+    let Some(backend) = cuda() else { return };
+    drop(backend);
+    if !accel_tests::is_root() {
+        eprintln!("skipped: isolated workers need root (CI and the GPU check run as root)");
+        return;
+    }
+    let dir = fixtures().join("llama-gqa-f32");
+    let cache = accel_tests::shared_tempdir();
+    let extra = format!(
+        "isolation: shared\nkernel_cache: {}\nmodels:\n  - name: tiny\n    path: {}\n    backend: cuda:0\n    kv_blocks: 64\n",
+        cache.path().display(),
+        dir.display()
+    );
+    let daemon = accel_tests::Daemon::start_with(accel_tests::DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    assert_reference_answers_on_cuda0(&daemon, &dir);
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    let worker = &listed["workers"][0];
+    assert_eq!(worker["device"], "cuda:0", "{listed}");
+    assert_eq!(worker["device_denials"], 0, "{listed}");
+    eprintln!(
+        "isolated GPU worker: memory {} MiB (peak {} MiB) in its cgroup",
+        worker["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+        worker["memory_peak_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+}
+
+/// Greedy completions of the fixture's prompts equal transformers', served on `cuda:0`.
+fn assert_reference_answers_on_cuda0(daemon: &accel_tests::Daemon, dir: &std::path::Path) {
     let (status, models) = daemon.request("GET", "/v1/models", None);
     assert_eq!(status, 200, "{models}");
     assert!(models.contains("\"backend\":\"cuda:0\""), "{models}");
     let meta = json(&dir.join("expected.json"));
-    let tokenizer = model::load(&dir).unwrap().tokenizer;
+    let tokenizer = model::load(dir).unwrap().tokenizer;
     for (prompt, want) in meta["prompt_ids"]
         .as_array()
         .unwrap()
@@ -655,14 +704,4 @@ fn the_daemon_serves_a_model_on_the_gpu() {
             tokenizer.decode(&want, true).unwrap()
         );
     }
-    let (_, metrics) = daemon.request("GET", "/metrics", None);
-    let weights = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("accel_backend_memory_bytes{device=\"GPU-")
-                && l.contains("use=\"weights\"")
-        })
-        .unwrap_or_else(|| panic!("no GPU weights in the metrics:\n{metrics}"));
-    let bytes: u64 = weights.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(bytes > 0, "{weights}");
 }
