@@ -669,7 +669,10 @@ fn an_isolated_worker_serves_a_model_on_the_gpu() {
         ..Default::default()
     });
     assert_reference_answers_on_cuda0(&daemon, &dir);
-    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    // The API rather than accelctl: the GPU check carries only acceld.
+    let (status, text) = daemon.request("GET", "/v1/workers", None);
+    assert_eq!(status, 200, "{text}");
+    let listed: serde_json::Value = serde_json::from_str(&text).unwrap();
     let worker = &listed["workers"][0];
     assert_eq!(worker["device"], "cuda:0", "{listed}");
     assert_eq!(worker["device_denials"], 0, "{listed}");
