@@ -478,6 +478,13 @@ fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
         .collect();
     assert_eq!(groups, ["_shared/tiny-cpu", "alpha/tiny-cpu"], "{listed}");
     assert_eq!(listed["workers"][1]["tenant"], "alpha");
+    // accelctl tenants show names the tenant's own worker.
+    let shown = daemon.ctl(&["tenants", "show", "alpha"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("dedicated") && shown.contains("worker alpha/tiny-cpu"),
+        "{shown}"
+    );
     let alpha_pid = listed["workers"][1]["pid"].as_u64().unwrap() as u32;
     let shared_pid = listed["workers"][0]["pid"].as_u64().unwrap() as u32;
 

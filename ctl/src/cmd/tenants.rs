@@ -25,6 +25,13 @@ pub fn class(c: PriorityClass) -> &'static str {
     }
 }
 
+fn isolation(i: accel_runtime::policy::TenantIsolation) -> &'static str {
+    match i {
+        accel_runtime::policy::TenantIsolation::Shared => "shared",
+        accel_runtime::policy::TenantIsolation::Dedicated => "dedicated",
+    }
+}
+
 pub async fn run(client: &Client, command: &TenantsCommand, json: bool) -> Result<(), CtlError> {
     match command {
         TenantsCommand::List => {
@@ -120,8 +127,24 @@ pub async fn run(client: &Client, command: &TenantsCommand, json: bool) -> Resul
                     ("pids", output::limit(l.pids)),
                     ("models", t.models.join(", ")),
                     ("devices", t.devices.join(", ")),
+                    ("isolation", isolation(t.isolation).into()),
                 ])
             );
+            // Its dedicated workers, with what their cgroups use.
+            let workers: Vec<accel_runtime::worker::WorkerReport> =
+                serde_json::from_value(raw["workers"].clone()).unwrap_or_default();
+            for w in workers {
+                println!(
+                    "worker {}: {} on {}, pid {}, memory {} MiB, restarts {}, OOM kills {}",
+                    w.worker,
+                    w.model,
+                    w.device,
+                    w.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                    w.memory_bytes.map_or(0, |b| b >> 20),
+                    w.restarts,
+                    w.oom_kills.unwrap_or(0),
+                );
+            }
         }
     }
     Ok(())

@@ -132,6 +132,7 @@ pub(super) async fn tenants(Extension(auth): Extension<Authenticated>) -> Json<T
 }
 
 pub(super) async fn tenant(
+    State(state): Shared,
     Extension(auth): Extension<Authenticated>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -144,7 +145,28 @@ pub(super) async fn tenant(
     // A tenant asking about another gets the same answer as for a tenant that does not exist,
     // so tenant names do not leak.
     match policy.tenant(&name).filter(|_| may_see) {
-        Some(t) => Ok(Json(t.clone()).into_response()),
+        Some(t) => {
+            // With the workers dedicated to it, if any.
+            let workers: Vec<crate::worker::WorkerReport> = state
+                .models
+                .iter()
+                .flat_map(|m| {
+                    m.workers()
+                        .iter()
+                        .filter(|w| w.tenant() == Some(t.name.as_str()))
+                        .map(|w| w.report(&m.info.name))
+                })
+                .collect();
+            let mut view = serde_json::to_value(t)
+                .map_err(|e| ApiError::internal(format!("cannot show the tenant: {e}")))?;
+            if let Some(object) = view.as_object_mut() {
+                object.insert(
+                    "workers".into(),
+                    serde_json::to_value(workers).unwrap_or_default(),
+                );
+            }
+            Ok(Json(view).into_response())
+        }
         None => Err(ApiError::not_found(format!(
             "no tenant named {name:?} is visible to you; see `accelctl tenants list`"
         ))),
