@@ -290,8 +290,15 @@ fn spawn(
     }
     let plain: Vec<&std::fs::File> = files.iter().map(|f| &**f).collect();
     proto::send_fds(&ours, &plain).map_err(|e| e.to_string())?;
-    let frame =
-        proto::read_frame(&mut ours).map_err(|e| format!("the worker did not start: {e}"))?;
+    let frame = match proto::read_frame(&mut ours) {
+        Ok(frame) => frame,
+        Err(e) => {
+            return Err(format!(
+                "the worker did not start: {e}{}",
+                exit_of(connection)
+            ))
+        }
+    };
     if frame.tag == tag::ERROR {
         return Err(String::from_utf8_lossy(&frame.payload).into_owned());
     }
@@ -303,6 +310,24 @@ fn spawn(
         .set_write_timeout(Some(CALL_TIMEOUT))
         .map_err(|e| e.to_string())?;
     Ok((connection, ready))
+}
+
+/// How a worker that stopped answering ended, for the error: killed by the kernel (as by its
+/// cgroup's memory limit) reads differently from a crash.
+fn exit_of(mut connection: Connection) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = connection.child.try_wait() {
+            return match status.signal() {
+                Some(9) => " (it was killed with SIGKILL: by the kernel for going past its cgroup's memory limit, or by an operator)".to_owned(),
+                Some(signal) => format!(" (it died of signal {signal})"),
+                None => format!(" (it exited with {status})"),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    String::new()
 }
 
 /// A sequence on the worker, by the id this side gave it.
