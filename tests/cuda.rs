@@ -622,18 +622,7 @@ fn sampling_helpers_match_the_host() {
 fn the_daemon_serves_a_model_on_the_gpu() {
     let Some(backend) = cuda() else { return };
     drop(backend);
-    let dir = fixtures().join("llama-gqa-f32");
-    let cache = accel_tests::shared_tempdir();
-    let extra = format!(
-        "kernel_cache: {}\nmodels:\n  - name: tiny\n    path: {}\n    backend: cuda:0\n    kv_blocks: 64\n",
-        cache.path().display(),
-        dir.display()
-    );
-    let daemon = accel_tests::Daemon::start_with(accel_tests::DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    });
-    assert_reference_answers_on_cuda0(&daemon, &dir);
+    let (daemon, dir, _cache) = fixture_daemon_on_cuda0("");
     let (_, metrics) = daemon.request("GET", "/metrics", None);
     let weights = metrics
         .lines()
@@ -657,18 +646,7 @@ fn an_isolated_worker_serves_a_model_on_the_gpu() {
         eprintln!("skipped: isolated workers need root (CI and the GPU check run as root)");
         return;
     }
-    let dir = fixtures().join("llama-gqa-f32");
-    let cache = accel_tests::shared_tempdir();
-    let extra = format!(
-        "isolation: shared\nkernel_cache: {}\nmodels:\n  - name: tiny\n    path: {}\n    backend: cuda:0\n    kv_blocks: 64\n",
-        cache.path().display(),
-        dir.display()
-    );
-    let daemon = accel_tests::Daemon::start_with(accel_tests::DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    });
-    assert_reference_answers_on_cuda0(&daemon, &dir);
+    let (daemon, _dir, _cache) = fixture_daemon_on_cuda0("isolation: shared\n");
     // The API rather than accelctl: the GPU check carries only acceld.
     let (status, text) = daemon.request("GET", "/v1/workers", None);
     assert_eq!(status, 200, "{text}");
@@ -681,6 +659,26 @@ fn an_isolated_worker_serves_a_model_on_the_gpu() {
         worker["memory_bytes"].as_u64().unwrap_or(0) >> 20,
         worker["memory_peak_bytes"].as_u64().unwrap_or(0) >> 20
     );
+}
+
+/// The daemon serving the f32 fixture on `cuda:0` (with `extra` config lines), checked
+/// against transformers; its kernel cache lives as long as the returned directory.
+fn fixture_daemon_on_cuda0(
+    extra: &str,
+) -> (accel_tests::Daemon, std::path::PathBuf, tempfile::TempDir) {
+    let dir = fixtures().join("llama-gqa-f32");
+    let cache = accel_tests::shared_tempdir();
+    let config = format!(
+        "{extra}kernel_cache: {}\nmodels:\n  - name: tiny\n    path: {}\n    backend: cuda:0\n    kv_blocks: 64\n",
+        cache.path().display(),
+        dir.display()
+    );
+    let daemon = accel_tests::Daemon::start_with(accel_tests::DaemonOptions {
+        extra_config: &config,
+        ..Default::default()
+    });
+    assert_reference_answers_on_cuda0(&daemon, &dir);
+    (daemon, dir, cache)
 }
 
 /// Greedy completions of the fixture's prompts equal transformers', served on `cuda:0`.
