@@ -622,7 +622,7 @@ fn sampling_helpers_match_the_host() {
 fn the_daemon_serves_a_model_on_the_gpu() {
     let Some(backend) = cuda() else { return };
     drop(backend);
-    let (daemon, dir, _cache) = fixture_daemon_on_cuda0("");
+    let (daemon, _cache) = fixture_daemon_on_cuda0("");
     let (_, metrics) = daemon.request("GET", "/metrics", None);
     let weights = metrics
         .lines()
@@ -646,7 +646,7 @@ fn an_isolated_worker_serves_a_model_on_the_gpu() {
         eprintln!("skipped: isolated workers need root (CI and the GPU check run as root)");
         return;
     }
-    let (daemon, _dir, _cache) = fixture_daemon_on_cuda0("isolation: shared\n");
+    let (daemon, _cache) = fixture_daemon_on_cuda0("isolation: shared\n");
     // The API rather than accelctl: the GPU check carries only acceld.
     let (status, text) = daemon.request("GET", "/v1/workers", None);
     assert_eq!(status, 200, "{text}");
@@ -663,9 +663,7 @@ fn an_isolated_worker_serves_a_model_on_the_gpu() {
 
 /// The daemon serving the f32 fixture on `cuda:0` (with `extra` config lines), checked
 /// against transformers; its kernel cache lives as long as the returned directory.
-fn fixture_daemon_on_cuda0(
-    extra: &str,
-) -> (accel_tests::Daemon, std::path::PathBuf, tempfile::TempDir) {
+fn fixture_daemon_on_cuda0(extra: &str) -> (accel_tests::Daemon, tempfile::TempDir) {
     let dir = fixtures().join("llama-gqa-f32");
     let cache = accel_tests::shared_tempdir();
     let config = format!(
@@ -678,7 +676,7 @@ fn fixture_daemon_on_cuda0(
         ..Default::default()
     });
     assert_reference_answers_on_cuda0(&daemon, &dir);
-    (daemon, dir, cache)
+    (daemon, cache)
 }
 
 /// Greedy completions of the fixture's prompts equal transformers', served on `cuda:0`.
