@@ -73,3 +73,47 @@ pub fn median(samples: &mut [f64]) -> Option<f64> {
     samples.sort_by(f64::total_cmp);
     samples.get(samples.len() / 2).copied()
 }
+
+/// Greedy generation on an engine driven directly, as a device loop would without its
+/// scheduler: one prefill step for every prompt, then `output - 1` decode steps for all,
+/// sampling on the host. Returns the seconds from the first sequence added to the last
+/// removed.
+pub fn greedy_streams(
+    engine: &mut dyn accel_runtime::engine::ops::EngineOps,
+    prompts: &[Vec<u32>],
+    output: usize,
+) -> f64 {
+    use accel_runtime::engine::sampling::{Sampler, SamplingParams};
+    use accel_runtime::engine::{LogitsWanted, StepInput};
+
+    let mut samplers: Vec<Sampler> = prompts
+        .iter()
+        .map(|_| Sampler::new(SamplingParams::greedy()))
+        .collect();
+    let start = std::time::Instant::now();
+    let seqs: Vec<_> = prompts
+        .iter()
+        .map(|_| engine.add_sequence().expect("sequence"))
+        .collect();
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    for _ in 0..output {
+        let inputs: Vec<StepInput<'_>> = seqs
+            .iter()
+            .zip(&next)
+            .map(|(&seq, tokens)| StepInput {
+                seq,
+                tokens,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let outputs = engine.step(&inputs).expect("step");
+        for (i, out) in outputs.iter().enumerate() {
+            let sampled = samplers[i].sample(&out.logits[0], &prompts[i], prompts[i].len());
+            next[i] = vec![sampled.token];
+        }
+    }
+    for seq in seqs {
+        engine.remove_sequence(seq);
+    }
+    start.elapsed().as_secs_f64()
+}

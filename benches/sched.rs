@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::config::{DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE};
-use accel_runtime::engine::sampling::{Sampler, SamplingParams};
-use accel_runtime::engine::{Engine, LogitsWanted, StepInput};
+use accel_runtime::engine::sampling::SamplingParams;
+use accel_runtime::engine::Engine;
 use accel_runtime::runner::{Event, GenerateRequest, ModelHandle};
 use accel_runtime::sched::{
     self, ModelParams, NewSeq, PolicyKind, Pricing, Scheduler, TenantParams,
@@ -156,54 +156,6 @@ fn through_scheduler(handle: &ModelHandle, n: usize) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// Seconds to serve the same requests on the engine directly: one prefill step for every
-/// prompt, then decode steps for all, sampling greedily on the host.
-fn direct(engine: &mut Engine<CpuBackend>, n: usize) -> f64 {
-    let start = Instant::now();
-    let seqs: Vec<_> = (0..n).map(|_| engine.add_sequence()).collect();
-    let prompts: Vec<Vec<u32>> = (0..n).map(prompt).collect();
-    let mut samplers: Vec<Sampler> = (0..n)
-        .map(|_| Sampler::new(SamplingParams::greedy()))
-        .collect();
-    let mut next: Vec<[u32; 1]> = vec![[0]; n];
-    let inputs: Vec<StepInput<'_>> = seqs
-        .iter()
-        .zip(&prompts)
-        .map(|(&seq, p)| StepInput {
-            seq,
-            tokens: p,
-            logits: LogitsWanted::Last,
-        })
-        .collect();
-    let outputs = engine.step(&inputs).expect("prefill");
-    for (i, out) in outputs.iter().enumerate() {
-        next[i] = [samplers[i]
-            .sample(&out.logits[0], &prompts[i], PROMPT)
-            .token];
-    }
-    for _ in 1..OUTPUT {
-        let inputs: Vec<StepInput<'_>> = seqs
-            .iter()
-            .zip(&next)
-            .map(|(&seq, t)| StepInput {
-                seq,
-                tokens: t,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
-        let outputs = engine.step(&inputs).expect("decode");
-        for (i, out) in outputs.iter().enumerate() {
-            next[i] = [samplers[i]
-                .sample(&out.logits[0], &prompts[i], PROMPT)
-                .token];
-        }
-    }
-    for seq in seqs {
-        engine.remove_sequence(seq);
-    }
-    start.elapsed().as_secs_f64()
-}
-
 fn bench_throughput(c: &mut Criterion) -> Vec<(usize, f64, f64)> {
     let config = config();
     let devices = accel_runtime::devices::DeviceReport {
@@ -245,7 +197,10 @@ fn bench_throughput(c: &mut Criterion) -> Vec<(usize, f64, f64)> {
         });
         group.bench_function(format!("engine_direct_{n}_streams"), |b| {
             b.iter_custom(|iters| {
-                accel_benches::timed_iterations(iters, &mut bare, || direct(&mut engine, n))
+                let prompts: Vec<Vec<u32>> = (0..n).map(prompt).collect();
+                accel_benches::timed_iterations(iters, &mut bare, || {
+                    accel_benches::greedy_streams(&mut engine, &prompts, OUTPUT)
+                })
             })
         });
         if let (Some(via), Some(bare)) = (

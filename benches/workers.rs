@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::config::{DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE};
-use accel_runtime::engine::ops::EngineOps;
-use accel_runtime::engine::sampling::{Sampler, SamplingParams};
-use accel_runtime::engine::{Engine, LogitsWanted, StepInput};
+use accel_runtime::engine::Engine;
 use accel_runtime::worker::{RemoteEngine, WorkerIdentity, WorkerInit};
 use criterion::Criterion;
 
@@ -48,57 +46,15 @@ fn acceld() -> PathBuf {
     acceld
 }
 
-/// `n` sequences: a prefill of `PROMPT` tokens, then `OUTPUT` greedy decode steps. Seconds.
-fn generate(engine: &mut dyn EngineOps, n: usize, vocab: usize) -> f64 {
-    let prompts: Vec<Vec<u32>> = (0..n)
+/// `n` prompts of `PROMPT` tokens.
+fn prompts(n: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..n)
         .map(|i| {
             (0..PROMPT)
                 .map(|t| ((i * 131 + t * 7) % vocab) as u32)
                 .collect()
         })
-        .collect();
-    let mut samplers: Vec<Sampler> = (0..n)
-        .map(|_| Sampler::new(SamplingParams::greedy()))
-        .collect();
-    let start = Instant::now();
-    let seqs: Vec<_> = (0..n)
-        .map(|_| engine.add_sequence().expect("sequence"))
-        .collect();
-    let inputs: Vec<StepInput<'_>> = seqs
-        .iter()
-        .zip(&prompts)
-        .map(|(&seq, p)| StepInput {
-            seq,
-            tokens: p,
-            logits: LogitsWanted::Last,
-        })
-        .collect();
-    let outputs = engine.step(&inputs).expect("prefill");
-    let mut next: Vec<[u32; 1]> = outputs
-        .iter()
-        .zip(&mut samplers)
-        .zip(&prompts)
-        .map(|((o, s), p)| [s.sample(&o.logits[0], p, PROMPT).token])
-        .collect();
-    for _ in 1..OUTPUT {
-        let inputs: Vec<StepInput<'_>> = seqs
-            .iter()
-            .zip(&next)
-            .map(|(&seq, t)| StepInput {
-                seq,
-                tokens: t,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
-        let outputs = engine.step(&inputs).expect("decode");
-        for (i, o) in outputs.iter().enumerate() {
-            next[i] = [samplers[i].sample(&o.logits[0], &prompts[i], PROMPT).token];
-        }
-    }
-    for seq in seqs {
-        engine.remove_sequence(seq);
-    }
-    start.elapsed().as_secs_f64()
+        .collect()
 }
 
 fn main() {
@@ -147,15 +103,15 @@ fn main() {
         16,
     )
     .expect("engine");
-    let local_first = generate_first(&mut local, vocab);
+    // One prefill and its first token, as a first request would.
+    accel_benches::greedy_streams(&mut local, &prompts(1, vocab), 1);
     let local_start = started.elapsed();
     let started = Instant::now();
     let (mut remote, _) =
         RemoteEngine::start(init, opened.handles.clone(), identity, None, "_shared")
             .expect("worker");
-    let remote_first = generate_first(&mut remote, vocab);
+    accel_benches::greedy_streams(&mut remote, &prompts(1, vocab), 1);
     let remote_start = started.elapsed();
-    let _ = (local_first, remote_first);
 
     let mut rows = Vec::new();
     let mut group = c.benchmark_group("worker_throughput");
@@ -167,13 +123,16 @@ fn main() {
         let (mut here, mut there) = (Vec::new(), Vec::new());
         group.bench_function(format!("in_process_batch_{n}"), |b| {
             b.iter_custom(|iters| {
-                accel_benches::timed_iterations(iters, &mut here, || generate(&mut local, n, vocab))
+                let prompts = prompts(n, vocab);
+                accel_benches::timed_iterations(iters, &mut here, || {
+                    accel_benches::greedy_streams(&mut local, &prompts, OUTPUT)
+                })
             })
         });
         group.bench_function(format!("worker_batch_{n}"), |b| {
             b.iter_custom(|iters| {
                 accel_benches::timed_iterations(iters, &mut there, || {
-                    generate(&mut remote, n, vocab)
+                    accel_benches::greedy_streams(&mut remote, &prompts(n, vocab), OUTPUT)
                 })
             })
         });
@@ -203,21 +162,4 @@ fn main() {
         remote_start.as_secs_f64() * 1e3,
         remote_start.as_secs_f64() / local_start.as_secs_f64()
     );
-}
-
-/// One prefill on a fresh sequence, as a first request would.
-fn generate_first(engine: &mut dyn EngineOps, vocab: usize) -> u32 {
-    let prompt: Vec<u32> = (0..PROMPT).map(|t| (t * 7 % vocab) as u32).collect();
-    let seq = engine.add_sequence().expect("sequence");
-    let out = engine
-        .step(&[StepInput {
-            seq,
-            tokens: &prompt,
-            logits: LogitsWanted::Last,
-        }])
-        .expect("prefill");
-    engine.remove_sequence(seq);
-    Sampler::new(SamplingParams::greedy())
-        .sample(&out[0].logits[0], &prompt, PROMPT)
-        .token
 }

@@ -352,12 +352,11 @@ fn a_stopped_daemon_leaves_no_worker_group_or_gate_and_a_killed_one_is_cleaned_u
 
     // Stopped cleanly: no worker, group or pin of it is left.
     assert_eq!(second.stop(), Some(0));
-    assert!(
-        !Path::new(&format!("/proc/{}", now[0])).exists() || {
-            std::thread::sleep(Duration::from_millis(200));
-            !Path::new(&format!("/proc/{}", now[0])).exists()
-        }
-    );
+    assert!(eventually(Duration::from_secs(2), || !Path::new(&format!(
+        "/proc/{}",
+        now[0]
+    ))
+    .exists()));
     assert_eq!(leftovers(&instance), Vec::<PathBuf>::new());
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use super::{check_name, CgroupError, Cgroups, TenantLimits, Usage, WorkerGroup};
+use super::{group_name, CgroupError, Cgroups, TenantLimits, Usage, WorkerGroup};
 
 /// What a [`FakeCgroups`] was told.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -16,9 +16,10 @@ pub struct Recorded {
     pub removed_all: usize,
 }
 
-#[derive(Debug, Default)]
+/// Clones share what they record, so a test can keep one while a caller owns another.
+#[derive(Debug, Default, Clone)]
 pub struct FakeCgroups {
-    state: Mutex<Recorded>,
+    state: std::sync::Arc<Mutex<Recorded>>,
 }
 
 impl FakeCgroups {
@@ -29,14 +30,6 @@ impl FakeCgroups {
     fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn invalid(name: &str, why: String) -> CgroupError {
-    CgroupError::new(
-        "name a group",
-        std::path::Path::new(name),
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
-    )
 }
 
 fn missing(what: &str) -> CgroupError {
@@ -57,7 +50,7 @@ impl Cgroups for FakeCgroups {
     }
 
     fn set_tenant(&self, tenant: &str, limits: &TenantLimits) -> Result<(), CgroupError> {
-        check_name(tenant).map_err(|why| invalid(tenant, why))?;
+        group_name(tenant)?;
         self.lock().tenants.insert(tenant.to_owned(), *limits);
         Ok(())
     }
@@ -84,11 +77,9 @@ impl Cgroups for FakeCgroups {
         Ok(())
     }
 
-    fn gate_dir(&self, group: &WorkerGroup) -> Option<PathBuf> {
-        Some(PathBuf::from(format!(
-            "/fake/{}/{}",
-            group.tenant, group.worker
-        )))
+    /// No unified hierarchy: callers place no device gate.
+    fn gate_dir(&self, _: &WorkerGroup) -> Option<PathBuf> {
+        None
     }
 
     fn usage(&self, tenant: &str) -> Result<Usage, CgroupError> {

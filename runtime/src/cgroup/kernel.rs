@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::mounts::{Layout, Placed};
-use super::{check_name, CgroupError, Cgroups, TenantLimits, Usage, WorkerGroup};
+use super::{check_name, group_name, CgroupError, Cgroups, TenantLimits, Usage, WorkerGroup};
 
 /// Controllers the limits need.
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -156,19 +156,6 @@ fn remove_tree(dir: &Path, depth: usize) -> Result<usize, CgroupError> {
     }
 }
 
-fn check(names: &[&str]) -> Result<(), CgroupError> {
-    for name in names {
-        check_name(name).map_err(|why| {
-            CgroupError::new(
-                "name a group",
-                Path::new(name),
-                std::io::Error::new(ErrorKind::InvalidInput, why),
-            )
-        })?;
-    }
-    Ok(())
-}
-
 /// One unified hierarchy with the memory, cpu and pids controllers.
 #[derive(Debug)]
 pub struct V2Cgroups {
@@ -280,7 +267,7 @@ impl Cgroups for V2Cgroups {
     }
 
     fn set_tenant(&self, tenant: &str, limits: &TenantLimits) -> Result<(), CgroupError> {
-        check(&[tenant])?;
+        group_name(tenant)?;
         let dir = self.h.tenant(tenant);
         make_dir(&dir)?;
         // Workers below get their own counters.
@@ -431,7 +418,7 @@ impl Cgroups for HybridCgroups {
     }
 
     fn set_tenant(&self, tenant: &str, limits: &TenantLimits) -> Result<(), CgroupError> {
-        check(&[tenant])?;
+        group_name(tenant)?;
         for h in self.hierarchies() {
             make_dir(&h.tenant(tenant))?;
         }

@@ -34,15 +34,8 @@ pub struct WorkerGroup {
 impl WorkerGroup {
     /// A worker's group, its names checked to be single safe path components.
     pub fn new(tenant: &str, worker: &str) -> Result<Self, CgroupError> {
-        for name in [tenant, worker] {
-            check_name(name).map_err(|why| {
-                CgroupError::new(
-                    "name a group",
-                    Path::new(name),
-                    std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
-                )
-            })?;
-        }
+        group_name(tenant)?;
+        group_name(worker)?;
         Ok(Self {
             tenant: tenant.to_owned(),
             worker: worker.to_owned(),
@@ -143,6 +136,17 @@ pub fn detect(instance: &str) -> Result<Box<dyn Cgroups>, String> {
             Ok(Box::new(HybridCgroups::new(&layout, instance)?))
         }
     }
+}
+
+/// [`check_name`] as a cgroup operation's error.
+pub(crate) fn group_name(name: &str) -> Result<(), CgroupError> {
+    check_name(name).map_err(|why| {
+        CgroupError::new(
+            "name a group",
+            Path::new(name),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
+        )
+    })
 }
 
 /// Group names are one path component the daemon chose: tenant names are validated by the

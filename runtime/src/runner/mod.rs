@@ -194,17 +194,20 @@ pub struct Usage {
 }
 
 impl Usage {
+    fn new(ledger: Option<Arc<Ledger>>, worker: Option<Arc<crate::worker::WorkerStatus>>) -> Self {
+        Self {
+            kv_by_tenant: Mutex::default(),
+            ledger,
+            worker,
+        }
+    }
+
     /// KV-cache bytes held by each tenant's sequences.
     pub fn kv_by_tenant(&self) -> HashMap<String, u64> {
         self.kv_by_tenant
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-    }
-
-    /// The model's worker process, when its engine runs in one.
-    pub fn worker(&self) -> Option<&crate::worker::WorkerStatus> {
-        self.worker.as_deref()
     }
 
     /// Device and page-locked bytes by use, for a model on a GPU.
@@ -400,7 +403,8 @@ struct Prepared<E: EngineOps> {
     dedicated: Vec<(String, Result<Slot<E>, String>)>,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
-    template: Option<Arc<ChatTemplate>>,
+    /// Not shared yet: placing may still move its rendering into renderer processes.
+    template: Option<ChatTemplate>,
 }
 
 /// Builds a model's engine (with its swap space) on `backend`, in this process.
@@ -435,7 +439,7 @@ fn prepare<B: Backend + 'static>(
         Box::new(engine),
         swap_min_tokens,
         label,
-        ledger,
+        Usage::new(ledger, None),
     )
 }
 
@@ -449,23 +453,16 @@ fn prepare_in_worker(
     label: String,
 ) -> Result<PreparedModel, StartError> {
     let (engine, ready) = worker;
-    let status = engine.status();
-    let swap_min_tokens = usize::try_from(ready.swap_min_tokens).unwrap_or(usize::MAX);
-    let mut prepared = finish_prepare(
+    let usage = Usage::new(None, Some(engine.status()));
+    finish_prepare(
         name,
         model,
         spec,
         Box::new(engine),
-        swap_min_tokens,
+        ready.swap_min_tokens(),
         label,
-        None,
-    )?;
-    prepared.slot.usage = Arc::new(Usage {
-        kv_by_tenant: Mutex::default(),
-        ledger: None,
-        worker: Some(status),
-    });
-    Ok(prepared)
+        usage,
+    )
 }
 
 /// A dedicated tenant's engine for the model of `shared`: a worker of its own in the tenant's
@@ -497,18 +494,13 @@ fn dedicated_slot(
         sandbox.limit_tenant(tenant, limits)?;
     }
     let (engine, ready) = start()?;
-    let status = engine.status();
     let mut params = shared.params.clone();
-    params.swap_min_tokens = usize::try_from(ready.swap_min_tokens).unwrap_or(usize::MAX);
+    params.swap_min_tokens = ready.swap_min_tokens();
     Ok(Slot {
         name: shared.name.clone(),
+        usage: Arc::new(Usage::new(None, Some(engine.status()))),
         engine: Box::new(engine),
         tokenizer: Arc::clone(&shared.tokenizer),
-        usage: Arc::new(Usage {
-            kv_by_tenant: Mutex::default(),
-            ledger: None,
-            worker: Some(status),
-        }),
         params,
     })
 }
@@ -530,16 +522,16 @@ fn finish_prepare(
     engine: Box<dyn EngineOps>,
     swap_min_tokens: usize,
     label: String,
-    ledger: Option<Arc<Ledger>>,
+    usage: Usage,
 ) -> Result<PreparedModel, StartError> {
     let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
     let template = match &model.chat_template {
-        Some(source) => Some(Arc::new(ChatTemplate::new(source).map_err(|source| {
-            StartError::Template {
+        Some(source) => Some(
+            ChatTemplate::new(source).map_err(|source| StartError::Template {
                 model: name.to_owned(),
                 source,
-            }
-        })?)),
+            })?,
+        ),
         None => None,
     };
     let c = &model.config;
@@ -571,11 +563,7 @@ fn finish_prepare(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    let usage = Arc::new(Usage {
-        kv_by_tenant: Mutex::default(),
-        ledger,
-        worker: None,
-    });
+    let usage = Arc::new(usage);
     Ok(Prepared {
         dedicated: Vec::new(),
         slot: Slot {
@@ -624,12 +612,10 @@ fn place(
             .chain(devices.cuda.values_mut().flatten())
             .find(|(o, _)| *o == order);
         if let Some((_, prepared)) = placed {
-            if let Some(template) = prepared.template.take() {
-                prepared.template = Some(match Arc::try_unwrap(template) {
-                    Ok(template) => Arc::new(template.in_sandbox(identity.clone())),
-                    Err(shared) => shared,
-                });
-            }
+            prepared.template = prepared
+                .template
+                .take()
+                .map(|t| t.in_sandbox(identity.clone()));
         }
     }
     Ok(())
@@ -810,7 +796,7 @@ fn spawn_device<E: EngineOps + 'static>(
             ModelHandle {
                 info: p.info,
                 tokenizer: p.tokenizer,
-                template: p.template,
+                template: p.template.map(Arc::new),
                 jobs: jobs.clone(),
                 index,
                 params,
@@ -876,33 +862,30 @@ pub fn start_models(
         tracing::warn!(tenants = ?dedicated.iter().map(|d| &d.0).collect::<Vec<_>>(), "tenants ask for dedicated workers, but isolation is off: they share acceld's engines");
     }
     let mut placed = Devices::default();
-    let workers = match config.isolation {
-        crate::config::Isolation::Off => None,
-        crate::config::Isolation::Shared => {
-            match crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref()) {
-                Ok(identity) => Some(Workers {
-                    identity,
-                    kernel_cache: config.kernel_cache.clone(),
-                    sandbox,
-                    dedicated,
-                }),
-                Err(why) => {
-                    tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");
-                    return Vec::new();
-                }
-            }
+    // Workers and chat-template renderers run as this user.
+    let identity = crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref());
+    let workers = match (config.isolation, &identity) {
+        (crate::config::Isolation::Off, _) => None,
+        (crate::config::Isolation::Shared, Ok(identity)) => Some(Workers {
+            identity: identity.clone(),
+            kernel_cache: config.kernel_cache.clone(),
+            sandbox,
+            dedicated,
+        }),
+        (crate::config::Isolation::Shared, Err(why)) => {
+            tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");
+            return Vec::new();
         }
     };
     let workers = workers.as_ref();
     // Chat templates come with model files: they render in processes of their own.
-    let renderer = match crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref()) {
+    let renderer = match &identity {
         Ok(identity) => Some(identity),
         Err(why) => {
             tracing::warn!(reason = %why, "chat templates render inside acceld: no user to run renderers as");
             None
         }
     };
-    let renderer = renderer.as_ref();
     let cuda_options = CudaOptions {
         kernel_cache: Some(config.kernel_cache.clone()),
         memory_budget: None,

@@ -219,7 +219,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
     let handle = ModelHandle {
         info: p.info,
         tokenizer: p.tokenizer,
-        template: p.template,
+        template: p.template.map(Arc::new),
         jobs,
         index: 0,
         params: p.slot.params.clone(),

@@ -108,6 +108,13 @@ pub struct WorkerReady {
     pub swap_min_tokens: u64,
 }
 
+impl WorkerReady {
+    /// The scheduler's `swap_min_tokens` (`usize::MAX`: never swap).
+    pub fn swap_min_tokens(&self) -> usize {
+        usize::try_from(self.swap_min_tokens).unwrap_or(usize::MAX)
+    }
+}
+
 /// `acceld worker`: serves one engine on the socket at [`SOCKET_FD`] until the supervisor
 /// says stop or goes away.
 pub fn main() -> Result<(), String> {

@@ -275,6 +275,51 @@ pub fn decode_hello(payload: &[u8]) -> Result<(u32, u32), ProtoError> {
     Ok((version, pid))
 }
 
+/// A socket read that gives up at a deadline for the whole frame, not per read: a worker
+/// trickling a byte at a time cannot hold the device loop.
+#[derive(Debug)]
+pub struct Deadline<'a> {
+    stream: &'a std::os::unix::net::UnixStream,
+    deadline: std::time::Instant,
+}
+
+impl<'a> Deadline<'a> {
+    pub fn new(stream: &'a std::os::unix::net::UnixStream, deadline: std::time::Instant) -> Self {
+        Self { stream, deadline }
+    }
+}
+
+impl std::io::Read for Deadline<'_> {
+    /// Past the deadline the error is `TimedOut`, however the socket put it (an expired read
+    /// timeout is `WouldBlock` on Linux).
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let late = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer before the deadline",
+            )
+        };
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        match std::io::Read::read(&mut self.stream, buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(late())
+            }
+            other => other,
+        }
+    }
+}
+
 /// One sequence's part of a `Step`, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepItem {
@@ -390,6 +435,21 @@ pub fn decode_stepped(payload: &[u8]) -> Result<Vec<StepOutput>, ProtoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_gives_up_at_its_deadline_for_the_whole_frame() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Half a frame, then nothing: the read ends at the deadline, not per byte.
+        std::io::Write::write_all(&mut b, &[10, 0, 0, 0, tag::OK]).unwrap();
+        let started = std::time::Instant::now();
+        let deadline = started + std::time::Duration::from_millis(100);
+        let err = read_frame(&mut Deadline::new(&a, deadline)).unwrap_err();
+        assert!(
+            matches!(&err, ProtoError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
 
     #[test]
     fn descriptors_travel_with_their_count_checked() {

@@ -482,8 +482,9 @@ impl RemoteEngine {
     fn call(&mut self, request: u8, payload: &[u8], reply: u8) -> Result<Vec<u8>, EngineError> {
         let connection = self.connection()?;
         let deadline = Instant::now() + CALL_TIMEOUT;
-        let result = proto::write_frame(&mut connection.stream, request, payload)
-            .and_then(|()| proto::read_frame(&mut Deadline::new(&connection.stream, deadline)));
+        let result = proto::write_frame(&mut connection.stream, request, payload).and_then(|()| {
+            proto::read_frame(&mut proto::Deadline::new(&connection.stream, deadline))
+        });
         match result {
             Ok(frame) if frame.tag == tag::ERROR => {
                 Err(EngineError::Worker(error_text(&frame.payload)))
@@ -515,33 +516,6 @@ fn error_text(payload: &[u8]) -> String {
         clean.push_str(" (cut)");
     }
     clean
-}
-
-/// A socket read that gives up at a deadline for the whole frame, not per read: a worker
-/// trickling a byte at a time cannot hold the device loop.
-pub(super) struct Deadline<'a> {
-    stream: &'a UnixStream,
-    deadline: Instant,
-}
-
-impl<'a> Deadline<'a> {
-    pub(super) fn new(stream: &'a UnixStream, deadline: Instant) -> Self {
-        Self { stream, deadline }
-    }
-}
-
-impl std::io::Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer before the deadline",
-            ));
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        std::io::Read::read(&mut self.stream, buf)
-    }
 }
 
 impl EngineOps for RemoteEngine {
@@ -631,5 +605,39 @@ impl EngineOps for RemoteEngine {
 
     fn take_loss(&mut self) -> bool {
         std::mem::take(&mut self.lost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_error_text_is_bounded_and_printable() {
+        assert_eq!(
+            error_text(b"out of blocks\n\x1b[31m"),
+            "out of blocks  [31m"
+        );
+        let long = error_text(&[b'x'; 5000]);
+        assert!(
+            long.len() < 1100 && long.ends_with(" (cut)"),
+            "{}",
+            long.len()
+        );
+    }
+
+    #[test]
+    fn a_worker_that_died_says_how() {
+        let stream = |child| Connection {
+            child,
+            stream: UnixStream::pair().unwrap().0,
+        };
+        let killed = Command::new("sh")
+            .args(["-c", "kill -9 $$"])
+            .spawn()
+            .unwrap();
+        assert!(exit_of(stream(killed)).contains("SIGKILL"));
+        let failed = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+        assert!(exit_of(stream(failed)).contains("exit status: 3"));
     }
 }

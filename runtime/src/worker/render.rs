@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::proto::Deadline;
 use super::proto::{self, tag};
-use super::remote::{launch, Connection, Deadline};
+use super::remote::{launch, Connection};
 use super::{WorkerIdentity, SOCKET_FD};
 use crate::chat::{ChatTemplate, Message, TemplateError};
 

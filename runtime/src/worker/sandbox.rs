@@ -51,10 +51,22 @@ impl Sandbox {
         if removed + unpinned > 0 {
             tracing::warn!(groups = removed, pins = unpinned, %instance, "removed what an earlier daemon left (it did not stop cleanly)");
         }
-        cgroups.prepare().map_err(|e| e.to_string())?;
         gate::ensure_bpffs().map_err(|e| e.to_string())?;
         let proc_devices = std::fs::read_to_string("/proc/devices")
             .map_err(|e| format!("cannot read /proc/devices: {e}"))?;
+        let sandbox = Self::with(cgroups, instance, gpus, proc_devices)?;
+        tracing::info!(instance = %sandbox.instance, cgroups = sandbox.cgroups.kind(), "workers are isolated: cgroups and a device gate per worker");
+        Ok(sandbox)
+    }
+
+    /// Over given cgroups (the host's, or a fake in tests): prepares them and the pool group.
+    fn with(
+        cgroups: Box<dyn Cgroups>,
+        instance: String,
+        gpus: usize,
+        proc_devices: String,
+    ) -> Result<Self, String> {
+        cgroups.prepare().map_err(|e| e.to_string())?;
         cgroups
             .set_tenant(
                 SHARED_POOL,
@@ -66,7 +78,6 @@ impl Sandbox {
                 },
             )
             .map_err(|e| e.to_string())?;
-        tracing::info!(%instance, cgroups = cgroups.kind(), "workers are isolated: cgroups and a device gate per worker");
         Ok(Self {
             cgroups,
             instance,
@@ -154,10 +165,6 @@ impl Sandbox {
             tracing::error!(error = %e, "could not remove the device gates' pins");
         }
     }
-
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
 }
 
 /// A worker's group name for a model on a device: `<model>-<device>` with `:` spelled `-`.
@@ -177,6 +184,61 @@ pub fn worker_name(model: &str, device: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sandbox over the recording fake, on a node with one GPU.
+    fn faked() -> (Sandbox, crate::cgroup::fake::FakeCgroups) {
+        let fake = crate::cgroup::fake::FakeCgroups::default();
+        let sandbox = Sandbox::with(
+            Box::new(fake.clone()),
+            "accel-test".into(),
+            1,
+            "Character devices:\n  1 mem\n508 nvidia-uvm\n".into(),
+        )
+        .unwrap();
+        (sandbox, fake)
+    }
+
+    #[test]
+    fn workers_are_placed_in_their_pool_and_nothing_is_placed_after_a_stop() {
+        let (sandbox, fake) = faked();
+        let limits = TenantLimits {
+            memory_max: Some(1 << 30),
+            weight: 2,
+            cpus: None,
+            pids_max: Some(64),
+        };
+        sandbox.limit_tenant("alpha", &limits).unwrap();
+        sandbox.place(SHARED_POOL, "m-cpu", "cpu", 41).unwrap();
+        sandbox.place("alpha", "m-cuda-0", "cuda:0", 42).unwrap();
+        let recorded = fake.recorded();
+        assert_eq!(recorded.tenants["alpha"], limits);
+        assert!(recorded.tenants.contains_key(SHARED_POOL));
+        assert_eq!(
+            recorded.workers[&(SHARED_POOL.into(), "m-cpu".into())],
+            [41]
+        );
+        assert_eq!(recorded.workers[&("alpha".into(), "m-cuda-0".into())], [42]);
+        // A GPU the node does not have is refused before anything is made.
+        let err = sandbox
+            .place(SHARED_POOL, "m-cuda-1", "cuda:1", 43)
+            .unwrap_err();
+        assert!(err.contains("this node has 1 GPU"), "{err}");
+        assert!(!fake
+            .recorded()
+            .workers
+            .contains_key(&(SHARED_POOL.into(), "m-cuda-1".into())));
+        // A lost worker's group is emptied; stopping removes everything and nothing follows.
+        sandbox.empty(SHARED_POOL, "m-cpu");
+        assert!(!fake
+            .recorded()
+            .workers
+            .contains_key(&(SHARED_POOL.into(), "m-cpu".into())));
+        sandbox.close();
+        assert_eq!(fake.recorded().removed_all, 1);
+        let err = sandbox.place(SHARED_POOL, "m-cpu", "cpu", 44).unwrap_err();
+        assert!(err.contains("stopping"), "{err}");
+        assert!(fake.recorded().workers.is_empty());
+    }
 
     #[test]
     fn instances_keep_daemons_apart_and_names_are_safe_groups() {
