@@ -589,6 +589,30 @@ struct Devices {
     cuda: BTreeMap<usize, Vec<(usize, PreparedModel)>>,
 }
 
+/// Once a model is placed, its chat template renders in memory-limited processes, not in
+/// acceld.
+fn sandbox_template(
+    devices: &mut Devices,
+    order: usize,
+    renderer: Option<&crate::worker::WorkerIdentity>,
+) -> Result<(), StartError> {
+    let Some(identity) = renderer else {
+        return Ok(());
+    };
+    let placed = devices
+        .cpu
+        .iter_mut()
+        .chain(devices.cuda.values_mut().flatten())
+        .find(|(o, _)| *o == order);
+    if let Some((_, prepared)) = placed {
+        prepared.template = prepared
+            .template
+            .take()
+            .map(|t| t.in_sandbox(identity.clone()));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn place(
     devices: &mut Devices,
@@ -600,37 +624,6 @@ fn place(
     placement: &Placement,
     workers: Option<&Workers>,
     renderer: Option<&crate::worker::WorkerIdentity>,
-) -> Result<(), StartError> {
-    place_engine(
-        devices, order, name, model, source, spec, placement, workers,
-    )?;
-    // Its chat template renders in memory-limited processes, not in acceld.
-    if let Some(identity) = renderer {
-        let placed = devices
-            .cpu
-            .iter_mut()
-            .chain(devices.cuda.values_mut().flatten())
-            .find(|(o, _)| *o == order);
-        if let Some((_, prepared)) = placed {
-            prepared.template = prepared
-                .template
-                .take()
-                .map(|t| t.in_sandbox(identity.clone()));
-        }
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn place_engine(
-    devices: &mut Devices,
-    order: usize,
-    name: &str,
-    model: LoadedModel,
-    source: Option<(&std::path::Path, &crate::model::files::Opened)>,
-    spec: &ModelSpec,
-    placement: &Placement,
-    workers: Option<&Workers>,
 ) -> Result<(), StartError> {
     if let Some(workers) = workers {
         let start = |device: String, pool: &str| {
@@ -710,7 +703,7 @@ fn place_engine(
                 Err(e) => return Err(StartError::Worker(e)),
             },
         }
-        return Ok(());
+        return sandbox_template(devices, order, renderer);
     }
     match placement {
         Placement::Cpu => {
@@ -736,7 +729,7 @@ fn place_engine(
             Err(e) => return Err(e.into()),
         },
     }
-    Ok(())
+    sandbox_template(devices, order, renderer)
 }
 
 /// Starts one device's loop with its models; returns their handles with their config order.
