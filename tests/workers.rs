@@ -552,3 +552,182 @@ fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
     assert_eq!(listed["workers"][0]["restarts"], 0);
     assert_eq!(listed["workers"][1]["restarts"], 1);
 }
+
+/// A file of `tenant`'s memory controller group: `v1` on a hybrid host, `v2` on a unified one.
+fn tenant_memory_file(instance: &str, tenant: &str, v1: &str, v2: &str) -> PathBuf {
+    let layout = accel_runtime::cgroup::mounts::detect().unwrap();
+    match &layout {
+        accel_runtime::cgroup::mounts::Layout::Unified(p) => {
+            p.own_dir.join(instance).join(tenant).join(v2)
+        }
+        accel_runtime::cgroup::mounts::Layout::Hybrid { .. } => layout
+            .v1_with("memory")
+            .unwrap()
+            .own_dir
+            .join(instance)
+            .join(tenant)
+            .join(v1),
+    }
+}
+
+/// SmolLM2-135M's KV cache per token: 30 layers, keys and values of 3 heads of 64, in f32.
+const SMOLLM2_KV_BYTES_PER_TOKEN: u64 = 30 * 2 * 3 * 64 * 4;
+
+/// The kernel, not the daemon, stops a dedicated worker that grows past its tenant's memory
+/// limit; the shared worker's tenant is served throughout. Two requests that outgrow the limit
+/// together are retried one at a time and each ends as it would have; one that outgrows it
+/// alone fails with an error naming the limit.
+#[test]
+fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_retried() {
+    require_root!();
+    let Some(model) = accel_tests::smollm2_gguf() else {
+        return;
+    };
+    let port = accel_tests::free_port();
+    let token = |t: &str| accel_tests::sha256_hex(&format!("{t}-token"));
+    let policy = format!(
+        "tenants:
+  - name: alpha
+    isolation: dedicated
+    limits: {{memory: 1GiB}}
+    match: {{tokens_sha256: [\"{}\"]}}
+  - name: beta
+    match: {{tokens_sha256: [\"{}\"]}}
+",
+        token("alpha"),
+        token("beta")
+    );
+    // Prefill in small chunks, so a sequence's memory is its KV cache, which the kernel
+    // charges to the worker page by page as the sequence grows.
+    let extra = format!(
+        "isolation: shared\ntcp_listen: 127.0.0.1:{port}\nmodels:\n  - name: small\n    path: {}\n    kv_blocks: 256\n    max_batch_tokens: 64\n    preemption: recompute\n",
+        model.display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(&policy),
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let completion = |prompt: &str, max_tokens: usize| json!({"model": "small", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
+    const TOKENS: usize = 250;
+    let prompts = [
+        "The history of the printing press",
+        "A recipe for bread starts with",
+    ];
+    // What each prompt gives from the shared worker, which has no limit.
+    let want: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            let (status, answer) = post_as(
+                port,
+                "beta-token",
+                "/v1/completions",
+                &completion(p, TOKENS),
+            );
+            assert_eq!(status, 200, "{answer}");
+            answer["choices"][0]["text"].clone()
+        })
+        .collect();
+
+    // Alpha's worker, warm; then alpha's limit is lowered to what it uses now and room for 1.5
+    // of these requests' caches.
+    let (status, warm) = post_as(port, "alpha-token", "/v1/completions", &completion("Hi", 2));
+    assert_eq!(status, 200, "{warm}");
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    let shared_pid = listed["workers"][0]["pid"].as_u64().unwrap() as u32;
+    let instance = instance_of(shared_pid);
+    let usage_file = tenant_memory_file(
+        &instance,
+        "alpha",
+        "memory.usage_in_bytes",
+        "memory.current",
+    );
+    let used: u64 = std::fs::read_to_string(&usage_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let per_request = (TOKENS as u64 + 16) * SMOLLM2_KV_BYTES_PER_TOKEN;
+    let limit = used + per_request * 3 / 2;
+    eprintln!(
+        "alpha's worker uses {} MiB; each request's cache {} MiB; limit {} MiB",
+        used >> 20,
+        per_request >> 20,
+        limit >> 20
+    );
+    std::fs::write(
+        &daemon.policy,
+        policy.replace("memory: 1GiB", &format!("memory: {limit}")),
+    )
+    .unwrap();
+    let (status, text) = daemon.request("POST", "/v1/policy/reload", None);
+    assert_eq!(status, 200, "{text}");
+
+    // Both prompts for alpha at once, beta's meanwhile.
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let alpha: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                s.spawn(|| {
+                    post_as(
+                        port,
+                        "alpha-token",
+                        "/v1/completions",
+                        &completion(p, TOKENS),
+                    )
+                })
+            })
+            .collect();
+        let beta = s.spawn(|| {
+            post_as(
+                port,
+                "beta-token",
+                "/v1/completions",
+                &completion(prompts[0], TOKENS),
+            )
+        });
+        alpha
+            .into_iter()
+            .chain([beta])
+            .map(|h| h.join().unwrap())
+            .collect()
+    });
+    for (i, (status, answer)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {answer}");
+        assert_eq!(answer["choices"][0]["text"], want[i % 2], "request {i}");
+    }
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    let (shared, alpha) = (&listed["workers"][0], &listed["workers"][1]);
+    assert_eq!(alpha["worker"], "alpha/small-cpu");
+    assert!(alpha["oom_kills"].as_u64().unwrap() >= 1, "{listed}");
+    assert!(alpha["restarts"].as_u64().unwrap() >= 1, "{listed}");
+    assert_eq!(
+        (shared["pid"].as_u64(), shared["restarts"].as_u64()),
+        (Some(u64::from(shared_pid)), Some(0))
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("its sequences run again one at a time"),
+        "the two were not retried one at a time"
+    );
+
+    // A request that cannot fit under the limit by itself fails, saying so.
+    let (status, answer) = post_as(
+        port,
+        "alpha-token",
+        "/v1/completions",
+        &completion(prompts[0], 2 * TOKENS),
+    );
+    assert_eq!(status, 503, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("limits.memory, {} MiB", limit >> 20))
+            && message.contains("alone"),
+        "{message}"
+    );
+    // Beta was never disturbed.
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+
+    assert_eq!(listed["workers"][0]["restarts"], 0, "{listed}");
+}

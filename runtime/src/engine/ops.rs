@@ -18,10 +18,21 @@ pub trait EngineOps: Send {
     fn sequence_len(&self, id: SeqId) -> Option<usize>;
     fn kv_block_bytes(&self) -> usize;
     /// Whether every sequence was lost since the last time this was asked (a worker process
-    /// replaced); the caller must recompute them. An in-process engine never loses any.
-    fn take_loss(&mut self) -> bool {
-        false
+    /// replaced), and how; the caller must recompute them. An in-process engine never loses
+    /// any.
+    fn take_loss(&mut self) -> Option<Loss> {
+        None
     }
+}
+
+/// How a worker process and every sequence it held were lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// It crashed, was killed, hung or broke the protocol.
+    Failed,
+    /// The kernel killed it for going over its cgroup's memory limit (`None`: no limit known,
+    /// the host itself ran out).
+    OutOfMemory { limit_bytes: Option<u64> },
 }
 
 impl<B: Backend> EngineOps for Engine<B> {
@@ -76,7 +87,7 @@ impl EngineOps for Box<dyn EngineOps> {
     fn kv_block_bytes(&self) -> usize {
         (**self).kv_block_bytes()
     }
-    fn take_loss(&mut self) -> bool {
+    fn take_loss(&mut self) -> Option<Loss> {
         (**self).take_loss()
     }
 }

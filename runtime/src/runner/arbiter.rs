@@ -17,7 +17,7 @@ use super::detok::Detokenizer;
 use super::{DeviceSchedule, Event, FinishReason, GenerateRequest, Usage};
 use crate::backend::Backend;
 use crate::config::{ModelSpec, PreemptionMode};
-use crate::engine::ops::EngineOps;
+use crate::engine::ops::{EngineOps, Loss};
 use crate::engine::sampling::Sampler;
 use crate::engine::{Engine, LogitsWanted, SeqId, StepInput};
 use crate::metrics::SchedMetrics;
@@ -165,6 +165,21 @@ pub(crate) fn preemption_crossover<B: Backend>(
     }
 }
 
+/// The error of a request whose worker the kernel killed at its memory limit while it was the
+/// only sequence there: it cannot fit under that limit.
+fn out_of_memory(limit_bytes: Option<u64>) -> String {
+    let limit = match limit_bytes {
+        Some(bytes) => format!(
+            "its tenant's memory limit (limits.memory, {} MiB)",
+            bytes >> 20
+        ),
+        None => "the memory it could have".to_owned(),
+    };
+    format!(
+        "the kernel stopped this request's worker for going over {limit} while it served this request alone; raise the tenant's limits.memory, or ask for fewer tokens (a shorter prompt or a lower max_tokens)"
+    )
+}
+
 /// A request being served.
 struct Active {
     job: Submission,
@@ -206,6 +221,10 @@ pub(crate) struct Arbiter<E: EngineOps> {
     schedule: Option<Arc<Mutex<DeviceSchedule>>>,
     /// When the per-tenant report was last published (it is refreshed a few times a second).
     reported: Option<Instant>,
+    /// Per model, the sequences its worker held when the kernel killed it at its memory limit:
+    /// until they are done the model runs one sequence at a time, so each that fits alone
+    /// finishes.
+    one_at_a_time: HashMap<usize, HashSet<SeqKey>>,
 }
 
 impl<E: EngineOps> Arbiter<E> {
@@ -230,6 +249,7 @@ impl<E: EngineOps> Arbiter<E> {
             tenants_seen: HashSet::new(),
             schedule: None,
             reported: None,
+            one_at_a_time: HashMap::new(),
         }
     }
 
@@ -301,8 +321,8 @@ impl<E: EngineOps> Arbiter<E> {
         self.drop_cancelled();
         // A worker lost between steps (killed while idle, or noticed by a cleanup call).
         for m in 0..self.models.len() {
-            if self.models[m].engine.take_loss() {
-                self.worker_lost(m);
+            if let Some(loss) = self.models[m].engine.take_loss() {
+                self.requeue_lost(m, loss);
             }
         }
         let now = self.now();
@@ -338,19 +358,41 @@ impl<E: EngineOps> Arbiter<E> {
         }
     }
 
-    /// Model `m`'s worker process was lost with every sequence it held: each goes back to the
-    /// scheduler to be recomputed on the worker that replaces it. Samplers and detokenizers are
-    /// kept, so the outputs are what they would have been.
+    /// Model `m`'s worker process was lost with every sequence it held (an operation said so).
     fn worker_lost(&mut self, m: usize) {
         // Handled here, whoever noticed it first.
-        self.models[m].engine.take_loss();
-        let lost: Vec<SeqKey> = self
+        let loss = self.models[m].engine.take_loss().unwrap_or(Loss::Failed);
+        self.requeue_lost(m, loss);
+    }
+
+    /// Every sequence of model `m`'s lost worker goes back to the scheduler to be recomputed on
+    /// the worker that replaces it. Samplers and detokenizers are kept, so the outputs are what
+    /// they would have been. After a kill at the memory limit the sequences run again one at a
+    /// time, and one that was alone when it happened fails: it cannot fit.
+    fn requeue_lost(&mut self, m: usize, loss: Loss) {
+        let mut lost: Vec<SeqKey> = self
             .active
             .iter()
             .filter(|(_, a)| a.job.model == m && a.seq.is_some())
             .map(|(&k, _)| k)
             .collect();
-        tracing::warn!(device = %self.device, model = %self.models[m].name, sequences = lost.len(), "requeueing the sequences of a lost worker");
+        tracing::warn!(device = %self.device, model = %self.models[m].name, sequences = lost.len(), ?loss, "requeueing the sequences of a lost worker");
+        if let Loss::OutOfMemory { limit_bytes } = loss {
+            if let [alone] = lost[..] {
+                if let Some(a) = self.active.get_mut(&alone) {
+                    a.seq = None; // it died with its worker
+                }
+                self.fail(alone, out_of_memory(limit_bytes));
+                lost.clear();
+            } else if !lost.is_empty() {
+                tracing::warn!(device = %self.device, model = %self.models[m].name, sequences = lost.len(), "the worker went over its memory limit; its sequences run again one at a time");
+                self.one_at_a_time
+                    .entry(m)
+                    .or_default()
+                    .extend(lost.iter().copied());
+                self.sched.set_max_sequences(m, 1);
+            }
+        }
         for key in lost {
             if let Some(a) = self.active.get_mut(&key) {
                 a.seq = None;
@@ -434,11 +476,21 @@ impl<E: EngineOps> Arbiter<E> {
     fn finish(&mut self, key: SeqKey) {
         self.sched.remove(key);
         if let Some(a) = self.active.remove(&key) {
+            let m = a.job.model;
             if let Some(seq) = a.seq {
-                self.models[a.job.model].engine.remove_sequence(seq);
+                self.models[m].engine.remove_sequence(seq);
             }
             if !a.admitted {
                 self.gate.leave(&a.job.request.tenant);
+            }
+            // The last of a memory kill's survivors is done: back to full batches.
+            if let Some(survivors) = self.one_at_a_time.get_mut(&m) {
+                survivors.remove(&key);
+                if survivors.is_empty() {
+                    self.one_at_a_time.remove(&m);
+                    self.sched
+                        .set_max_sequences(m, self.models[m].params.max_sequences);
+                }
             }
         }
     }

@@ -494,6 +494,7 @@ fn dedicated_slot(
         sandbox.limit_tenant(tenant, limits)?;
     }
     let (engine, ready) = start()?;
+    engine.status().limited_to(limits.memory_max);
     let mut params = shared.params.clone();
     params.swap_min_tokens = ready.swap_min_tokens();
     Ok(Slot {

@@ -1,18 +1,35 @@
 use super::*;
 use crate::config::PreemptionMode;
+use crate::engine::ops::{EngineOps, Loss};
+use crate::engine::{EngineError, SeqId, StepInput, StepOutput};
 use crate::sched::PolicyKind;
 
 /// A tenant whose requests panic while the device loop takes them in.
 pub(super) const PANIC_IN_ACCEPT: &str = "panics-in-accept";
 
 /// A device loop as the daemon builds it: engines behind the ops trait.
-type Loop = Arbiter<Box<dyn crate::engine::ops::EngineOps>>;
+type Loop = Arbiter<Box<dyn EngineOps>>;
 
 /// A device loop over the generated model with `kv_blocks` blocks, driven by the test.
 fn device(
     kv_blocks: usize,
     preemption: PreemptionMode,
     max_sequences: usize,
+) -> (
+    Loop,
+    crossbeam_channel::Sender<Submission>,
+    Arc<Usage>,
+    usize,
+) {
+    device_with(kv_blocks, preemption, max_sequences, |engine| engine)
+}
+
+/// [`device`], with the model's engine behind `wrap`.
+fn device_with(
+    kv_blocks: usize,
+    preemption: PreemptionMode,
+    max_sequences: usize,
+    wrap: impl FnOnce(Box<dyn EngineOps>) -> Box<dyn EngineOps>,
 ) -> (
     Loop,
     crossbeam_channel::Sender<Submission>,
@@ -37,15 +54,17 @@ fn device(
         None,
     )
     .unwrap();
-    let block_bytes = p.slot.engine.kv_block_bytes();
-    let usage = Arc::clone(&p.slot.usage);
+    let mut slot = p.slot;
+    slot.engine = wrap(slot.engine);
+    let block_bytes = slot.engine.kv_block_bytes();
+    let usage = Arc::clone(&slot.usage);
     let mut sched = Scheduler::new(PolicyKind::FairShare, Pricing::default());
-    sched.add_model(p.slot.params.clone());
+    sched.add_model(slot.params.clone());
     let (jobs, inbox) = crossbeam_channel::unbounded();
     let arbiter = Arbiter::new(
         "cpu".into(),
         sched,
-        vec![p.slot],
+        vec![slot],
         inbox,
         Arc::new(Gate::default()),
         None,
@@ -340,4 +359,185 @@ fn recovering_forgets_sequences_no_request_owns() {
         .unwrap();
     arbiter.recover();
     assert!(arbiter.sched.is_empty());
+}
+
+/// What a test reads back of a [`MemoryLimited`] engine the loop owns: the largest batch
+/// stepped before the first kill, then after each.
+type Batches = Arc<Mutex<Vec<usize>>>;
+
+/// An engine whose worker the kernel kills at a memory limit: a step whose batch holds more
+/// than `limit_tokens` of KV loses every sequence, as a worker killed by its cgroup would.
+struct MemoryLimited {
+    inner: Box<dyn EngineOps>,
+    limit_tokens: usize,
+    live: std::collections::HashSet<SeqId>,
+    lost: Option<Loss>,
+    batches: Batches,
+}
+
+impl EngineOps for MemoryLimited {
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
+        let id = self.inner.add_sequence()?;
+        self.live.insert(id);
+        Ok(id)
+    }
+    fn remove_sequence(&mut self, id: SeqId) {
+        if self.live.remove(&id) {
+            self.inner.remove_sequence(id);
+        }
+    }
+    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.inner.swap_out(id)
+    }
+    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.inner.swap_in(id)
+    }
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        let held: usize = inputs
+            .iter()
+            .map(|i| self.inner.sequence_len(i.seq).unwrap_or(0) + i.tokens.len())
+            .sum();
+        let mut batches = self.batches.lock().unwrap();
+        if held > self.limit_tokens {
+            for id in self.live.drain() {
+                self.inner.remove_sequence(id);
+            }
+            self.lost = Some(Loss::OutOfMemory {
+                limit_bytes: Some(80 << 20),
+            });
+            batches.push(0);
+            return Err(EngineError::WorkerLost("killed at its memory limit".into()));
+        }
+        if let Some(largest) = batches.last_mut() {
+            *largest = (*largest).max(inputs.len());
+        }
+        self.inner.step(inputs)
+    }
+    fn is_swapped(&self, id: SeqId) -> bool {
+        self.inner.is_swapped(id)
+    }
+    fn sequence_len(&self, id: SeqId) -> Option<usize> {
+        self.inner.sequence_len(id)
+    }
+    fn kv_block_bytes(&self) -> usize {
+        self.inner.kv_block_bytes()
+    }
+    fn take_loss(&mut self) -> Option<Loss> {
+        self.lost.take()
+    }
+}
+
+/// A device loop whose model's worker is killed when a step holds more than `limit_tokens`.
+fn memory_limited_device(
+    limit_tokens: usize,
+) -> (Loop, crossbeam_channel::Sender<Submission>, Batches) {
+    let batches = Batches::new(Mutex::new(vec![0]));
+    let watched = Arc::clone(&batches);
+    let (arbiter, jobs, _, _) = device_with(64, PreemptionMode::Recompute, 8, move |inner| {
+        Box::new(MemoryLimited {
+            inner,
+            limit_tokens,
+            live: Default::default(),
+            lost: None,
+            batches: watched,
+        })
+    });
+    (arbiter, jobs, batches)
+}
+
+/// Runs the loop until every receiver has ended; returns each request's tokens or error.
+fn outcomes(
+    arbiter: &mut Loop,
+    receivers: &mut [mpsc::UnboundedReceiver<Event>],
+) -> Vec<Result<Vec<u32>, String>> {
+    let mut results: Vec<Option<Result<Vec<u32>, String>>> = vec![None; receivers.len()];
+    let mut tokens = vec![Vec::new(); receivers.len()];
+    for _ in 0..10_000 {
+        arbiter.turn();
+        for (i, r) in receivers.iter_mut().enumerate() {
+            while let Ok(event) = r.try_recv() {
+                match event {
+                    Event::Token { token, .. } => tokens[i].push(token),
+                    Event::Done { .. } => results[i] = Some(Ok(std::mem::take(&mut tokens[i]))),
+                    Event::Error { message } => results[i] = Some(Err(message)),
+                }
+            }
+        }
+        if results.iter().all(Option::is_some) {
+            return results.into_iter().flatten().collect();
+        }
+    }
+    panic!("requests did not finish");
+}
+
+/// Sequences that outgrow the worker's memory together run again one at a time after the
+/// kernel kills it, and each finishes with the output it would have had; afterwards the model
+/// batches again.
+#[test]
+fn after_a_kill_at_the_memory_limit_sequences_run_again_alone_and_finish_exactly() {
+    let requests: Vec<GenerateRequest> = (0..3u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..10 + i).map(|t| (t * 5 + i * 11) % 200 + 1).collect();
+            request("alpha", prompt, 30, SamplingParams::greedy())
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+            let mut rx = [submit(&jobs, r.clone())];
+            drain(&mut arbiter, &mut rx).remove(0)
+        })
+        .collect();
+
+    // Each needs at most 12 + 30 tokens; three together pass 60 partway.
+    let (mut arbiter, jobs, batches) = memory_limited_device(60);
+    let mut rx: Vec<_> = requests.iter().map(|r| submit(&jobs, r.clone())).collect();
+    let together: Vec<Vec<u32>> = outcomes(&mut arbiter, &mut rx)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(together, alone);
+    assert_eq!(
+        *batches.lock().unwrap(),
+        [3, 1],
+        "one kill of three at once, then one at a time"
+    );
+
+    // The survivors are done: two short requests share steps again.
+    let short = |p: u32| request("alpha", vec![p; 4], 4, SamplingParams::greedy());
+    let mut rx = vec![submit(&jobs, short(3)), submit(&jobs, short(4))];
+    drain(&mut arbiter, &mut rx);
+    assert_eq!(batches.lock().unwrap().last(), Some(&2));
+}
+
+/// A sequence that was alone when its worker was killed at the memory limit cannot fit: it
+/// fails with an error naming the limit, and the others finish.
+#[test]
+fn a_sequence_killed_alone_at_the_memory_limit_fails_naming_the_limit() {
+    let long = request("alpha", vec![9; 10], 40, SamplingParams::greedy());
+    let short = request("alpha", vec![8; 5], 12, SamplingParams::greedy());
+    let want_short = {
+        let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+        let mut rx = [submit(&jobs, short.clone())];
+        drain(&mut arbiter, &mut rx).remove(0)
+    };
+    // The long one alone needs 50 tokens of KV: more than 30.
+    let (mut arbiter, jobs, batches) = memory_limited_device(30);
+    let mut rx = vec![submit(&jobs, long), submit(&jobs, short)];
+    let results = outcomes(&mut arbiter, &mut rx);
+    let message = results[0].clone().unwrap_err();
+    assert!(
+        message.contains("limits.memory, 80 MiB") && message.contains("alone"),
+        "{message}"
+    );
+    assert_eq!(results[1], Ok(want_short));
+    assert!(arbiter.sched.is_empty());
+    // Killed together (at 31 tokens), then once more with the long one alone.
+    let batches = batches.lock().unwrap().clone();
+    assert_eq!(
+        (batches.len(), &batches[..2]),
+        (3, &[2, 1][..]),
+        "{batches:?}"
+    );
 }

@@ -369,6 +369,14 @@ impl Scheduler {
         self.models.len() - 1
     }
 
+    /// Runs at most `n` of a model's sequences at once from the next plan on (at least one);
+    /// sequences already running over it keep running.
+    pub fn set_max_sequences(&mut self, model: usize, n: usize) {
+        if let Some(m) = self.models.get_mut(model) {
+            m.params.max_sequences = n.max(1);
+        }
+    }
+
     /// Device blocks committed by a model's running sequences.
     pub fn used_blocks(&self, model: usize) -> usize {
         self.models.get(model).map_or(0, |m| m.used_blocks)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::proto::{self, tag};
 use super::{Sandbox, WorkerInit, WorkerReady, SOCKET_FD};
-use crate::engine::ops::EngineOps;
+use crate::engine::ops::{EngineOps, Loss};
 use crate::engine::{EngineError, SeqId, StepInput, StepOutput};
 
 /// Longest a worker may take to load its model and report ready.
@@ -102,7 +102,20 @@ pub struct WorkerStatus {
     pub user: String,
     pid: std::sync::atomic::AtomicU32,
     restarts: std::sync::atomic::AtomicU64,
+    /// Its tenant's memory limit as last written (0: none), for the error a request gets when
+    /// the kernel kills the worker at that limit.
+    memory_limit: std::sync::atomic::AtomicU64,
+    /// Counters of the groups of workers lost before the current one (a lost worker's group is
+    /// made again for its replacement): reports add them, so they count over its whole life.
+    earlier: std::sync::Mutex<Earlier>,
     sandbox: Option<std::sync::Arc<Sandbox>>,
+}
+
+#[derive(Debug, Default)]
+struct Earlier {
+    oom_kills: u64,
+    cpu_usec: u64,
+    denials: u64,
 }
 
 impl WorkerStatus {
@@ -119,14 +132,38 @@ impl WorkerStatus {
         self.restarts.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Memory, CPU and OOM kills of its cgroup, and its gate's refusals; `None` when workers
-    /// are not isolated.
+    /// Memory, CPU and OOM kills of its cgroup, and its gate's refusals, the counters
+    /// including the workers it replaced; `None` when workers are not isolated.
     pub fn usage(&self) -> Option<(crate::cgroup::Usage, u64)> {
+        let (mut usage, mut denials) = self.group_usage()?;
+        let earlier = self
+            .earlier
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        usage.oom_kills += earlier.oom_kills;
+        usage.cpu_usec += earlier.cpu_usec;
+        denials += earlier.denials;
+        Some((usage, denials))
+    }
+
+    /// What the current worker's group says alone.
+    fn group_usage(&self) -> Option<(crate::cgroup::Usage, u64)> {
         let sandbox = self.sandbox.as_ref()?;
         Some((
             sandbox.usage(&self.pool, &self.name).ok()?,
             sandbox.denials(&self.pool, &self.name),
         ))
+    }
+
+    /// Keeps the counters of a lost worker's group, which is about to be removed.
+    fn retire(&self, (usage, denials): (crate::cgroup::Usage, u64)) {
+        let mut earlier = self
+            .earlier
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        earlier.oom_kills += usage.oom_kills;
+        earlier.cpu_usec += usage.cpu_usec;
+        earlier.denials += denials;
     }
 
     /// The tenant this worker is dedicated to, if it is.
@@ -137,9 +174,32 @@ impl WorkerStatus {
     /// Writes a dedicated worker's tenant's limits again (after a policy reload).
     pub fn apply_limits(&self, limits: &crate::cgroup::TenantLimits) -> Result<(), String> {
         match (&self.sandbox, self.tenant()) {
-            (Some(sandbox), Some(tenant)) => sandbox.limit_tenant(tenant, limits),
+            (Some(sandbox), Some(tenant)) => {
+                sandbox.limit_tenant(tenant, limits)?;
+                self.limited_to(limits.memory_max);
+                Ok(())
+            }
             _ => Ok(()),
         }
+    }
+
+    /// Records the memory limit its tenant's group was given.
+    pub fn limited_to(&self, memory_max: Option<u64>) {
+        self.memory_limit
+            .store(memory_max.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn memory_limit(&self) -> Option<u64> {
+        match self.memory_limit.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            limit => Some(limit),
+        }
+    }
+
+    /// Processes the kernel has killed in the current worker's group for lack of memory (0
+    /// unisolated).
+    fn group_oom_kills(&self) -> u64 {
+        self.group_usage().map_or(0, |(usage, _)| usage.oom_kills)
     }
 
     fn set_pid(&self, pid: Option<u32>) {
@@ -354,8 +414,11 @@ pub struct RemoteEngine {
     kv_block_bytes: usize,
     seqs: HashMap<SeqId, RemoteSeq>,
     next_id: u64,
-    /// Every sequence was lost since the device loop last asked.
-    lost: bool,
+    /// Every sequence was lost since the device loop last asked, and how.
+    lost: Option<Loss>,
+    /// Its group's OOM kills when the current worker started: a loss with more was the
+    /// kernel's doing.
+    oom_kills_at_start: u64,
     /// When workers were lost (or failed to start) recently, for the crash-loop limit.
     losses: VecDeque<Instant>,
     status: std::sync::Arc<WorkerStatus>,
@@ -384,8 +447,11 @@ impl RemoteEngine {
             user: identity.user.clone(),
             pid: std::sync::atomic::AtomicU32::new(connection.child.id()),
             restarts: std::sync::atomic::AtomicU64::new(0),
+            memory_limit: std::sync::atomic::AtomicU64::new(0),
+            earlier: std::sync::Mutex::default(),
             sandbox: sandbox.clone(),
         });
+        let oom_kills_at_start = status.group_oom_kills();
         tracing::info!(model = %init.model, device = %init.device, pid = connection.child.id(), user = %identity.user, "worker started");
         Ok((
             Self {
@@ -397,7 +463,8 @@ impl RemoteEngine {
                 kv_block_bytes: ready.kv_block_bytes as usize,
                 seqs: HashMap::new(),
                 next_id: 1,
-                lost: false,
+                lost: None,
+                oom_kills_at_start,
                 losses: VecDeque::new(),
                 status,
             },
@@ -449,6 +516,7 @@ impl RemoteEngine {
             };
             tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
             self.status.set_pid(Some(connection.child.id()));
+            self.oom_kills_at_start = self.status.group_oom_kills();
             self.status
                 .restarts
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -461,18 +529,30 @@ impl RemoteEngine {
 
     /// Forgets a worker that failed: it is killed and reaped, and everything it held is gone.
     fn lose(&mut self, why: String) -> EngineError {
+        let mut loss = Loss::Failed;
         if let Some(mut connection) = self.connection.take() {
             let _ = connection.child.kill();
             let status = connection.child.wait();
-            tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, "worker lost; its sequences will be recomputed");
+            // The kernel counts its kill before the process is gone, so this is settled by the
+            // time we see the worker's socket close.
+            let group = self.status.group_usage();
+            if group.is_some_and(|(usage, _)| usage.oom_kills > self.oom_kills_at_start) {
+                loss = Loss::OutOfMemory {
+                    limit_bytes: self.status.memory_limit(),
+                };
+            }
+            tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, ?loss, "worker lost; its sequences will be recomputed");
             // Anything it forked dies with its group.
             if let Some(sandbox) = &self.sandbox {
                 sandbox.empty(&self.status.pool, &self.status.name);
             }
+            if let Some(group) = group {
+                self.status.retire(group);
+            }
         }
         self.status.set_pid(None);
         self.seqs.clear();
-        self.lost = true;
+        self.lost = Some(loss);
         self.losses.push_back(Instant::now());
         EngineError::WorkerLost(why)
     }
@@ -603,8 +683,8 @@ impl EngineOps for RemoteEngine {
         self.kv_block_bytes
     }
 
-    fn take_loss(&mut self) -> bool {
-        std::mem::take(&mut self.lost)
+    fn take_loss(&mut self) -> Option<Loss> {
+        self.lost.take()
     }
 }
 
