@@ -30,6 +30,7 @@ pub mod daemon;
 pub mod devices;
 pub mod engine;
 pub mod gate;
+pub mod guide;
 pub mod kv;
 pub mod metrics;
 pub mod model;

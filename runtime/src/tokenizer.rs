@@ -283,6 +283,85 @@ impl Tokenizer {
         self.bos
     }
 
+    /// Token ids of `text` and nothing else: no BOS, whatever the model wants.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = contained("encoding", || self.inner.encode(text, false))?
+            .map_err(|e| TokenizerError(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The bytes each of the first `vocab_size` ids stands for, as constrained decoding needs
+    /// them: a special token is its name after a 0xFF marker byte (which no UTF-8 text holds);
+    /// an id with no token is empty. Byte-level (GPT-2 style) and byte-fallback
+    /// (SentencePiece style) vocabularies are understood; others are an error.
+    pub fn token_bytes(&self, vocab_size: usize) -> Result<Vec<Vec<u8>>, TokenizerError> {
+        const SPECIAL: u8 = 0xFF;
+        let (mut byte_level, mut byte_fallback) = (false, false);
+        fn kinds(d: &tokenizers::DecoderWrapper, level: &mut bool, fallback: &mut bool) {
+            match d {
+                tokenizers::DecoderWrapper::ByteLevel(_) => *level = true,
+                tokenizers::DecoderWrapper::ByteFallback(_) => *fallback = true,
+                tokenizers::DecoderWrapper::Sequence(seq) => {
+                    for d in seq.get_decoders() {
+                        kinds(d, level, fallback);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(decoder) = self.inner.get_decoder() {
+            kinds(decoder, &mut byte_level, &mut byte_fallback);
+        }
+        if !byte_level && !byte_fallback {
+            return Err(TokenizerError(
+                "constrained decoding needs a byte-level or byte-fallback tokenizer, and this model's decodes otherwise".into(),
+            ));
+        }
+        let byte_of: std::collections::HashMap<char, u8> = byte_to_char()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let added = contained("listing added tokens", || {
+            self.inner.get_added_tokens_decoder()
+        })?;
+        let mut bytes = Vec::with_capacity(vocab_size);
+        for id in 0..vocab_size as u32 {
+            let token = match added.get(&id) {
+                Some(t) if t.special => {
+                    let mut name = vec![SPECIAL];
+                    name.extend_from_slice(t.content.as_bytes());
+                    name
+                }
+                Some(t) => t.content.clone().into_bytes(),
+                None => match self.id_to_token(id) {
+                    None => Vec::new(),
+                    Some(name) if byte_level => {
+                        // A character outside GPT-2's map means the token is not byte-level
+                        // text: it can never be produced.
+                        name.chars()
+                            .map(|c| byte_of.get(&c).copied())
+                            .collect::<Option<Vec<u8>>>()
+                            .unwrap_or_default()
+                    }
+                    Some(name) => {
+                        let hex = name
+                            .strip_prefix("<0x")
+                            .and_then(|rest| rest.strip_suffix('>'))
+                            .filter(|h| h.len() == 2)
+                            .and_then(|h| u8::from_str_radix(h, 16).ok());
+                        match hex {
+                            Some(byte) => vec![byte],
+                            None => name.replace('\u{2581}', " ").into_bytes(),
+                        }
+                    }
+                },
+            };
+            bytes.push(token);
+        }
+        Ok(bytes)
+    }
+
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         contained("looking up a token", || self.inner.id_to_token(id))
             .ok()
