@@ -134,6 +134,7 @@ fn through_scheduler(handle: &ModelHandle, n: usize) -> f64 {
                     stop_token_ids: Vec::new(),
                     ignore_eos: true,
                     limits: TenantParams::default(),
+                    guide: None,
                 })
                 .expect("submit")
         })

@@ -25,6 +25,7 @@ use super::openai_types::*;
 use super::Authenticated;
 use crate::chat::Message;
 use crate::engine::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
+use crate::guide::{Grammar, Guide, GuideError};
 use crate::policy::Role;
 use crate::runner::{Event, FinishReason, GenerateRequest, ModelHandle, SubmitError};
 use crate::sched::TenantParams;
@@ -223,6 +224,94 @@ fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams
         Ok(params)
     } else {
         Err(ApiError::bad_request(problems.join("; ")))
+    }
+}
+
+/// Longest a request's grammar may take to compile (the first one for a model also indexes
+/// its vocabulary); llguidance's fuel limits bound it well below this.
+const GRAMMAR_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The constraint a request asks for, from OpenAI's `response_format` or vLLM's `guided_*`
+/// fields; at most one may be given.
+fn grammar(common: &CommonFields) -> Result<Option<Grammar>, ApiError> {
+    let mut asked: Vec<(&str, Grammar)> = Vec::new();
+    if let Some(format) = &common.response_format {
+        match format.kind.as_str() {
+            "text" => {}
+            "json_object" => asked.push(("response_format", Grammar::JsonObject)),
+            "json_schema" => {
+                let schema = format
+                    .json_schema
+                    .as_ref()
+                    .and_then(|s| s.schema.clone())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "response_format.json_schema.schema is required with type json_schema",
+                        )
+                    })?;
+                asked.push(("response_format", Grammar::JsonSchema(schema)));
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "response_format.type {other:?} is not one of text, json_object, json_schema"
+                )))
+            }
+        }
+    }
+    if let Some(schema) = &common.guided_json {
+        asked.push(("guided_json", Grammar::JsonSchema(schema.clone())));
+    }
+    if let Some(options) = &common.guided_choice {
+        asked.push(("guided_choice", Grammar::Choice(options.clone())));
+    }
+    if let Some(rx) = &common.guided_regex {
+        asked.push(("guided_regex", Grammar::Regex(rx.clone())));
+    }
+    if let Some(lark) = &common.guided_grammar {
+        asked.push(("guided_grammar", Grammar::Lark(lark.clone())));
+    }
+    if asked.len() > 1 {
+        let names: Vec<&str> = asked.iter().map(|(name, _)| *name).collect();
+        return Err(ApiError::bad_request(format!(
+            "{} each constrain the output; send one",
+            names.join(", ")
+        )));
+    }
+    Ok(asked.pop().map(|(_, grammar)| grammar))
+}
+
+/// Compiles a request's grammar off the async threads, under [`GRAMMAR_DEADLINE`]; the
+/// tenant's request slot stays taken until the compilation really ends.
+async fn compile(
+    model: &ModelHandle,
+    slot: &Arc<TenantSlot>,
+    grammar: Grammar,
+) -> Result<Guide, ApiError> {
+    let guides = Arc::clone(model.guides());
+    let held = Arc::clone(slot);
+    let compiling = tokio::task::spawn_blocking(move || {
+        let _held = held;
+        guides.compile(&grammar)
+    });
+    match tokio::time::timeout(GRAMMAR_DEADLINE, compiling).await {
+        Ok(Ok(Ok(guide))) => Ok(guide),
+        Ok(Ok(Err(GuideError::Invalid(message)))) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_grammar",
+            message,
+        )),
+        Ok(Ok(Err(GuideError::Unavailable(message)))) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "grammar_unsupported",
+            message,
+        )),
+        Ok(Err(_)) => Err(ApiError::internal(
+            "compiling the output's grammar failed; see the daemon log",
+        )),
+        Err(_) => Err(ApiError::bad_request(format!(
+            "the output's grammar took longer than {}s to compile; simplify it",
+            GRAMMAR_DEADLINE.as_secs()
+        ))),
     }
 }
 
@@ -445,6 +534,10 @@ async fn start(
             "max_tokens is 0; ask for at least one token",
         ));
     }
+    let guide = match grammar(&common)? {
+        Some(grammar) => Some(compile(&model, &slot, grammar).await?),
+        None => None,
+    };
     let prompt_tokens = prompt.len();
     let events = model
         .submit(GenerateRequest {
@@ -456,6 +549,7 @@ async fn start(
             stop_token_ids: common.stop_token_ids,
             ignore_eos: common.ignore_eos,
             limits: scheduling_limits(&auth),
+            guide,
         })
         .map_err(submit_error)?;
     tracing::debug!(tenant = %tenant_label(&auth), model = %model.info.name, prompt_tokens, max_tokens, "generation queued");

@@ -60,6 +60,43 @@ pub struct CommonFields {
     pub n: Option<u32>,
     #[serde(default)]
     pub best_of: Option<u32>,
+    /// OpenAI's structured output: free `text`, any `json_object`, or a `json_schema`.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM's names for constraints: JSON valid against a schema, one of some strings, a
+    /// regular expression over the whole output, a Lark grammar.
+    #[serde(default)]
+    pub guided_json: Option<serde_json::Value>,
+    #[serde(default)]
+    pub guided_choice: Option<Vec<String>>,
+    #[serde(default)]
+    pub guided_regex: Option<String>,
+    #[serde(default)]
+    pub guided_grammar: Option<String>,
+}
+
+/// `response_format`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResponseFormat {
+    /// `text`, `json_object` or `json_schema`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JsonSchemaFormat {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// Accepted either way: accel always holds the output to the schema.
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -211,6 +211,7 @@ fn first_line(text: &str) -> String {
 }
 
 /// One request's grammar, as far as its output has got.
+#[derive(Clone)]
 pub struct Guide {
     matcher: Matcher,
     /// The tokens allowed next, once computed.

@@ -687,7 +687,7 @@ impl<E: EngineOps> Arbiter<E> {
         let tokenizer = Arc::clone(&slot.tokenizer);
         let model_name = slot.name.clone();
         let mut finished = Vec::new();
-        for (&(key, take), output) in keys.iter().zip(outputs) {
+        for (&(key, take), mut output) in keys.iter().zip(outputs) {
             let Some(a) = self.active.get_mut(&key) else {
                 continue;
             };
@@ -711,11 +711,27 @@ impl<E: EngineOps> Arbiter<E> {
                 self.sched.advance(key, take, false, now);
                 continue; // more to feed before sampling
             }
-            let Some(logits) = output.logits.first() else {
+            let Some(logits) = output.logits.first_mut() else {
                 self.sched.advance(key, take, false, now);
                 continue;
             };
-            let sampled = a.sampler.sample(logits, &a.context, prompt_len);
+            // The grammar's mask, then sampling, then the grammar follows the token.
+            let guided = a.job.request.guide.as_mut().map(|guide| {
+                guide.constrain(logits)?;
+                let sampled = a.sampler.sample(logits, &a.context, prompt_len);
+                let complete = guide.advance(sampled.token)?;
+                Ok::<_, String>((sampled, complete))
+            });
+            let (sampled, grammar_complete) = match guided {
+                None => (a.sampler.sample(logits, &a.context, prompt_len), false),
+                Some(Ok(guided)) => guided,
+                Some(Err(message)) => {
+                    self.sched.advance(key, take, false, now);
+                    let _ = a.job.events.send(Event::Error { message });
+                    finished.push(key);
+                    continue;
+                }
+            };
             a.context.push(sampled.token);
             let generated = a.context.len() - prompt_len;
             let request = &a.job.request;
@@ -726,6 +742,12 @@ impl<E: EngineOps> Arbiter<E> {
             } else {
                 let delta = a.detok.push(&tokenizer, sampled.token);
                 (delta.text, delta.stopped)
+            };
+            // A complete grammar ends the output with its last token's text.
+            let (text, stopped) = if grammar_complete && !stopped {
+                (text + &a.detok.finish(&tokenizer), true)
+            } else {
+                (text, stopped)
             };
             let length = !stopped && generated >= request.max_tokens;
             let text = if length {

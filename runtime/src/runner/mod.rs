@@ -72,6 +72,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// The tenant's weight, class and quotas from the policy in force.
     pub limits: TenantParams,
+    /// The grammar its output must follow, compiled; `None` for free text.
+    pub guide: Option<crate::guide::Guide>,
 }
 
 /// Why generation ended.
@@ -157,6 +159,8 @@ pub struct ModelHandle {
     pub info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Option<Arc<ChatTemplate>>,
+    /// Compiles requests' grammars against this model's vocabulary.
+    guides: Arc<crate::guide::Guides>,
     jobs: crossbeam_channel::Sender<Submission>,
     /// Its index in the device's scheduler, and what the scheduler knows of it.
     index: usize,
@@ -291,6 +295,11 @@ impl ModelHandle {
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.template.as_deref()
+    }
+
+    /// This model's grammar compiler (constrained decoding).
+    pub fn guides(&self) -> &Arc<crate::guide::Guides> {
+        &self.guides
     }
 
     /// The worker processes serving this model, when engines run in workers.
@@ -788,6 +797,10 @@ fn spawn_device<E: EngineOps + 'static>(
         handles.push((
             order,
             ModelHandle {
+                guides: Arc::new(crate::guide::Guides::new(
+                    Arc::clone(&p.tokenizer),
+                    p.info.vocab_size,
+                )),
                 info: p.info,
                 tokenizer: p.tokenizer,
                 template: p.template.map(Arc::new),

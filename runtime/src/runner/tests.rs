@@ -87,6 +87,7 @@ fn request(
         stop_token_ids: Vec::new(),
         ignore_eos: true,
         limits: TenantParams::default(),
+        guide: None,
     }
 }
 
@@ -236,6 +237,10 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
     let (jobs, _inbox) = crossbeam_channel::unbounded();
     let (_, p) = placed.cpu.remove(0);
     let handle = ModelHandle {
+        guides: Arc::new(crate::guide::Guides::new(
+            Arc::clone(&p.tokenizer),
+            p.info.vocab_size,
+        )),
         info: p.info,
         tokenizer: p.tokenizer,
         template: p.template.map(Arc::new),
