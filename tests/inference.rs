@@ -532,7 +532,12 @@ fn a_chat_template_that_grows_without_bound_fails_its_request_not_the_daemon() {
     let (status, answer) = post(&daemon, "/v1/chat/completions", &chat);
     assert_eq!(status, 400, "{answer}");
     let message = answer["error"]["message"].as_str().unwrap();
-    assert!(message.contains("MiB"), "{message}");
+    // Its renderer's memory runs out in about a second; on a host this busy with other tests
+    // the render's 2 s deadline may come first, and that is the limit named then.
+    assert!(
+        message.contains("MiB") || message.contains("took longer than 2s"),
+        "{message}"
+    );
     // The daemon is whole: it answers, and serves a completion.
     assert_eq!(daemon.request("GET", "/healthz", None).0, 200);
     let (status, answer) = post(
@@ -541,4 +546,174 @@ fn a_chat_template_that_grows_without_bound_fails_its_request_not_the_daemon() {
         &json!({"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2}),
     );
     assert_eq!(status, 200, "{answer}");
+}
+
+/// A copy of the fixture model folder with a `generation_config.json`.
+fn fixture_with_generation_config(dir: &Path, generation: &Value) -> PathBuf {
+    let copy = dir.join("model");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(fixture_model()).unwrap().flatten() {
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(copy.join("generation_config.json"), generation.to_string()).unwrap();
+    copy
+}
+
+/// A request that leaves out the sampling fields samples as the model's
+/// `generation_config.json` says: token for token what spelling them out gives (same seed),
+/// and `GET /v1/models` shows them.
+#[test]
+fn a_request_without_sampling_fields_gets_the_models_generation_config() {
+    let scratch = tempfile::tempdir().unwrap();
+    let model = fixture_with_generation_config(
+        scratch.path(),
+        &json!({"do_sample": true, "temperature": 0.6, "top_k": 5, "top_p": 0.8, "repetition_penalty": 1.1}),
+    );
+    let extra = format!(
+        "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        model.display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let (status, models) = daemon.request("GET", "/v1/models", None);
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(
+        models["data"][0]["sampling_defaults"],
+        json!({"temperature": 0.6, "top_k": 5, "top_p": 0.8, "repetition_penalty": 1.1}),
+        "{models}"
+    );
+    let text = |extra: Value| {
+        let mut body = json!({"model": "tiny", "prompt": "the", "max_tokens": 24, "seed": 3, "ignore_eos": true});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, response) = post(&daemon, "/v1/completions", &body);
+        assert_eq!(status, 200, "{response}");
+        response["choices"][0]["text"].as_str().unwrap().to_owned()
+    };
+    let implicit = text(json!({}));
+    let spelled =
+        text(json!({"temperature": 0.6, "top_k": 5, "top_p": 0.8, "repetition_penalty": 1.1}));
+    assert_eq!(implicit, spelled);
+    // OpenAI's defaults (temperature 1, nothing truncated) sample differently here.
+    let openai =
+        text(json!({"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}));
+    assert_ne!(implicit, openai, "the model's defaults made no difference");
+}
+
+/// What a new user tried and got silently wrong: a role outside OpenAI's, and fields accel
+/// does not honour, are 400s naming them.
+#[test]
+fn unknown_roles_and_fields_accel_cannot_honour_are_refused_by_name() {
+    let daemon = tiny_daemon(None);
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        post(&daemon, "/v1/chat/completions", &body)
+    };
+    for (extra, needle) in [
+        (
+            json!({"messages": [{"role": "root", "content": "hi"}]}),
+            "messages[0].role \"root\"",
+        ),
+        (
+            json!({"logit_bias": {"42": 100}}),
+            "logit_bias is not supported",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto"}),
+            "tools, tool_choice are not supported",
+        ),
+        (
+            json!({"modalities": ["text", "audio"], "audio": {"voice": "x", "format": "wav"}}),
+            "audio, modalities other than text",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+            "parts of type \"image_url\" are not supported",
+        ),
+    ] {
+        let (status, response) = chat(extra.clone());
+        assert_eq!(status, 400, "{extra}: {response}");
+        let message = response["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{extra}: {message}");
+    }
+    // What is allowed: the developer role (rendered as system), tool_choice none, text only.
+    let (status, response) = chat(json!({
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "tool_choice": "none", "modalities": ["text"], "logit_bias": {},
+    }));
+    assert_eq!(status, 200, "{response}");
+    let (status, response) = post(
+        &daemon,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "a", "suffix": "b", "max_tokens": 2}),
+    );
+    assert_eq!(status, 400, "{response}");
+    assert!(response["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("suffix"));
+}
+
+/// The default model samples at its model card's 0.2 / 0.9 when a request (or `accelctl
+/// chat`) leaves sampling out; how often it then names Paris is measured and printed.
+#[test]
+fn smollm2_samples_at_its_defaults_and_accelctl_sends_none() {
+    let Some(path) = accel_tests::smollm2_gguf() else {
+        return;
+    };
+    let extra = format!(
+        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: 256\n    sampling_defaults: {{temperature: 0.2, top_p: 0.9}}\n",
+        path.display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let question = "What is the capital of France?";
+    let ask = |seed: u64, sampling: Value| {
+        let mut body = json!({
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 24, "seed": seed,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(sampling.as_object().unwrap().clone());
+        let (status, response) = post(&daemon, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{response}");
+        response["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (mut at_defaults, mut at_07) = (0, 0);
+    for seed in 1..=20 {
+        let implicit = ask(seed, json!({}));
+        assert_eq!(
+            implicit,
+            ask(seed, json!({"temperature": 0.2, "top_p": 0.9})),
+            "seed {seed}"
+        );
+        at_defaults += usize::from(implicit.contains("Paris"));
+        at_07 += usize::from(ask(seed, json!({"temperature": 0.7})).contains("Paris"));
+    }
+    eprintln!("Paris in 20 seeded answers: {at_defaults} at the defaults (0.2 / 0.9), {at_07} at temperature 0.7");
+    // accelctl chat sends no sampling of its own: its answer is the defaults' for its seed.
+    let out = daemon.ctl(&["chat", question, "--seed", "5", "--max-tokens", "24"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        ask(5, json!({})).trim_end()
+    );
 }

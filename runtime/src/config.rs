@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::sampling::SamplingDefaults;
 use crate::policy::PolicyPaths;
 use crate::units::ByteSize;
 use crate::yaml::{Document, PathProblem, Problem, Problems};
@@ -164,6 +165,10 @@ pub struct ModelSpec {
     /// `auto`, `swap` or `recompute`.
     #[serde(default)]
     pub preemption: PreemptionMode,
+    /// Sampling for requests that leave these fields out; over the model's own
+    /// `generation_config.json`, if it has one.
+    #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
+    pub sampling_defaults: SamplingDefaults,
 }
 
 /// The default model's name and file.
@@ -198,6 +203,12 @@ impl ModelSpec {
             max_batch_tokens: default_max_batch_tokens(),
             swap_blocks: default_swap_blocks(),
             preemption: PreemptionMode::Auto,
+            // SmolLM2-Instruct's model card samples at these; its GGUF file carries none.
+            sampling_defaults: SamplingDefaults {
+                temperature: Some(0.2),
+                top_p: Some(0.9),
+                ..SamplingDefaults::default()
+            },
         }
     }
 }
@@ -438,6 +449,12 @@ impl DaemonConfig {
                     ));
                 }
             }
+            for problem in model.sampling_defaults.validate() {
+                out.push(PathProblem::new(
+                    format!("{path}.sampling_defaults"),
+                    problem,
+                ));
+            }
         }
         if self.request_timeout < Duration::from_secs(1)
             || self.request_timeout > Duration::from_secs(3600)
@@ -596,6 +613,33 @@ mod tests {
             found,
             [("socket", 1), ("socket_mode", 2), ("max_request_body", 3)]
         );
+    }
+
+    #[test]
+    fn a_models_sampling_defaults_are_read_and_checked() {
+        let config = DaemonConfig::parse(
+            "c.yaml",
+            "models:\n  - name: m\n    path: m.gguf\n    sampling_defaults: {temperature: 0.3, top_k: 40}\n",
+        )
+        .unwrap();
+        let defaults = config.models[0].sampling_defaults;
+        assert_eq!(
+            (defaults.temperature, defaults.top_k, defaults.top_p),
+            (Some(0.3), Some(40), None)
+        );
+        let err = DaemonConfig::parse(
+            "c.yaml",
+            "models:\n  - name: m\n    path: m.gguf\n    sampling_defaults: {top_p: 1.5}\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].path, "models[0].sampling_defaults", "{err}");
+        assert!(err.0[0].message.contains("top_p is 1.5"), "{err}");
+        let err = DaemonConfig::parse(
+            "c.yaml",
+            "models:\n  - name: m\n    path: m.gguf\n    sampling_defaults: {temprature: 1}\n",
+        )
+        .unwrap_err();
+        assert!(err.0[0].message.contains("temprature"), "{err}");
     }
 
     #[test]

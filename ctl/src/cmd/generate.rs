@@ -19,9 +19,9 @@ pub struct GenerationArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f32,
+    /// Sampling temperature; 0 is greedy (default: the model's, as `accelctl models` shows).
+    #[arg(long)]
+    pub temperature: Option<f32>,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
     #[arg(long)]
     pub top_p: Option<f32>,

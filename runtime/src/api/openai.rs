@@ -102,6 +102,7 @@ pub(super) async fn list_models(
             format: m.info.format.clone(),
             backend: m.info.backend.clone(),
             context_length: m.info.context_length,
+            sampling_defaults: m.info.sampling_defaults,
         })
         .collect();
     Json(ModelList {
@@ -195,7 +196,74 @@ const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2)
 const MAX_STOP_STRINGS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 
-fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams, ApiError> {
+/// Fields a client may send that accel cannot honour: named in a 400, never ignored.
+fn refuse_unsupported(common: &CommonFields) -> Result<(), ApiError> {
+    let set = |v: &Option<serde_json::Value>| {
+        v.as_ref().is_some_and(|v| match v {
+            serde_json::Value::Null => false,
+            serde_json::Value::Object(o) => !o.is_empty(),
+            serde_json::Value::Array(a) => !a.is_empty(),
+            _ => true,
+        })
+    };
+    let mut refused = Vec::new();
+    if set(&common.logit_bias) {
+        refused.push("logit_bias");
+    }
+    for (name, value) in [
+        ("tools", &common.tools),
+        ("functions", &common.functions),
+        ("function_call", &common.function_call),
+    ] {
+        if set(value) {
+            refused.push(name);
+        }
+    }
+    // `tool_choice: "none"` asks for what accel does anyway.
+    if set(&common.tool_choice) && common.tool_choice != Some(serde_json::json!("none")) {
+        refused.push("tool_choice");
+    }
+    if set(&common.audio) {
+        refused.push("audio");
+    }
+    if common
+        .modalities
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|m| m != "text"))
+    {
+        refused.push("modalities other than text");
+    }
+    if set(&common.prediction) {
+        refused.push("prediction");
+    }
+    if common.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        refused.push("suffix");
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_field",
+            format!(
+                "{} {} not supported by accel yet; remove {} and send the request again",
+                refused.join(", "),
+                if refused.len() == 1 { "is" } else { "are" },
+                if refused.len() == 1 { "it" } else { "them" },
+            ),
+        ))
+    }
+}
+
+/// Roles a chat message may have.
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// The request's sampling; what it leaves out comes from the model's defaults, then OpenAI's.
+fn sampling(
+    common: &CommonFields,
+    model: &ModelHandle,
+    top_logprobs: usize,
+) -> Result<SamplingParams, ApiError> {
     let stops = common.stop.clone().into_vec();
     if stops.len() > MAX_STOP_STRINGS || stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
         return Err(ApiError::bad_request(format!(
@@ -208,12 +276,19 @@ fn sampling(common: &CommonFields, top_logprobs: usize) -> Result<SamplingParams
         ));
     }
     let defaults = SamplingParams::default();
+    let model = &model.info.sampling_defaults;
     let params = SamplingParams {
-        temperature: common.temperature.unwrap_or(defaults.temperature),
-        top_k: common.top_k.unwrap_or(0),
-        top_p: common.top_p.unwrap_or(1.0),
+        temperature: common
+            .temperature
+            .or(model.temperature)
+            .unwrap_or(defaults.temperature),
+        top_k: common.top_k.or(model.top_k).unwrap_or(defaults.top_k),
+        top_p: common.top_p.or(model.top_p).unwrap_or(defaults.top_p),
         min_p: common.min_p.unwrap_or(0.0),
-        repetition_penalty: common.repetition_penalty.unwrap_or(1.0),
+        repetition_penalty: common
+            .repetition_penalty
+            .or(model.repetition_penalty)
+            .unwrap_or(defaults.repetition_penalty),
         presence_penalty: common.presence_penalty.unwrap_or(0.0),
         frequency_penalty: common.frequency_penalty.unwrap_or(0.0),
         seed: common.seed,
@@ -361,8 +436,9 @@ pub(super) async fn completions(
             top.unwrap_or(0)
         )));
     }
-    let params = sampling(&request.common, top.unwrap_or(0))?;
+    refuse_unsupported(&request.common)?;
     let (model, slot) = admit(&state, &auth, &request.common.model, slot.map(|s| s.0))?;
+    let params = sampling(&request.common, &model, top.unwrap_or(0))?;
     let prompt = match request.prompt {
         PromptInput::Text(text) => model
             .tokenizer()
@@ -429,10 +505,24 @@ pub(super) async fn chat_completions(
             "top_logprobs is at most {MAX_TOP_LOGPROBS}"
         )));
     }
-    let params = sampling(&request.common, top.unwrap_or(0))?;
+    refuse_unsupported(&request.common)?;
     let (model, slot) = admit(&state, &auth, &request.common.model, slot.map(|s| s.0))?;
+    let params = sampling(&request.common, &model, top.unwrap_or(0))?;
     let mut messages = Vec::with_capacity(request.messages.len());
     for (i, m) in request.messages.into_iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}].role {:?} is not one of {}",
+                m.role.chars().take(40).collect::<String>(),
+                ROLES.join(", ")
+            )));
+        }
+        // Chat templates know `system`; OpenAI's newer name for it is `developer`.
+        let role = if m.role == "developer" {
+            "system".to_owned()
+        } else {
+            m.role
+        };
         let content = match m.content {
             ContentInput::Text(text) => text,
             ContentInput::Parts(parts) => {
@@ -446,10 +536,7 @@ pub(super) async fn chat_completions(
                 text
             }
         };
-        messages.push(Message {
-            role: m.role,
-            content,
-        });
+        messages.push(Message { role, content });
     }
     model.chat_template().ok_or_else(|| {
         ApiError::bad_request(format!(

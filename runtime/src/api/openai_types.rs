@@ -73,6 +73,26 @@ pub struct CommonFields {
     pub guided_regex: Option<String>,
     #[serde(default)]
     pub guided_grammar: Option<String>,
+    /// OpenAI fields accel cannot honour yet: a request that sets them gets a 400 naming
+    /// them rather than an answer that silently ignored them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modalities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
 }
 
 /// `response_format`.
@@ -181,6 +201,9 @@ pub struct ModelEntry {
     pub format: String,
     pub backend: String,
     pub context_length: usize,
+    /// What a request that leaves these fields out samples with.
+    #[serde(default)]
+    pub sampling_defaults: crate::engine::sampling::SamplingDefaults,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

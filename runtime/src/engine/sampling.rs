@@ -49,6 +49,73 @@ impl Default for SamplingParams {
     }
 }
 
+/// A model's sampling for the fields a request leaves out: from its `generation_config.json`
+/// (Hugging Face folders) or a `sampling_defaults` block in its config entry (which wins).
+/// What neither gives is OpenAI's default (temperature 1, no truncation, no penalty).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// These, with `base` where these say nothing.
+    pub fn or(self, base: Self) -> Self {
+        Self {
+            temperature: self.temperature.or(base.temperature),
+            top_p: self.top_p.or(base.top_p),
+            top_k: self.top_k.or(base.top_k),
+            repetition_penalty: self.repetition_penalty.or(base.repetition_penalty),
+        }
+    }
+
+    /// Read from a `generation_config.json` as transformers writes it: `do_sample: false`
+    /// means greedy whatever the temperature says; a `top_k` of 0 keeps every token.
+    pub fn from_generation_config(config: &serde_json::Value) -> Self {
+        let number = |field: &str| {
+            config[field]
+                .as_f64()
+                .map(|v| v as f32)
+                .filter(|v| v.is_finite())
+        };
+        let greedy = config["do_sample"].as_bool() == Some(false);
+        Self {
+            temperature: if greedy {
+                Some(0.0)
+            } else {
+                number("temperature")
+            },
+            top_p: number("top_p"),
+            top_k: config["top_k"].as_u64().map(|k| k as usize),
+            repetition_penalty: number("repetition_penalty"),
+        }
+    }
+
+    /// Problems with the values, as [`SamplingParams::validate`] names them.
+    pub fn validate(&self) -> Vec<String> {
+        let base = SamplingParams::default();
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            repetition_penalty: self.repetition_penalty.unwrap_or(base.repetition_penalty),
+            ..base
+        }
+        .validate()
+    }
+}
+
 /// Temperatures below this sample greedily.
 pub const GREEDY_BELOW: f32 = 1e-5;
 
@@ -266,6 +333,38 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_config_sampling_is_read_as_transformers_means_it() {
+        let read = |text: &str| {
+            SamplingDefaults::from_generation_config(&serde_json::from_str(text).unwrap())
+        };
+        let sampled = read(
+            r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05}"#,
+        );
+        assert_eq!(
+            sampled,
+            SamplingDefaults {
+                temperature: Some(0.6),
+                top_p: Some(0.9),
+                top_k: Some(20),
+                repetition_penalty: Some(1.05),
+            }
+        );
+        // do_sample false is greedy, whatever the temperature says.
+        assert_eq!(
+            read(r#"{"do_sample": false, "temperature": 0.6}"#).temperature,
+            Some(0.0)
+        );
+        assert!(read(r#"{"eos_token_id": 2}"#).is_empty());
+        // The config's block wins field by field.
+        let config = SamplingDefaults {
+            temperature: Some(0.2),
+            ..SamplingDefaults::default()
+        };
+        assert_eq!(config.or(sampled).temperature, Some(0.2));
+        assert_eq!(config.or(sampled).top_k, Some(20));
+    }
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams {

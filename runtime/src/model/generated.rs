@@ -76,6 +76,7 @@ pub fn tiny_random() -> Result<LoadedModel, super::ModelError> {
         weights,
         tokenizer,
         chat_template: Some(CHATML.to_owned()),
+        sampling_defaults: Default::default(),
         source: NAME.into(),
         format: "generated",
     })

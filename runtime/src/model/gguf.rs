@@ -487,6 +487,8 @@ pub fn load(path: &Path) -> Result<super::LoadedModel, ModelError> {
         config,
         weights,
         tokenizer,
+        // GGUF files carry no sampling; the model's config entry may.
+        sampling_defaults: Default::default(),
         source: path.to_owned(),
         format: "gguf",
     })

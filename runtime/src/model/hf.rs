@@ -299,6 +299,22 @@ fn chat_template(dir: &Path, tokenizer_config: &Value) -> Option<String> {
     }
 }
 
+/// The sampling `generation_config.json` recommends; none if it is absent, and none (with a
+/// warning) if its values are out of range, since the model loads fine without them.
+fn generation_defaults(dir: &Path) -> crate::engine::sampling::SamplingDefaults {
+    let Ok(json) = read_json(&dir.join("generation_config.json")) else {
+        return Default::default();
+    };
+    let defaults = crate::engine::sampling::SamplingDefaults::from_generation_config(&json);
+    let problems = defaults.validate();
+    if problems.is_empty() {
+        defaults
+    } else {
+        tracing::warn!(model = %dir.display(), problems = %problems.join("; "), "ignoring generation_config.json's sampling");
+        Default::default()
+    }
+}
+
 /// Loads a Hugging Face model folder.
 pub fn load(dir: &Path) -> Result<LoadedModel, ModelError> {
     let config_path = dir.join("config.json");
@@ -317,6 +333,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel, ModelError> {
     };
     let tokenizer = crate::tokenizer::Tokenizer::from_hf_folder(dir, &tokenizer_config, &mut eos)?;
     Ok(LoadedModel {
+        sampling_defaults: generation_defaults(dir),
         chat_template: chat_template(dir, &tokenizer_config),
         config,
         weights,

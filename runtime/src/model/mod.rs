@@ -292,6 +292,8 @@ pub struct LoadedModel {
     pub tokenizer: crate::tokenizer::Tokenizer,
     /// A Jinja chat template, if the model ships one.
     pub chat_template: Option<String>,
+    /// Sampling the model's authors recommend (`generation_config.json`).
+    pub sampling_defaults: crate::engine::sampling::SamplingDefaults,
     pub source: PathBuf,
     pub format: &'static str,
 }

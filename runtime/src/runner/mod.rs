@@ -47,6 +47,8 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// Unix time it was loaded.
     pub created: u64,
+    /// Sampling for requests that leave these fields out.
+    pub sampling_defaults: crate::engine::sampling::SamplingDefaults,
 }
 
 /// A device's scheduler as operators see it (`GET /v1/scheduler`), refreshed by its loop.
@@ -572,6 +574,7 @@ fn finish_prepare(
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        sampling_defaults: spec.sampling_defaults.or(model.sampling_defaults),
     };
     let usage = Arc::new(usage);
     Ok(Prepared {
