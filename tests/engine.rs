@@ -7,7 +7,7 @@
 
 use accel_runtime::backend::cpu::simd::Level;
 use accel_runtime::backend::cpu::CpuBackend;
-use accel_runtime::chat::{ChatTemplate, Message};
+use accel_runtime::chat::{ChatInput, ChatTemplate, Message};
 use accel_runtime::engine::sampling::argmax;
 use accel_runtime::engine::{Engine, EngineError, LogitsWanted, SeqId, StepInput};
 use accel_runtime::model::{self, LoadedModel};
@@ -318,15 +318,10 @@ fn chat_template_renders_like_transformers() {
     let meta = json(&dir.join("expected.json"));
     let template = ChatTemplate::new(model.chat_template.as_deref().unwrap()).unwrap();
     let text = template
-        .render(
-            &[Message {
-                role: "user".into(),
-                content: "What is a daemon?".into(),
-            }],
-            true,
-            "",
-            "<|im_end|>",
-        )
+        .render(&ChatInput {
+            eos_token: "<|im_end|>".into(),
+            ..ChatInput::prompt(&[Message::new("user", "What is a daemon?")])
+        })
         .unwrap();
     let chat_prompt = meta["prompt_ids"].as_array().unwrap().last().unwrap();
     assert_eq!(model.tokenizer.encode(&text).unwrap(), ids(chat_prompt));
@@ -445,15 +440,11 @@ fn smollm2_answers_like_transformers() {
     for chat in reference["chats"].as_array().unwrap() {
         let question = chat["question"].as_str().unwrap();
         let prompt = template
-            .render(
-                &[Message {
-                    role: "user".into(),
-                    content: question.into(),
-                }],
-                true,
-                "<|im_start|>",
-                "<|im_end|>",
-            )
+            .render(&ChatInput {
+                bos_token: "<|im_start|>".into(),
+                eos_token: "<|im_end|>".into(),
+                ..ChatInput::prompt(&[Message::new("user", question)])
+            })
             .unwrap();
         assert_eq!(prompt, chat["prompt"].as_str().unwrap());
         let prompt_ids = model.tokenizer.encode(&prompt).unwrap();

@@ -242,22 +242,20 @@ fn fuzz_chat_templates() {
         read("tests/fixtures/llama-gqa-f32/chat_template.jinja"),
         b"{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}".to_vec(),
     ];
-    let messages = [
-        accel_runtime::chat::Message {
-            role: "system".into(),
-            content: "be brief".into(),
-        },
-        accel_runtime::chat::Message {
-            role: "user".into(),
-            content: "hi {{ there }}".into(),
-        },
-    ];
+    let input = accel_runtime::chat::ChatInput {
+        bos_token: "<s>".into(),
+        eos_token: "</s>".into(),
+        ..accel_runtime::chat::ChatInput::prompt(&[
+            accel_runtime::chat::Message::new("system", "be brief"),
+            accel_runtime::chat::Message::new("user", "hi {{ there }}"),
+        ])
+    };
     fuzz("chat_template", seeds, |bytes| {
         let Ok(text) = std::str::from_utf8(bytes) else {
             return;
         };
         if let Ok(t) = accel_runtime::chat::ChatTemplate::new(text) {
-            let _ = t.render(&messages, true, "<s>", "</s>");
+            let _ = t.render(&input);
         }
     });
 }

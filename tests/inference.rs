@@ -604,8 +604,8 @@ fn a_request_without_sampling_fields_gets_the_models_generation_config() {
     assert_ne!(implicit, openai, "the model's defaults made no difference");
 }
 
-/// What a new user tried and got silently wrong: a role outside OpenAI's, and fields accel
-/// does not honour, are 400s naming them.
+/// What a new user tried and got silently wrong: a role outside OpenAI's, fields accel does
+/// not honour, and malformed tools are 400s naming them.
 #[test]
 fn unknown_roles_and_fields_accel_cannot_honour_are_refused_by_name() {
     let daemon = tiny_daemon(None);
@@ -626,8 +626,16 @@ fn unknown_roles_and_fields_accel_cannot_honour_are_refused_by_name() {
             "logit_bias is not supported",
         ),
         (
-            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto"}),
-            "tools, tool_choice are not supported",
+            json!({"functions": [{"name": "f", "parameters": {}}], "function_call": "auto"}),
+            "functions, function_call are not supported",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice names function \"g\"",
         ),
         (
             json!({"modalities": ["text", "audio"], "audio": {"voice": "x", "format": "wav"}}),
@@ -659,6 +667,17 @@ fn unknown_roles_and_fields_accel_cannot_honour_are_refused_by_name() {
         .as_str()
         .unwrap()
         .contains("suffix"));
+    // Tools are for chat.
+    let (status, response) = post(
+        &daemon,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "a", "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    );
+    assert_eq!(status, 400, "{response}");
+    assert!(response["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tools is not supported"));
 }
 
 /// The default model samples at its model card's 0.2 / 0.9 when a request (or `accelctl

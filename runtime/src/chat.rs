@@ -10,11 +10,54 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One chat message as templates see it (Hugging Face's shape): an assistant's message may
+/// carry `tool_calls` (`{"id", "type": "function", "function": {"name", "arguments": {...}}}`),
+/// a tool's result its `tool_call_id` and the function's `name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.to_owned(),
+            content: content.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+/// What a template renders: the conversation, the tools on offer, and the special tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatInput {
+    pub messages: Vec<Message>,
+    /// Tool definitions in OpenAI's shape, for templates that take `tools`; empty: none (the
+    /// template sees `none`, as transformers passes it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<serde_json::Value>,
+    /// End with the assistant's turn opened.
+    pub add_generation_prompt: bool,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl ChatInput {
+    /// `messages` with the assistant's turn opened, no tools, no special tokens.
+    pub fn prompt(messages: &[Message]) -> Self {
+        Self {
+            messages: messages.to_vec(),
+            add_generation_prompt: true,
+            ..Self::default()
+        }
+    }
 }
 
 /// A template that failed to parse or render; the message says where.
@@ -269,38 +312,32 @@ impl ChatTemplate {
         self
     }
 
-    /// The prompt for `messages`, ending with the assistant's turn opened when
-    /// `add_generation_prompt`; in a renderer process when this template has them.
-    pub fn render(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-        bos_token: &str,
-        eos_token: &str,
-    ) -> Result<String, TemplateError> {
+    /// Whether the template does anything with `tools` (Llama 3's, Qwen2's and others do;
+    /// a plain ChatML one does not).
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// The prompt for `input`; in a renderer process when this template has them.
+    pub fn render(&self, input: &ChatInput) -> Result<String, TemplateError> {
         match &self.sandbox {
-            Some(sandbox) => sandbox.render(messages, add_generation_prompt, bos_token, eos_token),
-            None => self.render_here(messages, add_generation_prompt, bos_token, eos_token),
+            Some(sandbox) => sandbox.render(input),
+            None => self.render_here(input),
         }
     }
 
     /// Renders in this process (bounded by fuel and the output cap, not in memory).
-    pub fn render_here(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-        bos_token: &str,
-        eos_token: &str,
-    ) -> Result<String, TemplateError> {
+    pub fn render_here(&self, input: &ChatInput) -> Result<String, TemplateError> {
         let template = self
             .env
             .get_template("chat")
             .map_err(|e| TemplateError(e.to_string()))?;
         let context = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token,
-            eos_token => eos_token,
+            messages => &input.messages,
+            tools => (!input.tools.is_empty()).then_some(&input.tools),
+            add_generation_prompt => input.add_generation_prompt,
+            bos_token => &input.bos_token,
+            eos_token => &input.eos_token,
         };
         let mut out = Capped {
             out: Vec::new(),
@@ -336,16 +373,17 @@ mod tests {
             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
         )
         .unwrap();
-        let messages = [Message {
-            role: "user".into(),
-            content: "hi".into(),
-        }];
+        let messages = [Message::new("user", "hi")];
         assert_eq!(
-            t.render(&messages, true, "", "").unwrap(),
+            t.render(&ChatInput::prompt(&messages)).unwrap(),
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            t.render(&messages, false, "", "").unwrap(),
+            t.render(&ChatInput {
+                add_generation_prompt: false,
+                ..ChatInput::prompt(&messages)
+            })
+            .unwrap(),
             "<|im_start|>user\nhi<|im_end|>\n"
         );
     }
@@ -353,22 +391,25 @@ mod tests {
     #[test]
     fn raise_exception_is_a_clear_error() {
         let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}").unwrap();
-        let err = t.render(&[], false, "", "").unwrap_err().to_string();
+        let err = t.render(&ChatInput::default()).unwrap_err().to_string();
         assert!(err.contains("roles must alternate"), "{err}");
     }
 
     #[test]
     fn runaway_templates_are_stopped_by_fuel_and_the_output_cap() {
-        let messages = [Message {
-            role: "user".into(),
-            content: "hi".into(),
-        }];
+        let messages = [Message::new("user", "hi")];
         let started = std::time::Instant::now();
         let t = ChatTemplate::new("{{ messages * 1000000000 }}").unwrap();
-        let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+        let err = t
+            .render(&ChatInput::prompt(&messages))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("100000 items"), "{err}");
         let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}").unwrap();
-        let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+        let err = t
+            .render(&ChatInput::prompt(&messages))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("instructions") || err.contains("bytes"),
             "{err}"
@@ -391,11 +432,14 @@ mod tests {
         ] {
             let t = ChatTemplate::new(&format!("{{{{ (messages * 1000000000) | {filter} }}}}"))
                 .unwrap();
-            let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+            let err = t
+                .render(&ChatInput::prompt(&messages))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("100000 items"), "{filter}: {err}");
         }
         let t = ChatTemplate::new("{{ 'x' * 100000000 }}").unwrap();
-        assert!(t.render(&messages, true, "", "").is_err());
+        assert!(t.render(&ChatInput::prompt(&messages)).is_err());
         // Counts and widths that size an allocation are bounded too.
         for call in [
             "[1] | batch(10000000000000)",
@@ -403,7 +447,10 @@ mod tests {
             "'a' | indent(10000000000000)",
         ] {
             let t = ChatTemplate::new(&format!("{{{{ {call} }}}}")).unwrap();
-            let err = t.render(&messages, true, "", "").unwrap_err().to_string();
+            let err = t
+                .render(&ChatInput::prompt(&messages))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("100000 items"), "{call}: {err}");
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(10));

@@ -11,6 +11,7 @@ mod openai;
 pub mod openai_types;
 mod routes;
 pub mod server;
+pub mod tools;
 pub mod types;
 
 use std::sync::Arc;

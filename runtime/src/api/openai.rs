@@ -22,8 +22,9 @@ use tokio::sync::mpsc;
 
 use super::error::{required_json, ApiError};
 use super::openai_types::*;
+use super::tools::{self, PastCall, Tools};
 use super::Authenticated;
-use crate::chat::Message;
+use crate::chat::{ChatInput, Message};
 use crate::engine::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::guide::{Grammar, Guide, GuideError};
 use crate::policy::Role;
@@ -197,7 +198,7 @@ const MAX_STOP_STRINGS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 
 /// Fields a client may send that accel cannot honour: named in a 400, never ignored.
-fn refuse_unsupported(common: &CommonFields) -> Result<(), ApiError> {
+fn refuse_unsupported(common: &CommonFields, chat: bool) -> Result<(), ApiError> {
     let set = |v: &Option<serde_json::Value>| {
         v.as_ref().is_some_and(|v| match v {
             serde_json::Value::Null => false,
@@ -210,8 +211,11 @@ fn refuse_unsupported(common: &CommonFields) -> Result<(), ApiError> {
     if set(&common.logit_bias) {
         refused.push("logit_bias");
     }
+    // Tools are served on chat; the deprecated `functions` form on neither.
+    if !chat && set(&common.tools) {
+        refused.push("tools");
+    }
     for (name, value) in [
-        ("tools", &common.tools),
         ("functions", &common.functions),
         ("function_call", &common.function_call),
     ] {
@@ -219,8 +223,8 @@ fn refuse_unsupported(common: &CommonFields) -> Result<(), ApiError> {
             refused.push(name);
         }
     }
-    // `tool_choice: "none"` asks for what accel does anyway.
-    if set(&common.tool_choice) && common.tool_choice != Some(serde_json::json!("none")) {
+    // `tool_choice: "none"` asks for what a completion does anyway.
+    if !chat && set(&common.tool_choice) && common.tool_choice != Some(serde_json::json!("none")) {
         refused.push("tool_choice");
     }
     if set(&common.audio) {
@@ -417,6 +421,31 @@ struct Job {
     chat: bool,
     started: Instant,
     prompt_tokens: usize,
+    /// Tools on offer: the output is read for calls.
+    tools: Option<Tools>,
+}
+
+impl Job {
+    /// The calls in `output` as the answer carries them (`index` in streamed deltas).
+    fn calls(&self, output: &str, streamed: bool) -> Option<Vec<ToolCall>> {
+        let calls = self.tools.as_ref()?.read_calls(output)?;
+        let stem = self.id.rsplit('-').next().unwrap_or_default();
+        Some(
+            calls
+                .into_iter()
+                .enumerate()
+                .map(|(i, call)| ToolCall {
+                    index: streamed.then_some(i),
+                    id: format!("call_{stem}_{i}"),
+                    kind: "function".into(),
+                    function: FunctionCall {
+                        name: call.name,
+                        arguments: call.arguments,
+                    },
+                })
+                .collect(),
+        )
+    }
 }
 
 pub(super) async fn completions(
@@ -436,7 +465,7 @@ pub(super) async fn completions(
             top.unwrap_or(0)
         )));
     }
-    refuse_unsupported(&request.common)?;
+    refuse_unsupported(&request.common, false)?;
     let (model, slot) = admit(&state, &auth, &request.common.model, slot.map(|s| s.0))?;
     let params = sampling(&request.common, &model, top.unwrap_or(0))?;
     let prompt = match request.prompt {
@@ -479,6 +508,7 @@ pub(super) async fn completions(
         request.common,
         top,
         false,
+        None,
     )
     .await
 }
@@ -505,10 +535,15 @@ pub(super) async fn chat_completions(
             "top_logprobs is at most {MAX_TOP_LOGPROBS}"
         )));
     }
-    refuse_unsupported(&request.common)?;
+    refuse_unsupported(&request.common, true)?;
+    let tools = Tools::from_request(
+        request.common.tools.as_ref(),
+        request.common.tool_choice.as_ref(),
+    )
+    .map_err(ApiError::bad_request)?;
     let (model, slot) = admit(&state, &auth, &request.common.model, slot.map(|s| s.0))?;
     let params = sampling(&request.common, &model, top.unwrap_or(0))?;
-    let mut messages = Vec::with_capacity(request.messages.len());
+    let mut conversation = Vec::with_capacity(request.messages.len());
     for (i, m) in request.messages.into_iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::bad_request(format!(
@@ -523,9 +558,30 @@ pub(super) async fn chat_completions(
         } else {
             m.role
         };
+        let calls: Vec<PastCall> = m
+            .tool_calls
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(j, call)| PastCall {
+                id: if call.id.is_empty() {
+                    format!("call_{i}_{j}")
+                } else {
+                    call.id
+                },
+                name: call.function.name,
+                arguments: call.function.arguments,
+            })
+            .collect();
         let content = match m.content {
-            ContentInput::Text(text) => text,
-            ContentInput::Parts(parts) => {
+            None if role == "assistant" && !calls.is_empty() => String::new(),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "messages[{i}].content is missing; only an assistant's message with tool_calls may leave it out"
+                )))
+            }
+            Some(ContentInput::Text(text)) => text,
+            Some(ContentInput::Parts(parts)) => {
                 let mut text = String::new();
                 for part in parts {
                     match (part.kind.as_str(), part.text) {
@@ -536,14 +592,42 @@ pub(super) async fn chat_completions(
                 text
             }
         };
-        messages.push(Message { role, content });
+        conversation.push((
+            Message {
+                role,
+                content,
+                tool_call_id: m.tool_call_id,
+                name: m.name,
+                ..Message::default()
+            },
+            calls,
+        ));
     }
-    model.chat_template().ok_or_else(|| {
+    let template = model.chat_template().ok_or_else(|| {
         ApiError::bad_request(format!(
             "model {:?} has no chat template; use /v1/completions",
             model.info.name
         ))
     })?;
+    // Calls and results go to a template that knows them as they are; to one that does not,
+    // as text it can render.
+    let (messages, tool_definitions) = if template.takes_tools() {
+        let messages = conversation
+            .into_iter()
+            .map(|(mut message, calls)| {
+                if !calls.is_empty() {
+                    message.tool_calls = Some(calls.iter().map(PastCall::for_template).collect());
+                }
+                message
+            })
+            .collect();
+        (
+            messages,
+            tools.as_ref().map(Tools::definitions).unwrap_or_default(),
+        )
+    } else {
+        (tools::inline(conversation, tools.as_ref()), Vec::new())
+    };
     let tokenizer = model.tokenizer();
     let token_text = |id: Option<u32>| {
         id.and_then(|i| tokenizer.id_to_token(i))
@@ -551,7 +635,13 @@ pub(super) async fn chat_completions(
     };
     let eos = token_text(tokenizer.eos_ids().first().copied());
     // Off the async threads, under a deadline: the template came with the model file.
-    let bos = token_text(tokenizer.bos_id());
+    let input = ChatInput {
+        messages,
+        tools: tool_definitions,
+        add_generation_prompt: true,
+        bos_token: token_text(tokenizer.bos_id()),
+        eos_token: eos,
+    };
     let rendering = {
         let model = model.clone();
         // The tenant's request slot stays taken until the rendering really ends, even past the
@@ -559,9 +649,7 @@ pub(super) async fn chat_completions(
         let held = Arc::clone(&slot);
         tokio::task::spawn_blocking(move || {
             let _held = held;
-            model
-                .chat_template()
-                .map(|t| t.render(&messages, true, &bos, &eos))
+            model.chat_template().map(|t| t.render(&input))
         })
     };
     let text = match tokio::time::timeout(TEMPLATE_DEADLINE, rendering).await {
@@ -599,6 +687,7 @@ pub(super) async fn chat_completions(
         request.common,
         top,
         true,
+        tools,
     )
     .await
 }
@@ -615,15 +704,25 @@ async fn start(
     common: CommonFields,
     top_logprobs: Option<usize>,
     chat: bool,
+    tools: Option<Tools>,
 ) -> Result<Response, ApiError> {
     if max_tokens == 0 {
         return Err(ApiError::bad_request(
             "max_tokens is 0; ask for at least one token",
         ));
     }
-    let guide = match grammar(&common)? {
-        Some(grammar) => Some(compile(&model, &slot, grammar).await?),
-        None => None,
+    let asked = grammar(&common)?;
+    let called = tools.as_ref().and_then(Tools::grammar);
+    let guide = match (asked, called) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "tool_choice \"required\" or a named function constrains the output to a call; drop response_format and guided_* fields",
+            ))
+        }
+        (Some(grammar), None) | (None, Some(grammar)) => {
+            Some(compile(&model, &slot, grammar).await?)
+        }
+        (None, None) => None,
     };
     let prompt_tokens = prompt.len();
     let events = model
@@ -651,6 +750,7 @@ async fn start(
         chat,
         started: Instant::now(),
         prompt_tokens,
+        tools,
     };
     if job.stream {
         Ok(stream(state, job).into_response())
@@ -784,7 +884,12 @@ async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiErr
                 prompt_tokens,
                 completion_tokens,
             }) => {
-                let reason = reason_str(reason);
+                let calls = job.calls(&text, false);
+                let reason = if calls.is_some() {
+                    "tool_calls"
+                } else {
+                    reason_str(reason)
+                };
                 timing.done(&state, &job, reason);
                 let usage = Some(Usage {
                     prompt_tokens,
@@ -802,7 +907,8 @@ async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiErr
                             index: 0,
                             message: Some(ChatMessageOut {
                                 role: Some("assistant".into()),
-                                content: Some(text),
+                                content: calls.is_none().then_some(text),
+                                tool_calls: calls,
                             }),
                             delta: None,
                             logprobs: job.top_logprobs.map(|_| chat_lp),
@@ -862,6 +968,12 @@ fn stream(
         sent_role: bool,
         finished: bool,
         done_sent: bool,
+        /// With tools on offer: output held back while it may be a call.
+        held: String,
+        /// The output is text, not a call: it streams as it comes.
+        passing: bool,
+        /// Chunks to send before the next event.
+        queued: std::collections::VecDeque<String>,
     }
     let init = Streaming {
         state,
@@ -870,8 +982,14 @@ fn stream(
         sent_role: false,
         finished: false,
         done_sent: false,
+        held: String::new(),
+        passing: false,
+        queued: std::collections::VecDeque::new(),
     };
     let events = futures_util::stream::unfold(init, |mut s| async move {
+        if let Some(data) = s.queued.pop_front() {
+            return Some((Ok(SseEvent::default().data(data)), s));
+        }
         if s.done_sent {
             return None;
         }
@@ -883,13 +1001,15 @@ fn stream(
                      text: Option<String>,
                      logprobs: Option<ChunkLogprob>,
                      reason: Option<&str>,
-                     usage: Option<Usage>| {
+                     usage: Option<Usage>,
+                     tool_calls: Option<Vec<ToolCall>>| {
             let job = &s.job;
             let created = unix_now();
             if job.chat {
                 let delta = ChatMessageOut {
                     role: (!s.sent_role).then(|| "assistant".to_owned()),
                     content: text,
+                    tool_calls,
                 };
                 serde_json::to_string(&ChatResponse {
                     id: job.id.clone(),
@@ -929,42 +1049,74 @@ fn stream(
             }
             .unwrap_or_else(|e| format!("{{\"error\":{{\"code\":\"internal\",\"message\":\"cannot encode chunk: {e}\"}}}}"))
         };
-        let event = match s.job.events.recv().await {
-            Some(Event::Token {
-                text,
-                token,
-                logprob,
-                top,
-            }) => {
-                s.timing.token(&s.state, &s.job);
-                let logprobs = s.job.top_logprobs.map(|_| (token, logprob, top));
-                let data = chunk(&s, Some(text), logprobs, None, None);
-                s.sent_role = true;
-                data
-            }
-            Some(Event::Done {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            }) => {
-                let reason = reason_str(reason);
-                s.timing.done(&s.state, &s.job, reason);
-                s.finished = true;
-                let usage = s.job.include_usage.then_some(Usage {
+        let event = loop {
+            break match s.job.events.recv().await {
+                Some(Event::Token {
+                    text,
+                    token,
+                    logprob,
+                    top,
+                }) => {
+                    s.timing.token(&s.state, &s.job);
+                    let logprobs = s.job.top_logprobs.map(|_| (token, logprob, top));
+                    let text = match &s.job.tools {
+                        Some(tools) if !s.passing => {
+                            s.held.push_str(&text);
+                            if tools.may_be_call(&s.held) {
+                                continue; // it may be a call: sent whole at the end
+                            }
+                            s.passing = true;
+                            std::mem::take(&mut s.held)
+                        }
+                        _ => text,
+                    };
+                    let data = chunk(&s, Some(text), logprobs, None, None, None);
+                    s.sent_role = true;
+                    data
+                }
+                Some(Event::Done {
+                    reason,
                     prompt_tokens,
                     completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
-                });
-                chunk(&s, None, None, Some(reason), usage)
-            }
-            Some(Event::Error { message }) => {
-                s.finished = true;
-                serde_json::json!({"error": {"code": "generation_failed", "message": format!("generation failed: {message}")}}).to_string()
-            }
-            None => {
-                s.finished = true;
-                serde_json::json!({"error": {"code": "model_unavailable", "message": "the model's runner stopped mid-request; see the daemon log"}}).to_string()
-            }
+                }) => {
+                    let held = std::mem::take(&mut s.held);
+                    let calls = s.job.calls(&held, true);
+                    let reason = if calls.is_some() {
+                        "tool_calls"
+                    } else {
+                        reason_str(reason)
+                    };
+                    s.timing.done(&s.state, &s.job, reason);
+                    s.finished = true;
+                    let usage = s.job.include_usage.then_some(Usage {
+                        prompt_tokens,
+                        completion_tokens,
+                        total_tokens: prompt_tokens + completion_tokens,
+                    });
+                    // What was held back goes out before the finish: the calls, or the text
+                    // it turned out to be.
+                    if calls.is_none() && held.is_empty() {
+                        chunk(&s, None, None, Some(reason), usage, None)
+                    } else {
+                        let data = match calls {
+                            Some(calls) => chunk(&s, None, None, None, None, Some(calls)),
+                            None => chunk(&s, Some(held), None, None, None, None),
+                        };
+                        s.sent_role = true;
+                        s.queued
+                            .push_back(chunk(&s, None, None, Some(reason), usage, None));
+                        data
+                    }
+                }
+                Some(Event::Error { message }) => {
+                    s.finished = true;
+                    serde_json::json!({"error": {"code": "generation_failed", "message": format!("generation failed: {message}")}}).to_string()
+                }
+                None => {
+                    s.finished = true;
+                    serde_json::json!({"error": {"code": "model_unavailable", "message": "the model's runner stopped mid-request; see the daemon log"}}).to_string()
+                }
+            };
         };
         Some((Ok(SseEvent::default().data(event)), s))
     });

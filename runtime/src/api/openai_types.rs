@@ -166,7 +166,41 @@ pub struct ContentPart {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatMessageInput {
     pub role: String,
-    pub content: ContentInput,
+    /// May be absent (or null) on an assistant's message that carries `tool_calls`.
+    #[serde(default)]
+    pub content: Option<ContentInput>,
+    /// An assistant's calls, as an earlier answer gave them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// On a `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A tool call, in a message or an answer (`index` only in streamed deltas).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    #[serde(default)]
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON object's text.
+    #[serde(default)]
+    pub arguments: String,
 }
 
 /// `POST /v1/chat/completions`.
@@ -247,6 +281,8 @@ pub struct ChatMessageOut {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

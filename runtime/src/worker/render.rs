@@ -12,13 +12,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::proto::Deadline;
 use super::proto::{self, tag};
 use super::remote::{launch, Connection};
 use super::{WorkerIdentity, SOCKET_FD};
-use crate::chat::{ChatTemplate, Message, TemplateError};
+use crate::chat::{ChatInput, ChatTemplate, TemplateError};
 
 /// Address space of a renderer: the binary, its libraries and the renderer's heap. Prompts
 /// are capped at a few MiB; a template needing more than this is broken or hostile.
@@ -27,14 +25,6 @@ pub const RENDER_MEMORY: u64 = 1 << 30;
 pub const RENDER_DEADLINE: Duration = Duration::from_secs(2);
 /// Renderers kept idle per model.
 const IDLE: usize = 4;
-
-#[derive(Debug, Serialize, Deserialize)]
-struct RenderRequest {
-    messages: Vec<Message>,
-    add_generation_prompt: bool,
-    bos_token: String,
-    eos_token: String,
-}
 
 /// `acceld render`: renders with the template it is sent, one request at a time.
 pub fn main() -> Result<(), String> {
@@ -58,16 +48,9 @@ pub fn main() -> Result<(), String> {
         if frame.tag == tag::SHUTDOWN {
             return Ok(());
         }
-        let reply = serde_json::from_slice::<RenderRequest>(&frame.payload)
+        let reply = serde_json::from_slice::<ChatInput>(&frame.payload)
             .map_err(|e| TemplateError::new(format!("malformed render request: {e}")))
-            .and_then(|r| {
-                template.render_here(
-                    &r.messages,
-                    r.add_generation_prompt,
-                    &r.bos_token,
-                    &r.eos_token,
-                )
-            });
+            .and_then(|input| template.render_here(&input));
         let written = match reply {
             Ok(text) => proto::write_frame(&mut stream, tag::RENDERED, text.as_bytes()),
             Err(e) => proto::write_frame(&mut stream, tag::ERROR, e.to_string().as_bytes()),
@@ -112,25 +95,13 @@ impl TemplateSandbox {
 
     /// Renders in a renderer process: the same result as in this process, except that a
     /// template that takes too much memory or time ends its renderer, not the daemon.
-    pub fn render(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-        bos_token: &str,
-        eos_token: &str,
-    ) -> Result<String, TemplateError> {
+    pub fn render(&self, input: &ChatInput) -> Result<String, TemplateError> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut renderer = match idle {
             Some(renderer) => renderer,
             None => self.start()?,
         };
-        let request = serde_json::to_vec(&RenderRequest {
-            messages: messages.to_vec(),
-            add_generation_prompt,
-            bos_token: bos_token.to_owned(),
-            eos_token: eos_token.to_owned(),
-        })
-        .map_err(|e| TemplateError::new(e.to_string()))?;
+        let request = serde_json::to_vec(input).map_err(|e| TemplateError::new(e.to_string()))?;
         let deadline = Instant::now() + RENDER_DEADLINE;
         let answer = proto::write_frame(&mut renderer.stream, tag::RENDER, &request)
             .and_then(|()| proto::read_frame(&mut Deadline::new(&renderer.stream, deadline)));

@@ -1,0 +1,121 @@
+//! Tool calling through the daemon with the default model: the official OpenAI Python SDK
+//! forces a call, streams it, answers the tool's result and names a function
+//! (`tests/sdk/tools.py`); and with `tool_choice` `auto`, an answer that is text streams as
+//! the same text it is whole.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use accel_tests::{Daemon, DaemonOptions};
+use serde_json::{json, Value};
+
+fn smollm2_daemon() -> Option<Daemon> {
+    let path = accel_tests::smollm2_gguf()?;
+    let extra = format!(
+        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: 256\n",
+        path.display()
+    );
+    Some(Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    }))
+}
+
+/// Where the test command installs the SDK (`.ci/deps.sh`); `None` (a printed skip) when it
+/// is missing outside CI.
+fn python_deps() -> Option<PathBuf> {
+    let dir = PathBuf::from(
+        std::env::var("ACCEL_PYTHON_DEPS").unwrap_or_else(|_| "/var/cache/accel/python".into()),
+    );
+    if dir.join("openai").is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the openai SDK is missing from {} in CI: the test command installs it (.ci/deps.sh)",
+        dir.display()
+    );
+    eprintln!(
+        "skipped: the openai SDK is not in {} (run .ci/deps.sh)",
+        dir.display()
+    );
+    None
+}
+
+#[test]
+fn the_openai_sdk_calls_tools_streams_calls_and_answers_results() {
+    let Some(daemon) = smollm2_daemon() else {
+        return;
+    };
+    let Some(deps) = python_deps() else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/tools.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&daemon.socket)
+        .env("PYTHONPATH", &deps)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn with_tool_choice_auto_a_text_answer_streams_as_it_is_whole() {
+    let Some(daemon) = smollm2_daemon() else {
+        return;
+    };
+    let body = json!({
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "temperature": 0, "max_tokens": 30,
+    });
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(status, 200, "{text}");
+    let whole: Value = serde_json::from_str(&text).unwrap();
+    let content = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        whole["choices"][0]["message"]["tool_calls"].is_null(),
+        "{whole}"
+    );
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(streaming.to_string().as_bytes()),
+    );
+    assert_eq!(status, 200, "{text}");
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, content);
+    // Text, not held to the end: it came in more than one piece.
+    assert!(chunks.len() > 3, "{text}");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+}
