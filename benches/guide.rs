@@ -102,7 +102,7 @@ fn serve(handle: &ModelHandle, n: usize, guide: Option<&Guide>) -> f64 {
                         assert_eq!(completion_tokens, OUTPUT, "the grammar ended early");
                         *done = true;
                     }
-                    Event::Error { message } => panic!("{message}"),
+                    Event::Error { message, .. } => panic!("{message}"),
                     Event::Token { .. } => {}
                 }
             }

@@ -148,7 +148,7 @@ fn through_scheduler(handle: &ModelHandle, n: usize) -> f64 {
             while let Ok(event) = r.try_recv() {
                 match event {
                     Event::Done { .. } => *done = true,
-                    Event::Error { message } => panic!("{message}"),
+                    Event::Error { message, .. } => panic!("{message}"),
                     Event::Token { .. } => {}
                 }
             }

@@ -600,7 +600,7 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
     // Prefill in small chunks, so a sequence's memory is its KV cache, which the kernel
     // charges to the worker page by page as the sequence grows.
     let extra = format!(
-        "isolation: shared\ntcp_listen: 127.0.0.1:{port}\nmodels:\n  - name: small\n    path: {}\n    kv_blocks: 256\n    max_batch_tokens: 64\n    preemption: recompute\n",
+        "isolation: shared\ntcp_listen: 127.0.0.1:{port}\nmodels:\n  - name: small\n    path: {}\n    kv_blocks: 512\n    max_batch_tokens: 64\n    preemption: recompute\n",
         model.display()
     );
     let daemon = Daemon::start_with(DaemonOptions {
@@ -608,30 +608,52 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
         extra_config: &extra,
         ..Default::default()
     });
-    let completion = |prompt: &str, max_tokens: usize| json!({"model": "small", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
-    const TOKENS: usize = 250;
-    let prompts = [
-        "The history of the printing press",
-        "A recipe for bread starts with",
-    ];
-    // What each prompt gives from the shared worker, which has no limit.
-    let want: Vec<Value> = prompts
-        .iter()
-        .map(|p| {
-            let (status, answer) = post_as(
-                port,
-                "beta-token",
-                "/v1/completions",
-                &completion(p, TOKENS),
-            );
-            assert_eq!(status, 200, "{answer}");
-            answer["choices"][0]["text"].clone()
-        })
-        .collect();
+    // Long prompts and short answers: a sequence's cache grows fast (prefill) and the answer
+    // still shows whether it came out as it would have.
+    let completion = |prompt: &[u32], max_tokens: usize| json!({"model": "small", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
+    // Each request's cache (45 MiB) is large beside what a worker's memory varies by from run
+    // to run (page cache, allocator): the margins below are a third of it.
+    const TOKENS: usize = 1000;
+    const ANSWER: usize = 16;
+    let prompt = |seed: u32, len: usize| -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| 500 + (i * 7 + seed * 131) % 30_000)
+            .collect()
+    };
+    let prompts = [prompt(1, TOKENS), prompt(2, TOKENS)];
+    // What each prompt gives from the shared worker, which has no limit (both at once).
+    let want: Vec<Value> = std::thread::scope(|s| {
+        let asked: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                s.spawn(|| {
+                    post_as(
+                        port,
+                        "beta-token",
+                        "/v1/completions",
+                        &completion(p, ANSWER),
+                    )
+                })
+            })
+            .collect();
+        asked
+            .into_iter()
+            .map(|h| {
+                let (status, answer) = h.join().unwrap();
+                assert_eq!(status, 200, "{answer}");
+                answer["choices"][0]["text"].clone()
+            })
+            .collect()
+    });
 
-    // Alpha's worker, warm; then alpha's limit is lowered to what it uses now and room for 1.5
-    // of these requests' caches.
-    let (status, warm) = post_as(port, "alpha-token", "/v1/completions", &completion("Hi", 2));
+    // Alpha's worker, warm; then alpha's limit is lowered to the most it has used (loading
+    // included) and room for 1.5 of these requests' caches.
+    let (status, warm) = post_as(
+        port,
+        "alpha-token",
+        "/v1/completions",
+        &completion(&[1, 2, 3], 2),
+    );
     assert_eq!(status, 200, "{warm}");
     let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
     let shared_pid = listed["workers"][0]["pid"].as_u64().unwrap() as u32;
@@ -639,15 +661,15 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
     let usage_file = tenant_memory_file(
         &instance,
         "alpha",
-        "memory.usage_in_bytes",
-        "memory.current",
+        "memory.max_usage_in_bytes",
+        "memory.peak",
     );
     let used: u64 = std::fs::read_to_string(&usage_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let per_request = (TOKENS as u64 + 16) * SMOLLM2_KV_BYTES_PER_TOKEN;
+    let per_request = (TOKENS + ANSWER) as u64 * SMOLLM2_KV_BYTES_PER_TOKEN;
     let limit = used + per_request * 3 / 2;
     eprintln!(
         "alpha's worker uses {} MiB; each request's cache {} MiB; limit {} MiB",
@@ -673,7 +695,7 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
                         port,
                         "alpha-token",
                         "/v1/completions",
-                        &completion(p, TOKENS),
+                        &completion(p, ANSWER),
                     )
                 })
             })
@@ -683,7 +705,7 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
                 port,
                 "beta-token",
                 "/v1/completions",
-                &completion(prompts[0], TOKENS),
+                &completion(&prompts[0], ANSWER),
             )
         });
         alpha
@@ -712,14 +734,16 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
         "the two were not retried one at a time"
     );
 
-    // A request that cannot fit under the limit by itself fails, saying so.
+    // A request that cannot fit under the limit by itself (a prompt of twice the tokens,
+    // prefilled in chunks) fails, saying so.
     let (status, answer) = post_as(
         port,
         "alpha-token",
         "/v1/completions",
-        &completion(prompts[0], 2 * TOKENS),
+        &completion(&prompt(3, 2 * TOKENS), 1),
     );
-    assert_eq!(status, 503, "{answer}");
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "request_cannot_be_served");
     let message = answer["error"]["message"].as_str().unwrap();
     assert!(
         message.contains(&format!("limits.memory, {} MiB", limit >> 20))

@@ -28,7 +28,7 @@ use crate::chat::{ChatInput, Message};
 use crate::engine::sampling::{SamplingParams, MAX_TOP_LOGPROBS};
 use crate::guide::{Grammar, Guide, GuideError};
 use crate::policy::Role;
-use crate::runner::{Event, FinishReason, GenerateRequest, ModelHandle, SubmitError};
+use crate::runner::{Event, Failure, FinishReason, GenerateRequest, ModelHandle, SubmitError};
 use crate::sched::TenantParams;
 use crate::state::{DaemonState, TenantSlot};
 
@@ -384,6 +384,12 @@ async fn compile(
             "grammar_unsupported",
             message,
         )),
+        Ok(Ok(Err(GuideError::Failed(message)))) => {
+            tracing::error!(model = %model.info.name, error = %message, "compiling a request's grammar failed");
+            Err(ApiError::internal(
+                "compiling the output's grammar failed; see the daemon log",
+            ))
+        }
         Ok(Err(_)) => Err(ApiError::internal(
             "compiling the output's grammar failed; see the daemon log",
         )),
@@ -759,6 +765,15 @@ async fn start(
     }
 }
 
+/// A failed generation's status and code: the server's failure may pass on a retry (503,
+/// which clients retry); the request's own cannot (400).
+fn failure_status(cause: Failure) -> (StatusCode, &'static str) {
+    match cause {
+        Failure::Server => (StatusCode::SERVICE_UNAVAILABLE, "generation_failed"),
+        Failure::Request => (StatusCode::BAD_REQUEST, "request_cannot_be_served"),
+    }
+}
+
 /// Per-request bookkeeping for metrics.
 struct Timing {
     last_token: Option<Instant>,
@@ -935,10 +950,11 @@ async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiErr
                     .map(|v| Json(v).into_response())
                     .map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")));
             }
-            Some(Event::Error { message }) => {
+            Some(Event::Error { message, cause }) => {
+                let (status, code) = failure_status(cause);
                 return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "generation_failed",
+                    status,
+                    code,
                     format!("generation failed: {message}"),
                 ));
             }
@@ -1108,9 +1124,10 @@ fn stream(
                         data
                     }
                 }
-                Some(Event::Error { message }) => {
+                Some(Event::Error { message, cause }) => {
                     s.finished = true;
-                    serde_json::json!({"error": {"code": "generation_failed", "message": format!("generation failed: {message}")}}).to_string()
+                    let (_, code) = failure_status(cause);
+                    serde_json::json!({"error": {"code": code, "message": format!("generation failed: {message}")}}).to_string()
                 }
                 None => {
                     s.finished = true;

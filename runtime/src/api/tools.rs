@@ -139,7 +139,10 @@ impl Tools {
     /// Arguments whose schema says nothing of other properties get none: a caller's function
     /// takes the parameters it declares (OpenAI's strict mode asks the same of schemas).
     pub fn grammar(&self) -> Option<Grammar> {
-        let call = |f: &Function| {
+        // The arguments' schemas move under the call's; their definitions (`$defs`, as
+        // pydantic writes them) move to the root, renamed per function, so refs still resolve.
+        let mut defs = serde_json::Map::new();
+        let mut call = |f: &Function| {
             let mut arguments = f.parameters.clone();
             if let Some(object) = arguments.as_object_mut() {
                 if object.contains_key("properties") {
@@ -147,7 +150,16 @@ impl Tools {
                         .entry("additionalProperties")
                         .or_insert(Value::Bool(false));
                 }
+                for key in ["$defs", "definitions"] {
+                    if let Some(Value::Object(found)) = object.remove(key) {
+                        for (name, mut def) in found {
+                            rename_refs(&f.name, &mut def);
+                            defs.insert(format!("{}__{name}", f.name), def);
+                        }
+                    }
+                }
             }
+            rename_refs(&f.name, &mut arguments);
             json!({
                 "type": "object",
                 "properties": {"name": {"const": f.name}, "arguments": arguments},
@@ -155,17 +167,17 @@ impl Tools {
                 "additionalProperties": false
             })
         };
-        match &self.choice {
-            Choice::Auto => None,
-            Choice::Named(name) => self
-                .functions
-                .iter()
-                .find(|f| &f.name == name)
-                .map(|f| Grammar::JsonSchema(call(f))),
-            Choice::Required => Some(Grammar::JsonSchema(json!({
-                "anyOf": self.functions.iter().map(call).collect::<Vec<_>>()
-            }))),
+        let mut schema = match &self.choice {
+            Choice::Auto => return None,
+            Choice::Named(name) => call(self.functions.iter().find(|f| &f.name == name)?),
+            Choice::Required => json!({
+                "anyOf": self.functions.iter().map(&mut call).collect::<Vec<_>>()
+            }),
+        };
+        if !defs.is_empty() {
+            schema["$defs"] = Value::Object(defs);
         }
+        Some(Grammar::JsonSchema(schema))
     }
 
     /// The tools in OpenAI's shape, as templates that take `tools` expect them.
@@ -213,10 +225,14 @@ impl Tools {
     /// The calls in the model's output: `<tool_call>` blocks (Hermes, Qwen2, SmolLM2), or an
     /// output that is one JSON call or a list of them (Llama 3 writes `parameters` for
     /// `arguments`). Only calls of listed functions with object arguments count; `None` if
-    /// there are none.
+    /// there are none. An output that begins as text is text, calls or not: that is what a
+    /// stream has already sent by the time a call could appear.
     pub fn read_calls(&self, output: &str) -> Option<Vec<Call>> {
         let t = output.trim();
-        let bodies: Vec<&str> = if t.contains(CALL_OPEN) {
+        if !self.may_be_call(t) {
+            return None;
+        }
+        let bodies: Vec<&str> = if t.starts_with(CALL_OPEN) {
             t.split(CALL_OPEN)
                 .skip(1)
                 .map(|part| part.split(CALL_CLOSE).next().unwrap_or_default().trim())
@@ -258,6 +274,32 @@ impl Tools {
             }
         }
         (!calls.is_empty()).then_some(calls)
+    }
+}
+
+/// Points a function's local refs (`#/$defs/X`, `#/definitions/X`) at its definitions' new
+/// names at the root. Recursion is bounded by the request's JSON, whose parser caps nesting.
+fn rename_refs(function: &str, schema: &mut Value) {
+    match schema {
+        Value::Object(object) => {
+            if let Some(Value::String(target)) = object.get_mut("$ref") {
+                for prefix in ["#/$defs/", "#/definitions/"] {
+                    if let Some(name) = target.strip_prefix(prefix) {
+                        *target = format!("#/$defs/{function}__{name}");
+                        break;
+                    }
+                }
+            }
+            for value in object.values_mut() {
+                rename_refs(function, value);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                rename_refs(function, item);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -396,6 +438,8 @@ mod tests {
             "It is sunny.",
             r#"{"name": "other", "arguments": {}}"#,
             "<tool_call>not json</tool_call>",
+            // Text first: a stream has sent it as text already.
+            r#"Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>"#,
         ] {
             assert_eq!(tools.read_calls(output), None, "{output}");
         }
@@ -422,6 +466,39 @@ mod tests {
         assert!(
             matches!(tools.grammar(), Some(Grammar::JsonSchema(s)) if s["anyOf"].as_array().is_some_and(|a| a.len() == 1))
         );
+    }
+
+    /// Pydantic writes nested models as `$defs` with refs to them; moved under the call's
+    /// schema they still resolve, and the grammar constrains to them.
+    #[test]
+    fn definitions_in_a_tools_schema_still_resolve_under_the_call() {
+        let list = json!([{"type": "function", "function": {"name": "book", "parameters": {
+            "type": "object",
+            "properties": {"guest": {"$ref": "#/$defs/Guest"}},
+            "required": ["guest"],
+            "$defs": {"Guest": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}
+        }}}]);
+        let tools = Tools::from_request(Some(&list), Some(&json!("required")))
+            .unwrap()
+            .unwrap();
+        let Some(Grammar::JsonSchema(schema)) = tools.grammar() else {
+            panic!("no schema");
+        };
+        assert_eq!(
+            schema["anyOf"][0]["properties"]["arguments"]["properties"]["guest"]["$ref"],
+            "#/$defs/book__Guest"
+        );
+        assert_eq!(schema["$defs"]["book__Guest"]["required"], json!(["name"]));
+        let tokenizer = crate::tokenizer::Tokenizer::byte_level(&["<|im_end|>"]).unwrap();
+        let guides = crate::guide::Guides::new(std::sync::Arc::new(tokenizer), 260);
+        let mut guide = guides.compile(&Grammar::JsonSchema(schema)).unwrap();
+        let text = r#"{"name": "book", "arguments": {"guest": {"name": "Ann"}}}"#;
+        for (i, b) in text.bytes().enumerate() {
+            let mut logits = vec![0.0; 260];
+            guide.constrain(&mut logits).unwrap();
+            assert!(logits[b as usize].is_finite(), "byte {i} of {text} refused");
+            guide.advance(u32::from(b)).unwrap();
+        }
     }
 
     #[test]

@@ -320,9 +320,11 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();
     }
+    // A token a grammar ruled out has no probability to report (and -inf is no JSON number).
     let mut all: Vec<(u32, f32)> = logprobs
         .iter()
         .enumerate()
+        .filter(|(_, l)| l.is_finite())
         .map(|(i, &l)| (i as u32, l))
         .collect();
     all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

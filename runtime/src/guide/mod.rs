@@ -106,10 +106,13 @@ pub enum GuideError {
     /// The tenant's grammar is wrong or too large: a 400.
     #[error("{0}")]
     Invalid(String),
-    /// This model cannot be constrained (its vocabulary), or the library failed: not the
-    /// tenant's fault.
+    /// This model cannot be constrained (its vocabulary): a 400 too, since asking again will
+    /// not change that, but not the grammar's fault.
     #[error("{0}")]
     Unavailable(String),
+    /// The library failed (a contained panic): a 500.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// A model's grammar compiler, built on first use (it indexes the whole vocabulary).
@@ -168,7 +171,7 @@ impl Guides {
         let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             factory.0.create_parser(top)
         }))
-        .map_err(|_| GuideError::Unavailable("compiling the grammar panicked".into()))?
+        .map_err(|_| GuideError::Failed("compiling the grammar panicked".into()))?
         .map_err(|e| {
             GuideError::Invalid(format!(
                 "{}: {}",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::detok::Detokenizer;
-use super::{DeviceSchedule, Event, FinishReason, GenerateRequest, Usage};
+use super::{DeviceSchedule, Event, Failure, FinishReason, GenerateRequest, Usage};
 use crate::backend::Backend;
 use crate::config::{ModelSpec, PreemptionMode};
 use crate::engine::ops::{EngineOps, Loss};
@@ -349,6 +349,7 @@ impl<E: EngineOps> Arbiter<E> {
             self.fail(
                 key,
                 "the model failed while serving this request (see the daemon log); retry it".into(),
+                Failure::Server,
             );
         }
         // A sequence the scheduler knows but no request owns (a panic between the two) would
@@ -382,7 +383,7 @@ impl<E: EngineOps> Arbiter<E> {
                 if let Some(a) = self.active.get_mut(&alone) {
                     a.seq = None; // it died with its worker
                 }
-                self.fail(alone, out_of_memory(limit_bytes));
+                self.fail(alone, out_of_memory(limit_bytes), Failure::Request);
                 lost.clear();
             } else if !lost.is_empty() {
                 tracing::warn!(device = %self.device, model = %self.models[m].name, sequences = lost.len(), "the worker went over its memory limit; its sequences run again one at a time");
@@ -420,6 +421,7 @@ impl<E: EngineOps> Arbiter<E> {
             }
             let _ = events.send(Event::Error {
                 message: "the request could not be started (see the daemon log); retry it".into(),
+                cause: Failure::Server,
             });
         }
     }
@@ -450,6 +452,7 @@ impl<E: EngineOps> Arbiter<E> {
             }
             let _ = job.events.send(Event::Error {
                 message: e.to_string(),
+                cause: Failure::Request,
             });
             return;
         }
@@ -495,9 +498,9 @@ impl<E: EngineOps> Arbiter<E> {
         }
     }
 
-    fn fail(&mut self, key: SeqKey, message: String) {
+    fn fail(&mut self, key: SeqKey, message: String, cause: Failure) {
         if let Some(a) = self.active.get(&key) {
-            let _ = a.job.events.send(Event::Error { message });
+            let _ = a.job.events.send(Event::Error { message, cause });
         }
         self.finish(key);
     }
@@ -537,7 +540,7 @@ impl<E: EngineOps> Arbiter<E> {
                     .with_label_values(&[tenant.as_str(), model.as_str(), "policy_reload"])
                     .inc();
             }
-            self.fail(key, why.to_string());
+            self.fail(key, why.to_string(), Failure::Request);
         }
         for (key, kind) in preempt {
             if let (Some(m), Some((tenant, model))) = (&self.metrics, self.labels(key)) {
@@ -579,7 +582,7 @@ impl<E: EngineOps> Arbiter<E> {
                 (PreemptKind::Swap, None) => None,
             };
             if let Some(message) = failure {
-                self.fail(key, message);
+                self.fail(key, message, Failure::Server);
             }
         }
         for key in swap_in {
@@ -596,7 +599,11 @@ impl<E: EngineOps> Arbiter<E> {
                 self.worker_lost(model);
             } else if let Err(e) = result {
                 tracing::error!(error = %e, "swapping a sequence in failed");
-                self.fail(key, format!("resuming the request failed: {e}"));
+                self.fail(
+                    key,
+                    format!("resuming the request failed: {e}"),
+                    Failure::Server,
+                );
             }
         }
         for key in admit {
@@ -611,7 +618,11 @@ impl<E: EngineOps> Arbiter<E> {
                     continue;
                 }
                 Err(e) => {
-                    self.fail(key, format!("starting the request failed: {e}"));
+                    self.fail(
+                        key,
+                        format!("starting the request failed: {e}"),
+                        Failure::Server,
+                    );
                     continue;
                 }
             };
@@ -679,7 +690,7 @@ impl<E: EngineOps> Arbiter<E> {
                 tracing::error!(model = %slot.name, error = %e, "engine step failed");
                 let message = e.to_string();
                 for (key, _) in keys {
-                    self.fail(key, message.clone());
+                    self.fail(key, message.clone(), Failure::Server);
                 }
                 return;
             }
@@ -716,8 +727,25 @@ impl<E: EngineOps> Arbiter<E> {
                 continue;
             };
             // The grammar's mask, then sampling, then the grammar follows the token.
+            let ignore_eos = a.job.request.ignore_eos;
             let guided = a.job.request.guide.as_mut().map(|guide| {
                 guide.constrain(logits)?;
+                // `ignore_eos` holds under a grammar too: the output goes on while the grammar
+                // allows anything else.
+                if ignore_eos {
+                    let eos = tokenizer.eos_ids();
+                    let other = logits
+                        .iter()
+                        .enumerate()
+                        .any(|(i, l)| l.is_finite() && !eos.contains(&(i as u32)));
+                    if other {
+                        for &id in eos {
+                            if let Some(l) = logits.get_mut(id as usize) {
+                                *l = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
                 let sampled = a.sampler.sample(logits, &a.context, prompt_len);
                 let complete = guide.advance(sampled.token)?;
                 Ok::<_, String>((sampled, complete))
@@ -727,7 +755,10 @@ impl<E: EngineOps> Arbiter<E> {
                 Some(Ok(guided)) => guided,
                 Some(Err(message)) => {
                     self.sched.advance(key, take, false, now);
-                    let _ = a.job.events.send(Event::Error { message });
+                    let _ = a.job.events.send(Event::Error {
+                        message,
+                        cause: Failure::Request,
+                    });
                     finished.push(key);
                     continue;
                 }
@@ -758,7 +789,10 @@ impl<E: EngineOps> Arbiter<E> {
             if let Some(crash) = a.detok.take_crash() {
                 // The model's tokenizer cannot decode this output: the request ends with that.
                 self.sched.advance(key, take, false, now);
-                let _ = a.job.events.send(Event::Error { message: crash });
+                let _ = a.job.events.send(Event::Error {
+                    message: crash,
+                    cause: Failure::Server,
+                });
                 finished.push(key);
                 continue;
             }

@@ -106,7 +106,18 @@ pub enum Event {
     },
     Error {
         message: String,
+        cause: Failure,
     },
+}
+
+/// Whose a failed request's failure is, for its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Serving it went wrong: a retry may succeed (503).
+    Server,
+    /// It cannot be served as asked (it outgrows its tenant's memory alone, its grammar
+    /// allows nothing, the policy no longer admits it): a retry fails alike (400).
+    Request,
 }
 
 /// Why a request could not be submitted.

@@ -117,7 +117,7 @@ fn drain(arbiter: &mut Loop, receivers: &mut [mpsc::UnboundedReceiver<Event>]) -
                 match event {
                     Event::Token { token, .. } => tokens[i].push(token),
                     Event::Done { .. } => done[i] = true,
-                    Event::Error { message } => panic!("request {i} failed: {message}"),
+                    Event::Error { message, .. } => panic!("request {i} failed: {message}"),
                 }
             }
         }
@@ -303,7 +303,8 @@ fn after_a_panic_every_request_on_the_device_fails_and_the_device_serves_on() {
     for r in [&mut a, &mut b] {
         let mut failed = false;
         while let Ok(event) = r.try_recv() {
-            failed |= matches!(event, Event::Error { ref message } if message.contains("retry"));
+            failed |=
+                matches!(event, Event::Error { ref message, .. } if message.contains("retry"));
         }
         assert!(failed);
     }
@@ -335,7 +336,7 @@ fn a_panic_taking_a_request_in_fails_it_alone_and_leaves_nothing_behind() {
     arbiter.turn();
     let mut failed = false;
     while let Ok(event) = doomed.try_recv() {
-        failed |= matches!(event, Event::Error { ref message } if message.contains("could not be started"));
+        failed |= matches!(event, Event::Error { ref message, .. } if message.contains("could not be started"));
     }
     assert!(failed, "the request that panicked gets an error");
     // Its queue place is given back, and the other request is served.
@@ -464,7 +465,7 @@ fn outcomes(
                 match event {
                     Event::Token { token, .. } => tokens[i].push(token),
                     Event::Done { .. } => results[i] = Some(Ok(std::mem::take(&mut tokens[i]))),
-                    Event::Error { message } => results[i] = Some(Err(message)),
+                    Event::Error { message, .. } => results[i] = Some(Err(message)),
                 }
             }
         }
@@ -545,4 +546,28 @@ fn a_sequence_killed_alone_at_the_memory_limit_fails_naming_the_limit() {
         (3, &[2, 1][..]),
         "{batches:?}"
     );
+}
+
+/// Under a grammar the output is the grammar's, and `ignore_eos` still holds: with the
+/// grammar able to end after any `a`, the output runs on to `max_tokens` of them.
+#[test]
+fn a_guided_request_follows_its_grammar_and_ignore_eos_still_holds() {
+    let model = crate::model::generated::tiny_random().unwrap();
+    let vocab = model.config.vocab_size;
+    let guides = crate::guide::Guides::new(Arc::new(model.tokenizer), vocab);
+    let guide = guides
+        .compile(&crate::guide::Grammar::Regex("a+".into()))
+        .unwrap();
+    let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+    // Hot enough that, between `a` and EOS (all the grammar allows once an `a` is out), EOS
+    // would come up about every other token.
+    let sampled = SamplingParams {
+        temperature: 50.0,
+        seed: Some(5),
+        ..SamplingParams::default()
+    };
+    let mut held = request("alpha", vec![7; 5], 12, sampled);
+    held.guide = Some(guide);
+    let tokens = drain(&mut arbiter, &mut [submit(&jobs, held)]).remove(0);
+    assert_eq!(tokens, vec![u32::from(b'a'); 12]);
 }

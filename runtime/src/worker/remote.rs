@@ -542,11 +542,13 @@ impl RemoteEngine {
                 };
             }
             tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, ?loss, "worker lost; its sequences will be recomputed");
-            // Anything it forked dies with its group.
-            if let Some(sandbox) = &self.sandbox {
-                sandbox.empty(&self.status.pool, &self.status.name);
-            }
-            if let Some(group) = group {
+            // Anything it forked dies with its group. A group that could not be removed is
+            // the replacement's too, and its counters go on from where they are.
+            let removed = self
+                .sandbox
+                .as_ref()
+                .is_some_and(|sandbox| sandbox.empty(&self.status.pool, &self.status.name));
+            if let (true, Some(group)) = (removed, group) {
                 self.status.retire(group);
             }
         }

@@ -138,12 +138,14 @@ impl Sandbox {
 
     /// Kills whatever is left in a lost worker's group (anything it forked); its group and
     /// gate are made again for its replacement.
-    pub fn empty(&self, pool: &str, worker: &str) {
+    /// Whether the group is gone (its replacement starts in a new one).
+    pub fn empty(&self, pool: &str, worker: &str) -> bool {
         let removed =
             WorkerGroup::new(pool, worker).and_then(|group| self.cgroups.remove_worker(&group));
-        if let Err(e) = removed {
+        if let Err(e) = &removed {
             tracing::error!(%worker, error = %e, "could not empty a lost worker's cgroup");
         }
+        removed.is_ok()
     }
 
     /// Creates a tenant's group for its dedicated workers, or updates its limits.
