@@ -120,7 +120,7 @@ impl DaemonState {
                         .set(clamp(denials));
                 }
             }
-            for (tenant, bytes) in usage.kv_by_tenant() {
+            for (tenant, bytes) in m.kv_by_tenant() {
                 self.metrics
                     .kv_cache
                     .with_label_values(&[device.as_str(), m.info.name.as_str(), tenant.as_str()])

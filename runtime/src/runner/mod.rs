@@ -182,6 +182,8 @@ pub struct ModelHandle {
     max_queued: usize,
     rejections: Option<prometheus::IntCounterVec>,
     usage: Arc<Usage>,
+    /// What the dedicated tenants' engines for this model hold.
+    dedicated_usage: Vec<Arc<Usage>>,
     schedule: Arc<Mutex<DeviceSchedule>>,
     /// False once the device's loop has ended (it survives panics; this is for anything else).
     up: Arc<std::sync::atomic::AtomicBool>,
@@ -304,6 +306,18 @@ impl ModelHandle {
 
     pub fn usage(&self) -> &Usage {
         &self.usage
+    }
+
+    /// KV-cache bytes each tenant's sequences of this model hold, in the shared engine and in
+    /// the dedicated tenants' own.
+    pub fn kv_by_tenant(&self) -> HashMap<String, u64> {
+        let mut held = self.usage.kv_by_tenant();
+        for usage in &self.dedicated_usage {
+            for (tenant, bytes) in usage.kv_by_tenant() {
+                *held.entry(tenant).or_default() += bytes;
+            }
+        }
+        held
     }
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
@@ -796,10 +810,12 @@ fn spawn_device<E: EngineOps + 'static>(
         slots.push(p.slot);
         // A dedicated engine is one more model to the device's scheduler, right after it.
         let mut dedicated = HashMap::new();
+        let mut dedicated_usage = Vec::new();
         for (tenant, slot) in p.dedicated {
             match slot {
                 Ok(slot) => {
                     workers.extend(slot.usage.worker.iter().cloned());
+                    dedicated_usage.push(Arc::clone(&slot.usage));
                     dedicated.insert(tenant, Ok(sched.add_model(slot.params.clone())));
                     slots.push(slot);
                 }
@@ -825,6 +841,7 @@ fn spawn_device<E: EngineOps + 'static>(
                 max_queued: config.scheduler.max_queued_per_tenant,
                 rejections: metrics.map(|m| m.rejections.clone()),
                 usage,
+                dedicated_usage,
                 schedule: Arc::clone(&schedule),
                 up: Arc::clone(&up),
                 dedicated,

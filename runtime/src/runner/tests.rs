@@ -251,6 +251,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         max_queued: config.scheduler.max_queued_per_tenant,
         rejections: None,
         usage: p.slot.usage,
+        dedicated_usage: Vec::new(),
         schedule: Arc::default(),
         up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         dedicated: HashMap::new(),
@@ -285,6 +286,19 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
     let _c = handle
         .submit(request("b", vec![1; 4], 4, SamplingParams::greedy()))
         .unwrap();
+
+    // The KV metrics add what a dedicated tenant's own engine holds to the shared engine's.
+    let mut handle = handle;
+    let own = Arc::new(Usage::default());
+    *own.kv_by_tenant.lock().unwrap() =
+        HashMap::from([("a".to_owned(), 8192), ("b".to_owned(), 0)]);
+    *handle.usage.kv_by_tenant.lock().unwrap() =
+        HashMap::from([("a".to_owned(), 0), ("b".to_owned(), 4096)]);
+    handle.dedicated_usage.push(own);
+    assert_eq!(
+        handle.kv_by_tenant(),
+        HashMap::from([("a".to_owned(), 8192), ("b".to_owned(), 4096)])
+    );
 }
 
 #[test]
