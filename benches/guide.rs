@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use accel_runtime::config::{DaemonConfig, ModelSpec};
 use accel_runtime::engine::sampling::SamplingParams;
 use accel_runtime::guide::{Grammar, Guide};
-use accel_runtime::runner::{Event, GenerateRequest, ModelHandle};
+use accel_runtime::runner::{GenerateRequest, ModelHandle};
 use accel_runtime::sched::TenantParams;
 use criterion::Criterion;
 
@@ -72,43 +72,25 @@ fn prompt(i: usize) -> Vec<u32> {
 
 /// Seconds to serve `n` greedy requests of `PROMPT` + `OUTPUT` tokens, each under `guide`.
 fn serve(handle: &ModelHandle, n: usize, guide: Option<&Guide>) -> f64 {
-    let start = Instant::now();
-    let mut receivers: Vec<_> = (0..n)
-        .map(|i| {
-            handle
-                .submit(GenerateRequest {
-                    tenant: "t".into(),
-                    prompt: prompt(i),
-                    params: SamplingParams::greedy(),
-                    max_tokens: OUTPUT,
-                    stop: Vec::new(),
-                    stop_token_ids: Vec::new(),
-                    ignore_eos: true,
-                    limits: TenantParams::default(),
-                    guide: guide.cloned(),
-                })
-                .expect("submit")
+    let requests = (0..n)
+        .map(|i| GenerateRequest {
+            tenant: "t".into(),
+            prompt: prompt(i),
+            params: SamplingParams::greedy(),
+            max_tokens: OUTPUT,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+            limits: TenantParams::default(),
+            guide: guide.cloned(),
         })
         .collect();
-    let mut done = vec![false; n];
-    while !done.iter().all(|&d| d) {
-        std::thread::sleep(Duration::from_millis(1));
-        for (r, done) in receivers.iter_mut().zip(&mut done) {
-            while let Ok(event) = r.try_recv() {
-                match event {
-                    Event::Done {
-                        completion_tokens, ..
-                    } => {
-                        assert_eq!(completion_tokens, OUTPUT, "the grammar ended early");
-                        *done = true;
-                    }
-                    Event::Error { message, .. } => panic!("{message}"),
-                    Event::Token { .. } => {}
-                }
-            }
-        }
-    }
-    start.elapsed().as_secs_f64()
+    let (seconds, generated) = accel_benches::serve(handle, requests);
+    assert!(
+        generated.iter().all(|&g| g == OUTPUT),
+        "the grammar ended early"
+    );
+    seconds
 }
 
 fn main() {

@@ -117,3 +117,38 @@ pub fn greedy_streams(
     }
     start.elapsed().as_secs_f64()
 }
+
+/// Submits `requests` to a model's device loop at once and waits for all of them; returns
+/// the seconds that took and each request's generated tokens. Events are polled rather than
+/// awaited: a consumer woken for every token would compete with the engine's threads for the
+/// cores, and that is the client's cost, not the server's.
+pub fn serve(
+    handle: &accel_runtime::runner::ModelHandle,
+    requests: Vec<accel_runtime::runner::GenerateRequest>,
+) -> (f64, Vec<usize>) {
+    use accel_runtime::runner::Event;
+    let start = std::time::Instant::now();
+    let mut receivers: Vec<_> = requests
+        .into_iter()
+        .map(|r| handle.submit(r).expect("submit"))
+        .collect();
+    let mut generated: Vec<Option<usize>> = vec![None; receivers.len()];
+    while generated.iter().any(Option::is_none) {
+        std::thread::sleep(Duration::from_millis(1));
+        for (r, done) in receivers.iter_mut().zip(&mut generated) {
+            while let Ok(event) = r.try_recv() {
+                match event {
+                    Event::Done {
+                        completion_tokens, ..
+                    } => *done = Some(completion_tokens),
+                    Event::Error { message, .. } => panic!("{message}"),
+                    Event::Token { .. } => {}
+                }
+            }
+        }
+    }
+    (
+        start.elapsed().as_secs_f64(),
+        generated.into_iter().flatten().collect(),
+    )
+}

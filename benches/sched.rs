@@ -15,7 +15,7 @@ use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::config::{DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE};
 use accel_runtime::engine::sampling::SamplingParams;
 use accel_runtime::engine::Engine;
-use accel_runtime::runner::{Event, GenerateRequest, ModelHandle};
+use accel_runtime::runner::{GenerateRequest, ModelHandle};
 use accel_runtime::sched::{
     self, ModelParams, NewSeq, PolicyKind, Pricing, Scheduler, TenantParams,
 };
@@ -121,40 +121,20 @@ fn prompt(i: usize) -> Vec<u32> {
 
 /// Seconds to serve `n` requests of `PROMPT` + `OUTPUT` tokens through the handle.
 fn through_scheduler(handle: &ModelHandle, n: usize) -> f64 {
-    let start = Instant::now();
-    let mut receivers: Vec<_> = (0..n)
-        .map(|i| {
-            handle
-                .submit(GenerateRequest {
-                    tenant: format!("t{}", i % 2),
-                    prompt: prompt(i),
-                    params: SamplingParams::greedy(),
-                    max_tokens: OUTPUT,
-                    stop: Vec::new(),
-                    stop_token_ids: Vec::new(),
-                    ignore_eos: true,
-                    limits: TenantParams::default(),
-                    guide: None,
-                })
-                .expect("submit")
+    let requests = (0..n)
+        .map(|i| GenerateRequest {
+            tenant: format!("t{}", i % 2),
+            prompt: prompt(i),
+            params: SamplingParams::greedy(),
+            max_tokens: OUTPUT,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+            limits: TenantParams::default(),
+            guide: None,
         })
         .collect();
-    // Polled rather than awaited: a consumer woken for every token would compete with the
-    // engine's threads for the cores, and that is the client's cost, not the scheduler's.
-    let mut done = vec![false; n];
-    while !done.iter().all(|&d| d) {
-        std::thread::sleep(Duration::from_millis(1));
-        for (r, done) in receivers.iter_mut().zip(&mut done) {
-            while let Ok(event) = r.try_recv() {
-                match event {
-                    Event::Done { .. } => *done = true,
-                    Event::Error { message, .. } => panic!("{message}"),
-                    Event::Token { .. } => {}
-                }
-            }
-        }
-    }
-    start.elapsed().as_secs_f64()
+    accel_benches::serve(handle, requests).0
 }
 
 fn bench_throughput(c: &mut Criterion) -> Vec<(usize, f64, f64)> {

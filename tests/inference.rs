@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use accel_tests::{json_of, Daemon, DaemonOptions};
+use accel_tests::{json_of, sse_chunks, Daemon, DaemonOptions};
 use serde_json::{json, Value};
 
 fn fixture_model() -> PathBuf {
@@ -36,19 +36,6 @@ fn tiny_daemon(policy: Option<&str>) -> Daemon {
         extra_config: &extra,
         ..Default::default()
     })
-}
-
-/// The JSON chunks of a server-sent event stream, which must end with `data: [DONE]`.
-fn sse_chunks(text: &str) -> Vec<Value> {
-    let data: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
-    data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
 }
 
 fn post(daemon: &Daemon, path: &str, body: &Value) -> (u16, Value) {
@@ -411,17 +398,9 @@ fn a_missing_default_model_is_replaced_by_a_named_generated_one() {
 
 #[test]
 fn smollm2_says_paris() {
-    let Some(path) = accel_tests::smollm2_gguf() else {
+    let Some(daemon) = accel_tests::smollm2_daemon(64, "") else {
         return;
     };
-    let extra = format!(
-        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: 64\n",
-        path.display()
-    );
-    let daemon = Daemon::start_with(DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    });
     let out = daemon.ctl(&[
         "chat",
         "What is the capital of France?",
@@ -684,17 +663,12 @@ fn unknown_roles_and_fields_accel_cannot_honour_are_refused_by_name() {
 /// chat`) leaves sampling out; how often it then names Paris is measured and printed.
 #[test]
 fn smollm2_samples_at_its_defaults_and_accelctl_sends_none() {
-    let Some(path) = accel_tests::smollm2_gguf() else {
+    let Some(daemon) = accel_tests::smollm2_daemon(
+        256,
+        "    sampling_defaults: {temperature: 0.2, top_p: 0.9}\n",
+    ) else {
         return;
     };
-    let extra = format!(
-        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: 256\n    sampling_defaults: {{temperature: 0.2, top_p: 0.9}}\n",
-        path.display()
-    );
-    let daemon = Daemon::start_with(DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    });
     let question = "What is the capital of France?";
     let ask = |seed: u64, sampling: Value| {
         let mut body = json!({

@@ -6,21 +6,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use accel_tests::{Daemon, DaemonOptions};
+use accel_tests::Daemon;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{json, Value};
-
-fn smollm2_daemon() -> Option<Daemon> {
-    let path = accel_tests::smollm2_gguf()?;
-    let extra = format!(
-        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: 512\n",
-        path.display()
-    );
-    Some(Daemon::start_with(DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    }))
-}
 
 fn chat(daemon: &Daemon, body: &Value) -> (u16, Value) {
     let (status, text) = daemon.request(
@@ -93,7 +81,7 @@ fn object(rng: &mut rand_chacha::ChaCha8Rng, depth: u32) -> Value {
 
 #[test]
 fn every_output_under_a_json_schema_validates_greedy_and_sampled() {
-    let Some(daemon) = smollm2_daemon() else {
+    let Some(daemon) = accel_tests::smollm2_daemon(512, "") else {
         return;
     };
     const REQUESTS: u64 = 200;
@@ -154,7 +142,7 @@ fn every_output_under_a_json_schema_validates_greedy_and_sampled() {
 
 #[test]
 fn a_choice_yields_one_of_its_labels_and_a_regex_holds_over_the_whole_output() {
-    let Some(daemon) = smollm2_daemon() else {
+    let Some(daemon) = accel_tests::smollm2_daemon(512, "") else {
         return;
     };
     let labels = ["positive", "negative", "neutral"];
@@ -234,16 +222,7 @@ fn a_choice_yields_one_of_its_labels_and_a_regex_holds_over_the_whole_output() {
         Some(streaming.to_string().as_bytes()),
     );
     assert_eq!(status, 200, "{text}");
-    let streamed: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| {
-            serde_json::from_str::<Value>(d).ok()?["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let streamed = accel_tests::streamed_chat_text(&accel_tests::sse_chunks(&text));
     assert_eq!(streamed, whole);
     let value: Value = serde_json::from_str(&whole).unwrap_or_else(|e| panic!("{e}: {whole:?}"));
     assert!(jsonschema::is_valid(&schema, &value), "{value}");
@@ -251,7 +230,7 @@ fn a_choice_yields_one_of_its_labels_and_a_regex_holds_over_the_whole_output() {
 
 #[test]
 fn a_grammar_that_cannot_compile_is_a_400_naming_its_field() {
-    let Some(daemon) = smollm2_daemon() else {
+    let Some(daemon) = accel_tests::smollm2_daemon(512, "") else {
         return;
     };
     let base = json!({

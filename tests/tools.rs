@@ -7,20 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use accel_tests::{Daemon, DaemonOptions};
 use serde_json::{json, Value};
-
-fn smollm2_daemon() -> Option<Daemon> {
-    let path = accel_tests::smollm2_gguf()?;
-    let extra = format!(
-        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: 256\n",
-        path.display()
-    );
-    Some(Daemon::start_with(DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    }))
-}
 
 /// Where the test command installs the SDK (`.ci/deps.sh`); `None` (a printed skip) when it
 /// is missing outside CI.
@@ -45,7 +32,7 @@ fn python_deps() -> Option<PathBuf> {
 
 #[test]
 fn the_openai_sdk_calls_tools_streams_calls_and_answers_results() {
-    let Some(daemon) = smollm2_daemon() else {
+    let Some(daemon) = accel_tests::smollm2_daemon(256, "") else {
         return;
     };
     let Some(deps) = python_deps() else {
@@ -69,7 +56,7 @@ fn the_openai_sdk_calls_tools_streams_calls_and_answers_results() {
 
 #[test]
 fn with_tool_choice_auto_a_text_answer_streams_as_it_is_whole() {
-    let Some(daemon) = smollm2_daemon() else {
+    let Some(daemon) = accel_tests::smollm2_daemon(256, "") else {
         return;
     };
     let body = json!({
@@ -101,17 +88,8 @@ fn with_tool_choice_auto_a_text_answer_streams_as_it_is_whole() {
         Some(streaming.to_string().as_bytes()),
     );
     assert_eq!(status, 200, "{text}");
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let streamed: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(streamed, content);
+    let chunks = accel_tests::sse_chunks(&text);
+    assert_eq!(accel_tests::streamed_chat_text(&chunks), content);
     // Text, not held to the end: it came in more than one piece.
     assert!(chunks.len() > 3, "{text}");
     assert_eq!(

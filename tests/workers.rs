@@ -670,37 +670,18 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
 
     // Both alpha requests at once (the short one still decoding when the long one's prefill
     // goes over), and beta's meanwhile.
-    let [(long_status, long_answer), (short_status, short_answer), (beta_status, beta_answer)]: [(
-        u16,
-        Value,
-    );
-        3] = std::thread::scope(|s| {
-        let long = s.spawn(|| {
-            post_as(
-                port,
-                "alpha-token",
-                "/v1/completions",
-                &completion(&long, 1),
-            )
+    let asked = [
+        ("alpha-token", completion(&long, 1)),
+        ("alpha-token", completion(&short, 64)),
+        ("beta-token", completion(&short, 64)),
+    ];
+    let [(long_status, long_answer), (short_status, short_answer), (beta_status, beta_answer)] =
+        std::thread::scope(|s| {
+            asked
+                .each_ref()
+                .map(|(token, body)| s.spawn(move || post_as(port, token, "/v1/completions", body)))
+                .map(|h| h.join().unwrap())
         });
-        let short_alpha = s.spawn(|| {
-            post_as(
-                port,
-                "alpha-token",
-                "/v1/completions",
-                &completion(&short, 64),
-            )
-        });
-        let beta = s.spawn(|| {
-            post_as(
-                port,
-                "beta-token",
-                "/v1/completions",
-                &completion(&short, 64),
-            )
-        });
-        [long, short_alpha, beta].map(|h| h.join().unwrap())
-    });
     // The short one was retried on its own and answers as the unlimited shared worker did.
     assert_eq!(short_status, 200, "{short_answer}");
     assert_eq!(short_answer["choices"][0]["text"], want);

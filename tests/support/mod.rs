@@ -468,6 +468,41 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     None
 }
 
+/// A daemon serving SmolLM2 as `smollm2-135m-instruct` with `kv_blocks` and `extra` lines of
+/// its model entry (each starting with four spaces); `None` where [`smollm2_gguf`] skips.
+pub fn smollm2_daemon(kv_blocks: usize, extra: &str) -> Option<Daemon> {
+    let path = smollm2_gguf()?;
+    let config = format!(
+        "models:\n  - name: smollm2-135m-instruct\n    path: {}\n    kv_blocks: {kv_blocks}\n{extra}",
+        path.display()
+    );
+    Some(Daemon::start_with(DaemonOptions {
+        extra_config: &config,
+        ..Default::default()
+    }))
+}
+
+/// The JSON chunks of a server-sent event stream, which must end with `data: [DONE]`.
+pub fn sse_chunks(text: &str) -> Vec<serde_json::Value> {
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect()
+}
+
+/// The text a streamed chat answer's chunks carry, put together.
+pub fn streamed_chat_text(chunks: &[serde_json::Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
 /// SHA-256 of `text` in hex, from coreutils' sha256sum (independent of the daemon's hashing).
 pub fn sha256_hex(text: &str) -> String {
     use std::io::Write as _;

@@ -106,6 +106,13 @@ fn submit(
     receiver
 }
 
+/// The tokens `request` gets on a device of its own with room to spare.
+fn served_alone(request: &GenerateRequest) -> Vec<u32> {
+    let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+    let mut rx = [submit(&jobs, request.clone())];
+    drain(&mut arbiter, &mut rx).remove(0)
+}
+
 /// Runs the loop until every receiver has its `Done`; returns each request's tokens.
 fn drain(arbiter: &mut Loop, receivers: &mut [mpsc::UnboundedReceiver<Event>]) -> Vec<Vec<u32>> {
     let mut tokens = vec![Vec::new(); receivers.len()];
@@ -180,14 +187,7 @@ fn preempted_sequences_resume_exactly() {
             request(&format!("t{}", i % 2), prompt, 40, params)
         })
         .collect();
-    let alone: Vec<Vec<u32>> = requests
-        .iter()
-        .map(|r| {
-            let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
-            let mut rx = [submit(&jobs, r.clone())];
-            drain(&mut arbiter, &mut rx).remove(0)
-        })
-        .collect();
+    let alone: Vec<Vec<u32>> = requests.iter().map(served_alone).collect();
     for mode in [PreemptionMode::Recompute, PreemptionMode::Swap] {
         // 4 x (18..21 + 40) tokens need 16 blocks; 10 hold the prompts and some output.
         let (mut arbiter, jobs, _, _) = device(10, mode, 8);
@@ -501,14 +501,7 @@ fn after_a_kill_at_the_memory_limit_sequences_run_again_alone_and_finish_exactly
             request("alpha", prompt, 30, SamplingParams::greedy())
         })
         .collect();
-    let alone: Vec<Vec<u32>> = requests
-        .iter()
-        .map(|r| {
-            let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
-            let mut rx = [submit(&jobs, r.clone())];
-            drain(&mut arbiter, &mut rx).remove(0)
-        })
-        .collect();
+    let alone: Vec<Vec<u32>> = requests.iter().map(served_alone).collect();
 
     // Each needs at most 12 + 30 tokens; three together pass 60 partway.
     let (mut arbiter, jobs, batches) = memory_limited_device(60);
@@ -537,11 +530,7 @@ fn after_a_kill_at_the_memory_limit_sequences_run_again_alone_and_finish_exactly
 fn a_sequence_killed_alone_at_the_memory_limit_fails_naming_the_limit() {
     let long = request("alpha", vec![9; 10], 40, SamplingParams::greedy());
     let short = request("alpha", vec![8; 5], 12, SamplingParams::greedy());
-    let want_short = {
-        let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
-        let mut rx = [submit(&jobs, short.clone())];
-        drain(&mut arbiter, &mut rx).remove(0)
-    };
+    let want_short = served_alone(&short);
     // The long one alone needs 50 tokens of KV: more than 30.
     let (mut arbiter, jobs, batches) = memory_limited_device(30);
     let mut rx = vec![submit(&jobs, long), submit(&jobs, short)];
