@@ -27,15 +27,31 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn tiny_daemon(policy: Option<&str>) -> Daemon {
+    tiny_daemon_from(&fixture_model(), policy)
+}
+
+/// A daemon serving the model folder `model` as `tiny`.
+fn tiny_daemon_from(model: &Path, policy: Option<&str>) -> Daemon {
     let extra = format!(
         "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
-        fixture_model().display()
+        model.display()
     );
     Daemon::start_with(DaemonOptions {
         policy,
         extra_config: &extra,
         ..Default::default()
     })
+}
+
+/// A copy of the fixture model folder in `dir` with `file` written as `contents`.
+fn fixture_with(dir: &Path, file: &str, contents: &str) -> PathBuf {
+    let copy = dir.join("model");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(fixture_model()).unwrap().flatten() {
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(copy.join(file), contents).unwrap();
+    copy
 }
 
 fn post(daemon: &Daemon, path: &str, body: &Value) -> (u16, Value) {
@@ -488,24 +504,12 @@ fn tokens_of_an_abandoned_stream_are_counted() {
 #[test]
 fn a_chat_template_that_grows_without_bound_fails_its_request_not_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("bomb");
-    std::fs::create_dir(&model).unwrap();
-    for entry in std::fs::read_dir(fixture_model()).unwrap().flatten() {
-        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-    }
-    std::fs::write(
-        model.join("chat_template.jinja"),
+    let model = fixture_with(
+        dir.path(),
+        "chat_template.jinja",
         "{% macro grow(s, n) %}{% if n > 0 %}{{ grow(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}{{ grow('ab', 40) }}",
-    )
-    .unwrap();
-    let extra = format!(
-        "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
-        model.display()
     );
-    let daemon = Daemon::start_with(DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    });
+    let daemon = tiny_daemon_from(&model, None);
     let chat =
         json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
     let (status, answer) = post(&daemon, "/v1/chat/completions", &chat);
@@ -527,35 +531,19 @@ fn a_chat_template_that_grows_without_bound_fails_its_request_not_the_daemon() {
     assert_eq!(status, 200, "{answer}");
 }
 
-/// A copy of the fixture model folder with a `generation_config.json`.
-fn fixture_with_generation_config(dir: &Path, generation: &Value) -> PathBuf {
-    let copy = dir.join("model");
-    std::fs::create_dir_all(&copy).unwrap();
-    for entry in std::fs::read_dir(fixture_model()).unwrap().flatten() {
-        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
-    }
-    std::fs::write(copy.join("generation_config.json"), generation.to_string()).unwrap();
-    copy
-}
-
 /// A request that leaves out the sampling fields samples as the model's
 /// `generation_config.json` says: token for token what spelling them out gives (same seed),
 /// and `GET /v1/models` shows them.
 #[test]
 fn a_request_without_sampling_fields_gets_the_models_generation_config() {
     let scratch = tempfile::tempdir().unwrap();
-    let model = fixture_with_generation_config(
+    let generation = json!({"do_sample": true, "temperature": 0.6, "top_k": 5, "top_p": 0.8, "repetition_penalty": 1.1});
+    let model = fixture_with(
         scratch.path(),
-        &json!({"do_sample": true, "temperature": 0.6, "top_k": 5, "top_p": 0.8, "repetition_penalty": 1.1}),
+        "generation_config.json",
+        &generation.to_string(),
     );
-    let extra = format!(
-        "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
-        model.display()
-    );
-    let daemon = Daemon::start_with(DaemonOptions {
-        extra_config: &extra,
-        ..Default::default()
-    });
+    let daemon = tiny_daemon_from(&model, None);
     let (status, models) = daemon.request("GET", "/v1/models", None);
     assert_eq!(status, 200);
     let models: Value = serde_json::from_str(&models).unwrap();
