@@ -97,3 +97,58 @@ fn with_tool_choice_auto_a_text_answer_streams_as_it_is_whole() {
         whole["choices"][0]["finish_reason"]
     );
 }
+
+/// A forced call's tokens are held back while streaming and sent as one delta; their
+/// log-probabilities go with it, the same as the whole answer reports.
+#[test]
+fn a_streamed_calls_logprobs_are_those_of_the_whole_answer() {
+    let Some(daemon) = accel_tests::smollm2_daemon(256, "") else {
+        return;
+    };
+    let body = json!({
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}],
+        "tool_choice": "required", "temperature": 0, "max_tokens": 60,
+        "logprobs": true, "top_logprobs": 2,
+    });
+    let tokens = |logprobs: &Value| -> Vec<String> {
+        logprobs["content"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .map(|t| t["token"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(status, 200, "{text}");
+    let whole: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        whole["choices"][0]["finish_reason"], "tool_calls",
+        "{whole}"
+    );
+    let want = tokens(&whole["choices"][0]["logprobs"]);
+    assert_eq!(
+        want.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(streaming.to_string().as_bytes()),
+    );
+    assert_eq!(status, 200, "{text}");
+    let streamed: Vec<String> = accel_tests::sse_chunks(&text)
+        .iter()
+        .flat_map(|c| tokens(&c["choices"][0]["logprobs"]))
+        .collect();
+    assert_eq!(streamed, want);
+}

@@ -984,8 +984,10 @@ fn stream(
         sent_role: bool,
         finished: bool,
         done_sent: bool,
-        /// With tools on offer: output held back while it may be a call.
+        /// With tools on offer: output held back while it may be a call, and its tokens'
+        /// log-probabilities (sent with it).
         held: String,
+        held_logprobs: Vec<ChunkLogprob>,
         /// The output is text, not a call: it streams as it comes.
         passing: bool,
         /// Chunks to send before the next event.
@@ -999,6 +1001,7 @@ fn stream(
         finished: false,
         done_sent: false,
         held: String::new(),
+        held_logprobs: Vec::new(),
         passing: false,
         queued: std::collections::VecDeque::new(),
     };
@@ -1015,7 +1018,7 @@ fn stream(
         }
         let chunk = |s: &Streaming,
                      text: Option<String>,
-                     logprobs: Option<ChunkLogprob>,
+                     logprobs: Vec<ChunkLogprob>,
                      reason: Option<&str>,
                      usage: Option<Usage>,
                      tool_calls: Option<Vec<ToolCall>>| {
@@ -1036,8 +1039,11 @@ fn stream(
                         index: 0,
                         message: None,
                         delta: Some(delta),
-                        logprobs: logprobs.map(|(t, lp, top)| ChatLogprobs {
-                            content: vec![chat_logprob(&job.model, t, lp, &top)],
+                        logprobs: (!logprobs.is_empty()).then(|| ChatLogprobs {
+                            content: logprobs
+                                .iter()
+                                .map(|(t, lp, top)| chat_logprob(&job.model, *t, *lp, top))
+                                .collect(),
                         }),
                         finish_reason: reason.map(str::to_owned),
                     }],
@@ -1052,10 +1058,13 @@ fn stream(
                     choices: vec![CompletionChoice {
                         index: 0,
                         text: text.unwrap_or_default(),
-                        logprobs: logprobs.map(|(t, lp, top)| CompletionLogprobs {
-                            tokens: vec![token_string(&job.model, t)],
-                            token_logprobs: vec![lp],
-                            top_logprobs: vec![top.iter().map(|&(id, v)| (token_string(&job.model, id), v)).collect()],
+                        logprobs: (!logprobs.is_empty()).then(|| CompletionLogprobs {
+                            tokens: logprobs.iter().map(|(t, _, _)| token_string(&job.model, *t)).collect(),
+                            token_logprobs: logprobs.iter().map(|(_, lp, _)| *lp).collect(),
+                            top_logprobs: logprobs
+                                .iter()
+                                .map(|(_, _, top)| top.iter().map(|&(id, v)| (token_string(&job.model, id), v)).collect())
+                                .collect(),
                             text_offset: Vec::new(),
                         }),
                         finish_reason: reason.map(str::to_owned),
@@ -1074,7 +1083,9 @@ fn stream(
                     top,
                 }) => {
                     s.timing.token(&s.state, &s.job);
-                    let logprobs = s.job.top_logprobs.map(|_| (token, logprob, top));
+                    if s.job.top_logprobs.is_some() {
+                        s.held_logprobs.push((token, logprob, top));
+                    }
                     let text = match &s.job.tools {
                         Some(tools) if !s.passing => {
                             s.held.push_str(&text);
@@ -1086,6 +1097,7 @@ fn stream(
                         }
                         _ => text,
                     };
+                    let logprobs = std::mem::take(&mut s.held_logprobs);
                     let data = chunk(&s, Some(text), logprobs, None, None, None);
                     s.sent_role = true;
                     data
@@ -1111,16 +1123,17 @@ fn stream(
                     });
                     // What was held back goes out before the finish: the calls, or the text
                     // it turned out to be.
+                    let logprobs = std::mem::take(&mut s.held_logprobs);
                     if calls.is_none() && held.is_empty() {
-                        chunk(&s, None, None, Some(reason), usage, None)
+                        chunk(&s, None, Vec::new(), Some(reason), usage, None)
                     } else {
                         let data = match calls {
-                            Some(calls) => chunk(&s, None, None, None, None, Some(calls)),
-                            None => chunk(&s, Some(held), None, None, None, None),
+                            Some(calls) => chunk(&s, None, logprobs, None, None, Some(calls)),
+                            None => chunk(&s, Some(held), logprobs, None, None, None),
                         };
                         s.sent_role = true;
                         s.queued
-                            .push_back(chunk(&s, None, None, Some(reason), usage, None));
+                            .push_back(chunk(&s, None, Vec::new(), Some(reason), usage, None));
                         data
                     }
                 }
