@@ -553,19 +553,20 @@ fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
     assert_eq!(listed["workers"][1]["restarts"], 1);
 }
 
-/// A file of `tenant`'s memory controller group: `v1` on a hybrid host, `v2` on a unified one.
-fn tenant_memory_file(instance: &str, tenant: &str, v1: &str, v2: &str) -> PathBuf {
+/// A file of a tenant's (or the pool's) group in `controller`'s hierarchy: `v1` on a hybrid
+/// host, `v2` on a unified one.
+fn group_file(instance: &str, group: &str, controller: &str, v1: &str, v2: &str) -> PathBuf {
     let layout = accel_runtime::cgroup::mounts::detect().unwrap();
     match &layout {
         accel_runtime::cgroup::mounts::Layout::Unified(p) => {
-            p.own_dir.join(instance).join(tenant).join(v2)
+            p.own_dir.join(instance).join(group).join(v2)
         }
         accel_runtime::cgroup::mounts::Layout::Hybrid { .. } => layout
-            .v1_with("memory")
+            .v1_with(controller)
             .unwrap()
             .own_dir
             .join(instance)
-            .join(tenant)
+            .join(group)
             .join(v1),
     }
 }
@@ -642,9 +643,10 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
     let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
     let shared_pid = listed["workers"][0]["pid"].as_u64().unwrap() as u32;
     let instance = instance_of(shared_pid);
-    let peak_file = tenant_memory_file(
+    let peak_file = group_file(
         &instance,
         "alpha",
+        "memory",
         "memory.max_usage_in_bytes",
         "memory.peak",
     );
@@ -712,4 +714,37 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
         (shared["pid"].as_u64(), shared["restarts"].as_u64()),
         (Some(u64::from(shared_pid)), Some(0))
     );
+}
+
+/// `shared_pool` in the config puts the kernel's limits on the shared workers' group.
+#[test]
+fn the_shared_pool_gets_the_configs_limits() {
+    require_root!();
+    let extra = format!(
+        "isolation: shared\nshared_pool: {{memory: 2GiB, cpu: 1.5, pids: 512}}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        fixture_model().display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let worker = *workers(&daemon).first().expect("a worker");
+    let instance = instance_of(worker);
+    let read = |controller: &str, v1: &str, v2: &str| {
+        std::fs::read_to_string(group_file(&instance, "_shared", controller, v1, v2))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        read("memory", "memory.limit_in_bytes", "memory.max"),
+        (2u64 << 30).to_string()
+    );
+    assert_eq!(read("pids", "pids.max", "pids.max"), "512");
+    let quota = read("cpu", "cpu.cfs_quota_us", "cpu.max");
+    assert!(quota == "150000" || quota == "150000 100000", "{quota}");
+    // And it serves.
+    let (prompt, want) = reference();
+    let got = greedy(&daemon, &prompt, want.len());
+    assert_eq!(got["usage"]["completion_tokens"], want.len());
 }

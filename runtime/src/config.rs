@@ -75,6 +75,21 @@ pub struct DaemonConfig {
     pub isolation: Isolation,
     /// The user workers run as; `null`: `accel-worker` if it exists, else `nobody`.
     pub worker_user: Option<String>,
+    /// Limits on the shared workers together (the `_shared` pool group); dedicated tenants'
+    /// workers are under their own policy limits instead.
+    pub shared_pool: PoolLimits,
+}
+
+/// Kernel limits on a group of workers; an absent one is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolLimits {
+    /// Host memory (cgroup `memory.max`).
+    pub memory: Option<ByteSize>,
+    /// CPU cores (cgroup `cpu.max`), e.g. 1.5.
+    pub cpu: Option<f64>,
+    /// Processes and threads (cgroup `pids.max`).
+    pub pids: Option<u64>,
 }
 
 /// Where models' engines run.
@@ -302,6 +317,7 @@ impl Default for DaemonConfig {
             scheduler: SchedulerConfig::default(),
             isolation: Isolation::Off,
             worker_user: None,
+            shared_pool: PoolLimits::default(),
         }
     }
 }
@@ -356,6 +372,25 @@ impl DaemonConfig {
     /// Every problem with the values, by YAML path.
     pub fn validate(&self) -> Vec<PathProblem> {
         let mut out = Vec::new();
+        let pool = &self.shared_pool;
+        if pool.cpu.is_some_and(|c| !(c.is_finite() && c >= 0.01)) {
+            out.push(PathProblem::new(
+                "shared_pool.cpu",
+                "not a positive number of cores (at least 0.01); leave it out for no limit",
+            ));
+        }
+        if pool.memory.is_some_and(|m| m.bytes() < 16 << 20) {
+            out.push(PathProblem::new(
+                "shared_pool.memory",
+                "below the 16MiB a worker needs to start; leave it out for no limit",
+            ));
+        }
+        if pool.pids == Some(0) {
+            out.push(PathProblem::new(
+                "shared_pool.pids",
+                "0 would stop every shared worker from starting; leave it out for no limit",
+            ));
+        }
         for (field, path) in [
             ("socket", &self.socket),
             ("state_dir", &self.state_dir),

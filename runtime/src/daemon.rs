@@ -78,8 +78,12 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             None
         }
         crate::config::Isolation::Shared => Some(Arc::new(
-            crate::worker::Sandbox::prepare(&config.state_dir, devices.devices.len())
-                .map_err(DaemonError::Isolation)?,
+            crate::worker::Sandbox::prepare(
+                &config.state_dir,
+                devices.devices.len(),
+                &config.shared_pool,
+            )
+            .map_err(DaemonError::Isolation)?,
         )),
     };
     let models = crate::runner::start_models(

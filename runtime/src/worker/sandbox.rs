@@ -11,6 +11,7 @@ use std::path::Path;
 use sha2::Digest as _;
 
 use crate::cgroup::{self, Cgroups, TenantLimits, WorkerGroup};
+use crate::config::PoolLimits;
 use crate::gate::{self, grants, DeviceGate};
 
 /// The group of the workers every tenant shares.
@@ -43,7 +44,7 @@ pub fn instance_name(state_dir: &Path) -> String {
 impl Sandbox {
     /// Finds the host's cgroups, removes whatever an earlier daemon of this instance left
     /// (groups, the processes in them, pinned gates), and prepares the pool group.
-    pub fn prepare(state_dir: &Path, gpus: usize) -> Result<Self, String> {
+    pub fn prepare(state_dir: &Path, gpus: usize, pool: &PoolLimits) -> Result<Self, String> {
         let instance = instance_name(state_dir);
         let cgroups = cgroup::detect(&instance)?;
         let removed = cgroups.remove_all().map_err(|e| e.to_string())?;
@@ -54,7 +55,7 @@ impl Sandbox {
         gate::ensure_bpffs().map_err(|e| e.to_string())?;
         let proc_devices = std::fs::read_to_string("/proc/devices")
             .map_err(|e| format!("cannot read /proc/devices: {e}"))?;
-        let sandbox = Self::with(cgroups, instance, gpus, proc_devices)?;
+        let sandbox = Self::with(cgroups, instance, gpus, proc_devices, pool)?;
         tracing::info!(instance = %sandbox.instance, cgroups = sandbox.cgroups.kind(), "workers are isolated: cgroups and a device gate per worker");
         Ok(sandbox)
     }
@@ -65,16 +66,17 @@ impl Sandbox {
         instance: String,
         gpus: usize,
         proc_devices: String,
+        pool: &PoolLimits,
     ) -> Result<Self, String> {
         cgroups.prepare().map_err(|e| e.to_string())?;
         cgroups
             .set_tenant(
                 SHARED_POOL,
                 &TenantLimits {
-                    memory_max: None,
+                    memory_max: pool.memory.map(|m| m.bytes()),
                     weight: 1,
-                    cpus: None,
-                    pids_max: None,
+                    cpus: pool.cpu,
+                    pids_max: pool.pids,
                 },
             )
             .map_err(|e| e.to_string())?;
@@ -195,6 +197,7 @@ mod tests {
             "accel-test".into(),
             1,
             "Character devices:\n  1 mem\n508 nvidia-uvm\n".into(),
+            &PoolLimits::default(),
         )
         .unwrap();
         (sandbox, fake)
