@@ -10,10 +10,8 @@
 use std::time::{Duration, Instant};
 
 use accel_runtime::config::{DaemonConfig, ModelSpec};
-use accel_runtime::engine::sampling::SamplingParams;
 use accel_runtime::guide::{Grammar, Guide};
 use accel_runtime::runner::{GenerateRequest, ModelHandle};
-use accel_runtime::sched::TenantParams;
 use criterion::Criterion;
 
 const PROMPT: usize = 16;
@@ -74,15 +72,8 @@ fn prompt(i: usize) -> Vec<u32> {
 fn serve(handle: &ModelHandle, n: usize, guide: Option<&Guide>) -> f64 {
     let requests = (0..n)
         .map(|i| GenerateRequest {
-            tenant: "t".into(),
-            prompt: prompt(i),
-            params: SamplingParams::greedy(),
-            max_tokens: OUTPUT,
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: true,
-            limits: TenantParams::default(),
             guide: guide.cloned(),
+            ..accel_benches::greedy_request("t", prompt(i), OUTPUT)
         })
         .collect();
     let (seconds, generated) = accel_benches::serve(handle, requests);

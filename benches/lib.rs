@@ -152,3 +152,23 @@ pub fn serve(
         generated.into_iter().flatten().collect(),
     )
 }
+
+/// A greedy request of `prompt` for `max_tokens` tokens that ignores EOS, as the benches
+/// time them.
+pub fn greedy_request(
+    tenant: &str,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> accel_runtime::runner::GenerateRequest {
+    accel_runtime::runner::GenerateRequest {
+        tenant: tenant.to_owned(),
+        prompt,
+        params: accel_runtime::engine::sampling::SamplingParams::greedy(),
+        max_tokens,
+        stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        ignore_eos: true,
+        limits: accel_runtime::sched::TenantParams::default(),
+        guide: None,
+    }
+}

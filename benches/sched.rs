@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::config::{DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE};
-use accel_runtime::engine::sampling::SamplingParams;
 use accel_runtime::engine::Engine;
-use accel_runtime::runner::{GenerateRequest, ModelHandle};
+use accel_runtime::runner::ModelHandle;
 use accel_runtime::sched::{
     self, ModelParams, NewSeq, PolicyKind, Pricing, Scheduler, TenantParams,
 };
@@ -122,17 +121,7 @@ fn prompt(i: usize) -> Vec<u32> {
 /// Seconds to serve `n` requests of `PROMPT` + `OUTPUT` tokens through the handle.
 fn through_scheduler(handle: &ModelHandle, n: usize) -> f64 {
     let requests = (0..n)
-        .map(|i| GenerateRequest {
-            tenant: format!("t{}", i % 2),
-            prompt: prompt(i),
-            params: SamplingParams::greedy(),
-            max_tokens: OUTPUT,
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: true,
-            limits: TenantParams::default(),
-            guide: None,
-        })
+        .map(|i| accel_benches::greedy_request(&format!("t{}", i % 2), prompt(i), OUTPUT))
         .collect();
     accel_benches::serve(handle, requests).0
 }

@@ -6,20 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use accel_tests::Daemon;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{json, Value};
-
-fn chat(daemon: &Daemon, body: &Value) -> (u16, Value) {
-    let (status, text) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(body.to_string().as_bytes()),
-    );
-    let value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}"));
-    (status, value)
-}
 
 /// The assistant's text and why it ended.
 fn answer(response: &Value) -> (String, String) {
@@ -109,7 +97,7 @@ fn every_output_under_a_json_schema_validates_greedy_and_sampled() {
                         body.as_object_mut()
                             .unwrap()
                             .extend(sampling.as_object().unwrap().clone());
-                        let (status, response) = chat(daemon, &body);
+                        let (status, response) = accel_tests::chat_whole(daemon, &body);
                         if status != 200 {
                             failures.push(format!("request {i}: {status} {response}"));
                             continue;
@@ -155,7 +143,7 @@ fn a_choice_yields_one_of_its_labels_and_a_regex_holds_over_the_whole_output() {
     ];
     for (i, review) in reviews.iter().enumerate() {
         for temperature in [0.0, 1.0] {
-            let (status, response) = chat(
+            let (status, response) = accel_tests::chat_whole(
                 &daemon,
                 &json!({
                     "model": "smollm2-135m-instruct",
@@ -177,7 +165,7 @@ fn a_choice_yields_one_of_its_labels_and_a_regex_holds_over_the_whole_output() {
     .iter()
     .enumerate()
     {
-        let (status, response) = chat(
+        let (status, response) = accel_tests::chat_whole(
             &daemon,
             &json!({
                 "model": "smollm2-135m-instruct",
@@ -211,18 +199,10 @@ fn a_choice_yields_one_of_its_labels_and_a_regex_holds_over_the_whole_output() {
         "max_tokens": 100, "temperature": 0,
         "response_format": {"type": "json_schema", "json_schema": {"name": "animal", "schema": schema}},
     });
-    let (status, response) = chat(&daemon, &body);
+    let (status, response) = accel_tests::chat_whole(&daemon, &body);
     assert_eq!(status, 200, "{response}");
     let (whole, _) = answer(&response);
-    let mut streaming = body.clone();
-    streaming["stream"] = json!(true);
-    let (status, text) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(streaming.to_string().as_bytes()),
-    );
-    assert_eq!(status, 200, "{text}");
-    let streamed = accel_tests::streamed_chat_text(&accel_tests::sse_chunks(&text));
+    let streamed = accel_tests::streamed_chat_text(&accel_tests::chat_streamed(&daemon, &body));
     assert_eq!(streamed, whole);
     let value: Value = serde_json::from_str(&whole).unwrap_or_else(|e| panic!("{e}: {whole:?}"));
     assert!(jsonschema::is_valid(&schema, &value), "{value}");
@@ -269,12 +249,13 @@ fn a_grammar_that_cannot_compile_is_a_400_naming_its_field() {
             "guided_choice, guided_regex each constrain the output",
         ),
     ] {
-        let (status, response) = chat(&daemon, &with(extra.clone()));
+        let (status, response) = accel_tests::chat_whole(&daemon, &with(extra.clone()));
         assert_eq!(status, 400, "{extra}: {response}");
         let message = response["error"]["message"].as_str().unwrap();
         assert!(message.contains(needle), "{extra}: {message}");
     }
     // `text` is free text, as without a format.
-    let (status, response) = chat(&daemon, &with(json!({"response_format": {"type": "text"}})));
+    let (status, response) =
+        accel_tests::chat_whole(&daemon, &with(json!({"response_format": {"type": "text"}})));
     assert_eq!(status, 200, "{response}");
 }

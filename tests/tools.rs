@@ -65,13 +65,8 @@ fn with_tool_choice_auto_a_text_answer_streams_as_it_is_whole() {
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
         "temperature": 0, "max_tokens": 30,
     });
-    let (status, text) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(body.to_string().as_bytes()),
-    );
-    assert_eq!(status, 200, "{text}");
-    let whole: Value = serde_json::from_str(&text).unwrap();
+    let (status, whole) = accel_tests::chat_whole(&daemon, &body);
+    assert_eq!(status, 200, "{whole}");
     let content = whole["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
@@ -80,18 +75,10 @@ fn with_tool_choice_auto_a_text_answer_streams_as_it_is_whole() {
         whole["choices"][0]["message"]["tool_calls"].is_null(),
         "{whole}"
     );
-    let mut streaming = body.clone();
-    streaming["stream"] = json!(true);
-    let (status, text) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(streaming.to_string().as_bytes()),
-    );
-    assert_eq!(status, 200, "{text}");
-    let chunks = accel_tests::sse_chunks(&text);
+    let chunks = accel_tests::chat_streamed(&daemon, &body);
     assert_eq!(accel_tests::streamed_chat_text(&chunks), content);
     // Text, not held to the end: it came in more than one piece.
-    assert!(chunks.len() > 3, "{text}");
+    assert!(chunks.len() > 3, "{chunks:?}");
     assert_eq!(
         chunks.last().unwrap()["choices"][0]["finish_reason"],
         whole["choices"][0]["finish_reason"]
@@ -122,13 +109,8 @@ fn a_streamed_calls_logprobs_are_those_of_the_whole_answer() {
             })
             .unwrap_or_default()
     };
-    let (status, text) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(body.to_string().as_bytes()),
-    );
-    assert_eq!(status, 200, "{text}");
-    let whole: Value = serde_json::from_str(&text).unwrap();
+    let (status, whole) = accel_tests::chat_whole(&daemon, &body);
+    assert_eq!(status, 200, "{whole}");
     assert_eq!(
         whole["choices"][0]["finish_reason"], "tool_calls",
         "{whole}"
@@ -138,15 +120,8 @@ fn a_streamed_calls_logprobs_are_those_of_the_whole_answer() {
         want.len() as u64,
         whole["usage"]["completion_tokens"].as_u64().unwrap()
     );
-    let mut streaming = body.clone();
-    streaming["stream"] = json!(true);
-    let (status, text) = daemon.request(
-        "POST",
-        "/v1/chat/completions",
-        Some(streaming.to_string().as_bytes()),
-    );
-    assert_eq!(status, 200, "{text}");
-    let streamed: Vec<String> = accel_tests::sse_chunks(&text)
+    let chunks = accel_tests::chat_streamed(&daemon, &body);
+    let streamed: Vec<String> = chunks
         .iter()
         .flat_map(|c| tokens(&c["choices"][0]["logprobs"]))
         .collect();

@@ -495,6 +495,31 @@ pub fn sse_chunks(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A chat request answered whole: its status and body.
+pub fn chat_whole(daemon: &Daemon, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(body.to_string().as_bytes()),
+    );
+    let value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}"));
+    (status, value)
+}
+
+/// The same chat request streamed: its chunks (the status must be 200).
+pub fn chat_streamed(daemon: &Daemon, body: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut streaming = body.clone();
+    streaming["stream"] = serde_json::json!(true);
+    let (status, text) = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(streaming.to_string().as_bytes()),
+    );
+    assert_eq!(status, 200, "{text}");
+    sse_chunks(&text)
+}
+
 /// The text a streamed chat answer's chunks carry, put together.
 pub fn streamed_chat_text(chunks: &[serde_json::Value]) -> String {
     chunks
