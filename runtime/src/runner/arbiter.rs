@@ -700,29 +700,29 @@ impl<E: EngineOps> Arbiter<E> {
         // The grammar masks of the sequences about to sample, side by side on the pool's
         // threads (the step that used them is over): one tenant's many guided sequences do
         // not add up on this device's thread.
-        let sampling: HashSet<SeqKey> = keys
+        // Only guided sequences about to sample; unguided steps pay one look-up per sequence.
+        let guided: HashSet<SeqKey> = keys
             .iter()
             .filter(|(key, take)| {
                 self.active
                     .get(key)
-                    .is_some_and(|a| a.pending.len() == *take)
+                    .is_some_and(|a| a.pending.len() == *take && a.job.request.guide.is_some())
             })
             .map(|(key, _)| *key)
             .collect();
-        let mut guides: Vec<&mut crate::guide::Guide> = self
-            .active
-            .iter_mut()
-            .filter(|(key, _)| sampling.contains(key))
-            .filter_map(|(_, a)| a.job.request.guide.as_mut())
-            .collect();
-        if guides.len() > 1 {
+        if guided.len() > 1 {
             use rayon::prelude::*;
+            let mut guides: Vec<&mut crate::guide::Guide> = self
+                .active
+                .iter_mut()
+                .filter(|(key, _)| guided.contains(key))
+                .filter_map(|(_, a)| a.job.request.guide.as_mut())
+                .collect();
             // An error here comes back from `constrain`, which computes again.
             guides.par_iter_mut().for_each(|g| {
                 let _ = g.prepare();
             });
         }
-        drop(guides);
         let mut finished = Vec::new();
         for (&(key, take), mut output) in keys.iter().zip(outputs) {
             let Some(a) = self.active.get_mut(&key) else {

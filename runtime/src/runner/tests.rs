@@ -115,24 +115,36 @@ fn served_alone(request: &GenerateRequest) -> Vec<u32> {
 
 /// Runs the loop until every receiver has its `Done`; returns each request's tokens.
 fn drain(arbiter: &mut Loop, receivers: &mut [mpsc::UnboundedReceiver<Event>]) -> Vec<Vec<u32>> {
+    outcomes(arbiter, receivers)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|message| panic!("request {i} failed: {message}")))
+        .collect()
+}
+
+/// Runs the loop until every receiver has ended; returns each request's tokens or error.
+fn outcomes(
+    arbiter: &mut Loop,
+    receivers: &mut [mpsc::UnboundedReceiver<Event>],
+) -> Vec<Result<Vec<u32>, String>> {
+    let mut results: Vec<Option<Result<Vec<u32>, String>>> = vec![None; receivers.len()];
     let mut tokens = vec![Vec::new(); receivers.len()];
-    let mut done = vec![false; receivers.len()];
     for _ in 0..10_000 {
         arbiter.turn();
         for (i, r) in receivers.iter_mut().enumerate() {
             while let Ok(event) = r.try_recv() {
                 match event {
                     Event::Token { token, .. } => tokens[i].push(token),
-                    Event::Done { .. } => done[i] = true,
-                    Event::Error { message, .. } => panic!("request {i} failed: {message}"),
+                    Event::Done { .. } => results[i] = Some(Ok(std::mem::take(&mut tokens[i]))),
+                    Event::Error { message, .. } => results[i] = Some(Err(message)),
                 }
             }
         }
-        if done.iter().all(|&d| d) {
-            return tokens;
+        if results.iter().all(Option::is_some) {
+            return results.into_iter().flatten().collect();
         }
     }
-    panic!("requests did not finish: {done:?}");
+    panic!("requests did not finish");
 }
 
 #[test]
@@ -463,31 +475,6 @@ fn memory_limited_device(
         })
     });
     (arbiter, jobs, batches)
-}
-
-/// Runs the loop until every receiver has ended; returns each request's tokens or error.
-fn outcomes(
-    arbiter: &mut Loop,
-    receivers: &mut [mpsc::UnboundedReceiver<Event>],
-) -> Vec<Result<Vec<u32>, String>> {
-    let mut results: Vec<Option<Result<Vec<u32>, String>>> = vec![None; receivers.len()];
-    let mut tokens = vec![Vec::new(); receivers.len()];
-    for _ in 0..10_000 {
-        arbiter.turn();
-        for (i, r) in receivers.iter_mut().enumerate() {
-            while let Ok(event) = r.try_recv() {
-                match event {
-                    Event::Token { token, .. } => tokens[i].push(token),
-                    Event::Done { .. } => results[i] = Some(Ok(std::mem::take(&mut tokens[i]))),
-                    Event::Error { message, .. } => results[i] = Some(Err(message)),
-                }
-            }
-        }
-        if results.iter().all(Option::is_some) {
-            return results.into_iter().flatten().collect();
-        }
-    }
-    panic!("requests did not finish");
 }
 
 /// Sequences that outgrow the worker's memory together run again one at a time after the

@@ -199,7 +199,11 @@ impl WorkerStatus {
     /// Processes the kernel has killed in the current worker's group for lack of memory (0
     /// unisolated).
     fn group_oom_kills(&self) -> u64 {
-        self.group_usage().map_or(0, |(usage, _)| usage.oom_kills)
+        // The cgroup's files alone: the gate's pinned map is not needed for this.
+        self.sandbox
+            .as_ref()
+            .and_then(|s| s.usage(&self.pool, &self.name).ok())
+            .map_or(0, |usage| usage.oom_kills)
     }
 
     fn set_pid(&self, pid: Option<u32>) {
