@@ -84,7 +84,7 @@ pub struct MatchSpec {
 }
 
 /// Scheduling class.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PriorityClass {
     /// Latency-sensitive requests, scheduled ahead of batch work.

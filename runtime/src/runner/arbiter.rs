@@ -897,17 +897,27 @@ impl<E: EngineOps> Arbiter<E> {
         let Some(m) = &self.metrics else {
             return;
         };
-        for r in reports {
-            let labels = [self.device.as_str(), r.tenant.as_str()];
-            m.waiting.with_label_values(&labels).set(r.waiting as i64);
-            m.running.with_label_values(&labels).set(r.running as i64);
-            m.swapped.with_label_values(&labels).set(r.swapped as i64);
-            m.kv_blocks
-                .with_label_values(&labels)
-                .set(r.kv_blocks as i64);
-            m.virtual_counter
-                .with_label_values(&labels)
-                .set(r.virtual_counter);
+        // A tenant's interactive and batch entries are one series each: their sums, and the
+        // larger virtual counter.
+        let mut by_tenant: std::collections::BTreeMap<&str, (usize, usize, usize, usize, f64)> =
+            std::collections::BTreeMap::new();
+        for r in &reports {
+            let t = by_tenant
+                .entry(r.tenant.as_str())
+                .or_insert((0, 0, 0, 0, f64::NEG_INFINITY));
+            t.0 += r.waiting;
+            t.1 += r.running;
+            t.2 += r.swapped;
+            t.3 += r.kv_blocks;
+            t.4 = t.4.max(r.virtual_counter);
+        }
+        for (tenant, (waiting, running, swapped, kv_blocks, counter)) in by_tenant {
+            let labels = [self.device.as_str(), tenant];
+            m.waiting.with_label_values(&labels).set(waiting as i64);
+            m.running.with_label_values(&labels).set(running as i64);
+            m.swapped.with_label_values(&labels).set(swapped as i64);
+            m.kv_blocks.with_label_values(&labels).set(kv_blocks as i64);
+            m.virtual_counter.with_label_values(&labels).set(counter);
         }
     }
 }

@@ -220,6 +220,8 @@ struct Tenant {
     /// Its limits changed: queued requests are checked against them again.
     recheck: bool,
     stats: TenantStats,
+    /// The same tenant's work in the other class: the two share its quotas.
+    sibling: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -257,8 +259,11 @@ pub struct Scheduler {
     policy: Box<dyn SchedulingPolicy>,
     pricing: Pricing,
     models: Vec<ModelState>,
+    /// One entry per tenant and class: a tenant's batch jobs queue and share the device
+    /// apart from its interactive requests, behind every tenant's interactive work, while
+    /// both count against the tenant's one `kv_blocks` quota and token bucket.
     tenants: Vec<Tenant>,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<(String, PriorityClass), usize>,
     seqs: HashMap<SeqKey, Seq>,
     running: Vec<SeqKey>,
     /// Token buckets by tenant; shared by every device's scheduler so a tenant's
@@ -406,8 +411,21 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
+    /// Device blocks a tenant holds in both classes (what its `kv_blocks` quota bounds).
+    fn quota_blocks(&self, t: usize) -> usize {
+        let tenant = &self.tenants[t];
+        tenant.blocks + tenant.sibling.map_or(0, |s| self.tenants[s].blocks)
+    }
+
+    /// A tenant's entries: its interactive one first, then its batch one.
+    fn entries<'a>(&'a self, name: &'a str) -> impl Iterator<Item = usize> + 'a {
+        [PriorityClass::Interactive, PriorityClass::Batch]
+            .into_iter()
+            .filter_map(move |class| self.by_name.get(&(name.to_owned(), class)).copied())
+    }
+
     fn tenant_index(&mut self, name: &str, params: &TenantParams, now: f64) -> usize {
-        if let Some(&i) = self.by_name.get(name) {
+        if let Some(&i) = self.by_name.get(&(name.to_owned(), params.class)) {
             let t = &mut self.tenants[i];
             if t.params != *params {
                 // The policy was reloaded: the latest request carries what is in force.
@@ -438,9 +456,19 @@ impl Scheduler {
             live: 0,
             recheck: false,
             stats: TenantStats::default(),
+            sibling: None,
         });
-        self.by_name.insert(name.to_owned(), self.tenants.len() - 1);
-        self.tenants.len() - 1
+        let index = self.tenants.len() - 1;
+        let other = match params.class {
+            PriorityClass::Interactive => PriorityClass::Batch,
+            PriorityClass::Batch => PriorityClass::Interactive,
+        };
+        if let Some(&sibling) = self.by_name.get(&(name.to_owned(), other)) {
+            self.tenants[index].sibling = Some(sibling);
+            self.tenants[sibling].sibling = Some(index);
+        }
+        self.by_name.insert((name.to_owned(), params.class), index);
+        index
     }
 
     /// Checks that a request could ever run, without queuing it.
@@ -758,8 +786,9 @@ impl Scheduler {
             let Some(quota) = self.tenants[t].params.kv_blocks else {
                 continue;
             };
-            while self.tenants[t].blocks as u64 > quota {
-                match self.victim(|s| s.tenant == t) {
+            let sibling = self.tenants[t].sibling;
+            while self.quota_blocks(t) as u64 > quota {
+                match self.victim(|s| s.tenant == t || Some(s.tenant) == sibling) {
                     Some(k) => self.preempt(k, &mut plan),
                     None => break,
                 }
@@ -806,13 +835,26 @@ impl Scheduler {
             let m = seq.model;
             let need = self.commitment(seq);
             let (admitted, prompt_len) = (seq.admitted, seq.prompt_len);
+            let class = self.tenants[t].params.class;
+            let quota = self.tenants[t].params.kv_blocks;
+            let sibling = self.tenants[t].sibling;
+            // The tenant's interactive work may displace its own batch work to fit its quota,
+            // when that makes enough room.
+            if let (Some(q), Some(sib), PriorityClass::Interactive) = (quota, sibling, class) {
+                let own = self.tenants[t].blocks;
+                if (self.quota_blocks(t) + need) as u64 > q && (own + need) as u64 <= q {
+                    while (self.quota_blocks(t) + need) as u64 > q {
+                        match self.victim(|s| s.tenant == sib) {
+                            Some(v) => self.preempt(v, &mut plan),
+                            None => break,
+                        }
+                    }
+                }
+            }
+            let held = self.quota_blocks(t);
             let tenant = &mut self.tenants[t];
-            let class = tenant.params.class;
             // The tenant's own limits hold back only the tenant.
-            let over_quota = tenant
-                .params
-                .kv_blocks
-                .is_some_and(|q| (tenant.blocks + need) as u64 > q);
+            let over_quota = quota.is_some_and(|q| (held + need) as u64 > q);
             let over_rate = !admitted
                 && tenant.params.tokens_per_minute.is_some()
                 && quota::lock(&self.buckets)
@@ -986,20 +1028,23 @@ impl Scheduler {
     /// Seconds until `tenant`'s next waiting request fits its token bucket (0 if it does or
     /// the tenant has no rate limit).
     pub fn rate_wait(&mut self, tenant: &str, now: f64) -> f64 {
-        let Some(&t) = self.by_name.get(tenant) else {
-            return 0.0;
-        };
-        if self.tenants[t].params.tokens_per_minute.is_none() {
-            return 0.0;
+        let entries: Vec<usize> = self.entries(tenant).collect();
+        let mut wait: f64 = 0.0;
+        for t in entries {
+            if self.tenants[t].params.tokens_per_minute.is_none() {
+                continue;
+            }
+            let prompt = self
+                .head(t, |_| true)
+                .and_then(|k| self.seqs.get(&k))
+                .filter(|s| !s.admitted)
+                .map_or(0, |s| s.prompt_len);
+            let entry_wait = quota::lock(&self.buckets)
+                .get_mut(tenant)
+                .map_or(0.0, |b| b.wait_for(prompt, now));
+            wait = wait.max(entry_wait);
         }
-        let prompt = self
-            .head(t, |_| true)
-            .and_then(|k| self.seqs.get(&k))
-            .filter(|s| !s.admitted)
-            .map_or(0, |s| s.prompt_len);
-        quota::lock(&self.buckets)
-            .get_mut(tenant)
-            .map_or(0.0, |b| b.wait_for(prompt, now))
+        wait
     }
 
     /// Per-tenant state, for metrics and the operator's views.
@@ -1120,12 +1165,14 @@ impl Scheduler {
                 return Err(format!("model {m}: {tokens} tokens in one step"));
             }
         }
-        for t in &self.tenants {
+        for (i, t) in self.tenants.iter().enumerate() {
             if let Some(q) = t.params.kv_blocks {
-                if t.blocks as u64 > q {
+                if self.quota_blocks(i) as u64 > q {
                     return Err(format!(
-                        "tenant {}: {} blocks over its quota {q}",
-                        t.name, t.blocks
+                        "tenant {} ({:?}): {} blocks over its quota {q}",
+                        t.name,
+                        t.params.class,
+                        self.quota_blocks(i)
                     ));
                 }
             }

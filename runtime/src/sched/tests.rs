@@ -161,6 +161,53 @@ fn a_tenants_kv_quota_holds_back_only_that_tenant() {
 }
 
 #[test]
+fn a_tenants_batch_work_yields_to_its_own_interactive_work_and_shares_its_quota() {
+    let mut s = Scheduler::new(PolicyKind::FairShare, Pricing::default());
+    s.add_model(model(100, 2, 64));
+    let of = |key, class| {
+        let mut n = seq(key, "alpha", 8, 8);
+        n.params.class = class;
+        n.params.kv_blocks = Some(6);
+        n
+    };
+    // A job's two lines fill the device's two places.
+    s.submit(of(1, PriorityClass::Batch), 0.0).unwrap();
+    s.submit(of(2, PriorityClass::Batch), 0.0).unwrap();
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [1, 2]);
+    execute(&mut s, &plan, 0.0);
+    // The same tenant's interactive request displaces one of them.
+    s.submit(of(3, PriorityClass::Interactive), 0.0).unwrap();
+    let plan = s.plan(0.0);
+    assert_eq!(plan.preempt, [(2, PreemptKind::Recompute)]);
+    assert_eq!(plan.admit, [3]);
+    s.check_plan(&plan).unwrap();
+    execute(&mut s, &plan, 0.0);
+    // Both classes count against one quota of 6 blocks: when their growth passes it, the
+    // batch line is preempted, not the interactive request.
+    let mut preempted = Vec::new();
+    for _ in 0..8 {
+        let plan = s.plan(0.0);
+        s.check_plan(&plan).unwrap();
+        preempted.extend(plan.preempt.iter().map(|&(k, _)| k));
+        execute(&mut s, &plan, 0.0);
+    }
+    assert_eq!(preempted, [1]);
+    let reports = s.report(0.0);
+    let classes: Vec<(String, PriorityClass)> = reports
+        .iter()
+        .map(|r| (r.tenant.clone(), r.class))
+        .collect();
+    assert_eq!(
+        classes,
+        [
+            ("alpha".to_owned(), PriorityClass::Batch),
+            ("alpha".to_owned(), PriorityClass::Interactive)
+        ]
+    );
+}
+
+#[test]
 fn the_token_bucket_delays_admission_and_refills() {
     let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
     s.add_model(model(100, 8, 64));
