@@ -75,6 +75,78 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), CtlError> {
+        let response = self
+            .send(method, path, body.map(|b| (b, "application/json")))
+            .await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
+            .to_bytes();
+        if status.is_success() {
+            Ok((status, bytes))
+        } else {
+            Err(api_error(status, &bytes))
+        }
+    }
+
+    /// POSTs `body` with its content type and returns the status and body.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &'static str,
+    ) -> Result<(StatusCode, Bytes), CtlError> {
+        let response = self
+            .send(Method::POST, path, Some((body, content_type)))
+            .await?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
+            .to_bytes();
+        if status.is_success() {
+            Ok((status, bytes))
+        } else {
+            Err(api_error(status, &bytes))
+        }
+    }
+
+    /// GETs `path` and copies the body to `out` as it arrives (for answers too large to hold).
+    pub async fn get_to(&self, path: &str, out: &mut impl std::io::Write) -> Result<(), CtlError> {
+        let response = self.send(Method::GET, path, None).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
+                .to_bytes();
+            return Err(api_error(status, &bytes));
+        }
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| CtlError::Other(format!("the answer from acceld broke: {e}")))?;
+            if let Some(data) = frame.data_ref() {
+                out.write_all(data)
+                    .map_err(|e| CtlError::Other(format!("cannot write the output: {e}")))?;
+            }
+        }
+        out.flush()
+            .map_err(|e| CtlError::Other(format!("cannot write the output: {e}")))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Vec<u8>, &'static str)>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CtlError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| connect_error(&self.socket, e))?;
@@ -94,28 +166,20 @@ impl Client {
         if let Some(tenant) = &self.tenant {
             builder = builder.header(ACT_FOR_TENANT_HEADER, tenant);
         }
-        if body.is_some() {
-            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
+        let body = match body {
+            Some((bytes, content_type)) => {
+                builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Vec::new(),
+        };
         let request = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| CtlError::Other(format!("cannot build request for {path}: {e}")))?;
-        let response = sender
+        sender
             .send_request(request)
             .await
-            .map_err(|e| CtlError::Other(format!("request {path} failed: {e}")))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
-            .to_bytes();
-        if status.is_success() {
-            Ok((status, bytes))
-        } else {
-            Err(api_error(status, &bytes))
-        }
+            .map_err(|e| CtlError::Other(format!("request {path} failed: {e}")))
     }
 
     /// POSTs `body` to a streaming endpoint and calls `on_data` with each server-sent event's

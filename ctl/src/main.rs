@@ -63,6 +63,9 @@ enum Command {
     Top(cmd::top::TopArgs),
     /// List the models' worker processes: pid, user, restarts, memory, CPU, device denials (operators only).
     Workers,
+    /// Submit, follow, cancel and read batch jobs.
+    #[command(subcommand)]
+    Jobs(cmd::jobs::JobsCommand),
     /// Complete a prompt, streaming the text as it is generated.
     Generate {
         /// The prompt.
@@ -105,6 +108,7 @@ fn exit_code(error: &CtlError) -> u8 {
         CtlError::InvalidPolicy(_) => exit::INVALID,
         CtlError::Api { status, .. } => match *status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => exit::DENIED,
+            StatusCode::CONFLICT => exit::INVALID,
             StatusCode::NOT_FOUND => exit::NOT_FOUND,
             StatusCode::BAD_REQUEST
             | StatusCode::PAYLOAD_TOO_LARGE
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
             Command::Queue => cmd::queue::run(&client, json).await,
             Command::Top(args) => cmd::top::run(&client, args, json).await,
             Command::Workers => cmd::workers::run(&client, json).await,
+            Command::Jobs(command) => cmd::jobs::run(&client, command, json).await,
             Command::Generate { prompt, options } => {
                 cmd::generate::generate(&client, prompt, options, json).await
             }

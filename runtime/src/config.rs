@@ -20,6 +20,10 @@ use crate::yaml::{Document, PathProblem, Problem, Problems};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/accel/acceld.yaml";
 /// Largest request body the API accepts, at most.
 pub const MAX_REQUEST_BODY_LIMIT: u64 = 1 << 30;
+/// Largest `jobs.max_file_size` the config may set.
+pub const MAX_JOB_FILE_LIMIT: u64 = 4 << 30;
+/// Largest `jobs.max_lines` the config may set.
+pub const MAX_JOB_LINES_LIMIT: usize = 1_000_000;
 
 /// Daemon configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -78,6 +82,37 @@ pub struct DaemonConfig {
     /// Limits on the shared workers together (the `_shared` pool group); dedicated tenants'
     /// workers are under their own policy limits instead.
     pub shared_pool: PoolLimits,
+    /// Batch jobs (`POST /v1/jobs`): their limits and how hard each runs.
+    pub jobs: JobsConfig,
+}
+
+/// Limits on batch jobs, kept under `state_dir/jobs`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Largest JSONL file a job may be; larger gets 413.
+    pub max_file_size: ByteSize,
+    /// Most requests (non-blank lines) in one job.
+    pub max_lines: usize,
+    /// Jobs a tenant may have unfinished at once (a tenant's `limits.max_jobs` overrides).
+    pub max_active_per_tenant: u32,
+    /// Lines of one job in flight at once.
+    pub concurrency: usize,
+    /// How long a finished job's files are kept before they are deleted.
+    #[serde(with = "crate::units::duration_str")]
+    pub retention: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_file_size: ByteSize(64 << 20),
+            max_lines: 50_000,
+            max_active_per_tenant: 4,
+            concurrency: 8,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// Kernel limits on a group of workers; an absent one is unlimited.
@@ -318,6 +353,7 @@ impl Default for DaemonConfig {
             isolation: Isolation::Off,
             worker_user: None,
             shared_pool: PoolLimits::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -372,6 +408,31 @@ impl DaemonConfig {
     /// Every problem with the values, by YAML path.
     pub fn validate(&self) -> Vec<PathProblem> {
         let mut out = Vec::new();
+        let jobs = &self.jobs;
+        if jobs.max_file_size.bytes() == 0 || jobs.max_file_size.bytes() > MAX_JOB_FILE_LIMIT {
+            out.push(PathProblem::new(
+                "jobs.max_file_size",
+                format!("must be between 1 byte and {}GiB", MAX_JOB_FILE_LIMIT >> 30),
+            ));
+        }
+        if !(1..=MAX_JOB_LINES_LIMIT).contains(&jobs.max_lines) {
+            out.push(PathProblem::new(
+                "jobs.max_lines",
+                format!("must be between 1 and {MAX_JOB_LINES_LIMIT}"),
+            ));
+        }
+        if !(1..=1024).contains(&jobs.concurrency) {
+            out.push(PathProblem::new(
+                "jobs.concurrency",
+                "must be between 1 and 1024 lines in flight per job",
+            ));
+        }
+        if jobs.max_active_per_tenant == 0 {
+            out.push(PathProblem::new(
+                "jobs.max_active_per_tenant",
+                "0 would refuse every job; give at least 1",
+            ));
+        }
         let pool = &self.shared_pool;
         if pool.cpu.is_some_and(|c| !(c.is_finite() && c >= 0.01)) {
             out.push(PathProblem::new(

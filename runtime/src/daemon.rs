@@ -98,14 +98,41 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             "no model could be loaded; inference requests will get 404 until one is configured"
         );
     }
-    let state = Arc::new(DaemonState::new(
-        config.clone(),
-        policy,
-        metrics,
-        Box::new(SystemUserDb),
-        models,
-        devices,
-    ));
+    let jobs = crate::jobs::Jobs::open(&config.state_dir.join("jobs"), config.jobs.clone())
+        .map_err(|e| {
+            DaemonError::Sys(SysError::Io {
+                action: "open the batch jobs directory",
+                path: config.state_dir.join("jobs"),
+                source: e,
+            })
+        })?;
+    let state = Arc::new(
+        DaemonState::new(
+            config.clone(),
+            policy,
+            metrics,
+            Box::new(SystemUserDb),
+            models,
+            devices,
+        )
+        .with_jobs(jobs),
+    );
+    // Unfinished jobs go on where their journals stopped; finished ones expire on a timer.
+    for job in state.jobs.all() {
+        crate::jobs::run::spawn(state.clone(), job);
+    }
+    {
+        let jobs = state.jobs.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::jobs::EXPIRY_INTERVAL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let jobs = jobs.clone();
+                let _ = tokio::task::spawn_blocking(move || jobs.expire()).await;
+            }
+        });
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let drain = config.drain_timeout;

@@ -8,6 +8,7 @@
 //! - [`metrics`]: Prometheus families and exposition;
 //! - [`state`]: what a running daemon shares between listeners (the policy in force);
 //! - [`daemon`]: lifecycle, signals, drain;
+//! - [`jobs`]: batch jobs, their journals, and the runner that answers their lines;
 //! - [`cgroup`]: tenant cgroups and the limits the kernel enforces on workers;
 //! - [`gate`]: the eBPF device gate on each worker's cgroup;
 //! - [`sys`]: every raw host interface (locks, socket files, NSS, peer groups, systemd);
@@ -31,6 +32,7 @@ pub mod devices;
 pub mod engine;
 pub mod gate;
 pub mod guide;
+pub mod jobs;
 pub mod kv;
 pub mod metrics;
 pub mod model;

@@ -58,6 +58,8 @@ pub struct DaemonState {
     policy: RwLock<Arc<PolicySnapshot>>,
     reload_lock: tokio::sync::Mutex<()>,
     draining: AtomicBool,
+    /// Batch jobs, with their journals.
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -170,6 +172,7 @@ impl DaemonState {
                 .with_label_values(&[d.uuid.as_str()])
                 .set(d.memory_bytes as i64);
         }
+        let config_jobs = config.jobs.clone();
         Self {
             config,
             models,
@@ -186,7 +189,14 @@ impl DaemonState {
             })),
             reload_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
+            jobs: Arc::new(crate::jobs::Jobs::disabled(config_jobs)),
         }
+    }
+
+    /// Serves batch jobs from `jobs` (opened on the state directory).
+    pub fn with_jobs(mut self, jobs: crate::jobs::Jobs) -> Self {
+        self.jobs = Arc::new(jobs);
+        self
     }
 
     /// The policy in force, with its generation.
@@ -298,7 +308,19 @@ impl DaemonState {
         Ok(TenantSlot {
             state: self.clone(),
             tenant: tenant.to_owned(),
+            counted: true,
         })
+    }
+
+    /// A slot for a batch job's line: not counted against `limits.max_concurrent_requests`,
+    /// since `jobs.concurrency` bounds a job, and a job must not lock its tenant's interactive
+    /// requests out.
+    pub fn job_slot(self: &Arc<Self>, tenant: &str) -> TenantSlot {
+        TenantSlot {
+            state: self.clone(),
+            tenant: tenant.to_owned(),
+            counted: false,
+        }
     }
 
     /// Whether the policy in force makes this socket peer an operator.
@@ -329,6 +351,7 @@ impl DaemonState {
 pub struct TenantSlot {
     state: Arc<DaemonState>,
     tenant: String,
+    counted: bool,
 }
 
 impl TenantSlot {
@@ -339,6 +362,9 @@ impl TenantSlot {
 
 impl Drop for TenantSlot {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         let mut counts = self
             .state
             .tenant_in_flight

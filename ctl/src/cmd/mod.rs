@@ -2,6 +2,7 @@
 
 pub mod devices;
 pub mod generate;
+pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod policy;

@@ -7,6 +7,7 @@
 //! Handlers see only the shared [`DaemonState`] and the identity.
 
 mod error;
+mod jobs;
 mod openai;
 pub mod openai_types;
 mod routes;
@@ -25,6 +26,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use self::error::ApiError;
+pub(crate) use self::jobs::serve_job_line;
 use crate::policy::{Caller, Identity, Role};
 use crate::state::DaemonState;
 use crate::state::PolicySnapshot;
@@ -84,6 +86,8 @@ pub struct Authenticated {
     pub identity: Identity,
     pub acting_for_tenant: bool,
     pub policy: Arc<PolicySnapshot>,
+    /// Made by a batch job on its tenant's behalf: scheduled in the batch class.
+    pub batch: bool,
 }
 
 /// Which listener a router serves; decides how callers are identified.
@@ -96,6 +100,8 @@ pub enum ListenerKind {
 /// The full API for a listener.
 pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
     let body_limit = usize::try_from(state.config.max_request_body.bytes()).unwrap_or(usize::MAX);
+    let job_file_limit =
+        usize::try_from(state.config.jobs.max_file_size.bytes()).unwrap_or(usize::MAX);
     let authenticated = Router::new()
         .route("/v1/status", get(routes::status))
         .route("/v1/whoami", get(routes::whoami))
@@ -108,6 +114,16 @@ pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route(
+            "/v1/jobs",
+            post(jobs::submit)
+                .layer(DefaultBodyLimit::max(job_file_limit))
+                .get(jobs::list),
+        )
+        .route("/v1/jobs/{id}", get(jobs::show))
+        .route("/v1/jobs/{id}/output", get(jobs::output))
+        .route("/v1/jobs/{id}/errors", get(jobs::errors))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/metrics", get(routes::metrics))
         // Layers run bottom up: authentication first, so a refused caller's body is never read.
         .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
@@ -258,7 +274,26 @@ async fn read_body(
             }
         }
     }
-    let limit = usize::try_from(state.config.max_request_body.bytes()).unwrap_or(usize::MAX);
+    // A job file may be far larger than a request, so few are read at once.
+    let job_upload = parts.method == axum::http::Method::POST && parts.uri.path() == "/v1/jobs";
+    let limit = if job_upload {
+        let Some(permit) = state.jobs.upload_permit() else {
+            return closing(
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "uploads_busy",
+                    "other job files are being uploaded now; retry in a few seconds",
+                )
+                .with_retry_after(2)
+                .into_response(),
+            );
+        };
+        parts.extensions.insert(jobs::UploadPermit(Arc::new(permit)));
+        state.config.jobs.max_file_size.bytes()
+    } else {
+        state.config.max_request_body.bytes()
+    };
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let deadline = state.config.request_timeout;
     let collected = tokio::time::timeout(
         deadline,
@@ -268,7 +303,19 @@ async fn read_body(
     let bytes = match collected {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return closing(ApiError::payload_too_large().into_response())
+            let error = if job_upload {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "the job file is larger than jobs.max_file_size ({}); split it into several jobs",
+                        state.config.jobs.max_file_size
+                    ),
+                )
+            } else {
+                ApiError::payload_too_large()
+            };
+            return closing(error.into_response());
         }
         Ok(Err(e)) => {
             return closing(
@@ -372,6 +419,7 @@ fn identify(
         identity,
         acting_for_tenant,
         policy,
+        batch: false,
     })
 }
 

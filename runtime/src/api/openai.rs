@@ -74,7 +74,11 @@ fn scheduling_limits(auth: &Authenticated) -> TenantParams {
     {
         Some(t) => TenantParams {
             weight: t.weight.max(1),
-            class: t.class,
+            class: if auth.batch {
+                crate::policy::PriorityClass::Batch
+            } else {
+                t.class
+            },
             tokens_per_minute: t.limits.tokens_per_minute,
             kv_blocks: t.limits.kv_blocks,
         },

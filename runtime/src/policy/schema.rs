@@ -124,6 +124,9 @@ pub struct LimitsSpec {
     /// Processes and threads of the tenant's workers (cgroup `pids.max`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Unfinished batch jobs at once (default: the config's `jobs.max_active_per_tenant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_jobs: Option<u32>,
 }
 
 /// A uid or gid, or an inclusive range written `"1000-1999"`.

@@ -304,6 +304,7 @@ fn readme_policy_reference_is_valid_and_names_every_field() {
                 memory: Some(crate::units::ByteSize(1)),
                 cpu: Some(1.0),
                 pids: Some(1),
+                max_jobs: Some(1),
             },
             models: names.clone(),
             devices: names,

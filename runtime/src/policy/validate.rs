@@ -193,6 +193,12 @@ fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Te
             "0 would refuse every request; raise it or remove the tenant",
         ));
     }
+    if limits.max_jobs == Some(0) {
+        out.push(PathProblem::new(
+            format!("{lpath}.max_jobs"),
+            "0 would refuse every batch job; raise it or leave it out for the config's default",
+        ));
+    }
     if limits.tokens_per_minute == Some(0) {
         out.push(PathProblem::new(
             format!("{lpath}.tokens_per_minute"),
