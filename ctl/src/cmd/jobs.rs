@@ -74,8 +74,14 @@ fn show(job: &JobView) -> String {
         ("failed", job.request_counts.failed.to_string()),
         ("created_at", job.created_at.to_string()),
         ("in_progress_at", time(job.in_progress_at)),
-        ("finished_at", time(job.completed_at.or(job.cancelled_at).or(job.failed_at))),
-        ("input", format!("{} bytes, sha256 {}", job.input_bytes, job.input_sha256)),
+        (
+            "finished_at",
+            time(job.completed_at.or(job.cancelled_at).or(job.failed_at)),
+        ),
+        (
+            "input",
+            format!("{} bytes, sha256 {}", job.input_bytes, job.input_sha256),
+        ),
     ];
     if let Some(error) = &job.error {
         pairs.push(("error", error.clone()));
@@ -86,9 +92,8 @@ fn show(job: &JobView) -> String {
 pub async fn run(client: &Client, command: &JobsCommand, json: bool) -> Result<(), CtlError> {
     match command {
         JobsCommand::Submit { file, wait } => {
-            let body = std::fs::read(file).map_err(|e| {
-                CtlError::Usage(format!("cannot read {}: {e}", file.display()))
-            })?;
+            let body = std::fs::read(file)
+                .map_err(|e| CtlError::Usage(format!("cannot read {}: {e}", file.display())))?;
             let (_, bytes) = client
                 .post_raw("/v1/jobs", body, "application/x-ndjson")
                 .await?;
@@ -99,7 +104,10 @@ pub async fn run(client: &Client, command: &JobsCommand, json: bool) -> Result<(
             if *wait {
                 job = wait_for(client, &job.id, !json).await?;
                 if json {
-                    println!("{}", output::json(&serde_json::to_value(&job).unwrap_or_default()));
+                    println!(
+                        "{}",
+                        output::json(&serde_json::to_value(&job).unwrap_or_default())
+                    );
                 } else {
                     println!("{}", show(&job));
                 }

@@ -101,15 +101,17 @@ pub(super) async fn submit(
     let submitting = {
         let (state, tenant) = (state.clone(), tenant.clone());
         tokio::task::spawn_blocking(move || {
-            state
-                .jobs
-                .submit(&tenant, &submitted_by, max_active, &body)
+            state.jobs.submit(&tenant, &submitted_by, max_active, &body)
         })
     };
     let job = match submitting.await {
         Ok(Ok(job)) => job,
         Ok(Err(e)) => return Err(submit_error(e)),
-        Err(_) => return Err(ApiError::internal("storing the job failed; see the daemon log")),
+        Err(_) => {
+            return Err(ApiError::internal(
+                "storing the job failed; see the daemon log",
+            ))
+        }
     };
     tracing::info!(job = %job.meta.id, %tenant, lines = job.meta.lines, bytes = job.meta.input_bytes, "batch job accepted");
     jobs::run::spawn(state.clone(), job.clone());
@@ -260,7 +262,10 @@ fn file_response(
             })
             .await;
             match read {
-                Ok(Ok(buf)) => Some((Ok::<_, std::io::Error>(Bytes::from(buf)), offset + want as u64)),
+                Ok(Ok(buf)) => Some((
+                    Ok::<_, std::io::Error>(Bytes::from(buf)),
+                    offset + want as u64,
+                )),
                 Ok(Err(e)) => Some((Err(e), len)),
                 Err(_) => Some((Err(std::io::Error::other("the reader stopped")), len)),
             }
@@ -317,9 +322,12 @@ pub(crate) async fn serve_job_line(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let body = match axum::body::to_bytes(response.into_body(), MAX_LINE_ANSWER_BYTES).await {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-        Err(e) => serde_json::json!({"error": {"message": format!("the answer could not be read: {e}")}}),
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        }),
+        Err(e) => {
+            serde_json::json!({"error": {"message": format!("the answer could not be read: {e}")}})
+        }
     };
     Ok(jobs::run::Reply {
         status,

@@ -288,7 +288,9 @@ async fn read_body(
                 .into_response(),
             );
         };
-        parts.extensions.insert(jobs::UploadPermit(Arc::new(permit)));
+        parts
+            .extensions
+            .insert(jobs::UploadPermit(Arc::new(permit)));
         state.config.jobs.max_file_size.bytes()
     } else {
         state.config.max_request_body.bytes()

@@ -121,8 +121,12 @@ enum Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 enum Event {
-    Started { at: u64 },
-    Cancelling { at: u64 },
+    Started {
+        at: u64,
+    },
+    Cancelling {
+        at: u64,
+    },
     Finished {
         status: Status,
         at: u64,
@@ -144,7 +148,11 @@ impl Record {
                 output,
             } => {
                 let mut out = Vec::with_capacity(5 + output.len());
-                out.push(if *failed { ANSWERED_FAILED } else { ANSWERED_OK });
+                out.push(if *failed {
+                    ANSWERED_FAILED
+                } else {
+                    ANSWERED_OK
+                });
                 out.extend_from_slice(&line.to_le_bytes());
                 out.extend_from_slice(output);
                 out
@@ -387,9 +395,10 @@ impl Job {
     /// The request on line `i` (0-based among non-blank lines), read from `input.jsonl`.
     pub fn read_line(&self, i: u32) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt as _;
-        let (offset, len) = self.lines.get(i as usize).copied().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("no line {i}"))
-        })?;
+        let (offset, len) =
+            self.lines.get(i as usize).copied().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("no line {i}"))
+            })?;
         let file = File::open(self.dir.join("input.jsonl"))?;
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset)?;
@@ -517,7 +526,11 @@ impl Job {
         } else {
             ledger.progress.output_bytes
         };
-        let name = if errors { "errors.jsonl" } else { "output.jsonl" };
+        let name = if errors {
+            "errors.jsonl"
+        } else {
+            "output.jsonl"
+        };
         Ok((File::open(self.dir.join(name))?, len))
     }
 
@@ -629,9 +642,7 @@ impl Jobs {
     /// Every job, newest first.
     pub fn all(&self) -> Vec<Arc<Job>> {
         let mut all: Vec<Arc<Job>> = lock(&self.jobs).values().cloned().collect();
-        all.sort_by(|a, b| {
-            (b.meta.created_at, &b.meta.id).cmp(&(a.meta.created_at, &a.meta.id))
-        });
+        all.sort_by(|a, b| (b.meta.created_at, &b.meta.id).cmp(&(a.meta.created_at, &a.meta.id)));
         all
     }
 
@@ -793,14 +804,13 @@ fn load_job(dir: &Path, id: &str) -> io::Result<Job> {
     let journal_path = dir.join("journal");
     let mut progress = Progress::new(meta.lines);
     let mut unreadable = 0usize;
-    let (journal, repair) = Journal::open(&journal_path, |payload| {
-        match Record::decode(payload) {
+    let (journal, repair) =
+        Journal::open(&journal_path, |payload| match Record::decode(payload) {
             Some(record) => {
                 progress.apply(&record);
             }
             None => unreadable += 1,
-        }
-    })?;
+        })?;
     if let Some(r) = &repair {
         tracing::warn!(job = %id, valid_bytes = r.valid_bytes, dropped_bytes = r.dropped_bytes, reason = r.reason, "repaired the job journal's torn tail; the lines it held are answered again");
     }
@@ -810,8 +820,7 @@ fn load_job(dir: &Path, id: &str) -> io::Result<Job> {
     let output_path = dir.join("output.jsonl");
     let errors_path = dir.join("errors.jsonl");
     let size = |p: &Path| std::fs::metadata(p).map_or(u64::MAX, |m| m.len());
-    if size(&output_path) != progress.output_bytes || size(&errors_path) != progress.error_bytes
-    {
+    if size(&output_path) != progress.output_bytes || size(&errors_path) != progress.error_bytes {
         tracing::info!(job = %id, "rebuilding the job's output files from its journal");
         rebuild_outputs(&journal_path, &output_path, &errors_path, meta.lines)?;
     }
@@ -849,10 +858,7 @@ fn rebuild_outputs(journal: &Path, output: &Path, errors: &Path, lines: u32) -> 
         if !progress.apply(&record) || failure.is_some() {
             return;
         }
-        if let Record::Answered {
-            failed, output, ..
-        } = record
-        {
+        if let Record::Answered { failed, output, .. } = record {
             let file = if failed { &mut err } else { &mut out };
             if let Err(e) = file.write_all(&output).and_then(|()| file.write_all(b"\n")) {
                 failure = Some(e);

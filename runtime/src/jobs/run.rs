@@ -267,14 +267,17 @@ async fn answer_line(state: &Arc<DaemonState>, job: &Arc<Job>, line: u32) -> Lin
         if state.draining() || *cancelled.borrow_and_update() {
             return LineResult::Unanswered;
         }
-        let reply = match crate::api::serve_job_line(state, &job.meta.tenant, &request.url, body.clone())
-            .await
-        {
-            Ok(reply) => reply,
-            Err(reason) => return LineResult::JobFails(reason),
-        };
+        let reply =
+            match crate::api::serve_job_line(state, &job.meta.tenant, &request.url, body.clone())
+                .await
+            {
+                Ok(reply) => reply,
+                Err(reason) => return LineResult::JobFails(reason),
+            };
         let wait = match reply.status {
-            429 => Some(Duration::from_secs(reply.retry_after.unwrap_or(1).clamp(1, 60))),
+            429 => Some(Duration::from_secs(
+                reply.retry_after.unwrap_or(1).clamp(1, 60),
+            )),
             503 if server_failures + 1 < SERVER_FAILURE_ATTEMPTS => {
                 server_failures += 1;
                 Some((Duration::from_secs(1) * 2u32.pow(server_failures)).min(MAX_BACKOFF))

@@ -15,7 +15,10 @@ fn line(id: &str) -> String {
 }
 
 fn file(ids: &[&str]) -> Vec<u8> {
-    ids.iter().map(|id| line(id) + "\n").collect::<String>().into_bytes()
+    ids.iter()
+        .map(|id| line(id) + "\n")
+        .collect::<String>()
+        .into_bytes()
 }
 
 fn answer(job: &Job, line: u32, failed: bool) {
@@ -61,15 +64,20 @@ fn a_submitted_job_is_on_disk_and_comes_back_after_a_restart() {
     assert_eq!(errors, "{\"line\": 0}\n");
     answer(&job, 1, false);
     assert!(job.finish(Status::Completed, None).unwrap());
-    assert!(!job.finish(Status::Failed, None).unwrap(), "a job ends once");
-    assert_eq!(job.view().completed_at.is_some(), true);
+    assert!(
+        !job.finish(Status::Failed, None).unwrap(),
+        "a job ends once"
+    );
+    assert!(job.view().completed_at.is_some());
 }
 
 #[test]
 fn output_files_that_disagree_with_the_journal_are_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let jobs = Jobs::open(dir.path(), config()).unwrap();
-    let job = jobs.submit("alpha", "uid 0", None, &file(&["a", "b", "c"])).unwrap();
+    let job = jobs
+        .submit("alpha", "uid 0", None, &file(&["a", "b", "c"]))
+        .unwrap();
     for i in 0..3 {
         answer(&job, i, i == 1);
     }
@@ -96,7 +104,9 @@ fn output_files_that_disagree_with_the_journal_are_rebuilt() {
 fn a_torn_journal_tail_loses_only_its_last_answer() {
     let dir = tempfile::tempdir().unwrap();
     let jobs = Jobs::open(dir.path(), config()).unwrap();
-    let job = jobs.submit("alpha", "uid 0", None, &file(&["a", "b"])).unwrap();
+    let job = jobs
+        .submit("alpha", "uid 0", None, &file(&["a", "b"]))
+        .unwrap();
     answer(&job, 0, false);
     answer(&job, 1, false);
     let id = job.meta.id.clone();
@@ -128,7 +138,10 @@ fn submissions_are_checked_before_anything_is_stored() {
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     assert!(matches!(
         jobs.submit("alpha", "uid 0", None, &file(&many)),
-        Err(SubmitError::TooManyLines { lines: 11, limit: 10 })
+        Err(SubmitError::TooManyLines {
+            lines: 11,
+            limit: 10
+        })
     ));
     match jobs.submit("alpha", "uid 0", None, &file(&["x", "y", "x"])) {
         Err(SubmitError::DuplicateId { id, first, second }) => {
@@ -138,7 +151,12 @@ fn submissions_are_checked_before_anything_is_stored() {
     }
     // Blank lines and a malformed line are fine here: the malformed one fails alone later.
     let job = jobs
-        .submit("alpha", "uid 0", None, b"\nnot json\n\n{\"custom_id\": \"z\"}")
+        .submit(
+            "alpha",
+            "uid 0",
+            None,
+            b"\nnot json\n\n{\"custom_id\": \"z\"}",
+        )
         .unwrap();
     assert_eq!(job.meta.lines, 2);
     assert_eq!(job.read_line(0).unwrap(), b"not json");
@@ -148,7 +166,8 @@ fn submissions_are_checked_before_anything_is_stored() {
         jobs.submit("alpha", "uid 0", None, &file(&["a"])),
         Err(SubmitError::TooMany { active: 2, .. })
     ));
-    jobs.submit("alpha", "uid 0", Some(3), &file(&["a"])).unwrap();
+    jobs.submit("alpha", "uid 0", Some(3), &file(&["a"]))
+        .unwrap();
     jobs.submit("beta", "uid 0", None, &file(&["a"])).unwrap();
     // Only whole jobs are in the directory: no leftovers of the refused ones.
     let entries = std::fs::read_dir(dir.path()).unwrap().count();
@@ -178,7 +197,10 @@ fn half_written_submissions_and_expired_jobs_are_removed_at_start() {
     assert!(jobs.get(&done_id).is_none());
     assert!(!dir.path().join(&done_id).exists());
     assert!(jobs.get(&open_id).is_some(), "unfinished jobs never expire");
-    assert!(!dir.path().join(".tmp-job_000000000000000000000000").exists());
+    assert!(!dir
+        .path()
+        .join(".tmp-job_000000000000000000000000")
+        .exists());
     assert!(dir.path().join("lost+found").exists());
 }
 
@@ -186,7 +208,9 @@ fn half_written_submissions_and_expired_jobs_are_removed_at_start() {
 fn cancelling_is_journaled_and_a_restart_finishes_it() {
     let dir = tempfile::tempdir().unwrap();
     let jobs = Jobs::open(dir.path(), config()).unwrap();
-    let job = jobs.submit("alpha", "uid 0", None, &file(&["a", "b"])).unwrap();
+    let job = jobs
+        .submit("alpha", "uid 0", None, &file(&["a", "b"]))
+        .unwrap();
     let watch = job.cancelled();
     assert!(job.request_cancel().unwrap());
     assert!(*watch.borrow());
@@ -198,7 +222,10 @@ fn cancelling_is_journaled_and_a_restart_finishes_it() {
     assert_eq!(job.status(), Status::Cancelling);
     assert!(job.view().cancelling_at.is_some());
     job.finish(Status::Cancelled, None).unwrap();
-    assert!(!job.request_cancel().unwrap(), "a finished job is not cancelled again");
+    assert!(
+        !job.request_cancel().unwrap(),
+        "a finished job is not cancelled again"
+    );
 }
 
 #[test]
