@@ -5,37 +5,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
-
-/// Where the test command installs the SDK (`.ci/deps.sh`); `None` (a printed skip) when it
-/// is missing outside CI.
-fn python_deps() -> Option<PathBuf> {
-    let dir = PathBuf::from(
-        std::env::var("ACCEL_PYTHON_DEPS").unwrap_or_else(|_| "/var/cache/accel/python".into()),
-    );
-    if dir.join("openai").is_dir() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "the openai SDK is missing from {} in CI: the test command installs it (.ci/deps.sh)",
-        dir.display()
-    );
-    eprintln!(
-        "skipped: the openai SDK is not in {} (run .ci/deps.sh)",
-        dir.display()
-    );
-    None
-}
 
 #[test]
 fn the_openai_sdk_calls_tools_streams_calls_and_answers_results() {
     let Some(daemon) = accel_tests::smollm2_daemon(256, "") else {
         return;
     };
-    let Some(deps) = python_deps() else {
+    let Some(deps) = accel_tests::python_deps() else {
         return;
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/tools.py");

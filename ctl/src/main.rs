@@ -63,6 +63,22 @@ enum Command {
     Top(cmd::top::TopArgs),
     /// List the models' worker processes: pid, user, restarts, memory, CPU, device denials (operators only).
     Workers,
+    /// List the generation requests in flight (tenant, model, age, tokens so far), or cancel one.
+    Requests {
+        #[command(subcommand)]
+        command: Option<cmd::requests::RequestsCommand>,
+    },
+    /// Stop taking new requests and jobs (503 with Retry-After) while in-flight ones finish (operators only).
+    Drain {
+        /// Wait up to this many seconds for in-flight requests to finish.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
+    /// Take new requests again after a drain (operators only).
+    Undrain,
+    /// Create, list and revoke bearer tokens for the TCP listener (operators only).
+    #[command(subcommand)]
+    Tokens(cmd::tokens::TokensCommand),
     /// Submit, follow, cancel and read batch jobs.
     #[command(subcommand)]
     Jobs(cmd::jobs::JobsCommand),
@@ -149,6 +165,20 @@ fn main() -> ExitCode {
             Command::Queue => cmd::queue::run(&client, json).await,
             Command::Top(args) => cmd::top::run(&client, args, json).await,
             Command::Workers => cmd::workers::run(&client, json).await,
+            Command::Requests { command } => {
+                cmd::requests::run(&client, command.as_ref(), json).await
+            }
+            Command::Drain { wait } => {
+                cmd::drain::run(
+                    &client,
+                    true,
+                    wait.map(std::time::Duration::from_secs),
+                    json,
+                )
+                .await
+            }
+            Command::Undrain => cmd::drain::run(&client, false, None, json).await,
+            Command::Tokens(command) => cmd::tokens::run(&client, command, json).await,
             Command::Jobs(command) => cmd::jobs::run(&client, command, json).await,
             Command::Generate { prompt, options } => {
                 cmd::generate::generate(&client, prompt, options, json).await

@@ -115,7 +115,10 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             models,
             devices,
         )
-        .with_jobs(jobs),
+        .with_jobs(jobs)
+        .with_tokens(crate::tokens::TokenStore::open(
+            &config.state_dir.join("tokens.json"),
+        )),
     );
     // Unfinished jobs go on where their journals stopped; finished ones expire on a timer.
     for job in state.jobs.all() {

@@ -57,9 +57,16 @@ pub struct DaemonState {
     pub started: Instant,
     policy: RwLock<Arc<PolicySnapshot>>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Set when the daemon stops (SIGTERM, SIGINT).
     draining: AtomicBool,
+    /// Set by an operator's drain: new requests are refused until undrained.
+    drained: AtomicBool,
     /// Batch jobs, with their journals.
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Bearer tokens created at run time (`accelctl tokens`).
+    pub tokens: crate::tokens::TokenStore,
+    /// Generation requests in flight (`accelctl requests`).
+    pub requests: crate::requests::Requests,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -189,8 +196,17 @@ impl DaemonState {
             })),
             reload_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
             jobs: Arc::new(crate::jobs::Jobs::disabled(config_jobs)),
+            tokens: crate::tokens::TokenStore::in_memory(),
+            requests: crate::requests::Requests::default(),
         }
+    }
+
+    /// Keeps run-time tokens in `tokens` (a file in the state directory).
+    pub fn with_tokens(mut self, tokens: crate::tokens::TokenStore) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     /// Serves batch jobs from `jobs` (opened on the state directory).
@@ -336,12 +352,32 @@ impl DaemonState {
             .is_some_and(|i| i.role == crate::policy::Role::Operator)
     }
 
+    /// Whether new work is refused: the daemon is stopping, or an operator drained it.
     pub fn draining(&self) -> bool {
+        self.stopping() || self.drained.load(Ordering::SeqCst)
+    }
+
+    /// Whether the daemon is stopping (SIGTERM): unlike an operator's drain, it ends.
+    pub fn stopping(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// An operator's drain (`accelctl drain`), or its end; returns whether it changed.
+    pub fn set_drained(&self, drained: bool) -> bool {
+        self.drained.swap(drained, Ordering::SeqCst) != drained
+    }
+
+    /// Inference requests in flight (not counting batch job lines).
+    pub fn inference_in_flight(&self) -> usize {
+        self.tenant_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
     }
 }
 

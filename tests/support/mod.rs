@@ -545,3 +545,24 @@ pub fn sha256_hex(text: &str) -> String {
     let out = child.wait_with_output().expect("sha256sum output");
     String::from_utf8(out.stdout).expect("sha256sum prints ASCII")[..64].to_owned()
 }
+
+/// Where the test command installs the SDK (`.ci/deps.sh`); `None` (a printed skip) when it
+/// is missing outside CI.
+pub fn python_deps() -> Option<PathBuf> {
+    let dir = PathBuf::from(
+        std::env::var("ACCEL_PYTHON_DEPS").unwrap_or_else(|_| "/var/cache/accel/python".into()),
+    );
+    if dir.join("openai").is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the openai SDK is missing from {} in CI: the test command installs it (.ci/deps.sh)",
+        dir.display()
+    );
+    eprintln!(
+        "skipped: the openai SDK is not in {} (run .ci/deps.sh)",
+        dir.display()
+    );
+    None
+}

@@ -31,6 +31,9 @@ use crate::policy::{Caller, Identity, Role};
 use crate::state::DaemonState;
 use crate::state::PolicySnapshot;
 
+/// `Retry-After` of requests refused while the daemon is drained.
+const DRAIN_RETRY_AFTER_SECS: u64 = 30;
+
 /// Header an operator sets to act for a tenant (`accelctl --tenant NAME`).
 pub const ACT_FOR_TENANT_HEADER: &str = "x-accel-tenant";
 
@@ -108,6 +111,18 @@ pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
         .route("/v1/tenants", get(routes::tenants))
         .route("/v1/tenants/{name}", get(routes::tenant))
         .route("/v1/policy/reload", post(routes::reload_policy))
+        .route("/v1/drain", post(routes::drain))
+        .route("/v1/requests", get(routes::requests))
+        .route("/v1/requests/{id}/cancel", post(routes::cancel_request))
+        .route(
+            "/v1/tokens",
+            post(routes::create_token).get(routes::list_tokens),
+        )
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(routes::revoke_token),
+        )
+        .route("/v1/undrain", post(routes::undrain))
         .route("/v1/devices", get(routes::devices))
         .route("/v1/scheduler", get(routes::scheduler))
         .route("/v1/workers", get(routes::workers))
@@ -264,6 +279,19 @@ async fn read_body(
     let (mut parts, body) = request.into_parts();
     let inference = parts.method == axum::http::Method::POST
         && matches!(parts.uri.path(), "/v1/completions" | "/v1/chat/completions");
+    let new_work =
+        inference || (parts.method == axum::http::Method::POST && parts.uri.path() == "/v1/jobs");
+    if new_work && state.draining() {
+        return closing(
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "the daemon is drained and takes no new requests; retry later or on another node",
+            )
+            .with_retry_after(DRAIN_RETRY_AFTER_SECS)
+            .into_response(),
+        );
+    }
     if inference {
         if let Some(auth) = parts.extensions.get::<Authenticated>() {
             match openai::take_slot(&state, auth) {
@@ -374,9 +402,24 @@ fn identify(
                 |message: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
             let token = bearer_token(request.headers())
                 .ok_or_else(|| unauthorized("send `Authorization: Bearer TOKEN`; tokens are configured per tenant in the policy"))?;
-            let identity = policy.identify_token(token).ok_or_else(|| {
-                unauthorized("the bearer token is not known to the policy in force")
-            })?;
+            // The policy's tokens first, then those created at run time, whose tenant must
+            // still be in the policy.
+            let identity = policy
+                .identify_token(token)
+                .or_else(|| {
+                    let entry = state.tokens.lookup(token)?;
+                    policy.tenant(&entry.tenant)?;
+                    Some(Identity {
+                        role: Role::Tenant,
+                        tenant: Some(entry.tenant),
+                        matched_by: format!("token {}", entry.id),
+                    })
+                })
+                .ok_or_else(|| {
+                    unauthorized(
+                        "the bearer token is not known to the policy in force or was revoked",
+                    )
+                })?;
             (None, identity)
         }
     };

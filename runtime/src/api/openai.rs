@@ -749,8 +749,20 @@ async fn start(
         })
         .map_err(submit_error)?;
     tracing::debug!(tenant = %tenant_label(&auth), model = %model.info.name, prompt_tokens, max_tokens, "generation queued");
+    let id = request_id(if chat { "chatcmpl" } else { "cmpl" });
+    let events = state.requests.track(
+        crate::requests::RequestInfo {
+            id: id.clone(),
+            tenant: tenant_label(&auth),
+            model: model.info.name.clone(),
+            stream: common.stream,
+            batch: auth.batch,
+            prompt_tokens,
+        },
+        events,
+    );
     let job = Job {
-        id: request_id(if chat { "chatcmpl" } else { "cmpl" }),
+        id,
         model,
         slot,
         events,
@@ -775,6 +787,8 @@ fn failure_status(cause: Failure) -> (StatusCode, &'static str) {
     match cause {
         Failure::Server => (StatusCode::SERVICE_UNAVAILABLE, "generation_failed"),
         Failure::Request => (StatusCode::BAD_REQUEST, "request_cannot_be_served"),
+        // Not 409 or 5xx, which SDKs retry: the operator meant it to stop.
+        Failure::Cancelled => (StatusCode::GONE, "cancelled"),
     }
 }
 

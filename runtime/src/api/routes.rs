@@ -12,8 +12,9 @@ use axum::{Extension, Json};
 
 use super::error::{json_body, ApiError};
 use super::types::{
-    ApiStatus, BackendStatus, Health, PolicyStatus, ReloadRequest, ReloadResponse, SchedulerStatus,
-    Status, TenantList, WhoAmI,
+    ApiStatus, BackendStatus, CreateToken, CreatedToken, DrainStatus, Health, PolicyStatus,
+    ReloadRequest, ReloadResponse, RequestList, SchedulerStatus, Status, TenantList, TokenList,
+    WhoAmI,
 };
 use super::{unknown_route_error, Authenticated};
 use crate::policy::Role;
@@ -111,6 +112,7 @@ pub(super) async fn status(
             tcp_listen: config.tcp_listen.map(|a| a.to_string()),
             metrics_listen: config.metrics_listen.map(|a| a.to_string()),
             requests_in_flight: state.metrics.api_in_flight.get(),
+            inference_in_flight: state.inference_in_flight(),
         },
     })
 }
@@ -228,6 +230,189 @@ pub(super) async fn reload_policy(
             error.problems = problems.0;
             Err(error)
         }
+    }
+}
+
+/// An operator's drain: new inference requests and jobs get 503 with `Retry-After` while
+/// in-flight ones finish; `/healthz` says `draining` so load balancers move away.
+pub(super) async fn drain(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Result<Json<DrainStatus>, ApiError> {
+    set_drained(&state, &auth, true)
+}
+
+pub(super) async fn undrain(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Result<Json<DrainStatus>, ApiError> {
+    set_drained(&state, &auth, false)
+}
+
+fn set_drained(
+    state: &DaemonState,
+    auth: &Authenticated,
+    drained: bool,
+) -> Result<Json<DrainStatus>, ApiError> {
+    let what = if drained { "draining" } else { "undraining" };
+    if auth.identity.role != Role::Operator {
+        return Err(ApiError::operators_only(what));
+    }
+    if !drained && state.stopping() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "stopping",
+            "the daemon is stopping; it cannot be undrained",
+        ));
+    }
+    let changed = state.set_drained(drained);
+    tracing::info!(
+        uid = auth.peer.as_ref().map(|p| p.uid),
+        changed,
+        in_flight = state.inference_in_flight(),
+        "{what} requested by an operator"
+    );
+    Ok(Json(DrainStatus {
+        state: if state.draining() {
+            "draining"
+        } else {
+            "serving"
+        }
+        .into(),
+        changed,
+        inference_in_flight: state.inference_in_flight(),
+    }))
+}
+
+/// Whether the caller may see (and cancel) a request of `tenant`: operators any; a tenant,
+/// or an operator acting for one, that tenant's.
+fn may_see_tenant(auth: &Authenticated, tenant: &str) -> bool {
+    match (&auth.identity.role, &auth.identity.tenant) {
+        (Role::Operator, None) => true,
+        (_, Some(own)) => own == tenant,
+        (Role::Tenant, None) => false,
+    }
+}
+
+/// `GET /v1/requests`: generation requests in flight, oldest first.
+pub(super) async fn requests(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Json<RequestList> {
+    let mut data = state.requests.list();
+    data.retain(|r| may_see_tenant(&auth, &r.tenant));
+    Json(RequestList { data })
+}
+
+/// `POST /v1/requests/{id}/cancel`: ends the request with 410 `cancelled` and frees its
+/// sequence. Another tenant's request is 404, as one that is not in flight.
+pub(super) async fn cancel_request(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let visible = state
+        .requests
+        .tenant_of(&id)
+        .is_some_and(|tenant| may_see_tenant(&auth, &tenant));
+    if !visible || !state.requests.cancel(&id) {
+        return Err(ApiError::not_found(format!(
+            "no request {:?} is in flight for you; see `accelctl requests`",
+            id.chars().take(64).collect::<String>()
+        )));
+    }
+    tracing::info!(request = %id, uid = auth.peer.as_ref().map(|p| p.uid), "request cancelled over the API");
+    Ok(Json(serde_json::json!({"id": id, "cancelled": true})))
+}
+
+/// `POST /v1/tokens {"tenant": NAME}`: a new bearer token for the tenant, shown only in this
+/// answer (operators only).
+pub(super) async fn create_token(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if auth.identity.role != Role::Operator {
+        return Err(ApiError::operators_only("creating tokens"));
+    }
+    let request: CreateToken = super::error::required_json(body)?;
+    if auth.policy.tenant(&request.tenant).is_none() {
+        return Err(ApiError::not_found(format!(
+            "no tenant named {:?} in the policy in force; see `accelctl tenants list`",
+            request.tenant.chars().take(64).collect::<String>()
+        )));
+    }
+    let created_by = auth.peer.as_ref().map_or_else(
+        || auth.identity.matched_by.clone(),
+        |p| format!("uid {}", p.uid),
+    );
+    let created = {
+        let state = state.clone();
+        let tenant = request.tenant.clone();
+        tokio::task::spawn_blocking(move || state.tokens.create(&tenant, &created_by)).await
+    };
+    match created {
+        Ok(Ok((entry, token))) => {
+            tracing::info!(id = %entry.id, tenant = %entry.tenant, by = %entry.created_by, "bearer token created");
+            Ok((
+                StatusCode::CREATED,
+                Json(CreatedToken {
+                    id: entry.id,
+                    tenant: entry.tenant,
+                    created_at: entry.created_at,
+                    token,
+                }),
+            )
+                .into_response())
+        }
+        Ok(Err(crate::tokens::TokenError::TooMany)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "too_many_tokens",
+            crate::tokens::TokenError::TooMany.to_string(),
+        )),
+        Ok(Err(e)) => Err(ApiError::internal(e.to_string())),
+        Err(_) => Err(ApiError::internal("creating the token failed")),
+    }
+}
+
+/// `GET /v1/tokens`: every run-time token (id, tenant, hash, when, by whom), never the token.
+pub(super) async fn list_tokens(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+) -> Result<Json<TokenList>, ApiError> {
+    if auth.identity.role != Role::Operator {
+        return Err(ApiError::operators_only("listing tokens"));
+    }
+    Ok(Json(TokenList {
+        data: state.tokens.list(),
+    }))
+}
+
+/// `DELETE /v1/tokens/{id}`: revokes a token at once.
+pub(super) async fn revoke_token(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::tokens::TokenEntry>, ApiError> {
+    if auth.identity.role != Role::Operator {
+        return Err(ApiError::operators_only("revoking tokens"));
+    }
+    let revoked = {
+        let state = state.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || state.tokens.revoke(&id)).await
+    };
+    match revoked {
+        Ok(Ok(Some(entry))) => {
+            tracing::info!(id = %entry.id, tenant = %entry.tenant, "bearer token revoked");
+            Ok(Json(entry))
+        }
+        Ok(Ok(None)) => Err(ApiError::not_found(format!(
+            "no token {:?}; see `accelctl tokens list`",
+            id.chars().take(64).collect::<String>()
+        ))),
+        Ok(Err(e)) => Err(ApiError::internal(e.to_string())),
+        Err(_) => Err(ApiError::internal("revoking the token failed")),
     }
 }
 

@@ -95,6 +95,19 @@ pub struct ApiStatus {
     pub tcp_listen: Option<String>,
     pub metrics_listen: Option<String>,
     pub requests_in_flight: i64,
+    /// Inference requests in flight (batch job lines not counted).
+    #[serde(default)]
+    pub inference_in_flight: usize,
+}
+
+/// `POST /v1/drain` and `/v1/undrain`: the daemon's state after the call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrainStatus {
+    /// `draining` or `serving`.
+    pub state: String,
+    /// Whether this call changed it.
+    pub changed: bool,
+    pub inference_in_flight: usize,
 }
 
 /// `GET /v1/scheduler`: each device's scheduler and its tenants (a tenant sees only itself
@@ -127,4 +140,32 @@ pub struct ReloadResponse {
     pub generation: u64,
     pub tenants: usize,
     pub sources: Vec<String>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub tenant: String,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the token is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    pub tenant: String,
+    pub created_at: u64,
+    pub token: String,
+}
+
+/// `GET /v1/requests`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestList {
+    pub data: Vec<crate::requests::RequestView>,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    pub data: Vec<crate::tokens::TokenEntry>,
 }

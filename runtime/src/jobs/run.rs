@@ -5,7 +5,8 @@
 //! A line the daemon cannot serve right now (its tenant's queue is full: 429; the model or a
 //! worker is down: 503) is retried after a wait, not answered with the failure: a batch is
 //! worth finishing. A line that is not a valid request fails alone, in the error file. While
-//! the daemon drains, no line is started and unanswered lines wait for the next start.
+//! the daemon is drained no line is started, and lines wait for the undrain (or, when the
+//! daemon stops, for the next start).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ use crate::state::DaemonState;
 const SERVER_FAILURE_ATTEMPTS: u32 = 5;
 /// Longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a job drained by an operator looks for the undrain.
+const DRAIN_POLL: Duration = Duration::from_millis(250);
 
 /// What a line came to.
 #[derive(Debug)]
@@ -119,10 +122,18 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
                 finish(&job, Status::Completed, None).await;
                 let counts = job.view().request_counts;
                 tracing::info!(job = %id, completed = counts.completed, failed = counts.failed, "batch job completed");
-            } else {
-                tracing::info!(job = %id, pending = pending.len(), "batch job paused while the daemon drains; it resumes at the next start");
+                return;
             }
-            return;
+            if state.stopping() {
+                tracing::info!(job = %id, pending = pending.len(), "batch job paused as the daemon stops; it resumes at the next start");
+                return;
+            }
+            // Drained by an operator: wait for the undrain (or a cancel).
+            tokio::select! {
+                _ = tokio::time::sleep(DRAIN_POLL) => {}
+                _ = cancel.changed() => {}
+            }
+            continue;
         }
         tokio::select! {
             joined = in_flight.join_next() => {
@@ -143,11 +154,7 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
                             }
                         }
                     }
-                    LineResult::Unanswered => {
-                        if !state.draining() {
-                            pending.push_back(line);
-                        }
-                    }
+                    LineResult::Unanswered => pending.push_front(line),
                     LineResult::JobFails(reason) => {
                         in_flight.abort_all();
                         while in_flight.join_next().await.is_some() {}

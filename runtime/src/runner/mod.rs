@@ -118,6 +118,8 @@ pub enum Failure {
     /// It cannot be served as asked (it outgrows its tenant's memory alone, its grammar
     /// allows nothing, the policy no longer admits it): a retry fails alike (400).
     Request,
+    /// An operator cancelled it (410): not to be retried.
+    Cancelled,
 }
 
 /// Why a request could not be submitted.

@@ -1,0 +1,317 @@
+//! Operator control of a live node: a drain lets an open stream finish while new requests get
+//! 503 with `Retry-After` and an undrain restores service; `accelctl requests` shows a
+//! generation in flight with its tokens so far and cancels it; `accelctl tokens` creates a
+//! TCP token that the official OpenAI SDK uses (chat, streaming, completions, errors as its
+//! exception classes), that survives a restart, and that stops working when revoked.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use accel_tests::{eventually, json_of, Daemon, DaemonOptions};
+use serde_json::{json, Value};
+
+const POLICY: &str = r#"
+tenants:
+  - name: alpha
+    match: {uids: [2001]}
+  - name: beta
+    match: {uids: [2002]}
+"#;
+
+fn fixture_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
+}
+
+fn tiny_config(more: &str) -> String {
+    format!(
+        "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n{more}",
+        fixture_model().display()
+    )
+}
+
+/// Sends a streaming request and returns the connection after its first event arrived.
+fn open_stream(socket: &Path, body: &Value) -> (std::os::unix::net::UnixStream, String) {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed before the first event: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (stream, String::from_utf8_lossy(&seen).into_owned())
+}
+
+#[test]
+fn a_drain_finishes_open_streams_refuses_new_work_and_an_undrain_restores_it() {
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(POLICY),
+        extra_config: &tiny_config(""),
+        ..Default::default()
+    });
+    let body = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 40, "temperature": 0, "ignore_eos": true});
+    let (status, whole) =
+        daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+    assert_eq!(status, 200, "{whole}");
+    let expected: Value = serde_json::from_str(&whole).unwrap();
+
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let (mut open, head) = open_stream(&daemon.socket, &streaming);
+    let drained = json_of(&daemon.ctl(&["--json", "drain"]));
+    assert_eq!(drained["state"], "draining");
+    assert_eq!(drained["changed"], true);
+    assert_eq!(
+        drained["inference_in_flight"], 1,
+        "the open stream is in flight"
+    );
+
+    // New work is refused with a Retry-After; reads still work; /healthz says draining.
+    let stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let (status, head_503, refused) = accel_tests::http_exchange_with_head(
+        stream,
+        "POST",
+        "/v1/completions",
+        Some(body.to_string().as_bytes()),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(status, 503, "{refused}");
+    assert!(refused.contains("\"draining\""), "{refused}");
+    assert!(
+        head_503.to_ascii_lowercase().contains("retry-after: 30"),
+        "{head_503}"
+    );
+    let (status, _) = daemon.request("POST", "/v1/jobs", Some(b"{}\n"));
+    assert_eq!(status, 503);
+    let (status, health) = daemon.request("GET", "/healthz", None);
+    assert_eq!(
+        (status, health.contains("draining")),
+        (503, true),
+        "{health}"
+    );
+    let (status, _) = daemon.request("GET", "/v1/models", None);
+    assert_eq!(status, 200);
+
+    // The open stream finishes whole, with the same text as before the drain.
+    let mut rest = String::new();
+    open.read_to_string(&mut rest).unwrap();
+    let text = head + &rest;
+    let events = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body_text: String = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert!(text.contains("data: [DONE]"), "{text}");
+    assert_eq!(body_text, expected["choices"][0]["text"].as_str().unwrap());
+    let status = json_of(&daemon.ctl(&["--json", "status"]));
+    assert_eq!(status["state"], "draining");
+    assert!(eventually(Duration::from_secs(5), || {
+        json_of(&daemon.ctl(&["--json", "status"]))["api"]["inference_in_flight"] == 0
+    }));
+
+    // Only operators drain; undrain restores service.
+    if accel_tests::is_root() {
+        let out = daemon.ctl_as(2001, 2001, &["undrain"]);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let undrained = json_of(&daemon.ctl(&["--json", "undrain"]));
+    assert_eq!(undrained["state"], "serving");
+    let (status, again) =
+        daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+    assert_eq!(status, 200, "{again}");
+    let (status, _) = daemon.request("GET", "/healthz", None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn requests_in_flight_are_listed_with_their_tokens_and_cancelled() {
+    let Some(daemon) = accel_tests::smollm2_daemon(256, "") else {
+        return;
+    };
+    let body = json!({
+        "model": "smollm2-135m-instruct", "prompt": "Count to a thousand:",
+        "max_tokens": 3000, "ignore_eos": true, "temperature": 0,
+    });
+    let socket = daemon.socket.clone();
+    let whole = std::thread::spawn(move || {
+        let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        accel_tests::http_exchange(
+            stream,
+            "POST",
+            "/v1/completions",
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+        .unwrap()
+    });
+    let mut listed = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            listed = json_of(&daemon.ctl(&["--json", "requests"]));
+            listed["data"][0]["completion_tokens"].as_u64().unwrap_or(0) >= 5
+        }),
+        "{listed}"
+    );
+    let request = &listed["data"][0];
+    assert_eq!(request["tenant"], "operator");
+    assert_eq!(request["model"], "smollm2-135m-instruct");
+    assert_eq!(request["stream"], false);
+    let id = request["id"].as_str().unwrap().to_owned();
+    // Its tokens go on growing while it runs.
+    let first = request["completion_tokens"].as_u64().unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        json_of(&daemon.ctl(&["--json", "requests"]))["data"][0]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+            > first
+    }));
+    // Another tenant neither sees it nor can cancel it.
+    let theirs = json_of(&daemon.ctl(&["--json", "--tenant", "default", "requests"]));
+    assert_eq!(theirs["data"], json!([]), "{theirs}");
+    let out = daemon.ctl(&["--tenant", "default", "requests", "cancel", &id]);
+    assert_eq!(out.status.code(), Some(6));
+
+    let out = daemon.ctl(&["requests", "cancel", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, answer) = whole.join().unwrap();
+    assert_eq!(status, 410, "{answer}");
+    assert!(answer.contains("\"cancelled\""), "{answer}");
+    // Gone from the list, and its sequence freed on the device.
+    assert!(eventually(Duration::from_secs(5), || {
+        json_of(&daemon.ctl(&["--json", "requests"]))["data"] == json!([])
+    }));
+    assert!(eventually(Duration::from_secs(5), || {
+        let queue = json_of(&daemon.ctl(&["--json", "queue"]));
+        queue["devices"][0]["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["running"] == 0 && t["kv_blocks"] == 0)
+    }));
+}
+
+#[test]
+fn a_created_token_serves_the_openai_sdk_over_tcp_survives_a_restart_and_is_revoked() {
+    let Some(deps) = accel_tests::python_deps() else {
+        return;
+    };
+    let port = accel_tests::free_port();
+    let state = accel_tests::shared_tempdir();
+    let extra = tiny_config(&format!("tcp_listen: 127.0.0.1:{port}\n"));
+    let mut daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(POLICY),
+        extra_config: &extra,
+        state_dir: Some(state.path()),
+        ..Default::default()
+    });
+    let out = daemon.ctl(&["tokens", "create", "alpha"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(token.starts_with("acc_"), "{token}");
+    // Only its hash is kept.
+    let file = std::fs::read_to_string(state.path().join("tokens.json")).unwrap();
+    assert!(!file.contains(&token));
+    assert!(file.contains(&accel_tests::sha256_hex(&token)));
+    let listed = json_of(&daemon.ctl(&["--json", "tokens", "list"]));
+    assert_eq!(listed["data"][0]["tenant"], "alpha");
+    assert!(!listed.to_string().contains(&token));
+    // Unknown tenants get no token; tenants make none.
+    assert_eq!(
+        daemon.ctl(&["tokens", "create", "nobody"]).status.code(),
+        Some(6)
+    );
+    if accel_tests::is_root() {
+        let out = daemon.ctl_as(2001, 2001, &["tokens", "create", "alpha"]);
+        assert_eq!(out.status.code(), Some(4));
+    }
+
+    let base_url = format!("http://127.0.0.1:{port}/v1");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/tcp.py");
+    let run = |mode: &str| {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .args([base_url.as_str(), token.as_str(), "tiny", mode])
+            .env("PYTHONPATH", &deps)
+            .output()
+            .unwrap()
+    };
+    let out = run("serve");
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    // The token is alpha: whoami over TCP says so.
+    let whoami = |port: u16| {
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let auth = format!("Bearer {token}");
+        accel_tests::http_exchange(
+            tcp,
+            "GET",
+            "/v1/whoami",
+            None,
+            &[("Authorization", auth.as_str())],
+        )
+        .unwrap()
+    };
+    let (status, who) = whoami(port);
+    assert_eq!(status, 200, "{who}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&who).unwrap()["tenant"],
+        "alpha"
+    );
+
+    // A restarted daemon knows it.
+    daemon.stop();
+    daemon.spawn();
+    daemon.wait_ready();
+    assert_eq!(whoami(port).0, 200);
+
+    let out = daemon.ctl(&["tokens", "revoke", "alpha"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(whoami(port).0, 401);
+    let out = run("revoked");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
