@@ -315,3 +315,121 @@ fn a_created_token_serves_the_openai_sdk_over_tcp_survives_a_restart_and_is_revo
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_load_generator_reports_each_tenant_over_the_socket_and_over_tcp() {
+    let port = accel_tests::free_port();
+    let extra = tiny_config(&format!("tcp_listen: 127.0.0.1:{port}\n"));
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(POLICY),
+        extra_config: &extra,
+        ..Default::default()
+    });
+    // Two tenants on the socket, closed loop: every request answered, split evenly, with
+    // exactly the drawn output lengths (end-of-sequence is ignored).
+    let report = json_of(&daemon.ctl(&[
+        "--json",
+        "bench",
+        "--tenants",
+        "alpha,beta",
+        "--concurrency",
+        "4",
+        "--requests",
+        "24",
+        "--prompt-tokens",
+        "8-24",
+        "--output-tokens",
+        "16",
+        "--probe-health",
+    ]));
+    assert_eq!(report["total"]["requests"], 24, "{report}");
+    assert_eq!(report["total"]["errors"], 0, "{report}");
+    assert_eq!(report["total"]["output_tokens"], 24 * 16, "{report}");
+    let tenants = report["tenants"].as_array().unwrap();
+    assert_eq!(tenants.len(), 2);
+    for t in tenants {
+        assert_eq!(t["requests"], 12, "{t}");
+        let ttft = &t["ttft_ms"];
+        assert!(
+            ttft["p50"].as_f64().unwrap() <= ttft["p99"].as_f64().unwrap(),
+            "{t}"
+        );
+        assert!(t["itl_ms"]["p50"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["tokens_per_second"].as_f64().unwrap() > 0.0);
+    }
+    assert!(report["health_ms"]["p99"].as_f64().is_some(), "{report}");
+    // The daemon counted the same tokens for each tenant.
+    let metrics = String::from_utf8(daemon.ctl(&["metrics"]).stdout).unwrap();
+    for tenant in ["alpha", "beta"] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("accel_generation_tokens_total")
+                    && l.contains(&format!("tenant=\"{tenant}\""))
+            })
+            .unwrap_or_else(|| panic!("no generated-token counter for {tenant}:\n{metrics}"));
+        assert!(line.ends_with(" 192"), "{line}");
+    }
+
+    // Over TCP with created tokens, open loop at a rate; the table names both tenants.
+    let token = |tenant: &str| {
+        let out = daemon.ctl(&["tokens", "create", tenant]);
+        assert!(out.status.success());
+        format!("{tenant}={}", String::from_utf8(out.stdout).unwrap().trim())
+    };
+    let (alpha, beta) = (token("alpha"), token("beta"));
+    let url = format!("http://127.0.0.1:{port}");
+    let out = daemon.ctl(&[
+        "bench",
+        "--url",
+        &url,
+        "--token",
+        &alpha,
+        "--token",
+        &beta,
+        "--rate",
+        "50",
+        "--concurrency",
+        "8",
+        "--requests",
+        "20",
+        "--output-tokens",
+        "4-8",
+    ]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("rate 50/s"), "{table}");
+    for row in ["alpha ", "beta ", "total "] {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert_eq!(
+            line.split_whitespace().nth(2),
+            Some("0"),
+            "errors in {line}"
+        );
+    }
+    // A bad token is every request's error, and the run fails.
+    let out = daemon.ctl(&[
+        "bench",
+        "--url",
+        &url,
+        "--token",
+        "alpha=acc_wrong",
+        "--requests",
+        "2",
+        "--model",
+        "tiny",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

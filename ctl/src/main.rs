@@ -79,6 +79,8 @@ enum Command {
     /// Create, list and revoke bearer tokens for the TCP listener (operators only).
     #[command(subcommand)]
     Tokens(cmd::tokens::TokensCommand),
+    /// Replay a workload against the daemon and report per tenant requests/s, tokens/s, time to first token and inter-token latency.
+    Bench(cmd::bench::BenchArgs),
     /// Submit, follow, cancel and read batch jobs.
     #[command(subcommand)]
     Jobs(cmd::jobs::JobsCommand),
@@ -179,6 +181,7 @@ fn main() -> ExitCode {
             }
             Command::Undrain => cmd::drain::run(&client, false, None, json).await,
             Command::Tokens(command) => cmd::tokens::run(&client, command, json).await,
+            Command::Bench(args) => cmd::bench::run(&client, args, json).await,
             Command::Jobs(command) => cmd::jobs::run(&client, command, json).await,
             Command::Generate { prompt, options } => {
                 cmd::generate::generate(&client, prompt, options, json).await

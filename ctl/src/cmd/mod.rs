@@ -1,5 +1,6 @@
 //! One module per `accelctl` subcommand.
 
+pub mod bench;
 pub mod devices;
 pub mod drain;
 pub mod generate;
