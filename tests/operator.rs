@@ -433,3 +433,69 @@ fn the_load_generator_reports_each_tenant_over_the_socket_and_over_tcp() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Threads of a process, from procfs.
+fn threads(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_thousand_idle_streaming_connections_are_held_without_errors_or_new_threads() {
+    const STREAMS: usize = 1000;
+    // One sequence at a time: the streams wait their turn, open and idle.
+    let extra = tiny_config(
+        "    max_sequences: 1\nmax_connections: 1200\nmax_connections_per_client: 1100\nscheduler:\n  max_queued_per_tenant: 1100\n",
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(POLICY),
+        extra_config: &extra,
+        ..Default::default()
+    });
+    // Warm: one request first, so lazily started threads are there before the count.
+    let body = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 100, "temperature": 0, "ignore_eos": true, "stream": true});
+    let (status, _) = daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+    assert_eq!(status, 200);
+    let before = threads(daemon.pid());
+    // Each client sends its request and then reads nothing: the streams sit open.
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.to_string().len()
+    );
+    let mut open = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        let mut s = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        open.push(s);
+    }
+    // Held: nearly all are in flight at once (the first few may have finished while the
+    // rest connected), and no thread was added for them.
+    let in_flight = json_of(&daemon.ctl(&["--json", "status"]))["api"]["inference_in_flight"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        in_flight >= 900,
+        "{in_flight} in flight\n{}",
+        daemon.log_text()
+    );
+    let during = threads(daemon.pid());
+    assert!(
+        during <= before + 2,
+        "threads grew from {before} to {during}"
+    );
+    let (status, health) = daemon.request("GET", "/healthz", None);
+    assert_eq!(status, 200, "{health}");
+    // Then read: every stream is whole.
+    for (i, mut s) in open.into_iter().enumerate() {
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "stream {i}: {text}");
+        assert!(text.contains("data: [DONE]"), "stream {i}: {text}");
+        assert!(!text.contains("\"error\""), "stream {i}: {text}");
+    }
+    assert!(threads(daemon.pid()) <= before + 2);
+}
