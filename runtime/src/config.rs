@@ -96,6 +96,8 @@ pub struct JobsConfig {
     pub max_lines: usize,
     /// Jobs a tenant may have unfinished at once (a tenant's `limits.max_jobs` overrides).
     pub max_active_per_tenant: u32,
+    /// Jobs a tenant may have stored, finished ones included (they go after `retention`).
+    pub max_stored_per_tenant: u32,
     /// Lines of one job in flight at once.
     pub concurrency: usize,
     /// How long a finished job's files are kept before they are deleted.
@@ -109,6 +111,7 @@ impl Default for JobsConfig {
             max_file_size: ByteSize(64 << 20),
             max_lines: 50_000,
             max_active_per_tenant: 4,
+            max_stored_per_tenant: 100,
             concurrency: 8,
             retention: Duration::from_secs(7 * 24 * 3600),
         }
@@ -425,6 +428,12 @@ impl DaemonConfig {
             out.push(PathProblem::new(
                 "jobs.concurrency",
                 "must be between 1 and 1024 lines in flight per job",
+            ));
+        }
+        if jobs.max_stored_per_tenant < jobs.max_active_per_tenant {
+            out.push(PathProblem::new(
+                "jobs.max_stored_per_tenant",
+                "below jobs.max_active_per_tenant; raise it to at least that",
             ));
         }
         if jobs.max_active_per_tenant == 0 {

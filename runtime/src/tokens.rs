@@ -10,7 +10,7 @@
 use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -50,7 +50,11 @@ pub enum TokenError {
 pub struct TokenStore {
     /// `None`: kept in memory only (an embedded daemon without state).
     path: Option<PathBuf>,
-    entries: Mutex<Vec<TokenEntry>>,
+    /// Read on every TCP request; written only after the file is saved, so a lookup never
+    /// waits for a disk sync.
+    entries: RwLock<Vec<TokenEntry>>,
+    /// Serializes creating and revoking (held across the save).
+    writing: Mutex<()>,
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -71,7 +75,8 @@ impl TokenStore {
     pub fn in_memory() -> Self {
         Self {
             path: None,
-            entries: Mutex::new(Vec::new()),
+            entries: RwLock::new(Vec::new()),
+            writing: Mutex::new(()),
         }
     }
 
@@ -96,12 +101,29 @@ impl TokenStore {
         };
         Self {
             path: Some(path.to_owned()),
-            entries: Mutex::new(entries),
+            entries: RwLock::new(entries),
+            writing: Mutex::new(()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<TokenEntry>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<TokenEntry>> {
         self.entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Saves `next` and then puts it in force.
+    fn replace(&self, next: Vec<TokenEntry>) -> io::Result<()> {
+        self.save(&next)?;
+        *self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        Ok(())
+    }
+
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -112,8 +134,9 @@ impl TokenStore {
         tenant: &str,
         created_by: &str,
     ) -> Result<(TokenEntry, String), TokenError> {
-        let mut entries = self.lock();
-        if entries.len() >= MAX_TOKENS {
+        let _writing = self.writing();
+        let mut next = self.read().clone();
+        if next.len() >= MAX_TOKENS {
             return Err(TokenError::TooMany);
         }
         let token = format!("acc_{}", random_hex(32)?);
@@ -126,35 +149,32 @@ impl TokenStore {
                 .map_or(0, |d| d.as_secs()),
             created_by: created_by.to_owned(),
         };
-        let mut next = entries.clone();
         next.push(entry.clone());
-        self.save(&next)?;
-        *entries = next;
+        self.replace(next)?;
         Ok((entry, token))
     }
 
     /// Every token, oldest first.
     pub fn list(&self) -> Vec<TokenEntry> {
-        self.lock().clone()
+        self.read().clone()
     }
 
     /// Revokes the token `id`; `None` if there is none.
     pub fn revoke(&self, id: &str) -> Result<Option<TokenEntry>, TokenError> {
-        let mut entries = self.lock();
-        let Some(i) = entries.iter().position(|e| e.id == id) else {
+        let _writing = self.writing();
+        let mut next = self.read().clone();
+        let Some(i) = next.iter().position(|e| e.id == id) else {
             return Ok(None);
         };
-        let mut next = entries.clone();
         let removed = next.remove(i);
-        self.save(&next)?;
-        *entries = next;
+        self.replace(next)?;
         Ok(Some(removed))
     }
 
     /// The entry of a presented token.
     pub fn lookup(&self, token: &str) -> Option<TokenEntry> {
         let hash = sha256_hex(token);
-        self.lock().iter().find(|e| e.sha256 == hash).cloned()
+        self.read().iter().find(|e| e.sha256 == hash).cloned()
     }
 
     fn save(&self, entries: &[TokenEntry]) -> io::Result<()> {

@@ -25,7 +25,8 @@ use crate::state::DaemonState;
 type Shared = State<Arc<DaemonState>>;
 
 /// Largest answer body the runner reads back from a handler.
-const MAX_LINE_ANSWER_BYTES: usize = 64 << 20;
+/// Below the journal's record limit, so a recorded answer always fits a record.
+const MAX_LINE_ANSWER_BYTES: usize = 48 << 20;
 /// Bytes read from an output file per chunk of the response.
 const OUTPUT_CHUNK_BYTES: usize = 1 << 20;
 
@@ -78,8 +79,11 @@ fn visible_job(state: &DaemonState, auth: &Authenticated, id: &str) -> Result<Ar
 pub(super) async fn submit(
     State(state): Shared,
     Extension(auth): Extension<Authenticated>,
+    // Held until the job is stored: the body it admitted stays in memory until then.
+    permit: Option<Extension<UploadPermit>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let _permit = permit;
     jobs_enabled(&state)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -140,7 +144,7 @@ fn submit_error(e: SubmitError) -> ApiError {
         SubmitError::Empty | SubmitError::TooManyLines { .. } | SubmitError::DuplicateId { .. } => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_job_file", e.to_string())
         }
-        SubmitError::TooMany { .. } => {
+        SubmitError::TooMany { .. } | SubmitError::TooManyStored { .. } => {
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "job_limit", e.to_string())
                 .with_retry_after(60)
         }
@@ -321,13 +325,20 @@ pub(crate) async fn serve_job_line(
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let body = match axum::body::to_bytes(response.into_body(), MAX_LINE_ANSWER_BYTES).await {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
-        }),
-        Err(e) => {
-            serde_json::json!({"error": {"message": format!("the answer could not be read: {e}")}})
-        }
+    let (status, body) = match axum::body::to_bytes(response.into_body(), MAX_LINE_ANSWER_BYTES)
+        .await
+    {
+        Ok(bytes) => (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+            }),
+        ),
+        // Too large to record (or cut off): the line's failure, not a success.
+        Err(e) => (
+            500,
+            serde_json::json!({"error": {"code": "answer_too_large", "message": format!("the answer could not be recorded: {e}; lower max_tokens or logprobs")}}),
+        ),
     };
     Ok(jobs::run::Reply {
         status,

@@ -196,6 +196,12 @@ struct Progress {
     /// Bytes the output files hold when they agree with the journal.
     output_bytes: u64,
     error_bytes: u64,
+    /// Bytes of whole lines the output files hold now: what is served. Behind the two above
+    /// only when an output write failed (the files are rebuilt at the next start).
+    output_file_bytes: u64,
+    error_file_bytes: u64,
+    /// The output files could not be rebuilt at start; they are not served.
+    degraded: bool,
 }
 
 impl Progress {
@@ -213,6 +219,9 @@ impl Progress {
             error: None,
             output_bytes: 0,
             error_bytes: 0,
+            output_file_bytes: 0,
+            error_file_bytes: 0,
+            degraded: false,
         }
     }
 
@@ -259,14 +268,14 @@ impl Progress {
     }
 }
 
-/// A job's mutable half: its journal, output files and progress, under one lock so records
-/// and their output lines are written in the same order.
+/// A job's writing half: its journal and output files, under one lock so records and their
+/// output lines are written in the same order. Held across `fdatasync`; readers use the
+/// progress lock instead, which is never held across I/O.
 #[derive(Debug)]
-struct Ledger {
+struct Writer {
     journal: Journal,
     output: File,
     errors: File,
-    progress: Progress,
 }
 
 /// One job.
@@ -276,7 +285,10 @@ pub struct Job {
     dir: PathBuf,
     /// Where each request line lies in `input.jsonl`: offset and length.
     lines: Vec<(u64, u64)>,
-    ledger: Mutex<Ledger>,
+    /// `input.jsonl`, open for the job's life.
+    input: File,
+    writer: Mutex<Writer>,
+    progress: Mutex<Progress>,
     /// Set to true to cancel; the runner watches it.
     cancel: tokio::sync::watch::Sender<bool>,
 }
@@ -286,8 +298,8 @@ pub struct Job {
 pub enum SubmitError {
     #[error("the file holds no request; send one JSON request per line")]
     Empty,
-    #[error("the file holds {lines} requests; a job may hold {limit} (jobs.max_lines in the daemon config); split it into several jobs")]
-    TooManyLines { lines: usize, limit: usize },
+    #[error("the file holds more than {limit} requests, the most a job may hold (jobs.max_lines in the daemon config); split it into several jobs")]
+    TooManyLines { limit: usize },
     #[error("custom_id {id:?} is on lines {first} and {second}; each line needs its own custom_id to match its answer")]
     DuplicateId {
         id: String,
@@ -300,6 +312,8 @@ pub enum SubmitError {
         active: usize,
         source_of_limit: &'static str,
     },
+    #[error("tenant {tenant:?} has {stored} jobs stored, its limit (jobs.max_stored_per_tenant in the daemon config); finished jobs are deleted after jobs.retention")]
+    TooManyStored { tenant: String, stored: usize },
     #[error("batch jobs are not enabled in this daemon")]
     Disabled,
     #[error("cannot store the job: {0}")]
@@ -313,6 +327,9 @@ pub struct Jobs {
     root: Option<PathBuf>,
     pub config: JobsConfig,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Held while a job is checked against its tenant's limits and written, so two cannot
+    /// both take the last place; the map's lock is never held across that I/O.
+    submitting: Mutex<()>,
     uploads: Arc<tokio::sync::Semaphore>,
 }
 
@@ -341,29 +358,76 @@ fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// The byte ranges of a file's non-blank lines.
-fn index_lines(bytes: &[u8]) -> Vec<(u64, u64)> {
-    let mut lines = Vec::new();
-    let mut start = 0usize;
-    for end in memchr_newlines(bytes).chain(std::iter::once(bytes.len())) {
-        if end < start {
-            continue;
-        }
-        let line = &bytes[start..end];
-        if line.iter().any(|b| !b.is_ascii_whitespace()) {
-            lines.push((start as u64, (end - start) as u64));
-        }
-        start = end + 1;
-    }
-    lines
+/// Finds the byte ranges of non-blank lines, fed in pieces; stops counting past a limit, so
+/// a file of a million tiny lines costs nothing before it is refused.
+#[derive(Debug)]
+struct LineIndex {
+    lines: Vec<(u64, u64)>,
+    limit: usize,
+    /// Where the current line began, and whether it has a non-blank byte yet.
+    start: u64,
+    content: bool,
+    offset: u64,
+    /// More than `limit` lines were seen.
+    over: bool,
 }
 
-fn memchr_newlines(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    bytes
-        .iter()
-        .enumerate()
-        .filter(|(_, &b)| b == b'\n')
-        .map(|(i, _)| i)
+impl LineIndex {
+    fn new(limit: usize) -> Self {
+        Self {
+            lines: Vec::new(),
+            limit,
+            start: 0,
+            content: false,
+            offset: 0,
+            over: false,
+        }
+    }
+
+    fn end_line(&mut self, end: u64) {
+        if self.content {
+            if self.lines.len() >= self.limit {
+                self.over = true;
+            } else {
+                self.lines.push((self.start, end - self.start));
+            }
+        }
+        self.start = end + 1;
+        self.content = false;
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.over {
+                return;
+            }
+            if b == b'\n' {
+                self.end_line(self.offset);
+            } else if !b.is_ascii_whitespace() {
+                self.content = true;
+            }
+            self.offset += 1;
+        }
+    }
+
+    /// The lines, or `Err(())` when there were more than the limit.
+    fn finish(mut self) -> Result<Vec<(u64, u64)>, ()> {
+        if !self.over {
+            self.end_line(self.offset);
+        }
+        if self.over {
+            Err(())
+        } else {
+            Ok(self.lines)
+        }
+    }
+}
+
+/// The byte ranges of the non-blank lines in `bytes`, or `Err(())` past `limit` lines.
+fn index_lines(bytes: &[u8], limit: usize) -> Result<Vec<(u64, u64)>, ()> {
+    let mut index = LineIndex::new(limit);
+    index.feed(bytes);
+    index.finish()
 }
 
 /// A fresh job id: 96 random bits, so ids reveal nothing of other jobs.
@@ -392,34 +456,36 @@ pub fn is_job_id(id: &str) -> bool {
 }
 
 impl Job {
-    /// The request on line `i` (0-based among non-blank lines), read from `input.jsonl`.
-    pub fn read_line(&self, i: u32) -> io::Result<Vec<u8>> {
+    /// The request on line `i` (0-based among non-blank lines), read from `input.jsonl`;
+    /// `Ok(Err(len))` when it is longer than `limit` bytes (nothing is read).
+    pub fn read_line(&self, i: u32, limit: u64) -> io::Result<Result<Vec<u8>, u64>> {
         use std::os::unix::fs::FileExt as _;
         let (offset, len) =
             self.lines.get(i as usize).copied().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidInput, format!("no line {i}"))
             })?;
-        let file = File::open(self.dir.join("input.jsonl"))?;
+        if len > limit {
+            return Ok(Err(len));
+        }
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+        self.input.read_exact_at(&mut buf, offset)?;
+        Ok(Ok(buf))
     }
 
     /// Lines with no answer yet, in file order.
     pub fn pending(&self) -> Vec<u32> {
-        let ledger = lock(&self.ledger);
+        let progress = lock(&self.progress);
         (0..self.meta.lines)
-            .filter(|&i| !ledger.progress.answered[i as usize])
+            .filter(|&i| !progress.answered[i as usize])
             .collect()
     }
 
     pub fn status(&self) -> Status {
-        lock(&self.ledger).progress.status
+        lock(&self.progress).status
     }
 
     pub fn view(&self) -> JobView {
-        let ledger = lock(&self.ledger);
-        let p = &ledger.progress;
+        let p = lock(&self.progress);
         let finished = |s: Status| (p.status == s).then_some(p.finished_at).flatten();
         JobView {
             id: self.meta.id.clone(),
@@ -435,8 +501,8 @@ impl Job {
             request_counts: p.counts,
             input_bytes: self.meta.input_bytes,
             input_sha256: self.meta.input_sha256.clone(),
-            output_bytes: p.output_bytes,
-            error_bytes: p.error_bytes,
+            output_bytes: p.output_file_bytes,
+            error_bytes: p.error_file_bytes,
             error: p.error.clone(),
         }
     }
@@ -444,39 +510,52 @@ impl Job {
     /// Journals `record` and applies it; an answer then goes to its output file. Returns false
     /// if it changed nothing (the line was already answered, the job already finished).
     fn record(&self, record: Record) -> io::Result<bool> {
-        let mut ledger = lock(&self.ledger);
-        // Checked on a copy first, so a record that adds nothing is never journaled.
-        let adds = match &record {
-            Record::Answered { line, .. } => ledger
-                .progress
-                .answered
-                .get(*line as usize)
-                .is_some_and(|seen| !seen),
-            Record::Event(Event::Finished { .. }) => !ledger.progress.status.is_finished(),
-            Record::Event(Event::Cancelling { .. }) => {
-                !ledger.progress.status.is_finished()
-                    && ledger.progress.status != Status::Cancelling
-            }
-            Record::Event(Event::Started { .. }) => ledger.progress.in_progress_at.is_none(),
+        let mut writer = lock(&self.writer);
+        // Checked before anything is written, so a record that adds nothing is never
+        // journaled; only this lock's holder changes the progress, so the answer holds.
+        let (adds, file_bytes) = {
+            let p = lock(&self.progress);
+            let adds = match &record {
+                Record::Answered { line, .. } => {
+                    p.answered.get(*line as usize).is_some_and(|seen| !seen)
+                }
+                Record::Event(Event::Finished { .. }) => !p.status.is_finished(),
+                Record::Event(Event::Cancelling { .. }) => {
+                    !p.status.is_finished() && p.status != Status::Cancelling
+                }
+                Record::Event(Event::Started { .. }) => p.in_progress_at.is_none(),
+            };
+            (adds, (p.output_file_bytes, p.error_file_bytes))
         };
         if !adds {
             return Ok(false);
         }
-        ledger.journal.append(&record.encode())?;
-        ledger.progress.apply(&record);
-        if let Record::Answered { failed, output, .. } = record {
-            let file = if failed {
-                &mut ledger.errors
+        writer.journal.append(&record.encode())?;
+        let mut written = (0u64, 0u64);
+        if let Record::Answered { failed, output, .. } = &record {
+            let (file, before) = if *failed {
+                (&mut writer.errors, file_bytes.1)
             } else {
-                &mut ledger.output
+                (&mut writer.output, file_bytes.0)
             };
-            // Rebuilt from the journal at start if this write is lost or cut.
-            let mut line = output;
+            let mut line = Vec::with_capacity(output.len() + 1);
+            line.extend_from_slice(output);
             line.push(b'\n');
-            if let Err(e) = file.write_all(&line) {
-                tracing::warn!(job = %self.meta.id, error = %e, "an answer is journaled but its output file could not be written; it is rewritten at the next start");
+            match file.write_all(&line) {
+                Ok(()) if *failed => written.1 = line.len() as u64,
+                Ok(()) => written.0 = line.len() as u64,
+                Err(e) => {
+                    // The journal holds the answer; the file drops the cut line and is rebuilt
+                    // from the journal at the next start.
+                    let _ = file.set_len(before);
+                    tracing::warn!(job = %self.meta.id, error = %e, "an answer is journaled but its output file could not be written; it is rebuilt at the next start");
+                }
             }
         }
+        let mut p = lock(&self.progress);
+        p.apply(&record);
+        p.output_file_bytes += written.0;
+        p.error_file_bytes += written.1;
         Ok(true)
     }
 
@@ -502,14 +581,15 @@ impl Job {
         }))
     }
 
-    /// Asks the runner to stop; false if the job had already finished.
+    /// Asks the runner to stop; false if the job had already finished. The runner is told
+    /// even if the journal cannot say so (a restart then runs the job on).
     pub fn request_cancel(&self) -> io::Result<bool> {
         if self.status().is_finished() {
             return Ok(false);
         }
-        self.record(Record::Event(Event::Cancelling { at: unix_now() }))?;
+        let journaled = self.record(Record::Event(Event::Cancelling { at: unix_now() }));
         self.cancel.send_replace(true);
-        Ok(true)
+        journaled.map(|_| true)
     }
 
     /// The runner's view of cancellation.
@@ -520,11 +600,16 @@ impl Job {
     /// The output (or, with `errors`, the error) file and how many bytes of it are whole
     /// lines now.
     pub fn output_file(&self, errors: bool) -> io::Result<(File, u64)> {
-        let ledger = lock(&self.ledger);
+        let p = lock(&self.progress);
+        if p.degraded {
+            return Err(io::Error::other(
+                "the job's output files could not be rebuilt from its journal at start (see the daemon log); they are served again after a restart with free space",
+            ));
+        }
         let len = if errors {
-            ledger.progress.error_bytes
+            p.error_file_bytes
         } else {
-            ledger.progress.output_bytes
+            p.output_file_bytes
         };
         let name = if errors {
             "errors.jsonl"
@@ -535,13 +620,8 @@ impl Job {
     }
 
     fn finished_at(&self) -> Option<u64> {
-        let ledger = lock(&self.ledger);
-        ledger
-            .progress
-            .status
-            .is_finished()
-            .then_some(ledger.progress.finished_at)
-            .flatten()
+        let p = lock(&self.progress);
+        p.status.is_finished().then_some(p.finished_at).flatten()
     }
 }
 
@@ -552,6 +632,7 @@ impl Jobs {
             root: None,
             config,
             jobs: Mutex::new(HashMap::new()),
+            submitting: Mutex::new(()),
             uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS_AT_ONCE)),
         }
     }
@@ -568,6 +649,7 @@ impl Jobs {
             root: Some(root.to_owned()),
             config,
             jobs: Mutex::new(HashMap::new()),
+            submitting: Mutex::new(()),
             uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS_AT_ONCE)),
         };
         let mut loaded = HashMap::new();
@@ -656,15 +738,12 @@ impl Jobs {
         body: &[u8],
     ) -> Result<Arc<Job>, SubmitError> {
         let root = self.root.as_ref().ok_or(SubmitError::Disabled)?;
-        let lines = index_lines(body);
+        let lines =
+            index_lines(body, self.config.max_lines).map_err(|()| SubmitError::TooManyLines {
+                limit: self.config.max_lines,
+            })?;
         if lines.is_empty() {
             return Err(SubmitError::Empty);
-        }
-        if lines.len() > self.config.max_lines {
-            return Err(SubmitError::TooManyLines {
-                lines: lines.len(),
-                limit: self.config.max_lines,
-            });
         }
         check_custom_ids(body, &lines)?;
         let (limit, source_of_limit) = match max_active {
@@ -674,17 +753,24 @@ impl Jobs {
                 "jobs.max_active_per_tenant in the daemon config",
             ),
         };
-        // Held while the job is written, so two submissions cannot both take the last place.
-        let mut jobs = lock(&self.jobs);
-        let active = jobs
-            .values()
-            .filter(|j| j.meta.tenant == tenant && !j.status().is_finished())
-            .count();
+        let _submitting = lock(&self.submitting);
+        let (active, stored) = {
+            let jobs = lock(&self.jobs);
+            let mine: Vec<&Arc<Job>> = jobs.values().filter(|j| j.meta.tenant == tenant).collect();
+            let active = mine.iter().filter(|j| !j.status().is_finished()).count();
+            (active, mine.len())
+        };
         if active >= limit as usize {
             return Err(SubmitError::TooMany {
                 tenant: tenant.to_owned(),
                 active,
                 source_of_limit,
+            });
+        }
+        if stored >= self.config.max_stored_per_tenant as usize {
+            return Err(SubmitError::TooManyStored {
+                tenant: tenant.to_owned(),
+                stored,
             });
         }
         let id = new_id();
@@ -699,30 +785,41 @@ impl Jobs {
         };
         let tmp = root.join(format!(".tmp-{id}"));
         let dir = root.join(&id);
-        let written = write_job(&tmp, &meta, body).and_then(|()| {
+        // Everything is written and opened under the temporary name, so once the rename
+        // makes the job durable nothing can fail and leave it stored but refused.
+        let opened = write_job(&tmp, &meta, body).and_then(|()| {
+            let (journal, _) = Journal::open(&tmp.join("journal"), |_| {})?;
+            let writer = Writer {
+                journal,
+                output: open_append(&tmp.join("output.jsonl"))?,
+                errors: open_append(&tmp.join("errors.jsonl"))?,
+            };
+            let input = File::open(tmp.join("input.jsonl"))?;
             std::fs::rename(&tmp, &dir)?;
-            fsync_dir(root)
+            Ok((writer, input))
         });
-        if let Err(e) = written {
-            let _ = std::fs::remove_dir_all(&tmp);
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
+        let (writer, input) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = fsync_dir(root) {
+            // The job is in place; only its directory entry's durability is in doubt.
+            tracing::warn!(job = %id, error = %e, "cannot sync the jobs directory");
         }
-        let (journal, _) = Journal::open(&dir.join("journal"), |_| {})?;
         let progress = Progress::new(meta.lines);
         let job = Arc::new(Job {
             meta,
             lines,
-            ledger: Mutex::new(Ledger {
-                journal,
-                output: open_append(&dir.join("output.jsonl"))?,
-                errors: open_append(&dir.join("errors.jsonl"))?,
-                progress,
-            }),
+            input,
+            writer: Mutex::new(writer),
+            progress: Mutex::new(progress),
             dir,
             cancel: tokio::sync::watch::channel(false).0,
         });
-        jobs.insert(id, job.clone());
+        lock(&self.jobs).insert(id, job.clone());
         Ok(job)
     }
 }
@@ -788,19 +885,33 @@ fn load_job(dir: &Path, id: &str) -> io::Result<Job> {
             format!("job.json names job {:?}", meta.id),
         ));
     }
-    let input = std::fs::read(dir.join("input.jsonl"))?;
-    let lines = index_lines(&input);
-    if lines.len() != meta.lines as usize {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "input.jsonl has {} lines where job.json says {}",
-                lines.len(),
-                meta.lines
-            ),
-        ));
+    let input = File::open(dir.join("input.jsonl"))?;
+    let mut index = LineIndex::new(meta.lines as usize);
+    {
+        let mut reader = io::BufReader::with_capacity(1 << 16, &input);
+        loop {
+            let buf = io::BufRead::fill_buf(&mut reader)?;
+            if buf.is_empty() {
+                break;
+            }
+            let n = buf.len();
+            index.feed(buf);
+            io::BufRead::consume(&mut reader, n);
+        }
     }
-    drop(input);
+    let lines = index
+        .finish()
+        .ok()
+        .filter(|l| l.len() == meta.lines as usize)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "input.jsonl does not hold the {} lines job.json says",
+                    meta.lines
+                ),
+            )
+        })?;
     let journal_path = dir.join("journal");
     let mut progress = Progress::new(meta.lines);
     let mut unreadable = 0usize;
@@ -822,18 +933,25 @@ fn load_job(dir: &Path, id: &str) -> io::Result<Job> {
     let size = |p: &Path| std::fs::metadata(p).map_or(u64::MAX, |m| m.len());
     if size(&output_path) != progress.output_bytes || size(&errors_path) != progress.error_bytes {
         tracing::info!(job = %id, "rebuilding the job's output files from its journal");
-        rebuild_outputs(&journal_path, &output_path, &errors_path, meta.lines)?;
+        if let Err(e) = rebuild_outputs(&journal_path, &output_path, &errors_path, meta.lines) {
+            // The journal is whole, so the job runs on; only its outputs wait for a restart.
+            tracing::error!(job = %id, error = %e, "cannot rebuild the job's output files; they are not served until a restart rebuilds them");
+            progress.degraded = true;
+        }
     }
+    progress.output_file_bytes = progress.output_bytes;
+    progress.error_file_bytes = progress.error_bytes;
     Ok(Job {
         meta,
         dir: dir.to_owned(),
         lines,
-        ledger: Mutex::new(Ledger {
+        input,
+        writer: Mutex::new(Writer {
             journal,
             output: open_append(&output_path)?,
             errors: open_append(&errors_path)?,
-            progress,
         }),
+        progress: Mutex::new(progress),
         cancel: tokio::sync::watch::channel(false).0,
     })
 }

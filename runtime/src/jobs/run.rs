@@ -20,8 +20,9 @@ use tokio::task::JoinSet;
 use super::{Job, Status, MAX_CUSTOM_ID_BYTES};
 use crate::state::DaemonState;
 
-/// Most attempts at a line whose failure is the server's (503) before that is its answer.
-const SERVER_FAILURE_ATTEMPTS: u32 = 5;
+/// Most attempts at a line whose failure is the server's (503) before that is its answer:
+/// with the backoff below, about ten minutes, long enough for a worker or model to come back.
+const SERVER_FAILURE_ATTEMPTS: u32 = 24;
 /// Longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a job drained by an operator looks for the undrain.
@@ -141,16 +142,26 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
                 match result {
                     LineResult::Answer { failed, output } => {
                         let recorder = job.clone();
+                        let kept = output.clone();
                         match blocking(move || recorder.answer(line, failed, output)).await {
                             Some(Ok(_)) => {}
+                            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                                // Too large for a record: the line fails with a small answer.
+                                let output = invalid_output(&job, line, None, "answer_too_large", &e.to_string());
+                                in_flight.spawn(async move { (line, LineResult::Answer { failed: true, output }) });
+                            }
                             other => {
                                 let error = match other {
                                     Some(Err(e)) => e.to_string(),
                                     _ => "the journal writer stopped".into(),
                                 };
-                                tracing::error!(job = %id, line = line + 1, %error, "cannot journal a line's answer; it is answered again later");
-                                pending.push_back(line);
-                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                // The answer is kept and journaled again later: the work is not
+                                // redone, and nothing is answered before it is journaled.
+                                tracing::error!(job = %id, line = line + 1, %error, "cannot journal a line's answer; retrying in 5 s");
+                                in_flight.spawn(async move {
+                                    tokio::time::sleep(Duration::from_secs(5)).await;
+                                    (line, LineResult::Answer { failed, output: kept })
+                                });
                             }
                         }
                     }
@@ -169,11 +180,24 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
     }
 }
 
+/// Journals the job's end, retrying until it is recorded: a job whose end is not journaled
+/// would hold its tenant's place and run again at the next start.
 async fn finish(job: &Arc<Job>, status: Status, error: Option<String>) {
-    let job = job.clone();
-    let id = job.meta.id.clone();
-    if let Some(Err(e)) = blocking(move || job.finish(status, error)).await {
-        tracing::error!(job = %id, error = %e, "cannot journal the job's end");
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let (recorder, error) = (job.clone(), error.clone());
+        match blocking(move || recorder.finish(status, error)).await {
+            Some(Ok(_)) => return,
+            other => {
+                let why = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "the journal writer stopped".into(),
+                };
+                tracing::error!(job = %job.meta.id, error = %why, "cannot journal the job's end; retrying");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -196,10 +220,23 @@ fn invalid_output(
 
 /// Reads, checks and serves one line, retrying what the server could not do now.
 async fn answer_line(state: &Arc<DaemonState>, job: &Arc<Job>, line: u32) -> LineResult {
+    let limit = state.config.max_request_body.bytes();
     let raw = {
-        let job = job.clone();
-        match blocking(move || job.read_line(line)).await {
-            Some(Ok(raw)) => raw,
+        let reader = job.clone();
+        match blocking(move || reader.read_line(line, limit)).await {
+            Some(Ok(Ok(raw))) => raw,
+            Some(Ok(Err(len))) => {
+                return LineResult::Answer {
+                    failed: true,
+                    output: invalid_output(
+                        job,
+                        line,
+                        None,
+                        "invalid_line",
+                        &format!("the line is {len} bytes, over max_request_body ({limit}); shorten the request"),
+                    ),
+                }
+            }
             Some(Err(e)) => {
                 return LineResult::JobFails(format!("cannot read the job's input file: {e}"))
             }
@@ -210,16 +247,6 @@ async fn answer_line(state: &Arc<DaemonState>, job: &Arc<Job>, line: u32) -> Lin
         failed: true,
         output: invalid_output(job, line, custom_id, "invalid_line", message),
     };
-    let limit = usize::try_from(state.config.max_request_body.bytes()).unwrap_or(usize::MAX);
-    if raw.len() > limit {
-        return invalid(
-            None,
-            &format!(
-                "the line is {} bytes, over max_request_body ({limit}); shorten the request",
-                raw.len()
-            ),
-        );
-    }
     let request: RequestLine = match serde_json::from_slice(&raw) {
         Ok(r) => r,
         Err(e) => {

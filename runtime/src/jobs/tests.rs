@@ -4,6 +4,7 @@ fn config() -> JobsConfig {
     JobsConfig {
         max_lines: 10,
         max_active_per_tenant: 2,
+        max_stored_per_tenant: 5,
         ..JobsConfig::default()
     }
 }
@@ -35,7 +36,12 @@ fn a_submitted_job_is_on_disk_and_comes_back_after_a_restart() {
         .unwrap();
     assert!(is_job_id(&job.meta.id), "{}", job.meta.id);
     assert_eq!(job.meta.lines, 3);
-    assert_eq!(job.read_line(1).unwrap(), line("b").into_bytes());
+    assert_eq!(
+        job.read_line(1, 1 << 20).unwrap(),
+        Ok(line("b").into_bytes())
+    );
+    // A line over the limit is not read at all.
+    assert_eq!(job.read_line(1, 10).unwrap(), Err(line("b").len() as u64));
     job.mark_started().unwrap();
     answer(&job, 2, false);
     answer(&job, 0, true);
@@ -138,10 +144,7 @@ fn submissions_are_checked_before_anything_is_stored() {
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     assert!(matches!(
         jobs.submit("alpha", "uid 0", None, &file(&many)),
-        Err(SubmitError::TooManyLines {
-            lines: 11,
-            limit: 10
-        })
+        Err(SubmitError::TooManyLines { limit: 10 })
     ));
     match jobs.submit("alpha", "uid 0", None, &file(&["x", "y", "x"])) {
         Err(SubmitError::DuplicateId { id, first, second }) => {
@@ -159,7 +162,7 @@ fn submissions_are_checked_before_anything_is_stored() {
         )
         .unwrap();
     assert_eq!(job.meta.lines, 2);
-    assert_eq!(job.read_line(0).unwrap(), b"not json");
+    assert_eq!(job.read_line(0, 100).unwrap(), Ok(b"not json".to_vec()));
     // Two unfinished jobs is alpha's limit here; the policy's max_jobs overrides it.
     jobs.submit("alpha", "uid 0", None, &file(&["a"])).unwrap();
     assert!(matches!(
@@ -236,4 +239,70 @@ fn job_ids_name_no_path() {
     assert!(is_job_id("job_0123456789abcdef01234567"));
     assert!(is_job_id(&new_id()));
     assert_ne!(new_id(), new_id());
+}
+
+#[test]
+fn line_indexing_stops_at_the_limit_and_skips_blank_lines() {
+    assert_eq!(
+        index_lines(b"a\n\n  \nbc\r\n d", 10),
+        Ok(vec![(0, 1), (6, 3), (10, 2)])
+    );
+    assert_eq!(index_lines(b"", 10), Ok(vec![]));
+    // A million one-byte lines against a limit of 10: refused, having kept 10.
+    let many = b"x\n".repeat(1_000_000);
+    let mut index = LineIndex::new(10);
+    index.feed(&many);
+    assert_eq!(index.lines.len(), 10);
+    assert!(index.finish().is_err());
+    // Fed in pieces, the same ranges as whole.
+    let text = b"{\"a\": 1}\n\n{\"b\": 2}\n{\"c\"";
+    let mut pieces = LineIndex::new(10);
+    for chunk in text.chunks(3) {
+        pieces.feed(chunk);
+    }
+    assert_eq!(pieces.finish(), index_lines(text, 10));
+}
+
+#[test]
+fn finished_jobs_count_against_the_stored_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = Jobs::open(dir.path(), config()).unwrap();
+    for _ in 0..5 {
+        let job = jobs.submit("alpha", "uid 0", None, &file(&["a"])).unwrap();
+        answer(&job, 0, false);
+        job.finish(Status::Completed, None).unwrap();
+    }
+    assert!(matches!(
+        jobs.submit("alpha", "uid 0", None, &file(&["a"])),
+        Err(SubmitError::TooManyStored { stored: 5, .. })
+    ));
+}
+
+#[test]
+fn an_output_write_that_fails_leaves_the_served_length_at_whole_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = Jobs::open(dir.path(), config()).unwrap();
+    let job = jobs
+        .submit("alpha", "uid 0", None, &file(&["a", "b"]))
+        .unwrap();
+    answer(&job, 0, false);
+    let (_, before) = job.output_file(false).unwrap();
+    // The output file's handle now refuses writes (as on a full disk): the answer is still
+    // journaled, the served length stays at whole lines.
+    {
+        let mut writer = lock(&job.writer);
+        writer.output = File::open(job.dir.join("output.jsonl")).unwrap();
+    }
+    answer(&job, 1, false);
+    assert_eq!(job.view().request_counts.completed, 2);
+    assert_eq!(job.output_file(false).unwrap().1, before);
+    // A restart rebuilds the file from the journal, with both answers.
+    let id = job.meta.id.clone();
+    drop((job, jobs));
+    let jobs = Jobs::open(dir.path(), config()).unwrap();
+    let job = jobs.get(&id).unwrap();
+    let (_, after) = job.output_file(false).unwrap();
+    assert!(after > before);
+    let text = std::fs::read_to_string(job.dir.join("output.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 2);
 }

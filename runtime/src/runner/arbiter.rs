@@ -42,6 +42,16 @@ impl std::fmt::Debug for Submission {
     }
 }
 
+/// Where a request counts against `max_queued_per_tenant`: its tenant's interactive requests
+/// and its batch jobs' lines have a bound each, so a tenant's jobs cannot fill the queue its
+/// interactive requests need.
+pub(crate) fn queue_key(request: &super::GenerateRequest) -> String {
+    match request.limits.class {
+        crate::policy::PriorityClass::Interactive => request.tenant.clone(),
+        crate::policy::PriorityClass::Batch => format!("{}\u{1f}batch", request.tenant),
+    }
+}
+
 /// Requests each tenant has waiting on a device, counted from submission to first admission
 /// (the per-tenant queue bound), with a hint for `Retry-After`.
 #[derive(Debug, Default)]
@@ -409,6 +419,7 @@ impl<E: EngineOps> Arbiter<E> {
         let key = self.next_key;
         self.next_key += 1;
         let tenant = job.request.tenant.clone();
+        let queue = queue_key(&job.request);
         let events = job.events.clone();
         let accepted =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.accept_as(key, job)));
@@ -417,7 +428,7 @@ impl<E: EngineOps> Arbiter<E> {
             self.sched.remove(key);
             match self.active.remove(&key) {
                 Some(a) if a.admitted => {}
-                _ => self.gate.leave(&tenant),
+                _ => self.gate.leave(&queue),
             }
             let _ = events.send(Event::Error {
                 message: "the request could not be started (see the daemon log); retry it".into(),
@@ -440,7 +451,7 @@ impl<E: EngineOps> Arbiter<E> {
             self.now(),
         );
         if let Err(e) = submitted {
-            self.gate.leave(&request.tenant);
+            self.gate.leave(&queue_key(request));
             if let Some(m) = &self.metrics {
                 m.rejections
                     .with_label_values(&[
@@ -484,7 +495,7 @@ impl<E: EngineOps> Arbiter<E> {
                 self.models[m].engine.remove_sequence(seq);
             }
             if !a.admitted {
-                self.gate.leave(&a.job.request.tenant);
+                self.gate.leave(&queue_key(&a.job.request));
             }
             // The last of a memory kill's survivors is done: back to full batches.
             if let Some(survivors) = self.one_at_a_time.get_mut(&m) {
@@ -632,7 +643,7 @@ impl<E: EngineOps> Arbiter<E> {
             a.seq = Some(seq);
             if !a.admitted {
                 a.admitted = true;
-                self.gate.leave(&a.job.request.tenant);
+                self.gate.leave(&queue_key(&a.job.request));
                 if let Some(m) = &self.metrics {
                     m.queue_time
                         .with_label_values(&[

@@ -410,15 +410,15 @@ impl ModelHandle {
                 max_tokens: request.max_tokens,
             },
         )?;
+        let queue = arbiter::queue_key(&request);
         self.gate
-            .enter(&request.tenant, self.max_queued)
+            .enter(&queue, self.max_queued)
             .map_err(|(queued, retry_after)| SubmitError::QueueFull {
                 tenant: request.tenant.clone(),
                 queued,
                 retry_after_secs: retry_after.clamp(1.0, 3600.0).ceil() as u64,
             })?;
         let (events, receiver) = mpsc::unbounded_channel();
-        let tenant = request.tenant.clone();
         let sent = self.jobs.send(Submission {
             model: index,
             request,
@@ -426,7 +426,7 @@ impl ModelHandle {
             submitted: Instant::now(),
         });
         if sent.is_err() {
-            self.gate.leave(&tenant);
+            self.gate.leave(&queue);
             return Err(SubmitError::Stopped);
         }
         Ok(receiver)

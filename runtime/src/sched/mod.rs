@@ -587,6 +587,20 @@ impl Scheduler {
         }
     }
 
+    /// Whether `need` blocks and one more sequence would fit model `m` once every batch
+    /// sequence running on it were preempted.
+    fn room_after_batch(&self, m: usize, need: usize) -> bool {
+        let model = &self.models[m];
+        let (batch_blocks, batch_seqs) = self
+            .running
+            .iter()
+            .map(|k| &self.seqs[k])
+            .filter(|s| s.model == m && self.tenants[s.tenant].params.class == PriorityClass::Batch)
+            .fold((0, 0), |(b, n), s| (b + s.blocks, n + 1));
+        model.running - batch_seqs < model.params.max_sequences
+            && model.used_blocks - batch_blocks + need <= model.params.total_blocks
+    }
+
     /// Rank of a tenant: class first, then the policy's key. Smaller goes first.
     fn rank(&self, t: usize) -> (u8, f64, u64) {
         let (a, b) = self.policy.key(&self.view(t));
@@ -838,31 +852,46 @@ impl Scheduler {
             let class = self.tenants[t].params.class;
             let quota = self.tenants[t].params.kv_blocks;
             let sibling = self.tenants[t].sibling;
-            // The tenant's interactive work may displace its own batch work to fit its quota,
-            // when that makes enough room.
-            if let (Some(q), Some(sib), PriorityClass::Interactive) = (quota, sibling, class) {
-                let own = self.tenants[t].blocks;
-                if (self.quota_blocks(t) + need) as u64 > q && (own + need) as u64 <= q {
-                    while (self.quota_blocks(t) + need) as u64 > q {
-                        match self.victim(|s| s.tenant == sib) {
-                            Some(v) => self.preempt(v, &mut plan),
-                            None => break,
-                        }
-                    }
-                }
-            }
-            let held = self.quota_blocks(t);
-            let tenant = &mut self.tenants[t];
             // The tenant's own limits hold back only the tenant.
-            let over_quota = quota.is_some_and(|q| (held + need) as u64 > q);
-            let over_rate = !admitted
-                && tenant.params.tokens_per_minute.is_some()
-                && quota::lock(&self.buckets)
-                    .get_mut(&tenant.name)
-                    .is_some_and(|b| !b.fits(prompt_len, now));
-            if over_quota || over_rate {
+            let over_rate = {
+                let tenant = &self.tenants[t];
+                !admitted
+                    && tenant.params.tokens_per_minute.is_some()
+                    && quota::lock(&self.buckets)
+                        .get_mut(&tenant.name)
+                        .is_some_and(|b| !b.fits(prompt_len, now))
+            };
+            if over_rate {
                 skip[t] = true;
                 continue;
+            }
+            if let Some(q) = quota.filter(|&q| (self.quota_blocks(t) + need) as u64 > q) {
+                // Its interactive work may displace its own batch work to fit the quota, but
+                // only when that is all that stands in the way: the request fits the quota
+                // without it, and the device once batch work makes room. Otherwise nothing is
+                // preempted, so a sequence is never preempted and readmitted in one plan.
+                let own = self.tenants[t].blocks;
+                let displace = match (sibling, class) {
+                    (Some(_), PriorityClass::Interactive) => {
+                        (own + need) as u64 <= q && self.room_after_batch(m, need)
+                    }
+                    _ => false,
+                };
+                if !displace {
+                    skip[t] = true;
+                    continue;
+                }
+                let sib = sibling.unwrap_or(t);
+                while (self.quota_blocks(t) + need) as u64 > q {
+                    match self.victim(|s| s.tenant == sib) {
+                        Some(v) => self.preempt(v, &mut plan),
+                        None => break,
+                    }
+                }
+                if (self.quota_blocks(t) + need) as u64 > q {
+                    skip[t] = true;
+                    continue;
+                }
             }
             // The device's capacity holds back everyone after it (no overtaking, so large
             // requests are not starved), unless higher-class work can displace batch work.
@@ -874,17 +903,7 @@ impl Scheduler {
             if !fits(model) {
                 let mut made_room = false;
                 // Displace batch work only if that makes enough room.
-                let (batch_blocks, batch_seqs) = self
-                    .running
-                    .iter()
-                    .map(|k| &self.seqs[k])
-                    .filter(|s| {
-                        s.model == m && self.tenants[s.tenant].params.class == PriorityClass::Batch
-                    })
-                    .fold((0, 0), |(b, n), s| (b + s.blocks, n + 1));
-                let enough = model.running - batch_seqs < model.params.max_sequences
-                    && model.used_blocks - batch_blocks + need <= model.params.total_blocks;
-                if class == PriorityClass::Interactive && enough {
+                if class == PriorityClass::Interactive && self.room_after_batch(m, need) {
                     while !fits(&self.models[m]) {
                         let tenants = &self.tenants;
                         match self.victim(|s| {
@@ -1175,6 +1194,12 @@ impl Scheduler {
                         self.quota_blocks(i)
                     ));
                 }
+            }
+        }
+        // A sequence preempted and started again in one plan would thrash.
+        for &(k, _) in &plan.preempt {
+            if plan.admit.contains(&k) || plan.swap_in.contains(&k) {
+                return Err(format!("{k} is preempted and started in the same plan"));
             }
         }
         for &(k, n) in &plan.run {

@@ -208,6 +208,35 @@ fn a_tenants_batch_work_yields_to_its_own_interactive_work_and_shares_its_quota(
 }
 
 #[test]
+fn an_interactive_request_that_cannot_start_preempts_none_of_its_batch_work() {
+    let mut s = Scheduler::new(PolicyKind::FairShare, Pricing::default());
+    s.add_model(model(100, 4, 64));
+    let of = |key, class, prompt| {
+        let mut n = seq(key, "alpha", prompt, 4);
+        n.params.class = class;
+        n.params.kv_blocks = Some(12);
+        n.params.tokens_per_minute = Some(45);
+        n
+    };
+    // The batch line holds 10 of the quota's 12 blocks and 40 of the bucket's 45 tokens.
+    s.submit(of(1, PriorityClass::Batch, 40), 0.0).unwrap();
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [1]);
+    execute(&mut s, &plan, 0.0);
+    // The interactive request's prompt does not fit the bucket: it waits, and the batch line
+    // is not preempted for it (else it would be preempted and readmitted every plan).
+    s.submit(of(2, PriorityClass::Interactive, 8), 0.0).unwrap();
+    for _ in 0..3 {
+        let plan = s.plan(0.0);
+        assert!(plan.preempt.is_empty(), "{plan:?}");
+        assert!(plan.admit.is_empty(), "{plan:?}");
+        assert_eq!(plan.run, [(1, 1)]);
+        s.check_plan(&plan).unwrap();
+        execute(&mut s, &plan, 0.0);
+    }
+}
+
+#[test]
 fn the_token_bucket_delays_admission_and_refills() {
     let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
     s.add_model(model(100, 8, 64));
