@@ -72,6 +72,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         }
     }
     let metrics = Metrics::new()?;
+    // The compute pool's threads run below the control plane's priority, so the API (health
+    // checks, status, new requests) is answered promptly while every core computes.
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("compute-{i}"))
+        .start_handler(|_| {
+            let _ = sys::lower_thread_priority(sys::COMPUTE_NICE);
+        })
+        .build_global()
+    {
+        tracing::warn!(error = %e, "the compute pool was already built; its threads keep the daemon's priority");
+    }
     let sandbox = match config.isolation {
         crate::config::Isolation::Off => {
             tracing::warn!("isolation: off: models' engines run inside acceld, as root, with no cgroup or device gate; set isolation: shared to run them in isolated worker processes");

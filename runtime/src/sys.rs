@@ -94,6 +94,24 @@ pub fn group_gid(name: &str) -> Result<u32, SysError> {
 /// architecture we build for.
 const SO_PEERGROUPS: nix::libc::c_int = 59;
 
+/// Niceness of the threads that compute (device loops, the compute pool, workers): below the
+/// control plane's, so the API answers within a millisecond while every core computes.
+pub const COMPUTE_NICE: i32 = 5;
+
+/// Lowers the calling thread's CPU priority to `nice` (on Linux niceness is per thread, and
+/// threads it starts inherit it). Needs no privilege.
+pub fn lower_thread_priority(nice: i32) -> std::io::Result<()> {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc =
+        unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid as nix::libc::id_t, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The supplementary groups of the process at the other end of a Unix socket.
 pub fn peer_groups(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u32>> {
     use nix::libc;

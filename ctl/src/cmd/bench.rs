@@ -116,6 +116,14 @@ pub struct BenchArgs {
     /// used in turn instead of synthetic ones.
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
+    /// Sampling temperature of every request (default: the model's own default); 0 is
+    /// greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Generate exactly the drawn output lengths for --prompts too (synthetic prompts always
+    /// do).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Seed of the drawn lengths and words.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -195,6 +203,42 @@ pub struct Report {
     pub health_ms: Option<Percentiles>,
     /// The first few distinct errors, with counts.
     pub errors: BTreeMap<String, usize>,
+    /// CPU time this load generator used (on the daemon's host it competes with the daemon).
+    pub client_cpu_seconds: Option<f64>,
+}
+
+/// CPU time this process has used, from the scheduler's own count.
+fn own_cpu_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/schedstat").ok()?;
+    let ns: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns / 1e9)
+}
+
+/// One `GET /healthz` with blocking I/O; Ok when it answered 200.
+fn health_once(target: &Target) -> std::io::Result<()> {
+    fn exchange(mut s: impl std::io::Read + std::io::Write) -> std::io::Result<()> {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)?;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not 200"))
+        }
+    }
+    let timeout = Some(Duration::from_secs(10));
+    match target {
+        Target::Socket(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path)?;
+            s.set_read_timeout(timeout)?;
+            exchange(s)
+        }
+        Target::Tcp(address) => {
+            let s = std::net::TcpStream::connect(address)?;
+            s.set_read_timeout(timeout)?;
+            exchange(s)
+        }
+    }
 }
 
 fn usage(message: impl Into<String>) -> CtlError {
@@ -234,23 +278,23 @@ pub async fn run(client: &Client, args: &BenchArgs, json_out: bool) -> Result<()
     let specs = Arc::new(specs);
 
     let stop_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // On a thread of its own, with blocking sockets: the probe's latency is the daemon's,
+    // not this process's event loop, which is busy with the streams.
     let probe = args.probe_health.then(|| {
         let (target, stop) = (target.clone(), stop_probe.clone());
-        tokio::spawn(async move {
+        std::thread::spawn(move || {
             let mut times = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                if send(&target, Method::GET, "/healthz", None, None)
-                    .await
-                    .is_ok()
-                {
+                if health_once(&target).is_ok() {
                     times.push(t.elapsed().as_secs_f64());
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                std::thread::sleep(Duration::from_millis(10));
             }
             times
         })
     });
+    let cpu_before = own_cpu_seconds();
 
     // A live line where someone watches; nothing in logs.
     let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -353,8 +397,9 @@ pub async fn run(client: &Client, args: &BenchArgs, json_out: bool) -> Result<()
         eprintln!();
     }
     stop_probe.store(true, Ordering::Relaxed);
+    let client_cpu_seconds = own_cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
     let health = match probe {
-        Some(p) => p.await.ok().and_then(|mut t| percentiles(&mut t)),
+        Some(p) => p.join().ok().and_then(|mut t| percentiles(&mut t)),
         None => None,
     };
     let samples = std::mem::take(
@@ -362,7 +407,8 @@ pub async fn run(client: &Client, args: &BenchArgs, json_out: bool) -> Result<()
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let report = summarize(&model, &target, args, &tenants, seconds, samples, health);
+    let mut report = summarize(&model, &target, args, &tenants, seconds, samples, health);
+    report.client_cpu_seconds = client_cpu_seconds;
     if json_out {
         println!(
             "{}",
@@ -481,9 +527,15 @@ fn workload(args: &BenchArgs, model: &str, tenants: usize) -> Result<Vec<Spec>, 
             "model": model, "max_tokens": max_tokens, "stream": true,
             "stream_options": {"include_usage": true},
         });
+        if let Some(t) = args.temperature {
+            body["temperature"] = json!(t);
+        }
         let path = match &real {
             Some(lines) => {
                 let line = &lines[i % lines.len()];
+                if args.ignore_eos {
+                    body["ignore_eos"] = json!(true);
+                }
                 if let Some(messages) = line.get("messages") {
                     body["messages"] = messages.clone();
                     "/v1/chat/completions"
@@ -749,6 +801,7 @@ fn summarize(
         total: report_of("total".into(), &all),
         health_ms: health,
         errors,
+        client_cpu_seconds: None,
     }
 }
 

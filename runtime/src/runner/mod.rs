@@ -859,6 +859,9 @@ fn spawn_device<E: EngineOps + 'static>(
         .name(format!("device-{device}"))
         .spawn(move || {
             let _up = UpWhileAlive(up);
+            if let Err(e) = crate::sys::lower_thread_priority(crate::sys::COMPUTE_NICE) {
+                tracing::warn!(error = %e, "cannot lower the device loop's CPU priority");
+            }
             arbiter.run()
         }) {
         Ok(_) => {

@@ -129,6 +129,9 @@ fn serve(mut stream: UnixStream) -> Result<(), String> {
     // memory or take its descriptors (its tenants' prompts, its GPU).
     // SAFETY: a plain prctl on this process.
     unsafe { nix::libc::prctl(nix::libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Computing yields to the supervisor's API on a busy host; every thread started from here
+    // on inherits it.
+    let _ = crate::sys::lower_thread_priority(crate::sys::COMPUTE_NICE);
     let fail = |e: ProtoError| e.to_string();
     proto::write_frame(
         &mut stream,
