@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use accel_tests::{eventually, http_exchange, Daemon, DaemonOptions};
@@ -22,10 +22,6 @@ tenants:
     limits: {max_jobs: 1}
 "#;
 
-fn fixture_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
-}
-
 fn options<'a>(extra: &'a str, state_dir: Option<&'a Path>) -> DaemonOptions<'a> {
     DaemonOptions {
         policy: Some(POLICY),
@@ -38,7 +34,7 @@ fn options<'a>(extra: &'a str, state_dir: Option<&'a Path>) -> DaemonOptions<'a>
 fn model_config(more: &str) -> String {
     format!(
         "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 128\n{more}",
-        fixture_model().display()
+        accel_tests::fixture_model().display()
     )
 }
 

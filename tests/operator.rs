@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use accel_tests::{eventually, json_of, Daemon, DaemonOptions};
@@ -21,14 +21,10 @@ tenants:
     match: {uids: [2002]}
 "#;
 
-fn fixture_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
-}
-
 fn tiny_config(more: &str) -> String {
     format!(
         "models:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n{more}",
-        fixture_model().display()
+        accel_tests::fixture_model().display()
     )
 }
 

@@ -78,18 +78,7 @@ impl Client {
         let response = self
             .send(method, path, body.map(|b| (b, "application/json")))
             .await?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
-            .to_bytes();
-        if status.is_success() {
-            Ok((status, bytes))
-        } else {
-            Err(api_error(status, &bytes))
-        }
+        whole_answer(path, response).await
     }
 
     /// POSTs `body` with its content type and returns the status and body.
@@ -102,18 +91,7 @@ impl Client {
         let response = self
             .send(Method::POST, path, Some((body, content_type)))
             .await?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
-            .to_bytes();
-        if status.is_success() {
-            Ok((status, bytes))
-        } else {
-            Err(api_error(status, &bytes))
-        }
+        whole_answer(path, response).await
     }
 
     /// GETs `path` and copies the body to `out` as it arrives (for answers too large to hold).
@@ -266,6 +244,25 @@ impl Client {
             .map_err(|e| CtlError::Other(format!("cannot encode request: {e}")))?;
         let (_, bytes) = self.request(Method::POST, path, Some(body)).await?;
         decode(path, &bytes)
+    }
+}
+
+/// Reads a whole answer: its status and body on success, the daemon's error otherwise.
+async fn whole_answer(
+    path: &str,
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<(StatusCode, Bytes), CtlError> {
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
+        .to_bytes();
+    if status.is_success() {
+        Ok((status, bytes))
+    } else {
+        Err(api_error(status, &bytes))
     }
 }
 

@@ -566,3 +566,8 @@ pub fn python_deps() -> Option<PathBuf> {
     );
     None
 }
+
+/// The small Llama fixture model (random weights, transformers' reference outputs beside it).
+pub fn fixture_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
+}
