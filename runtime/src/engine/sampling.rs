@@ -238,62 +238,111 @@ impl Sampler {
     }
 
     fn draw(&mut self, scores: &[f32]) -> u32 {
-        let p = &self.params;
-        let mut candidates: Vec<(u32, f32)> = scores
-            .iter()
-            .enumerate()
-            // A NaN logit can never be chosen.
-            .map(|(i, &s)| {
-                (
-                    i as u32,
-                    if s.is_nan() {
-                        f32::NEG_INFINITY
-                    } else {
-                        s / p.temperature
-                    },
-                )
-            })
-            .collect();
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
-            candidates.truncate(p.top_k);
-        }
-        let max = candidates.first().map_or(0.0, |c| c.1);
-        let mut probs: Vec<f32> = candidates.iter().map(|c| (c.1 - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        // Nucleus: the smallest prefix reaching top_p (always at least one token).
-        if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let keep = probs
-                .iter()
-                .position(|q| {
-                    cumulative += q;
-                    cumulative >= p.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-        }
-        if p.min_p > 0.0 {
-            let threshold = p.min_p * probs.first().copied().unwrap_or(0.0);
-            let keep = probs.iter().take_while(|&&q| q >= threshold).count().max(1);
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
+        let kept = nucleus(scores, &self.params);
+        let total: f32 = kept.iter().map(|c| c.1).sum();
         if !(total.is_finite() && total > 0.0) {
             // Non-finite logits: fall back to the most likely candidate rather than the least.
-            return candidates.first().map_or(0, |c| c.0);
+            return argmax(scores);
         }
         let mut target = self.rng.random::<f32>() * total;
-        for (i, q) in probs.iter().enumerate() {
-            if target < *q {
-                return candidates[i].0;
+        for &(token, weight) in &kept {
+            if target < weight {
+                return token;
             }
-            target -= q;
+            target -= weight;
         }
-        candidates
-            .get(probs.len().saturating_sub(1))
-            .map_or(0, |c| c.0)
+        kept.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Orders candidates most likely first, then by token id.
+fn more_likely(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The tokens `params` lets a draw choose among, most likely first, each with its unnormalised
+/// weight (`exp` of its scaled score less the best one's): the `top_k` best, then the smallest
+/// prefix whose probability reaches `top_p`, then those at least `min_p` of the best.
+///
+/// Only as much of the vocabulary is sorted as the prefix needs: the best 64 candidates are
+/// selected and sorted, then 256, and so on, until the prefix ends inside them. A nucleus is
+/// usually a few tokens, and sorting all 49,152 of a vocabulary for every sampled token cost
+/// as much as the forward pass at large batches. With neither `top_p` nor `min_p` every
+/// candidate is kept, in id order.
+fn nucleus(scores: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+    let mut candidates: Vec<(u32, f32)> = scores
+        .iter()
+        .enumerate()
+        // A NaN logit can never be chosen.
+        .map(|(i, &s)| {
+            let scaled = if s.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                s / p.temperature
+            };
+            (i as u32, scaled)
+        })
+        .collect();
+    if p.top_k > 0 && p.top_k < candidates.len() {
+        candidates.select_nth_unstable_by(p.top_k - 1, more_likely);
+        candidates.truncate(p.top_k);
+    }
+    let max = candidates
+        .iter()
+        .map(|c| c.1)
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in &mut candidates {
+        c.1 = (c.1 - max).exp();
+    }
+    let total: f32 = candidates.iter().map(|c| c.1).sum();
+    if p.top_p >= 1.0 && p.min_p <= 0.0 {
+        return candidates;
+    }
+    let best = if max.is_finite() { 1.0 } else { 0.0 };
+    let threshold = p.min_p * best;
+    // How many of the sorted `prefix` the nucleus and min_p keep, if the cut falls inside it.
+    let cut = |prefix: &[(u32, f32)], complete: bool| -> Option<usize> {
+        let mut keep = prefix.len();
+        let mut reached = complete;
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            reached = false;
+            for (i, c) in prefix.iter().enumerate() {
+                cumulative += c.1 / total;
+                if cumulative >= p.top_p {
+                    keep = i + 1;
+                    reached = true;
+                    break;
+                }
+            }
+            reached |= complete;
+        }
+        if p.min_p > 0.0 {
+            let within = prefix[..keep]
+                .iter()
+                .take_while(|c| c.1 >= threshold)
+                .count();
+            if within < keep {
+                return Some(within.max(1));
+            }
+        }
+        reached.then_some(keep.max(1))
+    };
+    let mut m = 64usize;
+    loop {
+        if m >= candidates.len() {
+            candidates.sort_by(more_likely);
+            let keep = cut(&candidates, true).unwrap_or(candidates.len());
+            candidates.truncate(keep);
+            return candidates;
+        }
+        candidates.select_nth_unstable_by(m - 1, more_likely);
+        candidates[..m].sort_by(more_likely);
+        if let Some(keep) = cut(&candidates[..m], false) {
+            candidates.truncate(keep);
+            return candidates;
+        }
+        m *= 4;
     }
 }
 
@@ -327,14 +376,112 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
         .filter(|(_, l)| l.is_finite())
         .map(|(i, &l)| (i as u32, l))
         .collect();
-    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    all.truncate(n);
+    if n < all.len() {
+        all.select_nth_unstable_by(n - 1, more_likely);
+        all.truncate(n);
+    }
+    all.sort_by(more_likely);
     all
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the nucleus was before it selected partially: the whole vocabulary sorted.
+    fn nucleus_by_full_sort(scores: &[f32], p: &SamplingParams) -> Vec<u32> {
+        let mut all: Vec<(u32, f32)> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                (
+                    i as u32,
+                    if s.is_nan() {
+                        f32::NEG_INFINITY
+                    } else {
+                        s / p.temperature
+                    },
+                )
+            })
+            .collect();
+        all.sort_by(more_likely);
+        if p.top_k > 0 {
+            all.truncate(p.top_k);
+        }
+        let max = all.first().map_or(0.0, |c| c.1);
+        let probs: Vec<f64> = all.iter().map(|c| f64::from((c.1 - max).exp())).collect();
+        let total: f64 = probs.iter().sum();
+        let mut keep = all.len();
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            keep = probs
+                .iter()
+                .position(|q| {
+                    cumulative += q / total;
+                    cumulative >= f64::from(p.top_p)
+                })
+                .map_or(all.len(), |i| i + 1);
+        }
+        if p.min_p > 0.0 {
+            let threshold = f64::from(p.min_p) * probs[0];
+            keep = probs[..keep]
+                .iter()
+                .take_while(|&&q| q >= threshold)
+                .count()
+                .max(1);
+        }
+        all.truncate(keep);
+        all.into_iter().map(|c| c.0).collect()
+    }
+
+    #[test]
+    fn the_partial_nucleus_keeps_what_a_full_sort_keeps() {
+        use rand::SeedableRng as _;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut checked = 0;
+        for case in 0..300 {
+            let vocab = [5, 63, 64, 65, 300, 5000][case % 6];
+            // Peaked and flat distributions, with ties and a few masked tokens.
+            let spread = [0.5f32, 3.0, 12.0][case % 3];
+            let scores: Vec<f32> = (0..vocab)
+                .map(|i| {
+                    if i % 97 == 13 {
+                        f32::NEG_INFINITY
+                    } else {
+                        (rng.random::<f32>() * spread * 4.0).round() / 4.0
+                    }
+                })
+                .collect();
+            let p = SamplingParams {
+                temperature: [0.2f32, 0.7, 1.0, 1.5][case % 4],
+                top_k: [0usize, 1, 10, 70][(case / 3) % 4],
+                top_p: [1.0f32, 0.9, 0.5, 0.99, 0.999][case % 5],
+                min_p: [0.0f32, 0.0, 0.05, 0.2][(case / 5) % 4],
+                ..SamplingParams::default()
+            };
+            let got: Vec<u32> = nucleus(&scores, &p).iter().map(|c| c.0).collect();
+            let want = nucleus_by_full_sort(&scores, &p);
+            if p.top_p >= 1.0 && p.min_p <= 0.0 {
+                // Everything is kept, in no particular order.
+                let (mut g, mut w) = (got.clone(), want.clone());
+                g.sort_unstable();
+                w.sort_unstable();
+                assert_eq!(g, w, "case {case}");
+            } else {
+                // The boundary token can differ only where f32 and f64 sums disagree.
+                let n = got.len().min(want.len());
+                assert_eq!(got[..n], want[..n], "case {case}: {p:?}");
+                assert!(
+                    got.len().abs_diff(want.len()) <= 1,
+                    "case {case}: {} vs {}",
+                    got.len(),
+                    want.len()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 150);
+    }
 
     #[test]
     fn generation_config_sampling_is_read_as_transformers_means_it() {

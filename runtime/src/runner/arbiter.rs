@@ -734,6 +734,50 @@ impl<E: EngineOps> Arbiter<E> {
                 let _ = g.prepare();
             });
         }
+        // Free sampling (no grammar) of the sequences about to sample, side by side on the
+        // pool's threads when there are several: a nucleus over a large vocabulary costs a
+        // noticeable part of a big batch's step. Each sequence has its own generator, so the
+        // order does not change any output.
+        let mut presampled: HashMap<SeqKey, crate::engine::sampling::Sampled> = HashMap::new();
+        let free: HashSet<SeqKey> = keys
+            .iter()
+            .filter(|(key, take)| {
+                self.active
+                    .get(key)
+                    .is_some_and(|a| a.pending.len() == *take && a.job.request.guide.is_none())
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        if free.len() > 1 {
+            use rayon::prelude::*;
+            let logits_of: HashMap<SeqKey, &[f32]> = keys
+                .iter()
+                .zip(&outputs)
+                .filter(|((key, _), _)| free.contains(key))
+                .filter_map(|((key, _), out)| out.logits.first().map(|l| (*key, l.as_slice())))
+                .collect();
+            let mut work: Vec<_> = self
+                .active
+                .iter_mut()
+                .filter_map(|(key, a)| {
+                    let logits = *logits_of.get(key)?;
+                    let prompt_len = a.job.request.prompt.len();
+                    Some((
+                        *key,
+                        &mut a.sampler,
+                        a.context.as_slice(),
+                        prompt_len,
+                        logits,
+                    ))
+                })
+                .collect();
+            presampled = work
+                .par_iter_mut()
+                .map(|(key, sampler, context, prompt_len, logits)| {
+                    (*key, sampler.sample(logits, context, *prompt_len))
+                })
+                .collect();
+        }
         let mut finished = Vec::new();
         for (&(key, take), mut output) in keys.iter().zip(outputs) {
             let Some(a) = self.active.get_mut(&key) else {
@@ -788,7 +832,10 @@ impl<E: EngineOps> Arbiter<E> {
                 Ok::<_, String>((sampled, complete))
             });
             let (sampled, grammar_complete) = match guided {
-                None => (a.sampler.sample(logits, &a.context, prompt_len), false),
+                None => match presampled.remove(&key) {
+                    Some(sampled) => (sampled, false),
+                    None => (a.sampler.sample(logits, &a.context, prompt_len), false),
+                },
                 Some(Ok(guided)) => guided,
                 Some(Err(message)) => {
                     self.sched.advance(key, take, false, now);
