@@ -622,11 +622,15 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
     let short = prompt(1, 50);
     let long = prompt(2, 3000);
     const ROOM: u64 = 64 << 20;
+    // Long enough that the short one is surely still decoding when the long one's cache goes
+    // over: the kernel reclaims the model file's page cache before it kills, so when that
+    // happens varies (13 MiB of cache, a fifth of the room).
+    const SHORT_TOKENS: usize = 256;
     let (status, want) = post_as(
         port,
         "beta-token",
         "/v1/completions",
-        &completion(&short, 64),
+        &completion(&short, SHORT_TOKENS),
     );
     assert_eq!(status, 200, "{want}");
     let want = want["choices"][0]["text"].clone();
@@ -674,8 +678,8 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
     // goes over), and beta's meanwhile.
     let asked = [
         ("alpha-token", completion(&long, 1)),
-        ("alpha-token", completion(&short, 64)),
-        ("beta-token", completion(&short, 64)),
+        ("alpha-token", completion(&short, SHORT_TOKENS)),
+        ("beta-token", completion(&short, SHORT_TOKENS)),
     ];
     let [(long_status, long_answer), (short_status, short_answer), (beta_status, beta_answer)] =
         std::thread::scope(|s| {
