@@ -88,6 +88,10 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
     let mut pending: VecDeque<u32> = job.pending().into();
     tracing::info!(job = %id, tenant = %job.meta.tenant, pending = pending.len(), total = job.meta.lines, "running batch job");
     let mut in_flight: JoinSet<(u32, LineResult)> = JoinSet::new();
+    // Which line each task serves, so a task that ends without its result (aborted) leaves
+    // its line to be answered again rather than lost.
+    let mut line_of: std::collections::HashMap<tokio::task::Id, u32> =
+        std::collections::HashMap::new();
     let mut cancel = job.cancelled();
     loop {
         if *cancel.borrow_and_update() {
@@ -103,7 +107,7 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
                 break;
             };
             let (state, job) = (state.clone(), job.clone());
-            in_flight.spawn(async move {
+            let task = in_flight.spawn(async move {
                 // A panic in serving one line is that line's failure, not the job's.
                 let result = std::panic::AssertUnwindSafe(answer_line(&state, &job, line))
                     .catch_unwind()
@@ -117,6 +121,7 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
                     });
                 (line, result)
             });
+            line_of.insert(task.id(), line);
         }
         if in_flight.is_empty() {
             if pending.is_empty() {
@@ -137,8 +142,20 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
             continue;
         }
         tokio::select! {
-            joined = in_flight.join_next() => {
-                let Some(Ok((line, result))) = joined else { continue };
+            joined = in_flight.join_next_with_id() => {
+                let (line, result) = match joined {
+                    Some(Ok((task, done))) => {
+                        line_of.remove(&task);
+                        done
+                    }
+                    Some(Err(e)) => {
+                        if let Some(line) = line_of.remove(&e.id()) {
+                            pending.push_front(line);
+                        }
+                        continue;
+                    }
+                    None => continue,
+                };
                 match result {
                     LineResult::Answer { failed, output } => {
                         let recorder = job.clone();
@@ -148,7 +165,8 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
                             Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => {
                                 // Too large for a record: the line fails with a small answer.
                                 let output = invalid_output(&job, line, None, "answer_too_large", &e.to_string());
-                                in_flight.spawn(async move { (line, LineResult::Answer { failed: true, output }) });
+                                let task = in_flight.spawn(async move { (line, LineResult::Answer { failed: true, output }) });
+                                line_of.insert(task.id(), line);
                             }
                             other => {
                                 let error = match other {
@@ -158,10 +176,11 @@ async fn drive(state: Arc<DaemonState>, job: Arc<Job>) {
                                 // The answer is kept and journaled again later: the work is not
                                 // redone, and nothing is answered before it is journaled.
                                 tracing::error!(job = %id, line = line + 1, %error, "cannot journal a line's answer; retrying in 5 s");
-                                in_flight.spawn(async move {
+                                let task = in_flight.spawn(async move {
                                     tokio::time::sleep(Duration::from_secs(5)).await;
                                     (line, LineResult::Answer { failed, output: kept })
                                 });
+                                line_of.insert(task.id(), line);
                             }
                         }
                     }
