@@ -6,6 +6,23 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// A binary built beside the running benchmark (`target/release/NAME`), which the daemon
+/// benchmarks start; panics with what to build when it is missing.
+pub fn built(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/release/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build it first (cargo build --release --bins)",
+        path.display()
+    );
+    path
+}
+
 /// Mean time per iteration of each benchmark, collected while criterion runs them.
 #[derive(Debug, Default)]
 pub struct Ledger {

@@ -28,22 +28,6 @@ const OUTPUT: usize = 16;
 const CLIENTS: [usize; 4] = [1, 8, 32, 128];
 const LINES: usize = 10_000;
 
-/// The built binaries beside this benchmark's directory (`target/release/`).
-fn built(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/release/deps");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: build it first (cargo build --release --bins)",
-        path.display()
-    );
-    path
-}
-
 fn prompt(i: usize, vocab: usize) -> Vec<u32> {
     (0..PROMPT)
         .map(|t| ((i * 131 + t * 7 + 100) % vocab) as u32)
@@ -85,7 +69,7 @@ fn start_daemon(dir: &Path, model: Option<&Path>) -> Daemon {
         ),
     )
     .expect("config");
-    let child = Command::new(built("acceld"))
+    let child = Command::new(accel_benches::built("acceld"))
         .arg("--config")
         .arg(&config)
         .stdout(Stdio::null())
@@ -102,7 +86,7 @@ fn start_daemon(dir: &Path, model: Option<&Path>) -> Daemon {
 
 /// One `accelctl bench` run of `clients` requests at once; its JSON report.
 fn bench_run(daemon: &Daemon, prompts: &Path, clients: usize, probe: bool) -> serde_json::Value {
-    let mut command = Command::new(built("accelctl"));
+    let mut command = Command::new(accel_benches::built("accelctl"));
     command
         .env("ACCEL_SOCKET", &daemon.socket)
         // Greedy, as the direct run samples.

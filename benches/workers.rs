@@ -10,7 +10,6 @@
 //! is in the model cache, else the small generated model. Workers run without cgroups here
 //! (no root needed); the groups cost nothing per step.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use accel_runtime::backend::cpu::CpuBackend;
@@ -28,22 +27,6 @@ fn spec() -> ModelSpec {
         swap_blocks: 0,
         ..ModelSpec::default_model()
     }
-}
-
-/// The built `acceld` beside this benchmark's directory (`target/release/`).
-fn acceld() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/release/deps");
-    let acceld = dir.join("acceld");
-    assert!(
-        acceld.is_file(),
-        "{} not found: build it first (cargo build --release -p accel-runtime)",
-        acceld.display()
-    );
-    acceld
 }
 
 /// `n` prompts of `PROMPT` tokens.
@@ -80,7 +63,7 @@ fn main() {
                 .to_string())
     );
     let identity = WorkerIdentity {
-        program: acceld(),
+        program: accel_benches::built("acceld"),
         ..WorkerIdentity::resolve(None).expect("a user for workers")
     };
     let init = WorkerInit {

@@ -462,3 +462,42 @@ fn job_view_offline(journal: &Path) -> u64 {
         .unwrap_or(0)
         .saturating_sub(1)
 }
+
+#[test]
+fn a_job_whose_tenant_leaves_the_policy_fails_saying_so() {
+    let daemon = Daemon::start_with(options(&model_config("jobs:\n  concurrency: 1\n"), None));
+    let long: Vec<Value> = (0..30)
+        .map(|i| long_line(&format!("c{i}"), "count", 200))
+        .collect();
+    let job = submit(&daemon, "beta", &jsonl(&long));
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert!(eventually(Duration::from_secs(60), || {
+        job_view(&daemon, "beta", &id)["request_counts"]["completed"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    }));
+    // The policy loses beta; the job cannot run as a tenant that is not there.
+    let without_beta = POLICY.split("  - name: beta").next().unwrap();
+    std::fs::write(&daemon.policy, without_beta).unwrap();
+    let (status, text) = daemon.request("POST", "/v1/policy/reload", None);
+    assert_eq!(status, 200, "{text}");
+    let mut view = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let (_, body) = daemon.request("GET", &format!("/v1/jobs/{id}"), None);
+            view = serde_json::from_str(&body).unwrap();
+            view["status"] == "failed"
+        }),
+        "{view}"
+    );
+    assert!(
+        view["error"].as_str().unwrap().contains("\"beta\""),
+        "{view}"
+    );
+    assert!(view["failed_at"].as_u64().is_some(), "{view}");
+    assert!(
+        view["request_counts"]["completed"].as_u64().unwrap() < 30,
+        "{view}"
+    );
+}

@@ -76,7 +76,7 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), CtlError> {
         let response = self
-            .send(method, path, body.map(|b| (b, "application/json")))
+            .send(method, path, body.map(|b| (b, "application/json")), None)
             .await?;
         whole_answer(path, response).await
     }
@@ -89,24 +89,18 @@ impl Client {
         content_type: &'static str,
     ) -> Result<(StatusCode, Bytes), CtlError> {
         let response = self
-            .send(Method::POST, path, Some((body, content_type)))
+            .send(Method::POST, path, Some((body, content_type)), None)
             .await?;
         whole_answer(path, response).await
     }
 
     /// GETs `path` and copies the body to `out` as it arrives (for answers too large to hold).
     pub async fn get_to(&self, path: &str, out: &mut impl std::io::Write) -> Result<(), CtlError> {
-        let response = self.send(Method::GET, path, None).await?;
-        let status = response.status();
-        let mut body = response.into_body();
-        if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
-                .to_bytes();
-            return Err(api_error(status, &bytes));
+        let response = self.send(Method::GET, path, None, None).await?;
+        if !response.status().is_success() {
+            return whole_answer(path, response).await.map(drop);
         }
+        let mut body = response.into_body();
         while let Some(frame) = body.frame().await {
             let frame =
                 frame.map_err(|e| CtlError::Other(format!("the answer from acceld broke: {e}")))?;
@@ -119,20 +113,18 @@ impl Client {
             .map_err(|e| CtlError::Other(format!("cannot write the output: {e}")))
     }
 
+    /// One request over the socket, with the caller's identity headers; `accept` names the
+    /// answer's type when it matters (server-sent events).
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<(Vec<u8>, &'static str)>,
+        accept: Option<&'static str>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, CtlError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| connect_error(&self.socket, e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| CtlError::Other(format!("HTTP handshake with acceld failed: {e}")))?;
-        tokio::spawn(connection);
-
         let mut builder = Request::builder()
             .method(method)
             .uri(path)
@@ -144,6 +136,9 @@ impl Client {
         if let Some(tenant) = &self.tenant {
             builder = builder.header(ACT_FOR_TENANT_HEADER, tenant);
         }
+        if let Some(accept) = accept {
+            builder = builder.header(hyper::header::ACCEPT, accept);
+        }
         let body = match body {
             Some((bytes, content_type)) => {
                 builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
@@ -154,8 +149,7 @@ impl Client {
         let request = builder
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CtlError::Other(format!("cannot build request for {path}: {e}")))?;
-        sender
-            .send_request(request)
+        exchange(TokioIo::new(stream), request)
             .await
             .map_err(|e| CtlError::Other(format!("request {path} failed: {e}")))
     }
@@ -170,55 +164,25 @@ impl Client {
     ) -> Result<(), CtlError> {
         let body = serde_json::to_vec(body)
             .map_err(|e| CtlError::Other(format!("cannot encode request: {e}")))?;
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| connect_error(&self.socket, e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| CtlError::Other(format!("HTTP handshake with acceld failed: {e}")))?;
-        tokio::spawn(connection);
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::ACCEPT, "text/event-stream");
-        if let Some(tenant) = &self.tenant {
-            builder = builder.header(ACT_FOR_TENANT_HEADER, tenant);
+        let response = self
+            .send(
+                Method::POST,
+                path,
+                Some((body, "application/json")),
+                Some("text/event-stream"),
+            )
+            .await?;
+        if !response.status().is_success() {
+            return whole_answer(path, response).await.map(drop);
         }
-        let request = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| CtlError::Other(format!("cannot build request for {path}: {e}")))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| CtlError::Other(format!("request {path} failed: {e}")))?;
-        let status = response.status();
         let mut body = response.into_body();
-        if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| CtlError::Other(format!("reading the answer to {path} failed: {e}")))?
-                .to_bytes();
-            return Err(api_error(status, &bytes));
-        }
-        let mut pending = Vec::new();
+        let mut events = SseData::default();
         while let Some(frame) = body.frame().await {
             let frame =
                 frame.map_err(|e| CtlError::Other(format!("the stream from acceld broke: {e}")))?;
-            let Some(data) = frame.data_ref() else {
-                continue;
-            };
-            pending.extend_from_slice(data);
-            // Events end with a blank line; keep any partial event for the next frame.
-            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = pending.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&event);
-                for line in text.lines() {
-                    if let Some(data) = line.strip_prefix("data:") {
-                        on_data(data.trim_start())?;
-                    }
+            if let Some(data) = frame.data_ref() {
+                for event in events.push(data) {
+                    on_data(&event)?;
                 }
             }
         }
@@ -247,8 +211,51 @@ impl Client {
     }
 }
 
+/// Sends one request on a new connection (a Unix socket or TCP stream) and returns the
+/// answer's head, its body still to read.
+pub async fn exchange<IO>(
+    io: IO,
+    request: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake with acceld failed: {e}"))?;
+    tokio::spawn(connection);
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Splits a server-sent event stream into its events' data, across the frames it comes in.
+#[derive(Debug, Default)]
+pub struct SseData {
+    /// An event not yet ended by its blank line.
+    pending: Vec<u8>,
+}
+
+impl SseData {
+    /// Adds a frame; returns the `data:` of every event it completed, in order.
+    pub fn push(&mut self, frame: &[u8]) -> Vec<String> {
+        self.pending.extend_from_slice(frame);
+        let mut data = Vec::new();
+        while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            for line in String::from_utf8_lossy(&event).lines() {
+                if let Some(d) = line.strip_prefix("data:") {
+                    data.push(d.trim_start().to_owned());
+                }
+            }
+        }
+        data
+    }
+}
+
 /// Reads a whole answer: its status and body on success, the daemon's error otherwise.
-async fn whole_answer(
+pub async fn whole_answer(
     path: &str,
     response: hyper::Response<hyper::body::Incoming>,
 ) -> Result<(StatusCode, Bytes), CtlError> {

@@ -24,7 +24,7 @@ use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::client::{Client, CtlError};
+use crate::client::{exchange, whole_answer, Client, CtlError, SseData};
 use crate::output;
 
 /// Most requests one run may send (the workload is drawn up front).
@@ -568,19 +568,7 @@ async fn first_model(
     header: Option<(&'static str, String)>,
 ) -> Result<String, CtlError> {
     let response = send(target, Method::GET, "/v1/models", None, header).await?;
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| CtlError::Other(format!("reading /v1/models failed: {e}")))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(CtlError::Other(format!(
-            "/v1/models answered {status}: {}",
-            String::from_utf8_lossy(&bytes)
-        )));
-    }
+    let (_, bytes) = whole_answer("/v1/models", response).await?;
     let models: Value =
         serde_json::from_slice(&bytes).map_err(|e| CtlError::Other(format!("/v1/models: {e}")))?;
     models["data"][0]["id"]
@@ -615,33 +603,20 @@ async fn send(
             let stream = tokio::net::UnixStream::connect(socket)
                 .await
                 .map_err(|e| failed(format!("connect {}: {e}", socket.display())))?;
-            exchange(TokioIo::new(stream), request).await
+            exchange(TokioIo::new(stream), request)
+                .await
+                .map_err(failed)
         }
         Target::Tcp(address) => {
             let stream = tokio::net::TcpStream::connect(address)
                 .await
                 .map_err(|e| failed(format!("connect {address}: {e}")))?;
             let _ = stream.set_nodelay(true);
-            exchange(TokioIo::new(stream), request).await
+            exchange(TokioIo::new(stream), request)
+                .await
+                .map_err(failed)
         }
     }
-}
-
-async fn exchange<IO>(
-    io: IO,
-    request: Request<Full<Bytes>>,
-) -> Result<hyper::Response<hyper::body::Incoming>, CtlError>
-where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| CtlError::Other(format!("HTTP handshake failed: {e}")))?;
-    tokio::spawn(connection);
-    sender
-        .send_request(request)
-        .await
-        .map_err(|e| CtlError::Other(format!("request failed: {e}")))
 }
 
 /// Sends one streamed request and times its tokens.
@@ -683,7 +658,7 @@ async fn one(
         sample.error = Some(format!("{} {code}", status.as_u16()));
         return sample;
     }
-    let mut pending = Vec::new();
+    let mut events = SseData::default();
     let mut last: Option<Instant> = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -693,41 +668,33 @@ async fn one(
         let Some(data) = frame.data_ref() else {
             continue;
         };
-        pending.extend_from_slice(data);
-        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&event);
-            for line in text.lines() {
-                let Some(data) = line.strip_prefix("data:").map(str::trim_start) else {
-                    continue;
-                };
-                if data == "[DONE]" {
-                    sample.ok = sample.error.is_none();
-                    continue;
+        for data in events.push(data) {
+            if data == "[DONE]" {
+                sample.ok = sample.error.is_none();
+                continue;
+            }
+            let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+                continue;
+            };
+            if let Some(code) = chunk["error"]["code"].as_str() {
+                sample.error = Some(format!("stream error {code}"));
+                continue;
+            }
+            if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+                sample.completion_tokens = n;
+            }
+            // A chunk with a choice is a token (its text may be empty mid-character).
+            let has_token = chunk["choices"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty() && c[0]["finish_reason"].is_null());
+            if has_token {
+                streamed.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                match last {
+                    None => sample.ttft = Some((now - started).as_secs_f64()),
+                    Some(prev) => sample.gaps.push((now - prev).as_secs_f64()),
                 }
-                let Ok(chunk) = serde_json::from_str::<Value>(data) else {
-                    continue;
-                };
-                if let Some(code) = chunk["error"]["code"].as_str() {
-                    sample.error = Some(format!("stream error {code}"));
-                    continue;
-                }
-                if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
-                    sample.completion_tokens = n;
-                }
-                // A chunk with a choice is a token (its text may be empty mid-character).
-                let has_token = chunk["choices"]
-                    .as_array()
-                    .is_some_and(|c| !c.is_empty() && c[0]["finish_reason"].is_null());
-                if has_token {
-                    streamed.fetch_add(1, Ordering::Relaxed);
-                    let now = Instant::now();
-                    match last {
-                        None => sample.ttft = Some((now - started).as_secs_f64()),
-                        Some(prev) => sample.gaps.push((now - prev).as_secs_f64()),
-                    }
-                    last = Some(now);
-                }
+                last = Some(now);
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use accel_runtime::jobs::{JobView, Status};
+use accel_runtime::jobs::JobView;
 use clap::Subcommand;
 use hyper::Method;
 
@@ -48,16 +48,6 @@ struct JobList {
     data: Vec<JobView>,
 }
 
-pub fn status_name(status: Status) -> &'static str {
-    match status {
-        Status::InProgress => "in_progress",
-        Status::Cancelling => "cancelling",
-        Status::Completed => "completed",
-        Status::Cancelled => "cancelled",
-        Status::Failed => "failed",
-    }
-}
-
 fn progress(job: &JobView) -> String {
     let c = &job.request_counts;
     format!("{}/{}", c.completed + c.failed, c.total)
@@ -68,7 +58,7 @@ fn show(job: &JobView) -> String {
     let mut pairs = vec![
         ("id", job.id.clone()),
         ("tenant", job.tenant.clone()),
-        ("status", status_name(job.status).to_owned()),
+        ("status", job.status.as_str().to_owned()),
         ("answered", progress(job)),
         ("completed", job.request_counts.completed.to_string()),
         ("failed", job.request_counts.failed.to_string()),
@@ -130,7 +120,7 @@ pub async fn run(client: &Client, command: &JobsCommand, json: bool) -> Result<(
                     vec![
                         j.id.clone(),
                         j.tenant.clone(),
-                        status_name(j.status).to_owned(),
+                        j.status.as_str().to_owned(),
                         progress(j),
                         j.request_counts.failed.to_string(),
                         j.created_at.to_string(),
@@ -164,7 +154,7 @@ pub async fn run(client: &Client, command: &JobsCommand, json: bool) -> Result<(
             } else {
                 let job: JobView = serde_json::from_value(raw)
                     .map_err(|e| CtlError::Other(format!("unexpected answer: {e}")))?;
-                println!("{} {}", job.id, status_name(job.status));
+                println!("{} {}", job.id, job.status.as_str());
             }
         }
         JobsCommand::Output { id, errors } => {
@@ -188,7 +178,7 @@ async fn wait_for(client: &Client, id: &str, live: bool) -> Result<JobView, CtlE
             let _ = write!(
                 err,
                 "\r{id}: {} {} answered, {} failed   ",
-                status_name(job.status),
+                job.status.as_str(),
                 progress(&job),
                 job.request_counts.failed
             );

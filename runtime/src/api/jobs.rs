@@ -40,15 +40,6 @@ pub struct JobList {
 #[derive(Debug, Clone)]
 pub(super) struct UploadPermit(#[allow(dead_code)] pub Arc<tokio::sync::OwnedSemaphorePermit>);
 
-/// Whether the caller may see `job`.
-fn may_see(auth: &Authenticated, job: &Job) -> bool {
-    match (&auth.identity.role, &auth.identity.tenant) {
-        (Role::Operator, None) => true,
-        (_, Some(own)) => *own == job.meta.tenant,
-        (Role::Tenant, None) => false,
-    }
-}
-
 fn jobs_enabled(state: &DaemonState) -> Result<(), ApiError> {
     if state.jobs.enabled() {
         Ok(())
@@ -67,7 +58,7 @@ fn visible_job(state: &DaemonState, auth: &Authenticated, id: &str) -> Result<Ar
     jobs::is_job_id(id)
         .then(|| state.jobs.get(id))
         .flatten()
-        .filter(|job| may_see(auth, job))
+        .filter(|job| auth.may_see_tenant(&job.meta.tenant))
         .ok_or_else(|| {
             ApiError::not_found(format!(
                 "no job {:?} is visible to you; see `accelctl jobs list`",
@@ -172,7 +163,7 @@ pub(super) async fn list(
         .jobs
         .all()
         .into_iter()
-        .filter(|job| may_see(&auth, job))
+        .filter(|job| auth.may_see_tenant(&job.meta.tenant))
         .map(|job| job.view())
         .collect();
     Ok(Json(JobList {
@@ -202,10 +193,7 @@ pub(super) async fn cancel(
             "job_finished",
             format!(
                 "job {id} is already {}; there is nothing to cancel",
-                serde_json::to_value(status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
+                status.as_str()
             ),
         ));
     }

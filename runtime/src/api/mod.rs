@@ -93,6 +93,19 @@ pub struct Authenticated {
     pub batch: bool,
 }
 
+impl Authenticated {
+    /// Whether the caller may see what belongs to `tenant` (the tenant, its jobs, its
+    /// requests): operators anything; a tenant, or an operator acting for one, only that
+    /// tenant's. What it may not see is answered as if it did not exist.
+    pub fn may_see_tenant(&self, tenant: &str) -> bool {
+        match (&self.identity.role, &self.identity.tenant) {
+            (Role::Operator, None) => true,
+            (_, Some(own)) => own == tenant,
+            (Role::Tenant, None) => false,
+        }
+    }
+}
+
 /// Which listener a router serves; decides how callers are identified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerKind {

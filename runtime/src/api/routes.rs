@@ -123,11 +123,7 @@ pub(super) async fn tenants(Extension(auth): Extension<Authenticated>) -> Json<T
         .policy
         .tenants
         .iter()
-        .filter(|t| match (&auth.identity.role, &auth.identity.tenant) {
-            (Role::Operator, None) => true,
-            (_, Some(own)) => *own == t.name,
-            (Role::Tenant, None) => false,
-        })
+        .filter(|t| auth.may_see_tenant(&t.name))
         .cloned()
         .collect();
     Json(TenantList { tenants: visible })
@@ -139,11 +135,7 @@ pub(super) async fn tenant(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let policy = &auth.policy;
-    let may_see = match (&auth.identity.role, &auth.identity.tenant) {
-        (Role::Operator, None) => true,
-        (_, Some(own)) => *own == name,
-        (Role::Tenant, None) => false,
-    };
+    let may_see = auth.may_see_tenant(&name);
     // A tenant asking about another gets the same answer as for a tenant that does not exist,
     // so tenant names do not leak.
     match policy.tenant(&name).filter(|_| may_see) {
@@ -284,23 +276,13 @@ fn set_drained(
     }))
 }
 
-/// Whether the caller may see (and cancel) a request of `tenant`: operators any; a tenant,
-/// or an operator acting for one, that tenant's.
-fn may_see_tenant(auth: &Authenticated, tenant: &str) -> bool {
-    match (&auth.identity.role, &auth.identity.tenant) {
-        (Role::Operator, None) => true,
-        (_, Some(own)) => own == tenant,
-        (Role::Tenant, None) => false,
-    }
-}
-
 /// `GET /v1/requests`: generation requests in flight, oldest first.
 pub(super) async fn requests(
     State(state): Shared,
     Extension(auth): Extension<Authenticated>,
 ) -> Json<RequestList> {
     let mut data = state.requests.list();
-    data.retain(|r| may_see_tenant(&auth, &r.tenant));
+    data.retain(|r| auth.may_see_tenant(&r.tenant));
     Json(RequestList { data })
 }
 
@@ -314,7 +296,7 @@ pub(super) async fn cancel_request(
     let visible = state
         .requests
         .tenant_of(&id)
-        .is_some_and(|tenant| may_see_tenant(&auth, &tenant));
+        .is_some_and(|tenant| auth.may_see_tenant(&tenant));
     if !visible || !state.requests.cancel(&id) {
         return Err(ApiError::not_found(format!(
             "no request {:?} is in flight for you; see `accelctl requests`",

@@ -10,7 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// First bytes of every journal; the digit is the format's version.
 const MAGIC: &[u8; 8] = b"ACCELJ1\n";
@@ -32,7 +32,6 @@ pub struct Repair {
 #[derive(Debug)]
 pub struct Journal {
     file: File,
-    path: PathBuf,
     len: u64,
 }
 
@@ -49,7 +48,6 @@ impl Journal {
         file.sync_all()?;
         Ok(Self {
             file,
-            path: path.to_owned(),
             len: MAGIC.len() as u64,
         })
     }
@@ -111,11 +109,7 @@ impl Journal {
             }
         }
         drop(reader);
-        let mut journal = Self {
-            file,
-            path: path.to_owned(),
-            len: valid,
-        };
+        let mut journal = Self { file, len: valid };
         let repair = torn.map(|(reason, dropped)| Repair {
             valid_bytes: valid.max(header),
             dropped_bytes: dropped,
@@ -166,16 +160,8 @@ impl Journal {
     }
 
     /// Bytes in the journal, header included.
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len <= MAGIC.len() as u64
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -212,7 +198,7 @@ mod tests {
         let mut j = Journal::create(&path).unwrap();
         j.append(b"first").unwrap();
         j.append(b"second record").unwrap();
-        let whole = j.len();
+        let whole = j.bytes();
         let first_end = (MAGIC.len() + FRAME_BYTES + 5) as u64;
         drop(j);
         let bytes = std::fs::read(&path).unwrap();

@@ -58,6 +58,17 @@ pub enum Status {
 }
 
 impl Status {
+    /// Its name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::InProgress => "in_progress",
+            Status::Cancelling => "cancelling",
+            Status::Completed => "completed",
+            Status::Cancelled => "cancelled",
+            Status::Failed => "failed",
+        }
+    }
+
     pub fn is_finished(self) -> bool {
         matches!(self, Status::Completed | Status::Cancelled | Status::Failed)
     }
@@ -885,33 +896,6 @@ fn load_job(dir: &Path, id: &str) -> io::Result<Job> {
             format!("job.json names job {:?}", meta.id),
         ));
     }
-    let input = File::open(dir.join("input.jsonl"))?;
-    let mut index = LineIndex::new(meta.lines as usize);
-    {
-        let mut reader = io::BufReader::with_capacity(1 << 16, &input);
-        loop {
-            let buf = io::BufRead::fill_buf(&mut reader)?;
-            if buf.is_empty() {
-                break;
-            }
-            let n = buf.len();
-            index.feed(buf);
-            io::BufRead::consume(&mut reader, n);
-        }
-    }
-    let lines = index
-        .finish()
-        .ok()
-        .filter(|l| l.len() == meta.lines as usize)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "input.jsonl does not hold the {} lines job.json says",
-                    meta.lines
-                ),
-            )
-        })?;
     let journal_path = dir.join("journal");
     let mut progress = Progress::new(meta.lines);
     let mut unreadable = 0usize;
@@ -939,6 +923,14 @@ fn load_job(dir: &Path, id: &str) -> io::Result<Job> {
             progress.degraded = true;
         }
     }
+    let input = File::open(dir.join("input.jsonl"))?;
+    // Only a job with lines still to answer needs to find them: a finished one's input is
+    // not read at start.
+    let lines = if progress.status.is_finished() {
+        Vec::new()
+    } else {
+        index_input(&input, meta.lines)?
+    };
     progress.output_file_bytes = progress.output_bytes;
     progress.error_file_bytes = progress.error_bytes;
     Ok(Job {
@@ -954,6 +946,31 @@ fn load_job(dir: &Path, id: &str) -> io::Result<Job> {
         progress: Mutex::new(progress),
         cancel: tokio::sync::watch::channel(false).0,
     })
+}
+
+/// The byte ranges of a stored input's `expected` request lines, read in pieces.
+fn index_input(input: &File, expected: u32) -> io::Result<Vec<(u64, u64)>> {
+    let mut index = LineIndex::new(expected as usize);
+    let mut reader = io::BufReader::with_capacity(1 << 16, input);
+    loop {
+        let buf = io::BufRead::fill_buf(&mut reader)?;
+        if buf.is_empty() {
+            break;
+        }
+        let n = buf.len();
+        index.feed(buf);
+        io::BufRead::consume(&mut reader, n);
+    }
+    index
+        .finish()
+        .ok()
+        .filter(|l| l.len() == expected as usize)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("input.jsonl does not hold the {expected} lines job.json says"),
+            )
+        })
 }
 
 /// Rewrites `output.jsonl` and `errors.jsonl` from the journal's answers, in its order.

@@ -306,3 +306,38 @@ fn an_output_write_that_fails_leaves_the_served_length_at_whole_lines() {
     let text = std::fs::read_to_string(job.dir.join("output.jsonl")).unwrap();
     assert_eq!(text.lines().count(), 2);
 }
+
+#[test]
+fn status_names_are_the_apis() {
+    for status in [
+        Status::InProgress,
+        Status::Cancelling,
+        Status::Completed,
+        Status::Cancelled,
+        Status::Failed,
+    ] {
+        assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+    }
+}
+
+#[test]
+fn only_unfinished_jobs_read_their_input_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = Jobs::open(dir.path(), config()).unwrap();
+    let done = jobs.submit("alpha", "uid 0", None, &file(&["a"])).unwrap();
+    answer(&done, 0, false);
+    done.finish(Status::Completed, None).unwrap();
+    let open = jobs.submit("alpha", "uid 0", None, &file(&["a"])).unwrap();
+    let (done_id, open_id) = (done.meta.id.clone(), open.meta.id.clone());
+    drop((done, open, jobs));
+    // Both inputs lose their line: only the job that still needs it notices.
+    for id in [&done_id, &open_id] {
+        std::fs::write(dir.path().join(id).join("input.jsonl"), b"").unwrap();
+    }
+    let jobs = Jobs::open(dir.path(), config()).unwrap();
+    assert_eq!(jobs.get(&done_id).unwrap().status(), Status::Completed);
+    assert!(
+        jobs.get(&open_id).is_none(),
+        "an unfinished job with a broken input is not served"
+    );
+}

@@ -708,19 +708,20 @@ impl<E: EngineOps> Arbiter<E> {
         };
         let tokenizer = Arc::clone(&slot.tokenizer);
         let model_name = slot.name.clone();
-        // The grammar masks of the sequences about to sample, side by side on the pool's
-        // threads (the step that used them is over): one tenant's many guided sequences do
-        // not add up on this device's thread.
-        // Only guided sequences about to sample; unguided steps pay one look-up per sequence.
-        let guided: HashSet<SeqKey> = keys
-            .iter()
-            .filter(|(key, take)| {
-                self.active
-                    .get(key)
-                    .is_some_and(|a| a.pending.len() == *take && a.job.request.guide.is_some())
-            })
-            .map(|(key, _)| *key)
-            .collect();
+        // The sequences about to sample this step, by whether a grammar constrains them: one
+        // look-up per sequence in the step.
+        let (mut guided, mut free) = (HashSet::new(), HashSet::new());
+        for (key, take) in &keys {
+            if let Some(a) = self.active.get(key).filter(|a| a.pending.len() == *take) {
+                if a.job.request.guide.is_some() {
+                    guided.insert(*key);
+                } else {
+                    free.insert(*key);
+                }
+            }
+        }
+        // Their grammar masks side by side on the pool's threads (the step that used them is
+        // over): one tenant's many guided sequences do not add up on this device's thread.
         if guided.len() > 1 {
             use rayon::prelude::*;
             let mut guides: Vec<&mut crate::guide::Guide> = self
@@ -739,15 +740,6 @@ impl<E: EngineOps> Arbiter<E> {
         // noticeable part of a big batch's step. Each sequence has its own generator, so the
         // order does not change any output.
         let mut presampled: HashMap<SeqKey, crate::engine::sampling::Sampled> = HashMap::new();
-        let free: HashSet<SeqKey> = keys
-            .iter()
-            .filter(|(key, take)| {
-                self.active
-                    .get(key)
-                    .is_some_and(|a| a.pending.len() == *take && a.job.request.guide.is_none())
-            })
-            .map(|(key, _)| *key)
-            .collect();
         if free.len() > 1 {
             use rayon::prelude::*;
             let logits_of: HashMap<SeqKey, &[f32]> = keys

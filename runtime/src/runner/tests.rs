@@ -561,3 +561,21 @@ fn a_guided_request_follows_its_grammar_and_ignore_eos_still_holds() {
     let tokens = drain(&mut arbiter, &mut [submit(&jobs, held)]).remove(0);
     assert_eq!(tokens, vec![u32::from(b'a'); 12]);
 }
+
+#[test]
+fn a_tenants_job_lines_queue_apart_from_its_interactive_requests() {
+    let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+    let gate = Arc::clone(&arbiter.gate);
+    let interactive = request("alpha", vec![5; 4], 4, SamplingParams::greedy());
+    let mut batch = interactive.clone();
+    batch.limits.class = crate::policy::PriorityClass::Batch;
+    // A queue of one place each: the job's line fills its own, not the interactive one.
+    gate.enter(&arbiter::queue_key(&batch), 1).unwrap();
+    assert!(gate.enter(&arbiter::queue_key(&batch), 1).is_err());
+    assert_eq!(gate.enter(&arbiter::queue_key(&interactive), 1), Ok(()));
+    gate.leave(&arbiter::queue_key(&interactive));
+    // The device loop gives the place back under the same key once the line is admitted.
+    let mut line = [submit(&jobs, batch.clone())];
+    assert_eq!(drain(&mut arbiter, &mut line)[0].len(), 4);
+    assert_eq!(gate.enter(&arbiter::queue_key(&batch), 1), Ok(()));
+}
