@@ -233,6 +233,8 @@ struct ModelState {
     /// swaps in, so swap-outs of the same plan may not use them.
     host_freed_in_plan: usize,
     running: usize,
+    /// Unloaded: nothing is submitted to it, and the next model placed takes its index.
+    retired: bool,
 }
 
 /// What one tenant has on this device now.
@@ -362,16 +364,47 @@ impl Scheduler {
         self
     }
 
-    /// Places a model on this device; returns its index.
+    /// Places a model on this device; returns its index, that of a retired model if there is
+    /// one (so a node that loads and unloads models for ever keeps a bounded table).
     pub fn add_model(&mut self, params: ModelParams) -> usize {
-        self.models.push(ModelState {
+        let state = ModelState {
             params,
             used_blocks: 0,
             used_host_blocks: 0,
             host_freed_in_plan: 0,
             running: 0,
-        });
+            retired: false,
+        };
+        if let Some(i) = self.models.iter().position(|m| m.retired) {
+            self.models[i] = state;
+            return i;
+        }
+        self.models.push(state);
         self.models.len() - 1
+    }
+
+    /// Takes a model off this device. Its sequences must be gone first (the runner ends
+    /// them): a model with any is kept, and the error says how many.
+    pub fn retire_model(&mut self, model: usize) -> Result<(), usize> {
+        let held = self.seqs.values().filter(|s| s.model == model).count();
+        if held > 0 {
+            return Err(held);
+        }
+        if let Some(m) = self.models.get_mut(model) {
+            m.retired = true;
+            m.used_blocks = 0;
+            m.used_host_blocks = 0;
+            m.running = 0;
+        }
+        for t in &mut self.tenants {
+            t.queues.clear_model(model);
+        }
+        Ok(())
+    }
+
+    /// Whether `model` is placed here and not retired.
+    pub fn has_model(&self, model: usize) -> bool {
+        self.models.get(model).is_some_and(|m| !m.retired)
     }
 
     /// Runs at most `n` of a model's sequences at once from the next plan on (at least one);
@@ -476,6 +509,7 @@ impl Scheduler {
         let model = self
             .models
             .get(seq.model)
+            .filter(|m| !m.retired)
             .ok_or(Reject::UnknownModel(seq.model))?;
         check(&model.params, seq)
     }

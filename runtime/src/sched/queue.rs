@@ -113,6 +113,13 @@ impl Queues {
             .unwrap_or(u64::MAX)
     }
 
+    /// Forgets every entry of a retired model (they are all dead by then).
+    pub fn clear_model(&mut self, model: usize) {
+        if let Some(q) = self.per_model.get_mut(model) {
+            *q = ModelQueues::default();
+        }
+    }
+
     /// Every queued key, dead entries included.
     pub fn keys(&self) -> impl Iterator<Item = SeqKey> + '_ {
         self.per_model
