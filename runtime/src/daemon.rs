@@ -97,7 +97,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             .map_err(DaemonError::Isolation)?,
         )),
     };
-    let models = crate::runner::start_models(
+    let (fleet, models) = crate::runner::Fleet::start(
         &config,
         &devices,
         Some(&metrics.sched),
@@ -126,6 +126,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             models,
             devices,
         )
+        .with_fleet(fleet)
         .with_jobs(jobs)
         .with_tokens(crate::tokens::TokenStore::open(
             &config.state_dir.join("tokens.json"),

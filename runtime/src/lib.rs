@@ -13,6 +13,7 @@
 //! - [`gate`]: the eBPF device gate on each worker's cgroup;
 //! - [`requests`]: generation requests in flight, for operators to see and cancel;
 //! - [`tokens`]: bearer tokens created at run time for the TCP listener;
+//! - [`served`]: the models served, and operators' loads and unloads while the daemon runs;
 //! - [`sys`]: every raw host interface (locks, socket files, NSS, peer groups, systemd);
 //! - [`model`]: model files (Hugging Face folders, GGUF) to a validated config and weights;
 //! - [`tokenizer`], [`chat`]: tokenizers for both formats, chat templates;
@@ -42,6 +43,7 @@ pub mod policy;
 pub mod requests;
 pub mod runner;
 pub mod sched;
+pub mod served;
 pub mod state;
 pub mod sys;
 pub mod tokenizer;

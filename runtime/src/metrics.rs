@@ -113,6 +113,17 @@ const INFERENCE_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
+    /// Marks a model served (`accel_models_loaded`).
+    pub fn model_loaded(&self, m: &crate::runner::ModelHandle) {
+        self.models_loaded
+            .with_label_values(&[
+                m.info.name.as_str(),
+                m.info.format.as_str(),
+                m.info.backend.as_str(),
+            ])
+            .set(1);
+    }
+
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
 

@@ -46,8 +46,8 @@ impl std::ops::Deref for PolicySnapshot {
 /// Shared daemon state.
 pub struct DaemonState {
     pub config: DaemonConfig,
-    /// Models served, loaded at start.
-    pub models: Vec<ModelHandle>,
+    /// Models served: those loaded at start, and operators' loads and unloads since.
+    pub served: Arc<crate::served::Served>,
     /// Accelerators found at start.
     pub devices: DeviceReport,
     tenant_in_flight: Mutex<HashMap<String, usize>>,
@@ -85,17 +85,21 @@ fn unix_now() -> u64 {
 }
 
 impl DaemonState {
+    /// The device label a model's memory metrics carry: a GPU's UUID, as the device metrics
+    /// label it, or `cpu`.
+    fn device_label(&self, m: &ModelHandle) -> String {
+        m.info
+            .backend
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .and_then(|n| self.devices.devices.iter().find(|d| d.index == n))
+            .map_or_else(|| m.info.backend.clone(), |d| d.uuid.clone())
+    }
+
     /// Brings the per-model memory gauges up to date (called before each scrape).
     pub fn refresh_model_metrics(&self) {
-        for m in &self.models {
-            // `cuda:N` → the GPU's UUID, as the device metrics label it.
-            let device = m
-                .info
-                .backend
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<u32>().ok())
-                .and_then(|n| self.devices.devices.iter().find(|d| d.index == n))
-                .map_or_else(|| m.info.backend.clone(), |d| d.uuid.clone());
+        for m in self.models().iter() {
+            let device = self.device_label(m);
             self.metrics
                 .model_up
                 .with_label_values(&[m.info.name.as_str()])
@@ -144,6 +148,71 @@ impl DaemonState {
         }
     }
 
+    /// Clears the series of a model taken off, so a scrape shows only what is served.
+    fn forget_model_metrics(&self, m: &ModelHandle) {
+        let name = m.info.name.as_str();
+        let device = self.device_label(m);
+        let metrics = &self.metrics;
+        let _ = metrics.models_loaded.remove_label_values(&[
+            name,
+            m.info.format.as_str(),
+            m.info.backend.as_str(),
+        ]);
+        let _ = metrics.model_up.remove_label_values(&[name]);
+        for tenant in m.kv_by_tenant().keys() {
+            let _ = metrics
+                .kv_cache
+                .remove_label_values(&[device.as_str(), name, tenant.as_str()]);
+        }
+        for (what, _) in m.usage().device_memory().unwrap_or_default() {
+            let _ = metrics
+                .backend_memory
+                .remove_label_values(&[device.as_str(), name, what]);
+        }
+        let w = &metrics.workers;
+        for worker in m.workers() {
+            let group = format!("{}/{}", worker.pool, worker.name);
+            let labels = [name, group.as_str()];
+            for gauge in [
+                &w.up,
+                &w.restarts,
+                &w.memory,
+                &w.memory_peak,
+                &w.oom_kills,
+                &w.device_denials,
+            ] {
+                let _ = gauge.remove_label_values(&labels);
+            }
+            let _ = w.cpu_seconds.remove_label_values(&labels);
+        }
+    }
+
+    /// The models served now (a snapshot: loads and unloads replace the list whole).
+    pub fn models(&self) -> Arc<Vec<ModelHandle>> {
+        self.served.list()
+    }
+
+    /// Starts loading a model at an operator's request; see [`crate::served::Served`].
+    pub fn load_model(
+        &self,
+        spec: crate::config::ModelSpec,
+    ) -> Result<crate::served::LoadStatus, crate::served::ChangeRefused> {
+        self.served
+            .start_load(spec, &self.metrics)
+            .map(|load| load.status())
+    }
+
+    /// Unloads a model at an operator's request; see [`crate::served::Served::unload`].
+    pub async fn unload_model(
+        &self,
+        name: &str,
+        grace: std::time::Duration,
+    ) -> Result<crate::runner::arbiter::Retired, crate::served::ChangeRefused> {
+        self.served
+            .unload(name, grace, |m| self.forget_model_metrics(m))
+            .await
+    }
+
     pub fn new(
         config: DaemonConfig,
         policy: Policy,
@@ -154,14 +223,7 @@ impl DaemonState {
     ) -> Self {
         metrics.set_policy(&policy);
         for m in &models {
-            metrics
-                .models_loaded
-                .with_label_values(&[
-                    m.info.name.as_str(),
-                    m.info.format.as_str(),
-                    m.info.backend.as_str(),
-                ])
-                .set(1);
+            metrics.model_loaded(m);
         }
         for d in &devices.devices {
             let index = d.index.to_string();
@@ -182,7 +244,7 @@ impl DaemonState {
         let config_jobs = config.jobs.clone();
         Self {
             config,
-            models,
+            served: Arc::new(crate::served::Served::new(models, None)),
             devices,
             tenant_in_flight: Mutex::new(HashMap::new()),
             metrics,
@@ -201,6 +263,15 @@ impl DaemonState {
             tokens: crate::tokens::TokenStore::in_memory(),
             requests: crate::requests::Requests::default(),
         }
+    }
+
+    /// Lets operators load and unload models on `fleet`'s device loops.
+    pub fn with_fleet(mut self, fleet: Arc<crate::runner::Fleet>) -> Self {
+        self.served = Arc::new(crate::served::Served::new(
+            self.served.list().to_vec(),
+            Some(fleet),
+        ));
+        self
     }
 
     /// Keeps run-time tokens in `tokens` (a file in the state directory).
@@ -273,7 +344,7 @@ impl DaemonState {
                 } = snapshot.clone();
                 self.metrics.set_policy(&snapshot);
                 // Dedicated workers' cgroups take their tenants' new limits at once.
-                for worker in self.models.iter().flat_map(|m| m.workers()) {
+                for worker in self.models().iter().flat_map(|m| m.workers()) {
                     let Some(tenant) = worker.tenant().and_then(|t| snapshot.tenant(t)) else {
                         continue;
                     };
@@ -298,8 +369,8 @@ impl DaemonState {
     }
 
     /// The served model named `name`.
-    pub fn model(&self, name: &str) -> Option<&ModelHandle> {
-        self.models.iter().find(|m| m.info.name == name)
+    pub fn model(&self, name: &str) -> Option<ModelHandle> {
+        self.served.get(name)
     }
 
     /// Takes one of `tenant`'s request slots, or returns how many it already has in flight.

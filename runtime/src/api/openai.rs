@@ -96,7 +96,7 @@ pub(super) async fn list_models(
         .as_deref()
         .and_then(|t| auth.policy.tenant(t));
     let data = state
-        .models
+        .models()
         .iter()
         .filter(|m| tenant.is_none_or(|t| t.allows_model(&m.info.name)))
         .map(|m| ModelEntry {
@@ -168,8 +168,8 @@ fn admit(
         .model(model)
         .filter(|m| usable(&m.info.name))
         .ok_or_else(|| {
-            let names: Vec<&str> = state
-                .models
+            let models = state.models();
+            let names: Vec<&str> = models
                 .iter()
                 .map(|m| m.info.name.as_str())
                 .filter(|n| usable(n))

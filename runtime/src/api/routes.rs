@@ -24,7 +24,7 @@ type Shared = State<Arc<DaemonState>>;
 
 pub(super) async fn healthz(State(state): Shared) -> Response {
     let models_down: Vec<String> = state
-        .models
+        .models()
         .iter()
         .filter(|m| !m.is_up())
         .map(|m| m.info.name.clone())
@@ -86,11 +86,9 @@ pub(super) async fn status(
         backend: BackendStatus {
             configured: config.backend.to_string(),
             active: {
-                let mut active: Vec<&str> = state
-                    .models
-                    .iter()
-                    .map(|m| m.info.backend.as_str())
-                    .collect();
+                let models = state.models();
+                let mut active: Vec<&str> =
+                    models.iter().map(|m| m.info.backend.as_str()).collect();
                 active.sort_unstable();
                 active.dedup();
                 if active.is_empty() {
@@ -142,7 +140,7 @@ pub(super) async fn tenant(
         Some(t) => {
             // With the workers dedicated to it, if any.
             let workers: Vec<crate::worker::WorkerReport> = state
-                .models
+                .models()
                 .iter()
                 .flat_map(|m| {
                     m.workers()
@@ -409,7 +407,7 @@ pub(super) async fn scheduler(
     };
     let allowed = tenant.as_deref().and_then(|t| auth.policy.tenant(t));
     let mut devices: Vec<crate::runner::DeviceSchedule> = Vec::new();
-    for model in &state.models {
+    for model in state.models().iter() {
         let mut schedule = model.schedule();
         if devices.iter().any(|d| d.device == schedule.device) {
             continue;
@@ -434,7 +432,7 @@ pub(super) async fn workers(
         return Err(ApiError::operators_only("/v1/workers"));
     }
     let workers = state
-        .models
+        .models()
         .iter()
         .flat_map(|m| m.workers().iter().map(|w| w.report(&m.info.name)))
         .collect();

@@ -100,6 +100,94 @@ pub(crate) struct Slot<E: EngineOps> {
     pub params: ModelParams,
 }
 
+/// The models placed on the device, by their index in its scheduler. An unloaded model's place
+/// stays empty until the next model placed takes it, so the indices requests carry stay valid.
+pub(crate) struct Slots<E: EngineOps>(Vec<Option<Slot<E>>>);
+
+impl<E: EngineOps> Slots<E> {
+    pub fn get(&self, m: usize) -> Option<&Slot<E>> {
+        self.0.get(m).and_then(Option::as_ref)
+    }
+
+    /// The models placed now, with their indices.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &Slot<E>)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(m, s)| s.as_ref().map(|s| (m, s)))
+    }
+
+    /// Indices of the models placed now.
+    fn placed(&self) -> Vec<usize> {
+        self.iter().map(|(m, _)| m).collect()
+    }
+
+    fn put(&mut self, m: usize, slot: Slot<E>) {
+        if self.0.len() <= m {
+            self.0.resize_with(m + 1, || None);
+        }
+        self.0[m] = Some(slot);
+    }
+
+    fn take(&mut self, m: usize) -> Option<Slot<E>> {
+        self.0.get_mut(m).and_then(Option::take)
+    }
+}
+
+/// Only the loop's own bookkeeping indexes: every request it holds is for a placed model (it
+/// refuses others at the door and ends a model's requests before taking the model off), so a
+/// miss is a bug, caught like any panic in a step.
+impl<E: EngineOps> std::ops::Index<usize> for Slots<E> {
+    type Output = Slot<E>;
+    fn index(&self, m: usize) -> &Slot<E> {
+        self.get(m)
+            .unwrap_or_else(|| panic!("model {m} is not placed on this device"))
+    }
+}
+
+impl<E: EngineOps> std::ops::IndexMut<usize> for Slots<E> {
+    fn index_mut(&mut self, m: usize) -> &mut Slot<E> {
+        self.0
+            .get_mut(m)
+            .and_then(Option::as_mut)
+            .unwrap_or_else(|| panic!("model {m} is not placed on this device"))
+    }
+}
+
+/// An operator's change to the models on a running device.
+pub(crate) enum Control<E: EngineOps> {
+    /// Places models: one served model's engine, then its dedicated tenants' engines. The
+    /// reply carries their indices, in that order.
+    Place {
+        slots: Vec<Slot<E>>,
+        reply: std::sync::mpsc::SyncSender<Vec<usize>>,
+    },
+    /// Takes models off: new requests for them are refused at once, those in flight may
+    /// finish for `grace` and then fail. The reply comes once their engines are gone.
+    Retire {
+        models: Vec<usize>,
+        grace: Duration,
+        reply: std::sync::mpsc::SyncSender<Retired>,
+    },
+}
+
+/// What became of the requests of models taken off a device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Retired {
+    /// In flight when the unload began, and ended on their own (done, or their client left).
+    pub finished: usize,
+    /// Still running when the grace period ran out: they failed, saying why.
+    pub cancelled: usize,
+}
+
+/// Models being taken off, waiting for their requests.
+struct Retiring {
+    models: Vec<usize>,
+    deadline: Instant,
+    in_flight: usize,
+    reply: std::sync::mpsc::SyncSender<Retired>,
+}
+
 /// Measures whether moving a sequence's blocks to the swap space and back costs less than
 /// prefilling it again, on this engine; returns the scheduler's `swap_min_tokens`.
 pub(crate) fn preemption_crossover<B: Backend>(
@@ -220,8 +308,11 @@ impl Active {
 pub(crate) struct Arbiter<E: EngineOps> {
     pub device: String,
     pub sched: Scheduler,
-    pub models: Vec<Slot<E>>,
+    pub models: Slots<E>,
     pub inbox: crossbeam_channel::Receiver<Submission>,
+    /// Models placed and taken off while the device runs.
+    control: crossbeam_channel::Receiver<Control<E>>,
+    retiring: Vec<Retiring>,
     pub gate: Arc<Gate>,
     pub metrics: Option<SchedMetrics>,
     active: HashMap<SeqKey, Active>,
@@ -237,7 +328,7 @@ pub(crate) struct Arbiter<E: EngineOps> {
     one_at_a_time: HashMap<usize, HashSet<SeqKey>>,
 }
 
-impl<E: EngineOps> Arbiter<E> {
+impl<E: EngineOps + 'static> Arbiter<E> {
     pub fn new(
         device: String,
         sched: Scheduler,
@@ -249,8 +340,10 @@ impl<E: EngineOps> Arbiter<E> {
         Self {
             device,
             sched,
-            models,
+            models: Slots(models.into_iter().map(Some).collect()),
             inbox,
+            control: crossbeam_channel::never(),
+            retiring: Vec::new(),
             gate,
             metrics,
             active: HashMap::new(),
@@ -269,6 +362,12 @@ impl<E: EngineOps> Arbiter<E> {
         self
     }
 
+    /// Takes models to place and to take off from `control`.
+    pub fn with_control(mut self, control: crossbeam_channel::Receiver<Control<E>>) -> Self {
+        self.control = control;
+        self
+    }
+
     /// Publishes the per-tenant report into `schedule` for the API.
     pub fn with_schedule(mut self, schedule: Arc<Mutex<DeviceSchedule>>) -> Self {
         self.schedule = Some(schedule);
@@ -281,12 +380,8 @@ impl<E: EngineOps> Arbiter<E> {
 
     pub fn run(mut self) {
         loop {
-            if self.sched.is_empty() {
-                match self.inbox.recv() {
-                    Ok(job) => self.accept(job),
-                    // Every handle is gone: the daemon is shutting down.
-                    Err(_) => return,
-                }
+            if self.sched.is_empty() && self.retiring.is_empty() && !self.wait(None) {
+                return;
             }
             // A panic in a step (a model file's tokenizer, a kernel's shape check) fails the
             // requests of that step's device and the loop keeps serving.
@@ -306,31 +401,185 @@ impl<E: EngineOps> Arbiter<E> {
                     true
                 }
             };
-            if !ran {
-                // Nothing could run (a rate limit): wait for a new request or a refill.
-                match self.inbox.recv_timeout(Duration::from_millis(50)) {
-                    Ok(job) => self.accept(job),
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                        if self.sched.is_empty() {
-                            return;
-                        }
-                        // No handle is left to wake us: wait out the refill.
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
+            // Nothing could run (a rate limit): wait for a new request, a change of models or
+            // a refill.
+            if !ran && !self.wait(Some(Duration::from_millis(50))) {
+                return;
             }
         }
     }
 
+    /// Waits for a request or a change of models (at most `timeout`) and takes it in; false
+    /// when nothing can come any more and nothing is left to do.
+    fn wait(&mut self, timeout: Option<Duration>) -> bool {
+        // Receivers are shared handles: clones, so taking a message in may borrow the loop.
+        let (inbox, control) = (self.inbox.clone(), self.control.clone());
+        let timer = timeout.map_or_else(crossbeam_channel::never, crossbeam_channel::after);
+        crossbeam_channel::select! {
+            recv(inbox) -> job => match job {
+                Ok(job) => self.accept(job),
+                // Every handle is gone: the daemon is shutting down.
+                Err(_) if self.sched.is_empty() => return false,
+                // No handle is left to wake us: wait out the refill.
+                Err(_) => std::thread::sleep(timeout.unwrap_or(Duration::from_millis(50))),
+            },
+            recv(control) -> message => match message {
+                Ok(message) => self.control(message),
+                // Nobody can change the models any more; requests still come.
+                Err(_) => self.control = crossbeam_channel::never(),
+            },
+            recv(timer) -> _ => {}
+        }
+        true
+    }
+
+    /// Places models or starts taking them off.
+    fn control(&mut self, message: Control<E>) {
+        match message {
+            Control::Place { slots, reply } => {
+                let mut placed = Vec::with_capacity(slots.len());
+                for slot in slots {
+                    let index = self.sched.add_model(slot.params.clone());
+                    tracing::debug!(device = %self.device, model = %slot.name, index, "model placed");
+                    self.models.put(index, slot);
+                    placed.push(index);
+                }
+                self.publish_models();
+                if reply.send(placed.clone()).is_err() {
+                    // Whoever placed them is gone: nobody can reach them, so they go again.
+                    let (reply, _) = std::sync::mpsc::sync_channel(1);
+                    self.control(Control::Retire {
+                        models: placed,
+                        grace: Duration::ZERO,
+                        reply,
+                    });
+                }
+            }
+            Control::Retire {
+                models,
+                grace,
+                reply,
+            } => {
+                let models: Vec<usize> = models
+                    .into_iter()
+                    .filter(|&m| self.models.get(m).is_some())
+                    .collect();
+                let in_flight = self
+                    .active
+                    .values()
+                    .filter(|a| models.contains(&a.job.model))
+                    .count();
+                self.retiring.push(Retiring {
+                    models,
+                    deadline: Instant::now() + grace,
+                    in_flight,
+                    reply,
+                });
+                self.settle_retiring();
+            }
+        }
+    }
+
+    /// Whether `model` is being taken off.
+    fn is_retiring(&self, model: usize) -> bool {
+        self.retiring.iter().any(|r| r.models.contains(&model))
+    }
+
+    /// Takes off the models whose requests are all done, ending those past their grace first.
+    fn settle_retiring(&mut self) {
+        let mut i = 0;
+        while i < self.retiring.len() {
+            let r = &self.retiring[i];
+            let left: Vec<SeqKey> = self
+                .active
+                .iter()
+                .filter(|(_, a)| r.models.contains(&a.job.model))
+                .map(|(&k, _)| k)
+                .collect();
+            if !left.is_empty() && Instant::now() < r.deadline {
+                i += 1;
+                continue;
+            }
+            let r = self.retiring.swap_remove(i);
+            for &key in &left {
+                let model = self.active.get(&key).map_or_else(String::new, |a| {
+                    self.models
+                        .get(a.job.model)
+                        .map_or_else(String::new, |s| s.name.clone())
+                });
+                self.fail(
+                    key,
+                    format!("an operator unloaded model {model:?} while this request ran; it is no longer served here"),
+                    Failure::Server,
+                );
+            }
+            let mut gone = Vec::new();
+            for &m in &r.models {
+                // A sequence no request owns (left by a panic) must not keep the model.
+                for key in self.sched.keys() {
+                    if !self.active.contains_key(&key) {
+                        self.sched.remove(key);
+                    }
+                }
+                if let Err(held) = self.sched.retire_model(m) {
+                    tracing::error!(device = %self.device, model = m, held, "a model being taken off still has sequences; they are dropped");
+                }
+                self.one_at_a_time.remove(&m);
+                if let Some(slot) = self.models.take(m) {
+                    tracing::info!(device = %self.device, model = %slot.name, "model taken off the device");
+                    gone.push(slot);
+                }
+            }
+            self.publish_models();
+            let retired = Retired {
+                finished: r.in_flight.saturating_sub(left.len()),
+                cancelled: left.len(),
+            };
+            // An engine in a worker takes a moment to stop: not on this thread, whose other
+            // models keep stepping. The reply waits for it, so memory is free when it comes.
+            let reply = r.reply;
+            let dropped = std::thread::Builder::new()
+                .name("model-unload".into())
+                .spawn(move || {
+                    drop(gone);
+                    let _ = reply.send(retired);
+                });
+            if let Err(e) = dropped {
+                tracing::warn!(error = %e, "cannot stop the unloaded model's engine off the device's thread");
+            }
+        }
+    }
+
+    /// The names of the models placed, for the device's report.
+    fn publish_models(&self) {
+        let Some(schedule) = &self.schedule else {
+            return;
+        };
+        let mut names: Vec<String> = Vec::new();
+        for (_, slot) in self.models.iter() {
+            // A dedicated tenant's engine has its model's name: listed once.
+            if !names.contains(&slot.name) {
+                names.push(slot.name.clone());
+            }
+        }
+        schedule
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .models = names;
+    }
+
     /// One iteration; false when the plan ran nothing.
     pub fn turn(&mut self) -> bool {
+        while let Ok(message) = self.control.try_recv() {
+            self.control(message);
+        }
         while let Ok(job) = self.inbox.try_recv() {
             self.accept(job);
         }
         self.drop_cancelled();
+        self.settle_retiring();
         // A worker lost between steps (killed while idle, or noticed by a cleanup call).
-        for m in 0..self.models.len() {
+        for m in self.models.placed() {
             if let Some(loss) = self.models[m].engine.take_loss() {
                 self.requeue_lost(m, loss);
             }
@@ -439,6 +688,17 @@ impl<E: EngineOps> Arbiter<E> {
 
     fn accept_as(&mut self, key: SeqKey, job: Submission) {
         let request = &job.request;
+        // A handle taken before its model was unloaded can still submit: refused, retryable
+        // (a retry finds the model gone, or loaded again).
+        if self.models.get(job.model).is_none() || self.is_retiring(job.model) {
+            self.gate.leave(&queue_key(request));
+            let _ = job.events.send(Event::Error {
+                message: "the model is being unloaded by an operator; it is no longer served here"
+                    .into(),
+                cause: Failure::Server,
+            });
+            return;
+        }
         let submitted = self.sched.submit(
             NewSeq {
                 key,
@@ -654,7 +914,7 @@ impl<E: EngineOps> Arbiter<E> {
                 }
             }
         }
-        for m in 0..self.models.len() {
+        for m in self.models.placed() {
             let batch: Vec<(SeqKey, usize)> = run
                 .iter()
                 .copied()
@@ -907,7 +1167,7 @@ impl<E: EngineOps> Arbiter<E> {
 
     /// Publishes KV usage per tenant and model, and the scheduler's per-tenant state.
     fn publish(&mut self, now: f64, report: bool) {
-        for (m, slot) in self.models.iter().enumerate() {
+        for (m, slot) in self.models.iter() {
             let block_bytes = slot.engine.kv_block_bytes() as u64;
             let mut by_tenant: HashMap<String, u64> = HashMap::new();
             for a in self.active.values().filter(|a| a.job.model == m) {

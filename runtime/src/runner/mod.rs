@@ -9,8 +9,9 @@
 
 pub mod arbiter;
 pub mod detok;
+pub mod fleet;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,18 +23,17 @@ use crate::backend::cuda::memory::Ledger;
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
 use crate::chat::ChatTemplate;
-use crate::config::{
-    BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME,
-};
+use crate::config::{BackendChoice, DaemonConfig, ModelSpec};
 use crate::engine::ops::EngineOps;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::Engine;
 use crate::metrics::SchedMetrics;
 use crate::model::LoadedModel;
-use crate::sched::{Buckets, ModelParams, NewSeq, Pricing, Reject, Scheduler, TenantParams};
+use crate::sched::{ModelParams, NewSeq, Reject, TenantParams};
 use crate::tokenizer::Tokenizer;
 
-use self::arbiter::{Arbiter, Gate, Slot, Submission};
+use self::arbiter::{Gate, Slot, Submission};
+pub use self::fleet::{Fleet, LoadProgress};
 
 /// What clients can know about a served model.
 #[derive(Debug, Clone, Serialize)]
@@ -254,6 +254,10 @@ pub enum StartError {
     Worker(String),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error("{0}")]
+    Placement(String),
 }
 
 /// Where a model runs, resolved from the config and the GPUs found.
@@ -622,41 +626,23 @@ fn finish_prepare(
 /// A model ready to serve, its engine in this process or in a worker.
 type PreparedModel = Prepared<Box<dyn EngineOps>>;
 
-/// Models grouped by the device they run on, in the order they were configured.
-#[derive(Default)]
-struct Devices {
-    cpu: Vec<(usize, PreparedModel)>,
-    cuda: BTreeMap<usize, Vec<(usize, PreparedModel)>>,
-}
-
 /// Once a model is placed, its chat template renders in memory-limited processes, not in
 /// acceld.
 fn sandbox_template(
-    devices: &mut Devices,
-    order: usize,
+    (device, mut prepared): (String, PreparedModel),
     renderer: Option<&crate::worker::WorkerIdentity>,
-) -> Result<(), StartError> {
-    let Some(identity) = renderer else {
-        return Ok(());
-    };
-    let placed = devices
-        .cpu
-        .iter_mut()
-        .chain(devices.cuda.values_mut().flatten())
-        .find(|(o, _)| *o == order);
-    if let Some((_, prepared)) = placed {
+) -> (String, PreparedModel) {
+    if let Some(identity) = renderer {
         prepared.template = prepared
             .template
             .take()
             .map(|t| t.in_sandbox(identity.clone()));
     }
-    Ok(())
+    (device, prepared)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn place(
-    devices: &mut Devices,
-    order: usize,
     name: &str,
     model: LoadedModel,
     source: Option<(&std::path::Path, &crate::model::files::Opened)>,
@@ -664,7 +650,21 @@ fn place(
     placement: &Placement,
     workers: Option<&Workers>,
     renderer: Option<&crate::worker::WorkerIdentity>,
-) -> Result<(), StartError> {
+) -> Result<(String, PreparedModel), StartError> {
+    let placed = place_engine(name, model, source, spec, placement, workers)?;
+    Ok(sandbox_template(placed, renderer))
+}
+
+/// Builds a model's engine where `placement` says: in a worker process when engines run in
+/// workers (with one more per dedicated tenant), else in this process.
+fn place_engine(
+    name: &str,
+    model: LoadedModel,
+    source: Option<(&std::path::Path, &crate::model::files::Opened)>,
+    spec: &ModelSpec,
+    placement: &Placement,
+    workers: Option<&Workers>,
+) -> Result<(String, PreparedModel), StartError> {
     if let Some(workers) = workers {
         let start = |device: String, pool: &str| {
             let init = crate::worker::WorkerInit {
@@ -715,12 +715,12 @@ fn place(
                 p.dedicated.push((tenant.clone(), slot));
             }
         };
-        match placement {
+        return match placement {
             Placement::Cpu => {
                 let worker = start("cpu".into(), shared).map_err(StartError::Worker)?;
                 let mut p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
                 dedicate(&mut p, "cpu");
-                devices.cpu.push((order, p));
+                Ok(("cpu".into(), p))
             }
             Placement::Cuda {
                 ordinal,
@@ -731,24 +731,23 @@ fn place(
                     let device = format!("cuda:{ordinal}");
                     let mut p = prepare_in_worker(name, model, spec, worker, device.clone())?;
                     dedicate(&mut p, &device);
-                    devices.cuda.entry(*ordinal).or_default().push((order, p));
+                    Ok((device, p))
                 }
                 Err(e) if *cpu_fallback => {
                     tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
                     let worker = start("cpu".into(), shared).map_err(StartError::Worker)?;
                     let mut p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
                     dedicate(&mut p, "cpu");
-                    devices.cpu.push((order, p));
+                    Ok(("cpu".into(), p))
                 }
-                Err(e) => return Err(StartError::Worker(e)),
+                Err(e) => Err(StartError::Worker(e)),
             },
-        }
-        return sandbox_template(devices, order, renderer);
+        };
     }
     match placement {
         Placement::Cpu => {
             let p = prepare(name, model, spec, CpuBackend::default(), "cpu".into(), None)?;
-            devices.cpu.push((order, p));
+            Ok(("cpu".into(), p))
         }
         Placement::Cuda {
             ordinal,
@@ -758,127 +757,26 @@ fn place(
             Ok(backend) => {
                 let ledger = backend.ledger();
                 let label = format!("cuda:{ordinal}");
-                let p = prepare(name, model, spec, backend, label, Some(ledger))?;
-                devices.cuda.entry(*ordinal).or_default().push((order, p));
+                let p = prepare(name, model, spec, backend, label.clone(), Some(ledger))?;
+                Ok((label, p))
             }
             Err(e) if *cpu_fallback => {
                 tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
                 let p = prepare(name, model, spec, CpuBackend::default(), "cpu".into(), None)?;
-                devices.cpu.push((order, p));
+                Ok(("cpu".into(), p))
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
         },
     }
-    sandbox_template(devices, order, renderer)
 }
 
 /// Starts one device's loop with its models; returns their handles with their config order.
-fn spawn_device<E: EngineOps + 'static>(
-    device: String,
-    models: Vec<(usize, Prepared<E>)>,
-    config: &DaemonConfig,
-    metrics: Option<&SchedMetrics>,
-    clock: &(Buckets, Instant),
-) -> Vec<(usize, ModelHandle)> {
-    if models.is_empty() {
-        return Vec::new();
-    }
-    let mut sched = Scheduler::new(
-        config.scheduler.policy,
-        Pricing {
-            prefill: config.scheduler.prefill_price,
-            decode: config.scheduler.decode_price,
-        },
-    )
-    .with_buckets(Arc::clone(&clock.0));
-    let (jobs, inbox) = crossbeam_channel::unbounded();
-    let gate = Arc::new(Gate::default());
-    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let schedule = Arc::new(Mutex::new(DeviceSchedule {
-        device: device.clone(),
-        policy: config.scheduler.policy.as_str().to_owned(),
-        models: models.iter().map(|(_, p)| p.slot.name.clone()).collect(),
-        tenants: Vec::new(),
-    }));
-    let mut handles = Vec::new();
-    let mut slots = Vec::new();
-    for (order, p) in models {
-        let index = sched.add_model(p.slot.params.clone());
-        let mut workers: Vec<Arc<crate::worker::WorkerStatus>> =
-            p.slot.usage.worker.iter().cloned().collect();
-        let usage = Arc::clone(&p.slot.usage);
-        let params = p.slot.params.clone();
-        tracing::debug!(model = %p.slot.name, %device, "model placed");
-        slots.push(p.slot);
-        // A dedicated engine is one more model to the device's scheduler, right after it.
-        let mut dedicated = HashMap::new();
-        let mut dedicated_usage = Vec::new();
-        for (tenant, slot) in p.dedicated {
-            match slot {
-                Ok(slot) => {
-                    workers.extend(slot.usage.worker.iter().cloned());
-                    dedicated_usage.push(Arc::clone(&slot.usage));
-                    dedicated.insert(tenant, Ok(sched.add_model(slot.params.clone())));
-                    slots.push(slot);
-                }
-                Err(why) => {
-                    dedicated.insert(tenant, Err(why));
-                }
-            }
-        }
-        handles.push((
-            order,
-            ModelHandle {
-                guides: Arc::new(crate::guide::Guides::new(
-                    Arc::clone(&p.tokenizer),
-                    p.info.vocab_size,
-                )),
-                info: p.info,
-                tokenizer: p.tokenizer,
-                template: p.template.map(Arc::new),
-                jobs: jobs.clone(),
-                index,
-                params,
-                gate: Arc::clone(&gate),
-                max_queued: config.scheduler.max_queued_per_tenant,
-                rejections: metrics.map(|m| m.rejections.clone()),
-                usage,
-                dedicated_usage,
-                schedule: Arc::clone(&schedule),
-                up: Arc::clone(&up),
-                dedicated,
-                workers,
-            },
-        ));
-    }
-    let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
-    let arbiter = Arbiter::new(device.clone(), sched, slots, inbox, gate, metrics.cloned())
-        .with_schedule(schedule)
-        .with_epoch(clock.1);
-    match std::thread::Builder::new()
-        .name(format!("device-{device}"))
-        .spawn(move || {
-            let _up = UpWhileAlive(up);
-            if let Err(e) = crate::sys::lower_thread_priority(crate::sys::COMPUTE_NICE) {
-                tracing::warn!(error = %e, "cannot lower the device loop's CPU priority");
-            }
-            arbiter.run()
-        }) {
-        Ok(_) => {
-            tracing::info!(%device, models = ?names, policy = config.scheduler.policy.as_str(), "device scheduler started");
-            handles
-        }
-        Err(e) => {
-            tracing::error!(%device, error = %e, "cannot start the device's thread; its models are not served");
-            Vec::new()
-        }
-    }
-}
 
-/// Loads and starts every configured model, logging progress, then starts one scheduling
-/// loop per device with the models placed there. A model that fails to load is logged and
-/// skipped, so the daemon serves the others. If the built-in default model's file is missing,
-/// the daemon says so and serves a small generated model, named as such, instead.
+/// Loads and starts every configured model, logging progress, each on its device's loop. A
+/// model that fails to load is logged and skipped, so the others are served. If the built-in
+/// default model's file is missing, a small generated model, named as such, is served instead.
+/// The loops run on while any handle does; models cannot be added or taken off afterwards
+/// (the daemon keeps its [`Fleet`] for that).
 pub fn start_models(
     config: &DaemonConfig,
     devices: &crate::devices::DeviceReport,
@@ -886,152 +784,7 @@ pub fn start_models(
     sandbox: Option<Arc<crate::worker::Sandbox>>,
     policy: Option<&crate::policy::Policy>,
 ) -> Vec<ModelHandle> {
-    let dedicated: Vec<(String, crate::cgroup::TenantLimits, Vec<String>)> = policy
-        .map(|p| {
-            p.tenants
-                .iter()
-                .filter(|t| t.isolation == crate::policy::TenantIsolation::Dedicated)
-                .map(|t| {
-                    (
-                        t.name.clone(),
-                        crate::cgroup::TenantLimits::of(t),
-                        t.models.clone(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if config.isolation == crate::config::Isolation::Off && !dedicated.is_empty() {
-        tracing::warn!(tenants = ?dedicated.iter().map(|d| &d.0).collect::<Vec<_>>(), "tenants ask for dedicated workers, but isolation is off: they share acceld's engines");
-    }
-    let mut placed = Devices::default();
-    // Workers and chat-template renderers run as this user.
-    let identity = crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref());
-    let workers = match (config.isolation, &identity) {
-        (crate::config::Isolation::Off, _) => None,
-        (crate::config::Isolation::Shared, Ok(identity)) => Some(Workers {
-            identity: identity.clone(),
-            kernel_cache: config.kernel_cache.clone(),
-            sandbox,
-            dedicated,
-        }),
-        (crate::config::Isolation::Shared, Err(why)) => {
-            tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");
-            return Vec::new();
-        }
-    };
-    let workers = workers.as_ref();
-    // Chat templates come with model files: they render in processes of their own.
-    let renderer = match &identity {
-        Ok(identity) => Some(identity),
-        Err(why) => {
-            tracing::warn!(reason = %why, "chat templates render inside acceld: no user to run renderers as");
-            None
-        }
-    };
-    let cuda_options = CudaOptions {
-        kernel_cache: Some(config.kernel_cache.clone()),
-        memory_budget: None,
-    };
-    for (order, spec) in config.models.iter().enumerate() {
-        let path = config.model_path(spec);
-        let choice = spec.backend.unwrap_or(config.backend);
-        let placement = match Placement::resolve(choice, devices, &cuda_options) {
-            Ok(placement) => placement,
-            Err(why) => {
-                tracing::error!(model = %spec.name, backend = %choice, reason = %why, "the model's GPU is not available; set backend: cpu or auto for this model");
-                continue;
-            }
-        };
-        if choice == BackendChoice::Auto {
-            match (&placement, &devices.reason) {
-                (Placement::Cpu, Some(reason)) => {
-                    tracing::info!(model = %spec.name, %reason, "no GPU; using the CPU backend")
-                }
-                (Placement::Cuda { ordinal, .. }, _) => {
-                    tracing::info!(model = %spec.name, "backend auto: using cuda:{ordinal}")
-                }
-                (Placement::Cpu, None) => {}
-            }
-        }
-        let is_default = spec.name == DEFAULT_MODEL_NAME
-            && spec.path == std::path::Path::new(DEFAULT_MODEL_FILE);
-        let started = Instant::now();
-        tracing::info!(model = %spec.name, path = %path.display(), "loading model");
-        let (loaded, opened) = crate::model::files::record(|| crate::model::load(&path));
-        let loaded = match loaded {
-            Ok(model) => model,
-            Err(e) if is_default && !path.exists() => {
-                tracing::warn!(
-                    error = %e,
-                    "the default model is not installed (run `make model`); serving {} instead: random weights, for testing the service only",
-                    crate::model::generated::NAME
-                );
-                match crate::model::generated::tiny_random() {
-                    Ok(model) => {
-                        let name = crate::model::generated::NAME;
-                        if let Err(e) = place(
-                            &mut placed,
-                            order,
-                            name,
-                            model,
-                            None,
-                            spec,
-                            &placement,
-                            workers,
-                            renderer,
-                        ) {
-                            tracing::error!(error = %e, "cannot start the generated model")
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot build the generated model"),
-                }
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(model = %spec.name, error = %e, "model not loaded; the daemon serves the others");
-                continue;
-            }
-        };
-        let layers = loaded.config.num_layers;
-        let context = loaded.config.max_position_embeddings;
-        match place(
-            &mut placed,
-            order,
-            &spec.name,
-            loaded,
-            Some((&path, &opened)),
-            spec,
-            &placement,
-            workers,
-            renderer,
-        ) {
-            Ok(()) => tracing::info!(
-                model = %spec.name,
-                layers,
-                context,
-                elapsed = ?started.elapsed(),
-                "model ready"
-            ),
-            Err(e) => {
-                tracing::error!(model = %spec.name, error = %e, "model not started; the daemon serves the others")
-            }
-        }
-    }
-    // Tenants' token buckets span devices, on one clock.
-    let clock = (Buckets::default(), Instant::now());
-    let mut handles = spawn_device("cpu".into(), placed.cpu, config, metrics, &clock);
-    for (ordinal, models) in placed.cuda {
-        handles.extend(spawn_device(
-            format!("cuda:{ordinal}"),
-            models,
-            config,
-            metrics,
-            &clock,
-        ));
-    }
-    handles.sort_by_key(|(order, _)| *order);
-    handles.into_iter().map(|(_, h)| h).collect()
+    Fleet::start(config, devices, metrics, sandbox, policy).1
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@ use super::*;
 use crate::config::PreemptionMode;
 use crate::engine::ops::{EngineOps, Loss};
 use crate::engine::{EngineError, SeqId, StepInput, StepOutput};
-use crate::sched::PolicyKind;
+use crate::sched::{PolicyKind, Pricing, Scheduler};
+use std::time::Duration;
+
+use self::arbiter::Arbiter;
 
 /// A tenant whose requests panic while the device loop takes them in.
 pub(super) const PANIC_IN_ACCEPT: &str = "panics-in-accept";
@@ -232,10 +235,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         },
         ..DaemonConfig::default()
     };
-    let mut placed = Devices::default();
-    place(
-        &mut placed,
-        0,
+    let (_, p) = place(
         "tiny",
         model,
         None,
@@ -247,7 +247,6 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
     .unwrap();
     // No thread: submissions stay queued, so the bound is reached.
     let (jobs, _inbox) = crossbeam_channel::unbounded();
-    let (_, p) = placed.cpu.remove(0);
     let handle = ModelHandle {
         guides: Arc::new(crate::guide::Guides::new(
             Arc::clone(&p.tokenizer),
@@ -578,4 +577,162 @@ fn a_tenants_job_lines_queue_apart_from_its_interactive_requests() {
     let mut line = [submit(&jobs, batch.clone())];
     assert_eq!(drain(&mut arbiter, &mut line)[0].len(), 4);
     assert_eq!(gate.enter(&arbiter::queue_key(&batch), 1), Ok(()));
+}
+
+/// A second model's slot, built like [`device`]'s.
+fn tiny_slot(name: &str, kv_blocks: usize) -> Slot<Box<dyn EngineOps>> {
+    let spec = ModelSpec {
+        kv_blocks,
+        max_sequences: 8,
+        max_batch_tokens: 64,
+        swap_blocks: 0,
+        preemption: PreemptionMode::Recompute,
+        ..ModelSpec::default_model()
+    };
+    let model = crate::model::generated::tiny_random().unwrap();
+    let p = prepare(
+        name,
+        model,
+        &spec,
+        CpuBackend::default(),
+        "cpu".into(),
+        None,
+    )
+    .unwrap();
+    p.slot
+}
+
+fn submit_to(
+    jobs: &crossbeam_channel::Sender<Submission>,
+    model: usize,
+    request: GenerateRequest,
+) -> mpsc::UnboundedReceiver<Event> {
+    let (events, receiver) = mpsc::unbounded_channel();
+    jobs.send(Submission {
+        model,
+        request,
+        events,
+        submitted: Instant::now(),
+    })
+    .unwrap();
+    receiver
+}
+
+/// Sends `message` to the loop and turns it until `reply` answers.
+fn control<T>(
+    arbiter: &mut Loop,
+    orders: &crossbeam_channel::Sender<arbiter::Control<Box<dyn EngineOps>>>,
+    message: arbiter::Control<Box<dyn EngineOps>>,
+    reply: std::sync::mpsc::Receiver<T>,
+) -> T {
+    orders.send(message).unwrap();
+    answer(arbiter, reply)
+}
+
+/// Turns the loop until `reply` answers.
+fn answer<T>(arbiter: &mut Loop, reply: std::sync::mpsc::Receiver<T>) -> T {
+    for _ in 0..1000 {
+        arbiter.turn();
+        if let Ok(answer) = reply.recv_timeout(Duration::from_millis(5)) {
+            return answer;
+        }
+    }
+    panic!("the loop did not answer");
+}
+
+#[test]
+fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other() {
+    let greedy = SamplingParams::greedy();
+    let long = request("alpha", (1..30).collect(), 60, greedy.clone());
+    let alone = served_alone(&long);
+    let (arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+    let (orders, inbox) = crossbeam_channel::unbounded();
+    let schedule = Arc::new(Mutex::new(DeviceSchedule::default()));
+    let mut arbiter = arbiter
+        .with_control(inbox)
+        .with_schedule(Arc::clone(&schedule));
+
+    // Model 0 streams while a second model is placed beside it.
+    let mut streaming = [submit_to(&jobs, 0, long)];
+    arbiter.turn();
+    let (reply, placed) = std::sync::mpsc::sync_channel(1);
+    let slots = vec![tiny_slot("second", 32)];
+    let placed = control(
+        &mut arbiter,
+        &orders,
+        arbiter::Control::Place { slots, reply },
+        placed,
+    );
+    assert_eq!(placed, [1]);
+    assert_eq!(schedule.lock().unwrap().models, ["tiny", "second"]);
+
+    // The second model serves, then goes with a request in flight and no grace: that request
+    // fails saying why, and its model takes no more.
+    let mut second = [submit_to(
+        &jobs,
+        1,
+        request("beta", vec![3; 8], 200, greedy.clone()),
+    )];
+    for _ in 0..3 {
+        arbiter.turn();
+    }
+    let (reply, retired) = std::sync::mpsc::sync_channel(1);
+    let retire = arbiter::Control::Retire {
+        models: vec![1],
+        grace: Duration::ZERO,
+        reply,
+    };
+    let retired = control(&mut arbiter, &orders, retire, retired);
+    assert_eq!(
+        retired,
+        arbiter::Retired {
+            finished: 0,
+            cancelled: 1
+        }
+    );
+    let failed = outcomes(&mut arbiter, &mut second).remove(0).unwrap_err();
+    assert!(failed.contains("unloaded model \"second\""), "{failed}");
+    let mut late = [submit_to(
+        &jobs,
+        1,
+        request("beta", vec![3; 8], 4, greedy.clone()),
+    )];
+    let refused = outcomes(&mut arbiter, &mut late).remove(0).unwrap_err();
+    assert!(refused.contains("being unloaded"), "{refused}");
+    assert_eq!(schedule.lock().unwrap().models, ["tiny"]);
+
+    // The first model's stream went on as if nothing happened.
+    assert_eq!(drain(&mut arbiter, &mut streaming).remove(0), alone);
+
+    // The next model placed takes the free index; a model with grace finishes its requests.
+    let (reply, placed) = std::sync::mpsc::sync_channel(1);
+    let slots = vec![tiny_slot("third", 32)];
+    let placed = control(
+        &mut arbiter,
+        &orders,
+        arbiter::Control::Place { slots, reply },
+        placed,
+    );
+    assert_eq!(placed, [1]);
+    let third = request("gamma", vec![4; 8], 12, greedy);
+    let mut on_third = [submit_to(&jobs, 1, third.clone())];
+    arbiter.turn();
+    let (reply, retired) = std::sync::mpsc::sync_channel(1);
+    let retire = arbiter::Control::Retire {
+        models: vec![1],
+        grace: Duration::from_secs(60),
+        reply,
+    };
+    orders.send(retire).unwrap();
+    let finished = drain(&mut arbiter, &mut on_third).remove(0);
+    assert_eq!(finished.len(), 12);
+    let retired = answer(&mut arbiter, retired);
+    assert_eq!(
+        retired,
+        arbiter::Retired {
+            finished: 1,
+            cancelled: 0
+        }
+    );
+    assert!(arbiter.sched.is_empty());
 }

@@ -654,7 +654,14 @@ fn a_retired_model_takes_nothing_new_and_its_index_goes_to_the_next_model() {
     assert_eq!(s.add_model(model(64, 8, 64)), 0);
     assert_eq!(s.add_model(model(64, 8, 64)), 1);
     s.submit(seq(1, "a", 4, 8), 0.0).unwrap();
-    s.submit(NewSeq { model: 1, ..seq(2, "b", 4, 8) }, 0.0).unwrap();
+    s.submit(
+        NewSeq {
+            model: 1,
+            ..seq(2, "b", 4, 8)
+        },
+        0.0,
+    )
+    .unwrap();
     let plan = s.plan(0.0);
     execute(&mut s, &plan, 0.0);
     // A model with a sequence cannot go: the runner ends its requests first.
@@ -664,7 +671,13 @@ fn a_retired_model_takes_nothing_new_and_its_index_goes_to_the_next_model() {
     assert_eq!(s.retire_model(1), Ok(()));
     assert!(!s.has_model(1));
     assert_eq!(
-        s.submit(NewSeq { model: 1, ..seq(3, "b", 4, 8) }, 0.0),
+        s.submit(
+            NewSeq {
+                model: 1,
+                ..seq(3, "b", 4, 8)
+            },
+            0.0
+        ),
         Err(Reject::UnknownModel(1))
     );
     s.check_invariants().unwrap();
@@ -679,7 +692,14 @@ fn a_retired_model_takes_nothing_new_and_its_index_goes_to_the_next_model() {
     // The next model placed takes the retired index and starts empty.
     assert_eq!(s.add_model(model(32, 4, 64)), 1);
     assert_eq!(s.used_blocks(1), 0);
-    s.submit(NewSeq { model: 1, ..seq(4, "b", 4, 8) }, 0.0).unwrap();
+    s.submit(
+        NewSeq {
+            model: 1,
+            ..seq(4, "b", 4, 8)
+        },
+        0.0,
+    )
+    .unwrap();
     let plan = s.plan(0.0);
     s.check_plan(&plan).unwrap();
     assert!(plan.admit.contains(&4), "{plan:?}");

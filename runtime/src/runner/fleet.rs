@@ -1,0 +1,474 @@
+//! The models on this node while it runs: one loop per device, started when its first model
+//! is placed, and models loaded onto and taken off those loops (`accelctl models load |
+//! unload`) without stopping the others.
+//!
+//! Loading happens off the loops: files are read (the progress an operator sees), the engine is
+//! built (in a worker process when engines are isolated), and only then is the finished model
+//! handed to its device's loop, which places it between two steps. Unloading refuses new
+//! requests at once, lets those in flight finish for a grace period, and the loop drops the
+//! engine off its own thread, so the device's other models never wait on either.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::arbiter::{Arbiter, Control, Gate, Retired};
+use super::{
+    place, DeviceSchedule, ModelHandle, Placement, PreparedModel, StartError, UpWhileAlive, Workers,
+};
+use crate::backend::cuda::CudaOptions;
+use crate::config::{
+    BackendChoice, DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME,
+};
+use crate::engine::ops::EngineOps;
+use crate::metrics::SchedMetrics;
+use crate::sched::{Buckets, Pricing, Scheduler};
+
+/// Most files of a model folder read ahead for the progress count; a folder with more is
+/// not a model, and loading it fails on its own terms.
+const MAX_MODEL_FILES: usize = 4096;
+
+/// Bytes read per call while reading a model's files ahead.
+const READ_CHUNK: usize = 4 << 20;
+
+/// Where a load is, for `accelctl models load`'s progress bar.
+#[derive(Debug, Default)]
+pub struct LoadProgress {
+    /// Bytes of the model's files read so far, and in all.
+    read: AtomicU64,
+    total: AtomicU64,
+    /// 0 queued, 1 reading, 2 starting the engine.
+    phase: std::sync::atomic::AtomicU8,
+}
+
+/// What [`LoadProgress`] says now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProgressReport {
+    pub phase: &'static str,
+    pub bytes_read: u64,
+    pub bytes_total: u64,
+}
+
+impl LoadProgress {
+    pub fn report(&self) -> ProgressReport {
+        ProgressReport {
+            phase: match self.phase.load(Ordering::Relaxed) {
+                0 => "queued",
+                1 => "reading",
+                _ => "starting",
+            },
+            bytes_read: self.read.load(Ordering::Relaxed),
+            bytes_total: self.total.load(Ordering::Relaxed),
+        }
+    }
+
+    fn set_phase(&self, phase: u8) {
+        self.phase.store(phase, Ordering::Relaxed);
+    }
+}
+
+/// Reads a model's files through once, counting bytes into `progress`: the engine then maps
+/// them from the page cache, and the operator sees how far the slow part is. Only regular
+/// files are read, each up to the size it had when listed, so a device node or a growing file
+/// cannot make this endless.
+fn read_ahead(path: &Path, progress: &LoadProgress) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    let files: Vec<(std::path::PathBuf, u64)> = if meta.is_file() {
+        vec![(path.to_owned(), meta.len())]
+    } else if meta.is_dir() {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path)?.take(MAX_MODEL_FILES) {
+            let entry = entry?;
+            // Hugging Face caches link files to blobs: followed, and read if regular.
+            match std::fs::metadata(entry.path()) {
+                Ok(m) if m.is_file() => files.push((entry.path(), m.len())),
+                _ => {}
+            }
+        }
+        files
+    } else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is neither a file nor a folder; give a .gguf file or a Hugging Face model folder",
+                path.display()
+            ),
+        ));
+    };
+    progress
+        .total
+        .store(files.iter().map(|(_, n)| n).sum(), Ordering::Relaxed);
+    let mut buffer = vec![0u8; READ_CHUNK];
+    for (file, size) in files {
+        let mut reader = std::fs::File::open(&file)?.take(size);
+        loop {
+            let n = reader.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            progress.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// A device's running loop, as the placing side holds it.
+struct DeviceLoop {
+    jobs: crossbeam_channel::Sender<super::Submission>,
+    control: crossbeam_channel::Sender<Control<Box<dyn EngineOps>>>,
+    gate: Arc<Gate>,
+    schedule: Arc<Mutex<DeviceSchedule>>,
+    up: Arc<AtomicBool>,
+}
+
+/// Why a model could not be taken off.
+#[derive(Debug, thiserror::Error)]
+pub enum UnloadError {
+    #[error("the device loop of model {0:?} has stopped; see the daemon log")]
+    Stopped(String),
+}
+
+/// Every device loop, and what placing a model on one takes.
+pub struct Fleet {
+    config: DaemonConfig,
+    devices: crate::devices::DeviceReport,
+    metrics: Option<SchedMetrics>,
+    workers: Option<Workers>,
+    renderer: Option<crate::worker::WorkerIdentity>,
+    cuda_options: CudaOptions,
+    /// Tenants' token buckets span devices, on one clock.
+    clock: (Buckets, Instant),
+    loops: Mutex<BTreeMap<String, DeviceLoop>>,
+    /// One load at a time: each reads gigabytes and builds an engine.
+    loading: Mutex<()>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        f.debug_struct("Fleet")
+            .field("devices", &loops.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// Prepares to place models, then loads the configured ones in order (see
+    /// [`super::start_models`]); returns their handles.
+    pub fn start(
+        config: &DaemonConfig,
+        devices: &crate::devices::DeviceReport,
+        metrics: Option<&SchedMetrics>,
+        sandbox: Option<Arc<crate::worker::Sandbox>>,
+        policy: Option<&crate::policy::Policy>,
+    ) -> (Arc<Fleet>, Vec<ModelHandle>) {
+        let dedicated: Vec<(String, crate::cgroup::TenantLimits, Vec<String>)> = policy
+            .map(|p| {
+                p.tenants
+                    .iter()
+                    .filter(|t| t.isolation == crate::policy::TenantIsolation::Dedicated)
+                    .map(|t| {
+                        (
+                            t.name.clone(),
+                            crate::cgroup::TenantLimits::of(t),
+                            t.models.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if config.isolation == crate::config::Isolation::Off && !dedicated.is_empty() {
+            tracing::warn!(tenants = ?dedicated.iter().map(|d| &d.0).collect::<Vec<_>>(), "tenants ask for dedicated workers, but isolation is off: they share acceld's engines");
+        }
+        // Workers and chat-template renderers run as this user.
+        let identity = crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref());
+        let mut usable = true;
+        let workers = match (config.isolation, &identity) {
+            (crate::config::Isolation::Off, _) => None,
+            (crate::config::Isolation::Shared, Ok(identity)) => Some(Workers {
+                identity: identity.clone(),
+                kernel_cache: config.kernel_cache.clone(),
+                sandbox,
+                dedicated,
+            }),
+            (crate::config::Isolation::Shared, Err(why)) => {
+                tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");
+                usable = false;
+                None
+            }
+        };
+        // Chat templates come with model files: they render in processes of their own.
+        let renderer = match identity {
+            Ok(identity) => Some(identity),
+            Err(why) => {
+                tracing::warn!(reason = %why, "chat templates render inside acceld: no user to run renderers as");
+                None
+            }
+        };
+        let fleet = Arc::new(Fleet {
+            config: config.clone(),
+            devices: devices.clone(),
+            metrics: metrics.cloned(),
+            workers,
+            renderer,
+            cuda_options: CudaOptions {
+                kernel_cache: Some(config.kernel_cache.clone()),
+                memory_budget: None,
+            },
+            clock: (Buckets::default(), Instant::now()),
+            loops: Mutex::new(BTreeMap::new()),
+            loading: Mutex::new(()),
+        });
+        if !usable {
+            return (fleet, Vec::new());
+        }
+        let mut handles = Vec::new();
+        for spec in &config.models {
+            let started = Instant::now();
+            match fleet.load(spec, &LoadProgress::default(), true) {
+                Ok(handle) => {
+                    tracing::info!(model = %handle.info.name, backend = %handle.info.backend, elapsed = ?started.elapsed(), "model ready");
+                    handles.push(handle);
+                }
+                Err(e) => {
+                    tracing::error!(model = %spec.name, error = %e, "model not started; the daemon serves the others")
+                }
+            }
+        }
+        (fleet, handles)
+    }
+
+    /// Whether models can be placed (engines in workers need a user to run them as).
+    pub fn can_place(&self) -> bool {
+        self.config.isolation == crate::config::Isolation::Off || self.workers.is_some()
+    }
+
+    /// Loads `spec`'s model and places it on its device's loop, reporting into `progress`.
+    /// With `at_start`, a missing default model is replaced by the generated one, as the
+    /// daemon's start does; an operator's load of a missing file fails instead.
+    pub fn load(
+        &self,
+        spec: &ModelSpec,
+        progress: &LoadProgress,
+        at_start: bool,
+    ) -> Result<ModelHandle, StartError> {
+        let _one_at_a_time = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.can_place() {
+            return Err(StartError::Worker(
+                "no user to run the model's worker as (worker_user); see the daemon log".into(),
+            ));
+        }
+        let path = self.config.model_path(spec);
+        let choice = spec.backend.unwrap_or(self.config.backend);
+        let placement = Placement::resolve(choice, &self.devices, &self.cuda_options)
+            .map_err(|why| StartError::Placement(format!("the model's GPU ({choice}) is not available: {why}; set backend: cpu or auto for this model")))?;
+        if choice == BackendChoice::Auto {
+            match (&placement, &self.devices.reason) {
+                (Placement::Cpu, Some(reason)) => {
+                    tracing::info!(model = %spec.name, %reason, "no GPU; using the CPU backend")
+                }
+                (Placement::Cuda { ordinal, .. }, _) => {
+                    tracing::info!(model = %spec.name, "backend auto: using cuda:{ordinal}")
+                }
+                (Placement::Cpu, None) => {}
+            }
+        }
+        let is_default =
+            spec.name == DEFAULT_MODEL_NAME && spec.path == Path::new(DEFAULT_MODEL_FILE);
+        tracing::info!(model = %spec.name, path = %path.display(), "loading model");
+        progress.set_phase(1);
+        let read = read_ahead(&path, progress);
+        progress.set_phase(2);
+        let (loaded, opened) = crate::model::files::record(|| {
+            read.map_err(|source| crate::model::ModelError::Io {
+                path: path.clone(),
+                source,
+            })
+            .and_then(|()| crate::model::load(&path))
+        });
+        let placed = match loaded {
+            Ok(model) => {
+                let (layers, context) = (
+                    model.config.num_layers,
+                    model.config.max_position_embeddings,
+                );
+                let placed = place(
+                    &spec.name,
+                    model,
+                    Some((&path, &opened)),
+                    spec,
+                    &placement,
+                    self.workers.as_ref(),
+                    self.renderer.as_ref(),
+                )?;
+                tracing::debug!(model = %spec.name, layers, context, "model built");
+                placed
+            }
+            Err(e) if at_start && is_default && !path.exists() => {
+                tracing::warn!(
+                    error = %e,
+                    "the default model is not installed (run `make model`); serving {} instead: random weights, for testing the service only",
+                    crate::model::generated::NAME
+                );
+                let model = crate::model::generated::tiny_random()?;
+                place(
+                    crate::model::generated::NAME,
+                    model,
+                    None,
+                    spec,
+                    &placement,
+                    self.workers.as_ref(),
+                    self.renderer.as_ref(),
+                )?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.place_on(placed)
+    }
+
+    /// Hands a built model to its device's loop (starting the loop for a device's first
+    /// model) and makes its handle.
+    fn place_on(&self, (device, p): (String, PreparedModel)) -> Result<ModelHandle, StartError> {
+        let mut loops = self.loops.lock().unwrap_or_else(|e| e.into_inner());
+        if !loops.contains_key(&device) {
+            let spawned = self.spawn_loop(&device).map_err(StartError::Thread)?;
+            loops.insert(device.clone(), spawned);
+        }
+        let Some(device_loop) = loops.get(&device) else {
+            return Err(StartError::Placement(format!("no loop for {device}")));
+        };
+        // The dedicated tenants' engines follow the shared one, in the order of the reply.
+        let mut slots = vec![p.slot];
+        let mut dedicated_names = Vec::new();
+        let mut refused = Vec::new();
+        for (tenant, slot) in p.dedicated {
+            match slot {
+                Ok(slot) => {
+                    dedicated_names.push(tenant);
+                    slots.push(slot);
+                }
+                Err(why) => refused.push((tenant, why)),
+            }
+        }
+        let usage = Arc::clone(&slots[0].usage);
+        let params = slots[0].params.clone();
+        let workers: Vec<Arc<crate::worker::WorkerStatus>> = slots
+            .iter()
+            .filter_map(|s| s.usage.worker.clone())
+            .collect();
+        let dedicated_usage: Vec<Arc<super::Usage>> =
+            slots[1..].iter().map(|s| Arc::clone(&s.usage)).collect();
+        let (reply, placed) = std::sync::mpsc::sync_channel(1);
+        let sent = device_loop.control.send(Control::Place { slots, reply });
+        let indices = sent.ok().and_then(|()| placed.recv().ok()).ok_or_else(|| {
+            StartError::Placement(format!("the {device} loop has stopped; see the daemon log"))
+        })?;
+        let mut dedicated: std::collections::HashMap<String, Result<usize, String>> =
+            dedicated_names
+                .into_iter()
+                .zip(indices.iter().skip(1).copied().map(Ok))
+                .collect();
+        dedicated.extend(refused.into_iter().map(|(t, why)| (t, Err(why))));
+        Ok(ModelHandle {
+            guides: Arc::new(crate::guide::Guides::new(
+                Arc::clone(&p.tokenizer),
+                p.info.vocab_size,
+            )),
+            info: p.info,
+            tokenizer: p.tokenizer,
+            template: p.template.map(Arc::new),
+            jobs: device_loop.jobs.clone(),
+            index: indices[0],
+            params,
+            gate: Arc::clone(&device_loop.gate),
+            max_queued: self.config.scheduler.max_queued_per_tenant,
+            rejections: self.metrics.as_ref().map(|m| m.rejections.clone()),
+            usage,
+            dedicated_usage,
+            schedule: Arc::clone(&device_loop.schedule),
+            up: Arc::clone(&device_loop.up),
+            dedicated,
+            workers,
+        })
+    }
+
+    /// Starts an empty loop for `device`.
+    fn spawn_loop(&self, device: &str) -> std::io::Result<DeviceLoop> {
+        let config = &self.config;
+        let sched = Scheduler::new(
+            config.scheduler.policy,
+            Pricing {
+                prefill: config.scheduler.prefill_price,
+                decode: config.scheduler.decode_price,
+            },
+        )
+        .with_buckets(Arc::clone(&self.clock.0));
+        let (jobs, inbox) = crossbeam_channel::unbounded();
+        let (control, orders) = crossbeam_channel::unbounded();
+        let gate = Arc::new(Gate::default());
+        let up = Arc::new(AtomicBool::new(true));
+        let schedule = Arc::new(Mutex::new(DeviceSchedule {
+            device: device.to_owned(),
+            policy: config.scheduler.policy.as_str().to_owned(),
+            models: Vec::new(),
+            tenants: Vec::new(),
+        }));
+        let arbiter: Arbiter<Box<dyn EngineOps>> = Arbiter::new(
+            device.to_owned(),
+            sched,
+            Vec::new(),
+            inbox,
+            Arc::clone(&gate),
+            self.metrics.clone(),
+        )
+        .with_schedule(Arc::clone(&schedule))
+        .with_control(orders)
+        .with_epoch(self.clock.1);
+        let alive = Arc::clone(&up);
+        std::thread::Builder::new()
+            .name(format!("device-{device}"))
+            .spawn(move || {
+                let _up = UpWhileAlive(alive);
+                if let Err(e) = crate::sys::lower_thread_priority(crate::sys::COMPUTE_NICE) {
+                    tracing::warn!(error = %e, "cannot lower the device loop's CPU priority");
+                }
+                arbiter.run()
+            })?;
+        tracing::info!(%device, policy = config.scheduler.policy.as_str(), "device scheduler started");
+        Ok(DeviceLoop {
+            jobs,
+            control,
+            gate,
+            schedule,
+            up,
+        })
+    }
+
+    /// Takes `handle`'s model (and its dedicated tenants' engines) off its device: requests
+    /// already on it may finish for `grace`. Blocks until its engines are gone.
+    pub fn unload(&self, handle: &ModelHandle, grace: Duration) -> Result<Retired, UnloadError> {
+        let device = handle.info.backend.clone();
+        let control = {
+            let loops = self.loops.lock().unwrap_or_else(|e| e.into_inner());
+            loops.get(&device).map(|l| l.control.clone())
+        };
+        let stopped = || UnloadError::Stopped(handle.info.name.clone());
+        let control = control.ok_or_else(stopped)?;
+        let mut models = vec![handle.index];
+        models.extend(handle.dedicated.values().filter_map(|d| d.as_ref().ok()));
+        let (reply, retired) = std::sync::mpsc::sync_channel(1);
+        control
+            .send(Control::Retire {
+                models,
+                grace,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        retired.recv().map_err(|_| stopped())
+    }
+}
