@@ -752,3 +752,71 @@ fn the_shared_pool_gets_the_configs_limits() {
     let got = greedy(&daemon, &prompt, want.len());
     assert_eq!(got["usage"]["completion_tokens"], want.len());
 }
+
+#[test]
+fn a_model_loaded_at_run_time_gets_a_worker_and_unloading_it_leaves_nothing_of_it() {
+    require_root!();
+    let daemon = daemon("shared");
+    let tiny = workers(&daemon);
+    assert_eq!(tiny.len(), 1);
+    let instance = instance_of(tiny[0]);
+    let (prompt, expected) = reference();
+
+    let out = daemon.ctl(&[
+        "models",
+        "load",
+        "second",
+        fixture_model().to_str().unwrap(),
+        "--kv-blocks",
+        "64",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let both = workers(&daemon);
+    assert_eq!(both.len(), 2, "{both:?}");
+    let second = *both.iter().find(|p| !tiny.contains(p)).unwrap();
+    assert_eq!(instance_of(second), instance);
+    let gate = PathBuf::from(format!("/sys/fs/bpf/accel/{instance}/_shared/second-cpu"));
+    assert!(gate.join("link").exists());
+    // The loaded model's worker serves the reference tokens.
+    let body = json!({"model": "second", "prompt": prompt, "max_tokens": expected.len(), "temperature": 0, "ignore_eos": true});
+    let (status, text) =
+        daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+    assert_eq!(status, 200, "{text}");
+    let got: Value = serde_json::from_str(&text).unwrap();
+    let tokenizer = accel_runtime::model::load(&fixture_model())
+        .unwrap()
+        .tokenizer;
+    assert_eq!(
+        got["choices"][0]["text"],
+        tokenizer.decode(&expected, true).unwrap()
+    );
+
+    // Unloaded: its worker is gone, with its group in every hierarchy and its pinned gate;
+    // the other model's worker serves on, the same process.
+    let out = daemon.ctl(&["models", "unload", "second"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!Path::new(&format!("/proc/{second}")).exists());
+    assert_eq!(workers(&daemon), tiny);
+    assert!(!gate.exists(), "{} is left", gate.display());
+    let groups: Vec<PathBuf> = leftovers(&instance)
+        .into_iter()
+        .map(|dir| dir.join("_shared/second-cpu"))
+        .filter(|dir| dir.exists())
+        .collect();
+    assert!(groups.is_empty(), "left behind: {groups:?}");
+    let answer = greedy(&daemon, &prompt, expected.len());
+    assert_eq!(
+        answer["choices"][0]["text"],
+        tokenizer.decode(&expected, true).unwrap()
+    );
+    let listed = accel_tests::json_of(&daemon.ctl(&["--json", "workers"]));
+    assert_eq!(listed["workers"].as_array().unwrap().len(), 1, "{listed}");
+}

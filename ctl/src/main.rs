@@ -53,8 +53,11 @@ enum Command {
     Policy(PolicyCommand),
     /// Print the daemon's Prometheus metrics (operators only).
     Metrics,
-    /// List the models you may use.
-    Models,
+    /// List the models you may use; load and unload models while the daemon runs (operators).
+    Models {
+        #[command(subcommand)]
+        command: Option<cmd::models::ModelsCommand>,
+    },
     /// List the GPUs the daemon found (name, UUID, memory, compute capability).
     Devices,
     /// Show each device's scheduler: per tenant, waiting, running, swapped, KV blocks, counter.
@@ -162,7 +165,7 @@ fn main() -> ExitCode {
             Command::Tenants(command) => cmd::tenants::run(&client, command, json).await,
             Command::Policy(command) => cmd::policy::run(&client, command, json).await,
             Command::Metrics => cmd::metrics::run(&client, json).await,
-            Command::Models => cmd::models::run(&client, json).await,
+            Command::Models { command } => cmd::models::run(&client, command.as_ref(), json).await,
             Command::Devices => cmd::devices::run(&client, json).await,
             Command::Queue => cmd::queue::run(&client, json).await,
             Command::Top(args) => cmd::top::run(&client, args, json).await,

@@ -245,6 +245,40 @@ fn default_swap_blocks() -> usize {
 }
 
 impl ModelSpec {
+    /// What is wrong with this model's fields, each at `{at}.<field>` (the config's
+    /// `models[i]`, or an operator's load request).
+    pub fn problems(&self, at: &str) -> Vec<PathProblem> {
+        let mut out = Vec::new();
+        let valid = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self.name.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            });
+        if !valid {
+            out.push(PathProblem::new(
+                format!("{at}name"),
+                format!("{:?} is not a model name: use 1-64 of a-z, 0-9, '.', '_', '-' (it becomes a metric label)", self.name.chars().take(80).collect::<String>()),
+            ));
+        }
+        for (field, value, min, max) in [
+            ("kv_blocks", self.kv_blocks, 1, 1 << 24),
+            ("max_sequences", self.max_sequences, 1, 4096),
+            ("max_batch_tokens", self.max_batch_tokens, 1, 1 << 20),
+            ("swap_blocks", self.swap_blocks, 0, 1 << 24),
+        ] {
+            if value < min || value > max {
+                out.push(PathProblem::new(
+                    format!("{at}{field}"),
+                    format!("{value} is out of range: use {min} to {max}"),
+                ));
+            }
+        }
+        for problem in self.sampling_defaults.validate() {
+            out.push(PathProblem::new(format!("{at}sampling_defaults"), problem));
+        }
+        out
+    }
+
     /// The built-in default: SmolLM2-135M-Instruct (Q4_1 GGUF) from the model cache.
     pub fn default_model() -> Self {
         Self {
@@ -524,40 +558,11 @@ impl DaemonConfig {
         }
         for (i, model) in self.models.iter().enumerate() {
             let path = format!("models[{i}]");
-            let valid = !model.name.is_empty()
-                && model.name.len() <= 64
-                && model.name.chars().all(|c| {
-                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
-                });
-            if !valid {
-                out.push(PathProblem::new(
-                    format!("{path}.name"),
-                    format!("{:?} is not a model name: use 1-64 of a-z, 0-9, '.', '_', '-' (it becomes a metric label)", model.name),
-                ));
-            }
+            out.extend(model.problems(&format!("{path}.")));
             if self.models[..i].iter().any(|m| m.name == model.name) {
                 out.push(PathProblem::new(
                     format!("{path}.name"),
                     format!("model {:?} is listed twice", model.name),
-                ));
-            }
-            for (field, value, min, max) in [
-                ("kv_blocks", model.kv_blocks, 1, 1 << 24),
-                ("max_sequences", model.max_sequences, 1, 4096),
-                ("max_batch_tokens", model.max_batch_tokens, 1, 1 << 20),
-                ("swap_blocks", model.swap_blocks, 0, 1 << 24),
-            ] {
-                if value < min || value > max {
-                    out.push(PathProblem::new(
-                        format!("{path}.{field}"),
-                        format!("{value} is out of range: use {min} to {max}"),
-                    ));
-                }
-            }
-            for problem in model.sampling_defaults.validate() {
-                out.push(PathProblem::new(
-                    format!("{path}.sampling_defaults"),
-                    problem,
                 ));
             }
         }

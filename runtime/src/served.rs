@@ -195,9 +195,8 @@ impl Served {
         let served = Arc::clone(self);
         let running = Arc::clone(&load);
         let metrics = metrics.clone();
-        let thread = std::thread::Builder::new()
-            .name("model-load".into())
-            .spawn(move || {
+        let loader = Arc::clone(&fleet);
+        let queued = loader.on_loader(Box::new(move || {
                 let name = running.spec.name.clone();
                 // A panic in a model file's parser ends this load, not the daemon.
                 let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -222,9 +221,9 @@ impl Served {
                         ));
                     }
                 }
-            });
-        if let Err(e) = thread {
-            load.finish(Err(format!("cannot start the loading thread: {e}")));
+        }));
+        if let Err(why) = queued {
+            load.finish(Err(why));
         }
         Ok(load)
     }

@@ -8,6 +8,7 @@
 
 mod error;
 mod jobs;
+mod models;
 mod openai;
 pub mod openai_types;
 mod routes;
@@ -139,7 +140,12 @@ pub fn router(state: Arc<DaemonState>, kind: ListenerKind) -> Router {
         .route("/v1/devices", get(routes::devices))
         .route("/v1/scheduler", get(routes::scheduler))
         .route("/v1/workers", get(routes::workers))
-        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models", get(openai::list_models).post(models::load))
+        .route(
+            "/v1/models/{name}",
+            get(openai::retrieve_model).delete(models::unload),
+        )
+        .route("/v1/models/{name}/load", get(models::load_status))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route(

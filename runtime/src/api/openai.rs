@@ -99,21 +99,53 @@ pub(super) async fn list_models(
         .models()
         .iter()
         .filter(|m| tenant.is_none_or(|t| t.allows_model(&m.info.name)))
-        .map(|m| ModelEntry {
-            id: m.info.name.clone(),
-            object: "model".into(),
-            created: m.info.created,
-            owned_by: "accel".into(),
-            format: m.info.format.clone(),
-            backend: m.info.backend.clone(),
-            context_length: m.info.context_length,
-            sampling_defaults: m.info.sampling_defaults,
-        })
+        .map(model_entry)
         .collect();
     Json(ModelList {
         object: "list".into(),
         data,
     })
+}
+
+fn model_entry(m: &ModelHandle) -> ModelEntry {
+    ModelEntry {
+        id: m.info.name.clone(),
+        object: "model".into(),
+        created: m.info.created,
+        owned_by: "accel".into(),
+        format: m.info.format.clone(),
+        backend: m.info.backend.clone(),
+        context_length: m.info.context_length,
+        sampling_defaults: m.info.sampling_defaults,
+    }
+}
+
+/// `GET /v1/models/{name}`: one model, if the caller may use it (else the same 404 as a model
+/// that does not exist).
+pub(super) async fn retrieve_model(
+    State(state): Shared,
+    Extension(auth): Extension<Authenticated>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<ModelEntry>, ApiError> {
+    let tenant = auth
+        .identity
+        .tenant
+        .as_deref()
+        .and_then(|t| auth.policy.tenant(t));
+    state
+        .model(&name)
+        .filter(|m| tenant.is_none_or(|t| t.allows_model(&m.info.name)))
+        .map(|m| Json(model_entry(&m)))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "model {:?} is not served to you; see GET /v1/models",
+                    name.chars().take(64).collect::<String>()
+                ),
+            )
+        })
 }
 
 /// One of the caller's tenant's request slots (`limits.max_concurrent_requests`), taken when

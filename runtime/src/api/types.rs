@@ -169,3 +169,13 @@ pub struct RequestList {
 pub struct TokenList {
     pub data: Vec<crate::tokens::TokenEntry>,
 }
+
+/// `DELETE /v1/models/{name}`: what became of the unloaded model's requests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnloadStatus {
+    pub model: String,
+    /// In flight when the unload began, and ended on their own during the grace period.
+    pub finished: usize,
+    /// Still running when the grace period ran out: they ended with an error saying why.
+    pub cancelled: usize,
+}

@@ -81,9 +81,19 @@ fn read_ahead(path: &Path, progress: &LoadProgress) -> std::io::Result<()> {
     let files: Vec<(std::path::PathBuf, u64)> = if meta.is_file() {
         vec![(path.to_owned(), meta.len())]
     } else if meta.is_dir() {
+        // What the Hugging Face loader reads: `model.safetensors` if there is one, else the
+        // shards, and the JSON files; not the other formats a model folder often carries.
+        let single = path.join("model.safetensors").is_file();
         let mut files = Vec::new();
         for entry in std::fs::read_dir(path)?.take(MAX_MODEL_FILES) {
             let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let wanted = name.ends_with(".json")
+                || (name.ends_with(".safetensors") && (!single || name == "model.safetensors"));
+            if !wanted {
+                continue;
+            }
             // Hugging Face caches link files to blobs: followed, and read if regular.
             match std::fs::metadata(entry.path()) {
                 Ok(m) if m.is_file() => files.push((entry.path(), m.len())),
@@ -146,6 +156,10 @@ pub struct Fleet {
     loops: Mutex<BTreeMap<String, DeviceLoop>>,
     /// One load at a time: each reads gigabytes and builds an engine.
     loading: Mutex<()>,
+    /// The thread operators' loads run on, started with the first. It lives as long as the
+    /// daemon because a worker's parent-death signal follows the *thread* that started it: a
+    /// worker started from a short-lived thread would be killed when that thread ends.
+    loader: Mutex<Option<crossbeam_channel::Sender<Box<dyn FnOnce() + Send>>>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -223,6 +237,7 @@ impl Fleet {
             clock: (Buckets::default(), Instant::now()),
             loops: Mutex::new(BTreeMap::new()),
             loading: Mutex::new(()),
+            loader: Mutex::new(None),
         });
         if !usable {
             return (fleet, Vec::new());
@@ -241,6 +256,28 @@ impl Fleet {
             }
         }
         (fleet, handles)
+    }
+
+    /// Runs `work` on the loader thread (after the loads queued before it).
+    pub fn on_loader(&self, work: Box<dyn FnOnce() + Send>) -> Result<(), String> {
+        let mut loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
+        if loader.is_none() {
+            let (send, jobs) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
+            std::thread::Builder::new()
+                .name("model-loader".into())
+                .spawn(move || {
+                    for job in jobs {
+                        job();
+                    }
+                })
+                .map_err(|e| format!("cannot start the model loader thread: {e}"))?;
+            *loader = Some(send);
+        }
+        loader
+            .as_ref()
+            .ok_or_else(|| "no loader thread".to_owned())?
+            .send(work)
+            .map_err(|_| "the model loader thread has stopped".to_owned())
     }
 
     /// Whether models can be placed (engines in workers need a user to run them as).

@@ -428,6 +428,20 @@ pub struct RemoteEngine {
     status: std::sync::Arc<WorkerStatus>,
 }
 
+/// An engine dropped is a model unloaded (or the daemon stopping): its worker stops, then
+/// its group and gate go.
+impl Drop for RemoteEngine {
+    fn drop(&mut self) {
+        if self.connection.take().is_some() {
+            tracing::info!(model = %self.init.model, device = %self.init.device, "worker stopped");
+        }
+        self.status.set_pid(None);
+        if let Some(sandbox) = &self.sandbox {
+            sandbox.release(&self.status.pool, &self.status.name);
+        }
+    }
+}
+
 impl RemoteEngine {
     /// Starts the first worker; errors say why it could not start. `files` are the model's
     /// files as the supervisor's own load opened them, in `init.files`' order.

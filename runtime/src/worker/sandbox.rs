@@ -150,6 +150,25 @@ impl Sandbox {
         removed.is_ok()
     }
 
+    /// After a worker stopped for good (its model was unloaded): its gate and group go, so
+    /// nothing of it is left and the model can be loaded again into a fresh group.
+    pub fn release(&self, pool: &str, worker: &str) {
+        let closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        if *closed {
+            return; // everything went at close
+        }
+        if let Ok(gate) = DeviceGate::open(&gate::pin_dir(&self.instance, pool, worker)) {
+            if let Err(e) = gate.detach() {
+                tracing::error!(%worker, error = %e, "could not remove an unloaded worker's device gate");
+            }
+        }
+        let removed =
+            WorkerGroup::new(pool, worker).and_then(|group| self.cgroups.remove_worker(&group));
+        if let Err(e) = removed {
+            tracing::error!(%worker, error = %e, "could not remove an unloaded worker's cgroup");
+        }
+    }
+
     /// Creates a tenant's group for its dedicated workers, or updates its limits.
     pub fn limit_tenant(&self, tenant: &str, limits: &TenantLimits) -> Result<(), String> {
         self.cgroups
