@@ -127,6 +127,9 @@ fn read_ahead(path: &Path, progress: &LoadProgress) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Work for the loader thread.
+pub type LoaderJob = Box<dyn FnOnce() + Send>;
+
 /// A device's running loop, as the placing side holds it.
 struct DeviceLoop {
     jobs: crossbeam_channel::Sender<super::Submission>,
@@ -159,7 +162,7 @@ pub struct Fleet {
     /// The thread operators' loads run on, started with the first. It lives as long as the
     /// daemon because a worker's parent-death signal follows the *thread* that started it: a
     /// worker started from a short-lived thread would be killed when that thread ends.
-    loader: Mutex<Option<crossbeam_channel::Sender<Box<dyn FnOnce() + Send>>>>,
+    loader: Mutex<Option<crossbeam_channel::Sender<LoaderJob>>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -259,10 +262,10 @@ impl Fleet {
     }
 
     /// Runs `work` on the loader thread (after the loads queued before it).
-    pub fn on_loader(&self, work: Box<dyn FnOnce() + Send>) -> Result<(), String> {
+    pub fn on_loader(&self, work: LoaderJob) -> Result<(), String> {
         let mut loader = self.loader.lock().unwrap_or_else(|p| p.into_inner());
         if loader.is_none() {
-            let (send, jobs) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
+            let (send, jobs) = crossbeam_channel::unbounded::<LoaderJob>();
             std::thread::Builder::new()
                 .name("model-loader".into())
                 .spawn(move || {

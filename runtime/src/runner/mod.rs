@@ -770,8 +770,6 @@ fn place_engine(
     }
 }
 
-/// Starts one device's loop with its models; returns their handles with their config order.
-
 /// Loads and starts every configured model, logging progress, each on its device's loop. A
 /// model that fails to load is logged and skipped, so the others are served. If the built-in
 /// default model's file is missing, a small generated model, named as such, is served instead.
