@@ -53,6 +53,7 @@ pub enum ModelsCommand {
     /// Unload a model (operators only): new requests for it get 404 at once, requests in flight
     /// may finish for the grace period, then end with an error; its memory is freed.
     Unload {
+        /// The model's name, as `accelctl models` lists it.
         name: String,
         /// Seconds requests in flight may take to finish (the daemon's drain_timeout by default;
         /// 0 ends them now).
@@ -178,7 +179,10 @@ async fn load(client: &Client, spec: &ModelSpec, wait: bool, json: bool) -> Resu
         if json {
             println!("{}", output::json(&raw));
         } else {
-            println!("loading {}; follow it with accelctl models list", spec.name);
+            println!(
+                "loading {}: `accelctl models` lists it once it is ready",
+                spec.name
+            );
         }
         return Ok(());
     }
