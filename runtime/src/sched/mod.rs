@@ -879,6 +879,14 @@ impl Scheduler {
                 }
             }
             let Some((_, t, k)) = best else { break };
+            // Preempted by this plan (its pool or quota overran, and later victims freed more
+            // than it needs): it starts again in a later plan, never in this one, or the
+            // runner would drop its cache only to start it again. Its tenant's later work
+            // does not overtake it.
+            if plan.preempt.iter().any(|&(p, _)| p == k) {
+                skip[t] = true;
+                continue;
+            }
             let seq = &self.seqs[&k];
             let m = seq.model;
             let need = self.commitment(seq);
