@@ -197,7 +197,9 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
         unloaded["finished"].as_u64(),
         unloaded["cancelled"].as_u64(),
     );
-    if cancelled == Some(1) {
+    if doomed_events.iter().any(|e| e.contains("\"error\"")) {
+        // Ended by the unload (no grace), with an error event saying so.
+        assert_eq!((finished, cancelled), (Some(0), Some(1)), "{unloaded}");
         assert!(
             doomed_events.iter().any(|e| e.contains("unloaded model")),
             "{doomed_events:?}"
@@ -218,14 +220,9 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
         .lines()
         .filter(|l| l.contains("model=\"second\""))
         .filter(|l| {
-            [
-                "accel_model_info",
-                "accel_model_up",
-                "accel_kv_cache_bytes",
-                "accel_worker_",
-            ]
-            .iter()
-            .any(|gauge| l.starts_with(gauge))
+            ["accel_model_info", "accel_model_up", "accel_kv_cache_bytes"]
+                .iter()
+                .any(|gauge| l.starts_with(gauge))
         })
         .collect();
     assert!(held.is_empty(), "{held:?}");
@@ -260,12 +257,105 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
         (status, &still["choices"][0]["text"]),
         (200, &reference["choices"][0]["text"])
     );
+
+    // A GGUF model loaded at run time, unloaded with a grace period while it streams: the
+    // stream finishes whole, and the name cannot be loaded again until the unload answered.
+    let out = daemon.ctl(&[
+        "--json",
+        "models",
+        "load",
+        "big",
+        gguf.to_str().unwrap(),
+        "--kv-blocks",
+        "256",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let load = json_of(&out);
+    let size = std::fs::metadata(&gguf).unwrap().len();
+    assert_eq!(
+        (load["bytes_read"].as_u64(), load["bytes_total"].as_u64()),
+        (Some(size), Some(size)),
+        "{load}"
+    );
+    let long = json!({"model": "big", "prompt": "Tell me a story", "max_tokens": 400, "temperature": 0, "ignore_eos": true});
+    let (status, whole) =
+        daemon.request("POST", "/v1/completions", Some(long.to_string().as_bytes()));
+    assert_eq!(status, 200, "{whole}");
+    let whole: Value = serde_json::from_str(&whole).unwrap();
+    let mut streaming = long.clone();
+    streaming["stream"] = json!(true);
+    let (open, head) = open_stream(&daemon.socket, "alpha", &streaming);
+    std::thread::scope(|scope| {
+        let unloading =
+            scope.spawn(|| daemon.ctl(&["--json", "models", "unload", "big", "--grace", "120"]));
+        assert!(eventually(Duration::from_secs(5), || !served(&daemon)
+            .contains(&"big".to_owned())));
+        let again = daemon.ctl(&["models", "load", "big", gguf.to_str().unwrap()]);
+        assert!(
+            !unloading.is_finished(),
+            "the stream outlasts the unload's start"
+        );
+        assert_eq!(again.status.code(), Some(5));
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("is being unloaded"),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        let events = finish_stream(open, head);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        assert_eq!(
+            streamed_text(&events),
+            whole["choices"][0]["text"].as_str().unwrap()
+        );
+        let out = unloading.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let unloaded = json_of(&out);
+        assert_eq!(
+            (
+                unloaded["finished"].as_u64(),
+                unloaded["cancelled"].as_u64()
+            ),
+            (Some(1), Some(0)),
+            "{unloaded}"
+        );
+    });
+    assert_eq!(served(&daemon), ["smollm2", "configured", "second"]);
 }
 
 #[test]
 fn bad_loads_and_callers_who_may_not_load_get_clear_errors() {
+    // A model cache holding a copy of the fixture model, and a folder whose tokenizer links
+    // out of the cache.
+    let cache = accel_tests::shared_tempdir();
+    let fixture = accel_tests::fixture_model();
+    for (folder, link) in [("tiny", false), ("linked", true)] {
+        let dir = cache.path().join(folder);
+        std::fs::create_dir(&dir).unwrap();
+        for name in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            if link && name == "tokenizer.json" {
+                std::os::unix::fs::symlink(fixture.join(name), dir.join(name)).unwrap();
+            } else {
+                std::fs::copy(fixture.join(name), dir.join(name)).unwrap();
+            }
+        }
+    }
+    let extra = format!("model_cache: {}\n", cache.path().display());
     let daemon = Daemon::start_with(DaemonOptions {
         policy: Some(POLICY),
+        extra_config: &extra,
         ..Default::default()
     });
     let post =
@@ -340,10 +430,34 @@ fn bad_loads_and_callers_who_may_not_load_get_clear_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside the model cache"));
-    assert!(eventually(Duration::from_secs(1), || json_of(
-        &daemon.ctl(&["--json", "models"])
-    )["data"]
-        .as_array()
-        .unwrap()
-        .is_empty()));
+    let (status, _) = daemon.request("GET", "/v1/models/m/load", None);
+    assert_eq!(status, 404, "a refused load leaves nothing behind");
+
+    // Inside the cache (relative to it), a non-root operator may load; a folder there with a
+    // file linking out of the cache is refused before anything is opened.
+    let out = daemon.ctl_as(2009, 2009, &["models", "load", "cached", "tiny"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = daemon.ctl_as(2009, 2009, &["models", "load", "linked", "linked"]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("links outside the model cache"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = daemon.ctl_as(2009, 2009, &["models", "load", "up", "../elsewhere"]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

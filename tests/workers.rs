@@ -674,19 +674,29 @@ fn a_dedicated_worker_killed_at_its_memory_limit_is_contained_and_its_requests_r
     let (status, text) = daemon.request("POST", "/v1/policy/reload", None);
     assert_eq!(status, 200, "{text}");
 
-    // Both alpha requests at once (the short one still decoding when the long one's prefill
-    // goes over), and beta's meanwhile.
-    let asked = [
-        ("alpha-token", completion(&long, 1)),
-        ("alpha-token", completion(&short, SHORT_TOKENS)),
-        ("beta-token", completion(&short, SHORT_TOKENS)),
-    ];
+    // Alpha's short request decoding (and beta's meanwhile), then alpha's long one: the short
+    // one is still decoding when the long one's prefill goes over. The short one goes first
+    // because a long prefill takes the whole step budget, so a request arriving after it
+    // waits for its prefill to end.
+    let short_body = completion(&short, SHORT_TOKENS);
+    let long_body = completion(&long, 1);
     let [(long_status, long_answer), (short_status, short_answer), (beta_status, beta_answer)] =
         std::thread::scope(|s| {
-            asked
-                .each_ref()
-                .map(|(token, body)| s.spawn(move || post_as(port, token, "/v1/completions", body)))
-                .map(|h| h.join().unwrap())
+            let short = s.spawn(|| post_as(port, "alpha-token", "/v1/completions", &short_body));
+            let beta = s.spawn(|| post_as(port, "beta-token", "/v1/completions", &short_body));
+            assert!(
+                eventually(Duration::from_secs(30), || {
+                    let listed = accel_tests::json_of(&daemon.ctl(&["--json", "requests"]));
+                    listed["data"].as_array().is_some_and(|requests| {
+                        requests.iter().any(|r| {
+                            r["tenant"] == "alpha" && r["completion_tokens"].as_u64() >= Some(1)
+                        })
+                    })
+                }),
+                "alpha's short request did not start"
+            );
+            let long = s.spawn(|| post_as(port, "alpha-token", "/v1/completions", &long_body));
+            [long, short, beta].map(|h| h.join().unwrap())
         });
     // The short one was retried on its own and answers as the unlimited shared worker did.
     assert_eq!(short_status, 200, "{short_answer}");
@@ -795,6 +805,9 @@ fn a_model_loaded_at_run_time_gets_a_worker_and_unloading_it_leaves_nothing_of_i
         tokenizer.decode(&expected, true).unwrap()
     );
 
+    let series = "worker=\"_shared/second-cpu\"";
+    assert!(daemon.request("GET", "/metrics", None).1.contains(series));
+
     // Unloaded: its worker is gone, with its group in every hierarchy and its pinned gate;
     // the other model's worker serves on, the same process.
     let out = daemon.ctl(&["models", "unload", "second"]);
@@ -819,4 +832,6 @@ fn a_model_loaded_at_run_time_gets_a_worker_and_unloading_it_leaves_nothing_of_i
     );
     let listed = accel_tests::json_of(&daemon.ctl(&["--json", "workers"]));
     assert_eq!(listed["workers"].as_array().unwrap().len(), 1, "{listed}");
+    let metrics = daemon.request("GET", "/metrics", None).1;
+    assert!(!metrics.contains(series), "its worker's series are gone");
 }

@@ -19,6 +19,9 @@ use crate::runner::{Fleet, LoadProgress, ModelHandle};
 /// Loads remembered after they end, for `accelctl models load` to read the outcome.
 const RECENT_LOADS: usize = 32;
 
+/// Loads waiting or running at once; more are refused (429) until some end.
+pub const MAX_PENDING_LOADS: usize = 8;
+
 /// A load an operator asked for.
 #[derive(Debug)]
 pub struct Load {
@@ -90,6 +93,12 @@ pub enum ChangeRefused {
     AlreadyLoading(String),
     #[error("model {0:?} is not served")]
     NotServed(String),
+    #[error("model {0:?} is being unloaded; load it again once the unload has answered")]
+    Unloading(String),
+    #[error(
+        "{0} model loads are already waiting or running, the most at once; wait for one to end"
+    )]
+    TooManyLoads(usize),
     #[error("models cannot be loaded or unloaded on this daemon: {0}")]
     Unavailable(String),
     #[error("model {model:?} could not be unloaded: {why}")]
@@ -102,6 +111,9 @@ pub struct Served {
     list: RwLock<Arc<Vec<ModelHandle>>>,
     fleet: Option<Arc<Fleet>>,
     loads: Mutex<VecDeque<Arc<Load>>>,
+    /// Names whose unload has not answered yet: a model of that name may not be loaded until
+    /// the old one's engine, worker, cgroup and metrics are gone.
+    unloading: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Served {
@@ -111,6 +123,7 @@ impl Served {
             list: RwLock::new(Arc::new(models)),
             fleet,
             loads: Mutex::new(VecDeque::new()),
+            unloading: Mutex::default(),
         }
     }
 
@@ -173,6 +186,18 @@ impl Served {
                 .any(|l| l.spec.name == spec.name && !l.is_done())
             {
                 return Err(ChangeRefused::AlreadyLoading(spec.name));
+            }
+            if self
+                .unloading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&spec.name)
+            {
+                return Err(ChangeRefused::Unloading(spec.name));
+            }
+            let pending = loads.iter().filter(|l| !l.is_done()).count();
+            if pending >= MAX_PENDING_LOADS {
+                return Err(ChangeRefused::TooManyLoads(pending));
             }
             let load = Arc::new(Load {
                 spec,
@@ -241,11 +266,21 @@ impl Served {
             return Err(ChangeRefused::Unavailable("it has no device loops".into()));
         };
         let mut taken = None;
-        self.edit(|models| {
-            if let Some(i) = models.iter().position(|m| m.info.name == name) {
-                taken = Some(models.remove(i));
+        {
+            // Under the loads lock, so a load of this name cannot slip in between.
+            let _loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            self.edit(|models| {
+                if let Some(i) = models.iter().position(|m| m.info.name == name) {
+                    taken = Some(models.remove(i));
+                }
+            });
+            if taken.is_some() {
+                self.unloading
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_owned());
             }
-        });
+        }
         let handle = taken.ok_or_else(|| ChangeRefused::NotServed(name.to_owned()))?;
         tracing::info!(model = %name, grace = ?grace, "unloading a model at an operator's request");
         let unloading = handle.clone();
@@ -254,6 +289,10 @@ impl Served {
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         forget(&handle);
+        self.unloading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         match retired {
             Ok(retired) => {
                 tracing::info!(model = %name, finished = retired.finished, cancelled = retired.cancelled, "model unloaded");

@@ -52,6 +52,8 @@ pub struct DaemonState {
     pub devices: DeviceReport,
     tenant_in_flight: Mutex<HashMap<String, usize>>,
     pub metrics: Metrics,
+    /// Held while the per-model gauges are written or cleared.
+    model_metrics: Mutex<()>,
     pub user_db: Box<dyn UserDb + Send + Sync>,
     pub started_at: SystemTime,
     pub started: Instant,
@@ -98,6 +100,9 @@ impl DaemonState {
 
     /// Brings the per-model memory gauges up to date (called before each scrape).
     pub fn refresh_model_metrics(&self) {
+        // Serialized with an unload's clean-up, so a scrape cannot write back the series of a
+        // model just unloaded.
+        let _serialized = self.model_metrics.lock().unwrap_or_else(|p| p.into_inner());
         for m in self.models().iter() {
             let device = self.device_label(m);
             self.metrics
@@ -150,6 +155,7 @@ impl DaemonState {
 
     /// Clears the series of a model taken off, so a scrape shows only what is served.
     fn forget_model_metrics(&self, m: &ModelHandle) {
+        let _serialized = self.model_metrics.lock().unwrap_or_else(|p| p.into_inner());
         let name = m.info.name.as_str();
         let device = self.device_label(m);
         let metrics = &self.metrics;
@@ -248,6 +254,7 @@ impl DaemonState {
             devices,
             tenant_in_flight: Mutex::new(HashMap::new()),
             metrics,
+            model_metrics: Mutex::new(()),
             user_db,
             started_at: SystemTime::now(),
             started: Instant::now(),

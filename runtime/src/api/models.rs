@@ -27,9 +27,10 @@ const MAX_GRACE: Duration = Duration::from_secs(3600);
 
 fn refused(e: ChangeRefused) -> ApiError {
     let (status, code) = match &e {
-        ChangeRefused::AlreadyServed(_) | ChangeRefused::AlreadyLoading(_) => {
-            (StatusCode::CONFLICT, "model_exists")
-        }
+        ChangeRefused::AlreadyServed(_)
+        | ChangeRefused::AlreadyLoading(_)
+        | ChangeRefused::Unloading(_) => (StatusCode::CONFLICT, "model_exists"),
+        ChangeRefused::TooManyLoads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_loads"),
         ChangeRefused::NotServed(_) => (StatusCode::NOT_FOUND, "model_not_found"),
         ChangeRefused::Unavailable(_) | ChangeRefused::Failed { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
@@ -39,28 +40,64 @@ fn refused(e: ChangeRefused) -> ApiError {
 }
 
 /// Only root may load from anywhere; other operators load from the model cache, so the
-/// operator group cannot make the daemon (root) open any file it likes.
-fn check_path(state: &DaemonState, auth: &Authenticated, spec: &ModelSpec) -> Result<(), ApiError> {
+/// operator group cannot make the daemon (root) open any file it likes. For them the path is
+/// checked before anything is opened (no `..`, inside the cache), then resolved (a link out of
+/// the cache, at the path or among a folder's files, is refused), and the model is loaded from
+/// the resolved path. The cache belongs to root: what is checked here stays as checked.
+fn checked_path(
+    state: &DaemonState,
+    auth: &Authenticated,
+    spec: &ModelSpec,
+) -> Result<std::path::PathBuf, ApiError> {
+    let cache = &state.config.model_cache;
     let path = state.config.model_path(spec);
+    let root = auth.peer.as_ref().is_some_and(|p| p.uid == 0);
+    let outside = || {
+        ApiError::forbidden(format!(
+            "path: {} is outside the model cache ({}); only root may load models from elsewhere: put the model in the cache",
+            path.display(),
+            cache.display()
+        ))
+    };
+    let escapes = path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir);
+    if !root && (escapes || !path.starts_with(cache)) {
+        return Err(outside());
+    }
     let resolved = std::fs::canonicalize(&path).map_err(|e| {
         ApiError::bad_request(format!(
             "path: cannot open {}: {e}; give a .gguf file or a Hugging Face model folder (a relative path is taken in the model cache, {})",
             path.display(),
-            state.config.model_cache.display()
+            cache.display()
         ))
     })?;
-    if auth.peer.as_ref().is_some_and(|p| p.uid == 0) {
-        return Ok(());
+    if root {
+        return Ok(resolved);
     }
-    let cache = std::fs::canonicalize(&state.config.model_cache).unwrap_or_default();
-    if cache.as_os_str().is_empty() || !resolved.starts_with(&cache) {
-        return Err(ApiError::forbidden(format!(
-            "path: {} is outside the model cache ({}); only root may load models from elsewhere: put the model in the cache",
-            path.display(),
-            state.config.model_cache.display()
-        )));
+    let cache = std::fs::canonicalize(cache).map_err(|_| outside())?;
+    if !resolved.starts_with(&cache) {
+        return Err(outside());
     }
-    Ok(())
+    if resolved.is_dir() {
+        let entries = std::fs::read_dir(&resolved).map_err(|e| {
+            ApiError::bad_request(format!("path: cannot list {}: {e}", resolved.display()))
+        })?;
+        for entry in entries
+            .take(crate::runner::fleet::MAX_MODEL_FILES)
+            .flatten()
+        {
+            let target = std::fs::canonicalize(entry.path()).unwrap_or_default();
+            if !target.starts_with(&cache) {
+                return Err(ApiError::forbidden(format!(
+                    "path: {} links outside the model cache ({}); only root may load such a model",
+                    entry.path().display(),
+                    cache.display()
+                )));
+            }
+        }
+    }
+    Ok(resolved)
 }
 
 /// `POST /v1/models`: starts loading a model given as a config file's `models` entry (name,
@@ -82,14 +119,15 @@ pub(super) async fn load(
             .collect();
         return Err(ApiError::bad_request(listed.join("; ")));
     }
-    {
+    let mut spec = spec;
+    spec.path = {
         let state = state.clone();
         let auth = auth.clone();
         let spec = spec.clone();
-        tokio::task::spawn_blocking(move || check_path(&state, &auth, &spec))
+        tokio::task::spawn_blocking(move || checked_path(&state, &auth, &spec))
             .await
-            .map_err(|e| ApiError::internal(format!("checking the path failed: {e}")))??;
-    }
+            .map_err(|e| ApiError::internal(format!("checking the path failed: {e}")))??
+    };
     let uid = auth.peer.as_ref().map(|p| p.uid);
     tracing::info!(?uid, model = %spec.name, path = %spec.path.display(), "model load requested by an operator");
     let status = state.load_model(spec).map_err(refused)?;
@@ -147,7 +185,16 @@ pub(super) async fn unload(
     };
     let uid = auth.peer.as_ref().map(|p| p.uid);
     tracing::info!(?uid, model = %name, ?grace, "model unload requested by an operator");
-    let retired = state.unload_model(&name, grace).await.map_err(refused)?;
+    // On a task of its own: a client that goes away during the grace period does not stop the
+    // unload half-way (the model off the list, its engine or metrics left behind).
+    let unloading = {
+        let (state, name) = (state.clone(), name.clone());
+        tokio::spawn(async move { state.unload_model(&name, grace).await })
+    };
+    let retired = unloading
+        .await
+        .map_err(|e| ApiError::internal(format!("the unload failed: {e}")))?
+        .map_err(refused)?;
     Ok(Json(UnloadStatus {
         model: name,
         finished: retired.finished,

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -89,16 +90,40 @@ pub fn open(path: &Path) -> io::Result<File> {
             .ok_or_else(|| not_passed(path))?
             .try_clone();
     }
-    let file = File::open(path)?;
+    // Not blocking, so a FIFO put where a model file should be cannot hang the loader; then
+    // only a regular file is kept (a device node or FIFO is refused, whatever its name).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
     note(path, Some(&file));
     Ok(file)
 }
+
+/// The largest model file read whole (configs, tokenizers, templates; weights are mapped).
+pub const MAX_READ: u64 = 256 << 20;
 
 /// A whole model file's bytes. Read by position, so a descriptor shared with earlier reads
 /// starts at the beginning all the same.
 pub fn read(path: &Path) -> io::Result<Vec<u8>> {
     let file = open(path)?;
     let len = file.metadata()?.len();
+    if len > MAX_READ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is {len} bytes, more than the {} MiB a model's configuration, tokenizer or template file may have",
+                path.display(),
+                MAX_READ >> 20
+            ),
+        ));
+    }
     let mut bytes = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
     file.read_exact_at(&mut bytes, 0)?;
     Ok(bytes)

@@ -27,6 +27,9 @@ use crate::tokenizer::Tokenizer;
 /// A request on its way to a device's loop.
 pub(crate) struct Submission {
     pub model: usize,
+    /// Which placement of `model` it is for: an index freed by an unload is reused, and a
+    /// request for the model that had it must not run on the one that has it now.
+    pub generation: u64,
     pub request: GenerateRequest,
     pub events: mpsc::UnboundedSender<Event>,
     pub submitted: Instant,
@@ -102,19 +105,40 @@ pub(crate) struct Slot<E: EngineOps> {
 
 /// The models placed on the device, by their index in its scheduler. An unloaded model's place
 /// stays empty until the next model placed takes it, so the indices requests carry stay valid.
-pub(crate) struct Slots<E: EngineOps>(Vec<Option<Slot<E>>>);
+pub(crate) struct Slots<E: EngineOps> {
+    /// By index: the model placed there, with the generation of its placement.
+    placed: Vec<Option<(u64, Slot<E>)>>,
+    next_generation: u64,
+}
 
 impl<E: EngineOps> Slots<E> {
+    /// The first models of a device, generations 0, 1, ... in order.
+    fn new(models: Vec<Slot<E>>) -> Self {
+        let mut slots = Self {
+            placed: Vec::new(),
+            next_generation: 0,
+        };
+        for (m, slot) in models.into_iter().enumerate() {
+            slots.put(m, slot);
+        }
+        slots
+    }
+
     pub fn get(&self, m: usize) -> Option<&Slot<E>> {
-        self.0.get(m).and_then(Option::as_ref)
+        self.placed.get(m).and_then(Option::as_ref).map(|(_, s)| s)
+    }
+
+    /// The generation of the model placed at `m`, if one is.
+    pub fn generation(&self, m: usize) -> Option<u64> {
+        self.placed.get(m).and_then(Option::as_ref).map(|(g, _)| *g)
     }
 
     /// The models placed now, with their indices.
     pub fn iter(&self) -> impl Iterator<Item = (usize, &Slot<E>)> {
-        self.0
+        self.placed
             .iter()
             .enumerate()
-            .filter_map(|(m, s)| s.as_ref().map(|s| (m, s)))
+            .filter_map(|(m, s)| s.as_ref().map(|(_, s)| (m, s)))
     }
 
     /// Indices of the models placed now.
@@ -122,15 +146,22 @@ impl<E: EngineOps> Slots<E> {
         self.iter().map(|(m, _)| m).collect()
     }
 
-    fn put(&mut self, m: usize, slot: Slot<E>) {
-        if self.0.len() <= m {
-            self.0.resize_with(m + 1, || None);
+    /// Places `slot` at `m`; returns the placement's generation.
+    fn put(&mut self, m: usize, slot: Slot<E>) -> u64 {
+        if self.placed.len() <= m {
+            self.placed.resize_with(m + 1, || None);
         }
-        self.0[m] = Some(slot);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.placed[m] = Some((generation, slot));
+        generation
     }
 
     fn take(&mut self, m: usize) -> Option<Slot<E>> {
-        self.0.get_mut(m).and_then(Option::take)
+        self.placed
+            .get_mut(m)
+            .and_then(Option::take)
+            .map(|(_, s)| s)
     }
 }
 
@@ -147,9 +178,10 @@ impl<E: EngineOps> std::ops::Index<usize> for Slots<E> {
 
 impl<E: EngineOps> std::ops::IndexMut<usize> for Slots<E> {
     fn index_mut(&mut self, m: usize) -> &mut Slot<E> {
-        self.0
+        self.placed
             .get_mut(m)
             .and_then(Option::as_mut)
+            .map(|(_, s)| s)
             .unwrap_or_else(|| panic!("model {m} is not placed on this device"))
     }
 }
@@ -157,10 +189,10 @@ impl<E: EngineOps> std::ops::IndexMut<usize> for Slots<E> {
 /// An operator's change to the models on a running device.
 pub(crate) enum Control<E: EngineOps> {
     /// Places models: one served model's engine, then its dedicated tenants' engines. The
-    /// reply carries their indices, in that order.
+    /// reply carries their indices and generations, in that order.
     Place {
         slots: Vec<Slot<E>>,
-        reply: std::sync::mpsc::SyncSender<Vec<usize>>,
+        reply: std::sync::mpsc::SyncSender<Vec<(usize, u64)>>,
     },
     /// Takes models off: new requests for them are refused at once, those in flight may
     /// finish for `grace` and then fail. The reply comes once their engines are gone.
@@ -340,7 +372,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         Self {
             device,
             sched,
-            models: Slots(models.into_iter().map(Some).collect()),
+            models: Slots::new(models),
             inbox,
             control: crossbeam_channel::never(),
             retiring: Vec::new(),
@@ -424,7 +456,19 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                 Err(_) => std::thread::sleep(timeout.unwrap_or(Duration::from_millis(50))),
             },
             recv(control) -> message => match message {
-                Ok(message) => self.control(message),
+                Ok(message) => {
+                    // As a step is: a panic fails this device's requests, not its loop.
+                    let changed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.control(message)
+                    }));
+                    if changed.is_err()
+                        && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.recover()))
+                            .is_err()
+                    {
+                        tracing::error!(device = %self.device, "recovering from a panicked change of models panicked; this device's loop stops");
+                        return false;
+                    }
+                }
                 // Nobody can change the models any more; requests still come.
                 Err(_) => self.control = crossbeam_channel::never(),
             },
@@ -441,15 +485,15 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                 for slot in slots {
                     let index = self.sched.add_model(slot.params.clone());
                     tracing::debug!(device = %self.device, model = %slot.name, index, "model placed");
-                    self.models.put(index, slot);
-                    placed.push(index);
+                    let generation = self.models.put(index, slot);
+                    placed.push((index, generation));
                 }
                 self.publish_models();
                 if reply.send(placed.clone()).is_err() {
                     // Whoever placed them is gone: nobody can reach them, so they go again.
                     let (reply, _) = std::sync::mpsc::sync_channel(1);
                     self.control(Control::Retire {
-                        models: placed,
+                        models: placed.into_iter().map(|(m, _)| m).collect(),
                         grace: Duration::ZERO,
                         reply,
                     });
@@ -690,7 +734,8 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         let request = &job.request;
         // A handle taken before its model was unloaded can still submit: refused, retryable
         // (a retry finds the model gone, or loaded again).
-        if self.models.get(job.model).is_none() || self.is_retiring(job.model) {
+        if self.models.generation(job.model) != Some(job.generation) || self.is_retiring(job.model)
+        {
             self.gate.leave(&queue_key(request));
             let _ = job.events.send(Event::Error {
                 message: "the model is being unloaded by an operator; it is no longer served here"

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ use crate::sched::{Buckets, Pricing, Scheduler};
 
 /// Most files of a model folder read ahead for the progress count; a folder with more is
 /// not a model, and loading it fails on its own terms.
-const MAX_MODEL_FILES: usize = 4096;
+pub const MAX_MODEL_FILES: usize = 4096;
 
 /// Bytes read per call while reading a model's files ahead.
 const READ_CHUNK: usize = 4 << 20;
@@ -115,7 +116,19 @@ fn read_ahead(path: &Path, progress: &LoadProgress) -> std::io::Result<()> {
         .store(files.iter().map(|(_, n)| n).sum(), Ordering::Relaxed);
     let mut buffer = vec![0u8; READ_CHUNK];
     for (file, size) in files {
-        let mut reader = std::fs::File::open(&file)?.take(size);
+        // Not blocking, and checked again once open: a FIFO swapped in since it was listed
+        // cannot hang the load.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&file)?;
+        if !opened.metadata()?.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", file.display()),
+            ));
+        }
+        let mut reader = opened.take(size);
         loop {
             let n = reader.read(&mut buffer)?;
             if n == 0 {
@@ -131,6 +144,7 @@ fn read_ahead(path: &Path, progress: &LoadProgress) -> std::io::Result<()> {
 pub type LoaderJob = Box<dyn FnOnce() + Send>;
 
 /// A device's running loop, as the placing side holds it.
+#[derive(Clone)]
 struct DeviceLoop {
     jobs: crossbeam_channel::Sender<super::Submission>,
     control: crossbeam_channel::Sender<Control<Box<dyn EngineOps>>>,
@@ -374,13 +388,21 @@ impl Fleet {
     /// Hands a built model to its device's loop (starting the loop for a device's first
     /// model) and makes its handle.
     fn place_on(&self, (device, p): (String, PreparedModel)) -> Result<ModelHandle, StartError> {
-        let mut loops = self.loops.lock().unwrap_or_else(|e| e.into_inner());
-        if !loops.contains_key(&device) {
-            let spawned = self.spawn_loop(&device).map_err(StartError::Thread)?;
-            loops.insert(device.clone(), spawned);
-        }
-        let Some(device_loop) = loops.get(&device) else {
-            return Err(StartError::Placement(format!("no loop for {device}")));
+        // Not held while the loop answers (it may be mid-step): unloads elsewhere go on.
+        let device_loop = {
+            let mut loops = self.loops.lock().unwrap_or_else(|e| e.into_inner());
+            // A loop that stopped (see the log) is replaced by a new one for the new model.
+            let alive = loops
+                .get(&device)
+                .is_some_and(|l| l.up.load(Ordering::SeqCst));
+            if !alive {
+                let spawned = self.spawn_loop(&device).map_err(StartError::Thread)?;
+                loops.insert(device.clone(), spawned);
+            }
+            match loops.get(&device) {
+                Some(l) => l.clone(),
+                None => return Err(StartError::Placement(format!("no loop for {device}"))),
+            }
         };
         // The dedicated tenants' engines follow the shared one, in the order of the reply.
         let mut slots = vec![p.slot];
@@ -408,7 +430,7 @@ impl Fleet {
         let indices = sent.ok().and_then(|()| placed.recv().ok()).ok_or_else(|| {
             StartError::Placement(format!("the {device} loop has stopped; see the daemon log"))
         })?;
-        let mut dedicated: std::collections::HashMap<String, Result<usize, String>> =
+        let mut dedicated: std::collections::HashMap<String, Result<(usize, u64), String>> =
             dedicated_names
                 .into_iter()
                 .zip(indices.iter().skip(1).copied().map(Ok))
@@ -423,7 +445,8 @@ impl Fleet {
             tokenizer: p.tokenizer,
             template: p.template.map(Arc::new),
             jobs: device_loop.jobs.clone(),
-            index: indices[0],
+            index: indices[0].0,
+            generation: indices[0].1,
             params,
             gate: Arc::clone(&device_loop.gate),
             max_queued: self.config.scheduler.max_queued_per_tenant,
@@ -500,7 +523,12 @@ impl Fleet {
         let stopped = || UnloadError::Stopped(handle.info.name.clone());
         let control = control.ok_or_else(stopped)?;
         let mut models = vec![handle.index];
-        models.extend(handle.dedicated.values().filter_map(|d| d.as_ref().ok()));
+        models.extend(
+            handle
+                .dedicated
+                .values()
+                .filter_map(|d| d.as_ref().ok().map(|&(m, _)| m)),
+        );
         let (reply, retired) = std::sync::mpsc::sync_channel(1);
         control
             .send(Control::Retire {

@@ -177,8 +177,10 @@ pub struct ModelHandle {
     /// Compiles requests' grammars against this model's vocabulary.
     guides: Arc<crate::guide::Guides>,
     jobs: crossbeam_channel::Sender<Submission>,
-    /// Its index in the device's scheduler, and what the scheduler knows of it.
+    /// Its index in the device's scheduler and the generation of that placement, and what
+    /// the scheduler knows of it.
     index: usize,
+    generation: u64,
     params: ModelParams,
     gate: Arc<Gate>,
     max_queued: usize,
@@ -191,7 +193,7 @@ pub struct ModelHandle {
     up: Arc<std::sync::atomic::AtomicBool>,
     /// Tenants with workers of their own: their index in the device's scheduler, or why
     /// their worker could not start.
-    dedicated: HashMap<String, Result<usize, String>>,
+    dedicated: HashMap<String, Result<(usize, u64), String>>,
     /// Every worker process serving this model (shared first).
     workers: Vec<Arc<crate::worker::WorkerStatus>>,
 }
@@ -398,10 +400,10 @@ impl ModelHandle {
             });
         }
         // A tenant with workers of its own is served only by them.
-        let index = match self.dedicated.get(&request.tenant) {
-            Some(Ok(index)) => *index,
+        let (index, generation) = match self.dedicated.get(&request.tenant) {
+            Some(Ok(placed)) => *placed,
             Some(Err(why)) => return Err(SubmitError::Dedicated(why.clone())),
-            None => self.index,
+            None => (self.index, self.generation),
         };
         crate::sched::check(
             &self.params,
@@ -425,6 +427,7 @@ impl ModelHandle {
         let (events, receiver) = mpsc::unbounded_channel();
         let sent = self.jobs.send(Submission {
             model: index,
+            generation,
             request,
             events,
             submitted: Instant::now(),

@@ -101,6 +101,7 @@ fn submit(
     let (events, receiver) = mpsc::unbounded_channel();
     jobs.send(Submission {
         model: 0,
+        generation: 0,
         request,
         events,
         submitted: Instant::now(),
@@ -257,6 +258,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         template: p.template.map(Arc::new),
         jobs,
         index: 0,
+        generation: 0,
         params: p.slot.params.clone(),
         gate: Arc::new(Gate::default()),
         max_queued: config.scheduler.max_queued_per_tenant,
@@ -604,12 +606,13 @@ fn tiny_slot(name: &str, kv_blocks: usize) -> Slot<Box<dyn EngineOps>> {
 
 fn submit_to(
     jobs: &crossbeam_channel::Sender<Submission>,
-    model: usize,
+    (model, generation): (usize, u64),
     request: GenerateRequest,
 ) -> mpsc::UnboundedReceiver<Event> {
     let (events, receiver) = mpsc::unbounded_channel();
     jobs.send(Submission {
         model,
+        generation,
         request,
         events,
         submitted: Instant::now(),
@@ -653,7 +656,7 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
         .with_schedule(Arc::clone(&schedule));
 
     // Model 0 streams while a second model is placed beside it.
-    let mut streaming = [submit_to(&jobs, 0, long)];
+    let mut streaming = [submit_to(&jobs, (0, 0), long)];
     arbiter.turn();
     let (reply, placed) = std::sync::mpsc::sync_channel(1);
     let slots = vec![tiny_slot("second", 32)];
@@ -663,14 +666,14 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
         arbiter::Control::Place { slots, reply },
         placed,
     );
-    assert_eq!(placed, [1]);
+    assert_eq!(placed, [(1, 1)], "index 1, the device's second placement");
     assert_eq!(schedule.lock().unwrap().models, ["tiny", "second"]);
 
     // The second model serves, then goes with a request in flight and no grace: that request
     // fails saying why, and its model takes no more.
     let mut second = [submit_to(
         &jobs,
-        1,
+        (1, 1),
         request("beta", vec![3; 8], 200, greedy.clone()),
     )];
     for _ in 0..3 {
@@ -694,7 +697,7 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
     assert!(failed.contains("unloaded model \"second\""), "{failed}");
     let mut late = [submit_to(
         &jobs,
-        1,
+        (1, 1),
         request("beta", vec![3; 8], 4, greedy.clone()),
     )];
     let refused = outcomes(&mut arbiter, &mut late).remove(0).unwrap_err();
@@ -713,9 +716,18 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
         arbiter::Control::Place { slots, reply },
         placed,
     );
-    assert_eq!(placed, [1]);
+    assert_eq!(placed, [(1, 2)]);
+    // A request made for the unloaded model, arriving late, does not run on the model that
+    // took its index.
+    let mut stale = [submit_to(
+        &jobs,
+        (1, 1),
+        request("beta", vec![3; 8], 4, greedy.clone()),
+    )];
+    let refused = outcomes(&mut arbiter, &mut stale).remove(0).unwrap_err();
+    assert!(refused.contains("unloaded"), "{refused}");
     let third = request("gamma", vec![4; 8], 12, greedy);
-    let mut on_third = [submit_to(&jobs, 1, third.clone())];
+    let mut on_third = [submit_to(&jobs, (1, 2), third.clone())];
     arbiter.turn();
     let (reply, retired) = std::sync::mpsc::sync_channel(1);
     let retire = arbiter::Control::Retire {
