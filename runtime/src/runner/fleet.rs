@@ -283,8 +283,23 @@ impl Fleet {
             std::thread::Builder::new()
                 .name("model-loader".into())
                 .spawn(move || {
+                    // A load competes with serving for the cores: it runs at the lowest
+                    // priority, and its parallel work (building the engine, measuring the
+                    // preemption crossover) on one thread of its own instead of the compute
+                    // pool the device loops step on.
+                    let _ = crate::sys::lower_thread_priority(crate::sys::LOAD_NICE);
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .thread_name(|_| "model-loader-compute".into())
+                        .start_handler(|_| {
+                            let _ = crate::sys::lower_thread_priority(crate::sys::LOAD_NICE);
+                        })
+                        .build();
                     for job in jobs {
-                        job();
+                        match &pool {
+                            Ok(pool) => pool.install(job),
+                            Err(_) => job(),
+                        }
                     }
                 })
                 .map_err(|e| format!("cannot start the model loader thread: {e}"))?;
