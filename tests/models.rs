@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read as _, Write as _};
-use std::path::Path;
+use std::io::Read as _;
 use std::time::Duration;
 
 use accel_tests::{eventually, json_of, Daemon, DaemonOptions};
@@ -22,31 +21,6 @@ tenants:
   - name: beta
     match: {uids: [2002]}
 "#;
-
-/// Sends a streaming completion for `tenant` and returns the connection once its first event
-/// arrived.
-fn open_stream(
-    socket: &Path,
-    tenant: &str,
-    body: &Value,
-) -> (std::os::unix::net::UnixStream, String) {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    let body = body.to_string();
-    write!(
-        stream,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Accel-Tenant: {tenant}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("data: ") {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    (stream, String::from_utf8_lossy(&seen).into_owned())
-}
 
 /// Reads a stream to its end; returns its events' data.
 fn finish_stream(mut open: std::os::unix::net::UnixStream, head: String) -> Vec<String> {
@@ -105,21 +79,7 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
     assert_eq!(status, 200, "{reference}");
 
     // Loaded at run time, followed to its end: every byte of the model's files was read.
-    let out = daemon.ctl(&[
-        "--json",
-        "models",
-        "load",
-        "second",
-        fixture.to_str().unwrap(),
-        "--kv-blocks",
-        "64",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let load = json_of(&out);
+    let load = daemon.load_model("second", &fixture, 64);
     assert_eq!(load["state"], "ready", "{load}");
     assert_eq!(load["backend"], "cpu");
     let weights = std::fs::metadata(fixture.join("model.safetensors"))
@@ -164,9 +124,10 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
     let alone: Value = serde_json::from_str(&alone).unwrap();
     let mut streaming = long.clone();
     streaming["stream"] = json!(true);
-    let (open, head) = open_stream(&daemon.socket, "alpha", &streaming);
+    let (open, head) = accel_tests::open_stream(&daemon.socket, Some("alpha"), &streaming);
     let doomed = json!({"model": "second", "prompt": "Hi", "max_tokens": 200, "temperature": 0, "ignore_eos": true, "stream": true});
-    let (doomed_open, doomed_head) = open_stream(&daemon.socket, "beta", &doomed);
+    let (doomed_open, doomed_head) =
+        accel_tests::open_stream(&daemon.socket, Some("beta"), &doomed);
     let out = daemon.ctl(&["--json", "models", "unload", "second", "--grace", "0"]);
     assert!(
         out.status.success(),
@@ -260,21 +221,7 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
 
     // A GGUF model loaded at run time, unloaded with a grace period while it streams: the
     // stream finishes whole, and the name cannot be loaded again until the unload answered.
-    let out = daemon.ctl(&[
-        "--json",
-        "models",
-        "load",
-        "big",
-        gguf.to_str().unwrap(),
-        "--kv-blocks",
-        "256",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let load = json_of(&out);
+    let load = daemon.load_model("big", &gguf, 256);
     let size = std::fs::metadata(&gguf).unwrap().len();
     assert_eq!(
         (load["bytes_read"].as_u64(), load["bytes_total"].as_u64()),
@@ -288,7 +235,7 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
     let whole: Value = serde_json::from_str(&whole).unwrap();
     let mut streaming = long.clone();
     streaming["stream"] = json!(true);
-    let (open, head) = open_stream(&daemon.socket, "alpha", &streaming);
+    let (open, head) = accel_tests::open_stream(&daemon.socket, Some("alpha"), &streaming);
     std::thread::scope(|scope| {
         let unloading =
             scope.spawn(|| daemon.ctl(&["--json", "models", "unload", "big", "--grace", "120"]));

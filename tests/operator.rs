@@ -28,30 +28,6 @@ fn tiny_config(more: &str) -> String {
     )
 }
 
-/// Sends a streaming request and returns the connection after its first event arrived.
-fn open_stream(socket: &Path, body: &Value) -> (std::os::unix::net::UnixStream, String) {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    let body = body.to_string();
-    write!(
-        stream,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("data: ") {
-        let n = stream.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "closed before the first event: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
-    (stream, String::from_utf8_lossy(&seen).into_owned())
-}
-
 #[test]
 fn a_drain_finishes_open_streams_refuses_new_work_and_an_undrain_restores_it() {
     // The default model: its stream lasts long enough to be open across the drain.
@@ -66,7 +42,7 @@ fn a_drain_finishes_open_streams_refuses_new_work_and_an_undrain_restores_it() {
 
     let mut streaming = body.clone();
     streaming["stream"] = json!(true);
-    let (mut open, head) = open_stream(&daemon.socket, &streaming);
+    let (mut open, head) = accel_tests::open_stream(&daemon.socket, None, &streaming);
     let drained = json_of(&daemon.ctl(&["--json", "drain"]));
     assert_eq!(drained["state"], "draining");
     assert_eq!(drained["changed"], true);

@@ -772,19 +772,7 @@ fn a_model_loaded_at_run_time_gets_a_worker_and_unloading_it_leaves_nothing_of_i
     let instance = instance_of(tiny[0]);
     let (prompt, expected) = reference();
 
-    let out = daemon.ctl(&[
-        "models",
-        "load",
-        "second",
-        fixture_model().to_str().unwrap(),
-        "--kv-blocks",
-        "64",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    daemon.load_model("second", &fixture_model(), 64);
     let both = workers(&daemon);
     assert_eq!(both.len(), 2, "{both:?}");
     let second = *both.iter().find(|p| !tiny.contains(p)).unwrap();

@@ -571,3 +571,57 @@ pub fn python_deps() -> Option<PathBuf> {
 pub fn fixture_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
 }
+
+impl Daemon {
+    /// `accelctl --json models load NAME PATH --kv-blocks N`, followed to its end; panics
+    /// unless it loaded, and returns the load's final status.
+    pub fn load_model(&self, name: &str, path: &Path, kv_blocks: usize) -> serde_json::Value {
+        let kv_blocks = kv_blocks.to_string();
+        let out = self.ctl(&[
+            "--json",
+            "models",
+            "load",
+            name,
+            path.to_str().expect("a UTF-8 path"),
+            "--kv-blocks",
+            &kv_blocks,
+        ]);
+        assert!(
+            out.status.success(),
+            "loading {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_of(&out)
+    }
+}
+
+/// Sends a streaming completion (for `tenant`, acting as an operator, when given) and returns
+/// the connection once its first event arrived, with what was read so far.
+pub fn open_stream(
+    socket: &Path,
+    tenant: Option<&str>,
+    body: &serde_json::Value,
+) -> (std::os::unix::net::UnixStream, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    let body = body.to_string();
+    let acting = tenant.map_or_else(String::new, |t| format!("X-Accel-Tenant: {t}\r\n"));
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\n{acting}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = stream.read(&mut buf).expect("read");
+        assert!(
+            n > 0,
+            "closed before the first event: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (stream, String::from_utf8_lossy(&seen).into_owned())
+}

@@ -39,7 +39,6 @@ fn device_with(
     Arc<Usage>,
     usize,
 ) {
-    let model = crate::model::generated::tiny_random().unwrap();
     let spec = ModelSpec {
         kv_blocks,
         max_sequences,
@@ -48,16 +47,7 @@ fn device_with(
         preemption,
         ..ModelSpec::default_model()
     };
-    let p = prepare(
-        "tiny",
-        model,
-        &spec,
-        CpuBackend::default(),
-        "cpu".into(),
-        None,
-    )
-    .unwrap();
-    let mut slot = p.slot;
+    let mut slot = tiny_slot("tiny", &spec);
     slot.engine = wrap(slot.engine);
     let block_bytes = slot.engine.kv_block_bytes();
     let usage = Arc::clone(&slot.usage);
@@ -581,27 +571,24 @@ fn a_tenants_job_lines_queue_apart_from_its_interactive_requests() {
     assert_eq!(gate.enter(&arbiter::queue_key(&batch), 1), Ok(()));
 }
 
-/// A second model's slot, built like [`device`]'s.
-fn tiny_slot(name: &str, kv_blocks: usize) -> Slot<Box<dyn EngineOps>> {
-    let spec = ModelSpec {
-        kv_blocks,
+/// The generated model's engine on the CPU, as `name` with `spec`'s limits.
+fn tiny_slot(name: &str, spec: &ModelSpec) -> Slot<Box<dyn EngineOps>> {
+    let model = crate::model::generated::tiny_random().unwrap();
+    prepare(name, model, spec, CpuBackend::default(), "cpu".into(), None)
+        .unwrap()
+        .slot
+}
+
+/// A second model's limits: small, recomputing preempted sequences.
+fn small_spec() -> ModelSpec {
+    ModelSpec {
+        kv_blocks: 32,
         max_sequences: 8,
         max_batch_tokens: 64,
         swap_blocks: 0,
         preemption: PreemptionMode::Recompute,
         ..ModelSpec::default_model()
-    };
-    let model = crate::model::generated::tiny_random().unwrap();
-    let p = prepare(
-        name,
-        model,
-        &spec,
-        CpuBackend::default(),
-        "cpu".into(),
-        None,
-    )
-    .unwrap();
-    p.slot
+    }
 }
 
 fn submit_to(
@@ -659,7 +646,7 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
     let mut streaming = [submit_to(&jobs, (0, 0), long)];
     arbiter.turn();
     let (reply, placed) = std::sync::mpsc::sync_channel(1);
-    let slots = vec![tiny_slot("second", 32)];
+    let slots = vec![tiny_slot("second", &small_spec())];
     let placed = control(
         &mut arbiter,
         &orders,
@@ -709,7 +696,7 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
 
     // The next model placed takes the free index; a model with grace finishes its requests.
     let (reply, placed) = std::sync::mpsc::sync_channel(1);
-    let slots = vec![tiny_slot("third", 32)];
+    let slots = vec![tiny_slot("third", &small_spec())];
     let placed = control(
         &mut arbiter,
         &orders,
