@@ -777,6 +777,19 @@ fn a_model_loaded_at_run_time_gets_a_worker_and_unloading_it_leaves_nothing_of_i
     assert_eq!(both.len(), 2, "{both:?}");
     let second = *both.iter().find(|p| !tiny.contains(p)).unwrap();
     assert_eq!(instance_of(second), instance);
+    // It computes at the same priority as the worker started with the daemon.
+    let nice = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<String> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        fields[16].clone() // the 19th field of the line: the niceness
+    };
+    assert_eq!(nice(second), nice(tiny[0]));
     let gate = PathBuf::from(format!("/sys/fs/bpf/accel/{instance}/_shared/second-cpu"));
     assert!(gate.join("link").exists());
     // The loaded model's worker serves the reference tokens.

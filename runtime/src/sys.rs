@@ -100,9 +100,6 @@ const SO_PEERGROUPS: nix::libc::c_int = 59;
 /// 0.35-0.5 ms).
 pub const COMPUTE_NICE: i32 = 10;
 
-/// Niceness of an operator's model load: below serving, which it must not slow.
-pub const LOAD_NICE: i32 = 19;
-
 /// Lowers the calling thread's CPU priority to `nice` (on Linux niceness is per thread, and
 /// threads it starts inherit it). Needs no privilege.
 pub fn lower_thread_priority(nice: i32) -> std::io::Result<()> {

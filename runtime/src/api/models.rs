@@ -83,10 +83,15 @@ fn checked_path(
         let entries = std::fs::read_dir(&resolved).map_err(|e| {
             ApiError::bad_request(format!("path: cannot list {}: {e}", resolved.display()))
         })?;
-        for entry in entries
-            .take(crate::runner::fleet::MAX_MODEL_FILES)
-            .flatten()
-        {
+        for (n, entry) in entries.flatten().enumerate() {
+            // All of them, or none: an unchecked file could be one the loader opens.
+            if n >= crate::runner::fleet::MAX_MODEL_FILES {
+                return Err(ApiError::bad_request(format!(
+                    "path: {} holds more than {} files; a model folder has far fewer",
+                    resolved.display(),
+                    crate::runner::fleet::MAX_MODEL_FILES
+                )));
+            }
             let target = std::fs::canonicalize(entry.path()).unwrap_or_default();
             if !target.starts_with(&cache) {
                 return Err(ApiError::forbidden(format!(

@@ -196,8 +196,10 @@ pub(crate) enum Control<E: EngineOps> {
     },
     /// Takes models off: new requests for them are refused at once, those in flight may
     /// finish for `grace` and then fail. The reply comes once their engines are gone.
+    /// Models are named by index and the generation of their placement, so a retire can
+    /// only ever take off the placements it was meant for.
     Retire {
-        models: Vec<usize>,
+        models: Vec<(usize, u64)>,
         grace: Duration,
         reply: std::sync::mpsc::SyncSender<Retired>,
     },
@@ -493,7 +495,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     // Whoever placed them is gone: nobody can reach them, so they go again.
                     let (reply, _) = std::sync::mpsc::sync_channel(1);
                     self.control(Control::Retire {
-                        models: placed.into_iter().map(|(m, _)| m).collect(),
+                        models: placed,
                         grace: Duration::ZERO,
                         reply,
                     });
@@ -506,7 +508,8 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             } => {
                 let models: Vec<usize> = models
                     .into_iter()
-                    .filter(|&m| self.models.get(m).is_some())
+                    .filter(|&(m, g)| self.models.generation(m) == Some(g))
+                    .map(|(m, _)| m)
                     .collect();
                 let in_flight = self
                     .active

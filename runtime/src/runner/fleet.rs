@@ -283,16 +283,18 @@ impl Fleet {
             std::thread::Builder::new()
                 .name("model-loader".into())
                 .spawn(move || {
-                    // A load competes with serving for the cores: it runs at the lowest
-                    // priority, and its parallel work (building the engine, measuring the
-                    // preemption crossover) on one thread of its own instead of the compute
-                    // pool the device loops step on.
-                    let _ = crate::sys::lower_thread_priority(crate::sys::LOAD_NICE);
+                    // A load competes with serving for the cores: it runs at the compute
+                    // threads' priority (not lower: the workers and loops it starts inherit
+                    // it, and a worker that dropped its privileges cannot raise it again), and
+                    // its parallel work (building the engine, measuring the preemption
+                    // crossover) on one thread of its own, not on the compute pool the device
+                    // loops step on.
+                    let _ = crate::sys::lower_thread_priority(crate::sys::COMPUTE_NICE);
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(1)
                         .thread_name(|_| "model-loader-compute".into())
                         .start_handler(|_| {
-                            let _ = crate::sys::lower_thread_priority(crate::sys::LOAD_NICE);
+                            let _ = crate::sys::lower_thread_priority(crate::sys::COMPUTE_NICE);
                         })
                         .build();
                     for job in jobs {
@@ -460,6 +462,7 @@ impl Fleet {
             tokenizer: p.tokenizer,
             template: p.template.map(Arc::new),
             jobs: device_loop.jobs.clone(),
+            control: device_loop.control.clone(),
             index: indices[0].0,
             generation: indices[0].1,
             params,
@@ -530,22 +533,19 @@ impl Fleet {
     /// Takes `handle`'s model (and its dedicated tenants' engines) off its device: requests
     /// already on it may finish for `grace`. Blocks until its engines are gone.
     pub fn unload(&self, handle: &ModelHandle, grace: Duration) -> Result<Retired, UnloadError> {
-        let device = handle.info.backend.clone();
-        let control = {
-            let loops = self.loops.lock().unwrap_or_else(|e| e.into_inner());
-            loops.get(&device).map(|l| l.control.clone())
-        };
+        // The handle's own loop: if it stopped and a new one took its device, the new one's
+        // models are not this one's.
         let stopped = || UnloadError::Stopped(handle.info.name.clone());
-        let control = control.ok_or_else(stopped)?;
-        let mut models = vec![handle.index];
+        let mut models = vec![(handle.index, handle.generation)];
         models.extend(
             handle
                 .dedicated
                 .values()
-                .filter_map(|d| d.as_ref().ok().map(|&(m, _)| m)),
+                .filter_map(|d| d.as_ref().ok().copied()),
         );
         let (reply, retired) = std::sync::mpsc::sync_channel(1);
-        control
+        handle
+            .control
             .send(Control::Retire {
                 models,
                 grace,

@@ -177,6 +177,8 @@ pub struct ModelHandle {
     /// Compiles requests' grammars against this model's vocabulary.
     guides: Arc<crate::guide::Guides>,
     jobs: crossbeam_channel::Sender<Submission>,
+    /// Its device loop's changes of models (unloading it).
+    control: crossbeam_channel::Sender<arbiter::Control<Box<dyn EngineOps>>>,
     /// Its index in the device's scheduler and the generation of that placement, and what
     /// the scheduler knows of it.
     index: usize,

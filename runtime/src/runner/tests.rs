@@ -247,6 +247,7 @@ fn a_tenants_quota_and_queue_bound_are_enforced_at_submit() {
         tokenizer: p.tokenizer,
         template: p.template.map(Arc::new),
         jobs,
+        control: crossbeam_channel::unbounded().0,
         index: 0,
         generation: 0,
         params: p.slot.params.clone(),
@@ -668,7 +669,7 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
     }
     let (reply, retired) = std::sync::mpsc::sync_channel(1);
     let retire = arbiter::Control::Retire {
-        models: vec![1],
+        models: vec![(1, 1)],
         grace: Duration::ZERO,
         reply,
     };
@@ -718,7 +719,7 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
     arbiter.turn();
     let (reply, retired) = std::sync::mpsc::sync_channel(1);
     let retire = arbiter::Control::Retire {
-        models: vec![1],
+        models: vec![(1, 2)],
         grace: Duration::from_secs(60),
         reply,
     };
