@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read as _;
 use std::time::Duration;
 
 use accel_tests::{eventually, json_of, Daemon, DaemonOptions};
@@ -21,24 +20,6 @@ tenants:
   - name: beta
     match: {uids: [2002]}
 "#;
-
-/// Reads a stream to its end; returns its events' data.
-fn finish_stream(mut open: std::os::unix::net::UnixStream, head: String) -> Vec<String> {
-    let mut rest = String::new();
-    open.read_to_string(&mut rest).unwrap();
-    (head + &rest)
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
-        .collect()
-}
-
-fn streamed_text(events: &[String]) -> String {
-    events
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
-        .collect()
-}
 
 fn completion(daemon: &Daemon, model: &str, max_tokens: u32) -> (u16, Value) {
     let body = json!({"model": model, "prompt": "Hello there", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
@@ -142,10 +123,10 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
         .iter()
         .map(|r| r["model"].as_str().unwrap())
         .collect();
-    let events = finish_stream(open, head);
+    let events = accel_tests::finish_stream(open, head);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert_eq!(
-        streamed_text(&events),
+        accel_tests::streamed_text(&events),
         alone["choices"][0]["text"].as_str().unwrap(),
         "the other model's stream is untouched by the unload"
     );
@@ -153,7 +134,7 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
         in_flight.contains(&"smollm2"),
         "the default model's stream was still running when the unload ended: {requests}"
     );
-    let doomed_events = finish_stream(doomed_open, doomed_head);
+    let doomed_events = accel_tests::finish_stream(doomed_open, doomed_head);
     let (finished, cancelled) = (
         unloaded["finished"].as_u64(),
         unloaded["cancelled"].as_u64(),
@@ -252,10 +233,10 @@ fn a_model_loaded_at_run_time_serves_and_unloads_without_touching_another_models
             "{}",
             String::from_utf8_lossy(&again.stderr)
         );
-        let events = finish_stream(open, head);
+        let events = accel_tests::finish_stream(open, head);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         assert_eq!(
-            streamed_text(&events),
+            accel_tests::streamed_text(&events),
             whole["choices"][0]["text"].as_str().unwrap()
         );
         let out = unloading.join().unwrap();

@@ -42,7 +42,7 @@ fn a_drain_finishes_open_streams_refuses_new_work_and_an_undrain_restores_it() {
 
     let mut streaming = body.clone();
     streaming["stream"] = json!(true);
-    let (mut open, head) = accel_tests::open_stream(&daemon.socket, None, &streaming);
+    let (open, head) = accel_tests::open_stream(&daemon.socket, None, &streaming);
     let drained = json_of(&daemon.ctl(&["--json", "drain"]));
     assert_eq!(drained["state"], "draining");
     assert_eq!(drained["changed"], true);
@@ -80,19 +80,16 @@ fn a_drain_finishes_open_streams_refuses_new_work_and_an_undrain_restores_it() {
     assert_eq!(status, 200);
 
     // The open stream finishes whole, with the same text as before the drain.
-    let mut rest = String::new();
-    open.read_to_string(&mut rest).unwrap();
-    let text = head + &rest;
-    let events = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let body_text: String = events
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
-        .collect();
-    assert!(text.contains("data: [DONE]"), "{text}");
-    assert_eq!(body_text, expected["choices"][0]["text"].as_str().unwrap());
+    let events = accel_tests::finish_stream(open, head);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert_eq!(
+        accel_tests::streamed_text(&events),
+        expected["choices"][0]["text"].as_str().unwrap()
+    );
     let status = json_of(&daemon.ctl(&["--json", "status"]));
     assert_eq!(status["state"], "draining");
     assert!(eventually(Duration::from_secs(5), || {

@@ -625,3 +625,24 @@ pub fn open_stream(
     }
     (stream, String::from_utf8_lossy(&seen).into_owned())
 }
+
+/// Reads an open stream (from [`open_stream`]) to its end; returns its events' data, in order
+/// (`[DONE]` last when it ended well).
+pub fn finish_stream(mut open: std::os::unix::net::UnixStream, head: String) -> Vec<String> {
+    use std::io::Read as _;
+    let mut rest = String::new();
+    open.read_to_string(&mut rest).expect("read the stream");
+    (head + &rest)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}
+
+/// The text a completion stream's events carry, joined.
+pub fn streamed_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect()
+}
