@@ -23,6 +23,30 @@ pub fn built(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The default model from the model cache, loaded as the daemon loads it (the files it opened
+/// recorded, for a worker), with its path; the generated model and no path when it is not
+/// installed (`make model`).
+pub fn default_model() -> (
+    accel_runtime::model::LoadedModel,
+    accel_runtime::model::files::Opened,
+    Option<std::path::PathBuf>,
+) {
+    let config = accel_runtime::config::DaemonConfig::default();
+    let path = config
+        .model_cache
+        .join(accel_runtime::config::DEFAULT_MODEL_FILE);
+    let (loaded, opened) =
+        accel_runtime::model::files::record(|| accel_runtime::model::load(&path));
+    match loaded {
+        Ok(model) => (model, opened, Some(path)),
+        Err(_) => (
+            accel_runtime::model::generated::tiny_random().expect("generated model"),
+            opened,
+            None,
+        ),
+    }
+}
+
 /// Mean time per iteration of each benchmark, collected while criterion runs them.
 #[derive(Debug, Default)]
 pub struct Ledger {

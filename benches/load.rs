@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use accel_runtime::backend::cpu::CpuBackend;
-use accel_runtime::config::{DaemonConfig, JobsConfig, DEFAULT_MODEL_FILE};
+use accel_runtime::config::{DaemonConfig, JobsConfig};
 use accel_runtime::engine::Engine;
 use criterion::Criterion;
 
@@ -118,15 +118,7 @@ fn bench_run(daemon: &Daemon, prompts: &Path, clients: usize, probe: bool) -> se
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
-    let config = DaemonConfig::default();
-    let path = config.model_cache.join(DEFAULT_MODEL_FILE);
-    let (model, source) = match accel_runtime::model::load(&path) {
-        Ok(m) => (m, Some(path)),
-        Err(_) => (
-            accel_runtime::model::generated::tiny_random().expect("generated model"),
-            None,
-        ),
-    };
+    let (model, _, source) = accel_benches::default_model();
     let vocab = model.config.vocab_size;
     println!(
         "model: {}",

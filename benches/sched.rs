@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use accel_runtime::backend::cpu::CpuBackend;
-use accel_runtime::config::{DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE};
+use accel_runtime::config::{DaemonConfig, ModelSpec};
 use accel_runtime::engine::Engine;
 use accel_runtime::runner::ModelHandle;
 use accel_runtime::sched::{
@@ -135,11 +135,7 @@ fn bench_throughput(c: &mut Criterion) -> Vec<(usize, f64, f64)> {
     };
     let handles = accel_runtime::runner::start_models(&config, &devices, None, None, None);
     let handle = handles.first().expect("a model");
-    let path = config.model_cache.join(DEFAULT_MODEL_FILE);
-    let model = match accel_runtime::model::load(&path) {
-        Ok(m) => m,
-        Err(_) => accel_runtime::model::generated::tiny_random().expect("generated model"),
-    };
+    let (model, _, _) = accel_benches::default_model();
     println!(
         "throughput model: {} ({})",
         handle.info.name, handle.info.source

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use accel_runtime::backend::cpu::CpuBackend;
-use accel_runtime::config::{DaemonConfig, ModelSpec, DEFAULT_MODEL_FILE};
+use accel_runtime::config::ModelSpec;
 use accel_runtime::engine::Engine;
 use accel_runtime::worker::{RemoteEngine, WorkerIdentity, WorkerInit};
 use criterion::Criterion;
@@ -42,17 +42,7 @@ fn prompts(n: usize, vocab: usize) -> Vec<Vec<u32>> {
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
-    let config = DaemonConfig::default();
-    let path = config.model_cache.join(DEFAULT_MODEL_FILE);
-    let (loaded, opened) =
-        accel_runtime::model::files::record(|| accel_runtime::model::load(&path));
-    let (model, source) = match loaded {
-        Ok(m) => (m, Some(path)),
-        Err(_) => (
-            accel_runtime::model::generated::tiny_random().expect("generated model"),
-            None,
-        ),
-    };
+    let (model, opened, source) = accel_benches::default_model();
     let vocab = model.config.vocab_size;
     println!(
         "model: {}",

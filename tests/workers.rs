@@ -7,12 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use accel_tests::{eventually, require_root, Daemon, DaemonOptions};
+use accel_tests::{eventually, fixture_model, require_root, Daemon, DaemonOptions};
 use serde_json::{json, Value};
-
-fn fixture_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama-gqa-f32")
-}
 
 fn daemon(isolation: &str) -> Daemon {
     daemon_for(isolation, &fixture_model())
@@ -247,7 +243,9 @@ fn a_worker_killed_mid_request_is_replaced_and_the_request_ends_as_it_would_have
     require_root!();
     let daemon = daemon("shared");
     let (prompt, _) = reference();
-    let max_tokens = 48;
+    // Most of the fixture's context: the tiny model is quick, and a shorter stream could end
+    // before the kill lands (the worker would then be replaced only by a next request).
+    let max_tokens = 240;
     let undisturbed = greedy(&daemon, &prompt, max_tokens);
 
     // The same request, streamed; the worker is killed once tokens are flowing.

@@ -209,6 +209,15 @@ impl Client {
         let (_, bytes) = self.request(Method::POST, path, Some(body)).await?;
         decode(path, &bytes)
     }
+
+    /// DELETEs `path` and decodes the JSON answer.
+    pub async fn delete_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(T, serde_json::Value), CtlError> {
+        let (_, bytes) = self.request(Method::DELETE, path, None).await?;
+        decode(path, &bytes)
+    }
 }
 
 /// Sends one request on a new connection (a Unix socket or TCP stream) and returns the

@@ -25,7 +25,7 @@ pub const MAX_PENDING_LOADS: usize = 8;
 /// A load an operator asked for.
 #[derive(Debug)]
 pub struct Load {
-    pub spec: ModelSpec,
+    spec: ModelSpec,
     progress: LoadProgress,
     started: Instant,
     /// `Ok(backend)` or why it failed, once it ended, with how long it took.
@@ -152,12 +152,6 @@ impl Served {
             .rev()
             .find(|l| l.spec.name == name)
             .map(|l| l.status())
-    }
-
-    /// Loads running or recently ended, oldest first.
-    pub fn loads(&self) -> Vec<LoadStatus> {
-        let loads = self.loads.lock().unwrap_or_else(|p| p.into_inner());
-        loads.iter().map(|l| l.status()).collect()
     }
 
     /// Starts loading `spec` on a thread of its own; the model is served once it is placed.

@@ -11,7 +11,6 @@ use accel_runtime::config::{BackendChoice, ModelSpec, PreemptionMode};
 use accel_runtime::engine::sampling::SamplingDefaults;
 use accel_runtime::served::LoadStatus;
 use clap::Subcommand;
-use hyper::Method;
 
 use crate::client::{Client, CtlError};
 use crate::output;
@@ -134,11 +133,9 @@ pub async fn run(
                 Some(s) => format!("/v1/models/{name}?grace={s}"),
                 None => format!("/v1/models/{name}"),
             };
-            let (_, bytes) = client.request(Method::DELETE, &path, None).await?;
-            let status: UnloadStatus = serde_json::from_slice(&bytes)
-                .map_err(|e| CtlError::Other(format!("unexpected answer to unload: {e}")))?;
+            let (status, raw): (UnloadStatus, _) = client.delete_json(&path).await?;
             if json {
-                println!("{}", String::from_utf8_lossy(&bytes));
+                println!("{}", output::json(&raw));
             } else {
                 println!(
                     "unloaded {}: {} requests in flight finished, {} ended",

@@ -184,4 +184,25 @@ mod tests {
         let (_, nothing) = record(|| ());
         assert!(nothing.files.is_empty() && nothing.dirs.is_empty());
     }
+
+    #[test]
+    fn only_regular_files_open_and_none_blocks_or_is_read_whole_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        // A FIFO with no writer would block a plain open for ever.
+        let fifo = dir.path().join("tokenizer.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = open(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let err = open(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        // A sparse file past the cap is refused before anything is allocated for it.
+        let huge = dir.path().join("config.json");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(MAX_READ + 1)
+            .unwrap();
+        let err = read(&huge).unwrap_err();
+        assert!(err.to_string().contains("more than the 256 MiB"), "{err}");
+        assert!(open(&huge).is_ok());
+    }
 }

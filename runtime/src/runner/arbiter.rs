@@ -560,16 +560,17 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     Failure::Server,
                 );
             }
+            // A sequence no request owns (left by a panic) must not keep the models: with
+            // those gone and the requests above ended, they hold no sequence.
+            for key in self.sched.keys() {
+                if !self.active.contains_key(&key) {
+                    self.sched.remove(key);
+                }
+            }
             let mut gone = Vec::new();
             for &m in &r.models {
-                // A sequence no request owns (left by a panic) must not keep the model.
-                for key in self.sched.keys() {
-                    if !self.active.contains_key(&key) {
-                        self.sched.remove(key);
-                    }
-                }
                 if let Err(held) = self.sched.retire_model(m) {
-                    tracing::error!(device = %self.device, model = m, held, "a model being taken off still has sequences; they are dropped");
+                    tracing::error!(device = %self.device, model = m, held, "a model taken off still has sequences in the scheduler; its index is not reused");
                 }
                 self.one_at_a_time.remove(&m);
                 if let Some(slot) = self.models.take(m) {

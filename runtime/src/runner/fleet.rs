@@ -10,13 +10,10 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use serde::Serialize;
 
 use super::arbiter::{Arbiter, Control, Gate, Retired};
 use super::{
@@ -37,18 +34,23 @@ pub const MAX_MODEL_FILES: usize = 4096;
 /// Bytes read per call while reading a model's files ahead.
 const READ_CHUNK: usize = 4 << 20;
 
+/// A load's phases, as [`LoadProgress`] stores them.
+const QUEUED: u8 = 0;
+const READING: u8 = 1;
+const STARTING: u8 = 2;
+
 /// Where a load is, for `accelctl models load`'s progress bar.
 #[derive(Debug, Default)]
 pub struct LoadProgress {
     /// Bytes of the model's files read so far, and in all.
     read: AtomicU64,
     total: AtomicU64,
-    /// 0 queued, 1 reading, 2 starting the engine.
+    /// [`QUEUED`], [`READING`] or [`STARTING`] (the engine).
     phase: std::sync::atomic::AtomicU8,
 }
 
 /// What [`LoadProgress`] says now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProgressReport {
     pub phase: &'static str,
     pub bytes_read: u64,
@@ -59,8 +61,8 @@ impl LoadProgress {
     pub fn report(&self) -> ProgressReport {
         ProgressReport {
             phase: match self.phase.load(Ordering::Relaxed) {
-                0 => "queued",
-                1 => "reading",
+                QUEUED => "queued",
+                READING => "reading",
                 _ => "starting",
             },
             bytes_read: self.read.load(Ordering::Relaxed),
@@ -116,19 +118,9 @@ fn read_ahead(path: &Path, progress: &LoadProgress) -> std::io::Result<()> {
         .store(files.iter().map(|(_, n)| n).sum(), Ordering::Relaxed);
     let mut buffer = vec![0u8; READ_CHUNK];
     for (file, size) in files {
-        // Not blocking, and checked again once open: a FIFO swapped in since it was listed
-        // cannot hang the load.
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open(&file)?;
-        if !opened.metadata()?.is_file() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", file.display()),
-            ));
-        }
-        let mut reader = opened.take(size);
+        // Checked again once open (not blocking, regular files only): a FIFO swapped in since
+        // it was listed cannot hang the load. Not recorded: the load proper opens it again.
+        let mut reader = crate::model::files::open(&file)?.take(size);
         loop {
             let n = reader.read(&mut buffer)?;
             if n == 0 {
@@ -218,7 +210,6 @@ impl Fleet {
         }
         // Workers and chat-template renderers run as this user.
         let identity = crate::worker::WorkerIdentity::resolve(config.worker_user.as_deref());
-        let mut usable = true;
         let workers = match (config.isolation, &identity) {
             (crate::config::Isolation::Off, _) => None,
             (crate::config::Isolation::Shared, Ok(identity)) => Some(Workers {
@@ -229,7 +220,6 @@ impl Fleet {
             }),
             (crate::config::Isolation::Shared, Err(why)) => {
                 tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");
-                usable = false;
                 None
             }
         };
@@ -256,7 +246,7 @@ impl Fleet {
             loading: Mutex::new(()),
             loader: Mutex::new(None),
         });
-        if !usable {
+        if !fleet.can_place() {
             return (fleet, Vec::new());
         }
         let mut handles = Vec::new();
@@ -352,9 +342,15 @@ impl Fleet {
         let is_default =
             spec.name == DEFAULT_MODEL_NAME && spec.path == Path::new(DEFAULT_MODEL_FILE);
         tracing::info!(model = %spec.name, path = %path.display(), "loading model");
-        progress.set_phase(1);
-        let read = read_ahead(&path, progress);
-        progress.set_phase(2);
+        // At start nobody watches the progress, and reading every model through first would
+        // only add a pass over files the load maps anyway.
+        progress.set_phase(READING);
+        let read = if at_start {
+            Ok(())
+        } else {
+            read_ahead(&path, progress)
+        };
+        progress.set_phase(STARTING);
         let (loaded, opened) = crate::model::files::record(|| {
             read.map_err(|source| crate::model::ModelError::Io {
                 path: path.clone(),
@@ -362,24 +358,8 @@ impl Fleet {
             })
             .and_then(|()| crate::model::load(&path))
         });
-        let placed = match loaded {
-            Ok(model) => {
-                let (layers, context) = (
-                    model.config.num_layers,
-                    model.config.max_position_embeddings,
-                );
-                let placed = place(
-                    &spec.name,
-                    model,
-                    Some((&path, &opened)),
-                    spec,
-                    &placement,
-                    self.workers.as_ref(),
-                    self.renderer.as_ref(),
-                )?;
-                tracing::debug!(model = %spec.name, layers, context, "model built");
-                placed
-            }
+        let (name, model, source) = match loaded {
+            Ok(model) => (spec.name.as_str(), model, Some((path.as_path(), &opened))),
             Err(e) if at_start && is_default && !path.exists() => {
                 tracing::warn!(
                     error = %e,
@@ -387,18 +367,19 @@ impl Fleet {
                     crate::model::generated::NAME
                 );
                 let model = crate::model::generated::tiny_random()?;
-                place(
-                    crate::model::generated::NAME,
-                    model,
-                    None,
-                    spec,
-                    &placement,
-                    self.workers.as_ref(),
-                    self.renderer.as_ref(),
-                )?
+                (crate::model::generated::NAME, model, None)
             }
             Err(e) => return Err(e.into()),
         };
+        let placed = place(
+            name,
+            model,
+            source,
+            spec,
+            &placement,
+            self.workers.as_ref(),
+            self.renderer.as_ref(),
+        )?;
         self.place_on(placed)
     }
 

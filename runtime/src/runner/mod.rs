@@ -646,7 +646,8 @@ fn sandbox_template(
     (device, prepared)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Builds a model's engine where `placement` says, then moves its chat template into
+/// renderer processes.
 fn place(
     name: &str,
     model: LoadedModel,

@@ -705,6 +705,19 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
         placed,
     );
     assert_eq!(placed, [(1, 2)]);
+    // A retire naming an earlier placement of an index (a stopped loop's model) takes off
+    // nothing: the model there now serves on.
+    let (reply, retired) = std::sync::mpsc::sync_channel(1);
+    let stale = arbiter::Control::Retire {
+        models: vec![(1, 1), (0, 99)],
+        grace: Duration::ZERO,
+        reply,
+    };
+    assert_eq!(
+        control(&mut arbiter, &orders, stale, retired),
+        arbiter::Retired::default()
+    );
+    assert_eq!(schedule.lock().unwrap().models, ["tiny", "third"]);
     // A request made for the unloaded model, arriving late, does not run on the model that
     // took its index.
     let mut stale = [submit_to(
