@@ -2,8 +2,8 @@
 //!
 //! The bound is a thread answering the same bytes on a Unix socket with no HTTP stack at all:
 //! the floor for one request/response over a local socket on this host. The API figures are
-//! the daemon's real router (authentication, metrics, JSON) served in-process on a socket, with
-//! the same keep-alive client. A ratio near 1 means the API adds little over the socket itself.
+//! the daemon's real router (authentication, metrics, JSON) served in-process on a socket from
+//! the daemon's front thread (handlers on the main runtime), with the same keep-alive client. A ratio near 1 means the API adds little over the socket itself.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
@@ -107,17 +107,21 @@ fn api_server(path: &Path) {
         runtime.block_on(async move {
             let listener = tokio::net::UnixListener::bind(&path).expect("bind api socket");
             let _ = ready_tx.send(());
-            // The daemon's accept loop and router; the stop signal never comes during a bench.
+            // The daemon's front thread, accept loop and router, handlers on this runtime; the
+            // stop signal never comes during a bench.
             let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            api::server::serve(
-                listener,
-                api::router(state, ListenerKind::Unix),
-                stop_rx,
-                std::time::Duration::from_secs(1),
-                api::server::ConnectionLimits::default(),
-                std::sync::Arc::new(|p: &api::PeerCred| p.uid == 0),
-            )
-            .await;
+            let front = api::front::Front::start().expect("front thread");
+            let served = front
+                .serve(
+                    listener,
+                    api::router(state, ListenerKind::Unix),
+                    stop_rx,
+                    std::time::Duration::from_secs(1),
+                    api::server::ConnectionLimits::default(),
+                    std::sync::Arc::new(|p: &api::PeerCred| p.uid == 0),
+                )
+                .expect("serve");
+            let _ = served.await;
         });
     });
     ready_rx.recv().expect("api server started");

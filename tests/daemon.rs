@@ -282,6 +282,45 @@ fn a_live_daemons_socket_is_never_taken_over() {
     assert_eq!(first.request("GET", "/healthz", None).0, 200);
 }
 
+/// Every connection is served from one thread at real-time priority (root may use it), so a
+/// probe is answered while compute fills the cores; every other thread of the daemon stays at
+/// ordinary priority, so what requests compute never runs above the host's own work.
+#[test]
+fn connections_are_served_from_a_real_time_front_thread() {
+    require_root!();
+    let daemon = Daemon::start_with(DaemonOptions::default());
+    assert_eq!(daemon.request("GET", "/healthz", None).0, 200);
+    // A handler's work (here the model list) runs off the front thread and still answers.
+    assert_eq!(daemon.request("GET", "/v1/models", None).0, 200);
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue; // a thread that ended meanwhile
+        };
+        // Fields after the name (which may hold spaces); the policy is field 41, the 39th.
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy: u32 = after_name.split(' ').nth(38).unwrap().parse().unwrap();
+        policies.push((name.trim().to_owned(), policy));
+    }
+    const SCHED_FIFO: u32 = 1;
+    let front: Vec<_> = policies.iter().filter(|(n, _)| n == "api-front").collect();
+    assert_eq!(front.len(), 1, "{policies:?}");
+    assert_eq!(front[0].1, SCHED_FIFO, "{policies:?}");
+    assert!(
+        policies
+            .iter()
+            .all(|(n, p)| n == "api-front" || *p != SCHED_FIFO),
+        "{policies:?}"
+    );
+    assert!(
+        daemon.log_text().contains("real-time priority"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
 #[test]
 fn stale_socket_is_removed_and_sigterm_stops_cleanly() {
     let mut daemon = Daemon::prepare(DaemonOptions::default());

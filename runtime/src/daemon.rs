@@ -42,6 +42,8 @@ pub enum DaemonError {
     Isolation(String),
     #[error("failed to install the {0} signal handler: {1}")]
     Signal(&'static str, #[source] std::io::Error),
+    #[error("cannot start the API front thread: {0}")]
+    Front(#[source] std::io::Error),
 }
 
 impl From<SysError> for DaemonError {
@@ -152,6 +154,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let drain = config.drain_timeout;
     let mut servers = tokio::task::JoinSet::new();
+    // Every listener's connections are served from here; their handlers stay on this runtime.
+    let front = api::front::Front::start().map_err(DaemonError::Front)?;
 
     sys::clear_stale_socket(&config.socket)?;
     let unix =
@@ -200,14 +204,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         known.insert(key, (generation, answer));
         answer
     });
-    servers.spawn(server::serve(
-        unix,
-        api::router(state.clone(), ListenerKind::Unix),
-        stop_rx.clone(),
-        drain,
-        limits,
-        is_operator,
-    ));
+    let unix_served = front
+        .serve(
+            unix,
+            api::router(state.clone(), ListenerKind::Unix),
+            stop_rx.clone(),
+            drain,
+            limits,
+            is_operator,
+        )
+        .map_err(DaemonError::Front)?;
+    servers.spawn(async move { unix_served.await.unwrap_or(false) });
     tracing::info!(socket = %config.socket.display(), mode = format!("{mode:04o}"), "control API listening");
 
     for (what, address) in [
@@ -231,14 +238,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             api::metrics_router(state.clone())
         };
         // Bearer tokens are read per request: no TCP peer counts as an operator at accept.
-        servers.spawn(server::serve(
-            listener,
-            router,
-            stop_rx.clone(),
-            drain,
-            limits,
-            Arc::new(|_: &server::TcpPeer| false),
-        ));
+        let served = front
+            .serve(
+                listener,
+                router,
+                stop_rx.clone(),
+                drain,
+                limits,
+                Arc::new(|_: &server::TcpPeer| false),
+            )
+            .map_err(DaemonError::Front)?;
+        servers.spawn(async move { served.await.unwrap_or(false) });
         tracing::info!(%address, listener = what, "TCP listener up");
     }
 

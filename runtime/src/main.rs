@@ -129,9 +129,10 @@ fn main() -> ExitCode {
             ExitCode::from(match e {
                 DaemonError::Policy(_) => exit::CONFIG,
                 DaemonError::AlreadyRunning(_) => exit::UNAVAILABLE,
-                DaemonError::Sys(_) | DaemonError::Signal(..) | DaemonError::Isolation(_) => {
-                    exit::OSERR
-                }
+                DaemonError::Sys(_)
+                | DaemonError::Signal(..)
+                | DaemonError::Front(_)
+                | DaemonError::Isolation(_) => exit::OSERR,
                 DaemonError::Listen { .. }
                 | DaemonError::Metrics(_)
                 | DaemonError::ListenerFailed => exit::SOFTWARE,

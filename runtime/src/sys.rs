@@ -114,6 +114,21 @@ pub fn lower_thread_priority(nice: i32) -> std::io::Result<()> {
     }
 }
 
+/// Moves the calling thread to the lowest real-time priority (`SCHED_FIFO` 1), above every
+/// ordinary thread on the host. Needs `CAP_SYS_NICE` (or an `RLIMIT_RTPRIO` that allows it);
+/// the kernel's real-time throttling still leaves ordinary threads a share of each second.
+/// For a thread that only waits and measures: anything it runs, it runs before the host.
+pub fn realtime_thread() -> std::io::Result<()> {
+    let param = nix::libc::sched_param { sched_priority: 1 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is this thread.
+    let rc = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The supplementary groups of the process at the other end of a Unix socket.
 pub fn peer_groups(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u32>> {
     use nix::libc;

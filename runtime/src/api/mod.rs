@@ -7,6 +7,7 @@
 //! Handlers see only the shared [`DaemonState`] and the identity.
 
 mod error;
+pub mod front;
 mod jobs;
 mod models;
 mod openai;

@@ -23,7 +23,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tower::ServiceExt as _;
 
 use super::PeerCred;
 
@@ -170,6 +169,13 @@ pub trait Acceptor: Send + 'static {
     fn accept(
         &mut self,
     ) -> impl std::future::Future<Output = std::io::Result<(Self::Io, Self::Peer)>> + Send;
+    /// The listener as a plain socket, to register with another runtime.
+    type Plain: Send + 'static;
+    fn into_std(self) -> std::io::Result<Self::Plain>;
+    /// Registers a plain socket with the current runtime.
+    fn from_std(plain: Self::Plain) -> std::io::Result<Self>
+    where
+        Self: Sized;
 }
 
 impl Acceptor for tokio::net::UnixListener {
@@ -185,6 +191,16 @@ impl Acceptor for tokio::net::UnixListener {
         let peer = PeerCred::of(&stream);
         Ok((stream, peer))
     }
+
+    type Plain = std::os::unix::net::UnixListener;
+
+    fn into_std(self) -> std::io::Result<Self::Plain> {
+        tokio::net::UnixListener::into_std(self)
+    }
+
+    fn from_std(plain: Self::Plain) -> std::io::Result<Self> {
+        tokio::net::UnixListener::from_std(plain)
+    }
 }
 
 impl Acceptor for tokio::net::TcpListener {
@@ -199,6 +215,16 @@ impl Acceptor for tokio::net::TcpListener {
         let (stream, address) = tokio::net::TcpListener::accept(self).await?;
         Ok((stream, TcpPeer(address)))
     }
+
+    type Plain = std::net::TcpListener;
+
+    fn into_std(self) -> std::io::Result<Self::Plain> {
+        tokio::net::TcpListener::into_std(self)
+    }
+
+    fn from_std(plain: Self::Plain) -> std::io::Result<Self> {
+        tokio::net::TcpListener::from_std(plain)
+    }
 }
 
 /// Decides whether a peer is an operator, for the connections kept for them.
@@ -206,9 +232,11 @@ pub type IsOperator<P> = Arc<dyn Fn(&P) -> bool + Send + Sync>;
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections finish
 /// their current request for at most `drain`. Returns whether every connection drained.
+/// Connections are served on the current runtime, handlers on `main` (see [`super::front`]).
 pub async fn serve<A: Acceptor>(
     mut listener: A,
     router: Router,
+    main: tokio::runtime::Handle,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
     limits: ConnectionLimits,
@@ -263,10 +291,11 @@ pub async fn serve<A: Acceptor>(
             table: Arc::clone(&table),
             client,
         };
-        let router = router.clone();
+        let (router, main) = (router.clone(), main.clone());
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(peer.clone());
-            router.clone().oneshot(request)
+            let (router, main) = (router.clone(), main.clone());
+            async move { super::front::dispatch(&main, router, request).await }
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
