@@ -1,18 +1,20 @@
-//! The front thread: every listener's accept loop and HTTP framing run on one thread of their
-//! own, at real-time priority where the daemon may use it, so that `/healthz` and the bytes of
-//! every request and response are served within a fraction of a millisecond while the compute
-//! threads fill every core.
+//! The front thread: every listener's accept loop runs on one thread of its own, at real-time
+//! priority where the daemon may use it, so that `/healthz` is answered within a fraction of a
+//! millisecond while the compute threads fill every core.
 //!
 //! Why a priority class and not niceness: under the kernel's fair scheduler a thread of
 //! ordinary priority that has just run can be left waiting for the next tick (4 ms at 250 Hz)
 //! behind a compute thread, however much lower that thread's niceness. Measured on two cores
-//! under 128 streams: `/healthz` p99 3.5-4.5 ms with the listeners on the main runtime, 0.35 ms
+//! under 128 streams: `/healthz` p99 3.5-4.5 ms with the listeners on the main runtime, 0.3 ms
 //! from here (`accelctl bench --probe-health`, whose probe thread is real-time as well).
 //!
-//! Only bounded work runs here: accepting, reading request heads and bodies, writing response
-//! bytes, and `/healthz` itself. What a request computes (its handler, and the frames of a
-//! streamed body) is handed to the main runtime at ordinary priority, so no tenant can make
-//! this thread compute on its behalf, and the kernel's real-time throttling is never needed.
+//! Only bounded work runs here: accepting, and looking at a new connection's first bytes. A
+//! connection that asks for `/healthz` is served here; any other is moved to the main runtime
+//! (ordinary priority) as its first bytes arrive, and speaks HTTP there with no hop per
+//! request. Should a connection served here go on to ask for something else, that request's
+//! handler, and the frames of a streamed body, run on the main runtime and only the bytes pass
+//! through here: no client can make this thread compute on its behalf, so the kernel's
+//! real-time throttling is never what bounds it.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -89,8 +91,8 @@ impl Front {
         })
     }
 
-    /// Serves `router` on `listener` from the front thread (see [`server::serve`]); handlers
-    /// run on the runtime this is called from. The handle answers whether every connection
+    /// Serves `router` on `listener` from the front thread (see [`server::serve`]); requests
+    /// other than `/healthz` are served on the runtime this is called from. The handle answers whether every connection
     /// drained.
     pub fn serve<A: Acceptor>(
         &self,
@@ -130,8 +132,8 @@ impl Drop for Front {
     }
 }
 
-/// Answers one request: `/healthz` here, anything else by its handler on `main`, whose
-/// streamed body is produced there too and only carried here.
+/// Answers one request on a connection served here: `/healthz` in place, anything else by its
+/// handler on `main`, whose streamed body is produced there too and only carried here.
 pub async fn dispatch<B>(
     main: &Handle,
     router: Router,
@@ -169,7 +171,7 @@ where
 }
 
 /// Aborts a spawned task when dropped (a no-op once it has finished).
-struct AbortOnDrop(tokio::task::AbortHandle);
+pub(super) struct AbortOnDrop(pub(super) tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

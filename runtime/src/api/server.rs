@@ -8,6 +8,9 @@
 //! connections cannot lock root out. A refused connection gets a one-line 503 and is closed;
 //! nothing is read from it.
 //!
+//! Each connection is placed by its first bytes: one that asks for `/healthz` is served on the
+//! front thread that accepts, any other on the main runtime (see [`super::front`]).
+//!
 //! We run our own loop over hyper rather than `axum::serve` because a privileged daemon needs
 //! what that helper does not offer: these limits, the header deadline, and the peer's
 //! credentials and groups read from the socket itself when it is accepted.
@@ -23,6 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tower::ServiceExt as _;
 
 use super::PeerCred;
 
@@ -162,13 +166,22 @@ pub struct TcpPeer(pub SocketAddr);
 
 /// Something that accepts connections and says who is on the other end.
 pub trait Acceptor: Send + 'static {
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static;
     type Peer: Clone + Send + Sync + 'static;
     /// Who the peer counts as for connection limits.
     fn client(peer: &Self::Peer) -> ClientKey;
     fn accept(
         &mut self,
     ) -> impl std::future::Future<Output = std::io::Result<(Self::Io, Self::Peer)>> + Send;
+    /// Copies the first bytes a connection sent into `buf`, leaving them to be read.
+    fn peek(
+        io: &Self::Io,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send;
+    /// A connection as a plain socket, to register with another runtime, and back.
+    type PlainIo: Send + 'static;
+    fn io_into_std(io: Self::Io) -> std::io::Result<Self::PlainIo>;
+    fn io_from_std(plain: Self::PlainIo) -> std::io::Result<Self::Io>;
     /// The listener as a plain socket, to register with another runtime.
     type Plain: Send + 'static;
     fn into_std(self) -> std::io::Result<Self::Plain>;
@@ -190,6 +203,31 @@ impl Acceptor for tokio::net::UnixListener {
         let (stream, _) = tokio::net::UnixListener::accept(self).await?;
         let peer = PeerCred::of(&stream);
         Ok((stream, peer))
+    }
+
+    async fn peek(io: &Self::Io, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        loop {
+            io.readable().await?;
+            let peeked = io.try_io(tokio::io::Interest::READABLE, || {
+                nix::sys::socket::recv(io.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_PEEK)
+                    .map_err(std::io::Error::from)
+            });
+            match peeked {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    type PlainIo = std::os::unix::net::UnixStream;
+
+    fn io_into_std(io: Self::Io) -> std::io::Result<Self::PlainIo> {
+        io.into_std()
+    }
+
+    fn io_from_std(plain: Self::PlainIo) -> std::io::Result<Self::Io> {
+        tokio::net::UnixStream::from_std(plain)
     }
 
     type Plain = std::os::unix::net::UnixListener;
@@ -216,6 +254,20 @@ impl Acceptor for tokio::net::TcpListener {
         Ok((stream, TcpPeer(address)))
     }
 
+    async fn peek(io: &Self::Io, buf: &mut [u8]) -> std::io::Result<usize> {
+        io.peek(buf).await
+    }
+
+    type PlainIo = std::net::TcpStream;
+
+    fn io_into_std(io: Self::Io) -> std::io::Result<Self::PlainIo> {
+        io.into_std()
+    }
+
+    fn io_from_std(plain: Self::PlainIo) -> std::io::Result<Self::Io> {
+        tokio::net::TcpStream::from_std(plain)
+    }
+
     type Plain = std::net::TcpListener;
 
     fn into_std(self) -> std::io::Result<Self::Plain> {
@@ -232,7 +284,8 @@ pub type IsOperator<P> = Arc<dyn Fn(&P) -> bool + Send + Sync>;
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections finish
 /// their current request for at most `drain`. Returns whether every connection drained.
-/// Connections are served on the current runtime, handlers on `main` (see [`super::front`]).
+/// Connections that ask for `/healthz` are served on the current runtime (the front thread),
+/// every other on `main` (see [`super::front`]).
 pub async fn serve<A: Acceptor>(
     mut listener: A,
     router: Router,
@@ -291,20 +344,41 @@ pub async fn serve<A: Acceptor>(
             table: Arc::clone(&table),
             client,
         };
-        let (router, main) = (router.clone(), main.clone());
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(peer.clone());
-            let (router, main) = (router.clone(), main.clone());
-            async move { super::front::dispatch(&main, router, request).await }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(io), service);
-        let connection = graceful.watch(connection);
+        let (router, main, watcher) = (router.clone(), main.clone(), graceful.watcher());
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match tokio::time::timeout(header_timeout, asks_for_health::<A>(&io)).await {
+                // Served here, on the front thread, for its promptness (see `super::front`).
+                Ok(Ok(true)) => {
+                    http_connection(io, peer, router, Some(main), header_timeout, watcher).await;
+                }
+                // Moved to the main runtime, where its handlers run, with no hop per request.
+                Ok(Ok(false)) => match A::io_into_std(io) {
+                    Ok(plain) => {
+                        let served = main.spawn(async move {
+                            match A::io_from_std(plain) {
+                                Ok(io) => {
+                                    http_connection(
+                                        io,
+                                        peer,
+                                        router,
+                                        None,
+                                        header_timeout,
+                                        watcher,
+                                    )
+                                    .await;
+                                }
+                                Err(e) => tracing::debug!(error = %e, "cannot move a connection"),
+                            }
+                        });
+                        let _abort = super::front::AbortOnDrop(served.abort_handle());
+                        let _ = served.await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot move a connection"),
+                },
+                Ok(Err(e)) => tracing::debug!(error = %e, "connection failed before its request"),
+                // Nothing within the header deadline: closed, as hyper would.
+                Err(_) => tracing::debug!("no request within the header deadline"),
             }
             drop(place);
         });
@@ -315,9 +389,75 @@ pub async fn serve<A: Acceptor>(
     }
 }
 
+/// Whether a connection's first bytes, as they arrive, ask for `/healthz`. Clients send a
+/// request line in one piece; one that trickles in is simply served as any other.
+async fn asks_for_health<A: Acceptor>(io: &A::Io) -> std::io::Result<bool> {
+    const HEALTH: &[u8] = b"GET /healthz";
+    let mut head = [0u8; HEALTH.len() + 1];
+    let n = A::peek(io, &mut head).await?;
+    Ok(n == head.len() && head.starts_with(HEALTH) && matches!(head[HEALTH.len()], b' ' | b'?'))
+}
+
+/// Speaks HTTP/1.1 on one connection until it closes or the listener drains. With `hop`, the
+/// connection is on the front thread and only `/healthz` is answered in place; otherwise every
+/// request is handled on the current runtime.
+async fn http_connection<Io, P>(
+    io: Io,
+    peer: P,
+    router: Router,
+    hop: Option<tokio::runtime::Handle>,
+    header_timeout: Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    P: Clone + Send + Sync + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(peer.clone());
+        let (router, hop) = (router.clone(), hop.clone());
+        async move {
+            match hop {
+                Some(main) => super::front::dispatch(&main, router, request).await,
+                None => router.oneshot(request).await,
+            }
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_is_placed_by_whether_its_first_bytes_ask_for_health() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        for (sent, health) in [
+            (&b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[..], true),
+            (b"GET /healthz?verbose HTTP/1.1\r\n\r\n", true),
+            (b"GET /healthzz HTTP/1.1\r\n\r\n", false),
+            (b"GET /v1/models HTTP/1.1\r\n\r\n", false),
+            (b"POST /healthz HTTP/1.1\r\n\r\n", false),
+            (b"GET /heal", false),
+        ] {
+            let (mut client, mut server) = tokio::net::UnixStream::pair().unwrap();
+            client.write_all(sent).await.unwrap();
+            let placed = asks_for_health::<tokio::net::UnixListener>(&server)
+                .await
+                .unwrap();
+            assert_eq!(placed, health, "{}", String::from_utf8_lossy(sent));
+            // Looking took nothing away: HTTP reads the request whole.
+            let mut read = vec![0u8; sent.len()];
+            server.read_exact(&mut read).await.unwrap();
+            assert_eq!(read, sent);
+        }
+    }
 
     #[test]
     fn the_refusal_is_well_formed_http_with_json() {
