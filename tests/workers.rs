@@ -379,6 +379,44 @@ fn a_worker_killed_while_idle_is_replaced_by_the_next_request() {
     assert_ne!(now[0], pid);
 }
 
+/// Workers replaced again and again are given up on: five lost within a minute and the
+/// model's requests fail saying so, instead of a sixth being started.
+#[test]
+fn a_worker_that_keeps_crashing_is_not_restarted_for_ever() {
+    require_root!();
+    let daemon = daemon("shared");
+    let (prompt, want) = reference();
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": want.len(), "temperature": 0, "ignore_eos": true});
+    let mut killed = Vec::new();
+    let outcome = loop {
+        let (status, text) =
+            daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+        if status != 200 || killed.len() > 6 {
+            break (status, text);
+        }
+        let pid = workers(&daemon)[0];
+        assert!(
+            !killed.contains(&pid),
+            "a worker served after it was killed"
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        killed.push(pid);
+    };
+    // Four replacements served; the fifth loss is the last.
+    assert_eq!(killed.len(), 5, "{outcome:?}");
+    assert!(outcome.1.contains("not restarted"), "{outcome:?}");
+    assert!(workers(&daemon).is_empty());
+    assert!(
+        daemon.log_text().contains("worker restarted"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
 #[test]
 fn a_read_only_cgroup_filesystem_stops_an_isolated_daemon_with_a_clear_error() {
     require_root!();

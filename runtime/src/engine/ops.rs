@@ -23,6 +23,12 @@ pub trait EngineOps: Send {
     fn take_loss(&mut self) -> Option<Loss> {
         None
     }
+    /// Whether the engine cannot serve yet: a replacement worker is still starting, off the
+    /// device loop's thread. Asked before each plan; the model's requests wait, and the
+    /// device's other models step on meanwhile.
+    fn starting(&mut self) -> bool {
+        false
+    }
 }
 
 /// How a worker process and every sequence it held were lost.
@@ -89,5 +95,8 @@ impl EngineOps for Box<dyn EngineOps> {
     }
     fn take_loss(&mut self) -> Option<Loss> {
         (**self).take_loss()
+    }
+    fn starting(&mut self) -> bool {
+        (**self).starting()
     }
 }

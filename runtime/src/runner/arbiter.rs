@@ -626,11 +626,14 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         }
         self.drop_cancelled();
         self.settle_retiring();
-        // A worker lost between steps (killed while idle, or noticed by a cleanup call).
+        // A worker lost between steps (killed while idle, or noticed by a cleanup call); a
+        // model whose replacement is still starting admits nothing until it is up.
         for m in self.models.placed() {
             if let Some(loss) = self.models[m].engine.take_loss() {
                 self.requeue_lost(m, loss);
             }
+            let starting = self.models[m].engine.starting();
+            self.sched.pause_model(m, starting);
         }
         let now = self.now();
         let plan = self.sched.plan(now);

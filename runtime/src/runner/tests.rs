@@ -749,3 +749,110 @@ fn a_model_is_placed_and_taken_off_a_running_device_without_touching_the_other()
     );
     assert!(arbiter.sched.is_empty());
 }
+
+/// An engine whose worker is being replaced until it has been asked `asks` times, and which
+/// counts every call made of it meanwhile (none should be).
+struct Replacing {
+    inner: Box<dyn EngineOps>,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+    asks: usize,
+    calls_while_starting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Replacing {
+    fn up(&self) -> bool {
+        let up = self.asked.load(std::sync::atomic::Ordering::SeqCst) > self.asks;
+        if !up {
+            self.calls_while_starting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        up
+    }
+}
+
+impl EngineOps for Replacing {
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
+        if !self.up() {
+            return Err(EngineError::WorkerLost("being replaced".into()));
+        }
+        self.inner.add_sequence()
+    }
+    fn remove_sequence(&mut self, id: SeqId) {
+        self.inner.remove_sequence(id);
+    }
+    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.inner.swap_out(id)
+    }
+    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.inner.swap_in(id)
+    }
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        if !self.up() {
+            return Err(EngineError::WorkerLost("being replaced".into()));
+        }
+        self.inner.step(inputs)
+    }
+    fn is_swapped(&self, id: SeqId) -> bool {
+        self.inner.is_swapped(id)
+    }
+    fn sequence_len(&self, id: SeqId) -> Option<usize> {
+        self.inner.sequence_len(id)
+    }
+    fn kv_block_bytes(&self) -> usize {
+        self.inner.kv_block_bytes()
+    }
+    fn starting(&mut self) -> bool {
+        self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < self.asks
+    }
+}
+
+#[test]
+fn a_model_whose_worker_is_being_replaced_waits_while_the_other_model_steps() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let greedy = SamplingParams::greedy();
+    let (arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 8);
+    let (orders, inbox) = crossbeam_channel::unbounded();
+    let mut arbiter = arbiter.with_control(inbox);
+    let (asked, calls_while_starting) = (Arc::new(AtomicUsize::new(0)), Arc::default());
+    let mut slot = tiny_slot("second", &small_spec());
+    slot.engine = Box::new(Replacing {
+        inner: slot.engine,
+        asked: Arc::clone(&asked),
+        asks: 200,
+        calls_while_starting: Arc::clone(&calls_while_starting),
+    });
+    let (reply, placed) = std::sync::mpsc::sync_channel(1);
+    let placed = control(
+        &mut arbiter,
+        &orders,
+        arbiter::Control::Place {
+            slots: vec![slot],
+            reply,
+        },
+        placed,
+    );
+    assert_eq!(placed, [(1, 1)]);
+
+    // The same tenant asks both models: the one being replaced holds nothing up.
+    let first = request("alpha", (1..12).collect(), 20, greedy.clone());
+    let alone = served_alone(&first);
+    let mut waiting = [submit_to(
+        &jobs,
+        (1, 1),
+        request("alpha", vec![3; 8], 10, greedy.clone()),
+    )];
+    let mut stepping = [submit_to(&jobs, (0, 0), first)];
+    assert_eq!(drain(&mut arbiter, &mut stepping).remove(0), alone);
+    assert!(
+        asked.load(Ordering::SeqCst) < 200,
+        "the other model finished only once the replacement was up"
+    );
+    assert!(
+        waiting[0].try_recv().is_err(),
+        "nothing ran on the model being replaced"
+    );
+
+    // Up again, it serves what waited.
+    assert_eq!(drain(&mut arbiter, &mut waiting).remove(0).len(), 10);
+    assert_eq!(calls_while_starting.load(Ordering::SeqCst), 0);
+}

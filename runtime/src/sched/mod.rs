@@ -235,6 +235,8 @@ struct ModelState {
     running: usize,
     /// Unloaded: nothing is submitted to it, and the next model placed takes its index.
     retired: bool,
+    /// Cannot serve for now (its worker is being replaced): nothing of it is admitted.
+    paused: bool,
 }
 
 /// What one tenant has on this device now.
@@ -374,6 +376,7 @@ impl Scheduler {
             host_freed_in_plan: 0,
             running: 0,
             retired: false,
+            paused: false,
         };
         if let Some(i) = self.models.iter().position(|m| m.retired) {
             self.models[i] = state;
@@ -405,6 +408,14 @@ impl Scheduler {
     /// Whether `model` is placed here and not retired.
     pub fn has_model(&self, model: usize) -> bool {
         self.models.get(model).is_some_and(|m| !m.retired)
+    }
+
+    /// Admits nothing of `model` while `paused` (its engine cannot serve yet); what already
+    /// runs is the caller's to requeue. Its tenants' other work is admitted meanwhile.
+    pub fn pause_model(&mut self, model: usize, paused: bool) {
+        if let Some(m) = self.models.get_mut(model) {
+            m.paused = paused;
+        }
     }
 
     /// Runs at most `n` of a model's sequences at once from the next plan on (at least one);
@@ -856,7 +867,7 @@ impl Scheduler {
         }
 
         // Admission: swapped sequences and waiting requests, best-ranked tenant first.
-        let mut closed = vec![false; self.models.len()];
+        let mut closed: Vec<bool> = self.models.iter().map(|m| m.paused).collect();
         let mut skip = vec![false; self.tenants.len()];
         loop {
             let mut best: Option<((u8, f64, u64), usize, SeqKey)> = None;

@@ -11,6 +11,7 @@
 pub mod proto;
 mod remote;
 pub mod render;
+mod respawn;
 pub mod sandbox;
 
 use std::io::{Read, Write};

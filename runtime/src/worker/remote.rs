@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::proto::{self, tag};
+use super::respawn::{Recipe, Respawner};
 use super::{Sandbox, WorkerInit, WorkerReady, SOCKET_FD};
 use crate::engine::ops::{EngineOps, Loss};
 use crate::engine::{EngineError, SeqId, StepInput, StepOutput};
@@ -321,7 +322,7 @@ pub(super) fn launch(
 
 /// Spawns `acceld worker` as `identity` with the socket at [`SOCKET_FD`], and completes the
 /// handshake: `Hello`, `Init`, then `Ready` once the model is loaded.
-fn spawn(
+pub(super) fn spawn(
     init: &WorkerInit,
     files: &[std::sync::Arc<std::fs::File>],
     identity: &WorkerIdentity,
@@ -426,12 +427,16 @@ pub struct RemoteEngine {
     /// When workers were lost (or failed to start) recently, for the crash-loop limit.
     losses: VecDeque<Instant>,
     status: std::sync::Arc<WorkerStatus>,
+    /// Starts replacements off the device loop's thread; made at the first loss.
+    respawner: Option<Respawner>,
 }
 
 /// An engine dropped is a model unloaded (or the daemon stopping): its worker stops, then
 /// its group and gate go.
 impl Drop for RemoteEngine {
     fn drop(&mut self) {
+        // A replacement still starting is waited for and stopped before its group goes.
+        self.respawner.take();
         if self.connection.take().is_some() {
             tracing::info!(model = %self.init.model, device = %self.init.device, "worker stopped");
         }
@@ -485,6 +490,7 @@ impl RemoteEngine {
                 oom_kills_at_start,
                 losses: VecDeque::new(),
                 status,
+                respawner: None,
             },
             ready,
         ))
@@ -495,54 +501,94 @@ impl RemoteEngine {
         std::sync::Arc::clone(&self.status)
     }
 
-    /// The live worker, starting a new one (after a loss) unless they crash in a loop.
+    /// The live worker. Without one, a replacement is on its way (see [`Self::replacing`]),
+    /// or workers crashed in a loop and none is started again.
     fn connection(&mut self) -> Result<&mut Connection, EngineError> {
-        if self.connection.is_none() {
-            let now = Instant::now();
-            while self
-                .losses
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
-            {
-                self.losses.pop_front();
-            }
-            if self.losses.len() >= MAX_CRASHES {
-                return Err(EngineError::Worker(format!(
-                    "the model's worker was lost {} times within {} s; it is not restarted (see the daemon log)",
-                    self.losses.len(),
-                    CRASH_WINDOW.as_secs()
-                )));
-            }
-            // Back off a little more after each recent loss.
-            std::thread::sleep(Duration::from_millis(100 << self.losses.len().min(5)));
-            let spawned = spawn(
-                &self.init,
-                &self.files,
-                &self.identity,
-                self.sandbox
-                    .as_deref()
-                    .map(|s| (s, self.status.pool.as_str())),
-            );
-            let (connection, _) = match spawned {
-                Ok(spawned) => spawned,
-                Err(why) => {
-                    // A worker that cannot start counts against the crash-loop limit too.
-                    self.losses.push_back(Instant::now());
-                    tracing::error!(model = %self.init.model, reason = %why, "a replacement worker could not start");
-                    return Err(EngineError::WorkerLost(why));
-                }
-            };
-            tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
-            self.status.set_pid(Some(connection.child.id()));
-            self.oom_kills_at_start = self.status.group_oom_kills();
-            self.status
-                .restarts
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.connection = Some(connection);
+        if self.connection.is_none() && !self.replacing() && self.crash_looping() {
+            return Err(EngineError::Worker(format!(
+                "the model's worker was lost {} times within {} s; it is not restarted (see the daemon log)",
+                self.losses.len(),
+                CRASH_WINDOW.as_secs()
+            )));
         }
         self.connection
             .as_mut()
-            .ok_or_else(|| EngineError::WorkerLost("no worker".into()))
+            .ok_or_else(|| EngineError::WorkerLost("its worker is being replaced".into()))
+    }
+
+    /// Whether the crash-loop limit is reached: too many workers lost (or failed to start)
+    /// within the window.
+    fn crash_looping(&mut self) -> bool {
+        let now = Instant::now();
+        while self
+            .losses
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+        {
+            self.losses.pop_front();
+        }
+        self.losses.len() >= MAX_CRASHES
+    }
+
+    /// Without a worker: takes in the replacement once it has started, and orders one (after
+    /// a backoff that grows with each recent loss) when none is on its way, unless workers
+    /// crash in a loop. Whether a replacement is still on its way.
+    fn replacing(&mut self) -> bool {
+        if self.connection.is_some() {
+            return false;
+        }
+        match self.respawner.as_mut().and_then(Respawner::try_take) {
+            Some(Ok((connection, _))) => {
+                tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
+                self.status.set_pid(Some(connection.child.id()));
+                self.oom_kills_at_start = self.status.group_oom_kills();
+                self.status
+                    .restarts
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.connection = Some(connection);
+                return false;
+            }
+            Some(Err(why)) => {
+                // A worker that cannot start counts against the crash-loop limit too.
+                self.losses.push_back(Instant::now());
+                tracing::error!(model = %self.init.model, reason = %why, "a replacement worker could not start");
+            }
+            None if self.respawner.as_ref().is_some_and(Respawner::pending) => return true,
+            None => {}
+        }
+        if self.crash_looping() {
+            return false;
+        }
+        if self.respawner.is_none() {
+            let recipe = Recipe {
+                init: self.init.clone(),
+                files: self.files.clone(),
+                identity: self.identity.clone(),
+                sandbox: self.sandbox.clone(),
+                pool: self.status.pool.clone(),
+            };
+            match Respawner::new(recipe) {
+                Ok(respawner) => self.respawner = Some(respawner),
+                Err(e) => {
+                    self.losses.push_back(Instant::now());
+                    tracing::error!(model = %self.init.model, error = %e, "cannot start a thread to replace the worker");
+                    return false;
+                }
+            }
+        }
+        let backoff = Duration::from_millis(100 << self.losses.len().min(5));
+        let ordered = self
+            .respawner
+            .as_mut()
+            .map_or(Err("no respawner".to_owned()), |r| r.order(backoff));
+        match ordered {
+            Ok(()) => true,
+            Err(why) => {
+                self.losses.push_back(Instant::now());
+                tracing::error!(model = %self.init.model, reason = %why, "cannot order a replacement worker");
+                false
+            }
+        }
     }
 
     /// Forgets a worker that failed: it is killed and reaped, and everything it held is gone.
@@ -705,6 +751,10 @@ impl EngineOps for RemoteEngine {
 
     fn take_loss(&mut self) -> Option<Loss> {
         self.lost.take()
+    }
+
+    fn starting(&mut self) -> bool {
+        self.replacing()
     }
 }
 
