@@ -570,3 +570,116 @@ fn wrong_config_fields_are_named() {
         assert!(err.to_string().contains(needle), "{field}: {err}");
     }
 }
+
+/// Feeds `tokens` to `seq` and greedily continues `steps` tokens; the first step's last
+/// logits and the continuation.
+fn feed_and_continue(
+    engine: &mut Engine<CpuBackend>,
+    seq: SeqId,
+    tokens: &[u32],
+    steps: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut logits = engine
+        .step(&[StepInput {
+            seq,
+            tokens,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap()
+        .remove(0)
+        .logits
+        .remove(0);
+    let first = logits.clone();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits) as u32;
+        out.push(next);
+        logits = engine
+            .step(&[StepInput {
+                seq,
+                tokens: &[next],
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0)
+            .logits
+            .remove(0);
+    }
+    (first, out)
+}
+
+/// The prefix cache: a sequence of the same scope whose tokens start as an earlier one's did
+/// holds that one's full blocks (the same block numbers) and computes only the rest, with the
+/// logits and greedy continuation of a run without the cache; another scope holds nothing; a
+/// prompt wholly cached still computes its last token; blocks nobody holds are evicted when
+/// the pool needs them.
+#[test]
+fn a_common_prefix_is_shared_within_a_scope_and_changes_no_output() {
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let prompts = prompts(&json(&dir.join("expected.json")));
+    let first: Vec<u32> = prompts.iter().flatten().copied().cycle().take(40).collect();
+    // The same 36 tokens (two full blocks and a part), then others.
+    let mut second = first[..36].to_vec();
+    second.extend([5, 6, 7, 8, 9]);
+
+    let mut plain = engine_for(&model);
+    plain.disable_prefix_cache();
+    let (plain_seq, held) = plain.add_sequence_cached("alpha", &second);
+    assert_eq!(held, 0, "a disabled cache holds nothing");
+    let (want_logits, want) = feed_and_continue(&mut plain, plain_seq, &second, 8);
+
+    let mut engine = engine_for(&model);
+    let (a, held) = engine.add_sequence_cached("alpha", &first);
+    assert_eq!(held, 0);
+    feed_and_continue(&mut engine, a, &first, 3);
+    let (b, held) = engine.add_sequence_cached("alpha", &second);
+    assert_eq!(held, 32, "two full blocks of 16");
+    assert_eq!(
+        engine.block_table(b).unwrap(),
+        &engine.block_table(a).unwrap()[..2]
+    );
+    let free_before = engine.free_blocks();
+    let (got_logits, got) = feed_and_continue(&mut engine, b, &second[32..], 8);
+    assert_eq!(got, want);
+    assert!(
+        relative_error(&got_logits, &want_logits) < 1e-5,
+        "{}",
+        relative_error(&got_logits, &want_logits)
+    );
+    // Its own blocks: the rest of its 49 tokens, 2 blocks beyond the shared 2.
+    assert_eq!(free_before - engine.free_blocks(), 2);
+
+    // Another tenant's identical prompt holds nothing.
+    let (c, held) = engine.add_sequence_cached("beta", &second);
+    assert_eq!(held, 0);
+    engine.remove_sequence(c);
+    // A prompt whose every block is cached still leaves its last token to compute.
+    let (d, held) = engine.add_sequence_cached("alpha", &first[..32]);
+    assert_eq!(held, 16);
+    engine.remove_sequence(d);
+
+    // Everyone gone: every block is free again (cached ones count as free) and a sequence
+    // that needs the whole pool evicts them.
+    engine.remove_sequence(a);
+    engine.remove_sequence(b);
+    assert_eq!(engine.free_blocks(), 64);
+    assert!(engine.cached_blocks() > 0);
+    let (e, held) = engine.add_sequence_cached("alpha", &second);
+    assert_eq!(held, 32, "still cached after its holders left");
+    engine.remove_sequence(e);
+    // Four sequences of the model's whole context (256 tokens, 16 blocks) fill the pool.
+    let long: Vec<u32> = first.iter().copied().cycle().take(256).collect();
+    for _ in 0..4 {
+        let seq = engine.add_sequence();
+        engine
+            .step(&[StepInput {
+                seq,
+                tokens: &long,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap();
+    }
+    assert_eq!(engine.free_blocks(), 0);
+    assert_eq!(engine.cached_blocks(), 0, "evicted to make room");
+}

@@ -698,3 +698,81 @@ fn smollm2_samples_at_its_defaults_and_accelctl_sends_none() {
         ask(5, json!({})).trim_end()
     );
 }
+
+/// Two tenants any local user may be acted for by an operator.
+const ALPHA_AND_BETA: &str =
+    "tenants:\n  - name: alpha\n    match: {default: true}\n  - name: beta\n    match: {uids: [61002]}\n";
+
+/// POSTs `body` to `path` as an operator acting for `tenant`.
+fn post_for(daemon: &Daemon, tenant: &str, path: &str, body: &Value) -> Value {
+    let stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let (status, text) = accel_tests::http_exchange(
+        stream,
+        "POST",
+        path,
+        Some(body.to_string().as_bytes()),
+        &[
+            ("Content-Type", "application/json"),
+            ("x-accel-tenant", tenant),
+        ],
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The prefix cache end to end: a tenant's second request that starts as its first did holds
+/// the first's full blocks (usage's `cached_tokens`, the hit metrics) and answers exactly as
+/// from a cold cache; another tenant's identical request holds nothing; a conversation's
+/// second turn computes only what is new since the first.
+#[test]
+fn a_tenants_repeated_prefix_comes_from_its_own_cache_only() {
+    let daemon = tiny_daemon(Some(ALPHA_AND_BETA));
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let cached = |answer: &Value| answer["usage"]["prompt_tokens_details"]["cached_tokens"].clone();
+    let cold = post_for(&daemon, "alpha", "/v1/completions", &body);
+    assert_eq!(cached(&cold), 0, "{cold}");
+    let warm = post_for(&daemon, "alpha", "/v1/completions", &body);
+    assert_eq!(cached(&warm), 32, "two full blocks of 16: {warm}");
+    assert_eq!(warm["choices"][0]["text"], cold["choices"][0]["text"]);
+    let other = post_for(&daemon, "beta", "/v1/completions", &body);
+    assert_eq!(cached(&other), 0, "{other}");
+    assert_eq!(other["choices"][0]["text"], cold["choices"][0]["text"]);
+
+    let (_, metrics) = daemon.request("GET", "/metrics", None);
+    let value = |family: &str, tenant: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{family}{{model=\"tiny\",tenant=\"{tenant}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        value("accel_prefix_cache_queries_total", "alpha"),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(value("accel_prefix_cache_hits_total", "alpha"), 1.0);
+    assert_eq!(value("accel_prefix_cache_hit_tokens_total", "alpha"), 32.0);
+    assert_eq!(value("accel_prefix_cache_hit_tokens_total", "beta"), 0.0);
+
+    // A conversation: the second turn holds at least the first turn's prompt, in full blocks.
+    let words = "alpha beta gamma delta epsilon zeta eta theta iota kappa ".repeat(4);
+    let mut messages = vec![json!({"role": "user", "content": words})];
+    let chat = |messages: &Vec<Value>| json!({"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0});
+    let first = post_for(&daemon, "alpha", "/v1/chat/completions", &chat(&messages));
+    let first_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(first_prompt >= 32, "{first}");
+    messages
+        .push(json!({"role": "assistant", "content": first["choices"][0]["message"]["content"]}));
+    messages.push(json!({"role": "user", "content": "and then?"}));
+    let second = post_for(&daemon, "alpha", "/v1/chat/completions", &chat(&messages));
+    let held = cached(&second).as_u64().unwrap();
+    let second_prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        held >= first_prompt / 16 * 16,
+        "{held} of {second_prompt}: {second}"
+    );
+    assert!(held < second_prompt && held % 16 == 0, "{second}");
+}

@@ -175,7 +175,11 @@ fn a_job_answers_each_line_as_the_api_would_and_only_its_tenant_sees_it() {
             answer["response"]["body"]["choices"], direct["choices"],
             "{custom_id}: the job's answer differs from the API's"
         );
-        assert_eq!(answer["response"]["body"]["usage"], direct["usage"]);
+        // The same counts; how much of the prompt the prefix cache held depends on what ran
+        // before each (the direct request finds the job's blocks).
+        for count in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            assert_eq!(answer["response"]["body"]["usage"][count], direct["usage"][count]);
+        }
     }
     // The three bad lines, each failed alone and saying why.
     let (_, errors) = as_tenant(

@@ -218,6 +218,10 @@ pub struct ModelSpec {
     /// `auto`, `swap` or `recompute`.
     #[serde(default)]
     pub preemption: PreemptionMode,
+    /// Keep full KV blocks for reuse by the same tenant's later requests that start with the
+    /// same tokens (never across tenants).
+    #[serde(default = "default_prefix_cache")]
+    pub prefix_cache: bool,
     /// Sampling for requests that leave these fields out; over the model's own
     /// `generation_config.json`, if it has one.
     #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
@@ -242,6 +246,10 @@ fn default_max_batch_tokens() -> usize {
 
 fn default_swap_blocks() -> usize {
     128
+}
+
+fn default_prefix_cache() -> bool {
+    true
 }
 
 impl ModelSpec {
@@ -290,6 +298,7 @@ impl ModelSpec {
             max_batch_tokens: default_max_batch_tokens(),
             swap_blocks: default_swap_blocks(),
             preemption: PreemptionMode::Auto,
+            prefix_cache: true,
             // SmolLM2-Instruct's model card samples at these; its GGUF file carries none.
             sampling_defaults: SamplingDefaults {
                 temperature: Some(0.2),

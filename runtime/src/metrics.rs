@@ -427,6 +427,9 @@ pub struct SchedMetrics {
     pub preemptions: IntCounterVec,
     pub rejections: IntCounterVec,
     pub queue_time: HistogramVec,
+    pub prefix_queries: IntCounterVec,
+    pub prefix_hits: IntCounterVec,
+    pub prefix_hit_tokens: IntCounterVec,
 }
 
 impl SchedMetrics {
@@ -486,7 +489,31 @@ impl SchedMetrics {
                 .buckets(INFERENCE_BUCKETS.to_vec()),
                 &["tenant", "model"],
             )?,
+            prefix_queries: IntCounterVec::new(
+                Opts::new(
+                    "accel_prefix_cache_queries_total",
+                    "Sequences started through the prefix cache, by tenant and model.",
+                ),
+                &["tenant", "model"],
+            )?,
+            prefix_hits: IntCounterVec::new(
+                Opts::new(
+                    "accel_prefix_cache_hits_total",
+                    "Sequences that started holding cached blocks, by tenant and model.",
+                ),
+                &["tenant", "model"],
+            )?,
+            prefix_hit_tokens: IntCounterVec::new(
+                Opts::new(
+                    "accel_prefix_cache_hit_tokens_total",
+                    "Tokens held from the prefix cache instead of computed, by tenant and model.",
+                ),
+                &["tenant", "model"],
+            )?,
         };
+        registry.register(Box::new(this.prefix_queries.clone()))?;
+        registry.register(Box::new(this.prefix_hits.clone()))?;
+        registry.register(Box::new(this.prefix_hit_tokens.clone()))?;
         registry.register(Box::new(this.waiting.clone()))?;
         registry.register(Box::new(this.running.clone()))?;
         registry.register(Box::new(this.swapped.clone()))?;

@@ -212,6 +212,7 @@ mod tests {
             reason: FinishReason::Length,
             prompt_tokens: 3,
             completion_tokens: 2,
+            cached_tokens: 0,
         };
         up.send(done.clone()).unwrap();
         assert_eq!(rx.recv().await, Some(done));

@@ -45,6 +45,9 @@ pub enum ModelsCommand {
         /// auto, swap or recompute.
         #[arg(long)]
         preemption: Option<String>,
+        /// Share nothing between requests: no prefix cache for this model.
+        #[arg(long)]
+        no_prefix_cache: bool,
         /// Return once the daemon accepted the load, without following it.
         #[arg(long)]
         no_wait: bool,
@@ -99,6 +102,7 @@ pub async fn run(
             max_batch_tokens,
             swap_blocks,
             preemption,
+            no_prefix_cache,
             no_wait,
         }) => {
             let defaults = ModelSpec::default_model();
@@ -124,6 +128,7 @@ pub async fn run(
                         )))
                     }
                 },
+                prefix_cache: !no_prefix_cache,
                 sampling_defaults: SamplingDefaults::default(),
             };
             load(client, &spec, !no_wait, json).await

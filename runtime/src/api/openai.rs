@@ -948,6 +948,7 @@ async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiErr
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 let calls = job.calls(&text, false);
                 let reason = if calls.is_some() {
@@ -956,11 +957,7 @@ async fn whole(state: Arc<DaemonState>, mut job: Job) -> Result<Response, ApiErr
                     reason_str(reason)
                 };
                 timing.done(&state, &job, reason);
-                let usage = Some(Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
-                });
+                let usage = Some(Usage::new(prompt_tokens, completion_tokens, cached_tokens));
                 let created = unix_now();
                 let body = if job.chat {
                     serde_json::to_value(ChatResponse {
@@ -1156,6 +1153,7 @@ fn stream(
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                 }) => {
                     let held = std::mem::take(&mut s.held);
                     let calls = s.job.calls(&held, true);
@@ -1166,11 +1164,10 @@ fn stream(
                     };
                     s.timing.done(&s.state, &s.job, reason);
                     s.finished = true;
-                    let usage = s.job.include_usage.then_some(Usage {
-                        prompt_tokens,
-                        completion_tokens,
-                        total_tokens: prompt_tokens + completion_tokens,
-                    });
+                    let usage = s
+                        .job
+                        .include_usage
+                        .then(|| Usage::new(prompt_tokens, completion_tokens, cached_tokens));
                     // What was held back goes out before the finish: the calls, or the text
                     // it turned out to be.
                     let logprobs = std::mem::take(&mut s.held_logprobs);

@@ -11,6 +11,7 @@ pub mod sampling;
 use std::collections::HashMap;
 
 use crate::backend::{Backend, BackendError, CopyTicket, Heads, KvLayout, SeqSlice, StepLayout};
+use crate::kv::prefix::{self, ChainState};
 use crate::kv::{BlockPool, BlockTable, OutOfBlocks};
 use crate::model::{ModelConfig, ModelWeights};
 
@@ -119,6 +120,10 @@ pub struct Engine<B: Backend> {
     /// Device blocks of swapped-out sequences, free once their copy has finished.
     pending_free: Vec<(CopyTicket, Vec<u32>)>,
     indices: StepIndices,
+    /// Sequences started through the prefix cache: where their token chains stand, so each
+    /// block they fill is published (see [`crate::kv`]).
+    chains: HashMap<SeqId, ChainState>,
+    prefix_cache: bool,
 }
 
 /// A step's host-side indices, kept between steps so decoding does not allocate them.
@@ -258,7 +263,71 @@ impl<B: Backend> Engine<B> {
             parked: HashMap::new(),
             pending_free: Vec::new(),
             indices: StepIndices::default(),
+            chains: HashMap::new(),
+            prefix_cache: true,
         })
+    }
+
+    /// Turns the prefix cache off (it is on from the start): sequences then share nothing.
+    pub fn disable_prefix_cache(&mut self) {
+        self.prefix_cache = false;
+    }
+
+    /// Starts a sequence that will be fed `tokens` first, holding the longest run of their
+    /// full blocks that a sequence of the same `scope` published before; returns it and how
+    /// many of `tokens` it already holds (a multiple of the block size, and never all of
+    /// them, so feeding the rest yields the last token's logits).
+    pub fn add_sequence_cached(&mut self, scope: &str, tokens: &[u32]) -> (SeqId, usize) {
+        let id = self.add_sequence();
+        if !self.prefix_cache {
+            return (id, 0);
+        }
+        let block_size = self.pool.block_size();
+        let start = prefix::scope_key(scope);
+        let usable = tokens.len().saturating_sub(1);
+        let mut shared = Vec::new();
+        let mut key = start;
+        for k in prefix::chain(start, &tokens[..usable], block_size) {
+            match self.pool.share(&k) {
+                Some(block) => {
+                    shared.push(block);
+                    key = k;
+                }
+                None => break,
+            }
+        }
+        let blocks = shared.len();
+        let held = blocks * block_size;
+        self.seqs.insert(id, BlockTable::from_blocks(shared, held));
+        self.chains.insert(id, ChainState::new(key, blocks));
+        (id, held)
+    }
+
+    /// After a step: publishes the blocks its tokens filled in sequences that keep a chain.
+    fn publish_filled(&mut self, inputs: &[StepInput<'_>]) {
+        let block_size = self.pool.block_size();
+        for input in inputs {
+            let (Some(chain), Some(table)) =
+                (self.chains.get_mut(&input.seq), self.seqs.get(&input.seq))
+            else {
+                continue;
+            };
+            for (index, key) in chain.feed(input.tokens, block_size) {
+                if let Some(&block) = table.blocks().get(index) {
+                    self.pool.publish(block, key);
+                }
+            }
+        }
+    }
+
+    /// Device blocks published in the prefix cache, held or idle.
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.cached_blocks()
+    }
+
+    /// A sequence's device blocks, in order (tests).
+    pub fn block_table(&self, id: SeqId) -> Option<&[u32]> {
+        self.seqs.get(&id).map(BlockTable::blocks)
     }
 
     /// Allocates `host_blocks` blocks of swap space (page-locked host memory on a GPU), each
@@ -367,6 +436,7 @@ impl<B: Backend> Engine<B> {
 
     /// Forgets a sequence and frees its blocks.
     pub fn remove_sequence(&mut self, id: SeqId) {
+        self.chains.remove(&id);
         if let Some(mut table) = self.seqs.remove(&id) {
             table.release(&mut self.pool);
         }
@@ -467,8 +537,9 @@ impl<B: Backend> Engine<B> {
             }
         }
         let result = B::run_step(|| self.forward(inputs, &before));
-        if result.is_err() {
-            self.rollback(inputs, &before);
+        match &result {
+            Ok(_) => self.publish_filled(inputs),
+            Err(_) => self.rollback(inputs, &before),
         }
         result
     }

@@ -7,6 +7,17 @@ use crate::backend::Backend;
 pub trait EngineOps: Send {
     /// A new, empty sequence.
     fn add_sequence(&mut self) -> Result<SeqId, EngineError>;
+    /// A new sequence to be fed `tokens` first, holding what the prefix cache has of them for
+    /// `scope` (see [`Engine::add_sequence_cached`]); how many tokens it holds. An engine
+    /// without a cache holds none.
+    fn add_sequence_cached(
+        &mut self,
+        scope: &str,
+        tokens: &[u32],
+    ) -> Result<(SeqId, usize), EngineError> {
+        let _ = (scope, tokens);
+        Ok((self.add_sequence()?, 0))
+    }
     /// Forgets a sequence and frees its blocks; unknown ids are ignored.
     fn remove_sequence(&mut self, id: SeqId);
     fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError>;
@@ -45,6 +56,13 @@ impl<B: Backend> EngineOps for Engine<B> {
     fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
         Ok(Engine::add_sequence(self))
     }
+    fn add_sequence_cached(
+        &mut self,
+        scope: &str,
+        tokens: &[u32],
+    ) -> Result<(SeqId, usize), EngineError> {
+        Ok(Engine::add_sequence_cached(self, scope, tokens))
+    }
     fn remove_sequence(&mut self, id: SeqId) {
         Engine::remove_sequence(self, id);
     }
@@ -71,6 +89,13 @@ impl<B: Backend> EngineOps for Engine<B> {
 impl EngineOps for Box<dyn EngineOps> {
     fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
         (**self).add_sequence()
+    }
+    fn add_sequence_cached(
+        &mut self,
+        scope: &str,
+        tokens: &[u32],
+    ) -> Result<(SeqId, usize), EngineError> {
+        (**self).add_sequence_cached(scope, tokens)
     }
     fn remove_sequence(&mut self, id: SeqId) {
         (**self).remove_sequence(id);

@@ -2,9 +2,23 @@
 //! sequence. Pure logic with no backend types; only a backend touches the memory the block
 //! numbers index.
 //!
-//! Costs: allocating or freeing `n` blocks is O(n); a slot lookup is O(1).
-//! Invariants: a block is either free or owned by exactly one table; a table holds exactly
-//! `ceil(len / block_size)` blocks.
+//! Blocks are counted by holder: a table, or a copy in flight. A full block whose tokens are
+//! known can be published under the key of its token chain ([`prefix`]); another sequence of
+//! the same scope (tenant and model) whose prompt starts with the same tokens then holds the
+//! same block instead of computing it again. Only full blocks are shared, and a table only
+//! ever writes past its last full block, so a shared block is never written. A published
+//! block nobody holds stays cached and counts as free: it is evicted, least recently let go
+//! first, when the pool needs it.
+//!
+//! Costs: allocating or freeing `n` blocks is O(n log n) at worst (eviction order); a slot
+//! lookup is O(1). Invariants: a block is free, idle in the cache, or held; its count of
+//! holders is exact; a table holds exactly `ceil(len / block_size)` blocks.
+
+pub mod prefix;
+
+use std::collections::{BTreeMap, HashMap};
+
+pub use self::prefix::Key;
 
 /// Default tokens per block.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -18,45 +32,132 @@ pub struct OutOfBlocks {
     pub block_size: usize,
 }
 
-/// Free blocks of the device tier.
+/// The blocks of a pool, free and held, and the published ones (the prefix cache).
 #[derive(Debug, Clone)]
 pub struct BlockPool {
     block_size: usize,
     free: Vec<u32>,
+    /// Holders of each block.
+    holders: Vec<u32>,
+    by_key: HashMap<Key, u32>,
+    key_of: HashMap<u32, Key>,
+    /// Published blocks nobody holds, by when they were let go (oldest evicted first).
+    idle: BTreeMap<u64, u32>,
+    idle_since: HashMap<u32, u64>,
+    clock: u64,
 }
 
 impl BlockPool {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
         // Hand out low block numbers first (a stack popped from the end).
         let free = (0..num_blocks as u32).rev().collect();
-        Self { block_size, free }
+        Self {
+            block_size,
+            free,
+            holders: vec![0; num_blocks],
+            by_key: HashMap::new(),
+            key_of: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_since: HashMap::new(),
+            clock: 0,
+        }
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
     }
 
+    /// Blocks that can be taken: free ones and cached ones nobody holds.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
     }
 
-    /// Takes `n` blocks (low numbers first, so a fresh pool hands out runs), or none.
+    /// Published blocks, held or idle.
+    pub fn cached_blocks(&self) -> usize {
+        self.key_of.len()
+    }
+
+    /// Takes `n` blocks (low numbers first, so a fresh pool hands out runs), evicting cached
+    /// blocks nobody holds when the free ones are too few; or takes none.
     pub fn take(&mut self, n: usize) -> Result<Vec<u32>, OutOfBlocks> {
-        if n > self.free.len() {
+        if n > self.free_blocks() {
             return Err(OutOfBlocks {
                 needed: n,
-                free: self.free.len(),
+                free: self.free_blocks(),
                 block_size: self.block_size,
             });
         }
-        let mut taken = self.free.split_off(self.free.len() - n);
+        while self.free.len() < n {
+            let Some((_, block)) = self.idle.pop_first() else {
+                break;
+            };
+            self.idle_since.remove(&block);
+            if let Some(key) = self.key_of.remove(&block) {
+                self.by_key.remove(&key);
+            }
+            self.free.push(block);
+        }
+        let mut taken = self.free.split_off(self.free.len().saturating_sub(n));
         taken.reverse();
+        for &b in &taken {
+            self.holders[b as usize] = 1;
+        }
         Ok(taken)
     }
 
-    /// Returns blocks taken from this pool.
+    /// Lets go of blocks taken or shared from this pool: each is free (or idle in the cache,
+    /// if published) once its last holder lets go.
     pub fn give_back(&mut self, blocks: impl IntoIterator<Item = u32>) {
-        self.free.extend(blocks);
+        for block in blocks {
+            let Some(holders) = self.holders.get_mut(block as usize) else {
+                debug_assert!(false, "block {block} is not of this pool");
+                continue;
+            };
+            if *holders == 0 {
+                debug_assert!(false, "block {block} given back twice");
+                continue;
+            }
+            *holders -= 1;
+            if *holders > 0 {
+                continue;
+            }
+            if self.key_of.contains_key(&block) {
+                self.clock += 1;
+                self.idle.insert(self.clock, block);
+                self.idle_since.insert(block, self.clock);
+            } else {
+                self.free.push(block);
+            }
+        }
+    }
+
+    /// The block published under `key`, now held once more; none if no block is.
+    pub fn share(&mut self, key: &Key) -> Option<u32> {
+        let block = *self.by_key.get(key)?;
+        if let Some(since) = self.idle_since.remove(&block) {
+            self.idle.remove(&since);
+        }
+        self.holders[block as usize] += 1;
+        Some(block)
+    }
+
+    /// Publishes a held, full block under the key of its token chain. A key already published
+    /// (the same tokens in another block) keeps its block; this one stays private.
+    pub fn publish(&mut self, block: u32, key: Key) -> bool {
+        if self.holders.get(block as usize).is_none_or(|&h| h == 0)
+            || self.by_key.contains_key(&key)
+            || self.key_of.contains_key(&block)
+        {
+            return false;
+        }
+        self.by_key.insert(key, block);
+        self.key_of.insert(block, key);
+        true
+    }
+
+    /// Holders of `block` (tests and invariant checks).
+    pub fn holders(&self, block: u32) -> u32 {
+        self.holders.get(block as usize).copied().unwrap_or(0)
     }
 }
 
@@ -173,6 +274,99 @@ mod tests {
         let mut blocks = c.blocks().to_vec();
         blocks.sort_unstable();
         assert_eq!(blocks, [0, 1]);
+    }
+
+    #[test]
+    fn a_published_block_is_shared_kept_while_idle_and_evicted_last_let_go_last() {
+        let mut pool = BlockPool::new(4, 4);
+        let key = |i: u8| [i; 16];
+        let mut a = BlockTable::new();
+        a.grow(&mut pool, 8).unwrap();
+        let (first, second) = (a.blocks()[0], a.blocks()[1]);
+        assert!(pool.publish(first, key(1)));
+        assert!(pool.publish(second, key(2)));
+        assert!(!pool.publish(second, key(3)), "a block has one key");
+        // Another table holds the same two blocks.
+        let shared: Vec<u32> = [key(1), key(2)]
+            .iter()
+            .filter_map(|k| pool.share(k))
+            .collect();
+        assert_eq!(shared, [first, second]);
+        assert_eq!(pool.holders(first), 2);
+        let mut b = BlockTable::from_blocks(shared, 8);
+        b.grow(&mut pool, 9).unwrap();
+        a.release(&mut pool);
+        assert_eq!(pool.holders(first), 1, "b still holds it");
+        assert_eq!(pool.free_blocks(), 1);
+        // Let go by everyone: idle, still found, and counted free.
+        b.release(&mut pool);
+        assert_eq!(pool.free_blocks(), 4);
+        assert_eq!(pool.cached_blocks(), 2);
+        // Taking all but one evicts the block let go first.
+        let taken = pool.take(3).unwrap();
+        assert!(
+            taken.contains(&first) && !taken.contains(&second),
+            "{taken:?}"
+        );
+        assert_eq!(pool.share(&key(1)), None);
+        assert_eq!(pool.share(&key(2)), Some(second));
+        pool.give_back(taken);
+        pool.give_back([second]);
+        assert_eq!(pool.free_blocks(), 4);
+        assert!(pool.take(5).is_err());
+    }
+
+    #[test]
+    fn holders_are_counted_exactly_through_sharing_and_eviction() {
+        let bs = 4;
+        let mut pool = BlockPool::new(32, bs);
+        let mut tables: Vec<BlockTable> = (0..6).map(|_| BlockTable::new()).collect();
+        for round in 0..400usize {
+            let i = round * 5 % tables.len();
+            match round % 6 {
+                5 => tables[i].release(&mut pool),
+                4 => {
+                    // Start again from another table's published prefix.
+                    tables[i].release(&mut pool);
+                    let from = (i + 1) % tables.len();
+                    let full = tables[from].len() / bs;
+                    let keys: Vec<Key> = (0..full).map(|j| [(from * 64 + j) as u8; 16]).collect();
+                    let mut shared = Vec::new();
+                    for k in &keys {
+                        match pool.share(k) {
+                            Some(b) => shared.push(b),
+                            None => break,
+                        }
+                    }
+                    let len = shared.len() * bs;
+                    tables[i] = BlockTable::from_blocks(shared, len);
+                }
+                _ => {
+                    let len = tables[i].len() + round % 7 + 1;
+                    if tables[i].grow(&mut pool, len).is_ok() {
+                        // Publish its full blocks under keys of its own.
+                        for (j, &b) in tables[i].blocks()[..len / bs].iter().enumerate() {
+                            pool.publish(b, [(i * 64 + j) as u8; 16]);
+                        }
+                    }
+                }
+            }
+            let mut held: HashMap<u32, u32> = HashMap::new();
+            for t in &tables {
+                for &b in t.blocks() {
+                    *held.entry(b).or_default() += 1;
+                }
+                assert_eq!(t.blocks().len(), t.len().div_ceil(bs));
+            }
+            for b in 0..32u32 {
+                assert_eq!(
+                    pool.holders(b),
+                    held.get(&b).copied().unwrap_or(0),
+                    "round {round}"
+                );
+            }
+            assert_eq!(held.len() + pool.free_blocks(), 32, "round {round}");
+        }
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub(crate) struct Slot<E: EngineOps> {
     pub tokenizer: Arc<Tokenizer>,
     pub usage: Arc<Usage>,
     pub params: ModelParams,
+    /// Whether sequences start through the prefix cache (the model's `prefix_cache`).
+    pub prefix_cache: bool,
 }
 
 /// The models placed on the device, by their index in its scheduler. An unloaded model's place
@@ -326,6 +328,8 @@ struct Active {
     admitted: bool,
     /// Tokens of `pending` that are being computed again after a preemption.
     recomputing: usize,
+    /// Prompt tokens found in the prefix cache rather than computed (the first admission's).
+    cached_tokens: usize,
 }
 
 impl Active {
@@ -793,6 +797,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             detok: Detokenizer::new(request.stop.clone()),
             admitted: false,
             recomputing: 0,
+            cached_tokens: 0,
             job,
         };
         self.active.insert(key, active);
@@ -933,8 +938,20 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             let Some(model) = self.active.get(&key).map(|a| a.job.model) else {
                 continue;
             };
-            let seq = match self.models[model].engine.add_sequence() {
-                Ok(seq) => seq,
+            let slot = &mut self.models[model];
+            let started = match self.active.get(&key) {
+                Some(a) if slot.prefix_cache => slot
+                    .engine
+                    .add_sequence_cached(&a.job.request.tenant, &a.pending),
+                _ => slot.engine.add_sequence().map(|seq| (seq, 0)),
+            };
+            let seq = match started {
+                Ok((seq, held)) => {
+                    if slot.prefix_cache {
+                        self.prefix_cache_used(key, held, now);
+                    }
+                    seq
+                }
                 Err(crate::engine::EngineError::WorkerLost(_)) => {
                     self.sched.requeue(key);
                     self.worker_lost(model);
@@ -975,6 +992,36 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             if !batch.is_empty() {
                 self.step_model(m, &batch, now);
             }
+        }
+    }
+
+    /// A sequence started holding `held` tokens from the prefix cache: they are not fed
+    /// again, the scheduler counts them computed, and the metrics count the query.
+    fn prefix_cache_used(&mut self, key: SeqKey, held: usize, now: f64) {
+        let Some(a) = self.active.get_mut(&key) else {
+            return;
+        };
+        let held = held.min(a.pending.len().saturating_sub(1));
+        a.pending.drain(..held);
+        a.recomputing = a.recomputing.saturating_sub(held);
+        if !a.admitted {
+            a.cached_tokens = held;
+        }
+        if let Some(m) = &self.metrics {
+            let labels = [
+                a.job.request.tenant.as_str(),
+                self.models[a.job.model].name.as_str(),
+            ];
+            m.prefix_queries.with_label_values(&labels).inc();
+            if held > 0 {
+                m.prefix_hits.with_label_values(&labels).inc();
+                m.prefix_hit_tokens
+                    .with_label_values(&labels)
+                    .inc_by(held as u64);
+            }
+        }
+        if held > 0 {
+            self.sched.advance(key, held, false, now);
         }
     }
 
@@ -1206,6 +1253,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     },
                     prompt_tokens: prompt_len,
                     completion_tokens: generated,
+                    cached_tokens: a.cached_tokens,
                 });
                 finished.push(key);
             } else {

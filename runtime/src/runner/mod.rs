@@ -103,6 +103,8 @@ pub enum Event {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Of the prompt, tokens held from the prefix cache rather than computed.
+        cached_tokens: usize,
     },
     Error {
         message: String,
@@ -550,6 +552,7 @@ fn dedicated_slot(
         engine: Box::new(engine),
         tokenizer: Arc::clone(&shared.tokenizer),
         params,
+        prefix_cache: shared.prefix_cache,
     })
 }
 
@@ -621,6 +624,7 @@ fn finish_prepare(
             tokenizer: Arc::clone(&tokenizer),
             usage,
             params,
+            prefix_cache: spec.prefix_cache,
         },
         info,
         tokenizer,

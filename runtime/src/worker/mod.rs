@@ -243,6 +243,16 @@ fn answer<B: Backend>(engine: &mut Engine<B>, frame: proto::Frame) -> (u8, Vec<u
     };
     match frame.tag {
         tag::ADD_SEQUENCE => (tag::SEQUENCE, proto::encode_u64(engine.add_sequence().0)),
+        tag::ADD_CACHED => match proto::decode_add_cached(&frame.payload) {
+            Ok((scope, tokens)) => {
+                let (id, held) = engine.add_sequence_cached(&scope, &tokens);
+                (
+                    tag::CACHED_SEQUENCE,
+                    proto::encode_cached_sequence(id.0, held as u64),
+                )
+            }
+            Err(e) => error(e.to_string()),
+        },
         tag::REMOVE_SEQUENCE => match seq(&frame.payload) {
             Ok(id) => {
                 engine.remove_sequence(id);

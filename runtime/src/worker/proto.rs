@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use crate::engine::{LogitsWanted, SeqId, StepOutput};
 
 /// The protocol version both sides must speak.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest frame either side accepts: a step's logits for hundreds of sequences of a large
 /// vocabulary fit, a corrupt length does not make us allocate gigabytes.
 pub const MAX_FRAME: usize = 256 << 20;
@@ -30,6 +30,9 @@ pub mod tag {
     pub const SWAP_IN: u8 = 0x14;
     pub const STEP: u8 = 0x15;
     pub const STEPPED: u8 = 0x16;
+    /// A sequence through the prefix cache: scope and tokens in, id and tokens held out.
+    pub const ADD_CACHED: u8 = 0x17;
+    pub const CACHED_SEQUENCE: u8 = 0x18;
     pub const OK: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
     pub const SHUTDOWN: u8 = 0x30;
@@ -175,6 +178,59 @@ pub fn decode_u64(tag: u8, payload: &[u8]) -> Result<u64, ProtoError> {
     let v = c.u64()?;
     c.done()?;
     Ok(v)
+}
+
+/// Longest prefix-cache scope (a tenant's name) a message carries.
+pub const MAX_SCOPE: usize = 1024;
+
+pub fn encode_add_cached(scope: &str, tokens: &[u32]) -> Vec<u8> {
+    let scope = &scope.as_bytes()[..scope.len().min(MAX_SCOPE)];
+    let mut out = Vec::with_capacity(8 + scope.len() + tokens.len() * 4);
+    out.extend_from_slice(&(scope.len() as u32).to_le_bytes());
+    out.extend_from_slice(scope);
+    out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
+    for t in tokens {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    out
+}
+
+pub fn decode_add_cached(payload: &[u8]) -> Result<(String, Vec<u32>), ProtoError> {
+    let mut c = Cursor {
+        bytes: payload,
+        tag: tag::ADD_CACHED,
+    };
+    let n = c.count(1)?;
+    if n > MAX_SCOPE {
+        return Err(ProtoError::Malformed {
+            tag: tag::ADD_CACHED,
+            why: format!("a scope of {n} bytes, over {MAX_SCOPE}"),
+        });
+    }
+    let scope = String::from_utf8_lossy(c.take(n)?).into_owned();
+    let n = c.count(4)?;
+    let mut tokens = Vec::with_capacity(n);
+    for _ in 0..n {
+        tokens.push(c.u32()?);
+    }
+    c.done()?;
+    Ok((scope, tokens))
+}
+
+pub fn encode_cached_sequence(id: u64, held: u64) -> Vec<u8> {
+    let mut out = id.to_le_bytes().to_vec();
+    out.extend_from_slice(&held.to_le_bytes());
+    out
+}
+
+pub fn decode_cached_sequence(payload: &[u8]) -> Result<(u64, u64), ProtoError> {
+    let mut c = Cursor {
+        bytes: payload,
+        tag: tag::CACHED_SEQUENCE,
+    };
+    let pair = (c.u64()?, c.u64()?);
+    c.done()?;
+    Ok(pair)
 }
 
 /// Most descriptors one message can carry (the kernel's `SCM_MAX_FD`).
@@ -551,5 +607,22 @@ mod tests {
         long.push(0);
         assert!(decode_hello(&long).is_err());
         assert_eq!(decode_hello(&encode_hello(5)).unwrap(), (VERSION, 5));
+        let tokens = [1u32, 2, 70_000];
+        assert_eq!(
+            decode_add_cached(&encode_add_cached("alpha", &tokens)).unwrap(),
+            ("alpha".to_owned(), tokens.to_vec())
+        );
+        assert_eq!(
+            decode_cached_sequence(&encode_cached_sequence(7, 32)).unwrap(),
+            (7, 32)
+        );
+        // A count past the payload, or a scope over the limit, is refused before any sizing.
+        let mut lying = encode_add_cached("a", &tokens);
+        lying[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_add_cached(&lying).is_err());
+        let mut long = ((MAX_SCOPE + 1) as u32).to_le_bytes().to_vec();
+        long.extend(vec![b'x'; MAX_SCOPE + 1]);
+        long.extend(0u32.to_le_bytes());
+        assert!(decode_add_cached(&long).is_err());
     }
 }

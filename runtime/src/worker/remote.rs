@@ -664,11 +664,9 @@ fn error_text(payload: &[u8]) -> String {
     clean
 }
 
-impl EngineOps for RemoteEngine {
-    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
-        let payload = self.call(tag::ADD_SEQUENCE, &[], tag::SEQUENCE)?;
-        let on_worker =
-            proto::decode_u64(tag::SEQUENCE, &payload).map_err(|e| self.lose(e.to_string()))?;
+impl RemoteEngine {
+    /// Records a sequence the worker started, holding `held` tokens.
+    fn started(&mut self, on_worker: u64, held: usize) -> Result<SeqId, EngineError> {
         if self.seqs.values().any(|s| s.on_worker == on_worker) {
             return Err(self.lose(format!("the worker gave out sequence {on_worker} twice")));
         }
@@ -678,11 +676,40 @@ impl EngineOps for RemoteEngine {
             id,
             RemoteSeq {
                 on_worker,
-                len: 0,
+                len: held,
                 swapped: false,
             },
         );
         Ok(id)
+    }
+}
+
+impl EngineOps for RemoteEngine {
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
+        let payload = self.call(tag::ADD_SEQUENCE, &[], tag::SEQUENCE)?;
+        let on_worker =
+            proto::decode_u64(tag::SEQUENCE, &payload).map_err(|e| self.lose(e.to_string()))?;
+        self.started(on_worker, 0)
+    }
+
+    fn add_sequence_cached(
+        &mut self,
+        scope: &str,
+        tokens: &[u32],
+    ) -> Result<(SeqId, usize), EngineError> {
+        let request = proto::encode_add_cached(scope, tokens);
+        let payload = self.call(tag::ADD_CACHED, &request, tag::CACHED_SEQUENCE)?;
+        let (on_worker, held) =
+            proto::decode_cached_sequence(&payload).map_err(|e| self.lose(e.to_string()))?;
+        // The worker holds at most what it was asked to, and never all of it.
+        let held = usize::try_from(held).unwrap_or(usize::MAX);
+        if held >= tokens.len().max(1) {
+            return Err(self.lose(format!(
+                "the worker says it holds {held} of {} tokens",
+                tokens.len()
+            )));
+        }
+        Ok((self.started(on_worker, held)?, held))
     }
 
     fn remove_sequence(&mut self, id: SeqId) {
