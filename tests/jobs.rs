@@ -178,7 +178,10 @@ fn a_job_answers_each_line_as_the_api_would_and_only_its_tenant_sees_it() {
         // The same counts; how much of the prompt the prefix cache held depends on what ran
         // before each (the direct request finds the job's blocks).
         for count in ["prompt_tokens", "completion_tokens", "total_tokens"] {
-            assert_eq!(answer["response"]["body"]["usage"][count], direct["usage"][count]);
+            assert_eq!(
+                answer["response"]["body"]["usage"][count],
+                direct["usage"][count]
+            );
         }
     }
     // The three bad lines, each failed alone and saying why.
