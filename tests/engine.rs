@@ -683,3 +683,43 @@ fn a_common_prefix_is_shared_within_a_scope_and_changes_no_output() {
     assert_eq!(engine.free_blocks(), 0);
     assert_eq!(engine.cached_blocks(), 0, "evicted to make room");
 }
+
+/// A sequence whose first blocks another holds is swapped out and back: the other goes on
+/// reading the shared blocks as if nothing moved, the swapped one continues as it would
+/// have, and every block comes back.
+#[test]
+fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let prompts = prompts(&json(&dir.join("expected.json")));
+    let first: Vec<u32> = prompts.iter().flatten().copied().cycle().take(40).collect();
+    let mut second = first[..33].to_vec();
+    second.extend([7, 8, 9]);
+
+    let mut plain = engine_for(&model);
+    plain.disable_prefix_cache();
+    let (s, _) = plain.add_sequence_cached("t", &first);
+    let (_, want_first) = feed_and_continue(&mut plain, s, &first, 6);
+    let (s, _) = plain.add_sequence_cached("t", &second);
+    let (_, want_second) = feed_and_continue(&mut plain, s, &second, 6);
+
+    let mut engine = engine_for(&model);
+    engine.enable_swap(16).unwrap();
+    let (a, _) = engine.add_sequence_cached("t", &first);
+    let (_, a_start) = feed_and_continue(&mut engine, a, &first, 0);
+    assert!(a_start.is_empty());
+    let (b, held) = engine.add_sequence_cached("t", &second);
+    assert_eq!(held, 32);
+    engine.swap_out(a).unwrap();
+    // b computes its rest over blocks a no longer holds on the device.
+    let (_, got_second) = feed_and_continue(&mut engine, b, &second[32..], 6);
+    assert_eq!(got_second, want_second);
+    engine.swap_in(a).unwrap();
+    // a's greedy continuation from where it stopped: feed nothing new but its next token.
+    let (_, got_first) = feed_and_continue(&mut engine, a, &want_first[..1], 5);
+    assert_eq!(&got_first[..], &want_first[1..]);
+    engine.remove_sequence(a);
+    engine.remove_sequence(b);
+    assert_eq!(engine.free_blocks(), 64);
+    assert_eq!(engine.free_swap_blocks(), 16);
+}
