@@ -664,6 +664,28 @@ fn tells_systemd_ready_and_stopping_and_logs_json_when_asked() {
     }
 }
 
+/// A connection opened with nothing sent (a client's idle pool) does not hold a stop up: it is
+/// closed at once, and the drain reports nothing left behind.
+#[test]
+fn an_idle_connection_does_not_hold_up_a_stop() {
+    let mut daemon = Daemon::start_with(DaemonOptions {
+        extra_config: "drain_timeout: 15s\n",
+        ..Default::default()
+    });
+    let idle = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    assert_eq!(daemon.stop(), Some(0));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "stopped after {took:?}");
+    assert!(
+        !daemon.log_text().contains("drain timeout reached"),
+        "{}",
+        daemon.log_text()
+    );
+    drop(idle);
+}
+
 #[test]
 fn drain_timeout_bounds_how_long_a_stuck_request_delays_shutdown() {
     let mut daemon = Daemon::start_with(DaemonOptions {

@@ -346,8 +346,19 @@ pub async fn serve<A: Acceptor>(
         };
         let (router, main, watcher) = (router.clone(), main.clone(), graceful.watcher());
         let header_timeout = limits.header_timeout;
+        let mut stopping = stop.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(header_timeout, asks_for_health::<A>(&io)).await {
+            let first_bytes = tokio::time::timeout(header_timeout, asks_for_health::<A>(&io));
+            // A connection that has sent nothing when the listener stops is closed then, as
+            // hyper closes an idle one, instead of holding the drain up.
+            let placed = tokio::select! {
+                placed = first_bytes => placed,
+                _ = stopping.wait_for(|s| *s) => {
+                    drop(place);
+                    return;
+                }
+            };
+            match placed {
                 // Served here, on the front thread, for its promptness (see `super::front`).
                 Ok(Ok(true)) => {
                     http_connection(io, peer, router, Some(main), header_timeout, watcher).await;

@@ -435,11 +435,13 @@ pub struct RemoteEngine {
 /// its group and gate go.
 impl Drop for RemoteEngine {
     fn drop(&mut self) {
-        // A replacement still starting is waited for and stopped before its group goes.
-        self.respawner.take();
+        // The worker is asked to stop first: one its replacement thread started would be
+        // killed with that thread. Then a replacement still starting is waited for and
+        // stopped, before the group goes.
         if self.connection.take().is_some() {
             tracing::info!(model = %self.init.model, device = %self.init.device, "worker stopped");
         }
+        self.respawner.take();
         self.status.set_pid(None);
         if let Some(sandbox) = &self.sandbox {
             sandbox.release(&self.status.pool, &self.status.name);
@@ -697,6 +699,10 @@ impl EngineOps for RemoteEngine {
         scope: &str,
         tokens: &[u32],
     ) -> Result<(SeqId, usize), EngineError> {
+        if scope.len() > proto::MAX_SCOPE {
+            // Longer than any tenant's name: served without the cache, never cut short.
+            return Ok((self.add_sequence()?, 0));
+        }
         let request = proto::encode_add_cached(scope, tokens);
         let payload = self.call(tag::ADD_CACHED, &request, tag::CACHED_SEQUENCE)?;
         let (on_worker, held) =
