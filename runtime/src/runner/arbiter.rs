@@ -948,7 +948,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             let seq = match started {
                 Ok((seq, held)) => {
                     if slot.prefix_cache {
-                        self.prefix_cache_used(key, held, now);
+                        self.prefix_cache_used(key, held);
                     }
                     seq
                 }
@@ -997,7 +997,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
 
     /// A sequence started holding `held` tokens from the prefix cache: they are not fed
     /// again, the scheduler counts them computed, and the metrics count the query.
-    fn prefix_cache_used(&mut self, key: SeqKey, held: usize, now: f64) {
+    fn prefix_cache_used(&mut self, key: SeqKey, held: usize) {
         let Some(a) = self.active.get_mut(&key) else {
             return;
         };
@@ -1020,9 +1020,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     .inc_by(held as u64);
             }
         }
-        if held > 0 {
-            self.sched.advance(key, held, false, now);
-        }
+        self.sched.hold_cached(key, held);
     }
 
     /// One engine step of model `m` over `batch`, then sampling for every sequence whose

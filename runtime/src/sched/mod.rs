@@ -199,6 +199,8 @@ struct Seq {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TenantStats {
     pub prefill_tokens: u64,
+    /// Prompt tokens held from the prefix cache instead of computed.
+    pub cached_tokens: u64,
     pub decode_tokens: u64,
     pub admitted: u64,
     pub preempted_swap: u64,
@@ -619,6 +621,32 @@ impl Scheduler {
                 tenant.blocks += grow;
             }
         }
+    }
+
+    /// A sequence just admitted holds `tokens` of its context from the prefix cache: they
+    /// count as computed and never as prefill work. What its first admission charged the
+    /// tenant's counter for them (the whole prompt is charged at admission, before the cache
+    /// is asked) is given back, since nothing computed them; the token bucket keeps them, as
+    /// rate limits count prompt tokens however they are served.
+    pub fn hold_cached(&mut self, key: SeqKey, tokens: usize) {
+        let Some(seq) = self.seqs.get_mut(&key) else {
+            return;
+        };
+        if seq.state != State::Running {
+            return;
+        }
+        let tokens = tokens.min(seq.target - seq.computed);
+        seq.computed += tokens;
+        // Only tokens never charged before: after a preemption they were computed and
+        // charged once already, and stay so.
+        let uncharged_before = seq.charged;
+        seq.charged = seq.charged.max(seq.computed);
+        let refunded = seq.prompt_len.min(seq.charged) - seq.prompt_len.min(uncharged_before);
+        let model = &self.models[seq.model];
+        let tenant = &mut self.tenants[seq.tenant];
+        tenant.counter -= refunded as f64 * self.pricing.prefill * model.params.price
+            / f64::from(tenant.params.weight.max(1));
+        tenant.stats.cached_tokens += tokens as u64;
     }
 
     fn view(&self, t: usize) -> TenantView {

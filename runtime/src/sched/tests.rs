@@ -41,6 +41,36 @@ fn execute(s: &mut Scheduler, plan: &StepPlan, now: f64) -> Vec<SeqKey> {
     sampled
 }
 
+/// Tokens held from the prefix cache count as computed, are never prefill work, and give back
+/// what admission charged for them; after a preemption nothing is given back twice.
+#[test]
+fn cached_prompt_tokens_are_computed_already_and_cost_the_tenant_nothing() {
+    let mut s = Scheduler::new(PolicyKind::FairShare, Pricing::default());
+    s.add_model(model(100, 8, 64));
+    s.submit(seq(1, "a", 12, 4), 0.0).unwrap();
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [1]);
+    let counter = |s: &mut Scheduler| s.report(0.0)[0].virtual_counter;
+    assert_eq!(counter(&mut s), 12.0, "the whole prompt at admission");
+    s.hold_cached(1, 8);
+    assert_eq!(counter(&mut s), 4.0);
+    assert_eq!(s.pending(1), Some(4));
+    // The rest of the prompt, then the output.
+    s.advance(1, 4, true, 0.0);
+    for _ in 0..3 {
+        s.advance(1, 1, true, 0.0);
+    }
+    let report = &s.report(0.0)[0];
+    assert_eq!(report.stats.prefill_tokens, 4);
+    assert_eq!(report.stats.cached_tokens, 8);
+    assert_eq!(
+        report.virtual_counter,
+        4.0 + 3.0 * 2.0,
+        "three decode tokens fed"
+    );
+    s.check_invariants().unwrap();
+}
+
 #[test]
 fn blocks_are_committed_as_sequences_grow_not_for_max_tokens() {
     let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
