@@ -81,6 +81,7 @@ fn scheduling_limits(auth: &Authenticated) -> TenantParams {
             },
             tokens_per_minute: t.limits.tokens_per_minute,
             kv_blocks: t.limits.kv_blocks,
+            host_kv_blocks: t.limits.host_kv_blocks,
         },
         None => TenantParams::default(),
     }

@@ -115,6 +115,10 @@ pub struct LimitsSpec {
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_blocks: Option<u64>,
+    /// Host-tier KV blocks (swap space) the tenant's preempted sequences may hold per device;
+    /// past it a preemption recomputes instead (0: never swapped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_kv_blocks: Option<u64>,
     /// Host memory of the tenant's workers (cgroup `memory.max`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ByteSize>,

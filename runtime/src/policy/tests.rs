@@ -301,6 +301,7 @@ fn readme_policy_reference_is_valid_and_names_every_field() {
                 max_concurrent_requests: Some(1),
                 tokens_per_minute: Some(1),
                 kv_blocks: Some(1),
+                host_kv_blocks: Some(1),
                 memory: Some(crate::units::ByteSize(1)),
                 cpu: Some(1.0),
                 pids: Some(1),

@@ -49,6 +49,9 @@ pub struct TenantParams {
     pub class: PriorityClass,
     pub tokens_per_minute: Option<u64>,
     pub kv_blocks: Option<u64>,
+    /// Host-tier blocks its swapped-out sequences may hold on a device; past it, a
+    /// preemption recomputes instead of swapping.
+    pub host_kv_blocks: Option<u64>,
 }
 
 impl Default for TenantParams {
@@ -58,6 +61,7 @@ impl Default for TenantParams {
             class: PriorityClass::Interactive,
             tokens_per_minute: None,
             kv_blocks: None,
+            host_kv_blocks: None,
         }
     }
 }
@@ -217,6 +221,8 @@ struct Tenant {
     running: usize,
     /// Device blocks committed across its running sequences.
     blocks: usize,
+    /// Host-tier blocks its swapped-out sequences hold.
+    host_blocks: usize,
     /// Sequences of any state.
     live: usize,
     /// Its limits changed: queued requests are checked against them again.
@@ -251,6 +257,8 @@ pub struct TenantReport {
     pub running: usize,
     pub swapped: usize,
     pub kv_blocks: usize,
+    /// Host-tier blocks its swapped-out sequences hold.
+    pub host_kv_blocks: usize,
     /// Weighted service so far (the fair-share policy's virtual counter).
     pub virtual_counter: f64,
     /// Tokens left in its `tokens_per_minute` bucket, if it has one.
@@ -463,6 +471,12 @@ impl Scheduler {
         tenant.blocks + tenant.sibling.map_or(0, |s| self.tenants[s].blocks)
     }
 
+    /// Host-tier blocks a tenant holds in both classes (what its `host_kv_blocks` bounds).
+    fn host_quota_blocks(&self, t: usize) -> usize {
+        let tenant = &self.tenants[t];
+        tenant.host_blocks + tenant.sibling.map_or(0, |s| self.tenants[s].host_blocks)
+    }
+
     /// A tenant's entries: its interactive one first, then its batch one.
     fn entries<'a>(&'a self, name: &'a str) -> impl Iterator<Item = usize> + 'a {
         [PriorityClass::Interactive, PriorityClass::Batch]
@@ -499,6 +513,7 @@ impl Scheduler {
             queues: Queues::default(),
             running: 0,
             blocks: 0,
+            host_blocks: 0,
             live: 0,
             recheck: false,
             stats: TenantStats::default(),
@@ -576,7 +591,10 @@ impl Scheduler {
             // Left in its queue; skipped when it reaches the head.
             State::Waiting => {}
             State::Running => leave_running(model, tenant, &mut self.running, &seq, key),
-            State::Swapped => model.used_host_blocks -= seq.blocks,
+            State::Swapped => {
+                model.used_host_blocks -= seq.blocks;
+                tenant.host_blocks -= seq.blocks;
+            }
         }
     }
 
@@ -702,6 +720,15 @@ impl Scheduler {
     }
 
     fn preempt(&mut self, key: SeqKey, plan: &mut StepPlan) {
+        let Some(t) = self.seqs.get(&key).map(|s| s.tenant) else {
+            return;
+        };
+        // The tenant's host tier, counted with its other class's as its device quota is.
+        let host_used = self.host_quota_blocks(t);
+        let host_limit = self.tenants[t]
+            .params
+            .host_kv_blocks
+            .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
         let Some(seq) = self.seqs.get_mut(&key) else {
             return;
         };
@@ -712,7 +739,8 @@ impl Scheduler {
         let swap = seq.computed >= model.params.swap_min_tokens
             && seq.computed > 0
             && model.used_host_blocks + model.host_freed_in_plan + host_blocks
-                <= model.params.swap_blocks;
+                <= model.params.swap_blocks
+            && host_used.saturating_add(host_blocks) <= host_limit;
         let arrival = seq.arrival;
         // Started earlier in this same plan: undo the start instead of telling the runner.
         let fresh = plan.admit.contains(&key);
@@ -722,6 +750,7 @@ impl Scheduler {
         let tell = !(fresh || (swapped_in && swap));
         let (queue, m) = if swap {
             model.used_host_blocks += host_blocks;
+            tenant.host_blocks += host_blocks;
             seq.blocks = host_blocks;
             seq.state = State::Swapped;
             if tell {
@@ -765,6 +794,7 @@ impl Scheduler {
         let model = &mut self.models[seq.model];
         let tenant = &mut self.tenants[seq.tenant];
         model.used_host_blocks -= seq.blocks;
+        tenant.host_blocks -= seq.blocks;
         seq.blocks = 0;
         seq.computed = 0;
         seq.state = State::Waiting;
@@ -788,6 +818,7 @@ impl Scheduler {
             State::Running => leave_running(model, tenant, &mut self.running, seq, key),
             State::Swapped => {
                 model.used_host_blocks -= seq.blocks;
+                tenant.host_blocks -= seq.blocks;
                 tenant.queues.remove(Queue::Swapped, seq.model, key);
             }
         }
@@ -1080,6 +1111,7 @@ impl Scheduler {
         match seq.state {
             State::Swapped => {
                 model.used_host_blocks -= seq.blocks;
+                tenant.host_blocks -= seq.blocks;
                 model.host_freed_in_plan += seq.blocks;
                 tenant.queues.remove(Queue::Swapped, seq.model, key);
                 plan.swap_in.push(key);
@@ -1167,6 +1199,7 @@ impl Scheduler {
                 running: t.running,
                 swapped,
                 kv_blocks: t.blocks,
+                host_kv_blocks: t.host_blocks,
                 virtual_counter: t.counter,
                 bucket_tokens: t
                     .params
@@ -1184,7 +1217,7 @@ impl Scheduler {
         let mut used = vec![0usize; self.models.len()];
         let mut host = vec![0usize; self.models.len()];
         let mut running = vec![0usize; self.models.len()];
-        let mut by_tenant = vec![(0usize, 0usize, 0usize); self.tenants.len()];
+        let mut by_tenant = vec![(0usize, 0usize, 0usize, 0usize); self.tenants.len()];
         for (k, s) in &self.seqs {
             if s.computed > s.target {
                 return Err(format!(
@@ -1207,7 +1240,10 @@ impl Scheduler {
                         return Err(format!("{k} runs but is not in the running set"));
                     }
                 }
-                State::Swapped => host[s.model] += s.blocks,
+                State::Swapped => {
+                    host[s.model] += s.blocks;
+                    t.3 += s.blocks;
+                }
                 State::Waiting => {
                     if s.computed != 0 {
                         return Err(format!("{k} waits with {} tokens cached", s.computed));
@@ -1227,7 +1263,7 @@ impl Scheduler {
             }
         }
         for (i, t) in self.tenants.iter().enumerate() {
-            if (t.blocks, t.running, t.live) != by_tenant[i] {
+            if (t.blocks, t.running, t.live, t.host_blocks) != by_tenant[i] {
                 return Err(format!(
                     "tenant {}: ledger differs from its sequences",
                     t.name

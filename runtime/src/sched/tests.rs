@@ -164,6 +164,45 @@ fn a_full_pool_preempts_the_latest_and_resumes_it_after() {
     }
 }
 
+/// A tenant whose host tier is full (here: allowed none) has its preempted sequence
+/// recomputed, while the model's swap space is free; without the limit it is swapped.
+#[test]
+fn a_tenant_at_its_host_tier_limit_is_recomputed_not_swapped() {
+    for (limit, kind) in [(Some(0), PreemptKind::Recompute), (None, PreemptKind::Swap)] {
+        let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+        let mut m = model(4, 8, 64);
+        m.swap_blocks = 8;
+        m.swap_min_tokens = 1;
+        s.add_model(m);
+        for key in [1, 2] {
+            let mut n = seq(key, "a", 4, 8);
+            n.params.host_kv_blocks = limit;
+            s.submit(n, 0.0).unwrap();
+        }
+        let mut preempted = Vec::new();
+        let mut generated: HashMap<SeqKey, usize> = HashMap::new();
+        for _ in 0..100 {
+            let plan = s.plan(0.0);
+            preempted.extend(plan.preempt.iter().copied());
+            let host = s.report(0.0)[0].host_kv_blocks;
+            assert!(limit.is_none_or(|l| host as u64 <= l), "{host} host blocks");
+            for k in execute(&mut s, &plan, 0.0) {
+                let g = generated.entry(k).or_default();
+                *g += 1;
+                if *g == 8 {
+                    s.remove(k);
+                }
+            }
+            s.check_invariants().unwrap();
+            if s.is_empty() {
+                break;
+            }
+        }
+        assert!(s.is_empty(), "both finish ({limit:?})");
+        assert_eq!(preempted.first(), Some(&(2, kind)), "{limit:?}");
+    }
+}
+
 #[test]
 fn a_tenants_kv_quota_holds_back_only_that_tenant() {
     let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
@@ -519,6 +558,7 @@ proptest! {
                     let mut n = seq(next, &format!("t{tenant}"), prompt, max_tokens);
                     n.params.weight = u32::from(tenant) + 1;
                     n.params.kv_blocks = quota.filter(|_| tenant % 2 == 0);
+                    n.params.host_kv_blocks = quota.map(|q| q / 4).filter(|_| tenant % 3 == 1);
                     if class_batch {
                         n.params.class = PriorityClass::Batch;
                     }
