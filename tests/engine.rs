@@ -571,6 +571,16 @@ fn wrong_config_fields_are_named() {
     }
 }
 
+/// The GQA fixture model and a 40-token prompt from its reference prompts: two full blocks
+/// of 16 and a part.
+fn forty_token_prompt() -> (LoadedModel, Vec<u32>) {
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let prompts = prompts(&json(&dir.join("expected.json")));
+    let tokens = prompts.iter().flatten().copied().cycle().take(40).collect();
+    (model, tokens)
+}
+
 /// Feeds `tokens` to `seq` and greedily continues `steps` tokens; the first step's last
 /// logits and the continuation.
 fn feed_and_continue(
@@ -615,10 +625,7 @@ fn feed_and_continue(
 /// the pool needs them.
 #[test]
 fn a_common_prefix_is_shared_within_a_scope_and_changes_no_output() {
-    let dir = fixtures().join("llama-gqa-f32");
-    let model = model::load(&dir).unwrap();
-    let prompts = prompts(&json(&dir.join("expected.json")));
-    let first: Vec<u32> = prompts.iter().flatten().copied().cycle().take(40).collect();
+    let (model, first) = forty_token_prompt();
     // The same 36 tokens (two full blocks and a part), then others.
     let mut second = first[..36].to_vec();
     second.extend([5, 6, 7, 8, 9]);
@@ -689,10 +696,7 @@ fn a_common_prefix_is_shared_within_a_scope_and_changes_no_output() {
 /// have, and every block comes back.
 #[test]
 fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
-    let dir = fixtures().join("llama-gqa-f32");
-    let model = model::load(&dir).unwrap();
-    let prompts = prompts(&json(&dir.join("expected.json")));
-    let first: Vec<u32> = prompts.iter().flatten().copied().cycle().take(40).collect();
+    let (model, first) = forty_token_prompt();
     let mut second = first[..33].to_vec();
     second.extend([7, 8, 9]);
 

@@ -385,6 +385,27 @@ fn recovering_forgets_sequences_no_request_owns() {
     assert!(arbiter.sched.is_empty());
 }
 
+/// The `EngineOps` methods a test engine leaves to its `inner` engine.
+macro_rules! forward_to_inner {
+    () => {
+        fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+            self.inner.swap_out(id)
+        }
+        fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+            self.inner.swap_in(id)
+        }
+        fn is_swapped(&self, id: SeqId) -> bool {
+            self.inner.is_swapped(id)
+        }
+        fn sequence_len(&self, id: SeqId) -> Option<usize> {
+            self.inner.sequence_len(id)
+        }
+        fn kv_block_bytes(&self) -> usize {
+            self.inner.kv_block_bytes()
+        }
+    };
+}
+
 /// What a test reads back of a [`MemoryLimited`] engine the loop owns: the largest batch
 /// stepped before the first kill, then after each.
 type Batches = Arc<Mutex<Vec<usize>>>;
@@ -410,12 +431,6 @@ impl EngineOps for MemoryLimited {
             self.inner.remove_sequence(id);
         }
     }
-    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
-        self.inner.swap_out(id)
-    }
-    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
-        self.inner.swap_in(id)
-    }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         let held: usize = inputs
             .iter()
@@ -437,15 +452,7 @@ impl EngineOps for MemoryLimited {
         }
         self.inner.step(inputs)
     }
-    fn is_swapped(&self, id: SeqId) -> bool {
-        self.inner.is_swapped(id)
-    }
-    fn sequence_len(&self, id: SeqId) -> Option<usize> {
-        self.inner.sequence_len(id)
-    }
-    fn kv_block_bytes(&self) -> usize {
-        self.inner.kv_block_bytes()
-    }
+    forward_to_inner!();
     fn take_loss(&mut self) -> Option<Loss> {
         self.lost.take()
     }
@@ -780,27 +787,13 @@ impl EngineOps for Replacing {
     fn remove_sequence(&mut self, id: SeqId) {
         self.inner.remove_sequence(id);
     }
-    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
-        self.inner.swap_out(id)
-    }
-    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
-        self.inner.swap_in(id)
-    }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         if !self.up() {
             return Err(EngineError::WorkerLost("being replaced".into()));
         }
         self.inner.step(inputs)
     }
-    fn is_swapped(&self, id: SeqId) -> bool {
-        self.inner.is_swapped(id)
-    }
-    fn sequence_len(&self, id: SeqId) -> Option<usize> {
-        self.inner.sequence_len(id)
-    }
-    fn kv_block_bytes(&self) -> usize {
-        self.inner.kv_block_bytes()
-    }
+    forward_to_inner!();
     fn starting(&mut self) -> bool {
         self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < self.asks
     }
