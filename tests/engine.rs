@@ -715,6 +715,11 @@ fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
     let (b, held) = engine.add_sequence_cached("t", &second);
     assert_eq!(held, 32);
     engine.swap_out(a).unwrap();
+    assert_eq!(
+        engine.free_blocks(),
+        62,
+        "a's third block is free once copied; the two b holds are not"
+    );
     // b computes its rest over blocks a no longer holds on the device.
     let (_, got_second) = feed_and_continue(&mut engine, b, &second[32..], 6);
     assert_eq!(got_second, want_second);

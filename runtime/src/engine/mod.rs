@@ -453,14 +453,16 @@ impl<B: Backend> Engine<B> {
             .or_else(|| self.parked.get(&id).map(|p| p.len))
     }
 
-    /// Device blocks free, counting those of swapped-out sequences whose copy is in flight.
+    /// Device blocks free, counting those of swapped-out sequences whose copy is in flight
+    /// (unless another sequence holds them too, through the prefix cache).
     pub fn free_blocks(&self) -> usize {
         self.pool.free_blocks()
             + self
                 .pending_free
                 .iter()
-                .map(|(_, b)| b.len())
-                .sum::<usize>()
+                .flat_map(|(_, blocks)| blocks)
+                .filter(|&&b| self.pool.holders(b) == 1)
+                .count()
     }
 
     /// Swap-space blocks free (0 without swap space).
