@@ -704,3 +704,66 @@ fn assert_reference_answers_on_cuda0(daemon: &accel_tests::Daemon, dir: &std::pa
         );
     }
 }
+
+/// The last logits after feeding `tokens` to a sequence started through the prefix cache
+/// (scope `scope`), then `steps` greedy tokens; the sequence is removed after.
+fn cached_continuation(
+    engine: &mut Engine<CudaBackend>,
+    scope: &str,
+    tokens: &[u32],
+    steps: usize,
+) -> (usize, Vec<f32>, Vec<u32>) {
+    let (seq, held) = engine.add_sequence_cached(scope, tokens);
+    let mut feed = tokens[held..].to_vec();
+    let mut first = None;
+    let mut out = Vec::new();
+    for _ in 0..=steps {
+        let logits = engine
+            .step(&[StepInput {
+                seq,
+                tokens: &feed,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0)
+            .logits
+            .remove(0);
+        let next = accel_runtime::engine::sampling::argmax(&logits) as u32;
+        first.get_or_insert(logits);
+        out.push(next);
+        feed = vec![next];
+    }
+    engine.remove_sequence(seq);
+    out.pop();
+    (held, first.unwrap_or_default(), out)
+}
+
+/// The prefix cache on the GPU: a request that starts as an earlier one of its scope did
+/// holds that one's blocks, and its logits and greedy continuation are those of a run
+/// without the cache.
+#[test]
+fn a_shared_prefix_on_the_gpu_changes_no_output() {
+    let Some(backend) = cuda() else { return };
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let prompts = prompts(&json(&dir.join("expected.json")));
+    let first: Vec<u32> = prompts.iter().flatten().copied().cycle().take(40).collect();
+    let mut second = first[..36].to_vec();
+    second.extend([5, 6, 7, 8, 9]);
+    let mut engine = cuda_engine(backend, &model);
+    let (held, _, _) = cached_continuation(&mut engine, "t", &first, 4);
+    assert_eq!(held, 0);
+    let (held, got_logits, got) = cached_continuation(&mut engine, "t", &second, 8);
+    assert_eq!(held, 32);
+    engine.disable_prefix_cache();
+    let (held, want_logits, want) = cached_continuation(&mut engine, "t", &second, 8);
+    assert_eq!(held, 0);
+    assert_close(
+        "logits after a cached prefix",
+        &got_logits,
+        &want_logits,
+        MODEL_TOLERANCE,
+    );
+    assert_eq!(got, want);
+    assert_eq!(engine.free_blocks(), 64);
+}
