@@ -337,27 +337,16 @@ fn bad_loads_and_callers_who_may_not_load_get_clear_errors() {
         2001,
         &["models", "load", "m", fixture.to_str().unwrap()],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    refused(&out, "");
     let out = daemon.ctl_as(2001, 2001, &["models", "unload", "m"]);
-    assert_eq!(out.status.code(), Some(4));
+    refused(&out, "");
     // An operator who is not root loads only from the model cache.
     let out = daemon.ctl_as(
         2009,
         2009,
         &["models", "load", "m", fixture.to_str().unwrap()],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the model cache"));
+    refused(&out, "outside the model cache");
     let (status, _) = daemon.request("GET", "/v1/models/m/load", None);
     assert_eq!(status, 404, "a refused load leaves nothing behind");
 
@@ -370,22 +359,14 @@ fn bad_loads_and_callers_who_may_not_load_get_clear_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = daemon.ctl_as(2009, 2009, &["models", "load", "linked", "linked"]);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("links outside the model cache"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    refused(&out, "links outside the model cache");
     let out = daemon.ctl_as(2009, 2009, &["models", "load", "up", "../elsewhere"]);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    refused(&out, "");
+}
+
+/// `accelctl` exited 4 (refused by the daemon) and its error says `says`.
+fn refused(out: &std::process::Output, says: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains(says), "{stderr}");
 }

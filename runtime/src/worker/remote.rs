@@ -409,12 +409,9 @@ struct RemoteSeq {
 /// across workers, so an id from a lost worker can never name a sequence on its replacement.
 #[derive(Debug)]
 pub struct RemoteEngine {
-    init: WorkerInit,
-    identity: WorkerIdentity,
-    sandbox: Option<std::sync::Arc<Sandbox>>,
-    /// The model's files as opened when the model was loaded, passed again to each new worker
-    /// (never reopened by path).
-    files: Vec<std::sync::Arc<std::fs::File>>,
+    /// What its workers start from; the model's files are those opened when the model was
+    /// loaded, passed again to each new worker (never reopened by path).
+    recipe: Recipe,
     connection: Option<Connection>,
     kv_block_bytes: usize,
     seqs: HashMap<SeqId, RemoteSeq>,
@@ -439,11 +436,11 @@ impl Drop for RemoteEngine {
         // killed with that thread. Then a replacement still starting is waited for and
         // stopped, before the group goes.
         if self.connection.take().is_some() {
-            tracing::info!(model = %self.init.model, device = %self.init.device, "worker stopped");
+            tracing::info!(model = %self.recipe.init.model, device = %self.recipe.init.device, "worker stopped");
         }
         self.respawner.take();
         self.status.set_pid(None);
-        if let Some(sandbox) = &self.sandbox {
+        if let Some(sandbox) = &self.recipe.sandbox {
             sandbox.release(&self.status.pool, &self.status.name);
         }
     }
@@ -459,12 +456,15 @@ impl RemoteEngine {
         sandbox: Option<std::sync::Arc<Sandbox>>,
         pool: &str,
     ) -> Result<(Self, WorkerReady), String> {
-        let (connection, ready) = spawn(
-            &init,
-            &files,
-            &identity,
-            sandbox.as_deref().map(|s| (s, pool)),
-        )?;
+        let recipe = Recipe {
+            init,
+            files,
+            identity,
+            sandbox,
+            pool: pool.to_owned(),
+        };
+        let (connection, ready) = recipe.spawn()?;
+        let (init, identity, sandbox) = (&recipe.init, &recipe.identity, &recipe.sandbox);
         let status = std::sync::Arc::new(WorkerStatus {
             name: super::sandbox::worker_name(&init.model, &init.device),
             pool: pool.to_owned(),
@@ -480,10 +480,7 @@ impl RemoteEngine {
         tracing::info!(model = %init.model, device = %init.device, pid = connection.child.id(), user = %identity.user, "worker started");
         Ok((
             Self {
-                init,
-                identity,
-                sandbox,
-                files,
+                recipe,
                 connection: Some(connection),
                 kv_block_bytes: ready.kv_block_bytes as usize,
                 seqs: HashMap::new(),
@@ -541,7 +538,7 @@ impl RemoteEngine {
         }
         match self.respawner.as_mut().and_then(Respawner::try_take) {
             Some(Ok((connection, _))) => {
-                tracing::warn!(model = %self.init.model, pid = connection.child.id(), "worker restarted");
+                tracing::warn!(model = %self.recipe.init.model, pid = connection.child.id(), "worker restarted");
                 self.status.set_pid(Some(connection.child.id()));
                 self.oom_kills_at_start = self.status.group_oom_kills();
                 self.status
@@ -553,7 +550,7 @@ impl RemoteEngine {
             Some(Err(why)) => {
                 // A worker that cannot start counts against the crash-loop limit too.
                 self.losses.push_back(Instant::now());
-                tracing::error!(model = %self.init.model, reason = %why, "a replacement worker could not start");
+                tracing::error!(model = %self.recipe.init.model, reason = %why, "a replacement worker could not start");
             }
             None if self.respawner.as_ref().is_some_and(Respawner::pending) => return true,
             None => {}
@@ -562,18 +559,11 @@ impl RemoteEngine {
             return false;
         }
         if self.respawner.is_none() {
-            let recipe = Recipe {
-                init: self.init.clone(),
-                files: self.files.clone(),
-                identity: self.identity.clone(),
-                sandbox: self.sandbox.clone(),
-                pool: self.status.pool.clone(),
-            };
-            match Respawner::new(recipe) {
+            match Respawner::new(self.recipe.clone()) {
                 Ok(respawner) => self.respawner = Some(respawner),
                 Err(e) => {
                     self.losses.push_back(Instant::now());
-                    tracing::error!(model = %self.init.model, error = %e, "cannot start a thread to replace the worker");
+                    tracing::error!(model = %self.recipe.init.model, error = %e, "cannot start a thread to replace the worker");
                     return false;
                 }
             }
@@ -587,7 +577,7 @@ impl RemoteEngine {
             Ok(()) => true,
             Err(why) => {
                 self.losses.push_back(Instant::now());
-                tracing::error!(model = %self.init.model, reason = %why, "cannot order a replacement worker");
+                tracing::error!(model = %self.recipe.init.model, reason = %why, "cannot order a replacement worker");
                 false
             }
         }
@@ -607,10 +597,11 @@ impl RemoteEngine {
                     limit_bytes: self.status.memory_limit(),
                 };
             }
-            tracing::error!(model = %self.init.model, pid = connection.child.id(), status = ?status, reason = %why, ?loss, "worker lost; its sequences will be recomputed");
+            tracing::error!(model = %self.recipe.init.model, pid = connection.child.id(), status = ?status, reason = %why, ?loss, "worker lost; its sequences will be recomputed");
             // Anything it forked dies with its group. A group that could not be removed is
             // the replacement's too, and its counters go on from where they are.
             let removed = self
+                .recipe
                 .sandbox
                 .as_ref()
                 .is_some_and(|sandbox| sandbox.empty(&self.status.pool, &self.status.name));

@@ -19,13 +19,22 @@ use super::{WorkerInit, WorkerReady};
 /// A started worker, or why it could not start.
 pub(super) type Started = Result<(Connection, WorkerReady), String>;
 
-/// What a worker is started from, as the engine's first was.
+/// What a worker is started from: the engine keeps it, and its respawn thread a copy.
+#[derive(Debug, Clone)]
 pub(super) struct Recipe {
     pub init: WorkerInit,
     pub files: Vec<Arc<std::fs::File>>,
     pub identity: WorkerIdentity,
     pub sandbox: Option<Arc<Sandbox>>,
     pub pool: String,
+}
+
+impl Recipe {
+    /// A new worker, in its group and behind its gate when the daemon isolates.
+    pub fn spawn(&self) -> Started {
+        let sandbox = self.sandbox.as_deref().map(|s| (s, self.pool.as_str()));
+        spawn(&self.init, &self.files, &self.identity, sandbox)
+    }
 }
 
 /// The thread that starts an engine's replacement workers, and the one it is starting.
@@ -49,8 +58,7 @@ impl Respawner {
                     if let Err(RecvTimeoutError::Disconnected) = ordered.recv_timeout(delay) {
                         return;
                     }
-                    let sandbox = recipe.sandbox.as_deref().map(|s| (s, recipe.pool.as_str()));
-                    let result = spawn(&recipe.init, &recipe.files, &recipe.identity, sandbox);
+                    let result = recipe.spawn();
                     // An engine gone meanwhile drops the worker with the channel.
                     if done.send(result).is_err() {
                         return;
@@ -111,9 +119,6 @@ impl Drop for Respawner {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        // A worker that started after the engine stopped asking is stopped here.
-        for started in self.started.try_iter() {
-            drop(started);
-        }
+        // A worker that started after the engine stopped asking is stopped with `started`.
     }
 }
