@@ -14,6 +14,7 @@
 //! lookup is O(1). Invariants: a block is free, idle in the cache, or held; its count of
 //! holders is exact; a table holds exactly `ceil(len / block_size)` blocks.
 
+pub mod disk;
 pub mod prefix;
 
 use std::collections::{BTreeMap, HashMap};
