@@ -8,8 +8,9 @@
 use accel_runtime::backend::cpu::simd::Level;
 use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::chat::{ChatInput, ChatTemplate, Message};
-use accel_runtime::engine::sampling::argmax;
+use accel_runtime::engine::sampling::{argmax, Sampler, SamplingParams};
 use accel_runtime::engine::{Engine, EngineError, LogitsWanted, SeqId, StepInput};
+use accel_runtime::kv::disk::{DiskError, DiskTier};
 use accel_runtime::model::{self, LoadedModel};
 use accel_tests::reference::{
     expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, prompts,
@@ -731,4 +732,215 @@ fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
     engine.remove_sequence(b);
     assert_eq!(engine.free_blocks(), 64);
     assert_eq!(engine.free_swap_blocks(), 16);
+}
+
+/// Runs `prompt` for `steps` tokens chosen by `sampler` and returns every step's logits (bit
+/// for bit) and tokens; before step `at`, `interrupt` moves the sequence about.
+fn sample_moved(
+    engine: &mut Engine<CpuBackend>,
+    prompt: &[u32],
+    steps: usize,
+    sampler: &mut Sampler,
+    at: usize,
+    mut interrupt: impl FnMut(&mut Engine<CpuBackend>, SeqId),
+) -> (Vec<Vec<u32>>, Vec<u32>) {
+    let seq = engine.add_sequence();
+    let mut context = prompt.to_vec();
+    let mut next = prompt.to_vec();
+    let (mut logits_bits, mut out) = (Vec::new(), Vec::new());
+    for i in 0..steps {
+        if i == at {
+            interrupt(engine, seq);
+        }
+        let logits = engine
+            .step(&[StepInput {
+                seq,
+                tokens: &next,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0)
+            .logits
+            .remove(0);
+        logits_bits.push(logits.iter().map(|x| x.to_bits()).collect());
+        let token = sampler.sample(&logits, &context, prompt.len()).token;
+        out.push(token);
+        context.push(token);
+        next = vec![token];
+    }
+    engine.remove_sequence(seq);
+    (logits_bits, out)
+}
+
+fn disk_tier_for(engine: &Engine<CpuBackend>, dir: &std::path::Path, blocks: usize) -> DiskTier {
+    DiskTier::open(dir, engine.kv_block_bytes(), blocks, 4).unwrap()
+}
+
+/// The disk tier: a running sequence swapped device → host → disk → device, or straight to
+/// disk and back (sealed or not), continues bit for bit as a run never moved, greedy and
+/// seeded, while another sequence overwrote the device blocks it had; every tier's blocks are
+/// given back and the tenant's file is gone.
+#[test]
+fn a_sequence_moved_down_the_tiers_and_back_continues_bit_for_bit() {
+    let (model, prompt) = forty_token_prompt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = engine_for(&model);
+    engine.disable_prefix_cache();
+    let seq = engine.add_sequence();
+    assert!(matches!(
+        engine.swap_out_to_disk(seq, "t", false),
+        Err(EngineError::NoDiskTier)
+    ));
+    engine.remove_sequence(seq);
+    engine.enable_swap(8).unwrap();
+    // Four blocks per submission: the 3-4 block sequences below take one or two batches.
+    engine
+        .enable_disk(disk_tier_for(&engine, dir.path(), 8))
+        .unwrap();
+    let other: Vec<u32> = prompt.iter().rev().copied().collect();
+    let seeded = SamplingParams {
+        temperature: 0.9,
+        seed: Some(11),
+        ..SamplingParams::default()
+    };
+    for params in [SamplingParams::greedy(), seeded] {
+        let want = sample_moved(
+            &mut engine,
+            &prompt,
+            12,
+            &mut Sampler::new(params.clone()),
+            usize::MAX,
+            |_, _| {},
+        );
+        let through_host = |engine: &mut Engine<CpuBackend>, seq| {
+            engine.swap_out(seq).unwrap();
+            engine.demote(seq, "tenant-a", false).unwrap();
+            assert!(engine.is_on_disk(seq));
+            assert_eq!(
+                engine.free_swap_blocks(),
+                8,
+                "demoted: the host blocks are free"
+            );
+            greedy(engine, &other, 4);
+            engine.swap_in(seq).unwrap();
+        };
+        let got = sample_moved(
+            &mut engine,
+            &prompt,
+            12,
+            &mut Sampler::new(params.clone()),
+            5,
+            through_host,
+        );
+        assert!(got == want, "device → host → disk → device changed the run");
+        for encrypt in [false, true] {
+            let straight = |engine: &mut Engine<CpuBackend>, seq| {
+                engine.swap_out_to_disk(seq, "tenant-a", encrypt).unwrap();
+                assert!(engine.is_swapped(seq) && engine.is_on_disk(seq));
+                assert_eq!(engine.free_disk_blocks(), 5, "three blocks on disk");
+                greedy(engine, &other, 4);
+                engine.swap_in(seq).unwrap();
+                assert!(!engine.is_swapped(seq));
+            };
+            let got = sample_moved(
+                &mut engine,
+                &prompt,
+                12,
+                &mut Sampler::new(params.clone()),
+                7,
+                straight,
+            );
+            assert!(
+                got == want,
+                "device → disk → device (sealed: {encrypt}) changed the run"
+            );
+        }
+    }
+    assert_eq!(engine.free_blocks(), 64);
+    assert_eq!(engine.free_swap_blocks(), 8);
+    assert_eq!(engine.free_disk_blocks(), 8);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no file is left"
+    );
+    let stats = engine.disk_stats().unwrap();
+    assert_eq!(stats.blocks_written, stats.blocks_read);
+    assert!(stats.blocks_written >= 6 * 3);
+}
+
+/// Faults in the disk tier: a sealed block changed on disk fails the swap-in (never returned)
+/// and the sequence stays parked, to be removed and recomputed; a sequence too big for the
+/// tier stays on the device; the engine serves on.
+#[test]
+fn a_tampered_or_full_disk_tier_loses_nothing_else() {
+    let (model, prompt) = forty_token_prompt();
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = engine_for(&model);
+    engine.disable_prefix_cache();
+    engine
+        .enable_disk(disk_tier_for(&engine, dir.path(), 4))
+        .unwrap();
+    let want = greedy(&mut engine, &prompt, 6);
+
+    let seq = engine.add_sequence();
+    engine
+        .step(&[StepInput {
+            seq,
+            tokens: &prompt,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    engine.swap_out_to_disk(seq, "tenant-a", true).unwrap();
+    let file = dir
+        .path()
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = engine.swap_in(seq).unwrap_err();
+    assert!(err.to_string().contains("failed authentication"), "{err}");
+    assert!(
+        engine.is_on_disk(seq),
+        "still parked, for the caller to remove"
+    );
+    assert_eq!(engine.free_blocks(), 64, "no device block is kept");
+    assert_eq!(engine.disk_stats().unwrap().auth_failures, 1);
+    engine.remove_sequence(seq);
+    assert_eq!(engine.free_disk_blocks(), 4);
+
+    // 200 tokens need 13 blocks; the tier has 4.
+    let seq = engine.add_sequence();
+    let long: Vec<u32> = prompt.iter().copied().cycle().take(200).collect();
+    engine
+        .step(&[StepInput {
+            seq,
+            tokens: &long,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    let err = engine.swap_out_to_disk(seq, "tenant-a", false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Disk(DiskError::Full {
+                needed: 13,
+                free: 4
+            })
+        ),
+        "{err}"
+    );
+    assert!(!engine.is_swapped(seq));
+    assert_eq!(engine.sequence_len(seq), Some(200));
+    engine.remove_sequence(seq);
+    assert_eq!(
+        greedy(&mut engine, &prompt, 6),
+        want,
+        "the engine serves on"
+    );
 }

@@ -195,6 +195,16 @@ pub trait Backend: Send + Sync + 'static {
         kv: &mut Self::Kv,
         pairs: &[(u32, u32)],
     ) -> Result<CopyTicket, BackendError>;
+    /// The bytes of host block `block` (every layer's keys and values, as [`Backend::swap_out`]
+    /// lays them out), for the disk tier. Only meaningful once the copies touching the block
+    /// have finished ([`Backend::wait_copies`]).
+    fn host_block<'h>(&self, host: &'h Self::HostKv, block: u32) -> Result<&'h [u8], BackendError>;
+    /// The same bytes, to fill before a [`Backend::swap_in`] reads them.
+    fn host_block_mut<'h>(
+        &self,
+        host: &'h mut Self::HostKv,
+        block: u32,
+    ) -> Result<&'h mut [u8], BackendError>;
     /// Whether a swap has completed, without waiting.
     fn copy_finished(&self, ticket: CopyTicket) -> Result<bool, BackendError>;
     /// Waits for every swap issued so far.

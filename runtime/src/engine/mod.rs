@@ -5,6 +5,7 @@
 //! cache through each sequence's block table. The engine owns the block pool and tables; the
 //! backend owns the memory. Which sequences run in a step is the caller's decision.
 
+mod disk;
 pub mod ops;
 pub mod sampling;
 
@@ -66,6 +67,12 @@ pub enum EngineError {
     SwapAlreadyEnabled,
     #[error("the swap space needs {needed} more blocks but only {free} are free")]
     OutOfSwapSpace { needed: usize, free: usize },
+    #[error("this engine has no disk tier")]
+    NoDiskTier,
+    #[error("the disk tier holds blocks of {tier} bytes but this engine's are {engine} bytes")]
+    DiskBlockMismatch { tier: usize, engine: usize },
+    #[error(transparent)]
+    Disk(#[from] crate::kv::disk::DiskError),
     #[error(transparent)]
     OutOfBlocks(#[from] OutOfBlocks),
     #[error(transparent)]
@@ -115,7 +122,8 @@ pub struct Engine<B: Backend> {
     scratch: Option<Scratch<B>>,
     layout: KvLayout,
     swap: Option<SwapTier<B>>,
-    /// Swapped-out sequences: their length and host blocks.
+    disk: Option<disk::DiskSwap<B>>,
+    /// Swapped-out sequences: their length and where their blocks are.
     parked: HashMap<SeqId, Parked>,
     /// Device blocks of swapped-out sequences, free once their copy has finished.
     pending_free: Vec<(CopyTicket, Vec<u32>)>,
@@ -144,7 +152,14 @@ struct SwapTier<B: Backend> {
 #[derive(Debug)]
 struct Parked {
     len: usize,
-    host_blocks: Vec<u32>,
+    place: Place,
+}
+
+/// Where a swapped-out sequence's blocks are.
+#[derive(Debug)]
+enum Place {
+    Host(Vec<u32>),
+    Disk(crate::kv::disk::DiskBlocks),
 }
 
 /// The activations of one step.
@@ -260,6 +275,7 @@ impl<B: Backend> Engine<B> {
             scratch: None,
             layout,
             swap: None,
+            disk: None,
             parked: HashMap::new(),
             pending_free: Vec::new(),
             indices: StepIndices::default(),
@@ -378,22 +394,31 @@ impl<B: Backend> Engine<B> {
         };
         let len = table.len();
         self.pending_free.push((ticket, table.into_blocks()));
-        self.parked.insert(id, Parked { len, host_blocks });
+        self.parked.insert(
+            id,
+            Parked {
+                len,
+                place: Place::Host(host_blocks),
+            },
+        );
         Ok(())
     }
 
     /// Brings a swapped-out sequence back into device blocks; it can step right away (its
     /// compute waits for the copy on the device, not on the host).
     pub fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
-        let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
         let parked = self.parked.get(&id).ok_or(EngineError::NotSwapped(id))?;
-        let needed = parked.host_blocks.len();
+        let host_blocks = match &parked.place {
+            Place::Host(blocks) => blocks,
+            Place::Disk(_) => return self.swap_in_from_disk(id),
+        };
+        let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
+        let needed = host_blocks.len();
         if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
             reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
         let blocks = self.pool.take(needed)?;
-        let pairs: Vec<(u32, u32)> = parked
-            .host_blocks
+        let pairs: Vec<(u32, u32)> = host_blocks
             .iter()
             .copied()
             .zip(blocks.iter().copied())
@@ -406,7 +431,9 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::NotSwapped(id));
         };
         // Later swap-outs into these host blocks queue behind this copy, so they are free now.
-        swap.pool.give_back(parked.host_blocks);
+        if let Place::Host(host_blocks) = parked.place {
+            swap.pool.give_back(host_blocks);
+        }
         self.seqs
             .insert(id, BlockTable::from_blocks(blocks, parked.len));
         Ok(())
@@ -440,8 +467,18 @@ impl<B: Backend> Engine<B> {
         if let Some(mut table) = self.seqs.remove(&id) {
             table.release(&mut self.pool);
         }
-        if let (Some(parked), Some(swap)) = (self.parked.remove(&id), self.swap.as_mut()) {
-            swap.pool.give_back(parked.host_blocks);
+        match self.parked.remove(&id).map(|p| p.place) {
+            Some(Place::Host(blocks)) => {
+                if let Some(swap) = self.swap.as_mut() {
+                    swap.pool.give_back(blocks);
+                }
+            }
+            Some(Place::Disk(blocks)) => {
+                if let Some(disk) = self.disk.as_mut() {
+                    disk.tier.free(blocks);
+                }
+            }
+            None => {}
         }
     }
 

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use io_uring::{IoUring, opcode, types};
+use io_uring::{opcode, types, IoUring};
 use nix::libc;
 use sha2::{Digest, Sha256};
 
@@ -394,11 +394,7 @@ impl DiskTier {
                 self.next_nonce += 1;
                 let slot = blocks.slots[start + i];
                 let tag = cipher
-                    .encrypt_in_place_detached(
-                        &nonce_bytes(nonce),
-                        &slot.to_le_bytes(),
-                        slot_buf,
-                    )
+                    .encrypt_in_place_detached(&nonce_bytes(nonce), &slot.to_le_bytes(), slot_buf)
                     .map_err(|_| DiskError::Io {
                         op: "encrypt a block for",
                         path: self.dir.clone(),
@@ -831,7 +827,10 @@ mod tests {
         let b = tier.write("b", false, 2, |_, b| b.fill(2)).unwrap();
         assert_ne!(tier.path_of("a"), tier.path_of("b"));
         let err = tier.write("a", false, 4, |_, _| {}).unwrap_err();
-        assert!(matches!(err, DiskError::Full { needed: 4, free: 3 }), "{err}");
+        assert!(
+            matches!(err, DiskError::Full { needed: 4, free: 3 }),
+            "{err}"
+        );
         let a2 = tier.write("a", false, 1, |_, b| b.fill(3)).unwrap();
         tier.free(a);
         let a3 = tier.write("a", false, 3, |_, b| b.fill(4)).unwrap();

@@ -784,6 +784,20 @@ impl Backend for CpuBackend {
         Ok(CopyTicket(0))
     }
 
+    fn host_block<'h>(&self, host: &'h CpuHostKv, block: u32) -> Result<&'h [u8], BackendError> {
+        let range = host.block_range(block, "host_block")?;
+        Ok(bytemuck::cast_slice(&host.data[range]))
+    }
+
+    fn host_block_mut<'h>(
+        &self,
+        host: &'h mut CpuHostKv,
+        block: u32,
+    ) -> Result<&'h mut [u8], BackendError> {
+        let range = host.block_range(block, "host_block_mut")?;
+        Ok(bytemuck::cast_slice_mut(&mut host.data[range]))
+    }
+
     fn copy_finished(&self, _ticket: CopyTicket) -> Result<bool, BackendError> {
         // CPU copies complete before swap_out/swap_in return.
         Ok(true)
@@ -810,6 +824,22 @@ impl CpuHostKv {
 
     fn offset(&self, block: usize, layer: usize) -> usize {
         ((block * self.layout.num_layers + layer) * 2) * self.block_floats()
+    }
+
+    /// Every layer's floats of host block `block`.
+    fn block_range(
+        &self,
+        block: u32,
+        op: &'static str,
+    ) -> Result<std::ops::Range<usize>, BackendError> {
+        let block = block as usize;
+        if block >= self.host_blocks {
+            return Err(shape_error(
+                op,
+                format!("host block {block} of {}", self.host_blocks),
+            ));
+        }
+        Ok(self.offset(block, 0)..self.offset(block + 1, 0))
     }
 
     fn block(&self, block: usize, layer: usize) -> (&[f32], &[f32]) {

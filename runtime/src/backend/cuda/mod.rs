@@ -249,6 +249,22 @@ pub struct CudaHostKv {
     copy: Arc<CudaStream>,
 }
 
+impl CudaHostKv {
+    /// Where host block `block` lies in the buffer: its offset and length in bytes.
+    fn block_span(&self, block: u32, op: &'static str) -> Result<(usize, usize), BackendError> {
+        let l = &self.layout;
+        let len = l.num_layers * 2 * l.block_size * l.num_kv_heads * l.head_dim * 4;
+        let block = block as usize;
+        if block >= self.host_blocks || (block + 1) * len > self.buf.bytes() {
+            return Err(shape(
+                op,
+                format!("host block {block} of {}", self.host_blocks),
+            ));
+        }
+        Ok((block * len, len))
+    }
+}
+
 impl Drop for CudaHostKv {
     fn drop(&mut self) {
         if let Err(e) = self.copy.synchronize() {
@@ -1273,6 +1289,23 @@ impl Backend for CudaBackend {
             host_blocks,
             copy: Arc::clone(&self.copy),
         })
+    }
+
+    fn host_block<'h>(&self, host: &'h CudaHostKv, block: u32) -> Result<&'h [u8], BackendError> {
+        let (at, len) = host.block_span(block, "host_block")?;
+        // SAFETY: block_span checked the span lies inside the pinned buffer, which `host` owns
+        // for 'h; callers wait for the copy stream before reading (see the trait).
+        Ok(unsafe { std::slice::from_raw_parts(host.buf.ptr().add(at), len) })
+    }
+
+    fn host_block_mut<'h>(
+        &self,
+        host: &'h mut CudaHostKv,
+        block: u32,
+    ) -> Result<&'h mut [u8], BackendError> {
+        let (at, len) = host.block_span(block, "host_block_mut")?;
+        // SAFETY: as above, and `host` is borrowed mutably, so the slice is unique.
+        Ok(unsafe { std::slice::from_raw_parts_mut(host.buf.ptr().add(at), len) })
     }
 
     fn swap_out(
