@@ -33,6 +33,8 @@ fn loaded_scheduler() -> Scheduler {
         total_blocks: 1 << 40,
         swap_blocks: 0,
         swap_min_tokens: usize::MAX,
+        disk_blocks: 0,
+        disk_swap_min_tokens: usize::MAX,
         max_sequences: RUNNING,
         max_batch_tokens: 8192,
         price: 1.0,

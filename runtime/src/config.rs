@@ -84,6 +84,9 @@ pub struct DaemonConfig {
     pub shared_pool: PoolLimits,
     /// Batch jobs (`POST /v1/jobs`): their limits and how hard each runs.
     pub jobs: JobsConfig,
+    /// The KV disk tier's files (models with `disk_blocks`), best on a local NVMe; `null`:
+    /// `state_dir/kv`. Emptied at start: nothing in it outlives the daemon that wrote it.
+    pub kv_disk_dir: Option<PathBuf>,
 }
 
 /// Limits on batch jobs, kept under `state_dir/jobs`.
@@ -165,6 +168,19 @@ impl DaemonConfig {
             header_timeout: self.request_timeout,
         }
     }
+
+    /// Where the KV disk tier keeps its files.
+    pub fn kv_disk_root(&self) -> PathBuf {
+        self.kv_disk_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("kv"))
+    }
+
+    /// Where `model`'s disk tier keeps its files: a directory of its own under
+    /// [`DaemonConfig::kv_disk_root`] (model names may be `..`, hence the prefix).
+    pub fn kv_disk_dir_of(&self, model: &str) -> PathBuf {
+        self.kv_disk_root().join(format!("model-{model}"))
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -215,6 +231,10 @@ pub struct ModelSpec {
     /// Host-memory blocks for preempted sequences' KV cache (0: always recompute).
     #[serde(default = "default_swap_blocks")]
     pub swap_blocks: usize,
+    /// Disk-tier blocks (files under `kv_disk_dir`) for preempted sequences once the host
+    /// blocks are full (0: no disk tier). Not used by engines in worker processes yet.
+    #[serde(default)]
+    pub disk_blocks: usize,
     /// `auto`, `swap` or `recompute`.
     #[serde(default)]
     pub preemption: PreemptionMode,
@@ -226,6 +246,10 @@ pub struct ModelSpec {
     /// `generation_config.json`, if it has one.
     #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
     pub sampling_defaults: SamplingDefaults,
+    /// Where this model's disk tier keeps its files: set by the daemon from `kv_disk_dir`,
+    /// never read from a config or a request.
+    #[serde(skip)]
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// The default model's name and file.
@@ -273,6 +297,7 @@ impl ModelSpec {
             ("max_sequences", self.max_sequences, 1, 4096),
             ("max_batch_tokens", self.max_batch_tokens, 1, 1 << 20),
             ("swap_blocks", self.swap_blocks, 0, 1 << 24),
+            ("disk_blocks", self.disk_blocks, 0, 1 << 24),
         ] {
             if value < min || value > max {
                 out.push(PathProblem::new(
@@ -297,6 +322,7 @@ impl ModelSpec {
             max_sequences: default_max_sequences(),
             max_batch_tokens: default_max_batch_tokens(),
             swap_blocks: default_swap_blocks(),
+            disk_blocks: 0,
             preemption: PreemptionMode::Auto,
             prefix_cache: true,
             // SmolLM2-Instruct's model card samples at these; its GGUF file carries none.
@@ -305,6 +331,7 @@ impl ModelSpec {
                 top_p: Some(0.9),
                 ..SamplingDefaults::default()
             },
+            disk_dir: None,
         }
     }
 }
@@ -400,6 +427,7 @@ impl Default for DaemonConfig {
             worker_user: None,
             shared_pool: PoolLimits::default(),
             jobs: JobsConfig::default(),
+            kv_disk_dir: None,
         }
     }
 }
@@ -519,6 +547,7 @@ impl DaemonConfig {
         for (field, path) in [
             ("policy_file", &self.policy_file),
             ("policy_dir", &self.policy_dir),
+            ("kv_disk_dir", &self.kv_disk_dir),
         ] {
             if let Some(path) = path.as_ref().filter(|p| !p.is_absolute()) {
                 out.push(PathProblem::new(

@@ -63,6 +63,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _lock = StateLock::acquire(&config.state_dir)?;
     tracing::info!(state_dir = %config.state_dir.display(), "state directory locked");
+    // A crashed run's disk tier files are never valid again (their keys and block tables
+    // died with it); the lock above says no other daemon is using them.
+    match crate::kv::disk::remove_stale_tiers(&config.kv_disk_root()) {
+        Ok(0) => {}
+        Ok(removed) => {
+            tracing::info!(removed, dir = %config.kv_disk_root().display(), "removed a previous run's KV disk tier files")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %config.kv_disk_root().display(), "cleaning the KV disk tier")
+        }
+    }
 
     let policy = config.policy_paths().load().map_err(DaemonError::Policy)?;
     tracing::info!(tenants = policy.tenants.len(), sources = ?policy.sources, "policy loaded");

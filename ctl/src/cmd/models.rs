@@ -42,6 +42,9 @@ pub enum ModelsCommand {
         /// Host-memory blocks for preempted sequences (0: always recompute).
         #[arg(long, value_name = "N")]
         swap_blocks: Option<usize>,
+        /// Disk-tier blocks for preempted sequences once the host blocks are full (0: none).
+        #[arg(long, value_name = "N")]
+        disk_blocks: Option<usize>,
         /// auto, swap or recompute.
         #[arg(long)]
         preemption: Option<String>,
@@ -101,6 +104,7 @@ pub async fn run(
             max_sequences,
             max_batch_tokens,
             swap_blocks,
+            disk_blocks,
             preemption,
             no_prefix_cache,
             no_wait,
@@ -118,6 +122,7 @@ pub async fn run(
                 max_sequences: max_sequences.unwrap_or(defaults.max_sequences),
                 max_batch_tokens: max_batch_tokens.unwrap_or(defaults.max_batch_tokens),
                 swap_blocks: swap_blocks.unwrap_or(defaults.swap_blocks),
+                disk_blocks: disk_blocks.unwrap_or(defaults.disk_blocks),
                 preemption: match preemption.as_deref() {
                     None | Some("auto") => PreemptionMode::Auto,
                     Some("swap") => PreemptionMode::Swap,
@@ -130,6 +135,7 @@ pub async fn run(
                 },
                 prefix_cache: !no_prefix_cache,
                 sampling_defaults: SamplingDefaults::default(),
+                disk_dir: None,
             };
             load(client, &spec, !no_wait, json).await
         }

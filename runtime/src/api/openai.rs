@@ -82,6 +82,8 @@ fn scheduling_limits(auth: &Authenticated) -> TenantParams {
             tokens_per_minute: t.limits.tokens_per_minute,
             kv_blocks: t.limits.kv_blocks,
             host_kv_blocks: t.limits.host_kv_blocks,
+            disk_kv_blocks: t.limits.disk_kv_blocks,
+            encrypt_disk_kv: t.encrypt_kv_at_rest,
         },
         None => TenantParams::default(),
     }

@@ -22,6 +22,21 @@ pub trait EngineOps: Send {
     fn remove_sequence(&mut self, id: SeqId);
     fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError>;
     fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError>;
+    /// Moves a sequence to the disk tier, in `scope`'s file, sealed when `encrypt` (see
+    /// [`Engine::swap_out_to_disk`]); an engine without one refuses.
+    fn swap_out_to_disk(
+        &mut self,
+        id: SeqId,
+        scope: &str,
+        encrypt: bool,
+    ) -> Result<(), EngineError> {
+        let _ = (id, scope, encrypt);
+        Err(EngineError::NoDiskTier)
+    }
+    /// The disk tier's traffic so far (`None`: no disk tier).
+    fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
+        None
+    }
     /// One batched step; on error the engine's sequences are as before it.
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError>;
     fn is_swapped(&self, id: SeqId) -> bool;
@@ -72,6 +87,17 @@ impl<B: Backend> EngineOps for Engine<B> {
     fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
         Engine::swap_in(self, id)
     }
+    fn swap_out_to_disk(
+        &mut self,
+        id: SeqId,
+        scope: &str,
+        encrypt: bool,
+    ) -> Result<(), EngineError> {
+        Engine::swap_out_to_disk(self, id, scope, encrypt)
+    }
+    fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
+        Engine::disk_stats(self)
+    }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         Engine::step(self, inputs)
     }
@@ -105,6 +131,17 @@ impl EngineOps for Box<dyn EngineOps> {
     }
     fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
         (**self).swap_in(id)
+    }
+    fn swap_out_to_disk(
+        &mut self,
+        id: SeqId,
+        scope: &str,
+        encrypt: bool,
+    ) -> Result<(), EngineError> {
+        (**self).swap_out_to_disk(id, scope, encrypt)
+    }
+    fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
+        (**self).disk_stats()
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         (**self).step(inputs)

@@ -750,6 +750,28 @@ pub fn remove_leftovers(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// Removes every model's tier files under `root` (the `model-*` directories a daemon makes
+/// there), and the directories once empty; returns how many files went. Nothing else in
+/// `root` is touched.
+pub fn remove_stale_tiers(root: &Path) -> io::Result<usize> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let ours = entry.file_name().to_string_lossy().starts_with("model-");
+        // Not followed: a link planted here must not lead the daemon to delete elsewhere.
+        if ours && entry.file_type()?.is_dir() {
+            removed += remove_leftovers(&entry.path())?;
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

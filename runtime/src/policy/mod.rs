@@ -168,6 +168,9 @@ pub struct Tenant {
     pub class: PriorityClass,
     pub isolation: TenantIsolation,
     pub limits: LimitsSpec,
+    /// Its KV blocks in the disk tier are sealed (AES-256-GCM).
+    #[serde(default)]
+    pub encrypt_kv_at_rest: bool,
     pub models: Vec<String>,
     pub devices: Vec<String>,
     #[serde(rename = "match")]

@@ -55,6 +55,10 @@ pub struct TenantSpec {
     pub isolation: TenantIsolation,
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// Seal the tenant's KV blocks in the disk tier with AES-256-GCM, under a key generated
+    /// when the daemon needs it and held only in its memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypt_kv_at_rest: bool,
     /// Model names (or `*`) this tenant may use.
     #[serde(default = "everything")]
     pub models: Vec<String>,
@@ -119,6 +123,10 @@ pub struct LimitsSpec {
     /// past it a preemption recomputes instead (0: never swapped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_kv_blocks: Option<u64>,
+    /// Disk-tier KV blocks the tenant's preempted sequences may hold per device once the host
+    /// tier is full; past it a preemption recomputes instead (0: never swapped to disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_kv_blocks: Option<u64>,
     /// Host memory of the tenant's workers (cgroup `memory.max`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ByteSize>,

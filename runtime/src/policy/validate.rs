@@ -261,6 +261,7 @@ fn check_tenant(spec: &TenantSpec, path: &str, out: &mut Vec<PathProblem>) -> Te
         class: spec.class,
         isolation: spec.isolation,
         limits: spec.limits.clone(),
+        encrypt_kv_at_rest: spec.encrypt_kv_at_rest,
         models: spec.models.clone(),
         devices: spec.devices.clone(),
         matches: check_matches(&spec.matches, &format!("{path}.match"), out),

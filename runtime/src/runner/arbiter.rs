@@ -882,7 +882,14 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             let model = a.job.model;
             let engine = &mut self.models[model].engine;
             let failure = match (kind, a.seq) {
-                (PreemptKind::Swap, Some(seq)) => match engine.swap_out(seq) {
+                (PreemptKind::Swap | PreemptKind::SwapDisk, Some(seq)) => match match kind {
+                    PreemptKind::SwapDisk => engine.swap_out_to_disk(
+                        seq,
+                        &a.job.request.tenant,
+                        a.job.request.limits.encrypt_disk_kv,
+                    ),
+                    _ => engine.swap_out(seq),
+                } {
                     Ok(()) => None,
                     Err(crate::engine::EngineError::WorkerLost(_)) => {
                         self.worker_lost(model);
@@ -907,7 +914,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     None
                 }
                 // Its worker was lost earlier in this plan: it is already back in the queue.
-                (PreemptKind::Swap, None) => None,
+                (PreemptKind::Swap | PreemptKind::SwapDisk, None) => None,
             };
             if let Some(message) = failure {
                 self.fail(key, message, Failure::Server);
@@ -925,6 +932,17 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             };
             if let Err(crate::engine::EngineError::WorkerLost(_)) = result {
                 self.worker_lost(model);
+            } else if let Err(e @ crate::engine::EngineError::Disk(_)) = result {
+                // A disk tier block that could not be read back, or failed authentication:
+                // the sequence is recomputed, with the same output.
+                tracing::warn!(error = %e, "swapping a sequence in from disk failed; it will be recomputed");
+                if let Some(a) = self.active.get_mut(&key) {
+                    if let Some(seq) = a.seq.take() {
+                        self.models[model].engine.remove_sequence(seq);
+                    }
+                    a.restart();
+                }
+                self.sched.requeue(key);
             } else if let Err(e) = result {
                 tracing::error!(error = %e, "swapping a sequence in failed");
                 self.fail(

@@ -371,11 +371,15 @@ impl Fleet {
             }
             Err(e) => return Err(e.into()),
         };
+        let mut spec = spec.clone();
+        if spec.disk_blocks > 0 {
+            spec.disk_dir = Some(self.config.kv_disk_dir_of(name));
+        }
         let placed = place(
             name,
             model,
             source,
-            spec,
+            &spec,
             &placement,
             self.workers.as_ref(),
             self.renderer.as_ref(),

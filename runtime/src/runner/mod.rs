@@ -10,6 +10,7 @@
 pub mod arbiter;
 pub mod detok;
 pub mod fleet;
+mod tiers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -481,15 +482,33 @@ fn prepare<B: Backend + 'static>(
         c.vocab_size,
         c.max_position_embeddings,
     );
+    let disk_swap_min_tokens = tiers::enable_disk_tier(
+        &mut engine,
+        spec,
+        block_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+    );
     finish_prepare(
         name,
         model,
         spec,
         Box::new(engine),
-        swap_min_tokens,
+        Crossovers {
+            swap_min_tokens,
+            disk_swap_min_tokens,
+        },
         label,
         Usage::new(ledger, None),
     )
+}
+
+/// The measured lengths past which a preempted sequence is swapped rather than recomputed,
+/// per tier (`usize::MAX`: never).
+#[derive(Debug, Clone, Copy)]
+struct Crossovers {
+    swap_min_tokens: usize,
+    disk_swap_min_tokens: usize,
 }
 
 /// A model whose engine runs in a worker process; the supervisor keeps its tokenizer and
@@ -503,12 +522,18 @@ fn prepare_in_worker(
 ) -> Result<PreparedModel, StartError> {
     let (engine, ready) = worker;
     let usage = Usage::new(None, Some(engine.status()));
+    if spec.disk_blocks > 0 {
+        tracing::warn!(model = %name, "engines in worker processes have no KV disk tier yet; disk_blocks is ignored");
+    }
     finish_prepare(
         name,
         model,
         spec,
         Box::new(engine),
-        ready.swap_min_tokens(),
+        Crossovers {
+            swap_min_tokens: ready.swap_min_tokens(),
+            disk_swap_min_tokens: usize::MAX,
+        },
         label,
         usage,
     )
@@ -571,10 +596,14 @@ fn finish_prepare(
     model: LoadedModel,
     spec: &ModelSpec,
     engine: Box<dyn EngineOps>,
-    swap_min_tokens: usize,
+    crossovers: Crossovers,
     label: String,
     usage: Usage,
 ) -> Result<PreparedModel, StartError> {
+    let Crossovers {
+        swap_min_tokens,
+        disk_swap_min_tokens,
+    } = crossovers;
     let block_size = crate::kv::DEFAULT_BLOCK_SIZE;
     let template = match &model.chat_template {
         Some(source) => Some(
@@ -597,6 +626,12 @@ fn finish_prepare(
             spec.swap_blocks
         },
         swap_min_tokens,
+        disk_blocks: if disk_swap_min_tokens == usize::MAX {
+            0
+        } else {
+            spec.disk_blocks
+        },
+        disk_swap_min_tokens,
         max_sequences: spec.max_sequences,
         max_batch_tokens: spec.max_batch_tokens,
         price: (parameters as f64 / 1e9).max(1e-3),

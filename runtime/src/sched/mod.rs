@@ -52,6 +52,11 @@ pub struct TenantParams {
     /// Host-tier blocks its swapped-out sequences may hold on a device; past it, a
     /// preemption recomputes instead of swapping.
     pub host_kv_blocks: Option<u64>,
+    /// Disk-tier blocks its swapped-out sequences may hold on a device; past it (and past the
+    /// host tier), a preemption recomputes.
+    pub disk_kv_blocks: Option<u64>,
+    /// Whether its blocks in the disk tier are sealed (AES-256-GCM).
+    pub encrypt_disk_kv: bool,
 }
 
 impl Default for TenantParams {
@@ -62,6 +67,8 @@ impl Default for TenantParams {
             tokens_per_minute: None,
             kv_blocks: None,
             host_kv_blocks: None,
+            disk_kv_blocks: None,
+            encrypt_disk_kv: false,
         }
     }
 }
@@ -77,6 +84,11 @@ pub struct ModelParams {
     /// Swap rather than recompute a sequence holding at least this many tokens (the measured
     /// crossover; `usize::MAX` never swaps).
     pub swap_min_tokens: usize,
+    /// Disk-tier blocks for swapped-out sequences once the host tier is full (0: none).
+    pub disk_blocks: usize,
+    /// Swap to disk rather than recompute a sequence holding at least this many tokens (the
+    /// disk tier's measured crossover).
+    pub disk_swap_min_tokens: usize,
     pub max_sequences: usize,
     pub max_batch_tokens: usize,
     /// Relative cost of one of this model's tokens (virtual counters charge it).
@@ -138,12 +150,37 @@ pub enum Reject {
     UnknownModel(usize),
 }
 
+/// A swap tier: where a preempted sequence's KV blocks wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Host,
+    Disk,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 2] = [Tier::Host, Tier::Disk];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Host => "host",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
 /// How a sequence is preempted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum PreemptKind {
     /// Its KV blocks move to host memory and come back later as they were.
     Swap,
+    /// Its KV blocks move to the disk tier (the host tier being full) and come back later.
+    SwapDisk,
     /// Its KV blocks are dropped; it is prefilled again (prompt and generated tokens) later.
     Recompute,
 }
@@ -152,6 +189,7 @@ impl PreemptKind {
     pub fn as_str(self) -> &'static str {
         match self {
             PreemptKind::Swap => "swap",
+            PreemptKind::SwapDisk => "swap_disk",
             PreemptKind::Recompute => "recompute",
         }
     }
@@ -192,9 +230,11 @@ struct Seq {
     target: usize,
     /// Tokens already charged to the tenant (recomputation is not charged twice).
     charged: usize,
-    /// Blocks committed on the device while running, or held on the host while swapped.
+    /// Blocks committed on the device while running, or held in its tier while swapped.
     blocks: usize,
     state: State,
+    /// Where it waits while swapped.
+    tier: Tier,
     /// Whether its prompt was charged to the token bucket.
     admitted: bool,
 }
@@ -221,8 +261,8 @@ struct Tenant {
     running: usize,
     /// Device blocks committed across its running sequences.
     blocks: usize,
-    /// Host-tier blocks its swapped-out sequences hold.
-    host_blocks: usize,
+    /// Blocks its swapped-out sequences hold in each tier (by [`Tier::index`]).
+    parked: [usize; 2],
     /// Sequences of any state.
     live: usize,
     /// Its limits changed: queued requests are checked against them again.
@@ -236,10 +276,11 @@ struct Tenant {
 struct ModelState {
     params: ModelParams,
     used_blocks: usize,
-    used_host_blocks: usize,
-    /// Host blocks freed by swap-ins of the plan being made: the runner swaps out before it
+    /// Blocks its swapped-out sequences hold in each tier.
+    used_parked: [usize; 2],
+    /// Tier blocks freed by swap-ins of the plan being made: the runner swaps out before it
     /// swaps in, so swap-outs of the same plan may not use them.
-    host_freed_in_plan: usize,
+    freed_in_plan: [usize; 2],
     running: usize,
     /// Unloaded: nothing is submitted to it, and the next model placed takes its index.
     retired: bool,
@@ -259,6 +300,9 @@ pub struct TenantReport {
     pub kv_blocks: usize,
     /// Host-tier blocks its swapped-out sequences hold.
     pub host_kv_blocks: usize,
+    /// Disk-tier blocks its swapped-out sequences hold.
+    #[serde(default)]
+    pub disk_kv_blocks: usize,
     /// Weighted service so far (the fair-share policy's virtual counter).
     pub virtual_counter: f64,
     /// Tokens left in its `tokens_per_minute` bucket, if it has one.
@@ -382,8 +426,8 @@ impl Scheduler {
         let state = ModelState {
             params,
             used_blocks: 0,
-            used_host_blocks: 0,
-            host_freed_in_plan: 0,
+            used_parked: [0; 2],
+            freed_in_plan: [0; 2],
             running: 0,
             retired: false,
             paused: false,
@@ -406,7 +450,7 @@ impl Scheduler {
         if let Some(m) = self.models.get_mut(model) {
             m.retired = true;
             m.used_blocks = 0;
-            m.used_host_blocks = 0;
+            m.used_parked = [0; 2];
             m.running = 0;
         }
         for t in &mut self.tenants {
@@ -471,10 +515,12 @@ impl Scheduler {
         tenant.blocks + tenant.sibling.map_or(0, |s| self.tenants[s].blocks)
     }
 
-    /// Host-tier blocks a tenant holds in both classes (what its `host_kv_blocks` bounds).
-    fn host_quota_blocks(&self, t: usize) -> usize {
+    /// Blocks a tenant holds in a tier in both classes (what its `host_kv_blocks` or
+    /// `disk_kv_blocks` bounds).
+    fn tier_quota_blocks(&self, t: usize, tier: Tier) -> usize {
         let tenant = &self.tenants[t];
-        tenant.host_blocks + tenant.sibling.map_or(0, |s| self.tenants[s].host_blocks)
+        let i = tier.index();
+        tenant.parked[i] + tenant.sibling.map_or(0, |s| self.tenants[s].parked[i])
     }
 
     /// A tenant's entries: its interactive one first, then its batch one.
@@ -513,7 +559,7 @@ impl Scheduler {
             queues: Queues::default(),
             running: 0,
             blocks: 0,
-            host_blocks: 0,
+            parked: [0; 2],
             live: 0,
             recheck: false,
             stats: TenantStats::default(),
@@ -572,6 +618,7 @@ impl Scheduler {
                 charged: 0,
                 blocks: 0,
                 state: State::Waiting,
+                tier: Tier::Host,
                 admitted: false,
             },
         );
@@ -591,10 +638,7 @@ impl Scheduler {
             // Left in its queue; skipped when it reaches the head.
             State::Waiting => {}
             State::Running => leave_running(model, tenant, &mut self.running, &seq, key),
-            State::Swapped => {
-                model.used_host_blocks -= seq.blocks;
-                tenant.host_blocks -= seq.blocks;
-            }
+            State::Swapped => unpark(model, tenant, &seq),
         }
     }
 
@@ -723,39 +767,60 @@ impl Scheduler {
         let Some(t) = self.seqs.get(&key).map(|s| s.tenant) else {
             return;
         };
-        // The tenant's host tier, counted with its other class's as its device quota is.
-        let host_used = self.host_quota_blocks(t);
-        let host_limit = self.tenants[t]
-            .params
-            .host_kv_blocks
-            .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        // The tenant's tiers, each counted with its other class's as its device quota is.
+        let room = Tier::ALL.map(|tier| {
+            let limit = match tier {
+                Tier::Host => self.tenants[t].params.host_kv_blocks,
+                Tier::Disk => self.tenants[t].params.disk_kv_blocks,
+            };
+            let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+            limit.saturating_sub(self.tier_quota_blocks(t, tier))
+        });
         let Some(seq) = self.seqs.get_mut(&key) else {
             return;
         };
         let model = &mut self.models[seq.model];
         let tenant = &mut self.tenants[seq.tenant];
         leave_running(model, tenant, &mut self.running, seq, key);
-        let host_blocks = blocks_for(seq.computed, model.params.block_size);
-        let swap = seq.computed >= model.params.swap_min_tokens
-            && seq.computed > 0
-            && model.used_host_blocks + model.host_freed_in_plan + host_blocks
-                <= model.params.swap_blocks
-            && host_used.saturating_add(host_blocks) <= host_limit;
+        let blocks = blocks_for(seq.computed, model.params.block_size);
+        let swapped_in = plan.swap_in.contains(&key);
+        // Swapped in earlier in this plan: it may only go back where it came from (the runner
+        // is not told, so its blocks never moved).
+        let tiers: &[Tier] = if swapped_in {
+            std::slice::from_ref(&seq.tier)
+        } else {
+            &Tier::ALL
+        };
+        let target = tiers.iter().copied().find(|&tier| {
+            let (capacity, min_tokens) = match tier {
+                Tier::Host => (model.params.swap_blocks, model.params.swap_min_tokens),
+                Tier::Disk => (model.params.disk_blocks, model.params.disk_swap_min_tokens),
+            };
+            let i = tier.index();
+            seq.computed >= min_tokens
+                && seq.computed > 0
+                && model.used_parked[i] + model.freed_in_plan[i] + blocks <= capacity
+                && blocks <= room[i]
+        });
         let arrival = seq.arrival;
         // Started earlier in this same plan: undo the start instead of telling the runner.
         let fresh = plan.admit.contains(&key);
-        let swapped_in = plan.swap_in.contains(&key);
         plan.admit.retain(|&k| k != key);
         plan.swap_in.retain(|&k| k != key);
-        let tell = !(fresh || (swapped_in && swap));
-        let (queue, m) = if swap {
-            model.used_host_blocks += host_blocks;
-            tenant.host_blocks += host_blocks;
-            seq.blocks = host_blocks;
+        let tell = !(fresh || (swapped_in && target.is_some()));
+        let (queue, m) = if let Some(tier) = target {
+            model.used_parked[tier.index()] += blocks;
+            tenant.parked[tier.index()] += blocks;
+            seq.blocks = blocks;
             seq.state = State::Swapped;
+            seq.tier = tier;
             if tell {
                 tenant.stats.preempted_swap += 1;
-                plan.preempt.push((key, PreemptKind::Swap));
+                let kind = match tier {
+                    Tier::Host => PreemptKind::Swap,
+                    Tier::Disk => PreemptKind::SwapDisk,
+                };
+                plan.preempt.push((key, kind));
             }
             (Queue::Swapped, seq.model)
         } else {
@@ -793,8 +858,7 @@ impl Scheduler {
         }
         let model = &mut self.models[seq.model];
         let tenant = &mut self.tenants[seq.tenant];
-        model.used_host_blocks -= seq.blocks;
-        tenant.host_blocks -= seq.blocks;
+        unpark(model, tenant, seq);
         seq.blocks = 0;
         seq.computed = 0;
         seq.state = State::Waiting;
@@ -817,8 +881,7 @@ impl Scheduler {
             State::Waiting => return,
             State::Running => leave_running(model, tenant, &mut self.running, seq, key),
             State::Swapped => {
-                model.used_host_blocks -= seq.blocks;
-                tenant.host_blocks -= seq.blocks;
+                unpark(model, tenant, seq);
                 tenant.queues.remove(Queue::Swapped, seq.model, key);
             }
         }
@@ -887,7 +950,7 @@ impl Scheduler {
     pub fn plan(&mut self, now: f64) -> StepPlan {
         let mut plan = StepPlan::default();
         for m in &mut self.models {
-            m.host_freed_in_plan = 0;
+            m.freed_in_plan = [0; 2];
         }
         self.recheck(&mut plan);
 
@@ -1110,9 +1173,8 @@ impl Scheduler {
         let model = &mut self.models[seq.model];
         match seq.state {
             State::Swapped => {
-                model.used_host_blocks -= seq.blocks;
-                tenant.host_blocks -= seq.blocks;
-                model.host_freed_in_plan += seq.blocks;
+                unpark(model, tenant, seq);
+                model.freed_in_plan[seq.tier.index()] += seq.blocks;
                 tenant.queues.remove(Queue::Swapped, seq.model, key);
                 plan.swap_in.push(key);
             }
@@ -1199,7 +1261,8 @@ impl Scheduler {
                 running: t.running,
                 swapped,
                 kv_blocks: t.blocks,
-                host_kv_blocks: t.host_blocks,
+                host_kv_blocks: t.parked[Tier::Host.index()],
+                disk_kv_blocks: t.parked[Tier::Disk.index()],
                 virtual_counter: t.counter,
                 bucket_tokens: t
                     .params
@@ -1215,9 +1278,9 @@ impl Scheduler {
     #[cfg(test)]
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut used = vec![0usize; self.models.len()];
-        let mut host = vec![0usize; self.models.len()];
+        let mut parked = vec![[0usize; 2]; self.models.len()];
         let mut running = vec![0usize; self.models.len()];
-        let mut by_tenant = vec![(0usize, 0usize, 0usize, 0usize); self.tenants.len()];
+        let mut by_tenant = vec![(0usize, 0usize, 0usize, [0usize; 2]); self.tenants.len()];
         for (k, s) in &self.seqs {
             if s.computed > s.target {
                 return Err(format!(
@@ -1241,8 +1304,8 @@ impl Scheduler {
                     }
                 }
                 State::Swapped => {
-                    host[s.model] += s.blocks;
-                    t.3 += s.blocks;
+                    parked[s.model][s.tier.index()] += s.blocks;
+                    t.3[s.tier.index()] += s.blocks;
                 }
                 State::Waiting => {
                     if s.computed != 0 {
@@ -1252,18 +1315,21 @@ impl Scheduler {
             }
         }
         for (m, model) in self.models.iter().enumerate() {
-            if used[m] != model.used_blocks || host[m] != model.used_host_blocks {
+            if used[m] != model.used_blocks || parked[m] != model.used_parked {
                 return Err(format!("model {m}: ledger differs from its sequences"));
             }
             if running[m] != model.running {
                 return Err(format!("model {m}: running count differs"));
             }
-            if model.used_host_blocks > model.params.swap_blocks {
+            if model.used_parked[Tier::Host.index()] > model.params.swap_blocks {
                 return Err(format!("model {m}: swap space overrun"));
+            }
+            if model.used_parked[Tier::Disk.index()] > model.params.disk_blocks {
+                return Err(format!("model {m}: disk tier overrun"));
             }
         }
         for (i, t) in self.tenants.iter().enumerate() {
-            if (t.blocks, t.running, t.live, t.host_blocks) != by_tenant[i] {
+            if (t.blocks, t.running, t.live, t.parked) != by_tenant[i] {
                 return Err(format!(
                     "tenant {}: ledger differs from its sequences",
                     t.name
@@ -1313,6 +1379,37 @@ impl Scheduler {
                 }
             }
         }
+        // A tier limit may be lowered by a policy reload while blocks are parked; what a
+        // tenant holds past it can only have been there before.
+        for (i, t) in self.tenants.iter().enumerate() {
+            for (tier, limit) in [
+                (Tier::Host, t.params.host_kv_blocks),
+                (Tier::Disk, t.params.disk_kv_blocks),
+            ] {
+                let newly: usize = plan
+                    .preempt
+                    .iter()
+                    .filter(|(k, kind)| {
+                        let s = &self.seqs[k];
+                        s.tenant == i
+                            && s.state == State::Swapped
+                            && s.tier == tier
+                            && *kind != PreemptKind::Recompute
+                    })
+                    .map(|(k, _)| self.seqs[k].blocks)
+                    .sum();
+                if let Some(limit) = limit {
+                    if newly > 0 && self.tier_quota_blocks(i, tier) as u64 > limit {
+                        return Err(format!(
+                            "tenant {}: {} {} blocks over its limit {limit}",
+                            t.name,
+                            self.tier_quota_blocks(i, tier),
+                            tier.as_str()
+                        ));
+                    }
+                }
+            }
+        }
         // A sequence preempted and started again in one plan would thrash.
         for &(k, _) in &plan.preempt {
             if plan.admit.contains(&k) || plan.swap_in.contains(&k) {
@@ -1337,3 +1434,10 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests;
+
+/// Takes a swapped sequence's blocks off its tier's ledgers.
+fn unpark(model: &mut ModelState, tenant: &mut Tenant, seq: &Seq) {
+    let i = seq.tier.index();
+    model.used_parked[i] -= seq.blocks;
+    tenant.parked[i] -= seq.blocks;
+}

@@ -92,6 +92,8 @@ impl SimConfig {
                 total_blocks: 4096,
                 swap_blocks: 0,
                 swap_min_tokens: usize::MAX,
+                disk_blocks: 0,
+                disk_swap_min_tokens: usize::MAX,
                 max_sequences: 8,
                 max_batch_tokens: 256,
                 price: 1.0,

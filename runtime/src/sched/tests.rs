@@ -9,6 +9,8 @@ fn model(total_blocks: usize, max_sequences: usize, max_batch_tokens: usize) -> 
         total_blocks,
         swap_blocks: 0,
         swap_min_tokens: usize::MAX,
+        disk_blocks: 0,
+        disk_swap_min_tokens: usize::MAX,
         max_sequences,
         max_batch_tokens,
         price: 1.0,
@@ -200,6 +202,69 @@ fn a_tenant_at_its_host_tier_limit_is_recomputed_not_swapped() {
         }
         assert!(s.is_empty(), "both finish ({limit:?})");
         assert_eq!(preempted.first(), Some(&(2, kind)), "{limit:?}");
+    }
+}
+
+/// Preemption goes down the tiers: to the host while it has room (model and tenant), then to
+/// disk, then recompute; the disk tier has its own crossover and per-tenant limit, and a
+/// sequence swapped back in comes from the tier it went to.
+#[test]
+fn a_preempted_sequence_goes_to_disk_when_the_host_tier_is_full() {
+    let cases = [
+        // (model swap_blocks, tenant host limit, model disk_blocks, tenant disk limit, disk
+        // crossover): the first preemption's kind.
+        ((8, None, 8, None, 1), PreemptKind::Swap),
+        ((0, None, 8, None, 1), PreemptKind::SwapDisk),
+        ((8, Some(0), 8, None, 1), PreemptKind::SwapDisk),
+        ((8, Some(0), 8, Some(0), 1), PreemptKind::Recompute),
+        ((8, Some(0), 0, None, 1), PreemptKind::Recompute),
+        // Shorter than the disk tier's crossover: recomputing is cheaper.
+        ((0, None, 8, None, 1000), PreemptKind::Recompute),
+    ];
+    for ((swap_blocks, host_limit, disk_blocks, disk_limit, disk_min), kind) in cases {
+        let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+        let mut m = model(4, 8, 64);
+        m.swap_blocks = swap_blocks;
+        m.swap_min_tokens = 1;
+        m.disk_blocks = disk_blocks;
+        m.disk_swap_min_tokens = disk_min;
+        s.add_model(m);
+        for key in [1, 2] {
+            let mut n = seq(key, "a", 4, 8);
+            n.params.host_kv_blocks = host_limit;
+            n.params.disk_kv_blocks = disk_limit;
+            s.submit(n, 0.0).unwrap();
+        }
+        let mut preempted = Vec::new();
+        let mut generated: HashMap<SeqKey, usize> = HashMap::new();
+        let mut peak_disk = 0;
+        for _ in 0..100 {
+            let plan = s.plan(0.0);
+            s.check_plan(&plan).unwrap();
+            preempted.extend(plan.preempt.iter().copied());
+            let report = &s.report(0.0)[0];
+            peak_disk = peak_disk.max(report.disk_kv_blocks);
+            for k in execute(&mut s, &plan, 0.0) {
+                let g = generated.entry(k).or_default();
+                *g += 1;
+                if *g == 8 {
+                    s.remove(k);
+                }
+            }
+            s.check_invariants().unwrap();
+            if s.is_empty() {
+                break;
+            }
+        }
+        let case = (swap_blocks, host_limit, disk_blocks, disk_limit, disk_min);
+        assert!(s.is_empty(), "both finish ({case:?})");
+        assert_eq!(preempted.first(), Some(&(2, kind)), "{case:?}");
+        assert_eq!(
+            peak_disk > 0,
+            kind == PreemptKind::SwapDisk,
+            "disk blocks held ({case:?})"
+        );
+        assert_eq!(s.report(0.0)[0].disk_kv_blocks, 0);
     }
 }
 
@@ -517,6 +582,7 @@ proptest! {
         policy in prop_oneof![Just(PolicyKind::Fcfs), Just(PolicyKind::RoundRobin), Just(PolicyKind::Priority), Just(PolicyKind::FairShare)],
         total_blocks in 20usize..60,
         swap_blocks in 0usize..30,
+        disk_blocks in prop_oneof![Just(0usize), 0usize..40],
         max_sequences in 1usize..6,
         max_batch_tokens in 1usize..48,
         quota in prop::option::of(20u64..40),
@@ -527,6 +593,8 @@ proptest! {
             total_blocks,
             swap_blocks,
             swap_min_tokens: 6,
+            disk_blocks,
+            disk_swap_min_tokens: 10,
             max_sequences,
             max_batch_tokens,
             price: 1.0,
@@ -559,6 +627,7 @@ proptest! {
                     n.params.weight = u32::from(tenant) + 1;
                     n.params.kv_blocks = quota.filter(|_| tenant % 2 == 0);
                     n.params.host_kv_blocks = quota.map(|q| q / 4).filter(|_| tenant % 3 == 1);
+                    n.params.disk_kv_blocks = quota.map(|q| q / 3).filter(|_| tenant % 3 == 2);
                     if class_batch {
                         n.params.class = PriorityClass::Batch;
                     }

@@ -1,0 +1,164 @@
+//! Gives a model's engine its disk tier at load and measures where that tier pays: the
+//! shortest sequence whose swap to disk and back costs less than prefilling it again, which
+//! the scheduler uses as the model's `disk_swap_min_tokens`.
+
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::config::{ModelSpec, PreemptionMode};
+use crate::engine::{Engine, LogitsWanted, StepInput};
+use crate::kv::disk::{DiskTier, DEFAULT_BATCH};
+
+/// The scope the measurement's blocks are written under (its file is gone once it ends).
+const MEASURE_SCOPE: &str = "\0crossover";
+
+/// Opens the model's disk tier (in `spec.disk_dir`) and measures its crossover; returns the
+/// scheduler's `disk_swap_min_tokens` (`usize::MAX`: no disk tier, or it never pays).
+pub(crate) fn enable_disk_tier<B: Backend>(
+    engine: &mut Engine<B>,
+    spec: &ModelSpec,
+    block_size: usize,
+    vocab: usize,
+    context: usize,
+) -> usize {
+    let Some(dir) = spec.disk_dir.as_deref() else {
+        return usize::MAX;
+    };
+    if spec.disk_blocks == 0 || spec.preemption == PreemptionMode::Recompute {
+        return usize::MAX;
+    }
+    let tier = DiskTier::open(
+        dir,
+        engine.kv_block_bytes(),
+        spec.disk_blocks,
+        DEFAULT_BATCH,
+    )
+    .map_err(crate::engine::EngineError::from)
+    .and_then(|tier| {
+        let (direct, uring) = (tier.is_direct(), tier.uses_io_uring());
+        engine.enable_disk(tier).map(|()| (direct, uring))
+    });
+    match tier {
+        Ok((direct, io_uring)) => {
+            tracing::info!(model = %spec.name, dir = %dir.display(), blocks = spec.disk_blocks,
+                direct, io_uring, "KV disk tier ready")
+        }
+        Err(e) => {
+            tracing::warn!(model = %spec.name, dir = %dir.display(), error = %e,
+                "no KV disk tier; preempted sequences the host tier cannot hold are recomputed");
+            return usize::MAX;
+        }
+    }
+    if spec.preemption == PreemptionMode::Swap {
+        return 0;
+    }
+    let longest = (4 * block_size)
+        .min(context.saturating_sub(1))
+        .min(spec.disk_blocks * block_size);
+    let points: Vec<usize> = [block_size.min(longest), longest]
+        .into_iter()
+        .filter(|&n| n > 0)
+        .collect();
+    let mut costs = Vec::new();
+    for &n in &points {
+        let tokens: Vec<u32> = (0..n).map(|i| (i % vocab.max(1)) as u32).collect();
+        match round_trips(engine, &tokens) {
+            Ok(cost) => costs.push((n, cost)),
+            Err(e) => {
+                tracing::warn!(model = %spec.name, error = %e,
+                    "measuring the disk tier failed; preempted sequences the host tier cannot hold are recomputed");
+                return usize::MAX;
+            }
+        }
+    }
+    let min_tokens = crossover(&costs);
+    tracing::info!(model = %spec.name, measured = ?costs, disk_swap_min_tokens = min_tokens,
+        "disk tier crossover measured");
+    min_tokens
+}
+
+/// What a sequence of `tokens` costs to prefill, and to move to disk and back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Costs {
+    pub prefill: Duration,
+    pub disk: Duration,
+}
+
+fn round_trips<B: Backend>(
+    engine: &mut Engine<B>,
+    tokens: &[u32],
+) -> Result<Costs, crate::engine::EngineError> {
+    let feed = |engine: &mut Engine<B>, seq| {
+        engine.step(&[StepInput {
+            seq,
+            tokens,
+            logits: LogitsWanted::Last,
+        }])
+    };
+    // A first step allocates scratch buffers (and loads kernels on a GPU): not timed.
+    let warm = engine.add_sequence();
+    let warmed = feed(engine, warm);
+    engine.remove_sequence(warm);
+    warmed?;
+    let seq = engine.add_sequence();
+    let started = Instant::now();
+    let fed = feed(engine, seq);
+    let prefill = started.elapsed();
+    let started = Instant::now();
+    let moved = fed
+        .and_then(|_| engine.swap_out_to_disk(seq, MEASURE_SCOPE, false))
+        .and_then(|()| engine.swap_in(seq))
+        .and_then(|()| Ok(engine.backend().wait_copies()?));
+    let disk = started.elapsed();
+    engine.remove_sequence(seq);
+    moved.map(|()| Costs { prefill, disk })
+}
+
+/// The fewest tokens at which the disk round trip beats the prefill, from measurements at
+/// increasing lengths (each cost taken as linear between them): 0 when it wins at the
+/// shortest, `usize::MAX` when it loses at the longest.
+pub(crate) fn crossover(costs: &[(usize, Costs)]) -> usize {
+    let wins = |c: &Costs| c.disk < c.prefill;
+    match costs {
+        [] => usize::MAX,
+        [(_, first), ..] if wins(first) => 0,
+        _ => {
+            for pair in costs.windows(2) {
+                let [(n0, c0), (n1, c1)] = pair else { continue };
+                if !wins(c1) {
+                    continue;
+                }
+                // Margin (prefill − disk) goes from ≤ 0 at n0 to > 0 at n1.
+                let m0 = c0.prefill.as_secs_f64() - c0.disk.as_secs_f64();
+                let m1 = c1.prefill.as_secs_f64() - c1.disk.as_secs_f64();
+                let at = *n0 as f64 + (*n1 - *n0) as f64 * (-m0) / (m1 - m0);
+                return (at.ceil() as usize).clamp(*n0, *n1);
+            }
+            usize::MAX
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn costs(prefill_ms: u64, disk_ms: u64) -> Costs {
+        Costs {
+            prefill: Duration::from_millis(prefill_ms),
+            disk: Duration::from_millis(disk_ms),
+        }
+    }
+
+    #[test]
+    fn the_crossover_is_where_the_disk_starts_to_win() {
+        assert_eq!(crossover(&[]), usize::MAX);
+        assert_eq!(crossover(&[(16, costs(10, 5)), (64, costs(40, 8))]), 0);
+        // Margins −10 ms at 16 tokens and +10 ms at 64: they cross half way, at 40.
+        assert_eq!(crossover(&[(16, costs(10, 20)), (64, costs(40, 30))]), 40);
+        assert_eq!(
+            crossover(&[(16, costs(10, 20)), (64, costs(40, 45))]),
+            usize::MAX
+        );
+    }
+}
