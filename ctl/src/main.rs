@@ -62,6 +62,9 @@ enum Command {
     Devices,
     /// Show each device's scheduler: per tenant, waiting, running, swapped, KV blocks, counter.
     Queue,
+    /// Show each device's KV memory by tier (device, host, disk): per model used and free, per
+    /// tenant the blocks it holds.
+    Memory,
     /// Live view of each device's scheduler: per tenant share, tokens/s, queue, KV blocks.
     Top(cmd::top::TopArgs),
     /// List the models' worker processes: pid, user, restarts, memory, CPU, device denials (operators only).
@@ -168,6 +171,7 @@ fn main() -> ExitCode {
             Command::Models { command } => cmd::models::run(&client, command.as_ref(), json).await,
             Command::Devices => cmd::devices::run(&client, json).await,
             Command::Queue => cmd::queue::run(&client, json).await,
+            Command::Memory => cmd::memory::run(&client, json).await,
             Command::Top(args) => cmd::top::run(&client, args, json).await,
             Command::Workers => cmd::workers::run(&client, json).await,
             Command::Requests { command } => {

@@ -430,6 +430,14 @@ pub struct SchedMetrics {
     pub prefix_queries: IntCounterVec,
     pub prefix_hits: IntCounterVec,
     pub prefix_hit_tokens: IntCounterVec,
+    pub prefix_evictions: IntCounterVec,
+    pub tier_capacity: IntGaugeVec,
+    pub tier_free: IntGaugeVec,
+    pub tier_blocks: IntGaugeVec,
+    pub swaps: IntCounterVec,
+    pub swap_bytes: IntCounterVec,
+    pub swap_failures: IntCounterVec,
+    pub disk_auth_failures: IntCounterVec,
 }
 
 impl SchedMetrics {
@@ -510,7 +518,75 @@ impl SchedMetrics {
                 ),
                 &["tenant", "model"],
             )?,
+            prefix_evictions: IntCounterVec::new(
+                Opts::new(
+                    "accel_prefix_cache_evictions_total",
+                    "Cached blocks nobody held, evicted for room, by model.",
+                ),
+                &["model"],
+            )?,
+            tier_capacity: IntGaugeVec::new(
+                Opts::new(
+                    "accel_kv_tier_capacity_blocks",
+                    "KV blocks of a model in each tier (device, host, disk), by device and model.",
+                ),
+                &["device", "model", "tier"],
+            )?,
+            tier_free: IntGaugeVec::new(
+                Opts::new(
+                    "accel_kv_tier_free_blocks",
+                    "KV blocks no sequence holds in each tier, by device and model.",
+                ),
+                &["device", "model", "tier"],
+            )?,
+            tier_blocks: IntGaugeVec::new(
+                Opts::new(
+                    "accel_kv_tier_blocks",
+                    "KV blocks a tenant's sequences hold in each tier (device: committed to running ones; host, disk: swapped out), by device and tenant.",
+                ),
+                &["device", "tenant", "tier"],
+            )?,
+            swaps: IntCounterVec::new(
+                Opts::new(
+                    "accel_kv_swaps_total",
+                    "Sequences swapped, by model, tier (host, disk) and direction (out, in).",
+                ),
+                &["model", "tier", "direction"],
+            )?,
+            swap_bytes: IntCounterVec::new(
+                Opts::new(
+                    "accel_kv_swap_bytes_total",
+                    "KV bytes swapped, by model, tier and direction.",
+                ),
+                &["model", "tier", "direction"],
+            )?,
+            swap_failures: IntCounterVec::new(
+                Opts::new(
+                    "accel_kv_swap_failures_total",
+                    "Swaps that failed (the sequence is recomputed: a full disk, an I/O error, a block failing authentication), by model, tier and direction.",
+                ),
+                &["model", "tier", "direction"],
+            )?,
+            disk_auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "accel_kv_disk_auth_failures_total",
+                    "Sealed disk-tier blocks that failed authentication when read back (never returned), by model.",
+                ),
+                &["model"],
+            )?,
         };
+        for family in [
+            &this.prefix_evictions,
+            &this.swaps,
+            &this.swap_bytes,
+            &this.swap_failures,
+            &this.disk_auth_failures,
+        ] {
+            registry.register(Box::new(family.clone()))?;
+        }
+        for family in [&this.tier_capacity, &this.tier_free, &this.tier_blocks] {
+            registry.register(Box::new(family.clone()))?;
+        }
         registry.register(Box::new(this.prefix_queries.clone()))?;
         registry.register(Box::new(this.prefix_hits.clone()))?;
         registry.register(Box::new(this.prefix_hit_tokens.clone()))?;

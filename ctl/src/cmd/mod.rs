@@ -5,6 +5,7 @@ pub mod devices;
 pub mod drain;
 pub mod generate;
 pub mod jobs;
+pub mod memory;
 pub mod metrics;
 pub mod models;
 pub mod policy;

@@ -417,6 +417,9 @@ pub(super) async fn scheduler(
             schedule
                 .models
                 .retain(|m| allowed.is_some_and(|t| t.allows_model(m)));
+            schedule
+                .memory
+                .retain(|m| allowed.is_some_and(|t| t.allows_model(&m.model)));
         }
         devices.push(schedule);
     }

@@ -336,6 +336,11 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// Cached blocks evicted from the prefix cache for room so far.
+    pub fn cache_evictions(&self) -> u64 {
+        self.pool.evictions()
+    }
+
     /// Device blocks published in the prefix cache, held or idle.
     pub fn cached_blocks(&self) -> usize {
         self.pool.cached_blocks()

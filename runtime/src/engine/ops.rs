@@ -37,6 +37,10 @@ pub trait EngineOps: Send {
     fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
         None
     }
+    /// Cached blocks evicted for room so far (`None`: not known here).
+    fn cache_evictions(&self) -> Option<u64> {
+        None
+    }
     /// One batched step; on error the engine's sequences are as before it.
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError>;
     fn is_swapped(&self, id: SeqId) -> bool;
@@ -98,6 +102,9 @@ impl<B: Backend> EngineOps for Engine<B> {
     fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
         Engine::disk_stats(self)
     }
+    fn cache_evictions(&self) -> Option<u64> {
+        Some(Engine::cache_evictions(self))
+    }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         Engine::step(self, inputs)
     }
@@ -142,6 +149,9 @@ impl EngineOps for Box<dyn EngineOps> {
     }
     fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
         (**self).disk_stats()
+    }
+    fn cache_evictions(&self) -> Option<u64> {
+        (**self).cache_evictions()
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         (**self).step(inputs)

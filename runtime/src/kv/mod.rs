@@ -46,6 +46,8 @@ pub struct BlockPool {
     idle: BTreeMap<u64, u32>,
     idle_since: HashMap<u32, u64>,
     clock: u64,
+    /// Cached blocks evicted for room so far.
+    evictions: u64,
 }
 
 impl BlockPool {
@@ -61,6 +63,7 @@ impl BlockPool {
             idle: BTreeMap::new(),
             idle_since: HashMap::new(),
             clock: 0,
+            evictions: 0,
         }
     }
 
@@ -71,6 +74,11 @@ impl BlockPool {
     /// Blocks that can be taken: free ones and cached ones nobody holds.
     pub fn free_blocks(&self) -> usize {
         self.free.len() + self.idle.len()
+    }
+
+    /// Cached blocks evicted for room so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// Published blocks, held or idle.
@@ -97,6 +105,7 @@ impl BlockPool {
                 self.by_key.remove(&key);
             }
             self.free.push(block);
+            self.evictions += 1;
         }
         let mut taken = self.free.split_off(self.free.len().saturating_sub(n));
         taken.reverse();

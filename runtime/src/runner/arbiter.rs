@@ -21,7 +21,7 @@ use crate::engine::ops::{EngineOps, Loss};
 use crate::engine::sampling::Sampler;
 use crate::engine::{Engine, LogitsWanted, SeqId, StepInput};
 use crate::metrics::SchedMetrics;
-use crate::sched::{ModelParams, NewSeq, PreemptKind, Scheduler, SeqKey, StepPlan};
+use crate::sched::{ModelParams, NewSeq, PreemptKind, Scheduler, SeqKey, StepPlan, Tier};
 use crate::tokenizer::Tokenizer;
 
 /// A request on its way to a device's loop.
@@ -330,6 +330,8 @@ struct Active {
     recomputing: usize,
     /// Prompt tokens found in the prefix cache rather than computed (the first admission's).
     cached_tokens: usize,
+    /// The tier its blocks are in while swapped out.
+    parked: Option<Tier>,
 }
 
 impl Active {
@@ -364,6 +366,9 @@ pub(crate) struct Arbiter<E: EngineOps> {
     /// until they are done the model runs one sequence at a time, so each that fits alone
     /// finishes.
     one_at_a_time: HashMap<usize, HashSet<SeqKey>>,
+    /// Per model, its engine's counters when last published (evictions, disk
+    /// authentication failures), so the metrics grow by the difference.
+    engine_counters: HashMap<usize, (u64, u64)>,
 }
 
 impl<E: EngineOps + 'static> Arbiter<E> {
@@ -391,6 +396,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             schedule: None,
             reported: None,
             one_at_a_time: HashMap::new(),
+            engine_counters: HashMap::new(),
         }
     }
 
@@ -798,6 +804,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             admitted: false,
             recomputing: 0,
             cached_tokens: 0,
+            parked: None,
             job,
         };
         self.active.insert(key, active);
@@ -845,6 +852,53 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         }
     }
 
+    /// Each placed model's KV blocks by tier, as the scheduler holds them.
+    fn memory_report(&self) -> Vec<super::ModelMemory> {
+        self.models
+            .iter()
+            .filter_map(|(index, slot)| {
+                let used = self.sched.tier_usage(index)?;
+                let p = &slot.params;
+                let capacity = [p.total_blocks, p.swap_blocks, p.disk_blocks];
+                Some(super::ModelMemory {
+                    model: slot.name.clone(),
+                    block_bytes: slot.engine.kv_block_bytes() as u64,
+                    tiers: ["device", "host", "disk"]
+                        .into_iter()
+                        .zip(capacity.into_iter().zip(used))
+                        .map(|(tier, (capacity, used))| super::TierBlocks {
+                            tier: tier.into(),
+                            capacity,
+                            used,
+                        })
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Counts a swap of `seq`'s blocks (`None`: one that failed) into or out of `tier`.
+    fn count_swap(&self, model: usize, tier: Tier, direction: &str, seq: Option<SeqId>) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        let slot = &self.models[model];
+        let labels = [slot.name.as_str(), tier.as_str(), direction];
+        let Some(seq) = seq else {
+            m.swap_failures.with_label_values(&labels).inc();
+            return;
+        };
+        let blocks = slot
+            .engine
+            .sequence_len(seq)
+            .unwrap_or(0)
+            .div_ceil(slot.params.block_size.max(1));
+        m.swaps.with_label_values(&labels).inc();
+        m.swap_bytes
+            .with_label_values(&labels)
+            .inc_by((blocks * slot.engine.kv_block_bytes()) as u64);
+    }
+
     fn labels(&self, key: SeqKey) -> Option<(String, String)> {
         self.active.get(&key).map(|a| {
             (
@@ -881,6 +935,11 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             };
             let model = a.job.model;
             let engine = &mut self.models[model].engine;
+            let tier = match kind {
+                PreemptKind::SwapDisk => Tier::Disk,
+                _ => Tier::Host,
+            };
+            let mut swapped = None;
             let failure = match (kind, a.seq) {
                 (PreemptKind::Swap | PreemptKind::SwapDisk, Some(seq)) => match match kind {
                     PreemptKind::SwapDisk => engine.swap_out_to_disk(
@@ -890,18 +949,24 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     ),
                     _ => engine.swap_out(seq),
                 } {
-                    Ok(()) => None,
+                    Ok(()) => {
+                        a.parked = Some(tier);
+                        swapped = Some(Ok(seq));
+                        None
+                    }
                     Err(crate::engine::EngineError::WorkerLost(_)) => {
                         self.worker_lost(model);
                         continue;
                     }
                     Err(e) => {
-                        // Recompute instead; the output is the same.
-                        tracing::warn!(error = %e, "swapping a sequence out failed; it will be recomputed");
+                        // Recompute instead; the output is the same. A full disk (ENOSPC) or
+                        // a failed write lands here too.
+                        tracing::warn!(error = %e, tier = tier.as_str(), "swapping a sequence out failed; it will be recomputed");
                         engine.remove_sequence(seq);
                         a.seq = None;
                         a.restart();
                         self.sched.swap_failed(key);
+                        swapped = Some(Err(()));
                         None
                     }
                 },
@@ -916,20 +981,27 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                 // Its worker was lost earlier in this plan: it is already back in the queue.
                 (PreemptKind::Swap | PreemptKind::SwapDisk, None) => None,
             };
+            match swapped {
+                Some(Ok(seq)) => self.count_swap(model, tier, "out", Some(seq)),
+                Some(Err(())) => self.count_swap(model, tier, "out", None),
+                None => {}
+            }
             if let Some(message) = failure {
                 self.fail(key, message, Failure::Server);
             }
         }
         for key in swap_in {
-            let Some(a) = self.active.get(&key) else {
+            let Some(a) = self.active.get_mut(&key) else {
                 continue;
             };
             let model = a.job.model;
-            let result = match a.seq {
-                Some(seq) => self.models[model].engine.swap_in(seq),
+            let tier = a.parked.take().unwrap_or(Tier::Host);
+            let Some(seq) = a.seq else {
                 // Its worker was lost earlier in this plan: it is already back in the queue.
-                None => continue,
+                continue;
             };
+            let result = self.models[model].engine.swap_in(seq);
+            self.count_swap(model, tier, "in", result.is_ok().then_some(seq));
             if let Err(crate::engine::EngineError::WorkerLost(_)) = result {
                 self.worker_lost(model);
             } else if let Err(e @ crate::engine::EngineError::Disk(_)) = result {
@@ -1314,15 +1386,60 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             self.gate.set_retry_after(&tenant, wait.max(1.0));
         }
         let reports = self.sched.report(now);
+        let memory = self.memory_report();
         if let Some(schedule) = &self.schedule {
-            schedule
+            let mut schedule = schedule
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .tenants = reports.clone();
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            schedule.tenants = reports.clone();
+            schedule.memory = memory.clone();
         }
         let Some(m) = &self.metrics else {
             return;
         };
+        for model in &memory {
+            for tier in &model.tiers {
+                let labels = [
+                    self.device.as_str(),
+                    model.model.as_str(),
+                    tier.tier.as_str(),
+                ];
+                m.tier_capacity
+                    .with_label_values(&labels)
+                    .set(tier.capacity as i64);
+                m.tier_free
+                    .with_label_values(&labels)
+                    .set(tier.capacity.saturating_sub(tier.used) as i64);
+            }
+        }
+        for (index, slot) in self.models.iter() {
+            let now = (
+                slot.engine.cache_evictions().unwrap_or(0),
+                slot.engine.disk_stats().map_or(0, |d| d.auth_failures),
+            );
+            let before = self.engine_counters.insert(index, now).unwrap_or((0, 0));
+            let name = [slot.name.as_str()];
+            m.prefix_evictions
+                .with_label_values(&name)
+                .inc_by(now.0.saturating_sub(before.0));
+            m.disk_auth_failures
+                .with_label_values(&name)
+                .inc_by(now.1.saturating_sub(before.1));
+        }
+        let mut tiers: std::collections::BTreeMap<&str, [usize; 3]> = Default::default();
+        for r in &reports {
+            let t = tiers.entry(r.tenant.as_str()).or_default();
+            t[0] += r.kv_blocks;
+            t[1] += r.host_kv_blocks;
+            t[2] += r.disk_kv_blocks;
+        }
+        for (tenant, blocks) in tiers {
+            for (tier, n) in ["device", "host", "disk"].into_iter().zip(blocks) {
+                m.tier_blocks
+                    .with_label_values(&[self.device.as_str(), tenant, tier])
+                    .set(n as i64);
+            }
+        }
         // A tenant's interactive and batch entries are one series each: their sums, and the
         // larger virtual counter.
         let mut by_tenant: std::collections::BTreeMap<&str, (usize, usize, usize, usize, f64)> =

@@ -483,6 +483,7 @@ impl Fleet {
             policy: config.scheduler.policy.as_str().to_owned(),
             models: Vec::new(),
             tenants: Vec::new(),
+            memory: Vec::new(),
         }));
         let arbiter: Arbiter<Box<dyn EngineOps>> = Arbiter::new(
             device.to_owned(),

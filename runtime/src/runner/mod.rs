@@ -60,6 +60,26 @@ pub struct DeviceSchedule {
     pub policy: String,
     pub models: Vec<String>,
     pub tenants: Vec<crate::sched::TenantReport>,
+    /// Each model's KV memory by tier.
+    #[serde(default)]
+    pub memory: Vec<ModelMemory>,
+}
+
+/// One model's KV blocks on a device, by tier (`device`, `host`, `disk`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct ModelMemory {
+    pub model: String,
+    /// Bytes one block holds (every layer's keys and values).
+    pub block_bytes: u64,
+    pub tiers: Vec<TierBlocks>,
+}
+
+/// A tier's blocks: how many there are and how many sequences hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct TierBlocks {
+    pub tier: String,
+    pub capacity: usize,
+    pub used: usize,
 }
 
 /// A generation request, already tokenized.

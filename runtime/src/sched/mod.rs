@@ -1242,6 +1242,15 @@ impl Scheduler {
     }
 
     /// Per-tenant state, for metrics and the operator's views.
+    /// Blocks a placed model's sequences hold in each tier: committed on the device, parked on
+    /// the host and on disk.
+    pub fn tier_usage(&self, model: usize) -> Option<[usize; 3]> {
+        self.models
+            .get(model)
+            .filter(|m| !m.retired)
+            .map(|m| [m.used_blocks, m.used_parked[0], m.used_parked[1]])
+    }
+
     pub fn report(&mut self, now: f64) -> Vec<TenantReport> {
         let mut swapped = vec![0usize; self.tenants.len()];
         for s in self.seqs.values() {
