@@ -38,7 +38,7 @@ fn request(i: usize) -> Value {
         .collect();
     let mut body =
         json!({"model": "tiny", "prompt": prompt, "max_tokens": 100, "ignore_eos": true});
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         body["temperature"] = json!(0);
     } else {
         body["temperature"] = json!(0.9);
@@ -66,7 +66,7 @@ fn complete_for(daemon: &Daemon, tenant: &str, body: &Value) -> String {
 }
 
 fn tenant_of(i: usize) -> &'static str {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         "sealed"
     } else {
         "plain"
