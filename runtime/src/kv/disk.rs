@@ -36,6 +36,9 @@ use sha2::{Digest, Sha256};
 /// The alignment `O_DIRECT` asks of offsets, lengths and buffers on every common filesystem.
 pub const ALIGN: usize = 4096;
 
+/// The open flag that bypasses the page cache (for peers measured against the tier).
+pub const O_DIRECT: i32 = libc::O_DIRECT;
+
 /// Blocks one submission carries at most (the registered buffers).
 pub const DEFAULT_BATCH: usize = 16;
 
