@@ -15,10 +15,11 @@ use accel_runtime::backend::cpu::CpuBackend;
 use accel_runtime::backend::cuda::{CudaBackend, CudaOptions};
 use accel_runtime::backend::{Backend, BackendError, Heads, KvLayout, SeqSlice, StepLayout};
 use accel_runtime::engine::{Engine, EngineError, LogitsWanted, StepInput};
+use accel_runtime::kv::disk::DiskTier;
 use accel_runtime::model::{self, DType, LoadedModel, RopeStyle, WeightTensor};
 use accel_tests::reference::{
-    expected_logits, fixtures, greedy, greedy_with_swap, ids, json, prompt_logits, prompts,
-    relative_error, HF_MODELS,
+    expected_logits, fixtures, greedy, greedy_moved, greedy_with_swap, ids, json, prompt_logits,
+    prompts, relative_error, HF_MODELS,
 };
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -504,6 +505,53 @@ fn a_sequence_swapped_to_host_and_back_continues_identically() {
     }
     assert_eq!(engine.free_blocks(), 64);
     assert_eq!(engine.free_swap_blocks(), 8);
+}
+
+/// The disk tier on the GPU: device → page-locked host → disk (sealed) → device, and device →
+/// disk → device through the staging blocks, continue as a run never moved.
+#[test]
+fn a_sequence_moved_to_disk_and_back_on_the_gpu_continues_identically() {
+    let Some(backend) = cuda() else { return };
+    let dir = fixtures().join("llama-gqa-f32");
+    let model = model::load(&dir).unwrap();
+    let prompts = prompts(&json(&dir.join("expected.json")));
+    let mut engine = cuda_engine(backend, &model);
+    engine.enable_swap(8).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let tier = DiskTier::open(files.path(), engine.kv_block_bytes(), 8, 4).unwrap();
+    engine.enable_disk(tier).unwrap();
+    let want = greedy(&mut engine, &prompts[0], 12);
+    for swap_at in [1, 5, 11] {
+        let through_host = greedy_moved(
+            &mut engine,
+            &prompts[0],
+            &prompts[1],
+            12,
+            swap_at,
+            |e, seq| {
+                e.swap_out(seq).unwrap();
+                e.demote(seq, "tenant", true).unwrap();
+            },
+        );
+        assert_eq!(
+            through_host, want,
+            "via host and disk after {swap_at} tokens"
+        );
+        let straight = greedy_moved(
+            &mut engine,
+            &prompts[0],
+            &prompts[1],
+            12,
+            swap_at,
+            |e, seq| {
+                e.swap_out_to_disk(seq, "tenant", false).unwrap();
+            },
+        );
+        assert_eq!(straight, want, "via disk after {swap_at} tokens");
+    }
+    assert_eq!(engine.free_blocks(), 64);
+    assert_eq!(engine.free_swap_blocks(), 8);
+    assert_eq!(engine.free_disk_blocks(), 8);
 }
 
 #[test]

@@ -100,6 +100,21 @@ pub fn greedy_with_swap<B: Backend>(
     steps: usize,
     swap_at: usize,
 ) -> Vec<u32> {
+    greedy_moved(engine, prompt, other, steps, swap_at, |engine, seq| {
+        engine.swap_out(seq).unwrap();
+    })
+}
+
+/// As [`greedy_with_swap`], with `move_out` taking the sequence off the device (to the host
+/// tier, to disk, or down both) before `other` overwrites its blocks.
+pub fn greedy_moved<B: Backend>(
+    engine: &mut Engine<B>,
+    prompt: &[u32],
+    other: &[u32],
+    steps: usize,
+    swap_at: usize,
+    mut move_out: impl FnMut(&mut Engine<B>, SeqId),
+) -> Vec<u32> {
     greedy_interrupted(
         engine,
         prompt,
@@ -108,7 +123,7 @@ pub fn greedy_with_swap<B: Backend>(
             if i != swap_at {
                 return;
             }
-            engine.swap_out(seq).unwrap();
+            move_out(engine, seq);
             assert!(engine.is_swapped(seq));
             let refused = engine.step(&[StepInput {
                 seq,
