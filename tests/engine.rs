@@ -944,3 +944,121 @@ fn a_tampered_or_full_disk_tier_loses_nothing_else() {
         "the engine serves on"
     );
 }
+
+/// An engine of `blocks` device blocks with `host` swap blocks and, when `disk` is given, a
+/// disk tier of 8 blocks there.
+fn small_engine(
+    model: &LoadedModel,
+    blocks: usize,
+    host: usize,
+    disk: Option<&std::path::Path>,
+) -> Engine<CpuBackend> {
+    let mut engine = Engine::new(
+        CpuBackend::default(),
+        model.config.clone(),
+        &model.weights,
+        blocks,
+        16,
+    )
+    .unwrap();
+    if host > 0 {
+        engine.enable_swap(host).unwrap();
+    }
+    if let Some(dir) = disk {
+        let tier = disk_tier_for(&engine, dir, 8);
+        engine.enable_disk(tier).unwrap();
+    }
+    engine
+}
+
+/// A sequence of `scope` started through the cache with `tokens`: how many it held, the
+/// bits of its first logits, and its greedy continuation; then it ends.
+fn cached_run(
+    engine: &mut Engine<CpuBackend>,
+    scope: &str,
+    tokens: &[u32],
+) -> (usize, Vec<u32>, Vec<u32>) {
+    let (seq, held) = engine.add_sequence_cached(scope, tokens);
+    let (first, out) = feed_and_continue(engine, seq, &tokens[held..], 4);
+    engine.remove_sequence(seq);
+    (held, first.iter().map(|x| x.to_bits()).collect(), out)
+}
+
+/// Cold prefix blocks: cached blocks that another sequence's growth evicts move to the host
+/// tier (or, without one, to disk, sealed) instead of being dropped; the same scope's next
+/// prompt brings them back and runs bit for bit as if they had stayed on the device; another
+/// scope finds nothing; a swap-out that needs the host blocks moves them on down to disk.
+#[test]
+fn evicted_prefix_blocks_move_down_the_tiers_and_come_back() {
+    let (model, prompt) = forty_token_prompt();
+    // Never evicted: the reference for a hit.
+    let mut roomy = engine_for(&model);
+    cached_run(&mut roomy, "t", &prompt);
+    let want = cached_run(&mut roomy, "t", &prompt);
+    assert_eq!(want.0, 32, "two full blocks held");
+
+    let filler: Vec<u32> = prompt
+        .iter()
+        .rev()
+        .copied()
+        .cycle()
+        .take(8 * 16 - 1)
+        .collect();
+    for (host, disk) in [(4, false), (0, true), (1, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = small_engine(&model, 8, host, disk.then_some(dir.path()));
+        cached_run(&mut engine, "t", &prompt);
+        assert!(engine.cached_blocks() >= 2);
+        // Another scope's sequence takes the whole pool: the cached blocks must go.
+        let seq = engine.add_sequence();
+        feed_and_continue(&mut engine, seq, &filler, 0);
+        engine.remove_sequence(seq);
+        let (on_host, on_disk) = engine.cold_blocks();
+        assert!(
+            on_host + on_disk >= 2,
+            "({host}, {disk}): {:?}",
+            engine.cold_blocks()
+        );
+        assert_eq!(on_disk > 0, disk, "({host}, {disk})");
+        let demoted = engine.cold_stats().demoted;
+        assert!(demoted >= 2);
+
+        assert_eq!(
+            cached_run(&mut engine, "u", &prompt).0,
+            0,
+            "another scope holds nothing"
+        );
+        let got = cached_run(&mut engine, "t", &prompt);
+        assert!(
+            got == want,
+            "({host}, {disk}): held {} of {}",
+            got.0,
+            want.0
+        );
+        assert!(engine.cold_stats().promoted >= 2);
+        if disk {
+            assert!(
+                dir.path().read_dir().unwrap().count() <= 1,
+                "cold blocks of one scope share its file"
+            );
+        }
+    }
+
+    // A swap-out takes the host blocks cold prefix blocks hold, moving them down to disk.
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = small_engine(&model, 8, 4, Some(dir.path()));
+    cached_run(&mut engine, "t", &prompt);
+    let seq = engine.add_sequence();
+    feed_and_continue(&mut engine, seq, &filler, 0);
+    engine.remove_sequence(seq);
+    let cold_on_host = engine.cold_blocks().0;
+    assert!(cold_on_host >= 2);
+    assert_eq!(engine.free_swap_blocks(), 4, "cold blocks count as free");
+    let seq = engine.add_sequence();
+    feed_and_continue(&mut engine, seq, &filler[..63], 0);
+    engine.swap_out(seq).unwrap();
+    assert_eq!(engine.cold_blocks().0, 0, "the swap-out took the host tier");
+    assert!(engine.cold_blocks().1 >= 1, "{:?}", engine.cold_blocks());
+    engine.swap_in(seq).unwrap();
+    engine.remove_sequence(seq);
+}

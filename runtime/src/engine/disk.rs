@@ -17,8 +17,8 @@ use crate::kv::BlockTable;
 /// The tier and the host blocks its transfers stage through.
 pub(super) struct DiskSwap<B: Backend> {
     pub(super) tier: DiskTier,
-    stage: B::HostKv,
-    stage_blocks: usize,
+    pub(super) stage: B::HostKv,
+    pub(super) stage_blocks: usize,
 }
 
 /// Host blocks in the staging area: the tier's batch, so one stage fills one submission.
@@ -44,9 +44,12 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Disk-tier blocks free (0 without a disk tier).
+    /// Disk-tier blocks free (0 without a disk tier), counting those cold prefix blocks hold
+    /// (a swap-out takes them).
     pub fn free_disk_blocks(&self) -> usize {
-        self.disk.as_ref().map_or(0, |d| d.tier.free_blocks())
+        self.disk
+            .as_ref()
+            .map_or(0, |d| d.tier.free_blocks() + self.cold.disk_blocks())
     }
 
     /// The disk tier's traffic so far.
@@ -77,6 +80,14 @@ impl<B: Backend> Engine<B> {
         if self.parked.contains_key(&id) {
             return Err(EngineError::Swapped(id));
         }
+        let needed = self.seqs.get(&id).map_or(0, |t| t.blocks().len());
+        let free = disk.tier.free_blocks();
+        if free < needed {
+            self.free_cold_disk(needed - free);
+        }
+        let Some(disk) = self.disk.as_mut() else {
+            return Err(EngineError::NoDiskTier);
+        };
         let table = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))?;
         let device = table.blocks();
         let DiskSwap {
@@ -134,6 +145,17 @@ impl<B: Backend> Engine<B> {
     /// Moves a sequence swapped out to the host tier on down to the disk tier, freeing its host
     /// blocks. On error it stays on the host.
     pub fn demote(&mut self, id: SeqId, scope: &str, encrypt: bool) -> Result<(), EngineError> {
+        let needed = match self.parked.get(&id) {
+            Some(Parked {
+                place: Place::Host(blocks),
+                ..
+            }) => blocks.len(),
+            _ => 0,
+        };
+        let free = self.disk.as_ref().map_or(0, |d| d.tier.free_blocks());
+        if free < needed {
+            self.free_cold_disk(needed - free);
+        }
         let disk = self.disk.as_mut().ok_or(EngineError::NoDiskTier)?;
         let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
         let Some(Parked {
@@ -183,11 +205,19 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::NotSwapped(id));
         };
         let len = *len;
-        let disk = self.disk.as_mut().ok_or(EngineError::NoDiskTier)?;
         let needed = blocks.len();
         if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
             super::reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
+        self.demote_evicted(needed);
+        let disk = self.disk.as_mut().ok_or(EngineError::NoDiskTier)?;
+        let Some(Parked {
+            place: Place::Disk(blocks),
+            ..
+        }) = self.parked.get(&id)
+        else {
+            return Err(EngineError::NotSwapped(id));
+        };
         let device = self.pool.take(needed)?;
         let DiskSwap {
             tier,

@@ -5,6 +5,7 @@
 //! cache through each sequence's block table. The engine owns the block pool and tables; the
 //! backend owns the memory. Which sequences run in a step is the caller's decision.
 
+mod cold;
 mod disk;
 pub mod ops;
 pub mod sampling;
@@ -131,6 +132,12 @@ pub struct Engine<B: Backend> {
     /// Sequences started through the prefix cache: where their token chains stand, so each
     /// block they fill is published (see [`crate::kv`]).
     chains: HashMap<SeqId, ChainState>,
+    /// The scope of each sequence that keeps a chain, and of each published block (the cold
+    /// prefix blocks' files are per scope).
+    seq_scope: HashMap<SeqId, std::sync::Arc<str>>,
+    block_scope: HashMap<u32, std::sync::Arc<str>>,
+    /// Cached blocks moved down the tiers instead of dropped.
+    cold: cold::ColdPrefixes,
     prefix_cache: bool,
 }
 
@@ -280,6 +287,9 @@ impl<B: Backend> Engine<B> {
             pending_free: Vec::new(),
             indices: StepIndices::default(),
             chains: HashMap::new(),
+            seq_scope: HashMap::new(),
+            block_scope: HashMap::new(),
+            cold: cold::ColdPrefixes::default(),
             prefix_cache: true,
         })
     }
@@ -304,7 +314,7 @@ impl<B: Backend> Engine<B> {
         let mut shared = Vec::new();
         let mut key = start;
         for k in prefix::chain(start, &tokens[..usable], block_size) {
-            match self.pool.share(&k) {
+            match self.pool.share(&k).or_else(|| self.promote(&k)) {
                 Some(block) => {
                     shared.push(block);
                     key = k;
@@ -316,6 +326,7 @@ impl<B: Backend> Engine<B> {
         let held = blocks * block_size;
         self.seqs.insert(id, BlockTable::from_blocks(shared, held));
         self.chains.insert(id, ChainState::new(key, blocks));
+        self.seq_scope.insert(id, scope.into());
         (id, held)
     }
 
@@ -330,7 +341,11 @@ impl<B: Backend> Engine<B> {
             };
             for (index, key) in chain.feed(input.tokens, block_size) {
                 if let Some(&block) = table.blocks().get(index) {
-                    self.pool.publish(block, key);
+                    if self.pool.publish(block, key) {
+                        if let Some(scope) = self.seq_scope.get(&input.seq) {
+                            self.block_scope.insert(block, std::sync::Arc::clone(scope));
+                        }
+                    }
                 }
             }
         }
@@ -373,6 +388,14 @@ impl<B: Backend> Engine<B> {
         if self.parked.contains_key(&id) {
             return Err(EngineError::Swapped(id));
         }
+        let needed = self.seqs.get(&id).map_or(0, |t| t.blocks().len());
+        let free = swap.pool.free_blocks();
+        if free < needed {
+            self.free_cold_host(needed - free);
+        }
+        let Some(swap) = self.swap.as_mut() else {
+            return Err(EngineError::NoSwapSpace);
+        };
         let table = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))?;
         let host_blocks =
             swap.pool
@@ -417,11 +440,19 @@ impl<B: Backend> Engine<B> {
             Place::Host(blocks) => blocks,
             Place::Disk(_) => return self.swap_in_from_disk(id),
         };
-        let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
         let needed = host_blocks.len();
         if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
             reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
+        self.demote_evicted(needed);
+        let Some(Parked {
+            place: Place::Host(host_blocks),
+            ..
+        }) = self.parked.get(&id)
+        else {
+            return Err(EngineError::NotSwapped(id));
+        };
+        let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
         let blocks = self.pool.take(needed)?;
         let pairs: Vec<(u32, u32)> = host_blocks
             .iter()
@@ -469,6 +500,7 @@ impl<B: Backend> Engine<B> {
     /// Forgets a sequence and frees its blocks.
     pub fn remove_sequence(&mut self, id: SeqId) {
         self.chains.remove(&id);
+        self.seq_scope.remove(&id);
         if let Some(mut table) = self.seqs.remove(&id) {
             table.release(&mut self.pool);
         }
@@ -507,9 +539,12 @@ impl<B: Backend> Engine<B> {
                 .count()
     }
 
-    /// Swap-space blocks free (0 without swap space).
+    /// Swap-space blocks free (0 without swap space), counting those cold prefix blocks hold
+    /// (a swap-out takes them).
     pub fn free_swap_blocks(&self) -> usize {
-        self.swap.as_ref().map_or(0, |s| s.pool.free_blocks())
+        self.swap
+            .as_ref()
+            .map_or(0, |s| s.pool.free_blocks() + self.cold.host_blocks())
     }
 
     /// Runs one batched step. On any error the sequences are as they were before it.
@@ -565,6 +600,7 @@ impl<B: Backend> Engine<B> {
         if needed > self.pool.free_blocks() && !self.pending_free.is_empty() {
             reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
+        self.demote_evicted(needed);
         // Reserve KV blocks for every sequence, undoing all of it if any cannot grow.
         for (i, input) in inputs.iter().enumerate() {
             let grown = match self.seqs.get_mut(&input.seq) {

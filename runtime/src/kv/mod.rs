@@ -76,6 +76,17 @@ impl BlockPool {
         self.free.len() + self.idle.len()
     }
 
+    /// The cached blocks (and their keys) that taking `n` blocks now would evict, oldest
+    /// first: what can still be saved before they go.
+    pub fn would_evict(&self, n: usize) -> Vec<(u32, Key)> {
+        let evicted = n.saturating_sub(self.free.len()).min(self.idle.len());
+        self.idle
+            .values()
+            .take(evicted)
+            .filter_map(|&b| Some((b, *self.key_of.get(&b)?)))
+            .collect()
+    }
+
     /// Cached blocks evicted for room so far.
     pub fn evictions(&self) -> u64 {
         self.evictions
