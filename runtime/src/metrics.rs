@@ -431,6 +431,7 @@ pub struct SchedMetrics {
     pub prefix_hits: IntCounterVec,
     pub prefix_hit_tokens: IntCounterVec,
     pub prefix_evictions: IntCounterVec,
+    pub prefix_cold: IntCounterVec,
     pub tier_capacity: IntGaugeVec,
     pub tier_free: IntGaugeVec,
     pub tier_blocks: IntGaugeVec,
@@ -525,6 +526,13 @@ impl SchedMetrics {
                 ),
                 &["model"],
             )?,
+            prefix_cold: IntCounterVec::new(
+                Opts::new(
+                    "accel_prefix_cache_cold_blocks_total",
+                    "Cached blocks evicted from the device and kept down the tiers, by model and event (demoted: moved to host or disk; promoted: brought back for a prompt; dropped: let go for room or unreadable).",
+                ),
+                &["model", "event"],
+            )?,
             tier_capacity: IntGaugeVec::new(
                 Opts::new(
                     "accel_kv_tier_capacity_blocks",
@@ -577,6 +585,7 @@ impl SchedMetrics {
         };
         for family in [
             &this.prefix_evictions,
+            &this.prefix_cold,
             &this.swaps,
             &this.swap_bytes,
             &this.swap_failures,

@@ -5,7 +5,7 @@
 //! cache through each sequence's block table. The engine owns the block pool and tables; the
 //! backend owns the memory. Which sequences run in a step is the caller's decision.
 
-mod cold;
+pub mod cold;
 mod disk;
 pub mod ops;
 pub mod sampling;

@@ -41,6 +41,10 @@ pub trait EngineOps: Send {
     fn cache_evictions(&self) -> Option<u64> {
         None
     }
+    /// Cold prefix blocks moved down the tiers, brought back and dropped so far.
+    fn cold_stats(&self) -> Option<super::cold::ColdStats> {
+        None
+    }
     /// One batched step; on error the engine's sequences are as before it.
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError>;
     fn is_swapped(&self, id: SeqId) -> bool;
@@ -105,6 +109,9 @@ impl<B: Backend> EngineOps for Engine<B> {
     fn cache_evictions(&self) -> Option<u64> {
         Some(Engine::cache_evictions(self))
     }
+    fn cold_stats(&self) -> Option<super::cold::ColdStats> {
+        Some(Engine::cold_stats(self))
+    }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         Engine::step(self, inputs)
     }
@@ -152,6 +159,9 @@ impl EngineOps for Box<dyn EngineOps> {
     }
     fn cache_evictions(&self) -> Option<u64> {
         (**self).cache_evictions()
+    }
+    fn cold_stats(&self) -> Option<super::cold::ColdStats> {
+        (**self).cold_stats()
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         (**self).step(inputs)

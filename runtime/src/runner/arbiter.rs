@@ -368,7 +368,7 @@ pub(crate) struct Arbiter<E: EngineOps> {
     one_at_a_time: HashMap<usize, HashSet<SeqKey>>,
     /// Per model, its engine's counters when last published (evictions, disk
     /// authentication failures), so the metrics grow by the difference.
-    engine_counters: HashMap<usize, (u64, u64)>,
+    engine_counters: HashMap<usize, [u64; 5]>,
 }
 
 impl<E: EngineOps + 'static> Arbiter<E> {
@@ -1413,18 +1413,28 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             }
         }
         for (index, slot) in self.models.iter() {
-            let now = (
+            let cold = slot.engine.cold_stats().unwrap_or_default();
+            let now = [
                 slot.engine.cache_evictions().unwrap_or(0),
                 slot.engine.disk_stats().map_or(0, |d| d.auth_failures),
-            );
-            let before = self.engine_counters.insert(index, now).unwrap_or((0, 0));
-            let name = [slot.name.as_str()];
+                cold.demoted,
+                cold.promoted,
+                cold.dropped,
+            ];
+            let before = self.engine_counters.insert(index, now).unwrap_or_default();
+            let grew = |i: usize| now[i].saturating_sub(before[i]);
+            let name = slot.name.as_str();
             m.prefix_evictions
-                .with_label_values(&name)
-                .inc_by(now.0.saturating_sub(before.0));
+                .with_label_values(&[name])
+                .inc_by(grew(0));
             m.disk_auth_failures
-                .with_label_values(&name)
-                .inc_by(now.1.saturating_sub(before.1));
+                .with_label_values(&[name])
+                .inc_by(grew(1));
+            for (i, event) in [(2, "demoted"), (3, "promoted"), (4, "dropped")] {
+                m.prefix_cold
+                    .with_label_values(&[name, event])
+                    .inc_by(grew(i));
+            }
         }
         let mut tiers: std::collections::BTreeMap<&str, [usize; 3]> = Default::default();
         for r in &reports {
