@@ -198,8 +198,12 @@ fn main() {
             for _ in 0..iters {
                 let t = Instant::now();
                 let blocks = tier
-                    .write("bench", false, BLOCKS, |_, buf| buf.copy_from_slice(&block))
-                    .expect("disk tier write");
+                    .write("bench", false, BLOCKS, |_, buf| {
+                        buf.copy_from_slice(&block);
+                        Ok::<_, ()>(())
+                    })
+                    .expect("disk tier write")
+                    .expect("fill");
                 let w = t.elapsed();
                 let t = Instant::now();
                 tier.read(&blocks, |_, bytes| {
@@ -254,9 +258,11 @@ fn sealed_cost(tier: &mut DiskTier, block: &[u8]) {
         let t = Instant::now();
         let blocks = tier
             .write("bench-sealed", encrypt, BLOCKS, |_, buf| {
-                buf.copy_from_slice(block)
+                buf.copy_from_slice(block);
+                Ok::<_, ()>(())
             })
-            .expect("write");
+            .expect("write")
+            .expect("fill");
         tier.read(&blocks, |_, _| Ok::<_, ()>(()))
             .expect("read")
             .expect("drain");

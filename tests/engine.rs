@@ -1062,3 +1062,37 @@ fn evicted_prefix_blocks_move_down_the_tiers_and_come_back() {
     engine.swap_in(seq).unwrap();
     engine.remove_sequence(seq);
 }
+
+/// A prefix whose first block was dropped from the cold tier while later ones stayed is
+/// computed again and evicted again, round after round: its cold copies are replaced, never
+/// piled up, and the host tier's room comes back whole.
+#[test]
+fn a_prefix_evicted_again_and_again_keeps_one_cold_copy_per_block() {
+    let (model, prompt) = forty_token_prompt();
+    let filler: Vec<u32> = prompt
+        .iter()
+        .rev()
+        .copied()
+        .cycle()
+        .take(8 * 16 - 1)
+        .collect();
+    // One host block and no disk: the second block evicted pushes the first out.
+    let mut engine = small_engine(&model, 8, 1, None);
+    for round in 0..4 {
+        cached_run(&mut engine, "t", &prompt);
+        let seq = engine.add_sequence();
+        feed_and_continue(&mut engine, seq, &filler, 0);
+        engine.remove_sequence(seq);
+        assert_eq!(engine.cold_blocks(), (1, 0), "round {round}");
+        assert_eq!(engine.free_swap_blocks(), 1, "round {round}");
+    }
+    assert!(engine.cold_stats().dropped >= 4);
+    // The swap space is whole: a sequence of one block swaps out and back.
+    let seq = engine.add_sequence();
+    feed_and_continue(&mut engine, seq, &prompt[..10], 0);
+    engine.swap_out(seq).unwrap();
+    assert_eq!(engine.cold_blocks(), (0, 0));
+    engine.swap_in(seq).unwrap();
+    engine.remove_sequence(seq);
+    assert_eq!(engine.free_swap_blocks(), 1);
+}

@@ -83,14 +83,15 @@ impl ColdPrefixes {
     }
 
     fn oldest_host(&mut self) -> Option<(Key, ColdBlock)> {
-        let (_, key) = self.host_order.pop_first()?;
-        let block = self.entries.remove(&key)?;
-        Some((key, block))
+        let (_, key) = self.host_order.first_key_value()?;
+        let key = *key;
+        Some((key, self.take(&key)?))
     }
 
     fn oldest_disk(&mut self) -> Option<ColdBlock> {
-        let (_, key) = self.disk_order.pop_first()?;
-        self.entries.remove(&key)
+        let (_, key) = self.disk_order.first_key_value()?;
+        let key = *key;
+        self.take(&key)
     }
 
     pub(super) fn host_blocks(&self) -> usize {
@@ -141,6 +142,9 @@ impl<B: Backend> Engine<B> {
         key: Key,
         scope: &Arc<str>,
     ) -> Result<bool, EngineError> {
+        // An older copy of the same block (its chain was computed again since): this one
+        // replaces it.
+        self.drop_cold(&key);
         if self
             .swap
             .as_ref()
@@ -183,7 +187,10 @@ impl<B: Backend> Engine<B> {
         backend.swap_out(kv, stage, &[(block, 0)])?;
         backend.wait_copies()?;
         let bytes = backend.host_block(stage, 0)?;
-        let written = tier.write(scope, true, 1, |_, buf| buf.copy_from_slice(bytes))?;
+        let written = tier.write(scope, true, 1, |_, buf| {
+            buf.copy_from_slice(bytes);
+            Ok::<_, BackendError>(())
+        })??;
         self.cold
             .insert(key, ColdPlace::Disk(written), Arc::clone(scope));
         Ok(true)
@@ -207,9 +214,10 @@ impl<B: Backend> Engine<B> {
                     .map_err(EngineError::from)
                     .and_then(|()| Ok(self.backend.host_block(&swap.kv, host)?))
                     .and_then(|bytes| {
-                        Ok(disk
-                            .tier
-                            .write(&cold.scope, true, 1, |_, buf| buf.copy_from_slice(bytes))?)
+                        Ok(disk.tier.write(&cold.scope, true, 1, |_, buf| {
+                            buf.copy_from_slice(bytes);
+                            Ok::<_, BackendError>(())
+                        })??)
                     })
                     .ok(),
                 _ => None,
@@ -246,7 +254,7 @@ impl<B: Backend> Engine<B> {
     /// and held once (by the caller's sequence); `None` when there is none or it cannot be
     /// read back.
     pub(super) fn promote(&mut self, key: &Key) -> Option<u32> {
-        if !self.cold.entries.contains_key(key) {
+        if !self.cold.entries.contains_key(key) || self.pool.free_blocks() == 0 {
             return None;
         }
         self.demote_evicted(1);
@@ -300,6 +308,14 @@ impl<B: Backend> Engine<B> {
                 backend.swap_in(stage, &mut self.kv, &[(0, block)])?;
                 Ok(())
             }
+        }
+    }
+
+    /// Forgets the cold copy of `key`, if there is one (its block is published on the device
+    /// again, or a newer copy replaces it).
+    pub(super) fn drop_cold(&mut self, key: &Key) {
+        if let Some(old) = self.cold.take(key) {
+            self.release_cold(old);
         }
     }
 

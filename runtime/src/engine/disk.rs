@@ -28,6 +28,10 @@ impl<B: Backend> Engine<B> {
     /// Gives the engine a disk tier for swapped-out sequences (blocks of
     /// [`Engine::kv_block_bytes`]); allocates its host staging area.
     pub fn enable_disk(&mut self, tier: DiskTier) -> Result<(), EngineError> {
+        // Parked sequences' and cold blocks' slots point into the existing tier.
+        if self.disk.is_some() {
+            return Err(EngineError::DiskAlreadyEnabled);
+        }
         if tier.block_bytes() != self.kv_block_bytes() {
             return Err(EngineError::DiskBlockMismatch {
                 tier: tier.block_bytes(),
@@ -96,36 +100,20 @@ impl<B: Backend> Engine<B> {
             stage_blocks,
         } = disk;
         let (backend, kv, per_stage) = (&self.backend, &self.kv, *stage_blocks);
-        let mut failed: Option<BackendError> = None;
-        let written = tier.write(scope, encrypt, device.len(), |i, buf| {
-            if failed.is_some() {
-                return;
-            }
+        let blocks = tier.write(scope, encrypt, device.len(), |i, buf| {
             let j = i % per_stage;
             if j == 0 {
                 let chunk = &device[i..(i + per_stage).min(device.len())];
                 let pairs: Vec<(u32, u32)> = chunk.iter().copied().zip(0..).collect();
                 // The stage may still feed an earlier swap-in; the copy out must have landed
                 // before its bytes are read.
-                let copied = backend
-                    .wait_copies()
-                    .and_then(|()| backend.swap_out(kv, stage, &pairs))
-                    .and_then(|_| backend.wait_copies());
-                if let Err(e) = copied {
-                    failed = Some(e);
-                    return;
-                }
+                backend.wait_copies()?;
+                backend.swap_out(kv, stage, &pairs)?;
+                backend.wait_copies()?;
             }
-            match backend.host_block(stage, j as u32) {
-                Ok(bytes) => buf.copy_from_slice(bytes),
-                Err(e) => failed = Some(e),
-            }
-        });
-        let blocks = written?;
-        if let Some(e) = failed {
-            tier.free(blocks);
-            return Err(e.into());
-        }
+            buf.copy_from_slice(backend.host_block(stage, j as u32)?);
+            Ok::<_, BackendError>(())
+        })??;
         let Some(mut table) = self.seqs.remove(&id) else {
             return Err(EngineError::UnknownSequence(id));
         };
@@ -168,21 +156,12 @@ impl<B: Backend> Engine<B> {
         // The swap-out that filled these host blocks may still be in flight.
         self.backend.wait_copies()?;
         let backend = &self.backend;
-        let mut failed: Option<BackendError> = None;
         let written = disk
             .tier
             .write(scope, encrypt, host_blocks.len(), |i, buf| {
-                match backend.host_block(&swap.kv, host_blocks[i]) {
-                    Ok(bytes) => buf.copy_from_slice(bytes),
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
-                }
-            })?;
-        if let Some(e) = failed {
-            disk.tier.free(written);
-            return Err(e.into());
-        }
+                buf.copy_from_slice(backend.host_block(&swap.kv, host_blocks[i])?);
+                Ok::<_, BackendError>(())
+            })??;
         let Some(parked) = self.parked.get_mut(&id) else {
             return Err(EngineError::NotSwapped(id));
         };
@@ -209,7 +188,9 @@ impl<B: Backend> Engine<B> {
         if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
             super::reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
-        self.demote_evicted(needed);
+        if needed <= self.pool.free_blocks() {
+            self.demote_evicted(needed);
+        }
         let disk = self.disk.as_mut().ok_or(EngineError::NoDiskTier)?;
         let Some(Parked {
             place: Place::Disk(blocks),

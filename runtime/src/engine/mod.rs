@@ -70,6 +70,8 @@ pub enum EngineError {
     OutOfSwapSpace { needed: usize, free: usize },
     #[error("this engine has no disk tier")]
     NoDiskTier,
+    #[error("this engine's disk tier is already enabled")]
+    DiskAlreadyEnabled,
     #[error("the disk tier holds blocks of {tier} bytes but this engine's are {engine} bytes")]
     DiskBlockMismatch { tier: usize, engine: usize },
     #[error(transparent)]
@@ -333,6 +335,7 @@ impl<B: Backend> Engine<B> {
     /// After a step: publishes the blocks its tokens filled in sequences that keep a chain.
     fn publish_filled(&mut self, inputs: &[StepInput<'_>]) {
         let block_size = self.pool.block_size();
+        let mut published = Vec::new();
         for input in inputs {
             let (Some(chain), Some(table)) =
                 (self.chains.get_mut(&input.seq), self.seqs.get(&input.seq))
@@ -345,9 +348,14 @@ impl<B: Backend> Engine<B> {
                         if let Some(scope) = self.seq_scope.get(&input.seq) {
                             self.block_scope.insert(block, std::sync::Arc::clone(scope));
                         }
+                        published.push(key);
                     }
                 }
             }
+        }
+        // A block computed again supersedes its cold copy.
+        for key in published {
+            self.drop_cold(&key);
         }
     }
 
@@ -444,7 +452,9 @@ impl<B: Backend> Engine<B> {
         if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
             reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
-        self.demote_evicted(needed);
+        if needed <= self.pool.free_blocks() {
+            self.demote_evicted(needed);
+        }
         let Some(Parked {
             place: Place::Host(host_blocks),
             ..
@@ -600,7 +610,10 @@ impl<B: Backend> Engine<B> {
         if needed > self.pool.free_blocks() && !self.pending_free.is_empty() {
             reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
         }
-        self.demote_evicted(needed);
+        // Only when the blocks can be had: a failed step must not leave copies behind.
+        if needed <= self.pool.free_blocks() {
+            self.demote_evicted(needed);
+        }
         // Reserve KV blocks for every sequence, undoing all of it if any cannot grow.
         for (i, input) in inputs.iter().enumerate() {
             let grown = match self.seqs.get_mut(&input.seq) {

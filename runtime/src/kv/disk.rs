@@ -14,9 +14,10 @@
 //! refuses io_uring (disabled by sysctl, or a seccomp filter), plain `pwrite`/`pread` on the
 //! same buffers take over, with a log line.
 //!
-//! A tenant may ask for encryption at rest: its blocks are sealed with AES-256-GCM under a key
-//! generated when its first sealed block is written and held only in this process's memory,
-//! with a fresh nonce per write (a counter, never reused under one key). The nonce and tag stay
+//! A tenant may ask for encryption at rest: each write says whether its blocks are sealed, with
+//! AES-256-GCM under the file's key, generated when the file's first sealed block is written
+//! and held only in this process's memory, with a fresh nonce per write (a counter of the
+//! tier, so never reused under one key). The nonce and tag stay
 //! in memory beside the block's slot, and the slot's number is bound as associated data, so a
 //! block changed, replaced or moved on disk fails authentication and is never returned.
 
@@ -191,6 +192,8 @@ pub struct DiskTier {
     registered: bool,
     direct: bool,
     next_nonce: u64,
+    /// Tags each submission's completions.
+    generation: u64,
     stats: DiskStats,
 }
 
@@ -234,6 +237,7 @@ impl DiskTier {
             .mode(0o700)
             .create(dir)
             .map_err(|e| io("create", e))?;
+        check_own_dir(dir).map_err(|e| io("use", e))?;
         remove_leftovers(dir).map_err(|e| io("clean", e))?;
         let slot_bytes = block_bytes.div_ceil(ALIGN) * ALIGN;
         let batch = batch.clamp(1, 64);
@@ -256,6 +260,7 @@ impl DiskTier {
             registered: false,
             direct: supports_direct(dir),
             next_nonce: 0,
+            generation: 0,
             stats: DiskStats::default(),
         };
         tier.start_ring();
@@ -327,14 +332,15 @@ impl DiskTier {
     }
 
     /// Writes `n` blocks for `scope` (sealed when `encrypt`), `fill(i, buf)` copying block
-    /// `i`'s `block_bytes` into `buf`. On any error nothing is kept and every slot is freed.
-    pub fn write(
+    /// `i`'s `block_bytes` into `buf`. If `fill` fails, the write stops there and its error is
+    /// returned inside; on any error nothing is kept and every slot is freed.
+    pub fn write<E>(
         &mut self,
         scope: &str,
         encrypt: bool,
         n: usize,
-        mut fill: impl FnMut(usize, &mut [u8]),
-    ) -> Result<DiskBlocks, DiskError> {
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<Result<DiskBlocks, E>, DiskError> {
         if n > self.free_blocks() {
             return Err(DiskError::Full {
                 needed: n,
@@ -365,33 +371,48 @@ impl DiskTier {
         self.used += n;
         for start in (0..n).step_by(self.batch) {
             let count = (n - start).min(self.batch);
-            if let Err(e) = self.write_batch(&mut blocks, start, count, &mut fill) {
-                self.free(blocks);
-                return Err(e);
+            match self.write_batch(&mut blocks, encrypt, start, count, &mut fill) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.free(blocks);
+                    return Ok(Err(e));
+                }
+                Err(e) => {
+                    self.free(blocks);
+                    return Err(e);
+                }
             }
         }
-        Ok(blocks)
+        Ok(Ok(blocks))
     }
 
-    fn write_batch(
+    fn write_batch<E>(
         &mut self,
         blocks: &mut DiskBlocks,
+        encrypt: bool,
         start: usize,
         count: usize,
-        fill: &mut impl FnMut(usize, &mut [u8]),
-    ) -> Result<(), DiskError> {
+        fill: &mut impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, DiskError> {
         let (slot_bytes, block_bytes) = (self.slot_bytes, self.block_bytes);
         let Some(file) = self.files.get(&blocks.file) else {
             return Err(self.missing(blocks.file));
         };
-        let cipher = file.cipher.clone();
+        let cipher = match (encrypt, &file.cipher) {
+            (false, _) => None,
+            (true, Some(cipher)) => Some(cipher.clone()),
+            (true, None) => return Err(self.missing(blocks.file)),
+        };
         let buf = self.buffers.as_mut_slice();
         for i in 0..count {
-            let (slot_buf, padding) =
-                buf[i * slot_bytes..(i + 1) * slot_bytes].split_at_mut(block_bytes);
-            // The padding held another block's bytes, perhaps another tenant's.
-            padding.fill(0);
-            fill(start + i, slot_buf);
+            let slot_buf = &mut buf[i * slot_bytes..(i + 1) * slot_bytes];
+            // The buffer held another block's bytes, perhaps another tenant's: nothing of them
+            // may reach this file, whatever `fill` writes.
+            slot_buf.fill(0);
+            let slot_buf = &mut slot_buf[..block_bytes];
+            if let Err(e) = fill(start + i, slot_buf) {
+                return Ok(Err(e));
+            }
             if let Some(cipher) = &cipher {
                 let nonce = self.next_nonce;
                 self.next_nonce += 1;
@@ -412,12 +433,13 @@ impl DiskTier {
         self.transfer(blocks, start, count, Direction::Write)?;
         self.stats.blocks_written += count as u64;
         self.stats.bytes_written += (count * slot_bytes) as u64;
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Reads `blocks` back in order, `drain(i, bytes)` taking block `i`'s `block_bytes`. A
-    /// block that fails authentication ends the read with [`DiskError::Tampered`]; `drain` is
-    /// never given its bytes. The blocks stay on disk (free them with [`DiskTier::free`]).
+    /// sealed block that fails authentication ends the read with [`DiskError::Tampered`];
+    /// `drain` is never given its bytes. The blocks stay on disk (free them with
+    /// [`DiskTier::free`]).
     pub fn read<E>(
         &mut self,
         blocks: &DiskBlocks,
@@ -436,30 +458,32 @@ impl DiskTier {
             let buf = self.buffers.as_mut_slice();
             for i in 0..count {
                 let slot_buf = &mut buf[i * slot_bytes..i * slot_bytes + block_bytes];
-                if let Some(cipher) = &file.cipher {
-                    let Some(seal) = blocks.seals[start + i] else {
-                        self.stats.auth_failures += 1;
-                        return Err(DiskError::Tampered {
-                            path: file.path.clone(),
-                        });
-                    };
+                let sealed = blocks.seals[start + i];
+                if let Some(seal) = sealed {
                     let slot = blocks.slots[start + i];
-                    if cipher
-                        .decrypt_in_place_detached(
-                            &nonce_bytes(seal.nonce),
-                            &slot.to_le_bytes(),
-                            slot_buf,
-                            Tag::from_slice(&seal.tag),
-                        )
-                        .is_err()
-                    {
+                    let opened = file.cipher.as_ref().is_some_and(|cipher| {
+                        cipher
+                            .decrypt_in_place_detached(
+                                &nonce_bytes(seal.nonce),
+                                &slot.to_le_bytes(),
+                                slot_buf,
+                                Tag::from_slice(&seal.tag),
+                            )
+                            .is_ok()
+                    });
+                    if !opened {
                         self.stats.auth_failures += 1;
                         return Err(DiskError::Tampered {
                             path: file.path.clone(),
                         });
                     }
                 }
-                if let Err(e) = drain(start + i, slot_buf) {
+                let drained = drain(start + i, slot_buf);
+                if sealed.is_some() {
+                    // Sealed bytes are not left in the clear in the shared buffers.
+                    slot_buf.fill(0);
+                }
+                if let Err(e) = drained {
                     return Ok(Err(e));
                 }
             }
@@ -513,48 +537,45 @@ impl DiskTier {
         }
     }
 
-    /// Opens (creating) the file of `key`, sealed or not as its first write asks; a file keeps
-    /// its first choice while it holds blocks.
+    /// Opens (creating) the file of `key`, with a key for sealing once a write asks for one.
+    /// The file must not exist (a leftover was removed at open) and is never a link.
     fn file_for(&mut self, key: FileKey, encrypt: bool) -> Result<(), DiskError> {
-        if self.files.contains_key(&key) {
-            return Ok(());
-        }
-        let path = self.dir.join(key.file_name());
-        let mut options = OpenOptions::new();
-        options
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600);
-        if self.direct {
-            options.custom_flags(libc::O_DIRECT);
-        }
-        let file = options.open(&path).map_err(|source| DiskError::Io {
-            op: "create",
-            path: path.clone(),
-            source,
-        })?;
-        let cipher = if encrypt {
-            Some(new_cipher().map_err(|source| DiskError::Io {
-                op: "make a key for",
+        if !self.files.contains_key(&key) {
+            let path = self.dir.join(key.file_name());
+            let mut options = OpenOptions::new();
+            options
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | if self.direct { libc::O_DIRECT } else { 0 });
+            let file = options.open(&path).map_err(|source| DiskError::Io {
+                op: "create",
                 path: path.clone(),
                 source,
-            })?)
-        } else {
-            None
+            })?;
+            self.files.insert(
+                key,
+                TenantFile {
+                    file,
+                    path,
+                    free: Vec::new(),
+                    next: 0,
+                    held: 0,
+                    cipher: None,
+                },
+            );
+        }
+        let Some(file) = self.files.get_mut(&key) else {
+            return Err(self.missing(key));
         };
-        self.files.insert(
-            key,
-            TenantFile {
-                file,
-                path,
-                free: Vec::new(),
-                next: 0,
-                held: 0,
-                cipher,
-            },
-        );
+        if encrypt && file.cipher.is_none() {
+            file.cipher = Some(new_cipher().map_err(|source| DiskError::Io {
+                op: "make a key for",
+                path: file.path.clone(),
+                source,
+            })?);
+        }
         Ok(())
     }
 
@@ -571,6 +592,7 @@ impl DiskTier {
         };
         let slot_bytes = self.slot_bytes;
         let slots = &blocks.slots[start..start + count];
+        self.generation += 1;
         let result = match &mut self.ring {
             Some(ring) => submit(
                 ring,
@@ -580,27 +602,52 @@ impl DiskTier {
                 slots,
                 direction,
                 self.registered,
+                self.generation,
             ),
             None => {
                 let buf = self.buffers.as_mut_slice();
-                slots.iter().enumerate().try_for_each(|(i, &slot)| {
-                    let at = u64::from(slot) * slot_bytes as u64;
-                    let chunk = &mut buf[i * slot_bytes..(i + 1) * slot_bytes];
-                    match direction {
-                        Direction::Write => file.file.write_all_at(chunk, at),
-                        Direction::Read => file.file.read_exact_at(chunk, at),
-                    }
-                })
+                slots
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(i, &slot)| {
+                        let at = u64::from(slot) * slot_bytes as u64;
+                        let chunk = &mut buf[i * slot_bytes..(i + 1) * slot_bytes];
+                        match direction {
+                            Direction::Write => file.file.write_all_at(chunk, at),
+                            Direction::Read => file.file.read_exact_at(chunk, at),
+                        }
+                    })
+                    .map_err(SubmitError::Io)
             }
         };
-        result.map_err(|source| {
-            self.stats.io_errors += 1;
-            DiskError::Io {
-                op: direction.verb(),
-                path: file.path.clone(),
-                source,
+        let path = file.path.clone();
+        let source = match result {
+            Ok(()) => return Ok(()),
+            Err(SubmitError::Io(e)) => e,
+            Err(SubmitError::Abandoned(e)) => {
+                tracing::error!(error = %e, dir = %self.dir.display(),
+                    "io_uring stopped answering; the disk tier goes on with pread and pwrite");
+                self.abandon_ring();
+                e
             }
+        };
+        self.stats.io_errors += 1;
+        Err(DiskError::Io {
+            op: direction.verb(),
+            path,
+            source,
         })
+    }
+
+    /// Stops using a ring that may still have transfers in flight: it is dropped (the kernel
+    /// cancels what it can) and its buffers are leaked, never reused, since an abandoned read
+    /// could still land in them; fresh ones take their place.
+    fn abandon_ring(&mut self) {
+        self.ring = None;
+        self.registered = false;
+        if let Some(fresh) = AlignedBuf::new(self.slot_bytes * self.batch) {
+            std::mem::forget(std::mem::replace(&mut self.buffers, fresh));
+        }
     }
 
     /// The bytes of buffer `i` (tests and benches check what a transfer left there).
@@ -638,8 +685,19 @@ impl Direction {
     }
 }
 
+/// Why a submission failed.
+enum SubmitError {
+    /// The transfers failed (or some did); every one was reaped.
+    Io(io::Error),
+    /// The ring stopped answering with transfers still in flight: it and its buffers must
+    /// not be used again.
+    Abandoned(io::Error),
+}
+
 /// One submission of `slots.len()` block transfers, each from or into its buffer, reaped
-/// together; any failed or short transfer fails the batch.
+/// together; any failed or short transfer fails the batch. Completions are tagged with
+/// `generation`, so none from an earlier, abandoned batch is taken for this one's.
+#[allow(clippy::too_many_arguments)]
 fn submit(
     ring: &mut IoUring,
     file: &File,
@@ -648,9 +706,11 @@ fn submit(
     slots: &[u32],
     direction: Direction,
     registered: bool,
-) -> io::Result<()> {
+    generation: u64,
+) -> Result<(), SubmitError> {
     let fd = types::Fd(file.as_raw_fd());
     let len = slot_bytes as u32;
+    let tag = |i: usize| (generation << 8) | i as u64;
     for (i, &slot) in slots.iter().enumerate() {
         let ptr = buf[i * slot_bytes..].as_mut_ptr();
         let offset = u64::from(slot) * slot_bytes as u64;
@@ -664,28 +724,41 @@ fn submit(
                 .build(),
             (Direction::Read, false) => opcode::Read::new(fd, ptr, len).offset(offset).build(),
         }
-        .user_data(i as u64);
-        // SAFETY: each entry's buffer is a distinct slot of `buf`, which outlives this call,
-        // and the call reaps every completion before it returns, so no I/O outlives it.
+        .user_data(tag(i));
+        // SAFETY: each entry's buffer is a distinct slot of `buf`, which outlives this call;
+        // the call reaps every completion before it returns, or reports the ring abandoned
+        // (its buffers are then never used or freed again), so no I/O outlives the buffer.
         if unsafe { ring.submission().push(&entry) }.is_err() {
-            return Err(io::Error::other("the io_uring submission queue is full"));
+            // Nothing pushed so far was submitted: drop them, unsent.
+            ring.submission().sync();
+            return Err(SubmitError::Abandoned(io::Error::other(
+                "the io_uring submission queue is full",
+            )));
         }
     }
     let mut reaped = 0;
     let mut first_error = None;
+    let mut refusals = 0;
     while reaped < slots.len() {
-        match ring.submit_and_wait(slots.len() - reaped) {
+        match ring.submit_and_wait(1) {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // Entries may still be in flight: reap them before the buffers can be reused.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                ) => {}
             Err(e) => {
-                first_error.get_or_insert(e);
-                if ring.submission().is_empty() && ring.completion().is_empty() {
-                    break;
+                refusals += 1;
+                if refusals > 100 {
+                    return Err(SubmitError::Abandoned(e));
                 }
+                first_error.get_or_insert(e);
             }
         }
         for cqe in ring.completion() {
+            if cqe.user_data() >> 8 != generation {
+                continue;
+            }
             reaped += 1;
             let result = cqe.result();
             if result < 0 {
@@ -698,7 +771,7 @@ fn submit(
             }
         }
     }
-    first_error.map_or(Ok(()), Err)
+    first_error.map_or(Ok(()), |e| Err(SubmitError::Io(e)))
 }
 
 fn nonce_bytes(counter: u64) -> Nonce<aes_gcm::aead::consts::U12> {
@@ -718,6 +791,29 @@ fn new_cipher() -> io::Result<Aes256Gcm> {
     cipher
 }
 
+/// Makes sure `dir` is a directory of this process's user (not a link to elsewhere, which
+/// would have the tier write and delete files there), private to it (mode 0700).
+fn check_own_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(io::Error::other(
+            "it is not a directory (a link is not followed)",
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(io::Error::other(format!(
+            "it belongs to uid {}, not this daemon's uid {me}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Whether files in `dir` can be opened with `O_DIRECT` (tmpfs, for one, refuses).
 fn supports_direct(dir: &Path) -> bool {
     let probe = dir.join(".direct-probe");
@@ -726,7 +822,7 @@ fn supports_direct(dir: &Path) -> bool {
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
         .open(&probe)
         .is_ok();
     let _ = std::fs::remove_file(&probe);
@@ -780,6 +876,15 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    fn write_filled(tier: &mut DiskTier, scope: &str, n: usize, byte: u8) -> DiskBlocks {
+        tier.write(scope, false, n, |_, b| {
+            b.fill(byte);
+            Ok::<_, ()>(())
+        })
+        .unwrap()
+        .unwrap()
+    }
+
     fn pattern(i: usize, n: usize) -> Vec<u8> {
         (0..n).map(|j| (i * 31 + j * 7) as u8).collect()
     }
@@ -790,8 +895,10 @@ mod tests {
         let mut tier = DiskTier::open(dir.path(), block, 64, 4).unwrap();
         let blocks = tier
             .write("tenant-a", encrypt, 10, |i, buf| {
-                buf.copy_from_slice(&pattern(i, block))
+                buf.copy_from_slice(&pattern(i, block));
+                Ok::<_, ()>(())
             })
+            .unwrap()
             .unwrap();
         assert_eq!(tier.used(), 10);
         let path = tier.path_of("tenant-a");
@@ -829,7 +936,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut tier = DiskTier::open(dir.path(), 4096, 8, 2).unwrap();
         let blocks = tier
-            .write("t", true, 3, |i, buf| buf.fill(i as u8 + 1))
+            .write("t", true, 3, |i, buf| {
+                buf.fill(i as u8 + 1);
+                Ok::<_, ()>(())
+            })
+            .unwrap()
             .unwrap();
         tier.tamper(&blocks, 2).unwrap();
         let mut drained = Vec::new();
@@ -848,17 +959,19 @@ mod tests {
     fn tenants_have_files_of_their_own_and_slots_are_reused() {
         let dir = tempfile::tempdir().unwrap();
         let mut tier = DiskTier::open(dir.path(), 4096, 8, 4).unwrap();
-        let a = tier.write("a", false, 3, |_, b| b.fill(1)).unwrap();
-        let b = tier.write("b", false, 2, |_, b| b.fill(2)).unwrap();
+        let a = write_filled(&mut tier, "a", 3, 1);
+        let b = write_filled(&mut tier, "b", 2, 2);
         assert_ne!(tier.path_of("a"), tier.path_of("b"));
-        let err = tier.write("a", false, 4, |_, _| {}).unwrap_err();
+        let err = tier
+            .write("a", false, 4, |_, _| Ok::<_, ()>(()))
+            .unwrap_err();
         assert!(
             matches!(err, DiskError::Full { needed: 4, free: 3 }),
             "{err}"
         );
-        let a2 = tier.write("a", false, 1, |_, b| b.fill(3)).unwrap();
+        let a2 = write_filled(&mut tier, "a", 1, 3);
         tier.free(a);
-        let a3 = tier.write("a", false, 3, |_, b| b.fill(4)).unwrap();
+        let a3 = write_filled(&mut tier, "a", 3, 4);
         // The file did not grow: the three freed slots were reused.
         assert_eq!(
             std::fs::metadata(tier.path_of("a")).unwrap().len(),
@@ -874,6 +987,85 @@ mod tests {
         }
         drop(tier);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Each write chooses: a sealed write into a file that already holds plain blocks is
+    /// sealed all the same, and both come back.
+    #[test]
+    fn sealing_is_chosen_per_write_not_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tier = DiskTier::open(dir.path(), 4096, 8, 2).unwrap();
+        let plain = write_filled(&mut tier, "t", 1, 7);
+        let sealed = tier
+            .write("t", true, 1, |_, b| {
+                b.fill(9);
+                Ok::<_, ()>(())
+            })
+            .unwrap()
+            .unwrap();
+        let on_disk = std::fs::read(tier.path_of("t")).unwrap();
+        assert!(on_disk[..4096].iter().all(|&x| x == 7));
+        assert!(
+            !on_disk[4096..8192].iter().all(|&x| x == 9),
+            "sealed on disk"
+        );
+        for (blocks, byte) in [(&plain, 7u8), (&sealed, 9)] {
+            tier.read(blocks, |_, bytes| {
+                assert!(bytes.iter().all(|&x| x == byte));
+                Ok::<_, ()>(())
+            })
+            .unwrap()
+            .unwrap();
+        }
+    }
+
+    /// A `fill` that fails stops the write: its error comes back, no slot is kept, and the
+    /// bytes of an earlier (sealed, decrypted) read never reach the file.
+    #[test]
+    fn a_failed_fill_keeps_nothing_and_writes_no_stale_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tier = DiskTier::open(dir.path(), 4096, 8, 4).unwrap();
+        let secret = tier
+            .write("other", true, 1, |_, b| {
+                b.fill(0xAB);
+                Ok::<_, ()>(())
+            })
+            .unwrap()
+            .unwrap();
+        tier.read(&secret, |_, _| Ok::<_, ()>(())).unwrap().unwrap();
+        let failed = tier
+            .write("t", false, 3, |i, b| {
+                if i == 1 {
+                    return Err("no bytes");
+                }
+                b.fill(1);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(failed.unwrap_err(), "no bytes");
+        assert_eq!(tier.used(), 1, "only the other tenant's block");
+        assert!(!tier.path_of("t").exists());
+        // A write whose fill leaves its buffer alone writes zeros, not the last read.
+        let blank = tier
+            .write("t", false, 1, |_, _| Ok::<_, ()>(()))
+            .unwrap()
+            .unwrap();
+        let on_disk = std::fs::read(tier.path_of("t")).unwrap();
+        assert!(on_disk.iter().all(|&x| x == 0));
+        tier.free(blank);
+    }
+
+    #[test]
+    fn a_linked_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("keep.kv"), b"not the tier's").unwrap();
+        let link = dir.path().join("tier");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let err = DiskTier::open(&link, 4096, 1, 1).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        assert!(elsewhere.join("keep.kv").exists());
     }
 
     #[test]

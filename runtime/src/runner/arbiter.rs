@@ -583,6 +583,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     tracing::error!(device = %self.device, model = m, held, "a model taken off still has sequences in the scheduler; its index is not reused");
                 }
                 self.one_at_a_time.remove(&m);
+                self.engine_counters.remove(&m);
                 if let Some(slot) = self.models.take(m) {
                     tracing::info!(device = %self.device, model = %slot.name, "model taken off the device");
                     gone.push(slot);

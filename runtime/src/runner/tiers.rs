@@ -115,26 +115,39 @@ fn round_trips<B: Backend>(
 }
 
 /// The fewest tokens at which the disk round trip beats the prefill, from measurements at
-/// increasing lengths (each cost taken as linear between them): 0 when it wins at the
-/// shortest, `usize::MAX` when it loses at the longest.
+/// increasing lengths, each cost taken as linear in the tokens: 0 when it wins at the
+/// shortest; past the longest, where the trend of the last two says they cross (prefill
+/// grows faster than I/O); `usize::MAX` when they never do.
 pub(crate) fn crossover(costs: &[(usize, Costs)]) -> usize {
     let wins = |c: &Costs| c.disk < c.prefill;
+    let margin = |c: &Costs| c.prefill.as_secs_f64() - c.disk.as_secs_f64();
+    // Where the line through two (tokens, margin) points reaches zero.
+    let zero = |(n0, c0): &(usize, Costs), (n1, c1): &(usize, Costs)| {
+        let (m0, m1) = (margin(c0), margin(c1));
+        *n0 as f64 + (*n1 as f64 - *n0 as f64) * (-m0) / (m1 - m0)
+    };
     match costs {
         [] => usize::MAX,
         [(_, first), ..] if wins(first) => 0,
         _ => {
             for pair in costs.windows(2) {
-                let [(n0, c0), (n1, c1)] = pair else { continue };
-                if !wins(c1) {
-                    continue;
+                if wins(&pair[1].1) {
+                    // The margin goes from ≤ 0 at the first to > 0 at the second.
+                    let at = zero(&pair[0], &pair[1]);
+                    return (at.ceil() as usize).clamp(pair[0].0, pair[1].0);
                 }
-                // Margin (prefill − disk) goes from ≤ 0 at n0 to > 0 at n1.
-                let m0 = c0.prefill.as_secs_f64() - c0.disk.as_secs_f64();
-                let m1 = c1.prefill.as_secs_f64() - c1.disk.as_secs_f64();
-                let at = *n0 as f64 + (*n1 - *n0) as f64 * (-m0) / (m1 - m0);
-                return (at.ceil() as usize).clamp(*n0, *n1);
             }
-            usize::MAX
+            match costs {
+                [.., a, b] if margin(&b.1) > margin(&a.1) && b.0 > a.0 => {
+                    let at = zero(a, b).ceil();
+                    if at.is_finite() && at < usize::MAX as f64 {
+                        (at as usize).max(b.0)
+                    } else {
+                        usize::MAX
+                    }
+                }
+                _ => usize::MAX,
+            }
         }
     }
 }
@@ -156,8 +169,11 @@ mod tests {
         assert_eq!(crossover(&[(16, costs(10, 5)), (64, costs(40, 8))]), 0);
         // Margins −10 ms at 16 tokens and +10 ms at 64: they cross half way, at 40.
         assert_eq!(crossover(&[(16, costs(10, 20)), (64, costs(40, 30))]), 40);
+        // Margins −10 ms at 16 and −5 ms at 64: the trend crosses at 112.
+        assert_eq!(crossover(&[(16, costs(10, 20)), (64, costs(40, 45))]), 112);
+        // The disk falls further behind as sequences grow: never.
         assert_eq!(
-            crossover(&[(16, costs(10, 20)), (64, costs(40, 45))]),
+            crossover(&[(16, costs(10, 20)), (64, costs(40, 60))]),
             usize::MAX
         );
     }
