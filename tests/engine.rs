@@ -996,6 +996,12 @@ fn evicted_prefix_blocks_move_down_the_tiers_and_come_back() {
     cached_run(&mut roomy, "t", &prompt);
     let want = cached_run(&mut roomy, "t", &prompt);
     assert_eq!(want.0, 32, "two full blocks held");
+    assert_eq!(
+        roomy.resident_prefix("t", &prompt),
+        32,
+        "a look holds the same"
+    );
+    assert_eq!(roomy.resident_prefix("u", &prompt), 0);
 
     let filler: Vec<u32> = prompt
         .iter()
@@ -1022,6 +1028,11 @@ fn evicted_prefix_blocks_move_down_the_tiers_and_come_back() {
         assert_eq!(on_disk > 0, disk, "({host}, {disk})");
         let demoted = engine.cold_stats().demoted;
         assert!(demoted >= 2);
+        assert_eq!(
+            engine.resident_prefix("t", &prompt),
+            0,
+            "cold is not resident"
+        );
 
         assert_eq!(
             cached_run(&mut engine, "u", &prompt).0,

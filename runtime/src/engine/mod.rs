@@ -332,6 +332,21 @@ impl<B: Backend> Engine<B> {
         (id, held)
     }
 
+    /// How many of `tokens` a sequence of `scope` started now would hold from blocks on the
+    /// device (a look, holding nothing; cold blocks further down do not count).
+    pub fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
+        if !self.prefix_cache {
+            return 0;
+        }
+        let block_size = self.pool.block_size();
+        let usable = tokens.len().saturating_sub(1);
+        prefix::chain(prefix::scope_key(scope), &tokens[..usable], block_size)
+            .iter()
+            .take_while(|k| self.pool.is_published(k))
+            .count()
+            * block_size
+    }
+
     /// After a step: publishes the blocks its tokens filled in sequences that keep a chain.
     fn publish_filled(&mut self, inputs: &[StepInput<'_>]) {
         let block_size = self.pool.block_size();

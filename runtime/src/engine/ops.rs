@@ -18,6 +18,12 @@ pub trait EngineOps: Send {
         let _ = (scope, tokens);
         Ok((self.add_sequence()?, 0))
     }
+    /// How many of `tokens` a sequence of `scope` would hold from the device's prefix cache
+    /// now, without holding anything (0 where it is not known: engines in workers).
+    fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
+        let _ = (scope, tokens);
+        0
+    }
     /// Forgets a sequence and frees its blocks; unknown ids are ignored.
     fn remove_sequence(&mut self, id: SeqId);
     fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError>;
@@ -86,6 +92,9 @@ impl<B: Backend> EngineOps for Engine<B> {
     ) -> Result<(SeqId, usize), EngineError> {
         Ok(Engine::add_sequence_cached(self, scope, tokens))
     }
+    fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
+        Engine::resident_prefix(self, scope, tokens)
+    }
     fn remove_sequence(&mut self, id: SeqId) {
         Engine::remove_sequence(self, id);
     }
@@ -136,6 +145,9 @@ impl EngineOps for Box<dyn EngineOps> {
         tokens: &[u32],
     ) -> Result<(SeqId, usize), EngineError> {
         (**self).add_sequence_cached(scope, tokens)
+    }
+    fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
+        (**self).resident_prefix(scope, tokens)
     }
     fn remove_sequence(&mut self, id: SeqId) {
         (**self).remove_sequence(id);

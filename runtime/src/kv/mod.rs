@@ -87,6 +87,11 @@ impl BlockPool {
             .collect()
     }
 
+    /// Whether a block is published under `key` (held or idle), without holding it.
+    pub fn is_published(&self, key: &Key) -> bool {
+        self.by_key.contains_key(key)
+    }
+
     /// Cached blocks evicted for room so far.
     pub fn evictions(&self) -> u64 {
         self.evictions

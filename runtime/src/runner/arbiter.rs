@@ -796,6 +796,14 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             panic!("fault injected by a test");
         }
         self.tenants_seen.insert(request.tenant.clone());
+        // What the prefix cache holds of it now: the scheduler admits such requests of a
+        // tenant first (see Scheduler::admission_head).
+        if let Some(slot) = self.models.get(job.model).filter(|s| s.prefix_cache) {
+            let resident = slot
+                .engine
+                .resident_prefix(&request.tenant, &request.prompt);
+            self.sched.note_resident(key, resident);
+        }
         let active = Active {
             seq: None,
             pending: request.prompt.clone(),

@@ -235,6 +235,10 @@ struct Seq {
     state: State,
     /// Where it waits while swapped.
     tier: Tier,
+    /// Prompt tokens the device's prefix cache held for it when it was queued (a hint).
+    resident: usize,
+    /// Times a later request of its tenant with a resident prefix was admitted before it.
+    bypassed: u32,
     /// Whether its prompt was charged to the token bucket.
     admitted: bool,
 }
@@ -619,6 +623,8 @@ impl Scheduler {
                 blocks: 0,
                 state: State::Waiting,
                 tier: Tier::Host,
+                resident: 0,
+                bypassed: 0,
                 admitted: false,
             },
         );
@@ -932,6 +938,45 @@ impl Scheduler {
         }
     }
 
+    /// Notes how many of a queued request's prompt tokens the device's prefix cache holds now
+    /// (see [`Scheduler::admission_head`]).
+    pub fn note_resident(&mut self, key: SeqKey, tokens: usize) {
+        if let Some(seq) = self.seqs.get_mut(&key) {
+            seq.resident = tokens;
+        }
+    }
+
+    /// The tenant's next sequence to admit: its earliest (as [`Scheduler::head`]), unless
+    /// that is a waiting request with nothing of its prompt resident and one of the next few
+    /// of the same tenant and model has a resident prefix and needs no more blocks. That one
+    /// goes first: its cached blocks are used before they are evicted, and it computes less.
+    /// Only the tenant's own order changes (which tenant goes next is the policy's), and a
+    /// request is passed over at most `MAX_BYPASSES` times.
+    fn admission_head(&mut self, t: usize, open: impl Fn(usize) -> bool) -> Option<SeqKey> {
+        const LOOKAHEAD: usize = 8;
+        const MAX_BYPASSES: u32 = 4;
+        let front = self.head(t, open)?;
+        let seq = &self.seqs[&front];
+        if seq.state != State::Waiting || seq.resident > 0 || seq.bypassed >= MAX_BYPASSES {
+            return Some(front);
+        }
+        let (model, need) = (seq.model, self.commitment(seq));
+        let better = self.tenants[t]
+            .queues
+            .waiting_behind_front(model, LOOKAHEAD)
+            .filter_map(|k| Some((k, self.seqs.get(&k)?)))
+            .filter(|(_, s)| {
+                s.state == State::Waiting
+                    && s.tenant == t
+                    && s.resident > 0
+                    && self.commitment(s) <= need
+            })
+            // The most held; of equals, the earliest.
+            .min_by_key(|(_, s)| std::cmp::Reverse(s.resident))
+            .map(|(k, _)| k);
+        Some(better.unwrap_or(front))
+    }
+
     /// A tenant's earliest queued sequence for a model that `open` accepts.
     fn head(&mut self, t: usize, open: impl Fn(usize) -> bool) -> Option<SeqKey> {
         let seqs = &self.seqs;
@@ -999,7 +1044,7 @@ impl Scheduler {
                 if skip[t] || self.tenants[t].live == self.tenants[t].running {
                     continue;
                 }
-                let Some(k) = self.head(t, |m| !closed[m] && budget[m] > 0) else {
+                let Some(k) = self.admission_head(t, |m| !closed[m] && budget[m] > 0) else {
                     skip[t] = true;
                     continue;
                 };
@@ -1166,6 +1211,25 @@ impl Scheduler {
 
     /// Moves a waiting or swapped sequence into the running set, committing `need` blocks.
     fn start(&mut self, key: SeqKey, need: usize, now: f64, plan: &mut StepPlan) {
+        let mut bypassed = Vec::new();
+        self.start_inner(key, need, now, plan, &mut bypassed);
+        for front in bypassed {
+            if let Some(seq) = self.seqs.get_mut(&front) {
+                if seq.state == State::Waiting {
+                    seq.bypassed += 1;
+                }
+            }
+        }
+    }
+
+    fn start_inner(
+        &mut self,
+        key: SeqKey,
+        need: usize,
+        now: f64,
+        plan: &mut StepPlan,
+        bypassed: &mut Vec<SeqKey>,
+    ) {
         let Some(seq) = self.seqs.get_mut(&key) else {
             return;
         };
@@ -1179,8 +1243,14 @@ impl Scheduler {
                 plan.swap_in.push(key);
             }
             _ => {
+                // Started ahead of its tenant's earliest request (a resident prefix): that one
+                // is passed over once more.
+                let front = tenant.queues.waiting_front(seq.model).filter(|&f| f != key);
                 tenant.queues.remove(Queue::Waiting, seq.model, key);
                 plan.admit.push(key);
+                if let Some(front) = front {
+                    bypassed.push(front);
+                }
                 if !seq.admitted {
                     seq.admitted = true;
                     tenant.stats.admitted += 1;

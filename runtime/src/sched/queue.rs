@@ -101,6 +101,24 @@ impl Queues {
         best.map(|(_, key)| key)
     }
 
+    /// The key at the front of a model's waiting queue (perhaps a dead entry).
+    pub fn waiting_front(&self, model: usize) -> Option<SeqKey> {
+        self.per_model.get(model)?.waiting.front().map(|&(_, k)| k)
+    }
+
+    /// The first `n` entries of a model's waiting queue after its front (dead ones included).
+    pub fn waiting_behind_front(
+        &self,
+        model: usize,
+        n: usize,
+    ) -> impl Iterator<Item = SeqKey> + '_ {
+        self.per_model
+            .get(model)
+            .into_iter()
+            .flat_map(move |q| q.waiting.iter().skip(1).take(n))
+            .map(|&(_, k)| k)
+    }
+
     /// The earliest arrival at any queue's front (dead entries included: an estimate for
     /// ranking), or `u64::MAX`.
     pub fn earliest(&self) -> u64 {

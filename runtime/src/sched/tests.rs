@@ -268,6 +268,68 @@ fn a_preempted_sequence_goes_to_disk_when_the_host_tier_is_full() {
     }
 }
 
+/// A tenant's requests whose prompts the prefix cache holds go ahead of its earlier ones that
+/// it does not hold, never needing more blocks than they would, and an earlier request is
+/// passed over at most four times; another tenant's turn is untouched.
+#[test]
+fn a_resident_prefix_goes_first_within_its_tenant_only() {
+    let order = |resident: &[(SeqKey, usize)], keys: &[SeqKey]| {
+        let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+        s.add_model(model(100, 1, 64));
+        for &k in keys {
+            s.submit(seq(k, "a", 8, 1), 0.0).unwrap();
+        }
+        for &(k, tokens) in resident {
+            s.note_resident(k, tokens);
+        }
+        let mut admitted = Vec::new();
+        while !s.is_empty() {
+            let plan = s.plan(0.0);
+            s.check_plan(&plan).unwrap();
+            admitted.extend(plan.admit.iter().copied());
+            for k in execute(&mut s, &plan, 0.0) {
+                s.remove(k);
+            }
+        }
+        admitted
+    };
+    assert_eq!(order(&[], &[1, 2, 3]), [1, 2, 3], "no hint: arrival order");
+    assert_eq!(order(&[(2, 4)], &[1, 2, 3]), [2, 1, 3]);
+    // 1 is passed over four times, then goes.
+    let all: Vec<SeqKey> = (1..=8).collect();
+    let hints: Vec<(SeqKey, usize)> = (2..=8).map(|k| (k, 4)).collect();
+    assert_eq!(order(&hints, &all), [2, 3, 4, 5, 1, 6, 7, 8]);
+
+    // A resident request that needs more blocks than the earliest does not overtake it.
+    let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    s.add_model(model(100, 1, 64));
+    s.submit(seq(1, "a", 8, 1), 0.0).unwrap();
+    s.submit(seq(2, "a", 40, 1), 0.0).unwrap();
+    s.note_resident(2, 32);
+    assert_eq!(s.plan(0.0).admit, [1]);
+
+    // Round robin between tenants holds: b's turn comes as it would.
+    let mut s = Scheduler::new(PolicyKind::RoundRobin, Pricing::default());
+    s.add_model(model(100, 1, 64));
+    for (k, tenant) in [(1, "a"), (2, "b"), (3, "a")] {
+        s.submit(seq(k, tenant, 8, 1), 0.0).unwrap();
+    }
+    s.note_resident(3, 4);
+    let mut admitted = Vec::new();
+    while !s.is_empty() {
+        let plan = s.plan(0.0);
+        admitted.extend(plan.admit.iter().copied());
+        for k in execute(&mut s, &plan, 0.0) {
+            s.remove(k);
+        }
+    }
+    assert_eq!(
+        admitted,
+        [3, 2, 1],
+        "a's resident request in a's turn, then b, then a"
+    );
+}
+
 #[test]
 fn a_tenants_kv_quota_holds_back_only_that_tenant() {
     let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
@@ -633,6 +695,7 @@ proptest! {
                     }
                     if s.submit(n, 0.0).is_ok() {
                         live.push((next, max_tokens));
+                        s.note_resident(next, (prompt % 3) * 4);
                     }
                     next += 1;
                 }
