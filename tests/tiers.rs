@@ -189,6 +189,53 @@ fn sequences_preempted_to_disk_finish_as_they_would_have() {
     assert!(text.contains("disk") && text.contains("sealed"), "{text}");
 }
 
+/// The policy's tier limits reach the scheduler: a tenant allowed no disk blocks
+/// (`limits.disk_kv_blocks: 0`) has its preempted sequences recomputed while the other
+/// tenant's go to disk, and every text is still what it is alone.
+#[test]
+fn a_tenant_allowed_no_disk_blocks_is_recomputed_instead() {
+    const CAPPED: &str = "tenants:\n  - name: sealed\n    encrypt_kv_at_rest: true\n    match: {default: true}\n  - name: plain\n    match: {uids: [61002]}\n    limits: {disk_kv_blocks: 0}\n";
+    let kv = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "kv_disk_dir: {}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 16\n    max_sequences: 8\n    swap_blocks: 0\n    disk_blocks: 256\n    preemption: swap\n    prefix_cache: false\n",
+        kv.path().display(),
+        fixture_model().display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(CAPPED),
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let alone: Vec<String> = (0..8)
+        .map(|i| complete_for(&daemon, tenant_of(i), &request(i)))
+        .collect();
+    assert_eq!(all_at_once(&daemon, 8), alone);
+    let count = |kind: &str, tenant: &str| {
+        metric(
+            &daemon,
+            &format!(
+                "accel_preemptions_total{{kind=\"{kind}\",model=\"tiny\",tenant=\"{tenant}\"}}"
+            ),
+        )
+    };
+    eprintln!(
+        "plain: {} recomputed; sealed: {} to disk",
+        count("recompute", "plain"),
+        count("swap_disk", "sealed")
+    );
+    assert_eq!(
+        count("swap_disk", "plain"),
+        0.0,
+        "plain may hold no disk blocks"
+    );
+    assert!(
+        count("recompute", "plain") > 0.0,
+        "plain's sequences were preempted and recomputed: {}",
+        daemon.request("GET", "/metrics", None).1
+    );
+    assert_eq!(count("recompute", "sealed"), 0.0, "sealed's went to disk");
+}
+
 /// A disk tier on a filesystem of 64 KiB fills after a few blocks (ENOSPC): those swaps fail
 /// and their sequences are recomputed; every request still gets what it gets alone, and the
 /// failures are counted.
