@@ -327,8 +327,10 @@ pub(super) fn spawn(
     files: &[std::sync::Arc<std::fs::File>],
     identity: &WorkerIdentity,
     sandbox: Option<(&Sandbox, &str)>,
+    launched: &dyn Fn(u32),
 ) -> Result<(Connection, WorkerReady), String> {
     let (child, mut ours) = launch(identity, "worker", None)?;
+    launched(child.id());
 
     let connection = Connection {
         child,

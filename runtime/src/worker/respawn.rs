@@ -9,7 +9,7 @@
 //! starts may, which is as long as the engine.
 
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::remote::{spawn, Connection, WorkerIdentity};
@@ -32,8 +32,19 @@ pub(super) struct Recipe {
 impl Recipe {
     /// A new worker, in its group and behind its gate when the daemon isolates.
     pub fn spawn(&self) -> Started {
+        self.spawn_watched(&Mutex::new(None))
+    }
+
+    /// As [`Recipe::spawn`], with the starting worker's pid in `starting` until the start
+    /// ends, so that another thread can cut a start short (see [`Respawner`]'s drop).
+    fn spawn_watched(&self, starting: &Mutex<Option<u32>>) -> Started {
         let sandbox = self.sandbox.as_deref().map(|s| (s, self.pool.as_str()));
-        spawn(&self.init, &self.files, &self.identity, sandbox)
+        let note = |pid: Option<u32>| *starting.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+        let started = spawn(&self.init, &self.files, &self.identity, sandbox, &|pid| {
+            note(Some(pid))
+        });
+        note(None);
+        started
     }
 }
 
@@ -43,6 +54,8 @@ pub(super) struct Respawner {
     orders: Option<mpsc::Sender<Duration>>,
     started: mpsc::Receiver<Started>,
     pending: bool,
+    /// The pid of the worker being started, while a start is under way.
+    starting: Arc<Mutex<Option<u32>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -50,6 +63,8 @@ impl Respawner {
     pub(super) fn new(recipe: Recipe) -> std::io::Result<Self> {
         let (orders, ordered) = mpsc::channel::<Duration>();
         let (done, started) = mpsc::channel();
+        let starting = Arc::new(Mutex::new(None));
+        let watched = Arc::clone(&starting);
         let thread = std::thread::Builder::new()
             .name("worker-respawn".into())
             .spawn(move || {
@@ -58,7 +73,7 @@ impl Respawner {
                     if let Err(RecvTimeoutError::Disconnected) = ordered.recv_timeout(delay) {
                         return;
                     }
-                    let result = recipe.spawn();
+                    let result = recipe.spawn_watched(&watched);
                     // An engine gone meanwhile drops the worker with the channel.
                     if done.send(result).is_err() {
                         return;
@@ -69,6 +84,7 @@ impl Respawner {
             orders: Some(orders),
             started,
             pending: false,
+            starting,
             thread: Some(thread),
         })
     }
@@ -111,14 +127,87 @@ impl Respawner {
     }
 }
 
-/// Waits for a start in progress to end (its worker is then stopped), so that nothing of it
+/// Ends a start in progress (its worker is killed: one hanging at start would otherwise hold
+/// the drop for the whole start timeout) and waits for the thread, so that nothing of it
 /// outlives the engine, whose group and gate go next.
 impl Drop for Respawner {
     fn drop(&mut self) {
         self.orders.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // Checked until the thread ends: a start may begin just after a first look.
+        while !thread.is_finished() {
+            // Our child, not yet reaped while its start runs, so the pid is still its own.
+            if let Some(pid) = *self.starting.lock().unwrap_or_else(|p| p.into_inner()) {
+                let pid = nix::unistd::Pid::from_raw(pid as i32);
+                if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
+                    tracing::debug!(error = %e, "stopping a worker that was starting");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        let _ = thread.join();
         // A worker that started after the engine stopped asking is stopped with `started`.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+
+    /// A replacement worker that hangs while starting (here: a program that never answers)
+    /// does not hold the engine's drop for the start timeout: the drop kills it and returns.
+    #[test]
+    fn dropping_the_engine_ends_a_start_that_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("hangs");
+        std::fs::write(&program, "#!/bin/sh\nexec /bin/sleep 600\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let recipe = Recipe {
+            init: WorkerInit {
+                model: "m".into(),
+                path: None,
+                spec: crate::config::ModelSpec::default_model(),
+                device: "cpu".into(),
+                kernel_cache: None,
+                files: Vec::new(),
+                dirs: Vec::new(),
+            },
+            files: Vec::new(),
+            identity: WorkerIdentity {
+                user: "self".into(),
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+                program,
+            },
+            sandbox: None,
+            pool: "_shared".into(),
+        };
+        let mut respawner = Respawner::new(recipe).unwrap();
+        respawner.order(Duration::ZERO).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Some(pid) = *respawner.starting.lock().unwrap() {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the start never began");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let dropped = Instant::now();
+        drop(respawner);
+        assert!(
+            dropped.elapsed() < Duration::from_secs(5),
+            "the drop took {:?}",
+            dropped.elapsed()
+        );
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None);
+        assert_eq!(
+            gone,
+            Err(nix::errno::Errno::ESRCH),
+            "the hanging worker was reaped"
+        );
     }
 }
