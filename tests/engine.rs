@@ -884,13 +884,7 @@ fn a_tampered_or_full_disk_tier_loses_nothing_else() {
     let want = greedy(&mut engine, &prompt, 6);
 
     let seq = engine.add_sequence();
-    engine
-        .step(&[StepInput {
-            seq,
-            tokens: &prompt,
-            logits: LogitsWanted::Last,
-        }])
-        .unwrap();
+    feed_and_continue(&mut engine, seq, &prompt, 0);
     engine.swap_out_to_disk(seq, "tenant-a", true).unwrap();
     let file = dir
         .path()
@@ -917,13 +911,7 @@ fn a_tampered_or_full_disk_tier_loses_nothing_else() {
     // 200 tokens need 13 blocks; the tier has 4.
     let seq = engine.add_sequence();
     let long: Vec<u32> = prompt.iter().copied().cycle().take(200).collect();
-    engine
-        .step(&[StepInput {
-            seq,
-            tokens: &long,
-            logits: LogitsWanted::Last,
-        }])
-        .unwrap();
+    feed_and_continue(&mut engine, seq, &long, 0);
     let err = engine.swap_out_to_disk(seq, "tenant-a", false).unwrap_err();
     assert!(
         matches!(

@@ -166,6 +166,36 @@ fn a_full_pool_preempts_the_latest_and_resumes_it_after() {
     }
 }
 
+/// Plans and runs steps (checking each plan and the invariants, `after_plan` looking at the
+/// scheduler after each) until every sequence has generated `tokens` tokens and is removed, or
+/// 100 steps pass; every preemption made on the way.
+fn run_out(
+    s: &mut Scheduler,
+    tokens: usize,
+    mut after_plan: impl FnMut(&mut Scheduler),
+) -> Vec<(SeqKey, PreemptKind)> {
+    let mut preempted = Vec::new();
+    let mut generated: HashMap<SeqKey, usize> = HashMap::new();
+    for _ in 0..100 {
+        let plan = s.plan(0.0);
+        s.check_plan(&plan).unwrap();
+        preempted.extend(plan.preempt.iter().copied());
+        after_plan(s);
+        for k in execute(s, &plan, 0.0) {
+            let g = generated.entry(k).or_default();
+            *g += 1;
+            if *g == tokens {
+                s.remove(k);
+            }
+        }
+        s.check_invariants().unwrap();
+        if s.is_empty() {
+            break;
+        }
+    }
+    preempted
+}
+
 /// A tenant whose host tier is full (here: allowed none) has its preempted sequence
 /// recomputed, while the model's swap space is free; without the limit it is swapped.
 #[test]
@@ -181,25 +211,10 @@ fn a_tenant_at_its_host_tier_limit_is_recomputed_not_swapped() {
             n.params.host_kv_blocks = limit;
             s.submit(n, 0.0).unwrap();
         }
-        let mut preempted = Vec::new();
-        let mut generated: HashMap<SeqKey, usize> = HashMap::new();
-        for _ in 0..100 {
-            let plan = s.plan(0.0);
-            preempted.extend(plan.preempt.iter().copied());
+        let preempted = run_out(&mut s, 8, |s| {
             let host = s.report(0.0)[0].host_kv_blocks;
             assert!(limit.is_none_or(|l| host as u64 <= l), "{host} host blocks");
-            for k in execute(&mut s, &plan, 0.0) {
-                let g = generated.entry(k).or_default();
-                *g += 1;
-                if *g == 8 {
-                    s.remove(k);
-                }
-            }
-            s.check_invariants().unwrap();
-            if s.is_empty() {
-                break;
-            }
-        }
+        });
         assert!(s.is_empty(), "both finish ({limit:?})");
         assert_eq!(preempted.first(), Some(&(2, kind)), "{limit:?}");
     }
@@ -235,27 +250,10 @@ fn a_preempted_sequence_goes_to_disk_when_the_host_tier_is_full() {
             n.params.disk_kv_blocks = disk_limit;
             s.submit(n, 0.0).unwrap();
         }
-        let mut preempted = Vec::new();
-        let mut generated: HashMap<SeqKey, usize> = HashMap::new();
         let mut peak_disk = 0;
-        for _ in 0..100 {
-            let plan = s.plan(0.0);
-            s.check_plan(&plan).unwrap();
-            preempted.extend(plan.preempt.iter().copied());
-            let report = &s.report(0.0)[0];
-            peak_disk = peak_disk.max(report.disk_kv_blocks);
-            for k in execute(&mut s, &plan, 0.0) {
-                let g = generated.entry(k).or_default();
-                *g += 1;
-                if *g == 8 {
-                    s.remove(k);
-                }
-            }
-            s.check_invariants().unwrap();
-            if s.is_empty() {
-                break;
-            }
-        }
+        let preempted = run_out(&mut s, 8, |s| {
+            peak_disk = peak_disk.max(s.report(0.0)[0].disk_kv_blocks);
+        });
         let case = (swap_blocks, host_limit, disk_blocks, disk_limit, disk_min);
         assert!(s.is_empty(), "both finish ({case:?})");
         assert_eq!(preempted.first(), Some(&(2, kind)), "{case:?}");
