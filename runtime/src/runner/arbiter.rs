@@ -1013,9 +1013,10 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             self.count_swap(model, tier, "in", result.is_ok().then_some(seq));
             if let Err(crate::engine::EngineError::WorkerLost(_)) = result {
                 self.worker_lost(model);
-            } else if let Err(e @ crate::engine::EngineError::Disk(_)) = result {
-                // A disk tier block that could not be read back, or failed authentication:
-                // the sequence is recomputed, with the same output.
+            } else if let (Err(e), Tier::Disk) = (&result, tier) {
+                // A disk tier block that could not be read back, or failed authentication
+                // (or any other failure to bring it back from disk): the sequence is
+                // recomputed, with the same output.
                 tracing::warn!(error = %e, "swapping a sequence in from disk failed; it will be recomputed");
                 if let Some(a) = self.active.get_mut(&key) {
                     if let Some(seq) = a.seq.take() {

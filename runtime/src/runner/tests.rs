@@ -849,3 +849,91 @@ fn a_model_whose_worker_is_being_replaced_waits_while_the_other_model_steps() {
     assert_eq!(drain(&mut arbiter, &mut waiting).remove(0).len(), 10);
     assert_eq!(calls_while_starting.load(Ordering::SeqCst), 0);
 }
+
+/// An engine whose "disk tier" is the host tier, and whose every swap-in from it fails as a
+/// block failing authentication in a worker would.
+struct DiskFails {
+    inner: Box<dyn EngineOps>,
+    on_disk: std::collections::HashSet<SeqId>,
+    failures: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl EngineOps for DiskFails {
+    fn add_sequence(&mut self) -> Result<SeqId, EngineError> {
+        self.inner.add_sequence()
+    }
+    fn remove_sequence(&mut self, id: SeqId) {
+        self.on_disk.remove(&id);
+        self.inner.remove_sequence(id);
+    }
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
+        self.inner.step(inputs)
+    }
+    fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.inner.swap_out(id)
+    }
+    fn swap_out_to_disk(&mut self, id: SeqId, _: &str, _: bool) -> Result<(), EngineError> {
+        self.inner.swap_out(id)?;
+        self.on_disk.insert(id);
+        Ok(())
+    }
+    fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        if self.on_disk.contains(&id) {
+            self.failures
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // As a worker process reports it: a message, not the disk tier's own error.
+            return Err(EngineError::Worker(
+                "a KV block read back from tenant.kv failed authentication".into(),
+            ));
+        }
+        self.inner.swap_in(id)
+    }
+    fn is_swapped(&self, id: SeqId) -> bool {
+        self.inner.is_swapped(id)
+    }
+    fn sequence_len(&self, id: SeqId) -> Option<usize> {
+        self.inner.sequence_len(id)
+    }
+    fn kv_block_bytes(&self) -> usize {
+        self.inner.kv_block_bytes()
+    }
+}
+
+/// Every sequence preempted to disk fails to come back (as a tampered block would): each is
+/// recomputed instead, and every request still gets what it gets alone.
+#[test]
+fn a_sequence_that_cannot_come_back_from_disk_is_recomputed() {
+    let requests: Vec<GenerateRequest> = (0..4u32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..18 + i).map(|t| (t * 7 + i * 13) % 200 + 1).collect();
+            request(&format!("t{}", i % 2), prompt, 40, SamplingParams::greedy())
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = requests.iter().map(served_alone).collect();
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&failures);
+    let (mut arbiter, jobs, _, _) = device_with(10, PreemptionMode::Swap, 8, move |inner| {
+        Box::new(DiskFails {
+            inner,
+            on_disk: Default::default(),
+            failures: counted,
+        })
+    });
+    // Only the disk tier: every preemption that swaps goes there.
+    let params = arbiter.models[0].params.clone();
+    arbiter.models[0].params = ModelParams {
+        swap_blocks: 0,
+        disk_blocks: 64,
+        disk_swap_min_tokens: 0,
+        ..params
+    };
+    arbiter.sched = Scheduler::new(PolicyKind::FairShare, Pricing::default());
+    arbiter.sched.add_model(arbiter.models[0].params.clone());
+    let mut rx: Vec<_> = requests.iter().map(|r| submit(&jobs, r.clone())).collect();
+    let together = drain(&mut arbiter, &mut rx);
+    assert!(
+        failures.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "some sequence went to disk"
+    );
+    assert_eq!(together, alone);
+}
