@@ -1095,3 +1095,41 @@ fn a_prefix_evicted_again_and_again_keeps_one_cold_copy_per_block() {
     engine.remove_sequence(seq);
     assert_eq!(engine.free_swap_blocks(), 1);
 }
+
+/// A block one tenant's sequence freed and the next sequence then takes is never read by it:
+/// every read of the cache is bounded by the reading sequence's own length, which starts at
+/// zero, so the second sequence (on the first's very blocks) computes bit for bit what it
+/// computes on a fresh engine.
+#[test]
+fn a_block_freed_by_one_tenant_is_never_read_by_the_next() {
+    let (model, prompt) = forty_token_prompt();
+    let other: Vec<u32> = prompt.iter().rev().copied().take(30).collect();
+    let bits = |(logits, tokens): (Vec<f32>, Vec<u32>)| {
+        (
+            logits.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            tokens,
+        )
+    };
+    let mut fresh = engine_for(&model);
+    fresh.disable_prefix_cache();
+    let seq = fresh.add_sequence();
+    let want = bits(feed_and_continue(&mut fresh, seq, &other, 6));
+
+    let mut engine = engine_for(&model);
+    engine.disable_prefix_cache();
+    let first = engine.add_sequence();
+    feed_and_continue(&mut engine, first, &prompt, 8);
+    let freed = engine.block_table(first).unwrap().to_vec();
+    engine.remove_sequence(first);
+    let second = engine.add_sequence();
+    let got = bits(feed_and_continue(&mut engine, second, &other, 6));
+    let taken = engine.block_table(second).unwrap();
+    assert!(
+        taken.iter().all(|b| freed.contains(b)),
+        "the second sequence is on the first's blocks: {taken:?} of {freed:?}"
+    );
+    assert!(
+        got == want,
+        "a freed block's old contents changed what the next one computed"
+    );
+}
