@@ -65,6 +65,8 @@ fn peer_pass(dir: &Path, slot: usize, direct: bool, buf: &mut Aligned) -> (Durat
         options.custom_flags(accel_runtime::kv::disk::O_DIRECT);
     }
     let file = options.open(&path).expect("open the peer's file");
+    // As fio does by default (fallocate=native), and as the tier grows its files.
+    let _ = accel_runtime::kv::disk::preallocate(&file, (BLOCKS * slot) as u64);
     let chunk = &mut buf.slice()[..slot];
     let started = Instant::now();
     for i in 0..BLOCKS {

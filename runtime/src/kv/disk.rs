@@ -125,6 +125,9 @@ struct TenantFile {
     /// Slots freed and not yet reused, and the next never-used slot.
     free: Vec<u32>,
     next: u32,
+    /// Slots the file has space allocated for (grown ahead of writes, as fio does by default:
+    /// a direct write inside the file's size need not extend it, which ext4 serialises).
+    allocated: u32,
     held: usize,
     cipher: Option<Aes256Gcm>,
 }
@@ -331,8 +334,8 @@ impl DiskTier {
         self.dir.join(FileKey::of(scope).file_name())
     }
 
-    /// Writes `n` blocks for `scope` (sealed when `encrypt`), `fill(i, buf)` copying block
-    /// `i`'s `block_bytes` into `buf`. If `fill` fails, the write stops there and its error is
+    /// Writes `n` blocks for `scope` (sealed when `encrypt`), `fill(i, buf)` copying all of
+    /// block `i`'s `block_bytes` into `buf`. If `fill` fails, the write stops there and its error is
     /// returned inside; on any error nothing is kept and every slot is freed.
     pub fn write<E>(
         &mut self,
@@ -367,6 +370,17 @@ impl DiskTier {
                 blocks.seals.push(None);
             }
             file.held += n;
+            if file.next > file.allocated {
+                // Grown a batch of 64 slots at a time; a filesystem without fallocate simply
+                // extends the file as it writes.
+                let slots = file.next.max(file.allocated + 64);
+                let len = i64::from(slots) * self.slot_bytes as i64;
+                if preallocate(&file.file, len as u64).is_ok() {
+                    file.allocated = slots;
+                } else {
+                    file.allocated = file.next;
+                }
+            }
         }
         self.used += n;
         for start in (0..n).step_by(self.batch) {
@@ -405,12 +419,15 @@ impl DiskTier {
         };
         let buf = self.buffers.as_mut_slice();
         for i in 0..count {
-            let slot_buf = &mut buf[i * slot_bytes..(i + 1) * slot_bytes];
-            // The buffer held another block's bytes, perhaps another tenant's: nothing of them
-            // may reach this file, whatever `fill` writes.
-            slot_buf.fill(0);
-            let slot_buf = &mut slot_buf[..block_bytes];
+            let (slot_buf, padding) =
+                buf[i * slot_bytes..(i + 1) * slot_bytes].split_at_mut(block_bytes);
+            // The buffer held another block's bytes, perhaps another tenant's: `fill` writes
+            // every byte of the block (or fails, and nothing is written), and the padding
+            // past it is cleared here. A sealed block read before was cleared after its read.
+            padding.fill(0);
             if let Err(e) = fill(start + i, slot_buf) {
+                // What this batch's fills wrote never reaches a file, nor the next fill.
+                buf[..(i + 1) * slot_bytes].fill(0);
                 return Ok(Err(e));
             }
             if let Some(cipher) = &cipher {
@@ -561,6 +578,7 @@ impl DiskTier {
                     path,
                     free: Vec::new(),
                     next: 0,
+                    allocated: 0,
                     held: 0,
                     cipher: None,
                 },
@@ -829,6 +847,14 @@ fn supports_direct(dir: &Path) -> bool {
     ok
 }
 
+/// Allocates space for the first `len` bytes of `file` (and extends it to them), so that
+/// direct writes inside it need not grow the file.
+pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    let len = i64::try_from(len).map_err(io::Error::other)?;
+    nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len)
+        .map_err(io::Error::from)
+}
+
 /// Removes the `.kv` files in `dir`: a tier's files are never valid after the process that
 /// wrote them is gone (their keys and block tables died with it).
 pub fn remove_leftovers(dir: &Path) -> io::Result<usize> {
@@ -970,13 +996,11 @@ mod tests {
             "{err}"
         );
         let a2 = write_filled(&mut tier, "a", 1, 3);
+        let len = std::fs::metadata(tier.path_of("a")).unwrap().len();
         tier.free(a);
         let a3 = write_filled(&mut tier, "a", 3, 4);
         // The file did not grow: the three freed slots were reused.
-        assert_eq!(
-            std::fs::metadata(tier.path_of("a")).unwrap().len(),
-            4 * 4096
-        );
+        assert_eq!(std::fs::metadata(tier.path_of("a")).unwrap().len(), len);
         for (blocks, byte) in [(&b, 2u8), (&a2, 3), (&a3, 4)] {
             tier.read(blocks, |_, bytes| {
                 assert!(bytes.iter().all(|&x| x == byte));
