@@ -370,3 +370,49 @@ fn refused(out: &std::process::Output, says: &str) {
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains(says), "{stderr}");
 }
+
+/// `accelctl models load --no-prefix-cache`: the model shares nothing between requests (a
+/// repeated 40-token prompt holds no cached tokens), while the same files loaded with the
+/// default cache hold two full blocks the second time; both answer alike.
+#[test]
+fn a_model_loaded_without_the_prefix_cache_shares_nothing() {
+    let daemon = Daemon::start_with(DaemonOptions::default());
+    let fixture = accel_tests::fixture_model();
+    let path = fixture.to_str().unwrap();
+    let loaded = daemon.ctl(&[
+        "--json",
+        "models",
+        "load",
+        "plain",
+        path,
+        "--kv-blocks",
+        "64",
+        "--no-prefix-cache",
+    ]);
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    daemon.load_model("cached", &fixture, 64);
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
+    let ask = |model: &str| {
+        let body = json!({"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": true});
+        let (status, text) =
+            daemon.request("POST", "/v1/completions", Some(body.to_string().as_bytes()));
+        assert_eq!(status, 200, "{text}");
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        (
+            answer["usage"]["prompt_tokens_details"]["cached_tokens"].clone(),
+            answer["choices"][0]["text"].clone(),
+        )
+    };
+    let (_, first) = ask("plain");
+    let (held, again) = ask("plain");
+    assert_eq!(held, 0, "no cache: nothing held");
+    assert_eq!(again, first);
+    ask("cached");
+    let (held, text) = ask("cached");
+    assert_eq!(held, 32, "two full blocks held the second time");
+    assert_eq!(text, first);
+}
