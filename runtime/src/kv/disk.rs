@@ -2,8 +2,9 @@
 //! daemon owns (a local NVMe, ideally), one file per tenant, read and written with io_uring.
 //!
 //! Each tenant's blocks live in a file of its own, mode 0600, named by a hash of the tenant's
-//! name (names come from the policy and are not trusted as paths). A file grows a slot at a
-//! time, reuses freed slots, and is removed when its last block is freed; the directory's
+//! name (names come from the policy and are not trusted as paths). A file's space is allocated
+//! 64 slots ahead of its writes (`fallocate`), freed slots are reused, and the file is removed
+//! when its last block is freed; the directory's
 //! leftovers from a crash are removed when a tier opens it ([`DiskTier::open`]). Slots are the
 //! block's bytes rounded up to 4 KiB so that files can be opened with `O_DIRECT` (bypassing
 //! the page cache, as a swap device does) where the filesystem allows it; tmpfs does not, and
