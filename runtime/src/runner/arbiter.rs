@@ -251,32 +251,9 @@ pub(crate) fn preemption_crossover<B: Backend>(
     if tokens.is_empty() {
         return usize::MAX;
     }
-    // A first step allocates scratch buffers (and loads kernels on a GPU): not timed.
-    let warm = engine.add_sequence();
-    let _ = engine.step(&[StepInput {
-        seq: warm,
-        tokens: &tokens,
-        logits: LogitsWanted::Last,
-    }]);
-    engine.remove_sequence(warm);
-    let seq = engine.add_sequence();
-    let started = Instant::now();
-    let prefilled = engine.step(&[StepInput {
-        seq,
-        tokens: &tokens,
-        logits: LogitsWanted::Last,
-    }]);
-    let prefill = started.elapsed();
-    let started = Instant::now();
-    let swapped = prefilled
-        .map_err(|e| e.to_string())
-        .and_then(|_| engine.swap_out(seq).map_err(|e| e.to_string()))
-        .and_then(|()| engine.swap_in(seq).map_err(|e| e.to_string()))
-        .and_then(|()| engine.backend().wait_copies().map_err(|e| e.to_string()));
-    let swap = started.elapsed();
-    engine.remove_sequence(seq);
-    match swapped {
-        Ok(()) => {
+    let measured = super::tiers::round_trip(engine, &tokens, |e, seq| e.swap_out(seq));
+    match measured {
+        Ok(super::tiers::Costs { prefill, swap }) => {
             let use_swap = swap < prefill;
             tracing::info!(
                 model = %spec.name,
@@ -330,8 +307,6 @@ struct Active {
     recomputing: usize,
     /// Prompt tokens found in the prefix cache rather than computed (the first admission's).
     cached_tokens: usize,
-    /// The tier its blocks are in while swapped out.
-    parked: Option<Tier>,
 }
 
 impl Active {
@@ -813,7 +788,6 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             admitted: false,
             recomputing: 0,
             cached_tokens: 0,
-            parked: None,
             job,
         };
         self.active.insert(key, active);
@@ -959,7 +933,6 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     _ => engine.swap_out(seq),
                 } {
                     Ok(()) => {
-                        a.parked = Some(tier);
                         swapped = Some(Ok(seq));
                         None
                     }
@@ -1004,7 +977,8 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                 continue;
             };
             let model = a.job.model;
-            let tier = a.parked.take().unwrap_or(Tier::Host);
+            // The tier the scheduler parked it in (kept while it runs again).
+            let tier = self.sched.tier_of(key).unwrap_or(Tier::Host);
             let Some(seq) = a.seq else {
                 // Its worker was lost earlier in this plan: it is already back in the queue.
                 continue;

@@ -394,6 +394,13 @@ macro_rules! forward_to_inner {
         fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
             self.inner.swap_in(id)
         }
+        forward_queries_to_inner!();
+    };
+}
+
+/// The `EngineOps` queries a test engine that swaps its own way leaves to its `inner` engine.
+macro_rules! forward_queries_to_inner {
+    () => {
         fn is_swapped(&self, id: SeqId) -> bool {
             self.inner.is_swapped(id)
         }
@@ -888,15 +895,7 @@ impl EngineOps for DiskFails {
         }
         self.inner.swap_in(id)
     }
-    fn is_swapped(&self, id: SeqId) -> bool {
-        self.inner.is_swapped(id)
-    }
-    fn sequence_len(&self, id: SeqId) -> Option<usize> {
-        self.inner.sequence_len(id)
-    }
-    fn kv_block_bytes(&self) -> usize {
-        self.inner.kv_block_bytes()
-    }
+    forward_queries_to_inner!();
 }
 
 /// Every sequence preempted to disk fails to come back (as a tampered block would): each is

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::config::{ModelSpec, PreemptionMode};
-use crate::engine::{Engine, LogitsWanted, StepInput};
+use crate::engine::{Engine, EngineError, LogitsWanted, SeqId, StepInput};
 use crate::kv::disk::{DiskTier, DEFAULT_BATCH};
 
 /// The scope the measurement's blocks are written under (its file is gone once it ends).
@@ -33,7 +33,7 @@ pub(crate) fn enable_disk_tier<B: Backend>(
         spec.disk_blocks,
         DEFAULT_BATCH,
     )
-    .map_err(crate::engine::EngineError::from)
+    .map_err(EngineError::from)
     .and_then(|tier| {
         let (direct, uring) = (tier.is_direct(), tier.uses_io_uring());
         engine.enable_disk(tier).map(|()| (direct, uring))
@@ -62,7 +62,8 @@ pub(crate) fn enable_disk_tier<B: Backend>(
     let mut costs = Vec::new();
     for &n in &points {
         let tokens: Vec<u32> = (0..n).map(|i| (i % vocab.max(1)) as u32).collect();
-        match round_trips(engine, &tokens) {
+        let to_disk = |e: &mut Engine<B>, seq| e.swap_out_to_disk(seq, MEASURE_SCOPE, false);
+        match round_trip(engine, &tokens, to_disk) {
             Ok(cost) => costs.push((n, cost)),
             Err(e) => {
                 tracing::warn!(model = %spec.name, error = %e,
@@ -77,17 +78,21 @@ pub(crate) fn enable_disk_tier<B: Backend>(
     min_tokens
 }
 
-/// What a sequence of `tokens` costs to prefill, and to move to disk and back.
+/// What a sequence costs to prefill, and to swap out to a tier and back.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Costs {
     pub prefill: Duration,
-    pub disk: Duration,
+    pub swap: Duration,
 }
 
-fn round_trips<B: Backend>(
+/// What a sequence of `tokens` costs to prefill (after an untimed warm-up step, which
+/// allocates scratch buffers and loads kernels on a GPU), and to move out with `swap_out` and
+/// back in; the host tier's crossover (`arbiter::preemption_crossover`) measures with it too.
+pub(crate) fn round_trip<B: Backend>(
     engine: &mut Engine<B>,
     tokens: &[u32],
-) -> Result<Costs, crate::engine::EngineError> {
+    swap_out: impl FnOnce(&mut Engine<B>, SeqId) -> Result<(), EngineError>,
+) -> Result<Costs, EngineError> {
     let feed = |engine: &mut Engine<B>, seq| {
         engine.step(&[StepInput {
             seq,
@@ -95,7 +100,6 @@ fn round_trips<B: Backend>(
             logits: LogitsWanted::Last,
         }])
     };
-    // A first step allocates scratch buffers (and loads kernels on a GPU): not timed.
     let warm = engine.add_sequence();
     let warmed = feed(engine, warm);
     engine.remove_sequence(warm);
@@ -106,12 +110,12 @@ fn round_trips<B: Backend>(
     let prefill = started.elapsed();
     let started = Instant::now();
     let moved = fed
-        .and_then(|_| engine.swap_out_to_disk(seq, MEASURE_SCOPE, false))
+        .and_then(|_| swap_out(engine, seq))
         .and_then(|()| engine.swap_in(seq))
         .and_then(|()| Ok(engine.backend().wait_copies()?));
-    let disk = started.elapsed();
+    let swap = started.elapsed();
     engine.remove_sequence(seq);
-    moved.map(|()| Costs { prefill, disk })
+    moved.map(|()| Costs { prefill, swap })
 }
 
 /// The fewest tokens at which the disk round trip beats the prefill, from measurements at
@@ -119,8 +123,8 @@ fn round_trips<B: Backend>(
 /// shortest; past the longest, where the trend of the last two says they cross (prefill
 /// grows faster than I/O); `usize::MAX` when they never do.
 pub(crate) fn crossover(costs: &[(usize, Costs)]) -> usize {
-    let wins = |c: &Costs| c.disk < c.prefill;
-    let margin = |c: &Costs| c.prefill.as_secs_f64() - c.disk.as_secs_f64();
+    let wins = |c: &Costs| c.swap < c.prefill;
+    let margin = |c: &Costs| c.prefill.as_secs_f64() - c.swap.as_secs_f64();
     // Where the line through two (tokens, margin) points reaches zero.
     let zero = |(n0, c0): &(usize, Costs), (n1, c1): &(usize, Costs)| {
         let (m0, m1) = (margin(c0), margin(c1));
@@ -159,7 +163,7 @@ mod tests {
     fn costs(prefill_ms: u64, disk_ms: u64) -> Costs {
         Costs {
             prefill: Duration::from_millis(prefill_ms),
-            disk: Duration::from_millis(disk_ms),
+            swap: Duration::from_millis(disk_ms),
         }
     }
 

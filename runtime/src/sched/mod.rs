@@ -938,6 +938,11 @@ impl Scheduler {
         }
     }
 
+    /// The tier a sequence was last swapped out to (its blocks are there while it is swapped).
+    pub fn tier_of(&self, key: SeqKey) -> Option<Tier> {
+        self.seqs.get(&key).map(|s| s.tier)
+    }
+
     /// Notes how many of a queued request's prompt tokens the device's prefix cache holds now
     /// (see [`Scheduler::admission_head`]).
     pub fn note_resident(&mut self, key: SeqKey, tokens: usize) {
