@@ -60,6 +60,9 @@ install: build
 	chmod 0644 $(UNITDIR)/acceld.service
 	[ -n "$(DESTDIR)" ] || getent group accel >/dev/null || groupadd --system accel
 	[ -n "$(DESTDIR)" ] || getent group accel-admin >/dev/null || groupadd --system accel-admin
+	[ -n "$(DESTDIR)" ] || getent passwd accel-worker >/dev/null || \
+		useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin accel-worker
+	[ -n "$(DESTDIR)" ] || sh runtime/dist/reserve-worker-ids.sh accel-worker
 	@echo "installed; now: systemctl daemon-reload && systemctl enable --now acceld"
 
 uninstall:

@@ -494,7 +494,7 @@ fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
     );
     let extra = format!(
         // A KV cache of 4,096 blocks takes 32 MiB: more than tight's 16 MiB.
-        "isolation: shared\ntcp_listen: 127.0.0.1:{port}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 4096\n",
+        "isolation: shared\ntcp_listen: 127.0.0.1:{port}\nworker_uids: {{first: {WORKER_UIDS}, count: 1000}}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 4096\n",
         fixture_model().display()
     );
     let daemon = Daemon::start_with(DaemonOptions {
@@ -522,6 +522,21 @@ fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
     );
     let alpha_pid = listed["workers"][1]["pid"].as_u64().unwrap() as u32;
     let shared_pid = listed["workers"][0]["pid"].as_u64().unwrap() as u32;
+
+    // Each worker runs as an id of its own from worker_uids, so neither can signal the other.
+    let alpha_uid = own_ids(alpha_pid);
+    let shared_uid = own_ids(shared_pid);
+    assert_ne!(alpha_uid, shared_uid);
+    assert_eq!(listed["workers"][1]["user"], format!("uid {alpha_uid}"));
+    assert!(
+        can_signal(alpha_uid, alpha_pid),
+        "a process of alpha's worker's uid signals that worker"
+    );
+    assert!(
+        !can_signal(alpha_uid, shared_pid),
+        "alpha's worker's uid cannot signal the shared worker"
+    );
+    assert!(!can_signal(shared_uid, alpha_pid));
 
     // Alpha's worker is in alpha's group, which carries alpha's memory limit.
     let instance = instance_of(shared_pid);
@@ -587,6 +602,45 @@ fn a_dedicated_tenant_gets_a_worker_of_its_own_under_its_limits() {
     assert_eq!(listed["workers"][0]["pid"], shared_pid);
     assert_eq!(listed["workers"][0]["restarts"], 0);
     assert_eq!(listed["workers"][1]["restarts"], 1);
+    // Its replacement runs as the id it had.
+    let replacement = listed["workers"][1]["pid"].as_u64().unwrap() as u32;
+    assert_eq!(own_ids(replacement), alpha_uid);
+}
+
+/// The block of ids the tests give workers (`worker_uids`), far from any the host uses.
+const WORKER_UIDS: u32 = 3_400_000;
+
+/// A worker's uid, checked to be one of [`WORKER_UIDS`] in every slot (real, effective, saved,
+/// file system) and equal to its gid, as the tests' block gives both at one offset.
+fn own_ids(pid: u32) -> u32 {
+    let ids = |field: &str| -> Vec<u32> {
+        status_field(pid, field)
+            .split_whitespace()
+            .map(|id| id.parse().unwrap())
+            .collect()
+    };
+    let (uids, gids) = (ids("Uid"), ids("Gid"));
+    assert_eq!(uids.len(), 4, "{uids:?}");
+    assert!(uids.iter().all(|&u| u == uids[0]), "{uids:?}");
+    assert_eq!(uids, gids);
+    assert!(
+        (WORKER_UIDS..WORKER_UIDS + 1000).contains(&uids[0]),
+        "{uids:?}"
+    );
+    assert_eq!(status_field(pid, "Groups"), "", "no supplementary groups");
+    uids[0]
+}
+
+/// Whether a process running as `uid` may send `pid` a signal (`kill -0`).
+fn can_signal(uid: u32, pid: u32) -> bool {
+    use std::os::unix::process::CommandExt as _;
+    std::process::Command::new("/bin/sh")
+        .args(["-c", &format!("kill -0 {pid} 2>/dev/null")])
+        .uid(uid)
+        .gid(uid)
+        .status()
+        .unwrap()
+        .success()
 }
 
 /// A file of a tenant's (or the pool's) group in `controller`'s hierarchy: `v1` on a hybrid

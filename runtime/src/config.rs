@@ -79,6 +79,11 @@ pub struct DaemonConfig {
     pub isolation: Isolation,
     /// The user workers run as; `null`: `accel-worker` if it exists, else `nobody`.
     pub worker_user: Option<String>,
+    /// A block of user and group ids, one per worker, so that workers cannot signal one
+    /// another or read one another's files; `null`: the worker user's range in `/etc/subuid`
+    /// and `/etc/subgid` (`make install` reserves one), else every worker runs as
+    /// `worker_user`.
+    pub worker_uids: Option<crate::worker::uids::UidRange>,
     /// Limits on the shared workers together (the `_shared` pool group); dedicated tenants'
     /// workers are under their own policy limits instead.
     pub shared_pool: PoolLimits,
@@ -425,6 +430,7 @@ impl Default for DaemonConfig {
             scheduler: SchedulerConfig::default(),
             isolation: Isolation::Off,
             worker_user: None,
+            worker_uids: None,
             shared_pool: PoolLimits::default(),
             jobs: JobsConfig::default(),
             kv_disk_dir: None,
@@ -512,6 +518,9 @@ impl DaemonConfig {
                 "jobs.max_active_per_tenant",
                 "0 would refuse every job; give at least 1",
             ));
+        }
+        if let Some(problem) = self.worker_uids.as_ref().and_then(|r| r.problem()) {
+            out.push(PathProblem::new("worker_uids", problem));
         }
         let pool = &self.shared_pool;
         if pool.cpu.is_some_and(|c| !(c.is_finite() && c >= 0.01)) {
@@ -761,6 +770,29 @@ mod tests {
             found,
             [("socket", 1), ("socket_mode", 2), ("max_request_body", 3)]
         );
+    }
+
+    #[test]
+    fn a_block_of_worker_ids_is_read_and_checked() {
+        let config = DaemonConfig::parse(
+            "c.yaml",
+            "worker_uids: {first: 3400000, count: 1000}
+",
+        )
+        .unwrap();
+        assert_eq!(
+            config.worker_uids,
+            Some(crate::worker::uids::UidRange {
+                first: 3_400_000,
+                count: 1000
+            })
+        );
+        let err =
+            DaemonConfig::parse("c.yaml", "\nworker_uids: {first: 1000, count: 10}\n").unwrap_err();
+        assert_eq!((err.0[0].path.as_str(), err.0[0].line), ("worker_uids", 2));
+        assert!(err.0[0].message.contains("below 65536"), "{err}");
+        let err = DaemonConfig::parse("c.yaml", "worker_uids: {first: 3400000}\n").unwrap_err();
+        assert!(err.0[0].message.contains("count"), "{err}");
     }
 
     #[test]

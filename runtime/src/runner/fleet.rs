@@ -180,6 +180,42 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
+/// The block of ids workers take one each from, when there is one (see
+/// [`crate::worker::uids`]); else every worker runs as `identity`, which the log says.
+fn worker_ids(
+    config: &DaemonConfig,
+    identity: &crate::worker::WorkerIdentity,
+) -> Option<Arc<crate::worker::uids::WorkerIds>> {
+    if !nix::unistd::getuid().is_root() {
+        if config.worker_uids.is_some() {
+            tracing::warn!(
+                "acceld is not root: worker_uids is ignored, workers run as its own user"
+            );
+        }
+        return None;
+    }
+    match crate::worker::uids::IdBlock::choose(config.worker_uids, &identity.user, identity.uid) {
+        Ok(Some(block)) => {
+            tracing::info!(
+                first_uid = block.first_uid,
+                first_gid = block.first_gid,
+                count = block.count,
+                "each worker runs as a uid and gid of its own"
+            );
+            Some(crate::worker::uids::WorkerIds::new(block))
+        }
+        Ok(None) => {
+            tracing::info!(user = %identity.user,
+                "every worker runs as one user; give each its own with worker_uids, or a subordinate range of that user in /etc/subuid and /etc/subgid");
+            None
+        }
+        Err(why) => {
+            tracing::warn!(user = %identity.user, reason = %why, "every worker runs as one user");
+            None
+        }
+    }
+}
+
 impl Fleet {
     /// Prepares to place models, then loads the configured ones in order (see
     /// [`super::start_models`]); returns their handles.
@@ -214,6 +250,7 @@ impl Fleet {
             (crate::config::Isolation::Off, _) => None,
             (crate::config::Isolation::Shared, Ok(identity)) => Some(Workers {
                 identity: identity.clone(),
+                ids: worker_ids(config, identity),
                 kernel_cache: config.kernel_cache.clone(),
                 sandbox,
                 dedicated,

@@ -605,6 +605,8 @@ fn dedicated_slot(
 #[derive(Debug)]
 struct Workers {
     identity: crate::worker::WorkerIdentity,
+    /// Ids workers take one each from; `None`: they all run as `identity`.
+    ids: Option<Arc<crate::worker::uids::WorkerIds>>,
     kernel_cache: std::path::PathBuf,
     sandbox: Option<Arc<crate::worker::Sandbox>>,
     /// Tenants with workers of their own: name, limits, the models they may use.
@@ -741,10 +743,15 @@ fn place_engine(
                 files: source.map(|(_, o)| o.files.clone()).unwrap_or_default(),
                 dirs: source.map(|(_, o)| o.dirs.clone()).unwrap_or_default(),
             };
+            let worker = format!(
+                "{pool}/{}",
+                crate::worker::sandbox::worker_name(&init.model, &init.device)
+            );
+            let identity = workers.identity.for_worker(workers.ids.as_ref(), &worker)?;
             crate::worker::RemoteEngine::start(
                 init,
                 source.map(|(_, o)| o.handles.clone()).unwrap_or_default(),
-                workers.identity.clone(),
+                identity,
                 workers.sandbox.clone(),
                 pool,
             )

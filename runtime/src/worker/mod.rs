@@ -13,6 +13,7 @@ mod remote;
 pub mod render;
 mod respawn;
 pub mod sandbox;
+pub mod uids;
 
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd as _;

@@ -35,7 +35,7 @@ const KEPT_ENV: [&str; 5] = [
 const SELF: &str = "/proc/self/exe";
 
 /// The user and group workers run as, and the program they run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct WorkerIdentity {
     pub user: String,
     pub uid: u32,
@@ -43,6 +43,8 @@ pub struct WorkerIdentity {
     /// `acceld` itself (`/proc/self/exe`, which holds even if the file is replaced); a test or
     /// benchmark names the built binary.
     pub program: PathBuf,
+    /// The id of its own a worker holds (see [`super::uids`]); `None` for the shared user.
+    pub lease: Option<std::sync::Arc<super::uids::Lease>>,
 }
 
 impl WorkerIdentity {
@@ -60,6 +62,7 @@ impl WorkerIdentity {
                 uid: me.as_raw(),
                 gid: nix::unistd::getgid().as_raw(),
                 program: PathBuf::from(SELF),
+                lease: None,
             });
         }
         let lookup = |name: &str| nix::unistd::User::from_name(name).ok().flatten();
@@ -87,6 +90,27 @@ impl WorkerIdentity {
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
             program: PathBuf::from(SELF),
+            lease: None,
+        })
+    }
+
+    /// Who the worker named `worker` (`<pool>/<model>-<device>`) runs as: an id of its own
+    /// from `ids` when workers have a block of them, else this user.
+    pub fn for_worker(
+        &self,
+        ids: Option<&std::sync::Arc<super::uids::WorkerIds>>,
+        worker: &str,
+    ) -> Result<Self, String> {
+        let Some(ids) = ids else {
+            return Ok(self.clone());
+        };
+        let lease = ids.claim(worker)?;
+        Ok(Self {
+            user: format!("uid {}", lease.uid),
+            uid: lease.uid,
+            gid: lease.gid,
+            program: self.program.clone(),
+            lease: Some(std::sync::Arc::new(lease)),
         })
     }
 }

@@ -182,6 +182,7 @@ mod tests {
                 uid: nix::unistd::getuid().as_raw(),
                 gid: nix::unistd::getgid().as_raw(),
                 program,
+                lease: None,
             },
             sandbox: None,
             pool: "_shared".into(),
