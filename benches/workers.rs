@@ -64,6 +64,7 @@ fn main() {
         kernel_cache: None,
         files: opened.files.clone(),
         dirs: opened.dirs.clone(),
+        disk_dir: None,
     };
 
     // Start to first token.
@@ -80,9 +81,15 @@ fn main() {
     accel_benches::greedy_streams(&mut local, &prompts(1, vocab), 1);
     let local_start = started.elapsed();
     let started = Instant::now();
-    let (mut remote, _) =
-        RemoteEngine::start(init, opened.handles.clone(), identity, None, "_shared")
-            .expect("worker");
+    let (mut remote, _) = RemoteEngine::start(
+        init,
+        opened.handles.clone(),
+        identity,
+        None,
+        "_shared",
+        None,
+    )
+    .expect("worker");
     accel_benches::greedy_streams(&mut remote, &prompts(1, vocab), 1);
     let remote_start = started.elapsed();
 

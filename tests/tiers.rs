@@ -345,3 +345,230 @@ fn a_killed_daemons_disk_tier_is_removed_at_the_next_start() {
         daemon.log_text()
     );
 }
+
+/// Engines in worker processes, each with a uid of its own: a dedicated tenant's worker and
+/// the shared one each keep their disk tier in a directory only they can enter, their files
+/// unreadable by the other's uid; the sequences they preempt to disk finish as they would
+/// have; a worker killed while holding files is replaced with its directory emptied.
+#[test]
+fn each_workers_disk_tier_is_its_own() {
+    if !is_root() {
+        eprintln!("skipped: workers with uids of their own need root (CI runs this as root)");
+        return;
+    }
+    const DEDICATED: &str = "tenants:\n  - name: sealed\n    encrypt_kv_at_rest: true\n    isolation: dedicated\n    limits: {memory: 1GiB}\n    match: {default: true}\n  - name: plain\n    match: {uids: [61002]}\n";
+    let kv = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "isolation: shared\nworker_uids: {{first: 3410000, count: 1000}}\nkv_disk_dir: {}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 16\n    max_sequences: 8\n    swap_blocks: 0\n    disk_blocks: 4096\n    preemption: swap\n    prefix_cache: false\n",
+        kv.path().display(),
+        fixture_model().display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(DEDICATED),
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    let pid_of = |listed: &Value, worker: &str| -> u32 {
+        listed["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["worker"] == worker)
+            .and_then(|w| w["pid"].as_u64())
+            .unwrap_or_else(|| panic!("no {worker} in {listed}")) as u32
+    };
+    let uid_of = |pid: u32| -> u32 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let shared_uid = uid_of(pid_of(&listed, "_shared/tiny-cpu"));
+    let sealed_pid = pid_of(&listed, "sealed/tiny-cpu");
+    let sealed_uid = uid_of(sealed_pid);
+    assert_ne!(shared_uid, sealed_uid);
+    let shared_dir = kv.path().join("workers/_shared/tiny-cpu");
+    let sealed_dir = kv.path().join("workers/sealed/tiny-cpu");
+    for (dir, uid) in [(&shared_dir, shared_uid), (&sealed_dir, sealed_uid)] {
+        let meta = std::fs::symlink_metadata(dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o777),
+            (uid, 0o700),
+            "{}",
+            dir.display()
+        );
+    }
+    let files_in = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "kv"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // Long streams from both tenants overcommit both workers' pools until both write files.
+    let streams: Vec<_> = (0..12)
+        .map(|i| {
+            let mut body = request(i);
+            body["stream"] = json!(true);
+            body["max_tokens"] = json!(220);
+            accel_tests::open_stream(&daemon.socket, Some(tenant_of(i)), &body)
+        })
+        .collect();
+    let (mut shared_files, mut sealed_files) = (Vec::new(), Vec::new());
+    eventually(Duration::from_secs(30), || {
+        shared_files.extend(files_in(&shared_dir));
+        sealed_files.extend(files_in(&sealed_dir));
+        shared_files.sort();
+        shared_files.dedup();
+        sealed_files.sort();
+        sealed_files.dedup();
+        !shared_files.is_empty() && !sealed_files.is_empty()
+    });
+    let cat_as = |uid: u32, file: &Path| {
+        std::process::Command::new("cat")
+            .arg(file)
+            .uid(uid)
+            .gid(uid)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    // Each file is its worker's; the other worker's uid can neither list the directory nor
+    // read a file in it (one still there is read by its owner, to show the check can pass).
+    eprintln!(
+        "seen: {} files of the shared worker's, {} of the dedicated one's",
+        shared_files.len(),
+        sealed_files.len()
+    );
+    let ls_as = |uid: u32, dir: &Path| cat_as(uid, &dir.join("."));
+    assert!(!ls_as(sealed_uid, &shared_dir) && !ls_as(shared_uid, &sealed_dir));
+    for (files, owner, other) in [
+        (&shared_files, shared_uid, sealed_uid),
+        (&sealed_files, sealed_uid, shared_uid),
+    ] {
+        for file in files {
+            if let Ok(meta) = std::fs::metadata(file) {
+                assert_eq!((meta.uid(), meta.mode() & 0o777), (owner, 0o600));
+            }
+            assert!(!cat_as(other, file), "uid {other} read {}", file.display());
+        }
+    }
+
+    // The dedicated worker killed while it may hold files: its replacement starts with its
+    // directory emptied, and serves.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sealed_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    drop(streams);
+    assert!(!complete_for(&daemon, "sealed", &request(0)).is_empty());
+    let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+    let replacement = pid_of(&listed, "sealed/tiny-cpu");
+    assert_ne!(replacement, sealed_pid);
+    assert_eq!(
+        uid_of(replacement),
+        sealed_uid,
+        "the replacement has its uid"
+    );
+    for file in &sealed_files {
+        assert!(!file.exists(), "{} outlived its worker", file.display());
+    }
+
+    // Preempted to disk in both workers, every text is what it is alone.
+    let alone: Vec<String> = (0..12)
+        .map(|i| complete_for(&daemon, tenant_of(i), &request(i)))
+        .collect();
+    assert_eq!(all_at_once(&daemon, 12), alone);
+    let out = metric(
+        &daemon,
+        "accel_kv_swaps_total{direction=\"out\",model=\"tiny\",tier=\"disk\"}",
+    );
+    assert!(out > 0.0, "{}", daemon.request("GET", "/metrics", None).1);
+    eprintln!("{out} swaps out to disk");
+    assert_eq!(
+        metric(
+            &daemon,
+            "accel_kv_swap_failures_total{direction=\"out\",model=\"tiny\",tier=\"disk\"}"
+        ),
+        0.0,
+        "{}",
+        daemon.log_text()
+    );
+}
+
+/// Cold prefix blocks through the daemon, with the engine in acceld and in a worker (whose
+/// counters reach the metrics over its socket): prompts of four full blocks each, one after
+/// another, outgrow a device pool of 16 blocks, so cached blocks are evicted and kept in the
+/// host tier; the first prompt again brings its blocks back and gets the text it got first.
+#[test]
+fn cold_prefix_blocks_go_to_the_host_and_come_back_in_acceld_and_in_a_worker() {
+    let isolations: &[&str] = if is_root() {
+        &["off", "shared"]
+    } else {
+        eprintln!("in a worker only as root (CI runs this as root)");
+        &["off"]
+    };
+    for isolation in isolations {
+        let extra = format!(
+            "isolation: {isolation}\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 16\n    swap_blocks: 64\n    preemption: swap\n",
+            fixture_model().display()
+        );
+        let daemon = Daemon::start_with(DaemonOptions {
+            policy: Some(POLICY),
+            extra_config: &extra,
+            ..Default::default()
+        });
+        let prompt = |i: usize| -> Value {
+            let tokens: Vec<u32> = (0..64)
+                .map(|j| ((i * 53 + j * 7) % 250) as u32 + 3)
+                .collect();
+            json!({"model": "tiny", "prompt": tokens, "max_tokens": 4, "temperature": 0, "ignore_eos": true})
+        };
+        let texts: Vec<String> = (0..6)
+            .map(|i| complete_for(&daemon, "sealed", &prompt(i)))
+            .collect();
+        let again = complete_for(&daemon, "sealed", &prompt(0));
+        assert_eq!(again, texts[0], "{isolation}");
+        let cold = |event: &str| {
+            metric(
+                &daemon,
+                &format!(
+                    "accel_prefix_cache_cold_blocks_total{{event=\"{event}\",model=\"tiny\"}}"
+                ),
+            )
+        };
+        let evicted = metric(
+            &daemon,
+            "accel_prefix_cache_evictions_total{model=\"tiny\"}",
+        );
+        eprintln!(
+            "{isolation}: {evicted} evicted, {} demoted, {} promoted",
+            cold("demoted"),
+            cold("promoted")
+        );
+        assert!(
+            evicted > 0.0 && cold("demoted") > 0.0 && cold("promoted") > 0.0,
+            "{isolation}: {}",
+            daemon.request("GET", "/metrics", None).1
+        );
+        let hits = metric(
+            &daemon,
+            "accel_prefix_cache_hit_tokens_total{model=\"tiny\",tenant=\"sealed\"}",
+        );
+        assert!(
+            hits >= 48.0,
+            "{isolation}: the first prompt's blocks were found again: {hits}"
+        );
+    }
+}

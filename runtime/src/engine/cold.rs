@@ -24,7 +24,7 @@ use crate::kv::disk::DiskBlocks;
 use crate::kv::Key;
 
 /// Counts of cold-block traffic, for the metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ColdStats {
     /// Blocks moved off the device instead of dropped.
     pub demoted: u64,

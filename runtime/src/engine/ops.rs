@@ -39,17 +39,9 @@ pub trait EngineOps: Send {
         let _ = (id, scope, encrypt);
         Err(EngineError::NoDiskTier)
     }
-    /// The disk tier's traffic so far (`None`: no disk tier).
-    fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
-        None
-    }
-    /// Cached blocks evicted for room so far (`None`: not known here).
-    fn cache_evictions(&self) -> Option<u64> {
-        None
-    }
-    /// Cold prefix blocks moved down the tiers, brought back and dropped so far.
-    fn cold_stats(&self) -> Option<super::cold::ColdStats> {
-        None
+    /// The engine's counters so far, for the metrics (a worker is asked for them).
+    fn counters(&mut self) -> Counters {
+        Counters::default()
     }
     /// One batched step; on error the engine's sequences are as before it.
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError>;
@@ -68,6 +60,35 @@ pub trait EngineOps: Send {
     /// device's other models step on meanwhile.
     fn starting(&mut self) -> bool {
         false
+    }
+}
+
+/// What an engine counts for the metrics; every field only grows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// Cached blocks evicted for room.
+    pub cache_evictions: u64,
+    /// Disk-tier blocks that failed authentication when read back.
+    pub disk_auth_failures: u64,
+    /// Cold prefix blocks moved down the tiers, brought back and dropped.
+    pub cold: super::cold::ColdStats,
+}
+
+impl std::ops::Add for Counters {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        // Saturating: a worker's numbers are not trusted to be small.
+        Self {
+            cache_evictions: self.cache_evictions.saturating_add(other.cache_evictions),
+            disk_auth_failures: self
+                .disk_auth_failures
+                .saturating_add(other.disk_auth_failures),
+            cold: super::cold::ColdStats {
+                demoted: self.cold.demoted.saturating_add(other.cold.demoted),
+                promoted: self.cold.promoted.saturating_add(other.cold.promoted),
+                dropped: self.cold.dropped.saturating_add(other.cold.dropped),
+            },
+        }
     }
 }
 
@@ -112,14 +133,12 @@ impl<B: Backend> EngineOps for Engine<B> {
     ) -> Result<(), EngineError> {
         Engine::swap_out_to_disk(self, id, scope, encrypt)
     }
-    fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
-        Engine::disk_stats(self)
-    }
-    fn cache_evictions(&self) -> Option<u64> {
-        Some(Engine::cache_evictions(self))
-    }
-    fn cold_stats(&self) -> Option<super::cold::ColdStats> {
-        Some(Engine::cold_stats(self))
+    fn counters(&mut self) -> Counters {
+        Counters {
+            cache_evictions: Engine::cache_evictions(self),
+            disk_auth_failures: Engine::disk_stats(self).map_or(0, |d| d.auth_failures),
+            cold: Engine::cold_stats(self),
+        }
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         Engine::step(self, inputs)
@@ -166,14 +185,8 @@ impl EngineOps for Box<dyn EngineOps> {
     ) -> Result<(), EngineError> {
         (**self).swap_out_to_disk(id, scope, encrypt)
     }
-    fn disk_stats(&self) -> Option<crate::kv::disk::DiskStats> {
-        (**self).disk_stats()
-    }
-    fn cache_evictions(&self) -> Option<u64> {
-        (**self).cache_evictions()
-    }
-    fn cold_stats(&self) -> Option<super::cold::ColdStats> {
-        (**self).cold_stats()
+    fn counters(&mut self) -> Counters {
+        (**self).counters()
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<StepOutput>, EngineError> {
         (**self).step(inputs)

@@ -814,19 +814,7 @@ fn new_cipher() -> io::Result<Aes256Gcm> {
 /// would have the tier write and delete files there), private to it (mode 0700).
 fn check_own_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.file_type().is_dir() {
-        return Err(io::Error::other(
-            "it is not a directory (a link is not followed)",
-        ));
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(io::Error::other(format!(
-            "it belongs to uid {}, not this daemon's uid {me}",
-            meta.uid()
-        )));
-    }
+    let meta = check_owner(dir)?;
     if meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
@@ -876,16 +864,94 @@ pub fn remove_leftovers(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// Under the tier root, the directories of workers' tiers: `workers/<pool>/<worker>`.
+pub const WORKERS_DIR: &str = "workers";
+
+/// Makes `root/workers/<pool>/<worker>` afresh for a worker running as `uid`:`gid`, mode
+/// 0700 and owned by it, so that only that worker can reach its tenants' files. What a worker
+/// left there before (files of a lost worker, perhaps of another uid) is removed first. The
+/// directories above it are root's and may be passed through but not listed (0711); `root`
+/// must be a real directory of this daemon's user. Returns the worker's directory.
+pub fn prepare_worker_dir(
+    root: &Path,
+    pool: &str,
+    worker: &str,
+    uid: u32,
+    gid: u32,
+) -> io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    for name in [pool, worker] {
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return Err(io::Error::other(format!(
+                "{name:?} cannot name a directory"
+            )));
+        }
+    }
+    let passable = |dir: &Path| -> io::Result<()> {
+        match std::fs::DirBuilder::new().mode(0o711).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        check_owner(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)?;
+    passable(root)?;
+    let pools = root.join(WORKERS_DIR);
+    passable(&pools)?;
+    let pool_dir = pools.join(pool);
+    passable(&pool_dir)?;
+    let dir = pool_dir.join(worker);
+    // Only this daemon's user can write in the directories above, so nothing is swapped in
+    // between the removal and the creation; links inside are removed, never followed.
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => std::fs::remove_file(&dir)?,
+        Err(e) => return Err(e),
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))?;
+    Ok(dir)
+}
+
+/// Makes sure `dir` is a real directory of this process's user (a link is not followed);
+/// returns what it is.
+fn check_owner(dir: &Path) -> io::Result<std::fs::Metadata> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory (a link is not followed)",
+            dir.display()
+        )));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(io::Error::other(format!(
+            "{} belongs to uid {}, not this process's uid {me}",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    Ok(meta)
+}
+
 /// Removes every model's tier files under `root` (the `model-*` directories a daemon makes
-/// there), and the directories once empty; returns how many files went. Nothing else in
-/// `root` is touched.
+/// there), and the directories once empty, and every worker's directory (under `workers/`,
+/// wholly the daemon's); returns how many tier files went. Nothing else in `root` is
+/// touched.
 pub fn remove_stale_tiers(root: &Path) -> io::Result<usize> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let mut removed = 0;
+    let mut removed = remove_worker_dirs(&root.join(WORKERS_DIR))?;
     for entry in entries {
         let entry = entry?;
         let ours = entry.file_name().to_string_lossy().starts_with("model-");
@@ -896,6 +962,38 @@ pub fn remove_stale_tiers(root: &Path) -> io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Removes the workers' tier directories under `pools` (`<pool>/<worker>`); returns how many
+/// tier files were in them.
+fn remove_worker_dirs(pools: &Path) -> io::Result<usize> {
+    match std::fs::symlink_metadata(pools) {
+        Ok(meta) if meta.file_type().is_dir() => {}
+        Ok(_) => {
+            std::fs::remove_file(pools)?;
+            return Ok(0);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    }
+    let mut files = 0;
+    for pool in std::fs::read_dir(pools)? {
+        let pool = pool?;
+        if !pool.file_type()?.is_dir() {
+            continue;
+        }
+        for worker in std::fs::read_dir(pool.path())? {
+            let worker = worker?;
+            if worker.file_type()?.is_dir() {
+                files += std::fs::read_dir(worker.path())?
+                    .flatten()
+                    .filter(|f| f.file_name().to_string_lossy().ends_with(".kv"))
+                    .count();
+            }
+        }
+    }
+    std::fs::remove_dir_all(pools)?;
+    Ok(files)
 }
 
 #[cfg(test)]
@@ -1101,5 +1199,55 @@ mod tests {
         let _tier = DiskTier::open(dir.path(), 4096, 1, 1).unwrap();
         assert!(!dir.path().join("0011.kv").exists());
         assert!(dir.path().join("keep.txt").exists());
+    }
+
+    #[test]
+    fn a_workers_directory_is_made_afresh_for_it_and_removed_at_the_next_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let dir = prepare_worker_dir(root.path(), "_shared", "tiny-cpu", uid, gid).unwrap();
+        assert_eq!(dir, root.path().join("workers/_shared/tiny-cpu"));
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for above in [
+            root.path(),
+            &root.path().join("workers"),
+            dir.parent().unwrap(),
+        ] {
+            assert_eq!(mode(above), 0o711, "{}", above.display());
+        }
+        // What a lost worker left, a link to elsewhere included, goes; elsewhere stays.
+        let elsewhere = root.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("keep.kv"), b"not the tier's").unwrap();
+        std::fs::write(dir.join("0011.kv"), b"stale").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join("link")).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let again = prepare_worker_dir(root.path(), "_shared", "tiny-cpu", uid, gid).unwrap();
+        assert_eq!(std::fs::read_dir(&again).unwrap().count(), 0);
+        assert_eq!(mode(&again), 0o700);
+        assert!(elsewhere.join("keep.kv").exists());
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(
+                prepare_worker_dir(root.path(), bad, "w", uid, gid).is_err(),
+                "{bad:?}"
+            );
+            assert!(
+                prepare_worker_dir(root.path(), "p", bad, uid, gid).is_err(),
+                "{bad:?}"
+            );
+        }
+        // A start after a crash removes every worker's directory and counts its tier files;
+        // what is not the daemon's stays.
+        std::fs::write(again.join("00aa.kv"), b"stale").unwrap();
+        let other = prepare_worker_dir(root.path(), "acme", "tiny-cpu", uid, gid).unwrap();
+        std::fs::write(other.join("00bb.kv"), b"stale").unwrap();
+        assert_eq!(remove_stale_tiers(root.path()).unwrap(), 2);
+        assert!(!root.path().join("workers").exists());
+        assert!(elsewhere.join("keep.kv").exists());
     }
 }

@@ -143,6 +143,13 @@ impl<E: EngineOps> Slots<E> {
             .filter_map(|(m, s)| s.as_ref().map(|(_, s)| (m, s)))
     }
 
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (usize, &mut Slot<E>)> {
+        self.placed
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(m, s)| s.as_mut().map(|(_, s)| (m, s)))
+    }
+
     /// Indices of the models placed now.
     fn placed(&self) -> Vec<usize> {
         self.iter().map(|(m, _)| m).collect()
@@ -1396,14 +1403,14 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     .set(tier.capacity.saturating_sub(tier.used) as i64);
             }
         }
-        for (index, slot) in self.models.iter() {
-            let cold = slot.engine.cold_stats().unwrap_or_default();
+        for (index, slot) in self.models.iter_mut() {
+            let counted = slot.engine.counters();
             let now = [
-                slot.engine.cache_evictions().unwrap_or(0),
-                slot.engine.disk_stats().map_or(0, |d| d.auth_failures),
-                cold.demoted,
-                cold.promoted,
-                cold.dropped,
+                counted.cache_evictions,
+                counted.disk_auth_failures,
+                counted.cold.demoted,
+                counted.cold.promoted,
+                counted.cold.dropped,
             ];
             let before = self.engine_counters.insert(index, now).unwrap_or_default();
             let grew = |i: usize| now[i].saturating_sub(before[i]);

@@ -251,6 +251,7 @@ impl Fleet {
             (crate::config::Isolation::Shared, Ok(identity)) => Some(Workers {
                 identity: identity.clone(),
                 ids: worker_ids(config, identity),
+                kv_disk_root: config.kv_disk_root(),
                 kernel_cache: config.kernel_cache.clone(),
                 sandbox,
                 dedicated,

@@ -10,7 +10,7 @@
 pub mod arbiter;
 pub mod detok;
 pub mod fleet;
-mod tiers;
+pub(crate) mod tiers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -542,9 +542,6 @@ fn prepare_in_worker(
 ) -> Result<PreparedModel, StartError> {
     let (engine, ready) = worker;
     let usage = Usage::new(None, Some(engine.status()));
-    if spec.disk_blocks > 0 {
-        tracing::warn!(model = %name, "engines in worker processes have no KV disk tier yet; disk_blocks is ignored");
-    }
     finish_prepare(
         name,
         model,
@@ -552,7 +549,7 @@ fn prepare_in_worker(
         Box::new(engine),
         Crossovers {
             swap_min_tokens: ready.swap_min_tokens(),
-            disk_swap_min_tokens: usize::MAX,
+            disk_swap_min_tokens: ready.disk_swap_min_tokens(),
         },
         label,
         usage,
@@ -591,6 +588,13 @@ fn dedicated_slot(
     engine.status().limited_to(limits.memory_max);
     let mut params = shared.params.clone();
     params.swap_min_tokens = ready.swap_min_tokens();
+    // Its own disk tier, as its worker measured it (or could not open it).
+    params.disk_swap_min_tokens = ready.disk_swap_min_tokens();
+    params.disk_blocks = if params.disk_swap_min_tokens == usize::MAX {
+        0
+    } else {
+        spec.disk_blocks
+    };
     Ok(Slot {
         name: shared.name.clone(),
         usage: Arc::new(Usage::new(None, Some(engine.status()))),
@@ -607,6 +611,9 @@ struct Workers {
     identity: crate::worker::WorkerIdentity,
     /// Ids workers take one each from; `None`: they all run as `identity`.
     ids: Option<Arc<crate::worker::uids::WorkerIds>>,
+    /// The KV disk tier's root: each worker of a model with `disk_blocks` gets a directory of
+    /// its own under it.
+    kv_disk_root: std::path::PathBuf,
     kernel_cache: std::path::PathBuf,
     sandbox: Option<Arc<crate::worker::Sandbox>>,
     /// Tenants with workers of their own: name, limits, the models they may use.
@@ -742,18 +749,30 @@ fn place_engine(
                 kernel_cache: Some(workers.kernel_cache.clone()),
                 files: source.map(|(_, o)| o.files.clone()).unwrap_or_default(),
                 dirs: source.map(|(_, o)| o.dirs.clone()).unwrap_or_default(),
+                disk_dir: None,
             };
             let worker = format!(
                 "{pool}/{}",
                 crate::worker::sandbox::worker_name(&init.model, &init.device)
             );
             let identity = workers.identity.for_worker(workers.ids.as_ref(), &worker)?;
+            let wants_disk =
+                spec.disk_blocks > 0 && spec.preemption != crate::config::PreemptionMode::Recompute;
+            // A worker's disk tier holds its tenants' KV blocks: only a worker with a uid of
+            // its own keeps files no other worker can read.
+            if wants_disk && identity.lease.is_none() {
+                tracing::warn!(model = %name, %worker,
+                    "workers share one uid, so the worker gets no KV disk tier (disk_blocks is ignored); give each worker its own with worker_uids");
+            }
+            let disk_root =
+                (wants_disk && identity.lease.is_some()).then(|| workers.kv_disk_root.clone());
             crate::worker::RemoteEngine::start(
                 init,
                 source.map(|(_, o)| o.handles.clone()).unwrap_or_default(),
                 identity,
                 workers.sandbox.clone(),
                 pool,
+                disk_root,
             )
         };
         let shared = crate::worker::sandbox::SHARED_POOL;

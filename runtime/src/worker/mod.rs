@@ -48,6 +48,9 @@ pub struct WorkerInit {
     /// worker cannot open them itself), and the directories among the paths it will look at.
     pub files: Vec<PathBuf>,
     pub dirs: Vec<PathBuf>,
+    /// The directory of its own its KV disk tier keeps files in (made by the supervisor for
+    /// the worker's uid, mode 0700); `None`: no disk tier.
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// A model's worker as operators see it (`GET /v1/workers`, `accelctl workers`).
@@ -108,12 +111,20 @@ pub struct WorkerReady {
     /// The scheduler's `swap_min_tokens` from the worker's own measurement (`u64::MAX`: never
     /// swap).
     pub swap_min_tokens: u64,
+    /// The scheduler's `disk_swap_min_tokens`, likewise (`u64::MAX`: no disk tier, or it
+    /// never pays).
+    pub disk_swap_min_tokens: u64,
 }
 
 impl WorkerReady {
     /// The scheduler's `swap_min_tokens` (`usize::MAX`: never swap).
     pub fn swap_min_tokens(&self) -> usize {
         usize::try_from(self.swap_min_tokens).unwrap_or(usize::MAX)
+    }
+
+    /// The scheduler's `disk_swap_min_tokens` (`usize::MAX`: never to disk).
+    pub fn disk_swap_min_tokens(&self) -> usize {
+        usize::try_from(self.disk_swap_min_tokens).unwrap_or(usize::MAX)
     }
 }
 
@@ -211,9 +222,24 @@ fn run<B: Backend>(
         model.config.vocab_size,
         model.config.max_position_embeddings,
     );
+    let disk_swap_min_tokens = match &init.disk_dir {
+        Some(dir) => {
+            let mut spec = init.spec.clone();
+            spec.disk_dir = Some(dir.clone());
+            crate::runner::tiers::enable_disk_tier(
+                &mut engine,
+                &spec,
+                block_size,
+                model.config.vocab_size,
+                model.config.max_position_embeddings,
+            )
+        }
+        None => usize::MAX,
+    };
     let ready = WorkerReady {
         kv_block_bytes: engine.kv_block_bytes() as u64,
         swap_min_tokens: swap_min_tokens as u64,
+        disk_swap_min_tokens: disk_swap_min_tokens as u64,
     };
     let ready = serde_json::to_vec(&ready).map_err(|e| e.to_string())?;
     proto::write_frame(stream, tag::READY, &ready).map_err(|e| e.to_string())?;
@@ -265,6 +291,17 @@ fn answer<B: Backend>(engine: &mut Engine<B>, frame: proto::Frame) -> (u8, Vec<u
             Ok(id) => done(engine.swap_out(id)),
             Err(e) => error(e.to_string()),
         },
+        tag::SWAP_OUT_DISK => match proto::decode_swap_out_disk(&frame.payload) {
+            Ok((id, encrypt, scope)) => done(engine.swap_out_to_disk(SeqId(id), &scope, encrypt)),
+            Err(e) => error(e.to_string()),
+        },
+        tag::COUNTERS => {
+            let counted = crate::engine::ops::EngineOps::counters(engine);
+            match serde_json::to_vec(&counted) {
+                Ok(json) => (tag::COUNTED, json),
+                Err(e) => error(e.to_string()),
+            }
+        }
         tag::SWAP_IN => match seq(&frame.payload) {
             Ok(id) => done(engine.swap_in(id)),
             Err(e) => error(e.to_string()),

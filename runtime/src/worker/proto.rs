@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use crate::engine::{LogitsWanted, SeqId, StepOutput};
 
 /// The protocol version both sides must speak.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest frame either side accepts: a step's logits for hundreds of sequences of a large
 /// vocabulary fit, a corrupt length does not make us allocate gigabytes.
 pub const MAX_FRAME: usize = 256 << 20;
@@ -33,6 +33,11 @@ pub mod tag {
     /// A sequence through the prefix cache: scope and tokens in, id and tokens held out.
     pub const ADD_CACHED: u8 = 0x17;
     pub const CACHED_SEQUENCE: u8 = 0x18;
+    /// A sequence to the disk tier: its id, whether sealed, and the tenant's file's scope.
+    pub const SWAP_OUT_DISK: u8 = 0x19;
+    /// The engine's counters (evictions, disk traffic, cold blocks), asked for the metrics.
+    pub const COUNTERS: u8 = 0x1a;
+    pub const COUNTED: u8 = 0x1b;
     pub const OK: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
     pub const SHUTDOWN: u8 = 0x30;
@@ -215,6 +220,52 @@ pub fn decode_add_cached(payload: &[u8]) -> Result<(String, Vec<u32>), ProtoErro
     }
     c.done()?;
     Ok((scope, tokens))
+}
+
+/// `SWAP_OUT_DISK`: the worker's sequence id, whether the blocks are sealed, and the scope
+/// (a tenant's name, at most [`MAX_SCOPE`] bytes: a longer one is refused by the caller,
+/// never cut, since the scope picks the file).
+pub fn encode_swap_out_disk(id: u64, encrypt: bool, scope: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13 + scope.len());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.push(u8::from(encrypt));
+    out.extend_from_slice(&(scope.len() as u32).to_le_bytes());
+    out.extend_from_slice(scope.as_bytes());
+    out
+}
+
+pub fn decode_swap_out_disk(payload: &[u8]) -> Result<(u64, bool, String), ProtoError> {
+    let tag = tag::SWAP_OUT_DISK;
+    let mut c = Cursor {
+        bytes: payload,
+        tag,
+    };
+    let id = c.u64()?;
+    let encrypt = match c.u8()? {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(ProtoError::Malformed {
+                tag,
+                why: format!("sealed is {other}, not 0 or 1"),
+            })
+        }
+    };
+    let n = c.count(1)?;
+    if n > MAX_SCOPE {
+        return Err(ProtoError::Malformed {
+            tag,
+            why: format!("a scope of {n} bytes, over {MAX_SCOPE}"),
+        });
+    }
+    let scope = std::str::from_utf8(c.take(n)?)
+        .map_err(|e| ProtoError::Malformed {
+            tag,
+            why: format!("the scope is not UTF-8: {e}"),
+        })?
+        .to_owned();
+    c.done()?;
+    Ok((id, encrypt, scope))
 }
 
 pub fn encode_cached_sequence(id: u64, held: u64) -> Vec<u8> {
@@ -588,6 +639,33 @@ mod tests {
         let back = decode_stepped(&encode_stepped(&outputs)).unwrap();
         assert_eq!(back[0].logits, outputs[0].logits);
         assert_eq!(back[1].logits, outputs[1].logits);
+    }
+
+    #[test]
+    fn a_swap_to_disk_round_trips_and_a_bad_one_is_refused() {
+        let payload = encode_swap_out_disk(7, true, "acme");
+        assert_eq!(
+            decode_swap_out_disk(&payload).unwrap(),
+            (7, true, "acme".to_owned())
+        );
+        let mut bad = payload.clone();
+        bad[8] = 2;
+        assert!(decode_swap_out_disk(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("sealed is 2"));
+        let long = encode_swap_out_disk(7, false, &"x".repeat(MAX_SCOPE + 1));
+        assert!(decode_swap_out_disk(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("over 1024"));
+        let mut not_utf8 = encode_swap_out_disk(7, false, "ab");
+        let end = not_utf8.len() - 1;
+        not_utf8[end] = 0xff;
+        assert!(decode_swap_out_disk(&not_utf8).is_err());
+        let mut extra = payload;
+        extra.push(0);
+        assert!(decode_swap_out_disk(&extra).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::proto::{self, tag};
 use super::respawn::{Recipe, Respawner};
 use super::{Sandbox, WorkerInit, WorkerReady, SOCKET_FD};
-use crate::engine::ops::{EngineOps, Loss};
+use crate::engine::ops::{Counters, EngineOps, Loss};
 use crate::engine::{EngineError, SeqId, StepInput, StepOutput};
 
 /// Longest a worker may take to load its model and report ready.
@@ -452,6 +452,10 @@ pub struct RemoteEngine {
     status: std::sync::Arc<WorkerStatus>,
     /// Starts replacements off the device loop's thread; made at the first loss.
     respawner: Option<Respawner>,
+    /// The counters of the workers lost so far, as they last reported them, and the current
+    /// worker's: the engine's counters go on growing across replacements.
+    counted_before: Counters,
+    counted: Counters,
 }
 
 /// An engine dropped is a model unloaded (or the daemon stopping): its worker stops, then
@@ -474,13 +478,16 @@ impl Drop for RemoteEngine {
 
 impl RemoteEngine {
     /// Starts the first worker; errors say why it could not start. `files` are the model's
-    /// files as the supervisor's own load opened them, in `init.files`' order.
+    /// files as the supervisor's own load opened them, in `init.files`' order. With
+    /// `disk_root`, each worker started gets a directory of its own under it for its KV disk
+    /// tier.
     pub fn start(
         init: WorkerInit,
         files: Vec<std::sync::Arc<std::fs::File>>,
         identity: WorkerIdentity,
         sandbox: Option<std::sync::Arc<Sandbox>>,
         pool: &str,
+        disk_root: Option<PathBuf>,
     ) -> Result<(Self, WorkerReady), String> {
         let recipe = Recipe {
             init,
@@ -488,6 +495,7 @@ impl RemoteEngine {
             identity,
             sandbox,
             pool: pool.to_owned(),
+            disk_root,
         };
         let (connection, ready) = recipe.spawn()?;
         let (init, identity, sandbox) = (&recipe.init, &recipe.identity, &recipe.sandbox);
@@ -516,6 +524,8 @@ impl RemoteEngine {
                 losses: VecDeque::new(),
                 status,
                 respawner: None,
+                counted_before: Counters::default(),
+                counted: Counters::default(),
             },
             ready,
         ))
@@ -637,6 +647,7 @@ impl RemoteEngine {
         }
         self.status.set_pid(None);
         self.seqs.clear();
+        self.counted_before = self.counted_before + std::mem::take(&mut self.counted);
         self.lost = Some(loss);
         self.losses.push_back(Instant::now());
         EngineError::WorkerLost(why)
@@ -753,6 +764,45 @@ impl EngineOps for RemoteEngine {
             s.swapped = true;
         }
         Ok(())
+    }
+
+    fn swap_out_to_disk(
+        &mut self,
+        id: SeqId,
+        scope: &str,
+        encrypt: bool,
+    ) -> Result<(), EngineError> {
+        let on_worker = self.on_worker(id)?;
+        if scope.len() > proto::MAX_SCOPE {
+            // The scope picks the tenant's file: it is never cut short to fit.
+            return Err(EngineError::Worker(format!(
+                "a tenant name of {} bytes is longer than the {} a worker's disk tier takes",
+                scope.len(),
+                proto::MAX_SCOPE
+            )));
+        }
+        let request = proto::encode_swap_out_disk(on_worker, encrypt, scope);
+        self.call(tag::SWAP_OUT_DISK, &request, tag::OK)?;
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.swapped = true;
+        }
+        Ok(())
+    }
+
+    fn counters(&mut self) -> Counters {
+        // A worker being replaced is not waited for: what it last said stands meanwhile.
+        if self.connection.is_some() {
+            let asked = self
+                .call(tag::COUNTERS, &[], tag::COUNTED)
+                .and_then(|payload| {
+                    serde_json::from_slice::<Counters>(&payload)
+                        .map_err(|e| self.lose(format!("malformed counters: {e}")))
+                });
+            if let Ok(counted) = asked {
+                self.counted = counted;
+            }
+        }
+        self.counted_before + self.counted
     }
 
     fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {

@@ -27,6 +27,9 @@ pub(super) struct Recipe {
     pub identity: WorkerIdentity,
     pub sandbox: Option<Arc<Sandbox>>,
     pub pool: String,
+    /// The KV disk tier's root, under which each start makes the worker a directory of its
+    /// own (`init.disk_dir`); `None`: no disk tier.
+    pub disk_root: Option<std::path::PathBuf>,
 }
 
 impl Recipe {
@@ -40,11 +43,38 @@ impl Recipe {
     fn spawn_watched(&self, starting: &Mutex<Option<u32>>) -> Started {
         let sandbox = self.sandbox.as_deref().map(|s| (s, self.pool.as_str()));
         let note = |pid: Option<u32>| *starting.lock().unwrap_or_else(|p| p.into_inner()) = pid;
-        let started = spawn(&self.init, &self.files, &self.identity, sandbox, &|pid| {
+        let mut init = std::borrow::Cow::Borrowed(&self.init);
+        if let Some(root) = &self.disk_root {
+            init.to_mut().disk_dir = self.disk_dir(root);
+        }
+        let started = spawn(&init, &self.files, &self.identity, sandbox, &|pid| {
             note(Some(pid))
         });
         note(None);
         started
+    }
+}
+
+impl Recipe {
+    /// A fresh directory of the worker's own for its disk tier; `None` (logged) where one
+    /// cannot be made, and the worker has no disk tier.
+    fn disk_dir(&self, root: &std::path::Path) -> Option<std::path::PathBuf> {
+        let worker = super::sandbox::worker_name(&self.init.model, &self.init.device);
+        let made = crate::kv::disk::prepare_worker_dir(
+            root,
+            &self.pool,
+            &worker,
+            self.identity.uid,
+            self.identity.gid,
+        );
+        match made {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                tracing::warn!(model = %self.init.model, pool = %self.pool, root = %root.display(), error = %e,
+                    "cannot make the worker's KV disk tier directory; its preempted sequences the host tier cannot hold are recomputed");
+                None
+            }
+        }
     }
 }
 
@@ -175,6 +205,7 @@ mod tests {
                 kernel_cache: None,
                 files: Vec::new(),
                 dirs: Vec::new(),
+                disk_dir: None,
             },
             files: Vec::new(),
             identity: WorkerIdentity {
@@ -186,6 +217,7 @@ mod tests {
             },
             sandbox: None,
             pool: "_shared".into(),
+            disk_root: None,
         };
         let mut respawner = Respawner::new(recipe).unwrap();
         respawner.order(Duration::ZERO).unwrap();
