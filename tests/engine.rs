@@ -693,8 +693,8 @@ fn a_common_prefix_is_shared_within_a_scope_and_changes_no_output() {
 }
 
 /// A sequence whose first blocks another holds is swapped out and back: the other goes on
-/// reading the shared blocks as if nothing moved, the swapped one continues as it would
-/// have, and every block comes back.
+/// reading the shared blocks as if nothing moved, the swapped one shares them again when it
+/// comes back and continues as it would have, and every block comes back.
 #[test]
 fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
     let (model, first) = forty_token_prompt();
@@ -724,7 +724,17 @@ fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
     // b computes its rest over blocks a no longer holds on the device.
     let (_, got_second) = feed_and_continue(&mut engine, b, &second[32..], 6);
     assert_eq!(got_second, want_second);
+    let free_before = engine.free_blocks();
     engine.swap_in(a).unwrap();
+    // a's two full blocks were still in the cache (b holds them): a shares them again, and
+    // only its third block is copied back into a block of its own.
+    let (a_blocks, b_blocks) = (
+        engine.block_table(a).unwrap(),
+        engine.block_table(b).unwrap(),
+    );
+    assert_eq!(a_blocks[..2], b_blocks[..2], "{a_blocks:?} {b_blocks:?}");
+    assert!(!b_blocks.contains(&a_blocks[2]));
+    assert_eq!(free_before - engine.free_blocks(), 1);
     // a's greedy continuation from where it stopped: feed nothing new but its next token.
     let (_, got_first) = feed_and_continue(&mut engine, a, &want_first[..1], 5);
     assert_eq!(&got_first[..], &want_first[1..]);

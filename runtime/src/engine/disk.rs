@@ -125,6 +125,8 @@ impl<B: Backend> Engine<B> {
             Parked {
                 len,
                 place: Place::Disk(blocks),
+                // Blocks come back from disk as copies of their own.
+                prefix: Vec::new(),
             },
         );
         Ok(())
@@ -179,6 +181,7 @@ impl<B: Backend> Engine<B> {
         let Some(Parked {
             place: Place::Disk(blocks),
             len,
+            ..
         }) = self.parked.get(&id)
         else {
             return Err(EngineError::NotSwapped(id));

@@ -143,6 +143,11 @@ pub struct Engine<B: Backend> {
     prefix_cache: bool,
 }
 
+/// A parked sequence, to change.
+fn parked_mut(parked: &mut HashMap<SeqId, Parked>, id: SeqId) -> Result<&mut Parked, EngineError> {
+    parked.get_mut(&id).ok_or(EngineError::NotSwapped(id))
+}
+
 /// A step's host-side indices, kept between steps so decoding does not allocate them.
 #[derive(Debug, Default)]
 struct StepIndices {
@@ -162,6 +167,9 @@ struct SwapTier<B: Backend> {
 struct Parked {
     len: usize,
     place: Place,
+    /// The keys of its leading blocks that were published when it left the device: those
+    /// still published when it comes back are shared again instead of copied.
+    prefix: Vec<crate::kv::Key>,
 }
 
 /// Where a swapped-out sequence's blocks are.
@@ -444,32 +452,72 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::UnknownSequence(id));
         };
         let len = table.len();
+        let prefix = self.published_prefix(table.blocks());
         self.pending_free.push((ticket, table.into_blocks()));
         self.parked.insert(
             id,
             Parked {
                 len,
                 place: Place::Host(host_blocks),
+                prefix,
             },
         );
         Ok(())
     }
 
+    /// The keys of the leading run of `blocks` that are published in the prefix cache.
+    fn published_prefix(&self, blocks: &[u32]) -> Vec<crate::kv::Key> {
+        blocks.iter().map_while(|&b| self.pool.key_of(b)).collect()
+    }
+
+    /// Holds again, in order, the blocks still published under `prefix`'s keys, stopping at
+    /// the first that is not; returns them.
+    fn share_again(&mut self, prefix: &[crate::kv::Key]) -> Vec<u32> {
+        prefix.iter().map_while(|k| self.pool.share(k)).collect()
+    }
+
     /// Brings a swapped-out sequence back into device blocks; it can step right away (its
-    /// compute waits for the copy on the device, not on the host).
+    /// compute waits for the copy on the device, not on the host). Its leading blocks still in
+    /// the prefix cache (often the very blocks it left) are shared again, not copied: the same
+    /// key is the same tokens of the same tenant at the same positions, so the same KV.
     pub fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
-        let parked = self.parked.get(&id).ok_or(EngineError::NotSwapped(id))?;
-        let host_blocks = match &parked.place {
-            Place::Host(blocks) => blocks,
-            Place::Disk(_) => return self.swap_in_from_disk(id),
+        let parked = parked_mut(&mut self.parked, id)?;
+        if let Place::Disk(_) = parked.place {
+            return self.swap_in_from_disk(id);
+        }
+        // Shared before anything is taken: a take could evict them.
+        let prefix = std::mem::take(&mut parked.prefix);
+        let shared = self.share_again(&prefix);
+        match self.copy_in_from_host(id, shared.len()) {
+            Ok((blocks, len)) => {
+                let mut table = shared;
+                table.extend(blocks);
+                self.seqs.insert(id, BlockTable::from_blocks(table, len));
+                Ok(())
+            }
+            Err(e) => {
+                self.pool.give_back(shared);
+                if let Ok(parked) = parked_mut(&mut self.parked, id) {
+                    parked.prefix = prefix;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies a host-parked sequence's blocks after its first `skip` into fresh device blocks
+    /// and unparks it; returns those blocks and its length. On error it stays parked.
+    fn copy_in_from_host(
+        &mut self,
+        id: SeqId,
+        skip: usize,
+    ) -> Result<(Vec<u32>, usize), EngineError> {
+        let total = match &parked_mut(&mut self.parked, id)?.place {
+            Place::Host(host_blocks) => host_blocks.len(),
+            Place::Disk(_) => return Err(EngineError::NotSwapped(id)),
         };
-        let needed = host_blocks.len();
-        if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
-            reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
-        }
-        if needed <= self.pool.free_blocks() {
-            self.demote_evicted(needed);
-        }
+        let needed = total - skip.min(total);
+        self.take_for_swap_in(needed)?;
         let Some(Parked {
             place: Place::Host(host_blocks),
             ..
@@ -479,7 +527,7 @@ impl<B: Backend> Engine<B> {
         };
         let swap = self.swap.as_mut().ok_or(EngineError::NoSwapSpace)?;
         let blocks = self.pool.take(needed)?;
-        let pairs: Vec<(u32, u32)> = host_blocks
+        let pairs: Vec<(u32, u32)> = host_blocks[total - needed..]
             .iter()
             .copied()
             .zip(blocks.iter().copied())
@@ -495,8 +543,18 @@ impl<B: Backend> Engine<B> {
         if let Place::Host(host_blocks) = parked.place {
             swap.pool.give_back(host_blocks);
         }
-        self.seqs
-            .insert(id, BlockTable::from_blocks(blocks, parked.len));
+        Ok((blocks, parked.len))
+    }
+
+    /// Makes room for `needed` device blocks of a sequence coming back: finished swap-outs'
+    /// blocks are reclaimed, and cached blocks the take would evict moved down the tiers.
+    fn take_for_swap_in(&mut self, needed: usize) -> Result<(), EngineError> {
+        if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
+            reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
+        }
+        if needed <= self.pool.free_blocks() {
+            self.demote_evicted(needed);
+        }
         Ok(())
     }
 

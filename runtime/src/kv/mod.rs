@@ -181,6 +181,11 @@ impl BlockPool {
         true
     }
 
+    /// The key `block` is published under, if it is.
+    pub fn key_of(&self, block: u32) -> Option<Key> {
+        self.key_of.get(&block).copied()
+    }
+
     /// Holders of `block` (tests and invariant checks).
     pub fn holders(&self, block: u32) -> u32 {
         self.holders.get(block as usize).copied().unwrap_or(0)
