@@ -926,3 +926,88 @@ fn a_model_loaded_at_run_time_gets_a_worker_and_unloading_it_leaves_nothing_of_i
     let metrics = daemon.request("GET", "/metrics", None).1;
     assert!(!metrics.contains(series), "its worker's series are gone");
 }
+
+/// A tenant made dedicated by a policy reload: the reload says which served model takes the
+/// change when it is loaded again, and once it is (no daemon restart), the tenant has a
+/// worker of its own serving it; made shared again, the next load has none for it.
+#[test]
+fn a_tenant_made_dedicated_by_a_reload_gets_its_worker_when_the_model_is_loaded_again() {
+    require_root!();
+    let shared_policy =
+        "tenants:\n  - name: alpha\n    match: {default: true}\n  - name: beta\n    match: {uids: [61002]}\n";
+    let dedicated_policy = shared_policy.replace(
+        "  - name: alpha\n",
+        "  - name: alpha\n    isolation: dedicated\n    limits: {memory: 1GiB}\n",
+    );
+    let extra = format!(
+        "isolation: shared\nmodels:\n  - name: tiny\n    path: {}\n    kv_blocks: 64\n",
+        fixture_model().display()
+    );
+    let daemon = Daemon::start_with(DaemonOptions {
+        policy: Some(shared_policy),
+        extra_config: &extra,
+        ..Default::default()
+    });
+    let groups = || -> Vec<String> {
+        let listed = accel_tests::json_of(&daemon.ctl(&["workers", "--json"]));
+        listed["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["worker"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let reload = |policy: &str| -> String {
+        std::fs::write(&daemon.policy, policy).unwrap();
+        let out = daemon.ctl(&["policy", "reload"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let reload_model = || {
+        let out = daemon.ctl(&["models", "unload", "tiny"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        daemon.load_model("tiny", &fixture_model(), 64);
+    };
+    assert_eq!(groups(), ["_shared/tiny-cpu"]);
+    let (prompt, want) = reference();
+    let before = greedy(&daemon, &prompt, want.len());
+
+    let said = reload(&dedicated_policy);
+    assert!(
+        said.contains(
+            "pending: model \"tiny\": [\"alpha\"] get workers of their own once it is loaded again"
+        ),
+        "{said}"
+    );
+    assert_eq!(
+        groups(),
+        ["_shared/tiny-cpu"],
+        "a served model keeps its workers"
+    );
+    reload_model();
+    assert_eq!(groups(), ["_shared/tiny-cpu", "alpha/tiny-cpu"]);
+    // Alpha (the default tenant) is served by its own worker, with the same answer.
+    let after = greedy(&daemon, &prompt, want.len());
+    assert_eq!(after["choices"][0]["text"], before["choices"][0]["text"]);
+    let shown =
+        String::from_utf8_lossy(&daemon.ctl(&["tenants", "show", "alpha"]).stdout).into_owned();
+    assert!(shown.contains("worker alpha/tiny-cpu"), "{shown}");
+
+    let said = reload(shared_policy);
+    assert!(
+        said.contains("[\"alpha\"] move to the shared workers once it is loaded again"),
+        "{said}"
+    );
+    reload_model();
+    assert_eq!(groups(), ["_shared/tiny-cpu"]);
+    // Nothing changed: nothing pending.
+    assert!(!reload(shared_policy).contains("pending"));
+}

@@ -127,6 +127,11 @@ impl Served {
         }
     }
 
+    /// The fleet models are loaded on, when they can be.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
+    }
+
     /// The models served now.
     pub fn list(&self) -> Arc<Vec<ModelHandle>> {
         self.list.read().unwrap_or_else(|p| p.into_inner()).clone()

@@ -25,6 +25,8 @@ pub struct Reloaded {
     pub generation: u64,
     pub tenants: usize,
     pub sources: Vec<String>,
+    /// Changes to tenants' isolation that served models take when they are loaded again.
+    pub pending: Vec<String>,
 }
 
 /// The policy in force with its generation (1 at start, +1 per reload that took effect) and
@@ -336,6 +338,7 @@ impl DaemonState {
                 generation: self.policy().generation,
                 tenants: policy.tenants.len(),
                 sources: policy.sources.clone(),
+                pending: Vec::new(),
             }),
             Ok(policy) => {
                 // Serialized by reload_lock, so read-then-write cannot lose a generation.
@@ -360,6 +363,14 @@ impl DaemonState {
                         tracing::error!(tenant = %tenant.name, error = %e, "could not apply the tenant's new limits to its workers' cgroup");
                     }
                 }
+                // Models loaded from now on place workers as this policy says; served ones
+                // keep theirs until they are loaded again.
+                let pending = self.served.fleet().map_or_else(Vec::new, |fleet| {
+                    fleet.take_policy(&snapshot.policy, &self.models())
+                });
+                for change in &pending {
+                    tracing::warn!(%change, "a tenant's isolation changed");
+                }
                 self.metrics
                     .policy_reloads
                     .with_label_values(&["success"])
@@ -370,6 +381,7 @@ impl DaemonState {
                     generation,
                     tenants: snapshot.tenants.len(),
                     sources: snapshot.sources.clone(),
+                    pending,
                 })
             }
         }

@@ -48,6 +48,9 @@ pub async fn run(client: &Client, command: &PolicyCommand, json: bool) -> Result
                     answer.tenants,
                     answer.sources.join(", ")
                 );
+                for change in &answer.pending {
+                    println!("pending: {change}");
+                }
             } else {
                 println!(
                     "policy on disk is valid ({} tenant(s)); nothing changed (dry run)",

@@ -207,6 +207,7 @@ pub(super) async fn reload_policy(
             generation: reloaded.generation,
             tenants: reloaded.tenants,
             sources: reloaded.sources,
+            pending: reloaded.pending,
         })),
         Err(problems) => {
             let mut error = ApiError::new(

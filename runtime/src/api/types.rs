@@ -140,6 +140,10 @@ pub struct ReloadResponse {
     pub generation: u64,
     pub tenants: usize,
     pub sources: Vec<String>,
+    /// Changes of tenants' isolation (`dedicated`) that served models take once they are
+    /// loaded again; a placed model keeps the workers it has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
 }
 
 /// `POST /v1/tokens`.

@@ -160,6 +160,9 @@ pub struct Fleet {
     workers: Option<Workers>,
     renderer: Option<crate::worker::WorkerIdentity>,
     cuda_options: CudaOptions,
+    /// Tenants with workers of their own in the policy in force (each model placed from now
+    /// on gets theirs): name, limits, the models they may use.
+    dedicated: Mutex<Vec<Dedicated>>,
     /// Tenants' token buckets span devices, on one clock.
     clock: (Buckets, Instant),
     loops: Mutex<BTreeMap<String, DeviceLoop>>,
@@ -178,6 +181,25 @@ impl std::fmt::Debug for Fleet {
             .field("devices", &loops.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// A tenant with workers of its own: its name, limits, and the models it may use.
+pub(crate) type Dedicated = (String, crate::cgroup::TenantLimits, Vec<String>);
+
+/// The tenants `policy` gives workers of their own (`isolation: dedicated`).
+fn dedicated_tenants(policy: &crate::policy::Policy) -> Vec<Dedicated> {
+    policy
+        .tenants
+        .iter()
+        .filter(|t| t.isolation == crate::policy::TenantIsolation::Dedicated)
+        .map(|t| {
+            (
+                t.name.clone(),
+                crate::cgroup::TenantLimits::of(t),
+                t.models.clone(),
+            )
+        })
+        .collect()
 }
 
 /// The block of ids workers take one each from, when there is one (see
@@ -226,21 +248,7 @@ impl Fleet {
         sandbox: Option<Arc<crate::worker::Sandbox>>,
         policy: Option<&crate::policy::Policy>,
     ) -> (Arc<Fleet>, Vec<ModelHandle>) {
-        let dedicated: Vec<(String, crate::cgroup::TenantLimits, Vec<String>)> = policy
-            .map(|p| {
-                p.tenants
-                    .iter()
-                    .filter(|t| t.isolation == crate::policy::TenantIsolation::Dedicated)
-                    .map(|t| {
-                        (
-                            t.name.clone(),
-                            crate::cgroup::TenantLimits::of(t),
-                            t.models.clone(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let dedicated = policy.map(dedicated_tenants).unwrap_or_default();
         if config.isolation == crate::config::Isolation::Off && !dedicated.is_empty() {
             tracing::warn!(tenants = ?dedicated.iter().map(|d| &d.0).collect::<Vec<_>>(), "tenants ask for dedicated workers, but isolation is off: they share acceld's engines");
         }
@@ -254,7 +262,7 @@ impl Fleet {
                 kv_disk_root: config.kv_disk_root(),
                 kernel_cache: config.kernel_cache.clone(),
                 sandbox,
-                dedicated,
+                dedicated: dedicated.clone(),
             }),
             (crate::config::Isolation::Shared, Err(why)) => {
                 tracing::error!(reason = %why, "cannot choose the workers' user; no model is served");
@@ -279,6 +287,7 @@ impl Fleet {
                 kernel_cache: Some(config.kernel_cache.clone()),
                 memory_budget: None,
             },
+            dedicated: Mutex::new(dedicated),
             clock: (Buckets::default(), Instant::now()),
             loops: Mutex::new(BTreeMap::new()),
             loading: Mutex::new(()),
@@ -301,6 +310,60 @@ impl Fleet {
             }
         }
         (fleet, handles)
+    }
+
+    /// Takes a new policy's dedicated tenants for the models placed from now on; returns, for
+    /// each of `served` whose tenants' isolation the policy changes, what changes once it is
+    /// loaded again (a placed model keeps the workers it has: moving a tenant's sequences
+    /// between engines would cut its requests short).
+    pub fn take_policy(
+        &self,
+        policy: &crate::policy::Policy,
+        served: &[ModelHandle],
+    ) -> Vec<String> {
+        let now = dedicated_tenants(policy);
+        *self.dedicated.lock().unwrap_or_else(|p| p.into_inner()) = now.clone();
+        if self.workers.is_none() {
+            return Vec::new();
+        }
+        let mut pending = Vec::new();
+        for handle in served {
+            let name = &handle.info.name;
+            let wanted: std::collections::BTreeSet<&str> = now
+                .iter()
+                .filter(|(_, _, models)| models.iter().any(|m| m == "*" || m == name))
+                .map(|(tenant, _, _)| tenant.as_str())
+                .collect();
+            let has = handle.dedicated_tenants();
+            let gaining: Vec<&str> = wanted
+                .iter()
+                .filter(|t| !has.contains(*t))
+                .copied()
+                .collect();
+            let losing: Vec<&str> = has
+                .iter()
+                .filter(|t| !wanted.contains(*t))
+                .copied()
+                .collect();
+            if gaining.is_empty() && losing.is_empty() {
+                continue;
+            }
+            let mut change = format!("model {name:?}:");
+            if !gaining.is_empty() {
+                change.push_str(&format!(" {gaining:?} get workers of their own"));
+            }
+            if !losing.is_empty() {
+                change.push_str(&format!(
+                    "{} {losing:?} move to the shared workers",
+                    if gaining.is_empty() { "" } else { ";" }
+                ));
+            }
+            change.push_str(&format!(
+                " once it is loaded again (accelctl models unload {name}, then load it)"
+            ));
+            pending.push(change);
+        }
+        pending
     }
 
     /// Runs `work` on the loader thread (after the loads queued before it).
@@ -413,13 +476,22 @@ impl Fleet {
         if spec.disk_blocks > 0 {
             spec.disk_dir = Some(self.config.kv_disk_dir_of(name));
         }
+        // Dedicated workers as the policy in force has them now, not as it was at start.
+        let workers = self.workers.as_ref().map(|w| Workers {
+            dedicated: self
+                .dedicated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            ..w.clone()
+        });
         let placed = place(
             name,
             model,
             source,
             &spec,
             &placement,
-            self.workers.as_ref(),
+            workers.as_ref(),
             self.renderer.as_ref(),
         )?;
         self.place_on(placed)

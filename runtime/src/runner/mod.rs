@@ -337,6 +337,12 @@ impl ModelHandle {
         &self.tokenizer
     }
 
+    /// The tenants this model was placed with workers of their own for (those whose worker
+    /// could not start included).
+    pub fn dedicated_tenants(&self) -> std::collections::BTreeSet<&str> {
+        self.dedicated.keys().map(String::as_str).collect()
+    }
+
     pub fn usage(&self) -> &Usage {
         &self.usage
     }
@@ -606,7 +612,7 @@ fn dedicated_slot(
 }
 
 /// How models' workers are started, when engines run in worker processes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Workers {
     identity: crate::worker::WorkerIdentity,
     /// Ids workers take one each from; `None`: they all run as `identity`.
@@ -617,7 +623,7 @@ struct Workers {
     kernel_cache: std::path::PathBuf,
     sandbox: Option<Arc<crate::worker::Sandbox>>,
     /// Tenants with workers of their own: name, limits, the models they may use.
-    dedicated: Vec<(String, crate::cgroup::TenantLimits, Vec<String>)>,
+    dedicated: Vec<fleet::Dedicated>,
 }
 
 fn finish_prepare(
