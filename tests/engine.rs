@@ -647,6 +647,10 @@ fn a_common_prefix_is_shared_within_a_scope_and_changes_no_output() {
         engine.block_table(b).unwrap(),
         &engine.block_table(a).unwrap()[..2]
     );
+    // What the scheduler is told: b holds two blocks a (the earlier) holds too.
+    let mut sharing = engine.sharing();
+    sharing.sort();
+    assert_eq!(sharing, [(a, 0, 2), (b, 2, 2)]);
     let free_before = engine.free_blocks();
     let (got_logits, got) = feed_and_continue(&mut engine, b, &second[32..], 8);
     assert_eq!(got, want);

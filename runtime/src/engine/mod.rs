@@ -382,6 +382,45 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// What running sequences share through the prefix cache, for the scheduler's ledger:
+    /// per sequence holding a block another holds too, how many of its blocks an earlier
+    /// sequence (a lower id) holds as well, and how many any other does. Over all sequences
+    /// the first numbers add up to the device blocks counted twice or more, less one per
+    /// block. Empty when nothing is shared.
+    pub fn sharing(&self) -> Vec<(SeqId, usize, usize)> {
+        if !self.prefix_cache || self.chains.is_empty() {
+            return Vec::new();
+        }
+        // Per block: how many tables hold it, and the lowest id among them.
+        let mut holders: HashMap<u32, (u32, SeqId)> = HashMap::new();
+        for (&id, table) in &self.seqs {
+            for &block in table.blocks() {
+                let entry = holders.entry(block).or_insert((0, id));
+                entry.0 += 1;
+                entry.1 = entry.1.min(id);
+            }
+        }
+        if holders.values().all(|&(n, _)| n < 2) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (&id, table) in &self.seqs {
+            let (mut borrowed, mut sharing) = (0, 0);
+            for block in table.blocks() {
+                if let Some(&(_, first)) = holders.get(block).filter(|(n, _)| *n >= 2) {
+                    sharing += 1;
+                    if first != id {
+                        borrowed += 1;
+                    }
+                }
+            }
+            if sharing > 0 {
+                out.push((id, borrowed, sharing));
+            }
+        }
+        out
+    }
+
     /// Cached blocks evicted from the prefix cache for room so far.
     pub fn cache_evictions(&self) -> u64 {
         self.pool.evictions()

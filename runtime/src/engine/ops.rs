@@ -24,6 +24,12 @@ pub trait EngineOps: Send {
         let _ = (scope, tokens);
         0
     }
+    /// What running sequences share through the prefix cache (see [`Engine::sharing`]);
+    /// nothing where it is not known here (engines in workers), which the scheduler takes as
+    /// nothing shared: every holder counts its blocks.
+    fn sharing(&self) -> Vec<(SeqId, usize, usize)> {
+        Vec::new()
+    }
     /// Forgets a sequence and frees its blocks; unknown ids are ignored.
     fn remove_sequence(&mut self, id: SeqId);
     fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError>;
@@ -116,6 +122,9 @@ impl<B: Backend> EngineOps for Engine<B> {
     fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
         Engine::resident_prefix(self, scope, tokens)
     }
+    fn sharing(&self) -> Vec<(SeqId, usize, usize)> {
+        Engine::sharing(self)
+    }
     fn remove_sequence(&mut self, id: SeqId) {
         Engine::remove_sequence(self, id);
     }
@@ -167,6 +176,9 @@ impl EngineOps for Box<dyn EngineOps> {
     }
     fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
         (**self).resident_prefix(scope, tokens)
+    }
+    fn sharing(&self) -> Vec<(SeqId, usize, usize)> {
+        (**self).sharing()
     }
     fn remove_sequence(&mut self, id: SeqId) {
         (**self).remove_sequence(id);

@@ -351,6 +351,9 @@ pub(crate) struct Arbiter<E: EngineOps> {
     /// Per model, its engine's counters when last published (evictions, disk
     /// authentication failures), so the metrics grow by the difference.
     engine_counters: HashMap<usize, [u64; 5]>,
+    /// Blocks each running sequence holds that an earlier one holds too, as last reported
+    /// (counted once, there, in the scheduler and the KV metrics).
+    borrowed: HashMap<SeqKey, usize>,
 }
 
 impl<E: EngineOps + 'static> Arbiter<E> {
@@ -379,6 +382,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             reported: None,
             one_at_a_time: HashMap::new(),
             engine_counters: HashMap::new(),
+            borrowed: HashMap::new(),
         }
     }
 
@@ -632,6 +636,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         let plan = self.sched.plan(now);
         let ran = !plan.run.is_empty();
         self.apply(plan, now);
+        self.report_sharing();
         // Usage every step; the per-tenant report (metrics, `accelctl top`) ten times a
         // second, and whenever the device goes idle so the last figures are not stale.
         let report = !ran
@@ -641,6 +646,42 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                 .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
         self.publish(now, report);
         ran
+    }
+
+    /// Tells the scheduler which running sequences share blocks through the prefix cache, so
+    /// those blocks count once against the pool and the tenants' quotas.
+    fn report_sharing(&mut self) {
+        let mut shares = Vec::new();
+        for (m, slot) in self.models.iter() {
+            if !slot.prefix_cache {
+                continue;
+            }
+            let sharing = slot.engine.sharing();
+            if sharing.is_empty() {
+                continue;
+            }
+            let keys: HashMap<SeqId, SeqKey> = self
+                .active
+                .iter()
+                .filter(|(_, a)| a.job.model == m)
+                .filter_map(|(&k, a)| Some((a.seq?, k)))
+                .collect();
+            shares.extend(
+                sharing
+                    .into_iter()
+                    .filter_map(|(id, borrowed, shared)| Some((*keys.get(&id)?, borrowed, shared))),
+            );
+        }
+        // Nothing shared now nor at the last report: nothing to tell.
+        if shares.is_empty() && self.borrowed.is_empty() {
+            return;
+        }
+        self.borrowed = shares
+            .iter()
+            .filter(|(_, borrowed, _)| *borrowed > 0)
+            .map(|&(key, borrowed, _)| (key, borrowed))
+            .collect();
+        self.sched.set_sharing(shares);
     }
 
     /// After a panic in a turn: every request on the device fails with an error and its blocks
@@ -1349,13 +1390,16 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         for (m, slot) in self.models.iter() {
             let block_bytes = slot.engine.kv_block_bytes() as u64;
             let mut by_tenant: HashMap<String, u64> = HashMap::new();
-            for a in self.active.values().filter(|a| a.job.model == m) {
+            for (key, a) in self.active.iter().filter(|(_, a)| a.job.model == m) {
+                // A block another sequence holds first counts there.
                 let blocks = a
                     .seq
                     .filter(|&s| !slot.engine.is_swapped(s))
                     .and_then(|s| slot.engine.sequence_len(s))
                     .unwrap_or(0)
-                    .div_ceil(slot.params.block_size) as u64;
+                    .div_ceil(slot.params.block_size)
+                    .saturating_sub(self.borrowed.get(key).copied().unwrap_or(0))
+                    as u64;
                 *by_tenant.entry(a.job.request.tenant.clone()).or_default() += blocks * block_bytes;
             }
             for tenant in &self.tenants_seen {

@@ -936,3 +936,59 @@ fn a_sequence_that_cannot_come_back_from_disk_is_recomputed() {
     );
     assert_eq!(together, alone);
 }
+
+/// Requests of one tenant that start with the same cached prompt hold its blocks together,
+/// and the scheduler counts those blocks once: six such requests run at once on a pool that
+/// holds three of them counted apart (as it does without the prefix cache), and each gets
+/// what it gets alone.
+#[test]
+fn blocks_shared_through_the_prefix_cache_are_counted_once_so_more_sequences_run() {
+    let prefix: Vec<u32> = (0..96u32).map(|t| (t * 11) % 200 + 1).collect();
+    let with_tail = |i: u32| {
+        let mut prompt = prefix.clone();
+        prompt.extend([201 + i, 211 + i, 221 + i]);
+        request("t", prompt, 8, SamplingParams::greedy())
+    };
+    let requests: Vec<GenerateRequest> = (0..6).map(with_tail).collect();
+    let alone: Vec<Vec<u32>> = requests.iter().map(served_alone).collect();
+    for prefix_cache in [false, true] {
+        // 6 blocks of prefix and 1 of tail and output each: 7 per request, 24 in the pool.
+        let (mut arbiter, jobs, _, _) = device_with(24, PreemptionMode::Recompute, 8, |e| e);
+        arbiter
+            .models
+            .iter_mut()
+            .for_each(|(_, s)| s.prefix_cache = prefix_cache);
+        // The prefix, computed once and cached.
+        let mut first = [submit(&jobs, with_tail(30))];
+        drain(&mut arbiter, &mut first);
+        let mut rx: Vec<_> = requests.iter().map(|r| submit(&jobs, r.clone())).collect();
+        let mut most = 0;
+        let mut results: Vec<Option<Vec<u32>>> = vec![None; rx.len()];
+        let mut tokens = vec![Vec::new(); rx.len()];
+        for _ in 0..10_000 {
+            arbiter.turn();
+            let running: usize = arbiter.sched.report(0.0).iter().map(|t| t.running).sum();
+            most = most.max(running);
+            arbiter.sched.check_invariants().unwrap();
+            for (i, r) in rx.iter_mut().enumerate() {
+                while let Ok(event) = r.try_recv() {
+                    match event {
+                        Event::Token { token, .. } => tokens[i].push(token),
+                        Event::Done { .. } => results[i] = Some(std::mem::take(&mut tokens[i])),
+                        Event::Error { message, .. } => panic!("request {i} failed: {message}"),
+                    }
+                }
+            }
+            if results.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        let together: Vec<Vec<u32>> = results.into_iter().flatten().collect();
+        assert_eq!(together, alone, "prefix cache {prefix_cache}");
+        assert_eq!(
+            most,
+            if prefix_cache { 6 } else { 3 },
+            "prefix cache {prefix_cache}"
+        );
+    }
+}

@@ -232,6 +232,10 @@ struct Seq {
     charged: usize,
     /// Blocks committed on the device while running, or held in its tier while swapped.
     blocks: usize,
+    /// Of its device blocks, as the engine last said: those an earlier running sequence also
+    /// holds (counted there, so not again), and those any other running sequence holds.
+    borrowed: usize,
+    sharing: usize,
     state: State,
     /// Where it waits while swapped.
     tier: Tier,
@@ -265,6 +269,9 @@ struct Tenant {
     running: usize,
     /// Device blocks committed across its running sequences.
     blocks: usize,
+    /// Of those, blocks its sequences share with one of its earlier ones (prefix-cache
+    /// blocks counted once): what it holds on the device is `blocks - shared`.
+    shared: usize,
     /// Blocks its swapped-out sequences hold in each tier (by [`Tier::index`]).
     parked: [usize; 2],
     /// Sequences of any state.
@@ -279,7 +286,12 @@ struct Tenant {
 #[derive(Debug)]
 struct ModelState {
     params: ModelParams,
+    /// Device blocks committed across its running sequences, each counting its own.
     used_blocks: usize,
+    /// Of those, blocks counted more than once (held by several sequences through the prefix
+    /// cache) less one per block, as the engine last said and lowered since by sequences that
+    /// left: never more than the truth, so the pool is never overcommitted.
+    shared: usize,
     /// Blocks its swapped-out sequences hold in each tier.
     used_parked: [usize; 2],
     /// Tier blocks freed by swap-ins of the plan being made: the runner swaps out before it
@@ -381,11 +393,26 @@ fn leave_running(
     key: SeqKey,
 ) {
     model.used_blocks -= seq.blocks;
+    // Each block it shared loses a holder: the model's double count falls by exactly that
+    // many (by more than the truth where two sharers leave in one plan: safe). Its tenant's,
+    // counted across both classes, likewise.
+    model.shared = model
+        .shared
+        .saturating_sub(seq.sharing)
+        .min(model.used_blocks);
     model.running -= 1;
     tenant.running -= 1;
     tenant.blocks -= seq.blocks;
+    tenant.shared = tenant.shared.saturating_sub(seq.sharing).min(tenant.blocks);
     if let Some(i) = running.iter().position(|&k| k == key) {
         running.swap_remove(i);
+    }
+}
+
+impl ModelState {
+    /// Device blocks its running sequences hold, a block several hold counted once.
+    fn held(&self) -> usize {
+        self.used_blocks - self.shared.min(self.used_blocks)
     }
 }
 
@@ -430,6 +457,7 @@ impl Scheduler {
         let state = ModelState {
             params,
             used_blocks: 0,
+            shared: 0,
             used_parked: [0; 2],
             freed_in_plan: [0; 2],
             running: 0,
@@ -484,9 +512,45 @@ impl Scheduler {
         }
     }
 
-    /// Device blocks committed by a model's running sequences.
+    /// Device blocks a model's running sequences hold (a block several hold counted once).
     pub fn used_blocks(&self, model: usize) -> usize {
-        self.models.get(model).map_or(0, |m| m.used_blocks)
+        self.models.get(model).map_or(0, ModelState::held)
+    }
+
+    /// What the engines say their running sequences share through the prefix cache, for
+    /// every model at once: per sequence, how many of its blocks an earlier running sequence
+    /// holds too (`borrowed`), and how many any other holds (`sharing`). Blocks counted
+    /// already are not counted again against a pool or a tenant's `kv_blocks`. Sequences not
+    /// named share nothing; numbers past what a sequence holds are cut to it.
+    pub fn set_sharing(&mut self, shares: impl IntoIterator<Item = (SeqKey, usize, usize)>) {
+        for key in &self.running {
+            if let Some(seq) = self.seqs.get_mut(key) {
+                seq.borrowed = 0;
+                seq.sharing = 0;
+            }
+        }
+        for (key, borrowed, sharing) in shares {
+            if let Some(seq) = self
+                .seqs
+                .get_mut(&key)
+                .filter(|s| s.state == State::Running)
+            {
+                seq.sharing = sharing.min(seq.blocks);
+                seq.borrowed = borrowed.min(seq.sharing);
+            }
+        }
+        let mut model_shared = vec![0; self.models.len()];
+        let mut tenant_shared = vec![0; self.tenants.len()];
+        for seq in self.running.iter().filter_map(|k| self.seqs.get(k)) {
+            model_shared[seq.model] += seq.borrowed;
+            tenant_shared[seq.tenant] += seq.borrowed;
+        }
+        for (model, shared) in self.models.iter_mut().zip(model_shared) {
+            model.shared = shared.min(model.used_blocks);
+        }
+        for (tenant, shared) in self.tenants.iter_mut().zip(tenant_shared) {
+            tenant.shared = shared.min(tenant.blocks);
+        }
     }
 
     /// Tokens held by a model's running sequences (for the utilisation measurement).
@@ -513,10 +577,12 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
-    /// Device blocks a tenant holds in both classes (what its `kv_blocks` quota bounds).
+    /// Device blocks a tenant holds in both classes (what its `kv_blocks` quota bounds), a
+    /// block several of its sequences hold counted once.
     fn quota_blocks(&self, t: usize) -> usize {
+        let held = |t: &Tenant| t.blocks - t.shared.min(t.blocks);
         let tenant = &self.tenants[t];
-        tenant.blocks + tenant.sibling.map_or(0, |s| self.tenants[s].blocks)
+        held(tenant) + tenant.sibling.map_or(0, |s| held(&self.tenants[s]))
     }
 
     /// Blocks a tenant holds in a tier in both classes (what its `host_kv_blocks` or
@@ -563,6 +629,7 @@ impl Scheduler {
             queues: Queues::default(),
             running: 0,
             blocks: 0,
+            shared: 0,
             parked: [0; 2],
             live: 0,
             recheck: false,
@@ -621,6 +688,8 @@ impl Scheduler {
                 target: seq.prompt_len,
                 charged: 0,
                 blocks: 0,
+                borrowed: 0,
+                sharing: 0,
                 state: State::Waiting,
                 tier: Tier::Host,
                 resident: 0,
@@ -732,14 +801,17 @@ impl Scheduler {
     /// sequence running on it were preempted.
     fn room_after_batch(&self, m: usize, need: usize) -> bool {
         let model = &self.models[m];
+        // What preempting them would free: their blocks no other sequence holds.
         let (batch_blocks, batch_seqs) = self
             .running
             .iter()
             .map(|k| &self.seqs[k])
             .filter(|s| s.model == m && self.tenants[s.tenant].params.class == PriorityClass::Batch)
-            .fold((0, 0), |(b, n), s| (b + s.blocks, n + 1));
+            .fold((0, 0), |(b, n), s| {
+                (b + (s.blocks - s.sharing.min(s.blocks)), n + 1)
+            });
         model.running - batch_seqs < model.params.max_sequences
-            && model.used_blocks - batch_blocks + need <= model.params.total_blocks
+            && model.held().saturating_sub(batch_blocks) + need <= model.params.total_blocks
     }
 
     /// Rank of a tenant: class first, then the policy's key. Smaller goes first.
@@ -1006,7 +1078,7 @@ impl Scheduler {
 
         // Growth last step may have overrun a pool or a tenant's quota.
         for m in 0..self.models.len() {
-            while self.models[m].used_blocks > self.models[m].params.total_blocks {
+            while self.models[m].held() > self.models[m].params.total_blocks {
                 match self.victim(|s| s.model == m) {
                     Some(k) => self.preempt(k, &mut plan),
                     None => break,
@@ -1123,7 +1195,7 @@ impl Scheduler {
             let model = &self.models[m];
             let fits = |model: &ModelState| {
                 model.running < model.params.max_sequences
-                    && model.used_blocks + need <= model.params.total_blocks
+                    && model.held() + need <= model.params.total_blocks
             };
             if !fits(model) {
                 let mut made_room = false;
@@ -1344,7 +1416,7 @@ impl Scheduler {
                 waiting: t.live - t.running - swapped,
                 running: t.running,
                 swapped,
-                kv_blocks: t.blocks,
+                kv_blocks: t.blocks - t.shared.min(t.blocks),
                 host_kv_blocks: t.parked[Tier::Host.index()],
                 disk_kv_blocks: t.parked[Tier::Disk.index()],
                 virtual_counter: t.counter,
@@ -1365,6 +1437,11 @@ impl Scheduler {
         let mut parked = vec![[0usize; 2]; self.models.len()];
         let mut running = vec![0usize; self.models.len()];
         let mut by_tenant = vec![(0usize, 0usize, 0usize, [0usize; 2]); self.tenants.len()];
+        // Blocks counted already, by model and tenant: what the ledgers' discounts may not pass.
+        let mut borrowed = (
+            vec![0usize; self.models.len()],
+            vec![0usize; self.tenants.len()],
+        );
         for (k, s) in &self.seqs {
             if s.computed > s.target {
                 return Err(format!(
@@ -1383,6 +1460,14 @@ impl Scheduler {
                     running[s.model] += 1;
                     t.0 += s.blocks;
                     t.1 += 1;
+                    if s.borrowed > s.sharing || s.sharing > s.blocks {
+                        return Err(format!(
+                            "{k}: borrows {} and shares {} of {} blocks",
+                            s.borrowed, s.sharing, s.blocks
+                        ));
+                    }
+                    borrowed.0[s.model] += s.borrowed;
+                    borrowed.1[s.tenant] += s.borrowed;
                     if !self.running.contains(k) {
                         return Err(format!("{k} runs but is not in the running set"));
                     }
@@ -1402,6 +1487,12 @@ impl Scheduler {
             if used[m] != model.used_blocks || parked[m] != model.used_parked {
                 return Err(format!("model {m}: ledger differs from its sequences"));
             }
+            if model.shared > borrowed.0[m] {
+                return Err(format!(
+                    "model {m}: {} blocks discounted, {} borrowed",
+                    model.shared, borrowed.0[m]
+                ));
+            }
             if running[m] != model.running {
                 return Err(format!("model {m}: running count differs"));
             }
@@ -1413,6 +1504,12 @@ impl Scheduler {
             }
         }
         for (i, t) in self.tenants.iter().enumerate() {
+            if t.shared > borrowed.1[i] {
+                return Err(format!(
+                    "tenant {}: {} blocks discounted, {} borrowed",
+                    t.name, t.shared, borrowed.1[i]
+                ));
+            }
             if (t.blocks, t.running, t.live, t.parked) != by_tenant[i] {
                 return Err(format!(
                     "tenant {}: ledger differs from its sequences",
@@ -1432,10 +1529,11 @@ impl Scheduler {
     pub fn check_plan(&self, plan: &StepPlan) -> Result<(), String> {
         self.check_invariants()?;
         for (m, model) in self.models.iter().enumerate() {
-            if model.used_blocks > model.params.total_blocks {
+            if model.held() > model.params.total_blocks {
                 return Err(format!(
-                    "model {m}: {} blocks committed of {}",
-                    model.used_blocks, model.params.total_blocks
+                    "model {m}: {} blocks held of {}",
+                    model.held(),
+                    model.params.total_blocks
                 ));
             }
             if model.running > model.params.max_sequences {

@@ -73,6 +73,53 @@ fn cached_prompt_tokens_are_computed_already_and_cost_the_tenant_nothing() {
     s.check_invariants().unwrap();
 }
 
+/// Blocks several sequences hold through the prefix cache count once against the pool and
+/// the tenant's `kv_blocks`, as the engine reports them; a sharer that leaves takes its
+/// discount with it, so the pool is never overcommitted.
+#[test]
+fn blocks_shared_through_the_prefix_cache_count_once() {
+    // The pool binds: 11 blocks, three prompts of 4 blocks each.
+    let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    s.add_model(model(11, 8, 64));
+    for k in 1..=3 {
+        s.submit(seq(k, "a", 15, 4), 0.0).unwrap();
+    }
+    assert_eq!(s.plan(0.0).admit, [1, 2]);
+    assert!(s.plan(0.0).admit.is_empty(), "8 + 4 > 11");
+    // 2 holds 3 of 1's blocks: 5 held, so 3 fits.
+    s.set_sharing([(1, 0, 3), (2, 3, 3)]);
+    assert_eq!(s.used_blocks(0), 5);
+    assert_eq!(s.report(0.0)[0].kv_blocks, 5);
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [3]);
+    s.check_plan(&plan).unwrap();
+    // 1 leaves: 2 holds those blocks alone now, and they count for it.
+    s.remove(1);
+    assert_eq!(s.used_blocks(0), 8);
+    s.check_invariants().unwrap();
+    // Numbers past what a sequence holds are cut to it; a fresh report replaces the last.
+    s.set_sharing([(2, 100, 100)]);
+    assert_eq!(s.used_blocks(0), 4);
+    s.set_sharing([]);
+    assert_eq!(s.used_blocks(0), 8);
+    s.check_invariants().unwrap();
+
+    // The tenant's quota binds likewise.
+    let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    s.add_model(model(100, 8, 64));
+    for k in 1..=3 {
+        let mut capped = seq(k, "a", 15, 4);
+        capped.params.kv_blocks = Some(9);
+        s.submit(capped, 0.0).unwrap();
+    }
+    assert_eq!(s.plan(0.0).admit, [1, 2]);
+    assert!(s.plan(0.0).admit.is_empty(), "8 + 4 > 9");
+    s.set_sharing([(1, 0, 3), (2, 3, 3)]);
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [3]);
+    s.check_plan(&plan).unwrap();
+}
+
 #[test]
 fn blocks_are_committed_as_sequences_grow_not_for_max_tokens() {
     let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
