@@ -346,11 +346,17 @@ impl<B: Backend> Engine<B> {
         if !self.prefix_cache {
             return 0;
         }
-        let block_size = self.pool.block_size();
+        let block_size = self.pool.block_size().max(1);
         let usable = tokens.len().saturating_sub(1);
-        prefix::chain(prefix::scope_key(scope), &tokens[..usable], block_size)
-            .iter()
-            .take_while(|k| self.pool.is_published(k))
+        // Key by key, stopping at the first block not on the device: a prompt with nothing
+        // resident costs one hash, however long it is (asked again as the cache changes).
+        let mut key = prefix::scope_key(scope);
+        tokens[..usable]
+            .chunks_exact(block_size)
+            .take_while(|block| {
+                key = prefix::next_key(&key, block);
+                self.pool.is_published(&key)
+            })
             .count()
             * block_size
     }

@@ -864,59 +864,67 @@ pub fn remove_leftovers(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// Under the tier root, the directories of workers' tiers: `workers/<pool>/<worker>`.
+/// Under the tier root, the directories of workers' tiers: `workers/<uid>`, one per worker
+/// (a worker's uid is its own while it lives).
 pub const WORKERS_DIR: &str = "workers";
 
-/// Makes `root/workers/<pool>/<worker>` afresh for a worker running as `uid`:`gid`, mode
-/// 0700 and owned by it, so that only that worker can reach its tenants' files. What a worker
-/// left there before (files of a lost worker, perhaps of another uid) is removed first. The
-/// directories above it are root's and may be passed through but not listed (0711); `root`
-/// must be a real directory of this daemon's user. Returns the worker's directory.
-pub fn prepare_worker_dir(
-    root: &Path,
-    pool: &str,
-    worker: &str,
-    uid: u32,
-    gid: u32,
-) -> io::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    for name in [pool, worker] {
-        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
-            return Err(io::Error::other(format!(
-                "{name:?} cannot name a directory"
-            )));
-        }
-    }
-    let passable = |dir: &Path| -> io::Result<()> {
-        match std::fs::DirBuilder::new().mode(0o711).create(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        check_owner(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-    };
+/// Makes `root/workers/<uid>` afresh for the worker running as `uid`:`gid`, mode 0700 and
+/// owned by it, so that only that worker can reach its tenants' files; what was there before
+/// (a lost worker's files, perhaps of another pool that had the uid) is removed first.
+/// `workers` is root's, passable but not listable (0711). `root` must be a directory others
+/// may pass through; one this daemon made private (0700) is opened to passing (0711), and
+/// anything else about it is left as the operator set it. Returns the worker's directory.
+pub fn prepare_worker_dir(root: &Path, uid: u32, gid: u32) -> io::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o711)
         .create(root)?;
-    passable(root)?;
-    let pools = root.join(WORKERS_DIR);
-    passable(&pools)?;
-    let pool_dir = pools.join(pool);
-    passable(&pool_dir)?;
-    let dir = pool_dir.join(worker);
-    // Only this daemon's user can write in the directories above, so nothing is swapped in
-    // between the removal and the creation; links inside are removed, never followed.
-    match std::fs::remove_dir_all(&dir) {
+    let meta = std::fs::metadata(root)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            root.display()
+        )));
+    }
+    if meta.mode() & 0o001 == 0 {
+        let ours = meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o077 == 0;
+        if !ours {
+            return Err(io::Error::other(format!(
+                "the workers' users cannot pass through {} (mode {:o}); let them (chmod o+x) or choose another kv_disk_dir",
+                root.display(),
+                meta.mode() & 0o7777
+            )));
+        }
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+    }
+    let workers = root.join(WORKERS_DIR);
+    match std::fs::DirBuilder::new().mode(0o711).create(&workers) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) if e.kind() == io::ErrorKind::NotADirectory => std::fs::remove_file(&dir)?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
+    check_owner(&workers)?;
+    std::fs::set_permissions(&workers, std::fs::Permissions::from_mode(0o711))?;
+    let dir = workers.join(uid.to_string());
+    remove_worker_dir(root, uid)?;
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))?;
     Ok(dir)
+}
+
+/// Removes the tier directory of the worker that ran as `uid`, with whatever is in it (once
+/// the worker is gone: the uid may go to another pool's worker next). Only this daemon's user
+/// can write in `workers`, so nothing is swapped in meanwhile; links inside are removed, not
+/// followed.
+pub fn remove_worker_dir(root: &Path, uid: u32) -> io::Result<()> {
+    let dir = root.join(WORKERS_DIR).join(uid.to_string());
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => std::fs::remove_file(&dir),
+        Err(e) => Err(e),
+    }
 }
 
 /// Makes sure `dir` is a real directory of this process's user (a link is not followed);
@@ -951,7 +959,9 @@ pub fn remove_stale_tiers(root: &Path) -> io::Result<usize> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let mut removed = remove_worker_dirs(&root.join(WORKERS_DIR))?;
+    // The workers' directories first; failing them does not keep the models' from going.
+    let workers = remove_worker_dirs(&root.join(WORKERS_DIR));
+    let mut removed = 0;
     for entry in entries {
         let entry = entry?;
         let ours = entry.file_name().to_string_lossy().starts_with("model-");
@@ -961,38 +971,35 @@ pub fn remove_stale_tiers(root: &Path) -> io::Result<usize> {
             let _ = std::fs::remove_dir(entry.path());
         }
     }
-    Ok(removed)
+    Ok(removed + workers?)
 }
 
-/// Removes the workers' tier directories under `pools` (`<pool>/<worker>`); returns how many
-/// tier files were in them.
-fn remove_worker_dirs(pools: &Path) -> io::Result<usize> {
-    match std::fs::symlink_metadata(pools) {
+/// Removes the workers' tier directories under `workers` (wholly the daemon's); returns how
+/// many tier files were in them.
+fn remove_worker_dirs(workers: &Path) -> io::Result<usize> {
+    match std::fs::symlink_metadata(workers) {
         Ok(meta) if meta.file_type().is_dir() => {}
         Ok(_) => {
-            std::fs::remove_file(pools)?;
+            std::fs::remove_file(workers)?;
             return Ok(0);
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     }
     let mut files = 0;
-    for pool in std::fs::read_dir(pools)? {
-        let pool = pool?;
-        if !pool.file_type()?.is_dir() {
-            continue;
-        }
-        for worker in std::fs::read_dir(pool.path())? {
-            let worker = worker?;
-            if worker.file_type()?.is_dir() {
-                files += std::fs::read_dir(worker.path())?
-                    .flatten()
-                    .filter(|f| f.file_name().to_string_lossy().ends_with(".kv"))
-                    .count();
-            }
+    for worker in std::fs::read_dir(workers)?.flatten() {
+        if worker.file_type().is_ok_and(|t| t.is_dir()) {
+            files += std::fs::read_dir(worker.path())
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|f| f.file_name().to_string_lossy().ends_with(".kv"))
+                        .count()
+                })
+                .unwrap_or(0);
         }
     }
-    std::fs::remove_dir_all(pools)?;
+    std::fs::remove_dir_all(workers)?;
     Ok(files)
 }
 
@@ -1205,21 +1212,16 @@ mod tests {
     fn a_workers_directory_is_made_afresh_for_it_and_removed_at_the_next_start() {
         use std::os::unix::fs::PermissionsExt;
         let root = tempfile::tempdir().unwrap();
+        let kv = root.path().join("kv");
         let (uid, gid) = (
             nix::unistd::geteuid().as_raw(),
             nix::unistd::getegid().as_raw(),
         );
-        let dir = prepare_worker_dir(root.path(), "_shared", "tiny-cpu", uid, gid).unwrap();
-        assert_eq!(dir, root.path().join("workers/_shared/tiny-cpu"));
-        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        let dir = prepare_worker_dir(&kv, uid, gid).unwrap();
+        assert_eq!(dir, kv.join(format!("workers/{uid}")));
         assert_eq!(mode(&dir), 0o700);
-        for above in [
-            root.path(),
-            &root.path().join("workers"),
-            dir.parent().unwrap(),
-        ] {
-            assert_eq!(mode(above), 0o711, "{}", above.display());
-        }
+        assert_eq!((mode(&kv), mode(&kv.join("workers"))), (0o711, 0o711));
         // What a lost worker left, a link to elsewhere included, goes; elsewhere stays.
         let elsewhere = root.path().join("elsewhere");
         std::fs::create_dir(&elsewhere).unwrap();
@@ -1227,27 +1229,31 @@ mod tests {
         std::fs::write(dir.join("0011.kv"), b"stale").unwrap();
         std::os::unix::fs::symlink(&elsewhere, dir.join("link")).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let again = prepare_worker_dir(root.path(), "_shared", "tiny-cpu", uid, gid).unwrap();
+        let again = prepare_worker_dir(&kv, uid, gid).unwrap();
         assert_eq!(std::fs::read_dir(&again).unwrap().count(), 0);
         assert_eq!(mode(&again), 0o700);
         assert!(elsewhere.join("keep.kv").exists());
-        for bad in ["", ".", "..", "a/b"] {
-            assert!(
-                prepare_worker_dir(root.path(), bad, "w", uid, gid).is_err(),
-                "{bad:?}"
-            );
-            assert!(
-                prepare_worker_dir(root.path(), "p", bad, uid, gid).is_err(),
-                "{bad:?}"
-            );
-        }
-        // A start after a crash removes every worker's directory and counts its tier files;
-        // what is not the daemon's stays.
+        // A root the operator set is left as it is: a sticky, open one is passable already;
+        // one closed to others is refused, not opened.
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        prepare_worker_dir(&elsewhere, uid, gid).unwrap();
+        assert_eq!(mode(&elsewhere), 0o1777);
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let err = prepare_worker_dir(&elsewhere, uid, gid).unwrap_err();
+        assert!(err.to_string().contains("chmod o+x"), "{err}");
+        assert_eq!(mode(&elsewhere), 0o750);
+        // A worker gone: its directory goes. A start after a crash removes every worker's
+        // directory and counts its tier files; what is not the daemon's stays.
+        remove_worker_dir(&kv, uid).unwrap();
+        assert!(!again.exists());
+        remove_worker_dir(&kv, uid).unwrap();
+        let again = prepare_worker_dir(&kv, uid, gid).unwrap();
         std::fs::write(again.join("00aa.kv"), b"stale").unwrap();
-        let other = prepare_worker_dir(root.path(), "acme", "tiny-cpu", uid, gid).unwrap();
-        std::fs::write(other.join("00bb.kv"), b"stale").unwrap();
-        assert_eq!(remove_stale_tiers(root.path()).unwrap(), 2);
-        assert!(!root.path().join("workers").exists());
-        assert!(elsewhere.join("keep.kv").exists());
+        std::fs::create_dir(kv.join("model-m")).unwrap();
+        std::fs::write(kv.join("model-m/00bb.kv"), b"stale").unwrap();
+        std::fs::write(kv.join("keep.txt"), b"not ours").unwrap();
+        assert_eq!(remove_stale_tiers(&kv).unwrap(), 2);
+        assert!(!kv.join("workers").exists());
+        assert!(kv.join("keep.txt").exists());
     }
 }

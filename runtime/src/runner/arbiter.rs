@@ -354,6 +354,8 @@ pub(crate) struct Arbiter<E: EngineOps> {
     /// Blocks each running sequence holds that an earlier one holds too, as last reported
     /// (counted once, there, in the scheduler and the KV metrics).
     borrowed: HashMap<SeqKey, usize>,
+    /// When the waiting requests' resident prefixes were last looked at again.
+    residents_noted: Option<Instant>,
 }
 
 impl<E: EngineOps + 'static> Arbiter<E> {
@@ -383,6 +385,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             one_at_a_time: HashMap::new(),
             engine_counters: HashMap::new(),
             borrowed: HashMap::new(),
+            residents_noted: None,
         }
     }
 
@@ -637,6 +640,12 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         let ran = !plan.run.is_empty();
         self.apply(plan, now);
         self.report_sharing();
+        if self
+            .residents_noted
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(100))
+        {
+            self.note_residents();
+        }
         // Usage every step; the per-tenant report (metrics, `accelctl top`) ten times a
         // second, and whenever the device goes idle so the last figures are not stale.
         let report = !ran
@@ -646,6 +655,25 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                 .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
         self.publish(now, report);
         ran
+    }
+
+    /// Tells the scheduler again how much of each waiting request's prompt the prefix cache
+    /// holds now, for those admission looks at: the cache has changed since they arrived
+    /// (blocks published by the requests ahead of them, or evicted).
+    fn note_residents(&mut self) {
+        self.residents_noted = Some(Instant::now());
+        for (key, m) in self.sched.resident_candidates() {
+            let (Some(slot), Some(a)) = (self.models.get(m), self.active.get(&key)) else {
+                continue;
+            };
+            if slot.prefix_cache {
+                let request = &a.job.request;
+                let resident = slot
+                    .engine
+                    .resident_prefix(&request.tenant, &request.prompt);
+                self.sched.note_resident(key, resident);
+            }
+        }
     }
 
     /// Tells the scheduler which running sequences share blocks through the prefix cache, so

@@ -477,12 +477,13 @@ impl Fleet {
             spec.disk_dir = Some(self.config.kv_disk_dir_of(name));
         }
         // Dedicated workers as the policy in force has them now, not as it was at start.
+        let dedicated = self
+            .dedicated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let workers = self.workers.as_ref().map(|w| Workers {
-            dedicated: self
-                .dedicated
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            dedicated: dedicated.clone(),
             ..w.clone()
         });
         let placed = place(
@@ -494,7 +495,15 @@ impl Fleet {
             workers.as_ref(),
             self.renderer.as_ref(),
         )?;
-        self.place_on(placed)
+        let handle = self.place_on(placed)?;
+        // A reload while it loaded did not see it among the served models.
+        if workers.is_some()
+            && *self.dedicated.lock().unwrap_or_else(|p| p.into_inner()) != dedicated
+        {
+            tracing::warn!(model = %handle.info.name,
+                "the policy was reloaded while this model loaded: its workers follow the policy from before; load it again for the new one");
+        }
+        Ok(handle)
     }
 
     /// Hands a built model to its device's loop (starting the loop for a device's first

@@ -992,3 +992,39 @@ fn blocks_shared_through_the_prefix_cache_are_counted_once_so_more_sequences_run
         );
     }
 }
+
+/// A request whose prompt the prefix cache comes to hold while it waits goes before an
+/// earlier one of its tenant with nothing cached: its hint is looked at again as the cache
+/// changes, not only when it arrived.
+#[test]
+fn a_waiting_request_whose_prefix_became_resident_goes_first() {
+    let first: Vec<u32> = (0..40u32).map(|t| (t * 13) % 250 + 1).collect();
+    let mut same_start = first[..32].to_vec();
+    same_start.extend([7, 8, 9]);
+    let other: Vec<u32> = (0..35u32).map(|t| (t * 17) % 250 + 2).collect();
+    // One sequence at a time: the order they are admitted in is the order they finish in.
+    let (mut arbiter, jobs, _, _) = device(64, PreemptionMode::Recompute, 1);
+    let mut rx = [
+        submit(&jobs, request("t", first, 4, SamplingParams::greedy())),
+        submit(&jobs, request("t", other, 4, SamplingParams::greedy())),
+        submit(&jobs, request("t", same_start, 4, SamplingParams::greedy())),
+    ];
+    // All three arrive before anything is cached; the first's prompt is then computed.
+    arbiter.turn();
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    let mut finished = Vec::new();
+    for _ in 0..1000 {
+        arbiter.turn();
+        for (i, r) in rx.iter_mut().enumerate() {
+            while let Ok(event) = r.try_recv() {
+                if let Event::Done { .. } = event {
+                    finished.push(i);
+                }
+            }
+        }
+        if finished.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(finished, [0, 2, 1]);
+}

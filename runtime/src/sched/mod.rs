@@ -416,6 +416,10 @@ impl ModelState {
     }
 }
 
+/// Waiting requests behind a tenant's front that admission looks at for one whose prompt the
+/// prefix cache holds.
+const ADMISSION_LOOKAHEAD: usize = 8;
+
 fn blocks_for(tokens: usize, block_size: usize) -> usize {
     tokens.div_ceil(block_size.max(1))
 }
@@ -539,14 +543,17 @@ impl Scheduler {
                 seq.borrowed = borrowed.min(seq.sharing);
             }
         }
-        let mut model_shared = vec![0; self.models.len()];
+        // A report that does not add up is cut to what it could be: blocks counted twice
+        // or more, less one each, are at most the holdings counted less the largest one.
+        let mut model_shared = vec![(0, 0, 0); self.models.len()];
         let mut tenant_shared = vec![0; self.tenants.len()];
         for seq in self.running.iter().filter_map(|k| self.seqs.get(k)) {
-            model_shared[seq.model] += seq.borrowed;
+            let m = &mut model_shared[seq.model];
+            *m = (m.0 + seq.borrowed, m.1 + seq.sharing, m.2.max(seq.sharing));
             tenant_shared[seq.tenant] += seq.borrowed;
         }
-        for (model, shared) in self.models.iter_mut().zip(model_shared) {
-            model.shared = shared.min(model.used_blocks);
+        for (model, (borrowed, sharing, most)) in self.models.iter_mut().zip(model_shared) {
+            model.shared = borrowed.min(sharing - most).min(model.used_blocks);
         }
         for (tenant, shared) in self.tenants.iter_mut().zip(tenant_shared) {
             tenant.shared = shared.min(tenant.blocks);
@@ -701,8 +708,23 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Before running sequence `key` leaves: the same tenant's other class shares its cache
+    /// scope, so its sequences may have borrowed this one's blocks; their discount goes too
+    /// (its own entry's goes in [`leave_running`]). Lowering more than the truth is safe.
+    fn lower_sibling_discount(&mut self, key: SeqKey) {
+        let Some(seq) = self.seqs.get(&key).filter(|s| s.state == State::Running) else {
+            return;
+        };
+        let sharing = seq.sharing;
+        if let Some(sibling) = self.tenants[seq.tenant].sibling {
+            let sibling = &mut self.tenants[sibling];
+            sibling.shared = sibling.shared.saturating_sub(sharing);
+        }
+    }
+
     /// Forgets a sequence (finished, cancelled or failed) and frees what it held.
     pub fn remove(&mut self, key: SeqKey) {
+        self.lower_sibling_discount(key);
         let Some(seq) = self.seqs.remove(&key) else {
             return;
         };
@@ -854,6 +876,7 @@ impl Scheduler {
             let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
             limit.saturating_sub(self.tier_quota_blocks(t, tier))
         });
+        self.lower_sibling_discount(key);
         let Some(seq) = self.seqs.get_mut(&key) else {
             return;
         };
@@ -950,6 +973,7 @@ impl Scheduler {
     /// The device lost this sequence's cache (its worker process was replaced): it waits to be
     /// recomputed, ahead of later arrivals, like a sequence preempted by recompute.
     pub fn requeue(&mut self, key: SeqKey) {
+        self.lower_sibling_discount(key);
         let Some(seq) = self.seqs.get_mut(&key) else {
             return;
         };
@@ -1015,6 +1039,30 @@ impl Scheduler {
         self.seqs.get(&key).map(|s| s.tier)
     }
 
+    /// The waiting requests whose resident prefix admission looks at (each tenant's first
+    /// few per model; see [`Scheduler::admission_head`]), with their models: the ones whose
+    /// hint is worth refreshing as the cache changes.
+    pub fn resident_candidates(&self) -> Vec<(SeqKey, usize)> {
+        let mut out = Vec::new();
+        for tenant in &self.tenants {
+            for m in 0..self.models.len() {
+                let front = tenant.queues.waiting_front(m).into_iter();
+                let behind = tenant.queues.waiting_behind_front(m, ADMISSION_LOOKAHEAD);
+                out.extend(
+                    front
+                        .chain(behind)
+                        .filter(|k| {
+                            self.seqs
+                                .get(k)
+                                .is_some_and(|s| s.state == State::Waiting && s.model == m)
+                        })
+                        .map(|k| (k, m)),
+                );
+            }
+        }
+        out
+    }
+
     /// Notes how many of a queued request's prompt tokens the device's prefix cache holds now
     /// (see [`Scheduler::admission_head`]).
     pub fn note_resident(&mut self, key: SeqKey, tokens: usize) {
@@ -1030,7 +1078,6 @@ impl Scheduler {
     /// Only the tenant's own order changes (which tenant goes next is the policy's), and a
     /// request is passed over at most `MAX_BYPASSES` times.
     fn admission_head(&mut self, t: usize, open: impl Fn(usize) -> bool) -> Option<SeqKey> {
-        const LOOKAHEAD: usize = 8;
         const MAX_BYPASSES: u32 = 4;
         let front = self.head(t, open)?;
         let seq = &self.seqs[&front];
@@ -1040,7 +1087,7 @@ impl Scheduler {
         let (model, need) = (seq.model, self.commitment(seq));
         let better = self.tenants[t]
             .queues
-            .waiting_behind_front(model, LOOKAHEAD)
+            .waiting_behind_front(model, ADMISSION_LOOKAHEAD)
             .filter_map(|k| Some((k, self.seqs.get(&k)?)))
             .filter(|(_, s)| {
                 s.state == State::Waiting

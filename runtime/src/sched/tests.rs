@@ -97,9 +97,12 @@ fn blocks_shared_through_the_prefix_cache_count_once() {
     s.remove(1);
     assert_eq!(s.used_blocks(0), 8);
     s.check_invariants().unwrap();
-    // Numbers past what a sequence holds are cut to it; a fresh report replaces the last.
+    // A report that does not add up (a sequence borrowing from nobody) discounts nothing; a
+    // fresh report replaces the last.
     s.set_sharing([(2, 100, 100)]);
-    assert_eq!(s.used_blocks(0), 4);
+    assert_eq!(s.used_blocks(0), 8);
+    s.set_sharing([(2, 3, 3), (3, 0, 3)]);
+    assert_eq!(s.used_blocks(0), 5);
     s.set_sharing([]);
     assert_eq!(s.used_blocks(0), 8);
     s.check_invariants().unwrap();
@@ -117,6 +120,31 @@ fn blocks_shared_through_the_prefix_cache_count_once() {
     s.set_sharing([(1, 0, 3), (2, 3, 3)]);
     let plan = s.plan(0.0);
     assert_eq!(plan.admit, [3]);
+    s.check_plan(&plan).unwrap();
+
+    // Across a tenant's two classes (one cache scope): a batch sequence lends, an
+    // interactive one borrows; when the lender leaves, the borrower's entry loses the
+    // discount too, so the quota is not overrun.
+    let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    s.add_model(model(100, 8, 64));
+    let capped = |k, class| {
+        let mut n = seq(k, "a", 15, 4);
+        n.params.kv_blocks = Some(9);
+        n.params.class = class;
+        n
+    };
+    s.submit(capped(1, PriorityClass::Batch), 0.0).unwrap();
+    s.submit(capped(2, PriorityClass::Interactive), 0.0)
+        .unwrap();
+    s.plan(0.0);
+    s.set_sharing([(1, 0, 3), (2, 3, 3)]);
+    s.remove(1);
+    s.submit(capped(3, PriorityClass::Interactive), 0.0)
+        .unwrap();
+    s.submit(capped(4, PriorityClass::Interactive), 0.0)
+        .unwrap();
+    let plan = s.plan(0.0);
+    assert_eq!(plan.admit, [3], "4 + 4 of 9; a third would make 12");
     s.check_plan(&plan).unwrap();
 }
 
@@ -677,6 +705,70 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A stand-in for an engine's prefix cache, for the property test: every running sequence of
+/// a tenant (either class) holds the same first [`SharedPrefixes::BLOCKS`] blocks, as if all
+/// its prompts began with one cached system prompt.
+struct SharedPrefixes {
+    /// What the engine would tell the scheduler: per sequence, blocks an earlier one (a lower
+    /// key) holds too, and blocks any other holds.
+    report: Vec<(SeqKey, usize, usize)>,
+    /// Device blocks truly held, a block several hold counted once: on the model, and per
+    /// tenant name.
+    model: usize,
+    tenants: HashMap<String, usize>,
+}
+
+impl SharedPrefixes {
+    const BLOCKS: usize = 2;
+
+    fn of(s: &Scheduler) -> Self {
+        let mut holders: HashMap<(&str, usize), Vec<SeqKey>> = HashMap::new();
+        let mut tenants: HashMap<String, usize> = HashMap::new();
+        let mut model = 0;
+        for k in &s.running {
+            let seq = &s.seqs[k];
+            let name = s.tenants[seq.tenant].name.as_str();
+            for j in 0..Self::BLOCKS.min(seq.blocks) {
+                holders.entry((name, j)).or_default().push(*k);
+            }
+            model += seq.blocks;
+            *tenants.entry(name.to_owned()).or_default() += seq.blocks;
+        }
+        for ((name, _), keys) in &holders {
+            model -= keys.len() - 1;
+            if let Some(held) = tenants.get_mut(*name) {
+                *held -= keys.len() - 1;
+            }
+        }
+        let report = s
+            .running
+            .iter()
+            .map(|k| {
+                let name = s.tenants[s.seqs[k].tenant].name.as_str();
+                let (mut borrowed, mut sharing) = (0, 0);
+                for j in 0..Self::BLOCKS {
+                    if let Some(keys) = holders
+                        .get(&(name, j))
+                        .filter(|ks| ks.len() >= 2 && ks.contains(k))
+                    {
+                        sharing += 1;
+                        if keys.iter().min() != Some(k) {
+                            borrowed += 1;
+                        }
+                    }
+                }
+                (*k, borrowed, sharing)
+            })
+            .filter(|&(_, _, sharing)| sharing > 0)
+            .collect();
+        Self {
+            report,
+            model,
+            tenants,
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
@@ -693,6 +785,7 @@ proptest! {
         max_sequences in 1usize..6,
         max_batch_tokens in 1usize..48,
         quota in prop::option::of(20u64..40),
+        share_prefixes in any::<bool>(),
     ) {
         let mut s = Scheduler::new(policy, Pricing::default());
         s.add_model(ModelParams {
@@ -712,6 +805,18 @@ proptest! {
         let step = |s: &mut Scheduler, live: &mut Vec<(SeqKey, usize)>| -> Result<(), TestCaseError> {
             let plan = s.plan(0.0);
             s.check_plan(&plan).map_err(TestCaseError::fail)?;
+            // With blocks shared (and counted once), what the device and each tenant truly
+            // hold after the plan stays within the pool and the quota.
+            if share_prefixes {
+                let truth = SharedPrefixes::of(s);
+                prop_assert!(truth.model <= total_blocks, "{} blocks held of {total_blocks}", truth.model);
+                if let Some(q) = quota {
+                    for (name, held) in &truth.tenants {
+                        let capped = name[1..].parse::<u8>().is_ok_and(|t| t % 2 == 0);
+                        prop_assert!(!capped || *held as u64 <= q, "{name} holds {held} of {q}");
+                    }
+                }
+            }
             if plan.run.is_empty() {
                 prop_assert!(s.is_empty(), "idle with {} sequences", s.len());
             }
@@ -723,6 +828,9 @@ proptest! {
                         live.swap_remove(i);
                     }
                 }
+            }
+            if share_prefixes {
+                s.set_sharing(SharedPrefixes::of(s).report);
             }
             s.check_invariants().map_err(TestCaseError::fail)?;
             Ok(())

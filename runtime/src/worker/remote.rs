@@ -470,6 +470,13 @@ impl Drop for RemoteEngine {
         }
         self.respawner.take();
         self.status.set_pid(None);
+        // Its disk tier's directory goes before its uid is given back (another pool's worker
+        // may have the uid next).
+        if let Some(root) = &self.recipe.disk_root {
+            if let Err(e) = crate::kv::disk::remove_worker_dir(root, self.recipe.identity.uid) {
+                tracing::error!(model = %self.recipe.init.model, error = %e, "could not remove the worker's KV disk tier directory");
+            }
+        }
         if let Some(sandbox) = &self.recipe.sandbox {
             sandbox.release(&self.status.pool, &self.status.name);
         }

@@ -59,14 +59,7 @@ impl Recipe {
     /// A fresh directory of the worker's own for its disk tier; `None` (logged) where one
     /// cannot be made, and the worker has no disk tier.
     fn disk_dir(&self, root: &std::path::Path) -> Option<std::path::PathBuf> {
-        let worker = super::sandbox::worker_name(&self.init.model, &self.init.device);
-        let made = crate::kv::disk::prepare_worker_dir(
-            root,
-            &self.pool,
-            &worker,
-            self.identity.uid,
-            self.identity.gid,
-        );
+        let made = crate::kv::disk::prepare_worker_dir(root, self.identity.uid, self.identity.gid);
         match made {
             Ok(dir) => Some(dir),
             Err(e) => {
