@@ -1011,3 +1011,69 @@ fn a_tenant_made_dedicated_by_a_reload_gets_its_worker_when_the_model_is_loaded_
     // Nothing changed: nothing pending.
     assert!(!reload(shared_policy).contains("pending"));
 }
+
+/// A worker's engine says what its sequences share through the prefix cache, in the
+/// supervisor's ids, so the scheduler counts those blocks once for engines in workers too;
+/// once the lender is gone nothing is shared. (The worker runs as this user when not root.)
+#[test]
+fn a_workers_engine_reports_the_blocks_its_sequences_share() {
+    use accel_runtime::engine::ops::EngineOps as _;
+    use accel_runtime::engine::{LogitsWanted, StepInput};
+    use accel_runtime::worker::{RemoteEngine, WorkerIdentity, WorkerInit};
+    let path = fixture_model();
+    let (loaded, opened) =
+        accel_runtime::model::files::record(|| accel_runtime::model::load(&path));
+    loaded.unwrap();
+    let init = WorkerInit {
+        model: "tiny".into(),
+        path: Some(path.clone()),
+        spec: accel_runtime::config::ModelSpec {
+            kv_blocks: 64,
+            ..accel_runtime::config::ModelSpec::default_model()
+        },
+        device: "cpu".into(),
+        kernel_cache: None,
+        files: opened.files.clone(),
+        dirs: opened.dirs.clone(),
+        disk_dir: None,
+    };
+    let identity = WorkerIdentity {
+        program: accel_tests::bin("acceld"),
+        ..WorkerIdentity::resolve(None).unwrap()
+    };
+    let (mut engine, _) = RemoteEngine::start(
+        init,
+        opened.handles.clone(),
+        identity,
+        None,
+        "_shared",
+        None,
+    )
+    .unwrap();
+    let first: Vec<u32> = (0..40u32).map(|t| (t * 7) % 300 + 3).collect();
+    let mut second = first[..36].to_vec();
+    second.extend([5, 6, 7]);
+    let (a, held) = engine.add_sequence_cached("t", &first).unwrap();
+    assert_eq!(held, 0);
+    engine
+        .step(&[StepInput {
+            seq: a,
+            tokens: &first,
+            logits: LogitsWanted::Last,
+        }])
+        .unwrap();
+    assert!(engine.sharing().is_empty(), "one sequence shares nothing");
+    let (b, held) = engine.add_sequence_cached("t", &second).unwrap();
+    assert_eq!(held, 32, "two full blocks of a's");
+    let mut sharing = engine.sharing();
+    sharing.sort();
+    assert_eq!(sharing, [(a, 0, 2), (b, 2, 2)]);
+    engine.remove_sequence(a);
+    let (c, _) = engine.add_sequence_cached("other", &second).unwrap();
+    assert!(
+        engine.sharing().is_empty(),
+        "b holds its blocks alone; c is another scope"
+    );
+    engine.remove_sequence(b);
+    engine.remove_sequence(c);
+}

@@ -24,10 +24,10 @@ pub trait EngineOps: Send {
         let _ = (scope, tokens);
         0
     }
-    /// What running sequences share through the prefix cache (see [`Engine::sharing`]);
-    /// nothing where it is not known here (engines in workers), which the scheduler takes as
+    /// What running sequences share through the prefix cache now (see [`Engine::sharing`];
+    /// a worker is asked); nothing where it is not known, which the scheduler takes as
     /// nothing shared: every holder counts its blocks.
-    fn sharing(&self) -> Vec<(SeqId, usize, usize)> {
+    fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {
         Vec::new()
     }
     /// Forgets a sequence and frees its blocks; unknown ids are ignored.
@@ -122,7 +122,7 @@ impl<B: Backend> EngineOps for Engine<B> {
     fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
         Engine::resident_prefix(self, scope, tokens)
     }
-    fn sharing(&self) -> Vec<(SeqId, usize, usize)> {
+    fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {
         Engine::sharing(self)
     }
     fn remove_sequence(&mut self, id: SeqId) {
@@ -177,7 +177,7 @@ impl EngineOps for Box<dyn EngineOps> {
     fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
         (**self).resident_prefix(scope, tokens)
     }
-    fn sharing(&self) -> Vec<(SeqId, usize, usize)> {
+    fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {
         (**self).sharing()
     }
     fn remove_sequence(&mut self, id: SeqId) {

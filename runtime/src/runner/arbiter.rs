@@ -680,7 +680,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
     /// those blocks count once against the pool and the tenants' quotas.
     fn report_sharing(&mut self) {
         let mut shares = Vec::new();
-        for (m, slot) in self.models.iter() {
+        for (m, slot) in self.models.iter_mut() {
             if !slot.prefix_cache {
                 continue;
             }

@@ -295,6 +295,17 @@ fn answer<B: Backend>(engine: &mut Engine<B>, frame: proto::Frame) -> (u8, Vec<u
             Ok((id, encrypt, scope)) => done(engine.swap_out_to_disk(SeqId(id), &scope, encrypt)),
             Err(e) => error(e.to_string()),
         },
+        tag::SHARING => {
+            let shares: Vec<(u64, u32, u32)> = engine
+                .sharing()
+                .into_iter()
+                .map(|(id, borrowed, sharing)| {
+                    let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                    (id.0, narrow(borrowed), narrow(sharing))
+                })
+                .collect();
+            (tag::SHARED, proto::encode_shared(&shares))
+        }
         tag::COUNTERS => {
             let counted = crate::engine::ops::EngineOps::counters(engine);
             match serde_json::to_vec(&counted) {

@@ -38,6 +38,10 @@ pub mod tag {
     /// The engine's counters (evictions, disk traffic, cold blocks), asked for the metrics.
     pub const COUNTERS: u8 = 0x1a;
     pub const COUNTED: u8 = 0x1b;
+    /// What running sequences share through the prefix cache: per sequence, its id, the
+    /// blocks an earlier one holds too, and the blocks any other holds.
+    pub const SHARING: u8 = 0x1c;
+    pub const SHARED: u8 = 0x1d;
     pub const OK: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
     pub const SHUTDOWN: u8 = 0x30;
@@ -266,6 +270,31 @@ pub fn decode_swap_out_disk(payload: &[u8]) -> Result<(u64, bool, String), Proto
         .to_owned();
     c.done()?;
     Ok((id, encrypt, scope))
+}
+
+pub fn encode_shared(shares: &[(u64, u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + shares.len() * 16);
+    out.extend_from_slice(&(shares.len() as u32).to_le_bytes());
+    for &(id, borrowed, sharing) in shares {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&borrowed.to_le_bytes());
+        out.extend_from_slice(&sharing.to_le_bytes());
+    }
+    out
+}
+
+pub fn decode_shared(payload: &[u8]) -> Result<Vec<(u64, u32, u32)>, ProtoError> {
+    let mut c = Cursor {
+        bytes: payload,
+        tag: tag::SHARED,
+    };
+    let n = c.count(16)?;
+    let mut shares = Vec::with_capacity(n);
+    for _ in 0..n {
+        shares.push((c.u64()?, c.u32()?, c.u32()?));
+    }
+    c.done()?;
+    Ok(shares)
 }
 
 pub fn encode_cached_sequence(id: u64, held: u64) -> Vec<u8> {
@@ -666,6 +695,18 @@ mod tests {
         let mut extra = payload;
         extra.push(0);
         assert!(decode_swap_out_disk(&extra).is_err());
+    }
+
+    #[test]
+    fn sharing_reports_round_trip_and_lying_counts_are_refused() {
+        let shares = [(3, 0, 2), (9, 2, 2)];
+        assert_eq!(decode_shared(&encode_shared(&shares)).unwrap(), shares);
+        let mut lie = encode_shared(&shares);
+        lie[..4].copy_from_slice(&1_000_000u32.to_le_bytes());
+        assert!(decode_shared(&lie).is_err());
+        let mut extra = encode_shared(&shares);
+        extra.push(0);
+        assert!(decode_shared(&extra).is_err());
     }
 
     #[test]

@@ -679,6 +679,16 @@ impl RemoteEngine {
 }
 
 impl RemoteEngine {
+    /// Asks the worker to move sequence `id` off the device (`request`, to the host or the
+    /// disk tier); once it says done, the sequence is swapped out here too.
+    fn move_out(&mut self, id: SeqId, request: u8, payload: &[u8]) -> Result<(), EngineError> {
+        self.call(request, payload, tag::OK)?;
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.swapped = true;
+        }
+        Ok(())
+    }
+
     fn on_worker(&self, id: SeqId) -> Result<u64, EngineError> {
         self.seqs
             .get(&id)
@@ -766,11 +776,7 @@ impl EngineOps for RemoteEngine {
 
     fn swap_out(&mut self, id: SeqId) -> Result<(), EngineError> {
         let on_worker = self.on_worker(id)?;
-        self.call(tag::SWAP_OUT, &proto::encode_u64(on_worker), tag::OK)?;
-        if let Some(s) = self.seqs.get_mut(&id) {
-            s.swapped = true;
-        }
-        Ok(())
+        self.move_out(id, tag::SWAP_OUT, &proto::encode_u64(on_worker))
     }
 
     fn swap_out_to_disk(
@@ -789,11 +795,34 @@ impl EngineOps for RemoteEngine {
             )));
         }
         let request = proto::encode_swap_out_disk(on_worker, encrypt, scope);
-        self.call(tag::SWAP_OUT_DISK, &request, tag::OK)?;
-        if let Some(s) = self.seqs.get_mut(&id) {
-            s.swapped = true;
+        self.move_out(id, tag::SWAP_OUT_DISK, &request)
+    }
+
+    fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {
+        // Sharing takes two sequences on the device: with fewer, no round trip.
+        if self.connection.is_none() || self.seqs.values().filter(|s| !s.swapped).count() < 2 {
+            return Vec::new();
         }
-        Ok(())
+        let Ok(payload) = self.call(tag::SHARING, &[], tag::SHARED) else {
+            return Vec::new();
+        };
+        let shares = match proto::decode_shared(&payload) {
+            Ok(shares) => shares,
+            Err(e) => {
+                self.lose(e.to_string());
+                return Vec::new();
+            }
+        };
+        // Back to this side's ids; a sequence this side does not know is left out (the
+        // scheduler cuts a report that does not add up).
+        let ours: HashMap<u64, SeqId> =
+            self.seqs.iter().map(|(&id, s)| (s.on_worker, id)).collect();
+        shares
+            .into_iter()
+            .filter_map(|(on_worker, borrowed, sharing)| {
+                Some((*ours.get(&on_worker)?, borrowed as usize, sharing as usize))
+            })
+            .collect()
     }
 
     fn counters(&mut self) -> Counters {
