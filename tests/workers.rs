@@ -1012,11 +1012,12 @@ fn a_tenant_made_dedicated_by_a_reload_gets_its_worker_when_the_model_is_loaded_
     assert!(!reload(shared_policy).contains("pending"));
 }
 
-/// A worker's engine says what its sequences share through the prefix cache, in the
-/// supervisor's ids, so the scheduler counts those blocks once for engines in workers too;
-/// once the lender is gone nothing is shared. (The worker runs as this user when not root.)
+/// A worker's engine says what its prefix cache holds of a prompt, and what its sequences
+/// share through it, in the supervisor's ids: the scheduler orders a tenant's requests and
+/// counts shared blocks once for engines in workers too. Once the lender is gone nothing is
+/// shared. (The worker runs as this user when not root.)
 #[test]
-fn a_workers_engine_reports_the_blocks_its_sequences_share() {
+fn a_workers_engine_reports_what_its_cache_holds_and_shares() {
     use accel_runtime::engine::ops::EngineOps as _;
     use accel_runtime::engine::{LogitsWanted, StepInput};
     use accel_runtime::worker::{RemoteEngine, WorkerIdentity, WorkerInit};
@@ -1063,6 +1064,10 @@ fn a_workers_engine_reports_the_blocks_its_sequences_share() {
         }])
         .unwrap();
     assert!(engine.sharing().is_empty(), "one sequence shares nothing");
+    // What the cache holds of a prompt, asked without holding it: a's two full blocks for
+    // its tenant, nothing for another.
+    assert_eq!(engine.resident_prefix("t", &second), 32);
+    assert_eq!(engine.resident_prefix("other", &second), 0);
     let (b, held) = engine.add_sequence_cached("t", &second).unwrap();
     assert_eq!(held, 32, "two full blocks of a's");
     let mut sharing = engine.sharing();

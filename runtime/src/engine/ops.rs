@@ -19,8 +19,8 @@ pub trait EngineOps: Send {
         Ok((self.add_sequence()?, 0))
     }
     /// How many of `tokens` a sequence of `scope` would hold from the device's prefix cache
-    /// now, without holding anything (0 where it is not known: engines in workers).
-    fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
+    /// now, without holding anything (a worker is asked; 0 where it is not known).
+    fn resident_prefix(&mut self, scope: &str, tokens: &[u32]) -> usize {
         let _ = (scope, tokens);
         0
     }
@@ -119,7 +119,7 @@ impl<B: Backend> EngineOps for Engine<B> {
     ) -> Result<(SeqId, usize), EngineError> {
         Ok(Engine::add_sequence_cached(self, scope, tokens))
     }
-    fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
+    fn resident_prefix(&mut self, scope: &str, tokens: &[u32]) -> usize {
         Engine::resident_prefix(self, scope, tokens)
     }
     fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {
@@ -174,7 +174,7 @@ impl EngineOps for Box<dyn EngineOps> {
     ) -> Result<(SeqId, usize), EngineError> {
         (**self).add_sequence_cached(scope, tokens)
     }
-    fn resident_prefix(&self, scope: &str, tokens: &[u32]) -> usize {
+    fn resident_prefix(&mut self, scope: &str, tokens: &[u32]) -> usize {
         (**self).resident_prefix(scope, tokens)
     }
     fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {

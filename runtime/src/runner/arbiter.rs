@@ -130,6 +130,13 @@ impl<E: EngineOps> Slots<E> {
         self.placed.get(m).and_then(Option::as_ref).map(|(_, s)| s)
     }
 
+    pub fn get_mut(&mut self, m: usize) -> Option<&mut Slot<E>> {
+        self.placed
+            .get_mut(m)
+            .and_then(Option::as_mut)
+            .map(|(_, s)| s)
+    }
+
     /// The generation of the model placed at `m`, if one is.
     pub fn generation(&self, m: usize) -> Option<u64> {
         self.placed.get(m).and_then(Option::as_ref).map(|(g, _)| *g)
@@ -663,7 +670,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
     fn note_residents(&mut self) {
         self.residents_noted = Some(Instant::now());
         for (key, m) in self.sched.resident_candidates() {
-            let (Some(slot), Some(a)) = (self.models.get(m), self.active.get(&key)) else {
+            let (Some(slot), Some(a)) = (self.models.get_mut(m), self.active.get(&key)) else {
                 continue;
             };
             if slot.prefix_cache {
@@ -849,7 +856,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
         self.tenants_seen.insert(request.tenant.clone());
         // What the prefix cache holds of it now: the scheduler admits such requests of a
         // tenant first (see Scheduler::admission_head).
-        if let Some(slot) = self.models.get(job.model).filter(|s| s.prefix_cache) {
+        if let Some(slot) = self.models.get_mut(job.model).filter(|s| s.prefix_cache) {
             let resident = slot
                 .engine
                 .resident_prefix(&request.tenant, &request.prompt);

@@ -295,6 +295,13 @@ fn answer<B: Backend>(engine: &mut Engine<B>, frame: proto::Frame) -> (u8, Vec<u
             Ok((id, encrypt, scope)) => done(engine.swap_out_to_disk(SeqId(id), &scope, encrypt)),
             Err(e) => error(e.to_string()),
         },
+        tag::RESIDENT => match proto::decode_scoped_tokens(tag::RESIDENT, &frame.payload) {
+            Ok((scope, tokens)) => (
+                tag::RESIDENT_TOKENS,
+                proto::encode_u64(engine.resident_prefix(&scope, &tokens) as u64),
+            ),
+            Err(e) => error(e.to_string()),
+        },
         tag::SHARING => {
             let shares: Vec<(u64, u32, u32)> = engine
                 .sharing()

@@ -42,6 +42,10 @@ pub mod tag {
     /// blocks an earlier one holds too, and the blocks any other holds.
     pub const SHARING: u8 = 0x1c;
     pub const SHARED: u8 = 0x1d;
+    /// How many of a prompt's tokens the device's prefix cache holds for a scope (a look,
+    /// holding nothing): scope and tokens in, a count out.
+    pub const RESIDENT: u8 = 0x1e;
+    pub const RESIDENT_TOKENS: u8 = 0x1f;
     pub const OK: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
     pub const SHUTDOWN: u8 = 0x30;
@@ -205,14 +209,19 @@ pub fn encode_add_cached(scope: &str, tokens: &[u32]) -> Vec<u8> {
 }
 
 pub fn decode_add_cached(payload: &[u8]) -> Result<(String, Vec<u32>), ProtoError> {
+    decode_scoped_tokens(tag::ADD_CACHED, payload)
+}
+
+/// A scope and tokens, as [`encode_add_cached`] packs them, for message `tag`.
+pub fn decode_scoped_tokens(tag: u8, payload: &[u8]) -> Result<(String, Vec<u32>), ProtoError> {
     let mut c = Cursor {
         bytes: payload,
-        tag: tag::ADD_CACHED,
+        tag,
     };
     let n = c.count(1)?;
     if n > MAX_SCOPE {
         return Err(ProtoError::Malformed {
-            tag: tag::ADD_CACHED,
+            tag,
             why: format!("a scope of {n} bytes, over {MAX_SCOPE}"),
         });
     }

@@ -798,6 +798,22 @@ impl EngineOps for RemoteEngine {
         self.move_out(id, tag::SWAP_OUT_DISK, &request)
     }
 
+    fn resident_prefix(&mut self, scope: &str, tokens: &[u32]) -> usize {
+        // A hint: a worker being replaced, or one that cannot say, holds nothing.
+        if self.connection.is_none() || scope.len() > proto::MAX_SCOPE {
+            return 0;
+        }
+        let request = proto::encode_add_cached(scope, tokens);
+        self.call(tag::RESIDENT, &request, tag::RESIDENT_TOKENS)
+            .ok()
+            .and_then(|payload| proto::decode_u64(tag::RESIDENT_TOKENS, &payload).ok())
+            .map_or(0, |held| {
+                usize::try_from(held)
+                    .unwrap_or(usize::MAX)
+                    .min(tokens.len())
+            })
+    }
+
     fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {
         // Sharing takes two sequences on the device: with fewer, no round trip.
         if self.connection.is_none() || self.seqs.values().filter(|s| !s.swapped).count() < 2 {
