@@ -696,9 +696,10 @@ fn a_common_prefix_is_shared_within_a_scope_and_changes_no_output() {
     assert_eq!(engine.cached_blocks(), 0, "evicted to make room");
 }
 
-/// A sequence whose first blocks another holds is swapped out and back: the other goes on
-/// reading the shared blocks as if nothing moved, the swapped one shares them again when it
-/// comes back and continues as it would have, and every block comes back.
+/// A sequence whose first blocks another holds is swapped out (to the host tier, or sealed to
+/// the disk tier) and back: the other goes on reading the shared blocks as if nothing moved,
+/// the swapped one shares them again when it comes back and continues as it would have, and
+/// every block comes back.
 #[test]
 fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
     let (model, first) = forty_token_prompt();
@@ -712,40 +713,58 @@ fn swapping_out_a_sequence_whose_blocks_are_shared_leaves_its_sharer_whole() {
     let (s, _) = plain.add_sequence_cached("t", &second);
     let (_, want_second) = feed_and_continue(&mut plain, s, &second, 6);
 
-    let mut engine = engine_for(&model);
-    engine.enable_swap(16).unwrap();
-    let (a, _) = engine.add_sequence_cached("t", &first);
-    let (_, a_start) = feed_and_continue(&mut engine, a, &first, 0);
-    assert!(a_start.is_empty());
-    let (b, held) = engine.add_sequence_cached("t", &second);
-    assert_eq!(held, 32);
-    engine.swap_out(a).unwrap();
-    assert_eq!(
-        engine.free_blocks(),
-        62,
-        "a's third block is free once copied; the two b holds are not"
-    );
-    // b computes its rest over blocks a no longer holds on the device.
-    let (_, got_second) = feed_and_continue(&mut engine, b, &second[32..], 6);
-    assert_eq!(got_second, want_second);
-    let free_before = engine.free_blocks();
-    engine.swap_in(a).unwrap();
-    // a's two full blocks were still in the cache (b holds them): a shares them again, and
-    // only its third block is copied back into a block of its own.
-    let (a_blocks, b_blocks) = (
-        engine.block_table(a).unwrap(),
-        engine.block_table(b).unwrap(),
-    );
-    assert_eq!(a_blocks[..2], b_blocks[..2], "{a_blocks:?} {b_blocks:?}");
-    assert!(!b_blocks.contains(&a_blocks[2]));
-    assert_eq!(free_before - engine.free_blocks(), 1);
-    // a's greedy continuation from where it stopped: feed nothing new but its next token.
-    let (_, got_first) = feed_and_continue(&mut engine, a, &want_first[..1], 5);
-    assert_eq!(&got_first[..], &want_first[1..]);
-    engine.remove_sequence(a);
-    engine.remove_sequence(b);
-    assert_eq!(engine.free_blocks(), 64);
-    assert_eq!(engine.free_swap_blocks(), 16);
+    // Out to the host tier, and to the disk tier.
+    for to_disk in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = engine_for(&model);
+        engine.enable_swap(16).unwrap();
+        let tier = disk_tier_for(&engine, dir.path(), 16);
+        engine.enable_disk(tier).unwrap();
+        let (a, _) = engine.add_sequence_cached("t", &first);
+        let (_, a_start) = feed_and_continue(&mut engine, a, &first, 0);
+        assert!(a_start.is_empty());
+        let (b, held) = engine.add_sequence_cached("t", &second);
+        assert_eq!(held, 32);
+        if to_disk {
+            engine.swap_out_to_disk(a, "t", true).unwrap();
+        } else {
+            engine.swap_out(a).unwrap();
+        }
+        assert_eq!(
+            engine.free_blocks(),
+            62,
+            "a's third block is free once copied; the two b holds are not"
+        );
+        // b computes its rest over blocks a no longer holds on the device.
+        let (_, got_second) = feed_and_continue(&mut engine, b, &second[32..], 6);
+        assert_eq!(got_second, want_second);
+        let free_before = engine.free_blocks();
+        engine.swap_in(a).unwrap();
+        // a's two full blocks were still in the cache (b holds them): a shares them again,
+        // and only its third block is copied back into a block of its own.
+        let (a_blocks, b_blocks) = (
+            engine.block_table(a).unwrap(),
+            engine.block_table(b).unwrap(),
+        );
+        assert_eq!(
+            a_blocks[..2],
+            b_blocks[..2],
+            "{a_blocks:?} {b_blocks:?} (disk: {to_disk})"
+        );
+        assert!(!b_blocks.contains(&a_blocks[2]));
+        assert_eq!(free_before - engine.free_blocks(), 1);
+        // a's greedy continuation from where it stopped: feed nothing new but its next token.
+        let (_, got_first) = feed_and_continue(&mut engine, a, &want_first[..1], 5);
+        assert_eq!(&got_first[..], &want_first[1..], "disk: {to_disk}");
+        engine.remove_sequence(a);
+        engine.remove_sequence(b);
+        assert_eq!(engine.free_blocks(), 64);
+        assert_eq!(engine.free_swap_blocks(), 16);
+        assert_eq!(
+            engine.disk_stats().unwrap().blocks_read,
+            u64::from(to_disk) * 3
+        );
+    }
 }
 
 /// Runs `prompt` for `steps` tokens chosen by `sampler` and returns every step's logits (bit

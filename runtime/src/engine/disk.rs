@@ -118,6 +118,7 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::UnknownSequence(id));
         };
         let len = table.len();
+        let prefix = self.published_prefix(table.blocks());
         // The copies have finished, so the device blocks are free now.
         table.release(&mut self.pool);
         self.parked.insert(
@@ -125,8 +126,7 @@ impl<B: Backend> Engine<B> {
             Parked {
                 len,
                 place: Place::Disk(blocks),
-                // Blocks come back from disk as copies of their own.
-                prefix: Vec::new(),
+                prefix,
             },
         );
         Ok(())
@@ -174,10 +174,39 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Brings a sequence swapped out to disk back into device blocks. On error it stays parked
-    /// on disk; after a failed read (I/O, or a block that failed authentication) its blocks
+    /// Brings a sequence swapped out to disk back into device blocks; its leading blocks still
+    /// in the prefix cache are shared again, as [`Engine::swap_in`] does from the host (they
+    /// are read and authenticated all the same, not copied). On error it stays parked on
+    /// disk; after a failed read (I/O, or a block that failed authentication) its blocks
     /// cannot be trusted, and the caller should remove it and recompute.
     pub(super) fn swap_in_from_disk(&mut self, id: SeqId) -> Result<(), EngineError> {
+        let prefix = std::mem::take(&mut super::parked_mut(&mut self.parked, id)?.prefix);
+        let shared = self.share_again(&prefix);
+        match self.copy_in_from_disk(id, shared.len()) {
+            Ok((blocks, len)) => {
+                let mut table = shared;
+                table.extend(blocks);
+                self.seqs.insert(id, BlockTable::from_blocks(table, len));
+                Ok(())
+            }
+            Err(e) => {
+                self.pool.give_back(shared);
+                if let Ok(parked) = super::parked_mut(&mut self.parked, id) {
+                    parked.prefix = prefix;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads a disk-parked sequence's blocks and copies those after its first `skip` into
+    /// fresh device blocks, and unparks it; returns those blocks and its length. On error it
+    /// stays parked.
+    fn copy_in_from_disk(
+        &mut self,
+        id: SeqId,
+        skip: usize,
+    ) -> Result<(Vec<u32>, usize), EngineError> {
         let Some(Parked {
             place: Place::Disk(blocks),
             len,
@@ -187,13 +216,10 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::NotSwapped(id));
         };
         let len = *len;
-        let needed = blocks.len();
-        if self.pool.free_blocks() < needed && !self.pending_free.is_empty() {
-            super::reclaim(&self.backend, &mut self.pool, &mut self.pending_free, true)?;
-        }
-        if needed <= self.pool.free_blocks() {
-            self.demote_evicted(needed);
-        }
+        let total = blocks.len();
+        let skip = skip.min(total);
+        let needed = total - skip;
+        self.take_for_swap_in(needed)?;
         let disk = self.disk.as_mut().ok_or(EngineError::NoDiskTier)?;
         let Some(Parked {
             place: Place::Disk(blocks),
@@ -218,6 +244,10 @@ impl<B: Backend> Engine<B> {
                 backend.swap_in(stage, kv, &pairs).map(|_| ())
             };
         let read = tier.read(blocks, |i, bytes| -> Result<(), BackendError> {
+            // Shared again: read (and authenticated) with the rest, not copied.
+            let Some(i) = i.checked_sub(skip) else {
+                return Ok(());
+            };
             let j = i % per_stage;
             if j == 0 {
                 if i > 0 {
@@ -255,7 +285,6 @@ impl<B: Backend> Engine<B> {
             return Err(EngineError::NotSwapped(id));
         };
         tier.free(blocks);
-        self.seqs.insert(id, BlockTable::from_blocks(device, len));
-        Ok(())
+        Ok((device, len))
     }
 }
