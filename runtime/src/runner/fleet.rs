@@ -260,6 +260,14 @@ impl Fleet {
                 identity: identity.clone(),
                 ids: worker_ids(config, identity),
                 kv_disk_root: config.kv_disk_root(),
+                archs: devices
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        let arch = format!("sm_{}", d.compute_capability.replace('.', ""));
+                        (d.index as usize, arch)
+                    })
+                    .collect(),
                 kernel_cache: config.kernel_cache.clone(),
                 sandbox,
                 dedicated: dedicated.clone(),

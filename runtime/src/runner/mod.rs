@@ -620,6 +620,9 @@ struct Workers {
     /// The KV disk tier's root: each worker of a model with `disk_blocks` gets a directory of
     /// its own under it.
     kv_disk_root: std::path::PathBuf,
+    /// Each GPU's NVRTC target (`sm_90`) by ordinal: its kernels are compiled into
+    /// `kernel_cache` here before a worker starts on it.
+    archs: HashMap<usize, String>,
     kernel_cache: std::path::PathBuf,
     sandbox: Option<Arc<crate::worker::Sandbox>>,
     /// Tenants with workers of their own: name, limits, the models they may use.
@@ -735,6 +738,24 @@ fn place(
     Ok(sandbox_template(placed, renderer))
 }
 
+/// Compiles the CUDA kernels for GPU `ordinal` into the kernel cache, so that its workers
+/// (which may not write the cache) start without compiling; a failure is logged, and the
+/// workers compile for themselves.
+fn precompile_kernels(workers: &Workers, ordinal: usize) {
+    let Some(arch) = workers.archs.get(&ordinal) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    match crate::backend::cuda::kernels::precompile(arch, &workers.kernel_cache) {
+        Ok(modules) => {
+            tracing::info!(%arch, modules, elapsed = ?started.elapsed(), cache = %workers.kernel_cache.display(), "CUDA kernels ready in the cache for the workers")
+        }
+        Err(e) => {
+            tracing::warn!(%arch, error = %e, "cannot compile the CUDA kernels for the workers; each compiles its own")
+        }
+    }
+}
+
 /// Builds a model's engine where `placement` says: in a worker process when engines run in
 /// workers (with one more per dedicated tenant), else in this process.
 fn place_engine(
@@ -823,22 +844,25 @@ fn place_engine(
                 ordinal,
                 cpu_fallback,
                 ..
-            } => match start(format!("cuda:{ordinal}"), shared) {
-                Ok(worker) => {
-                    let device = format!("cuda:{ordinal}");
-                    let mut p = prepare_in_worker(name, model, spec, worker, device.clone())?;
-                    dedicate(&mut p, &device);
-                    Ok((device, p))
+            } => {
+                precompile_kernels(workers, *ordinal);
+                match start(format!("cuda:{ordinal}"), shared) {
+                    Ok(worker) => {
+                        let device = format!("cuda:{ordinal}");
+                        let mut p = prepare_in_worker(name, model, spec, worker, device.clone())?;
+                        dedicate(&mut p, &device);
+                        Ok((device, p))
+                    }
+                    Err(e) if *cpu_fallback => {
+                        tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
+                        let worker = start("cpu".into(), shared).map_err(StartError::Worker)?;
+                        let mut p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
+                        dedicate(&mut p, "cpu");
+                        Ok(("cpu".into(), p))
+                    }
+                    Err(e) => Err(StartError::Worker(e)),
                 }
-                Err(e) if *cpu_fallback => {
-                    tracing::warn!(model = %name, error = %e, "backend auto: the GPU cannot be used; serving on the CPU");
-                    let worker = start("cpu".into(), shared).map_err(StartError::Worker)?;
-                    let mut p = prepare_in_worker(name, model, spec, worker, "cpu".into())?;
-                    dedicate(&mut p, "cpu");
-                    Ok(("cpu".into(), p))
-                }
-                Err(e) => Err(StartError::Worker(e)),
-            },
+            }
         };
     }
     match placement {

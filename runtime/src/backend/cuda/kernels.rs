@@ -284,6 +284,17 @@ pub struct Kernels {
     pub top_k: CudaFunction,
 }
 
+/// Compiles every module for `arch` into `cache` (or finds it there already), so that
+/// processes that may not write the cache (workers, each running as a user of its own) load
+/// them without compiling; returns how many modules there are. Only the daemon writes the
+/// cache: code one worker compiled is never loaded by another.
+pub fn precompile(arch: &str, cache: &Path) -> Result<usize, KernelError> {
+    for (name, source) in SOURCES {
+        cubin_for(name, &expand(source), arch, Some(cache))?;
+    }
+    Ok(SOURCES.len())
+}
+
 impl Kernels {
     /// Compiles (or takes from `cache`) and loads every module for `arch` (`sm_90`).
     pub fn load(
@@ -392,6 +403,8 @@ mod tests {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
+        // Everything compiled into the cache first, as the daemon does for its workers.
+        assert_eq!(precompile("sm_80", dir.path()).unwrap(), SOURCES.len());
         for (module, source) in SOURCES {
             let expanded = expand(source);
             let build = |version| cubin_with(module, &expanded, "sm_80", Some(dir.path()), version);
