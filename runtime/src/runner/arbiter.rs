@@ -358,9 +358,11 @@ pub(crate) struct Arbiter<E: EngineOps> {
     /// Per model, its engine's counters when last published (evictions, disk
     /// authentication failures), so the metrics grow by the difference.
     engine_counters: HashMap<usize, [u64; 5]>,
-    /// Blocks each running sequence holds that an earlier one holds too, as last reported
-    /// (counted once, there, in the scheduler and the KV metrics).
-    borrowed: HashMap<SeqKey, usize>,
+    /// Whether the engines last said that some sequences share blocks.
+    shared_reported: bool,
+    /// Where the next look at waiting requests' resident prefixes starts among the
+    /// candidates (each pass looks at a bounded number).
+    resident_cursor: usize,
     /// When the waiting requests' resident prefixes were last looked at again.
     residents_noted: Option<Instant>,
 }
@@ -391,7 +393,8 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             reported: None,
             one_at_a_time: HashMap::new(),
             engine_counters: HashMap::new(),
-            borrowed: HashMap::new(),
+            shared_reported: false,
+            resident_cursor: 0,
             residents_noted: None,
         }
     }
@@ -668,8 +671,14 @@ impl<E: EngineOps + 'static> Arbiter<E> {
     /// holds now, for those admission looks at: the cache has changed since they arrived
     /// (blocks published by the requests ahead of them, or evicted).
     fn note_residents(&mut self) {
+        // Bounded per pass (a worker's engine is asked over its socket), taking turns.
+        const MAX_LOOKUPS: usize = 64;
         self.residents_noted = Some(Instant::now());
-        for (key, m) in self.sched.resident_candidates() {
+        let candidates = self.sched.resident_candidates();
+        let start = self.resident_cursor % candidates.len().max(1);
+        let looked = candidates.len().min(MAX_LOOKUPS);
+        self.resident_cursor = start + looked;
+        for &(key, m) in candidates.iter().cycle().skip(start).take(looked) {
             let (Some(slot), Some(a)) = (self.models.get_mut(m), self.active.get(&key)) else {
                 continue;
             };
@@ -708,14 +717,10 @@ impl<E: EngineOps + 'static> Arbiter<E> {
             );
         }
         // Nothing shared now nor at the last report: nothing to tell.
-        if shares.is_empty() && self.borrowed.is_empty() {
+        if shares.is_empty() && !self.shared_reported {
             return;
         }
-        self.borrowed = shares
-            .iter()
-            .filter(|(_, borrowed, _)| *borrowed > 0)
-            .map(|&(key, borrowed, _)| (key, borrowed))
-            .collect();
+        self.shared_reported = !shares.is_empty();
         self.sched.set_sharing(shares);
     }
 
@@ -1433,8 +1438,7 @@ impl<E: EngineOps + 'static> Arbiter<E> {
                     .and_then(|s| slot.engine.sequence_len(s))
                     .unwrap_or(0)
                     .div_ceil(slot.params.block_size)
-                    .saturating_sub(self.borrowed.get(key).copied().unwrap_or(0))
-                    as u64;
+                    .saturating_sub(self.sched.borrowed(*key)) as u64;
                 *by_tenant.entry(a.job.request.tenant.clone()).or_default() += blocks * block_bytes;
             }
             for tenant in &self.tenants_seen {

@@ -521,6 +521,15 @@ impl Scheduler {
         self.models.get(model).map_or(0, ModelState::held)
     }
 
+    /// Of a running sequence's blocks, those counted for an earlier one, as last reported and
+    /// accepted (0 for any other sequence).
+    pub fn borrowed(&self, key: SeqKey) -> usize {
+        self.seqs
+            .get(&key)
+            .filter(|s| s.state == State::Running)
+            .map_or(0, |s| s.borrowed)
+    }
+
     /// What the engines say their running sequences share through the prefix cache, for
     /// every model at once: per sequence, how many of its blocks an earlier running sequence
     /// holds too (`borrowed`), and how many any other holds (`sharing`). Blocks counted
@@ -543,17 +552,50 @@ impl Scheduler {
                 seq.borrowed = borrowed.min(seq.sharing);
             }
         }
-        // A report that does not add up is cut to what it could be: blocks counted twice
-        // or more, less one each, are at most the holdings counted less the largest one.
-        let mut model_shared = vec![(0, 0, 0); self.models.len()];
+        // Blocks are shared only within one cache scope: a model and a tenant's name (both
+        // its classes). A report that does not add up is cut to what it could be there:
+        // blocks counted twice or more, less one each, are at most the holdings counted less
+        // the largest one. Past that, the latest borrowers lose their discount first.
+        let mut scopes: HashMap<(usize, &str), Vec<SeqKey>> = HashMap::new();
+        for &key in &self.running {
+            if let Some(seq) = self
+                .seqs
+                .get(&key)
+                .filter(|s| s.borrowed > 0 || s.sharing > 0)
+            {
+                let name = self.tenants[seq.tenant].name.as_str();
+                scopes.entry((seq.model, name)).or_default().push(key);
+            }
+        }
+        let mut cuts = Vec::new();
+        for mut keys in scopes.into_values() {
+            let of = |k: &SeqKey| self.seqs.get(k).map_or((0, 0), |s| (s.borrowed, s.sharing));
+            let borrowed: usize = keys.iter().map(|k| of(k).0).sum();
+            let sharing: usize = keys.iter().map(|k| of(k).1).sum();
+            let most = keys.iter().map(|k| of(k).1).max().unwrap_or(0);
+            let mut excess = borrowed.saturating_sub(sharing - most);
+            keys.sort_unstable_by(|a, b| b.cmp(a));
+            for key in keys {
+                let cut = excess.min(of(&key).0);
+                if cut > 0 {
+                    cuts.push((key, cut));
+                    excess -= cut;
+                }
+            }
+        }
+        for (key, cut) in cuts {
+            if let Some(seq) = self.seqs.get_mut(&key) {
+                seq.borrowed -= cut;
+            }
+        }
+        let mut model_shared = vec![0; self.models.len()];
         let mut tenant_shared = vec![0; self.tenants.len()];
         for seq in self.running.iter().filter_map(|k| self.seqs.get(k)) {
-            let m = &mut model_shared[seq.model];
-            *m = (m.0 + seq.borrowed, m.1 + seq.sharing, m.2.max(seq.sharing));
+            model_shared[seq.model] += seq.borrowed;
             tenant_shared[seq.tenant] += seq.borrowed;
         }
-        for (model, (borrowed, sharing, most)) in self.models.iter_mut().zip(model_shared) {
-            model.shared = borrowed.min(sharing - most).min(model.used_blocks);
+        for (model, shared) in self.models.iter_mut().zip(model_shared) {
+            model.shared = shared.min(model.used_blocks);
         }
         for (tenant, shared) in self.tenants.iter_mut().zip(tenant_shared) {
             tenant.shared = shared.min(tenant.blocks);

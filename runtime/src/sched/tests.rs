@@ -97,15 +97,24 @@ fn blocks_shared_through_the_prefix_cache_count_once() {
     s.remove(1);
     assert_eq!(s.used_blocks(0), 8);
     s.check_invariants().unwrap();
-    // A report that does not add up (a sequence borrowing from nobody) discounts nothing; a
-    // fresh report replaces the last.
+    // A report that does not add up (a sequence borrowing from nobody, or from another
+    // tenant's) discounts nothing; a fresh report replaces the last.
     s.set_sharing([(2, 100, 100)]);
     assert_eq!(s.used_blocks(0), 8);
+    assert_eq!(s.borrowed(2), 0);
     s.set_sharing([(2, 3, 3), (3, 0, 3)]);
     assert_eq!(s.used_blocks(0), 5);
     s.set_sharing([]);
     assert_eq!(s.used_blocks(0), 8);
     s.check_invariants().unwrap();
+    // Blocks are never shared across tenants: a report that says so discounts nothing.
+    let mut two = Scheduler::new(PolicyKind::Fcfs, Pricing::default());
+    two.add_model(model(100, 8, 64));
+    two.submit(seq(1, "a", 15, 4), 0.0).unwrap();
+    two.submit(seq(2, "b", 15, 4), 0.0).unwrap();
+    assert_eq!(two.plan(0.0).admit.len(), 2);
+    two.set_sharing([(1, 0, 3), (2, 3, 3)]);
+    assert_eq!((two.used_blocks(0), two.borrowed(2)), (8, 0));
 
     // The tenant's quota binds likewise.
     let mut s = Scheduler::new(PolicyKind::Fcfs, Pricing::default());

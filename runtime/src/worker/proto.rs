@@ -292,12 +292,19 @@ pub fn encode_shared(shares: &[(u64, u32, u32)]) -> Vec<u8> {
     out
 }
 
-pub fn decode_shared(payload: &[u8]) -> Result<Vec<(u64, u32, u32)>, ProtoError> {
+/// A sharing report of at most `most` sequences (those the worker was given).
+pub fn decode_shared(payload: &[u8], most: usize) -> Result<Vec<(u64, u32, u32)>, ProtoError> {
     let mut c = Cursor {
         bytes: payload,
         tag: tag::SHARED,
     };
     let n = c.count(16)?;
+    if n > most {
+        return Err(ProtoError::Malformed {
+            tag: tag::SHARED,
+            why: format!("{n} sequences reported, {most} on the worker"),
+        });
+    }
     let mut shares = Vec::with_capacity(n);
     for _ in 0..n {
         shares.push((c.u64()?, c.u32()?, c.u32()?));
@@ -709,13 +716,17 @@ mod tests {
     #[test]
     fn sharing_reports_round_trip_and_lying_counts_are_refused() {
         let shares = [(3, 0, 2), (9, 2, 2)];
-        assert_eq!(decode_shared(&encode_shared(&shares)).unwrap(), shares);
+        assert_eq!(decode_shared(&encode_shared(&shares), 2).unwrap(), shares);
+        assert!(
+            decode_shared(&encode_shared(&shares), 1).is_err(),
+            "more than it holds"
+        );
         let mut lie = encode_shared(&shares);
         lie[..4].copy_from_slice(&1_000_000u32.to_le_bytes());
-        assert!(decode_shared(&lie).is_err());
+        assert!(decode_shared(&lie, usize::MAX).is_err());
         let mut extra = encode_shared(&shares);
         extra.push(0);
-        assert!(decode_shared(&extra).is_err());
+        assert!(decode_shared(&extra, 2).is_err());
     }
 
     #[test]

@@ -23,12 +23,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_CRASHES: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 /// Environment a worker keeps: where to find the CUDA libraries and how to log.
-const KEPT_ENV: [&str; 5] = [
+const KEPT_ENV: [&str; 6] = [
     "PATH",
     "LD_LIBRARY_PATH",
     "RUST_LOG",
     "RUST_BACKTRACE",
     "CUDA_VISIBLE_DEVICES",
+    // GPU N must be the same GPU in the worker as in acceld.
+    "CUDA_DEVICE_ORDER",
 ];
 
 /// The running binary, which is also the worker.
@@ -456,6 +458,9 @@ pub struct RemoteEngine {
     /// worker's: the engine's counters go on growing across replacements.
     counted_before: Counters,
     counted: Counters,
+    /// What its sequences shared when last asked; `None` once a sequence joined or left
+    /// since (only that changes what is shared: growing never does).
+    shared: Option<Vec<(SeqId, usize, usize)>>,
 }
 
 /// An engine dropped is a model unloaded (or the daemon stopping): its worker stops, then
@@ -533,6 +538,7 @@ impl RemoteEngine {
                 respawner: None,
                 counted_before: Counters::default(),
                 counted: Counters::default(),
+                shared: None,
             },
             ready,
         ))
@@ -654,6 +660,7 @@ impl RemoteEngine {
         }
         self.status.set_pid(None);
         self.seqs.clear();
+        self.shared = None;
         self.counted_before = self.counted_before + std::mem::take(&mut self.counted);
         self.lost = Some(loss);
         self.losses.push_back(Instant::now());
@@ -682,6 +689,7 @@ impl RemoteEngine {
     /// Asks the worker to move sequence `id` off the device (`request`, to the host or the
     /// disk tier); once it says done, the sequence is swapped out here too.
     fn move_out(&mut self, id: SeqId, request: u8, payload: &[u8]) -> Result<(), EngineError> {
+        self.shared = None;
         self.call(request, payload, tag::OK)?;
         if let Some(s) = self.seqs.get_mut(&id) {
             s.swapped = true;
@@ -714,6 +722,7 @@ fn error_text(payload: &[u8]) -> String {
 impl RemoteEngine {
     /// Records a sequence the worker started, holding `held` tokens.
     fn started(&mut self, on_worker: u64, held: usize) -> Result<SeqId, EngineError> {
+        self.shared = None;
         if self.seqs.values().any(|s| s.on_worker == on_worker) {
             return Err(self.lose(format!("the worker gave out sequence {on_worker} twice")));
         }
@@ -764,6 +773,7 @@ impl EngineOps for RemoteEngine {
     }
 
     fn remove_sequence(&mut self, id: SeqId) {
+        self.shared = None;
         let Some(seq) = self.seqs.remove(&id) else {
             return; // not on this worker (it was replaced since)
         };
@@ -815,14 +825,18 @@ impl EngineOps for RemoteEngine {
     }
 
     fn sharing(&mut self) -> Vec<(SeqId, usize, usize)> {
-        // Sharing takes two sequences on the device: with fewer, no round trip.
+        // Sharing takes two sequences on the device: with fewer, no round trip; nor when
+        // none joined or left since the last answer.
         if self.connection.is_none() || self.seqs.values().filter(|s| !s.swapped).count() < 2 {
             return Vec::new();
+        }
+        if let Some(shared) = &self.shared {
+            return shared.clone();
         }
         let Ok(payload) = self.call(tag::SHARING, &[], tag::SHARED) else {
             return Vec::new();
         };
-        let shares = match proto::decode_shared(&payload) {
+        let shares = match proto::decode_shared(&payload, self.seqs.len()) {
             Ok(shares) => shares,
             Err(e) => {
                 self.lose(e.to_string());
@@ -833,12 +847,14 @@ impl EngineOps for RemoteEngine {
         // scheduler cuts a report that does not add up).
         let ours: HashMap<u64, SeqId> =
             self.seqs.iter().map(|(&id, s)| (s.on_worker, id)).collect();
-        shares
+        let shared: Vec<(SeqId, usize, usize)> = shares
             .into_iter()
             .filter_map(|(on_worker, borrowed, sharing)| {
                 Some((*ours.get(&on_worker)?, borrowed as usize, sharing as usize))
             })
-            .collect()
+            .collect();
+        self.shared = Some(shared.clone());
+        shared
     }
 
     fn counters(&mut self) -> Counters {
@@ -858,6 +874,7 @@ impl EngineOps for RemoteEngine {
     }
 
     fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
+        self.shared = None;
         let on_worker = self.on_worker(id)?;
         self.call(tag::SWAP_IN, &proto::encode_u64(on_worker), tag::OK)?;
         if let Some(s) = self.seqs.get_mut(&id) {
