@@ -12,7 +12,6 @@
 use super::{Engine, EngineError, Parked, Place, SeqId};
 use crate::backend::{Backend, BackendError};
 use crate::kv::disk::{DiskStats, DiskTier};
-use crate::kv::BlockTable;
 
 /// The tier and the host blocks its transfers stage through.
 pub(super) struct DiskSwap<B: Backend> {
@@ -174,35 +173,10 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Brings a sequence swapped out to disk back into device blocks; its leading blocks still
-    /// in the prefix cache are shared again, as [`Engine::swap_in`] does from the host (they
-    /// are read and authenticated all the same, not copied). On error it stays parked on
-    /// disk; after a failed read (I/O, or a block that failed authentication) its blocks
-    /// cannot be trusted, and the caller should remove it and recompute.
-    pub(super) fn swap_in_from_disk(&mut self, id: SeqId) -> Result<(), EngineError> {
-        let prefix = std::mem::take(&mut super::parked_mut(&mut self.parked, id)?.prefix);
-        let shared = self.share_again(&prefix);
-        match self.copy_in_from_disk(id, shared.len()) {
-            Ok((blocks, len)) => {
-                let mut table = shared;
-                table.extend(blocks);
-                self.seqs.insert(id, BlockTable::from_blocks(table, len));
-                Ok(())
-            }
-            Err(e) => {
-                self.pool.give_back(shared);
-                if let Ok(parked) = super::parked_mut(&mut self.parked, id) {
-                    parked.prefix = prefix;
-                }
-                Err(e)
-            }
-        }
-    }
-
     /// Reads a disk-parked sequence's blocks and copies those after its first `skip` into
     /// fresh device blocks, and unparks it; returns those blocks and its length. On error it
     /// stays parked.
-    fn copy_in_from_disk(
+    pub(super) fn copy_in_from_disk(
         &mut self,
         id: SeqId,
         skip: usize,

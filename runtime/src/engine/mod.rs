@@ -521,19 +521,26 @@ impl<B: Backend> Engine<B> {
         prefix.iter().map_while(|k| self.pool.share(k)).collect()
     }
 
-    /// Brings a swapped-out sequence back into device blocks; it can step right away (its
-    /// compute waits for the copy on the device, not on the host). Its leading blocks still in
-    /// the prefix cache (often the very blocks it left) are shared again, not copied: the same
-    /// key is the same tokens of the same tenant at the same positions, so the same KV.
+    /// Brings a swapped-out sequence back into device blocks, from whichever tier holds it; it
+    /// can step right away (its compute waits for the copy on the device, not on the host).
+    /// Its leading blocks still in the prefix cache (often the very blocks it left) are shared
+    /// again, not copied: the same key is the same tokens of the same tenant at the same
+    /// positions, so the same KV (from disk they are still read and authenticated). On error
+    /// it stays parked; after a failed read from disk (I/O, or a block that failed
+    /// authentication) its blocks cannot be trusted, and the caller should remove it and
+    /// recompute.
     pub fn swap_in(&mut self, id: SeqId) -> Result<(), EngineError> {
         let parked = parked_mut(&mut self.parked, id)?;
-        if let Place::Disk(_) = parked.place {
-            return self.swap_in_from_disk(id);
-        }
+        let from_disk = matches!(parked.place, Place::Disk(_));
         // Shared before anything is taken: a take could evict them.
         let prefix = std::mem::take(&mut parked.prefix);
         let shared = self.share_again(&prefix);
-        match self.copy_in_from_host(id, shared.len()) {
+        let copied = if from_disk {
+            self.copy_in_from_disk(id, shared.len())
+        } else {
+            self.copy_in_from_host(id, shared.len())
+        };
+        match copied {
             Ok((blocks, len)) => {
                 let mut table = shared;
                 table.extend(blocks);
