@@ -173,7 +173,7 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Reads a disk-parked sequence's blocks and copies those after its first `skip` into
+    /// Reads a disk-parked sequence's blocks after its first `skip` and copies them into
     /// fresh device blocks, and unparks it; returns those blocks and its length. On error it
     /// stays parked.
     pub(super) fn copy_in_from_disk(
@@ -217,8 +217,8 @@ impl<B: Backend> Engine<B> {
                     .collect();
                 backend.swap_in(stage, kv, &pairs).map(|_| ())
             };
-        let read = tier.read(blocks, |i, bytes| -> Result<(), BackendError> {
-            // Shared again: read (and authenticated) with the rest, not copied.
+        // The blocks shared again are not read.
+        let read = tier.read_from(blocks, skip, |i, bytes| -> Result<(), BackendError> {
             let Some(i) = i.checked_sub(skip) else {
                 return Ok(());
             };

@@ -525,7 +525,7 @@ impl<B: Backend> Engine<B> {
     /// can step right away (its compute waits for the copy on the device, not on the host).
     /// Its leading blocks still in the prefix cache (often the very blocks it left) are shared
     /// again, not copied: the same key is the same tokens of the same tenant at the same
-    /// positions, so the same KV (from disk they are still read and authenticated). On error
+    /// positions, so the same KV (from disk they are not even read). On error
     /// it stays parked; after a failed read from disk (I/O, or a block that failed
     /// authentication) its blocks cannot be trusted, and the caller should remove it and
     /// recompute.

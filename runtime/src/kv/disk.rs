@@ -461,10 +461,21 @@ impl DiskTier {
     pub fn read<E>(
         &mut self,
         blocks: &DiskBlocks,
+        drain: impl FnMut(usize, &[u8]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, DiskError> {
+        self.read_from(blocks, 0, drain)
+    }
+
+    /// [`DiskTier::read`] of the blocks from `first` on (indices stay those of `blocks`): a
+    /// sequence whose first blocks came back another way reads only the rest.
+    pub fn read_from<E>(
+        &mut self,
+        blocks: &DiskBlocks,
+        first: usize,
         mut drain: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<Result<(), E>, DiskError> {
         let n = blocks.slots.len();
-        for start in (0..n).step_by(self.batch) {
+        for start in (first.min(n)..n).step_by(self.batch) {
             let count = (n - start).min(self.batch);
             self.transfer(blocks, start, count, Direction::Read)?;
             self.stats.blocks_read += count as u64;
