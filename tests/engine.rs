@@ -574,6 +574,18 @@ fn wrong_config_fields_are_named() {
 
 /// The GQA fixture model and a 40-token prompt from its reference prompts: two full blocks
 /// of 16 and a part.
+/// Tokens unlike `prompt`'s (its own, reversed and repeated), filling 8 blocks of 16 but
+/// the last token: enough to push a small pool's cached blocks out.
+fn filler_for(prompt: &[u32]) -> Vec<u32> {
+    prompt
+        .iter()
+        .rev()
+        .copied()
+        .cycle()
+        .take(8 * 16 - 1)
+        .collect()
+}
+
 fn forty_token_prompt() -> (LoadedModel, Vec<u32>) {
     let dir = fixtures().join("llama-gqa-f32");
     let model = model::load(&dir).unwrap();
@@ -1022,13 +1034,7 @@ fn evicted_prefix_blocks_move_down_the_tiers_and_come_back() {
     );
     assert_eq!(roomy.resident_prefix("u", &prompt), 0);
 
-    let filler: Vec<u32> = prompt
-        .iter()
-        .rev()
-        .copied()
-        .cycle()
-        .take(8 * 16 - 1)
-        .collect();
+    let filler = filler_for(&prompt);
     for (host, disk) in [(4, false), (0, true), (1, true)] {
         let dir = tempfile::tempdir().unwrap();
         let mut engine = small_engine(&model, 8, host, disk.then_some(dir.path()));
@@ -1099,13 +1105,7 @@ fn evicted_prefix_blocks_move_down_the_tiers_and_come_back() {
 #[test]
 fn a_prefix_evicted_again_and_again_keeps_one_cold_copy_per_block() {
     let (model, prompt) = forty_token_prompt();
-    let filler: Vec<u32> = prompt
-        .iter()
-        .rev()
-        .copied()
-        .cycle()
-        .take(8 * 16 - 1)
-        .collect();
+    let filler = filler_for(&prompt);
     // One host block and no disk: the second block evicted pushes the first out.
     let mut engine = small_engine(&model, 8, 1, None);
     for round in 0..4 {

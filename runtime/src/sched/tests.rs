@@ -220,23 +220,7 @@ fn a_full_pool_preempts_the_latest_and_resumes_it_after() {
         // Two sequences of 4 prompt tokens (1 block each), each generating 8.
         s.submit(seq(1, "a", 4, 8), 0.0).unwrap();
         s.submit(seq(2, "a", 4, 8), 0.0).unwrap();
-        let mut preempted = Vec::new();
-        let mut generated: HashMap<SeqKey, usize> = HashMap::new();
-        for _ in 0..100 {
-            let plan = s.plan(0.0);
-            s.check_plan(&plan).unwrap();
-            preempted.extend(plan.preempt.iter().copied());
-            for k in execute(&mut s, &plan, 0.0) {
-                let g = generated.entry(k).or_default();
-                *g += 1;
-                if *g == 8 {
-                    s.remove(k);
-                }
-            }
-            if s.is_empty() {
-                break;
-            }
-        }
+        let (preempted, generated) = run_out(&mut s, 8, |_| {});
         assert!(s.is_empty(), "both finish (swap {swap})");
         let kind = if swap {
             PreemptKind::Swap
@@ -252,12 +236,12 @@ fn a_full_pool_preempts_the_latest_and_resumes_it_after() {
 
 /// Plans and runs steps (checking each plan and the invariants, `after_plan` looking at the
 /// scheduler after each) until every sequence has generated `tokens` tokens and is removed, or
-/// 100 steps pass; every preemption made on the way.
+/// 100 steps pass; every preemption made on the way, and the tokens each sequence generated.
 fn run_out(
     s: &mut Scheduler,
     tokens: usize,
     mut after_plan: impl FnMut(&mut Scheduler),
-) -> Vec<(SeqKey, PreemptKind)> {
+) -> (Vec<(SeqKey, PreemptKind)>, HashMap<SeqKey, usize>) {
     let mut preempted = Vec::new();
     let mut generated: HashMap<SeqKey, usize> = HashMap::new();
     for _ in 0..100 {
@@ -277,7 +261,7 @@ fn run_out(
             break;
         }
     }
-    preempted
+    (preempted, generated)
 }
 
 /// A tenant whose host tier is full (here: allowed none) has its preempted sequence
@@ -295,7 +279,7 @@ fn a_tenant_at_its_host_tier_limit_is_recomputed_not_swapped() {
             n.params.host_kv_blocks = limit;
             s.submit(n, 0.0).unwrap();
         }
-        let preempted = run_out(&mut s, 8, |s| {
+        let (preempted, _) = run_out(&mut s, 8, |s| {
             let host = s.report(0.0)[0].host_kv_blocks;
             assert!(limit.is_none_or(|l| host as u64 <= l), "{host} host blocks");
         });
@@ -335,7 +319,7 @@ fn a_preempted_sequence_goes_to_disk_when_the_host_tier_is_full() {
             s.submit(n, 0.0).unwrap();
         }
         let mut peak_disk = 0;
-        let preempted = run_out(&mut s, 8, |s| {
+        let (preempted, _) = run_out(&mut s, 8, |s| {
             peak_disk = peak_disk.max(s.report(0.0)[0].disk_kv_blocks);
         });
         let case = (swap_blocks, host_limit, disk_blocks, disk_limit, disk_min);
